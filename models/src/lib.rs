@@ -13,9 +13,9 @@
 
 pub mod bert;
 mod error;
-// pub mod llama;
-// pub mod sampling;
-// pub mod tokenizer;
+pub mod llama;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,1 +1,25 @@
-//! wip
+//! Keel: an embedded inference runtime.
+//!
+//! A host process links Keel in and runs real models with it: no server. The [`Engine`] loads
+//! model versions (from a Keel model folder, a Hugging Face folder or a `.gguf` file), gives each
+//! a content-derived [`VersionId`], and serves [`Engine::embed`] and [`Engine::generate`] on them
+//! from any number of threads.
+//!
+//! The layers below it: `keel_kernels` (the backends and their op set) and `keel_models` (the
+//! architectures). The production modules of later issues wrap the engine's request path; the
+//! engine knows nothing of them.
+#![warn(missing_docs)]
+
+mod engine;
+mod error;
+mod generate;
+pub mod manifest;
+mod model;
+
+pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
+pub use error::{Error, ErrorKind, Result};
+pub use generate::{Completion, FinishReason, GenerateParams, Token, TokenStream};
+pub use keel_kernels::{Caps, Device, DeviceKind};
+pub use keel_models::llama::WeightPath;
+pub use keel_models::sampling::Sampling;
+pub use manifest::{Architecture, Manifest, VersionId};

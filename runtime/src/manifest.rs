@@ -1,0 +1,270 @@
+//! The model manifest, `keel.toml`: what a model version is made of, with a sha256 per file.
+//!
+//! A model can be named three ways, as users of other runtimes expect:
+//! - a Keel model folder, with a `keel.toml` (every file's sha256 is checked at load);
+//! - a Hugging Face folder (`config.json`, `model.safetensors`, `tokenizer.json`);
+//! - a `.gguf` file (weights, tokenizer and chat template in one).
+//!
+//! For the last two the manifest is derived from the files. Either way the [`VersionId`] is a hash
+//! of the manifest, which holds every file's sha256: the same bytes always get the same id.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The file name of a manifest inside a model folder.
+pub const MANIFEST_FILE: &str = "keel.toml";
+
+/// The model architectures this build implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// BERT sentence encoder (safetensors + `config.json` + `tokenizer.json`): embeddings.
+    Bert,
+    /// Llama decoder (GGUF with its tokenizer): text generation.
+    Llama,
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Architecture::Bert => "bert",
+            Architecture::Llama => "llama",
+        })
+    }
+}
+
+/// One file of a model version and its content hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the model folder.
+    pub path: String,
+    /// Lower-case hex sha256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// A model version's manifest (`keel.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// A human-readable name.
+    pub name: String,
+    /// The architecture that reads the files.
+    pub architecture: Architecture,
+    /// The weights: a `.safetensors` file (bert) or a `.gguf` file (llama).
+    pub weights: String,
+    /// transformers' `config.json` (bert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// A tokenizers `tokenizer.json` (bert; llama reads its tokenizer from the GGUF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+    /// Longest input in tokens, where the model was trained for less than its positions allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    /// Every file above, with its sha256.
+    pub files: Vec<FileEntry>,
+}
+
+/// A content-derived model version id: the sha256 of the manifest (which holds every file's sha256).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VersionId(String);
+
+impl VersionId {
+    /// The full id (64 hex digits).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for VersionId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The lower-case hex sha256 of a file, read in chunks (weight files can be large).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let io = |source| Error::Model(keel_models::Error::Io { path: path.to_path_buf(), source });
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A manifest together with the folder its paths are relative to.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The folder holding the model's files.
+    pub folder: PathBuf,
+    /// The manifest, read or derived.
+    pub manifest: Manifest,
+}
+
+impl ModelSource {
+    /// Reads the model at `path` (any of the three forms in the module docs). For a Keel folder
+    /// every file's sha256 is checked against the manifest; for the other forms it is computed.
+    pub fn open(path: &Path) -> Result<Self> {
+        let not_a_model = |reason: &str| Error::NotAModel { path: path.to_path_buf(), reason: reason.to_string() };
+        if !path.exists() {
+            return Err(not_a_model("no such file or folder"));
+        }
+        if path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                return Err(not_a_model("a model file must be a .gguf (or name a model folder)"));
+            }
+            let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let weights = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| not_a_model("bad file name"))?;
+            let name = weights.trim_end_matches(".gguf").to_string();
+            let manifest = Manifest {
+                name,
+                architecture: Architecture::Llama,
+                weights: weights.to_string(),
+                config: None,
+                tokenizer: None,
+                max_tokens: None,
+                files: vec![FileEntry { path: weights.to_string(), sha256: sha256_file(path)? }],
+            };
+            return Ok(Self { folder, manifest });
+        }
+        let manifest_path = path.join(MANIFEST_FILE);
+        if manifest_path.is_file() {
+            let source = Self { folder: path.to_path_buf(), manifest: Manifest::read(&manifest_path)? };
+            source.verify()?;
+            return Ok(source);
+        }
+        if path.join("config.json").is_file() {
+            return Self::derive_hf(path);
+        }
+        Err(not_a_model("expected keel.toml, a Hugging Face folder (config.json) or a .gguf file"))
+    }
+
+    fn derive_hf(folder: &Path) -> Result<Self> {
+        let missing = |what: &str| Error::NotAModel {
+            path: folder.to_path_buf(),
+            reason: format!("a Hugging Face folder needs {what}"),
+        };
+        let config_text = std::fs::read_to_string(folder.join("config.json"))
+            .map_err(|source| keel_models::Error::Io { path: folder.join("config.json"), source })?;
+        let config: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| keel_models::Error::Format {
+            path: folder.join("config.json"),
+            format: "config.json",
+            reason: e.to_string(),
+        })?;
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
+        if model_type != "bert" {
+            return Err(keel_models::Error::UnknownArchitecture(model_type.to_string()).into());
+        }
+        for file in ["model.safetensors", "tokenizer.json"] {
+            if !folder.join(file).is_file() {
+                return Err(missing(file));
+            }
+        }
+        // sentence-transformers records the length the model was trained for.
+        let max_tokens = std::fs::read_to_string(folder.join("sentence_bert_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("max_seq_length")?.as_u64())
+            .map(|n| n as usize);
+        let name = config
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.rsplit('/').next().unwrap_or(s).to_string())
+            .or_else(|| folder.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "bert".into());
+        let files = ["model.safetensors", "config.json", "tokenizer.json"]
+            .iter()
+            .map(|f| Ok(FileEntry { path: f.to_string(), sha256: sha256_file(&folder.join(f))? }))
+            .collect::<Result<Vec<_>>>()?;
+        let manifest = Manifest {
+            name,
+            architecture: Architecture::Bert,
+            weights: "model.safetensors".into(),
+            config: Some("config.json".into()),
+            tokenizer: Some("tokenizer.json".into()),
+            max_tokens,
+            files,
+        };
+        Ok(Self { folder: folder.to_path_buf(), manifest })
+    }
+
+    /// Checks every file's sha256 against the manifest.
+    pub fn verify(&self) -> Result<()> {
+        for entry in &self.manifest.files {
+            let path = self.folder.join(&entry.path);
+            let actual = sha256_file(&path)?;
+            if !actual.eq_ignore_ascii_case(&entry.sha256) {
+                return Err(Error::ChecksumMismatch { path, expected: entry.sha256.clone(), actual });
+            }
+        }
+        Ok(())
+    }
+
+    /// The absolute path of a file named by the manifest.
+    pub fn file(&self, relative: &str) -> PathBuf {
+        self.folder.join(relative)
+    }
+
+    /// The content-derived id of this version.
+    pub fn version_id(&self) -> VersionId {
+        let canonical = toml::to_string(&self.manifest).expect("a manifest always serializes");
+        VersionId(hex(&Sha256::digest(canonical.as_bytes())))
+    }
+}
+
+impl Manifest {
+    /// Reads and checks a `keel.toml`: every file it names must be listed with a sha256, and no
+    /// path may leave the model folder.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| keel_models::Error::Io { path: path.to_path_buf(), source })?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let named = [Some(&manifest.weights), manifest.config.as_ref(), manifest.tokenizer.as_ref()];
+        for file in named.into_iter().flatten() {
+            if !manifest.files.iter().any(|f| &f.path == file) {
+                return Err(bad(format!("'{file}' is used but has no entry (with its sha256) in [[files]]")));
+            }
+        }
+        for f in &manifest.files {
+            let p = Path::new(&f.path);
+            if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(bad(format!("'{}' must be a path inside the model folder", f.path)));
+            }
+            if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(format!("sha256 of '{}' is not 64 hex digits", f.path)));
+            }
+        }
+        match manifest.architecture {
+            Architecture::Bert if manifest.config.is_none() || manifest.tokenizer.is_none() => {
+                Err(bad("a bert model needs `config` and `tokenizer`".into()))
+            }
+            _ => Ok(manifest),
+        }
+    }
+
+    /// The manifest as `keel.toml` text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serializes")
+    }
+}
