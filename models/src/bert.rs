@@ -224,11 +224,18 @@ impl SentenceEncoder {
     pub fn load(files: &EncoderFiles<'_>, device: &Device) -> Result<Self> {
         let cfg = Config::from_file(files.config)?;
         let weights = SafetensorsFile::open(files.weights)?;
-        let tokenizer = tokenizers::Tokenizer::from_file(files.tokenizer).map_err(|e| Error::Format {
+        let mut tokenizer = tokenizers::Tokenizer::from_file(files.tokenizer).map_err(|e| Error::Format {
             path: files.tokenizer.into(),
             format: "tokenizer.json",
             reason: e.to_string(),
         })?;
+        // Padding and truncation are the encoder's job (it pads each batch to its longest text
+        // and masks the rest); a tokenizer.json that pads every text to a fixed length would make
+        // padding look like real tokens.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let max_tokens = files.max_tokens.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
         let bert = Bert::load(&weights, cfg, device)?;
         Ok(Self { bert, tokenizer, max_tokens })

@@ -13,12 +13,14 @@
 mod engine;
 mod error;
 mod generate;
+mod inspect;
 pub mod manifest;
 mod model;
 
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, Token, TokenStream};
+pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;

