@@ -52,8 +52,8 @@ impl LoadedModel {
             }
             Architecture::Llama => {
                 let gguf = GgufFile::open(&source.file(&m.weights))?;
-                let tokenizer = ChatTokenizer::from_gguf(&gguf)?;
                 let llama = Llama::load(&gguf, weights, device)?;
+                let tokenizer = ChatTokenizer::from_gguf(&gguf)?;
                 Model::Decoder(Arc::new(Decoder { llama, tokenizer }))
             }
         };

