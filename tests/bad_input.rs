@@ -41,14 +41,26 @@ fn truncated_and_corrupt_safetensors() {
     std::fs::remove_file(&weights).unwrap();
     write_truncated(&minilm_dir().join("model.safetensors"), &weights, 1 << 20);
     let err = engine().load(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::Format { format: "safetensors", .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Model(ModelError::Format {
+                format: "safetensors",
+                ..
+            })
+        ),
+        "{err}"
+    );
     assert_eq!(err.kind(), ErrorKind::InvalidModel);
 
     std::fs::write(&weights, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
     let err = engine().load(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Model(ModelError::Format { .. })), "{err}");
     std::fs::write(&weights, b"").unwrap();
-    assert!(matches!(engine().load(dir.path()).unwrap_err(), Error::Model(ModelError::Format { .. })));
+    assert!(matches!(
+        engine().load(dir.path()).unwrap_err(),
+        Error::Model(ModelError::Format { .. })
+    ));
 }
 
 #[test]
@@ -58,13 +70,22 @@ fn truncated_and_corrupt_gguf() {
     // Cut inside the tensor data: the header parses, a tensor runs past the end of the file.
     write_truncated(&smollm2_gguf(), &path, 40 << 20);
     let err = engine().load(&path).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::Format { format: "GGUF", .. })), "{err}");
+    assert!(
+        matches!(err, Error::Model(ModelError::Format { format: "GGUF", .. })),
+        "{err}"
+    );
     // Cut inside the header.
     write_truncated(&smollm2_gguf(), &path, 100_000);
     let err = engine().load(&path).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::Format { format: "GGUF", .. })), "{err}");
+    assert!(
+        matches!(err, Error::Model(ModelError::Format { format: "GGUF", .. })),
+        "{err}"
+    );
     std::fs::write(&path, b"GGUF but not really").unwrap();
-    assert!(matches!(engine().load(&path).unwrap_err(), Error::Model(ModelError::Format { .. })));
+    assert!(matches!(
+        engine().load(&path).unwrap_err(),
+        Error::Model(ModelError::Format { .. })
+    ));
 }
 
 #[test]
@@ -74,7 +95,10 @@ fn checksum_mismatch_is_refused() {
     std::fs::write(dir.path().join("keel.toml"), manifest.to_toml()).unwrap();
     // The manifest as derived loads, and the same bytes get the same version id.
     let engine = engine();
-    assert_eq!(engine.load(dir.path()).unwrap(), engine.load(minilm_dir()).unwrap());
+    assert_eq!(
+        engine.load(dir.path()).unwrap(),
+        engine.load(minilm_dir()).unwrap()
+    );
 
     let mut tampered = manifest.clone();
     tampered.files[0].sha256 = "0".repeat(64);
@@ -92,9 +116,15 @@ fn bad_manifests() {
     escaping.files[0].path = "../../etc/passwd".into();
     escaping.weights = "../../etc/passwd".into();
     std::fs::write(dir.path().join("keel.toml"), escaping.to_toml()).unwrap();
-    assert!(matches!(engine().load(dir.path()).unwrap_err(), Error::Manifest { .. }));
+    assert!(matches!(
+        engine().load(dir.path()).unwrap_err(),
+        Error::Manifest { .. }
+    ));
     std::fs::write(dir.path().join("keel.toml"), "name = 3\n").unwrap();
-    assert!(matches!(engine().load(dir.path()).unwrap_err(), Error::Manifest { .. }));
+    assert!(matches!(
+        engine().load(dir.path()).unwrap_err(),
+        Error::Manifest { .. }
+    ));
 }
 
 #[test]
@@ -103,16 +133,27 @@ fn unknown_architecture() {
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let err = engine().load(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::UnknownArchitecture(ref a)) if a == "gpt2"), "{err}");
+    assert!(
+        matches!(err, Error::Model(ModelError::UnknownArchitecture(ref a)) if a == "gpt2"),
+        "{err}"
+    );
 
     // A GGUF of another architecture.
     use keel_kernels::candle_core::quantized::gguf_file::{write, Value};
     let path = dir.path().join("other.gguf");
     let mut file = std::fs::File::create(&path).unwrap();
-    write(&mut file, &[("general.architecture", &Value::String("mamba".into()))], &[]).unwrap();
+    write(
+        &mut file,
+        &[("general.architecture", &Value::String("mamba".into()))],
+        &[],
+    )
+    .unwrap();
     drop(file);
     let err = engine().load(&path).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::UnknownArchitecture(ref a)) if a == "mamba"), "{err}");
+    assert!(
+        matches!(err, Error::Model(ModelError::UnknownArchitecture(ref a)) if a == "mamba"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -125,11 +166,27 @@ fn empty_text_invalid_utf8_and_wrong_model() {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
     let err = engine.embed_bytes(&minilm, &[b"ok", b"caf\xc3"]).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::InvalidUtf8 { valid_up_to: 3 })), "{err}");
-    assert_eq!(engine.embed_bytes(&minilm, &[b"caf\xc3\xa9"]).unwrap().vectors.len(), 1);
+    assert!(
+        matches!(err, Error::Model(ModelError::InvalidUtf8 { valid_up_to: 3 })),
+        "{err}"
+    );
+    assert_eq!(
+        engine
+            .embed_bytes(&minilm, &[b"caf\xc3\xa9"])
+            .unwrap()
+            .vectors
+            .len(),
+        1
+    );
 
-    assert!(matches!(engine.embed("nope", &["x"]).unwrap_err(), Error::UnknownModel(_)));
-    let err = engine.generate(&minilm, "hi", &GenerateParams::greedy()).err().unwrap();
+    assert!(matches!(
+        engine.embed("nope", &["x"]).unwrap_err(),
+        Error::UnknownModel(_)
+    ));
+    let err = engine
+        .generate(&minilm, "hi", &GenerateParams::greedy())
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::WrongTask { .. }), "{err}");
 }
 
@@ -138,14 +195,32 @@ fn prompts_that_do_not_fit_or_are_empty() {
     let engine = engine();
     let smol = engine.load(smollm2_gguf()).unwrap().to_string();
     let long = "word ".repeat(9000);
-    let err = engine.generate(&smol, &long, &GenerateParams::greedy()).err().unwrap();
-    assert!(matches!(err, Error::Model(ModelError::ContextOverflow { context: 8192, .. })), "{err}");
-    let err = engine.generate(&smol, "", &GenerateParams::greedy()).err().unwrap();
+    let err = engine
+        .generate(&smol, &long, &GenerateParams::greedy())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::Model(ModelError::ContextOverflow { context: 8192, .. })
+        ),
+        "{err}"
+    );
+    let err = engine
+        .generate(&smol, "", &GenerateParams::greedy())
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::Model(ModelError::EmptyInput(_))), "{err}");
-    let err = engine.generate(&smol, "hi", &GenerateParams::sampled(f32::NAN, 0, 1.0, 1)).err().unwrap();
+    let err = engine
+        .generate(&smol, "hi", &GenerateParams::sampled(f32::NAN, 0, 1.0, 1))
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let minilm = engine.load(minilm_dir()).unwrap();
-    assert!(matches!(engine.embed(&smol, &["x"]).unwrap_err(), Error::WrongTask { .. }));
+    assert!(matches!(
+        engine.embed(&smol, &["x"]).unwrap_err(),
+        Error::WrongTask { .. }
+    ));
     // A very long text for the encoder is truncated to its trained length, not refused.
     assert_eq!(engine.embed(minilm.as_str(), &[&long]).unwrap().vectors.len(), 1);
 }

@@ -25,10 +25,17 @@ fn embeddings_match_pytorch() {
     let mut worst = 0.0f32;
     for s in sentences {
         let text = s["text"].as_str().unwrap();
-        assert_eq!(engine.tokenize(&id, text, false).unwrap(), ids(&s["token_ids"]), "token ids of {text:?}");
+        assert_eq!(
+            engine.tokenize(&id, text, false).unwrap(),
+            ids(&s["token_ids"]),
+            "token ids of {text:?}"
+        );
         let got = engine.embed(&id, &[text]).unwrap().vectors.remove(0);
         let diff = max_abs_diff(&got, &floats(&s["embedding"]));
-        assert!(diff <= GOLDEN_TOLERANCE, "{text:?}: max abs diff {diff} > {GOLDEN_TOLERANCE}");
+        assert!(
+            diff <= GOLDEN_TOLERANCE,
+            "{text:?}: max abs diff {diff} > {GOLDEN_TOLERANCE}"
+        );
         worst = worst.max(diff);
     }
     eprintln!("worst max abs diff vs PyTorch: {worst:e}");
@@ -38,13 +45,21 @@ fn embeddings_match_pytorch() {
 fn batched_equals_one_at_a_time() {
     let (engine, id) = engine();
     let golden = golden("minilm.json");
-    let texts: Vec<&str> = golden["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> = golden["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
     let batched = engine.embed(&id, &texts).unwrap().vectors;
     let mut worst = 0.0f32;
     for (text, b) in texts.iter().zip(&batched) {
         let single = engine.embed(&id, &[text]).unwrap().vectors.remove(0);
         let diff = max_abs_diff(b, &single);
-        assert!(diff <= BATCH_TOLERANCE, "{text:?}: batched vs single differ by {diff}");
+        assert!(
+            diff <= BATCH_TOLERANCE,
+            "{text:?}: batched vs single differ by {diff}"
+        );
         worst = worst.max(diff);
     }
     // Another order and another batch size must not change any vector either.
@@ -60,11 +75,24 @@ fn batched_equals_one_at_a_time() {
 #[test]
 fn embeddings_are_unit_length_and_semantic() {
     let (engine, id) = engine();
-    let v = engine.embed(&id, &["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell."]).unwrap().vectors;
+    let v = engine
+        .embed(
+            &id,
+            &[
+                "A man is playing a guitar.",
+                "Someone plays an instrument.",
+                "The stock market fell.",
+            ],
+        )
+        .unwrap()
+        .vectors;
     for x in &v {
         let norm: f32 = x.iter().map(|a| a * a).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5);
     }
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    assert!(cos(&v[0], &v[1]) > cos(&v[0], &v[2]) + 0.2, "related sentences must be closer");
+    assert!(
+        cos(&v[0], &v[1]) > cos(&v[0], &v[2]) + 0.2,
+        "related sentences must be closer"
+    );
 }

@@ -36,11 +36,19 @@ fn tokenizer_matches_hugging_face() {
     let golden = golden("smollm2_tokenizer.json");
     for p in golden["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
-        assert_eq!(engine.tokenize(&id, text, false).unwrap(), ids(&p["ids"]), "ids of {text:?}");
+        assert_eq!(
+            engine.tokenize(&id, text, false).unwrap(),
+            ids(&p["ids"]),
+            "ids of {text:?}"
+        );
     }
     for c in golden["chat"].as_array().unwrap() {
         let user = c["user"].as_str().unwrap();
-        assert_eq!(engine.tokenize(&id, user, true).unwrap(), ids(&c["ids"]), "chat ids of {user:?}");
+        assert_eq!(
+            engine.tokenize(&id, user, true).unwrap(),
+            ids(&c["ids"]),
+            "chat ids of {user:?}"
+        );
     }
 }
 
@@ -95,27 +103,49 @@ fn quantized_first_step_logits_are_close_to_f32() {
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         let cosine = dot(&lq, &lf) / (dot(&lq, &lq).sqrt() * dot(&lf, &lf).sqrt());
         eprintln!("quantized vs f32 first-step logits: max abs diff {diff}, cosine {cosine}");
-        assert!(diff <= QUANTIZED_LOGIT_TOLERANCE, "quantized logits differ by {diff}");
+        assert!(
+            diff <= QUANTIZED_LOGIT_TOLERANCE,
+            "quantized logits differ by {diff}"
+        );
         assert!(cosine >= QUANTIZED_MIN_COSINE, "cosine {cosine}");
         // The first token may flip only among near-ties: it must be one of the f32 path's best
         // five (the reference's top two logits differ by 0.08 and 0.11 on these prompts).
         let mut order: Vec<usize> = (0..lf.len()).collect();
         order.sort_by(|&a, &b| lf[b].total_cmp(&lf[a]));
-        assert!(order[..5].contains(&(argmax(&lq) as usize)), "quantized first token is far from f32's");
+        assert!(
+            order[..5].contains(&(argmax(&lq) as usize)),
+            "quantized first token is far from f32's"
+        );
     }
 }
 
 #[test]
 fn quantized_chat_reply_is_coherent_and_stops_at_eos() {
     let engine = Engine::builder().build().unwrap();
-    let id = engine.load_with(smollm2_gguf(), LoadOptions { weights: WeightPath::Quantized }).unwrap().to_string();
+    let id = engine
+        .load_with(
+            smollm2_gguf(),
+            LoadOptions {
+                weights: WeightPath::Quantized,
+            },
+        )
+        .unwrap()
+        .to_string();
     let done = engine
-        .generate(&id, "What is the capital of France? Answer in one short sentence.", &GenerateParams::greedy().max_tokens(64))
+        .generate(
+            &id,
+            "What is the capital of France? Answer in one short sentence.",
+            &GenerateParams::greedy().max_tokens(64),
+        )
         .unwrap()
         .complete()
         .unwrap();
     eprintln!("reply: {:?}", done.text);
-    assert_eq!(done.finish, FinishReason::Stop, "the reply must end with the end-of-turn token");
+    assert_eq!(
+        done.finish,
+        FinishReason::Stop,
+        "the reply must end with the end-of-turn token"
+    );
     assert!(!done.text.trim().is_empty());
     assert!(done.text.contains("Paris"), "reply: {:?}", done.text);
 }
@@ -125,10 +155,37 @@ fn streaming_text_equals_decoded_ids_and_sampling_is_seeded() {
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(smollm2_gguf()).unwrap().to_string();
     let params = GenerateParams::sampled(0.8, 40, 0.95, 7).max_tokens(24);
-    let a = engine.generate(&id, "Tell me about the sea.", &params).unwrap().complete().unwrap();
-    let b = engine.generate(&id, "Tell me about the sea.", &params).unwrap().complete().unwrap();
-    assert_eq!(a.token_ids, b.token_ids, "the same seed must give the same tokens");
-    let c = engine.generate(&id, "Tell me about the sea.", &GenerateParams { sampling: keel::Sampling::Random { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 8 }, ..params.clone() }).unwrap().complete().unwrap();
+    let a = engine
+        .generate(&id, "Tell me about the sea.", &params)
+        .unwrap()
+        .complete()
+        .unwrap();
+    let b = engine
+        .generate(&id, "Tell me about the sea.", &params)
+        .unwrap()
+        .complete()
+        .unwrap();
+    assert_eq!(
+        a.token_ids, b.token_ids,
+        "the same seed must give the same tokens"
+    );
+    let c = engine
+        .generate(
+            &id,
+            "Tell me about the sea.",
+            &GenerateParams {
+                sampling: keel::Sampling::Random {
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.95,
+                    seed: 8,
+                },
+                ..params.clone()
+            },
+        )
+        .unwrap()
+        .complete()
+        .unwrap();
     assert_ne!(a.token_ids, c.token_ids, "another seed should give other tokens");
     assert!(a.token_ids.len() <= 24);
 }

@@ -102,7 +102,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect { path, manifest } => inspect(&path, manifest),
-        Command::Embed { model, vectors, json, texts } => {
+        Command::Embed {
+            model,
+            vectors,
+            json,
+            texts,
+        } => {
             let engine = Engine::builder().device(cli.device).build()?;
             let id = engine.load(&model)?;
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -115,17 +120,37 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     println!("{text}\n[{}]", shown.join(", "));
                 }
             } else {
-                println!("cosine similarity ({} texts, dim {})", texts.len(), out.vectors[0].len());
+                println!(
+                    "cosine similarity ({} texts, dim {})",
+                    texts.len(),
+                    out.vectors[0].len()
+                );
                 for i in 0..texts.len() {
                     for j in i + 1..texts.len() {
-                        let cos: f32 = out.vectors[i].iter().zip(&out.vectors[j]).map(|(a, b)| a * b).sum();
+                        let cos: f32 = out.vectors[i]
+                            .iter()
+                            .zip(&out.vectors[j])
+                            .map(|(a, b)| a * b)
+                            .sum();
                         println!("{cos:+.4}  {:?} ~ {:?}", texts[i], texts[j]);
                     }
                 }
             }
             Ok(())
         }
-        Command::Generate { model, raw, greedy, max_tokens, weights, temperature, top_k, top_p, seed, json, prompt } => {
+        Command::Generate {
+            model,
+            raw,
+            greedy,
+            max_tokens,
+            weights,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+            prompt,
+        } => {
             let engine = Engine::builder().device(cli.device).build()?;
             let weights = match weights {
                 Weights::Quantized => WeightPath::Quantized,
@@ -179,7 +204,11 @@ fn inspect(path: &std::path::Path, manifest_only: bool) -> Result<(), Box<dyn st
         println!("  {}  sha256 {}", f.path, f.sha256);
     }
     let total: usize = info.tensors.iter().map(|t| t.bytes).sum();
-    println!("tensors:      {} ({:.1} MB)", info.tensors.len(), total as f64 / 1e6);
+    println!(
+        "tensors:      {} ({:.1} MB)",
+        info.tensors.len(),
+        total as f64 / 1e6
+    );
     for t in &info.tensors {
         println!("  {:<52} {:<6} {:?} {} bytes", t.name, t.dtype, t.shape, t.bytes);
     }

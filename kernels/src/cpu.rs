@@ -11,7 +11,9 @@ pub(crate) struct Cpu {
 
 impl Cpu {
     pub(crate) fn new() -> Self {
-        Self { device: candle_core::Device::Cpu }
+        Self {
+            device: candle_core::Device::Cpu,
+        }
     }
 
     pub(crate) fn candle(&self) -> &candle_core::Device {
@@ -19,7 +21,11 @@ impl Cpu {
     }
 
     pub(crate) fn caps(&self) -> Caps {
-        Caps { kind: DeviceKind::Cpu, name: "cpu".into(), quantized_matmul: true }
+        Caps {
+            kind: DeviceKind::Cpu,
+            name: "cpu".into(),
+            quantized_matmul: true,
+        }
     }
 
     pub(crate) fn supports(_op: Op) -> bool {
@@ -120,7 +126,9 @@ impl Cpu {
     }
 
     pub(crate) fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?.contiguous()?)?)
+        Ok(candle_nn::ops::softmax_last_dim(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+        )?)
     }
 
     pub(crate) fn gelu(&self, x: &Tensor) -> Result<Tensor> {

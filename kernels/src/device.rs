@@ -89,7 +89,9 @@ enum Backend {
 impl Device {
     /// The host CPU.
     pub fn cpu() -> Self {
-        Self { backend: Backend::Cpu(Cpu::new()) }
+        Self {
+            backend: Backend::Cpu(Cpu::new()),
+        }
     }
 
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.

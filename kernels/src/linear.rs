@@ -63,7 +63,11 @@ pub struct Linear {
 impl Linear {
     /// A linear layer with no bias and no activation.
     pub fn new(weight: Weight) -> Self {
-        Self { weight, bias: None, activation: Activation::None }
+        Self {
+            weight,
+            bias: None,
+            activation: Activation::None,
+        }
     }
 
     /// The same layer with a bias.

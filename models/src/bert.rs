@@ -35,16 +35,26 @@ pub struct Config {
 impl Config {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let bad = |reason: String| Error::Format { path: path.into(), format: "config.json", reason };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let bad = |reason: String| Error::Format {
+            path: path.into(),
+            format: "config.json",
+            reason,
+        };
         let cfg: Config = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if cfg.model_type != "bert" {
             return Err(Error::UnknownArchitecture(cfg.model_type));
         }
         if cfg.hidden_act != "gelu" {
-            return Err(bad(format!("hidden_act '{}' is not supported (only 'gelu')", cfg.hidden_act)));
+            return Err(bad(format!(
+                "hidden_act '{}' is not supported (only 'gelu')",
+                cfg.hidden_act
+            )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
         }
         Ok(cfg)
@@ -108,16 +118,29 @@ impl Bert {
     /// Loads the encoder from a safetensors file whose names follow transformers' `BertModel`
     /// (with or without a leading `bert.`).
     pub fn load(weights: &SafetensorsFile, cfg: Config, device: &Device) -> Result<Self> {
-        let prefix = if weights.info("bert.embeddings.word_embeddings.weight").is_some() { "bert." } else { "" };
-        let l = Loader { file: weights, device };
+        let prefix = if weights.info("bert.embeddings.word_embeddings.weight").is_some() {
+            "bert."
+        } else {
+            ""
+        };
+        let l = Loader {
+            file: weights,
+            device,
+        };
         let h = cfg.hidden_size;
         let embeddings = Embeddings {
-            word: l.get(&format!("{prefix}embeddings.word_embeddings.weight"), &[cfg.vocab_size, h])?,
+            word: l.get(
+                &format!("{prefix}embeddings.word_embeddings.weight"),
+                &[cfg.vocab_size, h],
+            )?,
             position: l.get(
                 &format!("{prefix}embeddings.position_embeddings.weight"),
                 &[cfg.max_position_embeddings, h],
             )?,
-            token_type: l.get(&format!("{prefix}embeddings.token_type_embeddings.weight"), &[cfg.type_vocab_size, h])?,
+            token_type: l.get(
+                &format!("{prefix}embeddings.token_type_embeddings.weight"),
+                &[cfg.type_vocab_size, h],
+            )?,
             norm: l.norm(&format!("{prefix}embeddings.LayerNorm"), h)?,
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -138,7 +161,12 @@ impl Bert {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { device: device.clone(), cfg, embeddings, layers })
+        Ok(Self {
+            device: device.clone(),
+            cfg,
+            embeddings,
+            layers,
+        })
     }
 
     /// The model's configuration.
@@ -152,7 +180,10 @@ impl Bert {
         let d = &self.device;
         let (batch, len) = ids.dims2()?;
         if len > self.cfg.max_position_embeddings {
-            return Err(Error::ContextOverflow { tokens: len, context: self.cfg.max_position_embeddings });
+            return Err(Error::ContextOverflow {
+                tokens: len,
+                context: self.cfg.max_position_embeddings,
+            });
         }
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;
@@ -169,10 +200,14 @@ impl Bert {
         let head_dim = self.cfg.hidden_size / heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         for layer in &self.layers {
-            let qkv = d.linear(&x, &layer.qkv)?.reshape((batch, len, 3, heads, head_dim))?;
+            let qkv = d
+                .linear(&x, &layer.qkv)?
+                .reshape((batch, len, 3, heads, head_dim))?;
             let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
             let context = d.attention(&split(0)?, &split(1)?, &split(2)?, Some(&additive_mask), scale)?;
-            let context = context.transpose(1, 2)?.reshape((batch, len, self.cfg.hidden_size))?;
+            let context = context
+                .transpose(1, 2)?
+                .reshape((batch, len, self.cfg.hidden_size))?;
             let attended = d.linear(&context, &layer.attention_output)?;
             let n = &layer.attention_norm;
             let h = d.add_layer_norm(&attended, Some(&x), &n.gamma, &n.beta, eps)?;
@@ -236,9 +271,16 @@ impl SentenceEncoder {
         tokenizer
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let max_tokens = files.max_tokens.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
+        let max_tokens = files
+            .max_tokens
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
         let bert = Bert::load(&weights, cfg, device)?;
-        Ok(Self { bert, tokenizer, max_tokens })
+        Ok(Self {
+            bert,
+            tokenizer,
+            max_tokens,
+        })
     }
 
     /// Width of the embeddings.
@@ -260,7 +302,10 @@ impl SentenceEncoder {
                 if text.trim().is_empty() {
                     return Err(Error::EmptyInput(format!("text {i} is empty")));
                 }
-                let encoding = self.tokenizer.encode(*text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let encoding = self
+                    .tokenizer
+                    .encode(*text, true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
                 let mut ids = encoding.get_ids().to_vec();
                 if ids.len() > self.max_tokens {
                     // Keep [SEP] at the end, as the tokenizer's own truncation would.
@@ -285,7 +330,7 @@ impl SentenceEncoder {
         let mut ids = Vec::with_capacity(batch.len() * len);
         let mut mask = Vec::with_capacity(batch.len() * len);
         for seq in batch {
-            ids.extend(seq.iter().copied().chain(std::iter::repeat(0).take(len - seq.len())));
+            ids.extend(seq.iter().copied().chain(std::iter::repeat_n(0, len - seq.len())));
             mask.extend((0..len).map(|i| if i < seq.len() { 1f32 } else { 0f32 }));
         }
         let d = &self.bert.device;

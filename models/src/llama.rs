@@ -53,13 +53,23 @@ impl Config {
             return Err(Error::Format {
                 path: gguf.path().into(),
                 format: "GGUF",
-                reason: format!("{heads} heads, {kv_heads} kv heads and width {hidden_size} do not fit together"),
+                reason: format!(
+                    "{heads} heads, {kv_heads} kv heads and width {hidden_size} do not fit together"
+                ),
             });
         }
-        let embd = gguf.content().tensor_infos.get("token_embd.weight").map(|t| t.shape.dims().to_vec());
+        let embd = gguf
+            .content()
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims().to_vec());
         let vocab_size = match embd.as_deref() {
             Some([rows, _]) => *rows,
-            _ => return Err(Error::Weights("token_embd.weight is missing or not a matrix".into())),
+            _ => {
+                return Err(Error::Weights(
+                    "token_embd.weight is missing or not a matrix".into(),
+                ))
+            }
         };
         Ok(Self {
             vocab_size,
@@ -69,7 +79,11 @@ impl Config {
             kv_heads,
             head_dim: hidden_size / heads,
             ffn_size: gguf.usize("llama.feed_forward_length")?,
-            rope_theta: if gguf.has("llama.rope.freq_base") { gguf.f32("llama.rope.freq_base")? } else { 10_000.0 },
+            rope_theta: if gguf.has("llama.rope.freq_base") {
+                gguf.f32("llama.rope.freq_base")?
+            } else {
+                10_000.0
+            },
             rms_eps: gguf.f32("llama.attention.layer_norm_rms_epsilon")?,
             context_length: gguf.usize("llama.context_length")?,
         })
@@ -136,7 +150,10 @@ impl Llama {
         let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
             let q = gguf.qtensor(name, device)?;
             if q.shape().dims() != [rows, cols] {
-                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{rows}, {cols}]", q.shape().dims())));
+                return Err(Error::Weights(format!(
+                    "'{name}' has shape {:?}, expected [{rows}, {cols}]",
+                    q.shape().dims()
+                )));
             }
             let w = Weight::Quantized(q);
             match path {
@@ -147,7 +164,11 @@ impl Llama {
         let vector = |name: &str| -> Result<Tensor> {
             let t = gguf.tensor(name, device)?;
             if t.dims() != [cfg.hidden_size] {
-                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{}]", t.dims(), cfg.hidden_size)));
+                return Err(Error::Weights(format!(
+                    "'{name}' has shape {:?}, expected [{}]",
+                    t.dims(),
+                    cfg.hidden_size
+                )));
             }
             Ok(t)
         };
@@ -171,10 +192,23 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let embedding = gguf.tensor("token_embd.weight", device)?;
         // Small models tie the output projection to the token embeddings.
-        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
         let lm_head = Linear::new(weight(head_name, cfg.vocab_size, h)?);
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Self { device: device.clone(), norm: vector("output_norm.weight")?, cfg, embedding, blocks, lm_head, cos, sin })
+        Ok(Self {
+            device: device.clone(),
+            norm: vector("output_norm.weight")?,
+            cfg,
+            embedding,
+            blocks,
+            lm_head,
+            cos,
+            sin,
+        })
     }
 
     /// The model's hyper-parameters.
@@ -184,7 +218,10 @@ impl Llama {
 
     /// An empty KV cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: (0..self.cfg.layers).map(|_| None).collect(), len: 0 }
+        KvCache {
+            layers: (0..self.cfg.layers).map(|_| None).collect(),
+            len: 0,
+        }
     }
 
     /// Runs `tokens` after what `cache` holds (a whole prompt, or one token while decoding), adds
@@ -197,20 +234,32 @@ impl Llama {
             return Err(Error::EmptyInput("no tokens to run".into()));
         }
         if pos + t > cfg.context_length {
-            return Err(Error::ContextOverflow { tokens: pos + t, context: cfg.context_length });
+            return Err(Error::ContextOverflow {
+                tokens: pos + t,
+                context: cfg.context_length,
+            });
         }
         if let Some(bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(Error::Tokenizer(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+            return Err(Error::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
         }
         let ids = Tensor::from_slice(tokens, (1, t), d.candle())?;
         let mut x = d.embedding(&self.embedding, &ids)?;
         let (cos, sin) = (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?);
-        let mask = if t > 1 { Some(causal_mask(t, pos, d)?) } else { None };
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos, d)?)
+        } else {
+            None
+        };
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = d.rms_norm(&x, &block.attn_norm, cfg.rms_eps)?;
             let heads = |layer: &Linear, n: usize| -> Result<Tensor> {
-                Ok(d.linear(&h, layer)?.reshape((1, t, n, cfg.head_dim))?.transpose(1, 2)?)
+                Ok(d.linear(&h, layer)?
+                    .reshape((1, t, n, cfg.head_dim))?
+                    .transpose(1, 2)?)
             };
             let q = d.rope_interleaved(&heads(&block.q, cfg.heads)?, &cos, &sin)?;
             let k = d.rope_interleaved(&heads(&block.k, cfg.kv_heads)?, &cos, &sin)?;
@@ -237,17 +286,20 @@ impl Llama {
 /// transformers does so that both round alike.
 fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> =
-        (0..half).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
-    let angles: Vec<f32> =
-        (0..cfg.context_length).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let angles: Vec<f32> = (0..cfg.context_length)
+        .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
+        .collect();
     let angles = Tensor::from_vec(angles, (cfg.context_length, half), device.candle())?;
     Ok((angles.cos()?, angles.sin()?))
 }
 
 /// `[t, pos + t]`: query i (at position pos + i) may see keys 0..=pos + i.
 fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { -1e30 } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { -1e30 } else { 0.0 }))
+        .collect();
     Ok(Tensor::from_vec(mask, (t, pos + t), device.candle())?)
 }

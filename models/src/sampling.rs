@@ -35,15 +35,22 @@ impl Sampler {
             Sampling::Random { seed, .. } => seed,
             Sampling::Greedy => 0,
         };
-        Self { rule, rng: StdRng::seed_from_u64(seed), scratch: Vec::new() }
+        Self {
+            rule,
+            rng: StdRng::seed_from_u64(seed),
+            scratch: Vec::new(),
+        }
     }
 
     /// The next token for `logits` (one per vocabulary entry; must not be empty).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         match self.rule {
-            Sampling::Random { temperature, top_k, top_p, .. } if temperature > 0.0 => {
-                self.draw(logits, temperature, top_k, top_p)
-            }
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } if temperature > 0.0 => self.draw(logits, temperature, top_k, top_p),
             _ => argmax(logits),
         }
     }
@@ -51,7 +58,13 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32], temperature: f32, top_k: usize, top_p: f32) -> u32 {
         let candidates = &mut self.scratch;
         candidates.clear();
-        candidates.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l / temperature)));
+        candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (i as u32, l / temperature)),
+        );
         if candidates.is_empty() {
             return argmax(logits);
         }
@@ -113,11 +126,27 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let rule = Sampling::Random { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 7 };
-        let a: Vec<u32> = { let mut s = Sampler::new(rule); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(rule); (0..20).map(|_| s.sample(&logits)).collect() };
+        let rule = Sampling::Random {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.9,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(rule);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(rule);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
-        let mut k1 = Sampler::new(Sampling::Random { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 1 });
+        let mut k1 = Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 1,
+        });
         assert_eq!(k1.sample(&logits), argmax(&logits));
     }
 
@@ -126,7 +155,12 @@ mod tests {
         // One token holds ~all the mass: top_p = 0.5 must always pick it.
         let mut logits = vec![0.0f32; 50];
         logits[17] = 20.0;
-        let mut s = Sampler::new(Sampling::Random { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 3 });
+        let mut s = Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 3,
+        });
         assert!((0..100).all(|_| s.sample(&logits) == 17));
     }
 }

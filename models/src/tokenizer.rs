@@ -25,7 +25,10 @@ pub struct Message {
 impl Message {
     /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -44,7 +47,9 @@ impl ChatTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let kind = gguf.string("tokenizer.ggml.model")?;
         if kind != "gpt2" {
-            return Err(Error::Tokenizer(format!("tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')")));
+            return Err(Error::Tokenizer(format!(
+                "tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')"
+            )));
         }
         let string = |v: &Value| match v {
             Value::String(s) => Some(s.clone()),
@@ -65,7 +70,11 @@ impl ChatTokenizer {
                     .ok_or_else(|| Error::Tokenizer(format!("merge '{m}' is not two tokens")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -86,7 +95,9 @@ impl ChatTokenizer {
                 return Ok(None);
             }
             let id = gguf.usize(key)?;
-            let text = tokens.get(id).ok_or_else(|| Error::Tokenizer(format!("{key} = {id} is not in the vocabulary")))?;
+            let text = tokens
+                .get(id)
+                .ok_or_else(|| Error::Tokenizer(format!("{key} = {id} is not in the vocabulary")))?;
             Ok(Some((id as u32, text.clone())))
         };
         let bos = token("tokenizer.ggml.bos_token_id")?;
@@ -100,8 +111,11 @@ impl ChatTokenizer {
                 }
             }
         }
-        let chat_template =
-            if gguf.has("tokenizer.chat_template") { Some(gguf.string("tokenizer.chat_template")?.to_string()) } else { None };
+        let chat_template = if gguf.has("tokenizer.chat_template") {
+            Some(gguf.string("tokenizer.chat_template")?.to_string())
+        } else {
+            None
+        };
         Ok(Self {
             tokenizer,
             eos: eos_ids,
@@ -113,13 +127,18 @@ impl ChatTokenizer {
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) are recognized.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// The text of token ids (special tokens included, as the model wrote them).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The tokens that end a generation.
@@ -141,9 +160,12 @@ impl ChatTokenizer {
             .ok_or_else(|| Error::Tokenizer("the model has no chat template (use a raw prompt)".into()))?;
         let mut env = minijinja::Environment::new();
         // Hugging Face templates call raise_exception() to reject conversations they cannot render.
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            },
+        );
         let render = || -> std::result::Result<String, minijinja::Error> {
             env.template_from_str(template)?.render(minijinja::context! {
                 messages => messages,

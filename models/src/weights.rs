@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn map(path: &Path) -> Result<Mmap> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: the map is read-only; Keel's weight files are not modified while a model is loaded
     // (the manifest's sha256 check at load time is what guards their content).
@@ -30,11 +33,20 @@ impl SafetensorsFile {
     /// Maps `path` and validates its header (offsets, sizes, dtypes) against the file's length.
     pub fn open(path: &Path) -> Result<Self> {
         let mmap = map(path)?;
-        let bad = |reason: String| Error::Format { path: path.to_path_buf(), format: "safetensors", reason };
+        let bad = |reason: String| Error::Format {
+            path: path.to_path_buf(),
+            format: "safetensors",
+            reason,
+        };
         // `deserialize` checks that every tensor lies inside the file and that sizes match dtypes.
         SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { path: path.to_path_buf(), mmap, header_len, metadata })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            header_len,
+            metadata,
+        })
     }
 
     /// The tensor names in the file.
@@ -65,13 +77,21 @@ impl SafetensorsFile {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
-            other => return Err(Error::Weights(format!("'{name}' has dtype {other:?}; Keel reads f32, f16, bf16"))),
+            other => {
+                return Err(Error::Weights(format!(
+                    "'{name}' has dtype {other:?}; Keel reads f32, f16, bf16"
+                )))
+            }
         };
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
         // Straight from the page cache into the tensor: one copy when the dtype is already f32.
         let tensor = Tensor::from_raw_buffer(&self.mmap[start..end], dtype, &info.shape, device.candle())?;
-        Ok(if dtype == DType::F32 { tensor } else { tensor.to_dtype(DType::F32)? })
+        Ok(if dtype == DType::F32 {
+            tensor
+        } else {
+            tensor.to_dtype(DType::F32)?
+        })
     }
 }
 
@@ -91,7 +111,11 @@ impl GgufFile {
             format: "GGUF",
             reason: e.to_string(),
         })?;
-        Ok(Self { path: path.to_path_buf(), mmap, content })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+        })
     }
 
     /// The file's path.
@@ -107,12 +131,19 @@ impl GgufFile {
     /// A block-quantized (or plain) tensor by name, checked against the file's length.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<Arc<QTensor>> {
         if !self.content.tensor_infos.contains_key(name) {
-            return Err(Error::Weights(format!("{} has no tensor '{name}'", self.path.display())));
+            return Err(Error::Weights(format!(
+                "{} has no tensor '{name}'",
+                self.path.display()
+            )));
         }
         let tensor = self
             .content
             .tensor(&mut Cursor::new(&self.mmap[..]), name, device.candle())
-            .map_err(|e| Error::Format { path: self.path.clone(), format: "GGUF", reason: e.to_string() })?;
+            .map_err(|e| Error::Format {
+                path: self.path.clone(),
+                format: "GGUF",
+                reason: e.to_string(),
+            })?;
         Ok(Arc::new(tensor))
     }
 
@@ -126,16 +157,27 @@ impl GgufFile {
     }
 
     fn missing(&self, key: &str) -> Error {
-        Error::Format { path: self.path.clone(), format: "GGUF", reason: format!("metadata key '{key}' is missing") }
+        Error::Format {
+            path: self.path.clone(),
+            format: "GGUF",
+            reason: format!("metadata key '{key}' is missing"),
+        }
     }
 
     fn wrong_type(&self, key: &str, e: impl std::fmt::Display) -> Error {
-        Error::Format { path: self.path.clone(), format: "GGUF", reason: format!("metadata key '{key}': {e}") }
+        Error::Format {
+            path: self.path.clone(),
+            format: "GGUF",
+            reason: format!("metadata key '{key}': {e}"),
+        }
     }
 
     /// A string metadata value.
     pub fn string(&self, key: &str) -> Result<&str> {
-        self.value(key)?.to_string().map(String::as_str).map_err(|e| self.wrong_type(key, e))
+        self.value(key)?
+            .to_string()
+            .map(String::as_str)
+            .map_err(|e| self.wrong_type(key, e))
     }
 
     /// An integer metadata value of any width.
@@ -168,7 +210,10 @@ impl GgufFile {
     /// An array metadata value, each element converted by `f`.
     pub fn array<T>(&self, key: &str, f: impl Fn(&gguf_file::Value) -> Option<T>) -> Result<Vec<T>> {
         let items = self.value(key)?.to_vec().map_err(|e| self.wrong_type(key, e))?;
-        items.iter().map(|v| f(v).ok_or_else(|| self.wrong_type(key, "element of the wrong type"))).collect()
+        items
+            .iter()
+            .map(|v| f(v).ok_or_else(|| self.wrong_type(key, "element of the wrong type")))
+            .collect()
     }
 
     /// Whether a metadata key is present.

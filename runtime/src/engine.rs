@@ -45,7 +45,12 @@ impl EngineBuilder {
             DeviceChoice::Best => Device::best(),
             DeviceChoice::Kind(kind) => Device::new(kind)?,
         };
-        Ok(Engine { inner: Arc::new(Inner { device, models: RwLock::default() }) })
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                device,
+                models: RwLock::default(),
+            }),
+        })
     }
 }
 
@@ -111,7 +116,9 @@ struct Registry {
 impl Engine {
     /// A builder with the defaults: the best device available.
     pub fn builder() -> EngineBuilder {
-        EngineBuilder { device: DeviceChoice::Best }
+        EngineBuilder {
+            device: DeviceChoice::Best,
+        }
     }
 
     /// The device the engine runs on.
@@ -174,7 +181,11 @@ impl Engine {
             .read()
             .versions
             .values()
-            .map(|m| ModelInfo { id: m.id.clone(), manifest: m.manifest.clone(), weights: m.weights })
+            .map(|m| ModelInfo {
+                id: m.id.clone(),
+                manifest: m.manifest.clone(),
+                weights: m.weights,
+            })
             .collect();
         infos.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
         infos
@@ -189,7 +200,10 @@ impl Engine {
         let Model::Encoder(encoder) = &loaded.model else {
             return Err(wrong_task(model, &loaded, "embed"));
         };
-        Ok(Embeddings { version: loaded.id.clone(), vectors: encoder.embed(texts)? })
+        Ok(Embeddings {
+            version: loaded.id.clone(),
+            vectors: encoder.embed(texts)?,
+        })
     }
 
     /// [`Engine::embed`] for texts given as bytes (from C, a socket, a file): each must be UTF-8.
@@ -197,7 +211,9 @@ impl Engine {
         let texts = texts
             .iter()
             .map(|t| {
-                std::str::from_utf8(t).map_err(|e| keel_models::Error::InvalidUtf8 { valid_up_to: e.valid_up_to() })
+                std::str::from_utf8(t).map_err(|e| keel_models::Error::InvalidUtf8 {
+                    valid_up_to: e.valid_up_to(),
+                })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         self.embed(model, &texts)
@@ -233,7 +249,11 @@ impl Engine {
         let loaded = self.resolve(model)?;
         match &loaded.model {
             Model::Decoder(d) => {
-                let text = if chat { d.tokenizer.apply_chat_template(&[Message::user(text)])? } else { text.to_string() };
+                let text = if chat {
+                    d.tokenizer.apply_chat_template(&[Message::user(text)])?
+                } else {
+                    text.to_string()
+                };
                 Ok(d.tokenizer.encode(&text)?)
             }
             Model::Encoder(e) => Ok(e.tokenize(&[text])?.remove(0)),
@@ -249,7 +269,10 @@ impl Engine {
             }
         }
         if model.len() >= 8 {
-            let mut matches = registry.versions.iter().filter(|(id, _)| id.as_str().starts_with(model));
+            let mut matches = registry
+                .versions
+                .iter()
+                .filter(|(id, _)| id.as_str().starts_with(model));
             if let (Some((_, m)), None) = (matches.next(), matches.next()) {
                 return Ok(m.clone());
             }
@@ -269,5 +292,9 @@ impl Engine {
 }
 
 fn wrong_task(model: &str, loaded: &LoadedModel, task: &'static str) -> Error {
-    Error::WrongTask { model: model.to_string(), architecture: loaded.manifest.architecture.to_string(), task }
+    Error::WrongTask {
+        model: model.to_string(),
+        architecture: loaded.manifest.architecture.to_string(),
+        task,
+    }
 }

@@ -76,7 +76,9 @@ impl Error {
                 M::Io { .. } => ErrorKind::InvalidModel,
                 M::Format { .. } | M::Weights(_) | M::UnknownArchitecture(_) => ErrorKind::InvalidModel,
                 M::Tokenizer(_) => ErrorKind::InvalidArgument,
-                M::EmptyInput(_) | M::InvalidUtf8 { .. } | M::ContextOverflow { .. } => ErrorKind::InvalidArgument,
+                M::EmptyInput(_) | M::InvalidUtf8 { .. } | M::ContextOverflow { .. } => {
+                    ErrorKind::InvalidArgument
+                }
                 M::Kernel(keel_kernels::Error::NoSuchDevice { .. }) => ErrorKind::NoDevice,
                 M::Kernel(_) => ErrorKind::Internal,
             },

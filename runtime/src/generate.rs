@@ -26,7 +26,11 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 256, sampling: Sampling::Greedy, chat: true }
+        Self {
+            max_tokens: 256,
+            sampling: Sampling::Greedy,
+            chat: true,
+        }
     }
 }
 
@@ -38,7 +42,15 @@ impl GenerateParams {
 
     /// Seeded sampling with the given temperature, top-k (0: off) and top-p (1.0: off).
     pub fn sampled(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Self {
-        Self { sampling: Sampling::Random { temperature, top_k, top_p, seed }, ..Self::default() }
+        Self {
+            sampling: Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            ..Self::default()
+        }
     }
 
     /// At most `n` new tokens.
@@ -54,9 +66,14 @@ impl GenerateParams {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if let Sampling::Random { temperature, top_p, .. } = self.sampling {
+        if let Sampling::Random {
+            temperature, top_p, ..
+        } = self.sampling
+        {
             if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(Error::InvalidArgument(format!("temperature {temperature} must be finite and >= 0")));
+                return Err(Error::InvalidArgument(format!(
+                    "temperature {temperature} must be finite and >= 0"
+                )));
             }
             if !(top_p > 0.0 && top_p <= 1.0) {
                 return Err(Error::InvalidArgument(format!("top_p {top_p} must be in (0, 1]")));
@@ -121,7 +138,11 @@ impl TokenStream {
             return Err(keel_models::Error::EmptyInput("the prompt has no tokens".into()).into());
         }
         if prompt.len() >= context {
-            return Err(keel_models::Error::ContextOverflow { tokens: prompt.len() + 1, context }.into());
+            return Err(keel_models::Error::ContextOverflow {
+                tokens: prompt.len() + 1,
+                context,
+            }
+            .into());
         }
         let cache = decoder.llama.new_cache();
         Ok(Self {
@@ -132,7 +153,11 @@ impl TokenStream {
             max_tokens: params.max_tokens,
             text_len: 0,
             next_logits: None,
-            finish: if params.max_tokens == 0 { Some(FinishReason::Length) } else { None },
+            finish: if params.max_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
             decoder,
         })
     }

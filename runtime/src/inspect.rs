@@ -42,7 +42,12 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 .filter_map(|name| {
                     let (dtype, shape) = file.info(&name)?;
                     let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-                    Some(TensorSummary { name, dtype: format!("{dtype:?}"), shape, bytes })
+                    Some(TensorSummary {
+                        name,
+                        dtype: format!("{dtype:?}"),
+                        shape,
+                        bytes,
+                    })
                 })
                 .collect()
         }
@@ -65,5 +70,9 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
     };
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Inspection { id: source.version_id(), manifest: source.manifest, tensors })
+    Ok(Inspection {
+        id: source.version_id(),
+        manifest: source.manifest,
+        tensors,
+    })
 }

@@ -93,7 +93,12 @@ impl AsRef<str> for VersionId {
 
 /// The lower-case hex sha256 of a file, read in chunks (weight files can be large).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let io = |source| Error::Model(keel_models::Error::Io { path: path.to_path_buf(), source });
+    let io = |source| {
+        Error::Model(keel_models::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -124,16 +129,24 @@ impl ModelSource {
     /// Reads the model at `path` (any of the three forms in the module docs). For a Keel folder
     /// every file's sha256 is checked against the manifest; for the other forms it is computed.
     pub fn open(path: &Path) -> Result<Self> {
-        let not_a_model = |reason: &str| Error::NotAModel { path: path.to_path_buf(), reason: reason.to_string() };
+        let not_a_model = |reason: &str| Error::NotAModel {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
         if !path.exists() {
             return Err(not_a_model("no such file or folder"));
         }
         if path.is_file() {
             if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
-                return Err(not_a_model("a model file must be a .gguf (or name a model folder)"));
+                return Err(not_a_model(
+                    "a model file must be a .gguf (or name a model folder)",
+                ));
             }
             let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            let weights = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| not_a_model("bad file name"))?;
+            let weights = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| not_a_model("bad file name"))?;
             let name = weights.trim_end_matches(".gguf").to_string();
             let manifest = Manifest {
                 name,
@@ -142,20 +155,28 @@ impl ModelSource {
                 config: None,
                 tokenizer: None,
                 max_tokens: None,
-                files: vec![FileEntry { path: weights.to_string(), sha256: sha256_file(path)? }],
+                files: vec![FileEntry {
+                    path: weights.to_string(),
+                    sha256: sha256_file(path)?,
+                }],
             };
             return Ok(Self { folder, manifest });
         }
         let manifest_path = path.join(MANIFEST_FILE);
         if manifest_path.is_file() {
-            let source = Self { folder: path.to_path_buf(), manifest: Manifest::read(&manifest_path)? };
+            let source = Self {
+                folder: path.to_path_buf(),
+                manifest: Manifest::read(&manifest_path)?,
+            };
             source.verify()?;
             return Ok(source);
         }
         if path.join("config.json").is_file() {
             return Self::derive_hf(path);
         }
-        Err(not_a_model("expected keel.toml, a Hugging Face folder (config.json) or a .gguf file"))
+        Err(not_a_model(
+            "expected keel.toml, a Hugging Face folder (config.json) or a .gguf file",
+        ))
     }
 
     fn derive_hf(folder: &Path) -> Result<Self> {
@@ -163,14 +184,21 @@ impl ModelSource {
             path: folder.to_path_buf(),
             reason: format!("a Hugging Face folder needs {what}"),
         };
-        let config_text = std::fs::read_to_string(folder.join("config.json"))
-            .map_err(|source| keel_models::Error::Io { path: folder.join("config.json"), source })?;
-        let config: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| keel_models::Error::Format {
-            path: folder.join("config.json"),
-            format: "config.json",
-            reason: e.to_string(),
-        })?;
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
+        let config_text =
+            std::fs::read_to_string(folder.join("config.json")).map_err(|source| keel_models::Error::Io {
+                path: folder.join("config.json"),
+                source,
+            })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&config_text).map_err(|e| keel_models::Error::Format {
+                path: folder.join("config.json"),
+                format: "config.json",
+                reason: e.to_string(),
+            })?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("(none)");
         if model_type != "bert" {
             return Err(keel_models::Error::UnknownArchitecture(model_type.to_string()).into());
         }
@@ -194,7 +222,12 @@ impl ModelSource {
             .unwrap_or_else(|| "bert".into());
         let files = ["model.safetensors", "config.json", "tokenizer.json"]
             .iter()
-            .map(|f| Ok(FileEntry { path: f.to_string(), sha256: sha256_file(&folder.join(f))? }))
+            .map(|f| {
+                Ok(FileEntry {
+                    path: f.to_string(),
+                    sha256: sha256_file(&folder.join(f))?,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         let manifest = Manifest {
             name,
@@ -205,7 +238,10 @@ impl ModelSource {
             max_tokens,
             files,
         };
-        Ok(Self { folder: folder.to_path_buf(), manifest })
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            manifest,
+        })
     }
 
     /// Checks every file's sha256 against the manifest.
@@ -214,7 +250,11 @@ impl ModelSource {
             let path = self.folder.join(&entry.path);
             let actual = sha256_file(&path)?;
             if !actual.eq_ignore_ascii_case(&entry.sha256) {
-                return Err(Error::ChecksumMismatch { path, expected: entry.sha256.clone(), actual });
+                return Err(Error::ChecksumMismatch {
+                    path,
+                    expected: entry.sha256.clone(),
+                    actual,
+                });
             }
         }
         Ok(())
@@ -236,20 +276,37 @@ impl Manifest {
     /// Reads and checks a `keel.toml`: every file it names must be listed with a sha256, and no
     /// path may leave the model folder.
     pub fn read(path: &Path) -> Result<Self> {
-        let bad = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| keel_models::Error::Io { path: path.to_path_buf(), source })?;
+        let bad = |reason: String| Error::Manifest {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| keel_models::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let named = [Some(&manifest.weights), manifest.config.as_ref(), manifest.tokenizer.as_ref()];
+        let named = [
+            Some(&manifest.weights),
+            manifest.config.as_ref(),
+            manifest.tokenizer.as_ref(),
+        ];
         for file in named.into_iter().flatten() {
             if !manifest.files.iter().any(|f| &f.path == file) {
-                return Err(bad(format!("'{file}' is used but has no entry (with its sha256) in [[files]]")));
+                return Err(bad(format!(
+                    "'{file}' is used but has no entry (with its sha256) in [[files]]"
+                )));
             }
         }
         for f in &manifest.files {
             let p = Path::new(&f.path);
-            if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(bad(format!("'{}' must be a path inside the model folder", f.path)));
+            if p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(bad(format!(
+                    "'{}' must be a path inside the model folder",
+                    f.path
+                )));
             }
             if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(bad(format!("sha256 of '{}' is not 64 hex digits", f.path)));

@@ -16,7 +16,7 @@ pub(crate) struct Decoder {
 }
 
 pub(crate) enum Model {
-    Encoder(SentenceEncoder),
+    Encoder(Arc<SentenceEncoder>),
     Decoder(Arc<Decoder>),
 }
 
@@ -48,7 +48,7 @@ impl LoadedModel {
                     tokenizer: &tokenizer,
                     max_tokens: m.max_tokens,
                 };
-                Model::Encoder(SentenceEncoder::load(&files, device)?)
+                Model::Encoder(Arc::new(SentenceEncoder::load(&files, device)?))
             }
             Architecture::Llama => {
                 let gguf = GgufFile::open(&source.file(&m.weights))?;
@@ -57,6 +57,11 @@ impl LoadedModel {
                 Model::Decoder(Arc::new(Decoder { llama, tokenizer }))
             }
         };
-        Ok(Self { id: source.version_id(), manifest: m.clone(), weights, model })
+        Ok(Self {
+            id: source.version_id(),
+            manifest: m.clone(),
+            weights,
+            model,
+        })
     }
 }

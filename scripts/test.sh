@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command (README): installs what the tests need, then runs every check CI runs.
+# Model numerics run in release mode: debug-mode candle is far too slow.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-models.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+cargo test --workspace --release --locked
