@@ -1,1 +1,1 @@
-//! Benches live in `benches/`.
+//! Keel's criterion benches live in `benches/` (`cargo bench -p keel-benches`).
