@@ -18,11 +18,12 @@ const NEAR_TIE: f32 = 0.01;
 /// First-step logits of Keel's f32 path vs PyTorch's, on the 50 largest (values around 25).
 const F32_LOGIT_TOLERANCE: f32 = 2e-3;
 /// Quantized path vs f32 path, first step, over the whole vocabulary (logits span about -10..25).
-/// The quantized path also quantizes activations to 8 bits per block (as llama.cpp does), which
-/// moves each logit by up to about 1.4 (measured: 1.35 max, see the test's output).
-const QUANTIZED_LOGIT_TOLERANCE: f32 = 2.0;
-/// ...while the logit vector as a whole keeps its direction.
-const QUANTIZED_MIN_COSINE: f32 = 0.999;
+/// The quantized path also quantizes every activation row to 8 bits per block of 32 before each
+/// matrix product, prompt included, as llama.cpp does on the CPU; over 30 layers that moves
+/// logits by up to about 2 (measured: 2.10 and 1.35 on the two prompts).
+const QUANTIZED_LOGIT_TOLERANCE: f32 = 3.0;
+/// ...while the logit vector as a whole keeps its direction (measured: 0.9960 and 0.9979).
+const QUANTIZED_MIN_COSINE: f32 = 0.99;
 
 fn load(path: WeightPath) -> Llama {
     let gguf = GgufFile::open(&smollm2_gguf()).unwrap();

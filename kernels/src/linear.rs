@@ -1,4 +1,5 @@
-use candle_core::quantized::{QMatMul, QTensor};
+use crate::cpu::quant::{QuantKind, QuantMatrix};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -7,33 +8,59 @@ use std::sync::Arc;
 pub enum Weight {
     /// A plain (f32) matrix.
     Dense(Tensor),
-    /// A block-quantized matrix (Q4_1, Q8_0, ...), multiplied without dequantizing it first.
-    Quantized(Arc<QTensor>),
+    /// A block-quantized matrix with Keel's own kernels (Q4_1, Q8_0), multiplied without
+    /// dequantizing it.
+    Quantized(Arc<QuantMatrix>),
+    /// Another GGML block format (K-quants, ...), multiplied by candle's kernels.
+    Ggml(Arc<QTensor>),
 }
 
 impl Weight {
+    /// The weight for a GGUF tensor: Keel's kernels for Q4_1 and Q8_0, f32 for float formats,
+    /// candle's kernels for the other block formats.
+    pub fn from_qtensor(q: QTensor) -> crate::Result<Weight> {
+        let dims = q.shape().dims().to_vec();
+        let [rows, cols] = dims[..] else {
+            return Err(crate::Error::BadOperands { op: "linear", reason: format!("weight of shape {dims:?}") });
+        };
+        let kind = match q.dtype() {
+            GgmlDType::Q4_1 => QuantKind::Q4_1,
+            GgmlDType::Q8_0 => QuantKind::Q8_0,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                return Ok(Weight::Dense(q.dequantize(&q.device())?))
+            }
+            _ => return Ok(Weight::Ggml(Arc::new(q))),
+        };
+        let packed = QuantMatrix::from_ggml(kind, rows, cols, &q.data()?).ok_or_else(|| {
+            crate::Error::BadOperands { op: "linear", reason: format!("{kind:?} data does not fit {rows}x{cols}") }
+        })?;
+        Ok(Weight::Quantized(Arc::new(packed)))
+    }
+
     /// `[out_features, in_features]`.
     pub fn dims(&self) -> (usize, usize) {
-        let dims = match self {
-            Weight::Dense(t) => t.dims(),
-            Weight::Quantized(q) => q.shape().dims(),
-        };
-        (dims[0], dims[dims.len() - 1])
+        match self {
+            Weight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[d.len() - 1])
+            }
+            Weight::Quantized(q) => q.dims(),
+            Weight::Ggml(q) => {
+                let d = q.shape().dims();
+                (d[0], d[d.len() - 1])
+            }
+        }
     }
 
     /// The same weight as a plain f32 matrix (the reference path for quantized models).
     pub fn dequantized(&self) -> crate::Result<Weight> {
         Ok(match self {
             Weight::Dense(t) => Weight::Dense(t.clone()),
-            Weight::Quantized(q) => Weight::Dense(q.dequantize(&q.device())?),
+            Weight::Quantized(q) => {
+                Weight::Dense(Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu)?)
+            }
+            Weight::Ggml(q) => Weight::Dense(q.dequantize(&q.device())?),
         })
-    }
-
-    pub(crate) fn matmul(&self) -> QMatMul {
-        match self {
-            Weight::Dense(t) => QMatMul::Tensor(t.clone()),
-            Weight::Quantized(q) => QMatMul::QTensor(q.clone()),
-        }
     }
 }
 
@@ -63,11 +90,7 @@ pub struct Linear {
 impl Linear {
     /// A linear layer with no bias and no activation.
     pub fn new(weight: Weight) -> Self {
-        Self {
-            weight,
-            bias: None,
-            activation: Activation::None,
-        }
+        Self { weight, bias: None, activation: Activation::None }
     }
 
     /// The same layer with a bias.

@@ -223,7 +223,7 @@ impl Bert {
 fn stack(layers: &[Linear]) -> Result<Linear> {
     let dense = |l: &Linear| match &l.weight {
         Weight::Dense(t) => Ok(t.clone()),
-        Weight::Quantized(_) => Err(Error::Weights("cannot stack quantized weights".into())),
+        Weight::Quantized(_) | Weight::Ggml(_) => Err(Error::Weights("cannot stack quantized weights".into())),
     };
     let weights = layers.iter().map(dense).collect::<Result<Vec<_>>>()?;
     let biases = layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>();

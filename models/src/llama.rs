@@ -155,7 +155,7 @@ impl Llama {
                     q.shape().dims()
                 )));
             }
-            let w = Weight::Quantized(q);
+            let w = Weight::from_qtensor(q)?;
             match path {
                 WeightPath::Quantized => Ok(w),
                 WeightPath::F32 => w.dequantized().map_err(Error::from),

@@ -8,7 +8,6 @@ use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 fn map(path: &Path) -> Result<Mmap> {
     let io = |source| Error::Io {
@@ -129,7 +128,7 @@ impl GgufFile {
     }
 
     /// A block-quantized (or plain) tensor by name, checked against the file's length.
-    pub fn qtensor(&self, name: &str, device: &Device) -> Result<Arc<QTensor>> {
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
             return Err(Error::Weights(format!(
                 "{} has no tensor '{name}'",
@@ -144,7 +143,7 @@ impl GgufFile {
                 format: "GGUF",
                 reason: e.to_string(),
             })?;
-        Ok(Arc::new(tensor))
+        Ok(tensor)
     }
 
     /// A tensor by name, dequantized to f32.

@@ -1,7 +1,10 @@
 //! The CPU backend, on candle-core tensors. The fused kernels of the CPU kernels issue replace
 //! these bodies one by one; each keeps its plain version as the reference for tests.
 
-use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Tensor};
+pub(crate) mod quant;
+
+use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Tensor, Weight};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, D};
 
 #[derive(Debug, Clone)]
@@ -40,7 +43,19 @@ impl Cpu {
                 reason: format!("input {:?} does not end in {in_features}", x.dims()),
             });
         }
-        let mut y = layer.weight.matmul().forward(x)?;
+        let mut y = match &layer.weight {
+            Weight::Quantized(q) => {
+                let (rows, _) = q.dims();
+                let mut dims = x.dims().to_vec();
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut output = vec![0f32; input.len() / in_features * rows];
+                q.matmul(&input, &mut output);
+                *dims.last_mut().unwrap() = rows;
+                Tensor::from_vec(output, dims, x.device())?
+            }
+            Weight::Dense(w) => QMatMul::Tensor(w.clone()).forward(x)?,
+            Weight::Ggml(w) => QMatMul::QTensor(w.clone()).forward(x)?,
+        };
         if let Some(bias) = &layer.bias {
             y = y.broadcast_add(bias)?;
         }

@@ -1,0 +1,419 @@
+//! Block-quantized weights (GGML's Q4_1 and Q8_0) times f32 activations.
+//!
+//! Activations are quantized once per row to 8 bits per value (blocks of 32 with an f32 scale,
+//! as llama.cpp's Q8_1 but with f32 scales), then every weight row is a chain of integer dot
+//! products: AVX2 `maddubs` where the CPU has it (detected at run time), plain Rust elsewhere.
+//! Weight rows are split across the shared thread pool in chunks, and each chunk is reused for
+//! every token of a prompt (the multi-token path of prefill) while it is in L1.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantization block.
+pub const BLOCK: usize = 32;
+
+/// The block formats with a fast kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    /// 4-bit values with a scale and a minimum per block: `w = d * q + m`.
+    Q4_1,
+    /// 8-bit values with a scale per block: `w = d * q`.
+    Q8_0,
+}
+
+/// A Q4_1 block repacked at load with f32 scales (no f16 conversion in the inner loop).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ4_1 {
+    d: f32,
+    m: f32,
+    /// Values 0..16 in the low nibbles, 16..32 in the high nibbles (GGML's layout).
+    qs: [u8; 16],
+}
+
+/// A Q8_0 block with an f32 scale.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ8_0 {
+    d: f32,
+    qs: [i8; 32],
+}
+
+/// A block of quantized activations: `x ≈ d * q`, and `s = d * sum(q)` for Q4_1's offsets.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ8 {
+    d: f32,
+    s: f32,
+    qs: [i8; 32],
+}
+
+const ZERO_Q8: BlockQ8 = BlockQ8 { d: 0.0, s: 0.0, qs: [0; 32] };
+
+#[derive(Debug, Clone)]
+enum Blocks {
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// A `[rows, cols]` weight matrix in a block-quantized format, packed once at load.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Blocks,
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+impl QuantMatrix {
+    /// Packs GGML-format bytes (`rows * cols / 32` blocks, row-major) of the given kind.
+    /// Returns `None` if the byte count or the width does not fit the format.
+    pub fn from_ggml(kind: QuantKind, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        if cols % BLOCK != 0 {
+            return None;
+        }
+        let n = rows * cols / BLOCK;
+        let blocks = match kind {
+            QuantKind::Q4_1 => {
+                if bytes.len() != n * 20 {
+                    return None;
+                }
+                Blocks::Q4_1(
+                    bytes
+                        .chunks_exact(20)
+                        .map(|b| BlockQ4_1 {
+                            d: f16_at(b, 0),
+                            m: f16_at(b, 2),
+                            qs: b[4..20].try_into().unwrap(),
+                        })
+                        .collect(),
+                )
+            }
+            QuantKind::Q8_0 => {
+                if bytes.len() != n * 34 {
+                    return None;
+                }
+                Blocks::Q8_0(
+                    bytes
+                        .chunks_exact(34)
+                        .map(|b| {
+                            let mut qs = [0i8; 32];
+                            for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
+                                *q = byte as i8;
+                            }
+                            BlockQ8_0 { d: f16_at(b, 0), qs }
+                        })
+                        .collect(),
+                )
+            }
+        };
+        Some(Self { rows, cols, blocks })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The block format.
+    pub fn kind(&self) -> QuantKind {
+        match self.blocks {
+            Blocks::Q4_1(_) => QuantKind::Q4_1,
+            Blocks::Q8_0(_) => QuantKind::Q8_0,
+        }
+    }
+
+    /// Every weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        match &self.blocks {
+            Blocks::Q4_1(blocks) => {
+                for b in blocks {
+                    out.extend(b.qs.iter().map(|q| b.d * (q & 0xF) as f32 + b.m));
+                    out.extend(b.qs.iter().map(|q| b.d * (q >> 4) as f32 + b.m));
+                }
+            }
+            Blocks::Q8_0(blocks) => {
+                for b in blocks {
+                    out.extend(b.qs.iter().map(|&q| b.d * q as f32));
+                }
+            }
+        }
+        out
+    }
+
+    /// `y[t, rows] = x[t, cols] · Wᵀ`: `x` holds `t` rows of `cols` values.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let t = x.len() / self.cols;
+        assert_eq!(x.len(), t * self.cols, "x is not whole rows");
+        assert_eq!(y.len(), t * self.rows, "y does not fit the output");
+        let nb = self.cols / BLOCK;
+        let mut activations = vec![ZERO_Q8; t * nb];
+        for (row, blocks) in x.chunks_exact(self.cols).zip(activations.chunks_exact_mut(nb)) {
+            quantize_row(row, blocks);
+        }
+        let dot = kernel_for(self.kind());
+        // Chunks of rows small enough to stay in L1 while every token passes over them, and
+        // enough of them to keep every thread busy.
+        let chunk = (16usize).max(self.rows / (rayon::current_num_threads() * 8)).min(self.rows);
+        let out = SharedOut(y.as_mut_ptr());
+        let work = |c: usize| {
+            let rows = c * chunk..((c + 1) * chunk).min(self.rows);
+            for (ti, act) in activations.chunks_exact(nb).enumerate() {
+                for r in rows.clone() {
+                    let value = dot(&self.blocks, r * nb, act);
+                    // SAFETY: each (token, row) cell is written by exactly one chunk, and `y`
+                    // outlives the parallel loop.
+                    unsafe { out.write(ti * self.rows + r, value) };
+                }
+            }
+        };
+        let chunks = self.rows.div_ceil(chunk);
+        // Small products are not worth waking the pool for.
+        if t * self.rows * self.cols < 1 << 16 {
+            (0..chunks).for_each(work);
+        } else {
+            (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+}
+
+struct SharedOut(*mut f32);
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    unsafe fn write(&self, at: usize, value: f32) {
+        *self.0.add(at) = value;
+    }
+}
+
+/// Quantizes one row of activations to 8-bit blocks. A NaN or infinite value makes its block's
+/// scale NaN, so that it reaches the output instead of vanishing in the rounding.
+pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+    for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = if values.iter().all(|v| v.is_finite()) { amax / 127.0 } else { f32::NAN };
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in block.qs.iter_mut().zip(values) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        block.d = d;
+        block.s = d * sum as f32;
+    }
+}
+
+type DotFn = fn(&Blocks, usize, &[BlockQ8]) -> f32;
+
+fn kernel_for(kind: QuantKind) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return match kind {
+            QuantKind::Q4_1 => |b, at, a| match b {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                Blocks::Q4_1(w) => unsafe { avx2::dot_q4_1(&w[at..at + a.len()], a) },
+                Blocks::Q8_0(_) => unreachable!(),
+            },
+            QuantKind::Q8_0 => |b, at, a| match b {
+                Blocks::Q8_0(w) => unsafe { avx2::dot_q8_0(&w[at..at + a.len()], a) },
+                Blocks::Q4_1(_) => unreachable!(),
+            },
+        };
+    }
+    let _ = kind;
+    |b, at, a| match b {
+        Blocks::Q4_1(w) => reference::dot_q4_1(&w[at..at + a.len()], a),
+        Blocks::Q8_0(w) => reference::dot_q8_0(&w[at..at + a.len()], a),
+    }
+}
+
+/// Plain Rust: the portable fallback, and the reference the SIMD kernels are tested against.
+pub(crate) mod reference {
+    use super::*;
+
+    pub(crate) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
+        w.iter()
+            .zip(a)
+            .map(|(w, a)| {
+                let mut sum = 0i32;
+                for j in 0..16 {
+                    sum += (w.qs[j] & 0xF) as i32 * a.qs[j] as i32;
+                    sum += (w.qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
+                }
+                w.d * a.d * sum as f32 + w.m * a.s
+            })
+            .sum()
+    }
+
+    pub(crate) fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
+        w.iter()
+            .zip(a)
+            .map(|(w, a)| {
+                let sum: i32 = w.qs.iter().zip(&a.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
+                w.d * a.d * sum as f32
+            })
+            .sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0.0f32;
+        for (w, a) in w.iter().zip(a) {
+            let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+            // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
+            let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(w.d * a.d), acc);
+            offsets += w.m * a.s;
+        }
+        hsum(acc) + offsets
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for (w, a) in w.iter().zip(a) {
+            let q = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            // maddubs multiplies unsigned by signed: move q's sign onto x.
+            let products =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(w.d * a.d), acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1) (no RNG dependency in the kernels crate).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn ggml_q4_1(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let v = values(rows * cols, seed);
+        let mut bytes = Vec::new();
+        for block in v.chunks_exact(BLOCK) {
+            let (lo, hi) = block.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            let d = (hi - lo) / 15.0;
+            bytes.extend(f16::from_f32(d).to_le_bytes());
+            bytes.extend(f16::from_f32(lo).to_le_bytes());
+            for j in 0..16 {
+                let q = |x: f32| (((x - lo) / d).round() as u8).min(15);
+                bytes.push(q(block[j]) | (q(block[j + 16]) << 4));
+            }
+        }
+        bytes
+    }
+
+    fn ggml_q8_0(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let v = values(rows * cols, seed);
+        let mut bytes = Vec::new();
+        for block in v.chunks_exact(BLOCK) {
+            let d = block.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
+            bytes.extend(f16::from_f32(d).to_le_bytes());
+            bytes.extend(block.iter().map(|x| (x / d).round() as i8 as u8));
+        }
+        bytes
+    }
+
+    /// The product computed in f64 from the dequantized weights and the unquantized activations.
+    fn exact(m: &QuantMatrix, x: &[f32]) -> Vec<f32> {
+        let w = m.dequantize();
+        let (rows, cols) = m.dims();
+        x.chunks_exact(cols)
+            .flat_map(|xr| {
+                (0..rows)
+                    .map(|r| w[r * cols..(r + 1) * cols].iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_kernels_equal_the_reference_and_the_exact_product() {
+        for (kind, bytes) in [(QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>), (QuantKind::Q8_0, ggml_q8_0)] {
+            for (rows, cols, t) in [(1, 32, 1), (7, 64, 3), (33, 96, 1), (130, 576, 5), (300, 1536, 2)] {
+                let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes(rows, cols, rows as u64)).unwrap();
+                let x = values(t * cols, 99);
+                let mut y = vec![0.0; t * rows];
+                m.matmul(&x, &mut y);
+                // Against the plain-Rust kernel on the same quantized activations: the same
+                // integer sums, so only the f32 accumulation order differs.
+                let nb = cols / BLOCK;
+                let mut act = vec![ZERO_Q8; t * nb];
+                for (xr, a) in x.chunks_exact(cols).zip(act.chunks_exact_mut(nb)) {
+                    quantize_row(xr, a);
+                }
+                let reference: Vec<f32> = act
+                    .chunks_exact(nb)
+                    .flat_map(|a| (0..rows).map(move |r| (r, a)))
+                    .map(|(r, a)| match &m.blocks {
+                        Blocks::Q4_1(w) => reference::dot_q4_1(&w[r * nb..(r + 1) * nb], a),
+                        Blocks::Q8_0(w) => reference::dot_q8_0(&w[r * nb..(r + 1) * nb], a),
+                    })
+                    .collect();
+                for (a, b) in y.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{kind:?} {rows}x{cols}: {a} vs {b}");
+                }
+                // Against the exact product: 8-bit activations cost at most ~1% of the row's scale.
+                let exact = exact(&m, &x);
+                let scale = (cols as f32).sqrt() * 0.6;
+                for (a, b) in y.iter().zip(&exact) {
+                    assert!((a - b).abs() <= 0.01 * scale, "{kind:?} {rows}x{cols}: {a} vs exact {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        assert!(QuantMatrix::from_ggml(QuantKind::Q4_1, 2, 33, &[0; 40]).is_none());
+        assert!(QuantMatrix::from_ggml(QuantKind::Q8_0, 2, 32, &[0; 67]).is_none());
+    }
+
+    #[test]
+    fn zeros_give_zeros_and_non_finite_activations_give_nan() {
+        let m = QuantMatrix::from_ggml(QuantKind::Q8_0, 4, 64, &ggml_q8_0(4, 64, 1)).unwrap();
+        let mut y = vec![1.0; 4];
+        m.matmul(&[0.0; 64], &mut y);
+        assert!(y.iter().all(|v| *v == 0.0));
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![0.5; 64];
+            x[40] = bad;
+            m.matmul(&x, &mut y);
+            assert!(y.iter().all(|v| v.is_nan()), "{bad} must not vanish: {y:?}");
+        }
+    }
+}
