@@ -1,3 +1,4 @@
+use crate::decoder::{KvCache, Rope};
 use crate::{cpu::Cpu, Error, Linear, Result, Tensor};
 use std::fmt;
 use std::str::FromStr;
@@ -44,24 +45,22 @@ pub enum Op {
     QuantizedLinear,
     /// [`Device::add_layer_norm`].
     AddLayerNorm,
-    /// [`Device::rms_norm`].
-    RmsNorm,
-    /// [`Device::attention`].
-    Attention,
-    /// [`Device::rope_interleaved`].
-    Rope,
+    /// [`Device::add_rms_norm`].
+    AddRmsNorm,
+    /// [`Device::encoder_attention`].
+    EncoderAttention,
+    /// [`Device::causal_attention`], with rotary embeddings and an in-place KV cache.
+    CausalAttention,
+    /// [`Device::swiglu`].
+    SwiGlu,
     /// [`Device::embedding`].
     Embedding,
     /// [`Device::mean_pool`].
     MeanPool,
     /// [`Device::l2_normalize`].
     L2Normalize,
-    /// [`Device::softmax`].
-    Softmax,
-    /// [`Device::gelu`] and [`Device::silu`].
-    Activation,
-    /// [`Device::add`] and [`Device::mul`].
-    Elementwise,
+    /// [`Device::add`].
+    Add,
 }
 
 /// What a device is and can do.
@@ -163,38 +162,57 @@ impl Device {
         }
     }
 
-    /// `x / rms(x) * gamma` over the last dimension.
-    pub fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+    /// `sum = x + residual` (or `x`), then `(sum, sum / rms(sum) * gamma)` over the last
+    /// dimension: the residual add and the next block's norm in one pass.
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.rms_norm(x, gamma, eps),
+            Backend::Cpu(cpu) => cpu.add_rms_norm(x, residual, gamma, eps),
         }
     }
 
-    /// Scaled dot-product attention: `softmax(q k^T * scale + mask) v`.
+    /// Bidirectional multi-head attention of an encoder, scaled by `1/sqrt(head_dim)`.
     ///
-    /// `q` is `[batch, heads, q_len, head_dim]`; `k` and `v` are `[batch, kv_heads, kv_len,
-    /// head_dim]` where `heads` is a multiple of `kv_heads` (grouped-query attention). `mask`, if
-    /// given, is added to the scores and must broadcast to `[batch, heads, q_len, kv_len]`
-    /// (use a large negative value, not `-inf`, for masked positions so that a fully masked row
-    /// stays finite).
-    pub fn attention(
+    /// `qkv` is `[batch, len, 3 * heads * head_dim]`, the output of a stacked Q/K/V projection;
+    /// sequence `b` holds `lengths[b]` real tokens followed by padding that no query attends to
+    /// (so a sequence's result does not depend on its batch-mates). Returns
+    /// `[batch, len, heads * head_dim]`, zero on padding rows.
+    pub fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.encoder_attention(qkv, lengths, heads),
+        }
+    }
+
+    /// Causal grouped-query self-attention of a decoder layer for `t` new tokens of one sequence.
+    ///
+    /// `qkv` is `[t, (heads + 2 * kv_heads) * head_dim]` (a fused Q/K/V projection). Q and K are
+    /// rotated by `rope` at positions `cache.len()..`, K and V are appended to layer `layer` of
+    /// the cache in place; call [`KvCache::commit`] once every layer has run. Returns
+    /// `[t, heads * head_dim]`.
+    pub fn causal_attention(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        scale: f32,
+        qkv: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
     ) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.attention(q, k, v, mask, scale),
+            Backend::Cpu(cpu) => cpu.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
         }
     }
 
-    /// Rotary position embedding with interleaved pairs (GGML's "normal" mode): `x` is
-    /// `[batch, heads, len, head_dim]`, `cos` and `sin` are `[len, head_dim / 2]`.
-    pub fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// `silu(gate) * up` where the last dimension of `x` is `[gate | up]` (a fused gate/up
+    /// projection); the result is half as wide.
+    pub fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.rope_interleaved(x, cos, sin),
+            Backend::Cpu(cpu) => cpu.swiglu(x),
         }
     }
 
@@ -221,38 +239,10 @@ impl Device {
         }
     }
 
-    /// Softmax over the last dimension.
-    pub fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(cpu) => cpu.softmax(x),
-        }
-    }
-
-    /// GELU with the exact erf.
-    pub fn gelu(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(cpu) => cpu.gelu(x),
-        }
-    }
-
-    /// SiLU, `x * sigmoid(x)`.
-    pub fn silu(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(cpu) => cpu.silu(x),
-        }
-    }
-
     /// `a + b` with broadcasting.
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         match &self.backend {
             Backend::Cpu(cpu) => cpu.add(a, b),
-        }
-    }
-
-    /// `a * b` with broadcasting.
-    pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(cpu) => cpu.mul(a, b),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! Models are written once against the methods of [`Device`]; each backend implements them its own
 //! way (the CPU on candle-core tensors today, wgpu and CUDA in their own issues). The op set is
 //! chosen at a granularity that lets a backend fuse: [`Linear`] carries its bias and activation,
-//! [`Device::add_layer_norm`] adds the residual and normalizes in one call, and attention is one op.
+//! [`Device::add_layer_norm`] adds the residual and normalizes in one call, and attention
+//! (with rotary embeddings and the KV cache, for decoders) is one op.
 //!
 //! ```
 //! use keel_kernels::{Device, DeviceKind};
@@ -15,11 +16,13 @@
 #![warn(missing_docs)]
 
 mod cpu;
+mod decoder;
 mod device;
 mod error;
 mod linear;
 
 pub use candle_core::{DType, Tensor};
+pub use decoder::{KvCache, Rope};
 pub use device::{Caps, Device, DeviceKind, Op};
 pub use error::{Error, Result};
 pub use cpu::quant::{QuantKind, QuantMatrix};

@@ -99,6 +99,45 @@ impl Linear {
         self
     }
 
+    /// One layer whose output is the concatenation of `layers`' outputs (all of the same input
+    /// width, weight format and activation): several projections of one input in one product.
+    pub fn stack(layers: &[Linear]) -> crate::Result<Linear> {
+        let bad = |reason: &str| crate::Error::BadOperands { op: "linear", reason: reason.into() };
+        let first = layers.first().ok_or_else(|| bad("nothing to stack"))?;
+        if layers.iter().any(|l| l.activation != first.activation || l.bias.is_some() != first.bias.is_some()) {
+            return Err(bad("stacked layers differ in activation or bias"));
+        }
+        let weight = match &first.weight {
+            Weight::Dense(_) => {
+                let parts = layers
+                    .iter()
+                    .map(|l| match &l.weight {
+                        Weight::Dense(t) => Ok(t.clone()),
+                        _ => Err(bad("cannot stack dense with quantized weights")),
+                    })
+                    .collect::<crate::Result<Vec<_>>>()?;
+                Weight::Dense(Tensor::cat(&parts, 0)?)
+            }
+            Weight::Quantized(_) => {
+                let parts = layers
+                    .iter()
+                    .map(|l| match &l.weight {
+                        Weight::Quantized(q) => Ok(q.as_ref()),
+                        _ => Err(bad("cannot stack weights of different formats")),
+                    })
+                    .collect::<crate::Result<Vec<_>>>()?;
+                let stacked = QuantMatrix::stack(&parts).ok_or_else(|| bad("quantized weights differ in format or width"))?;
+                Weight::Quantized(Arc::new(stacked))
+            }
+            Weight::Ggml(_) => return Err(bad("cannot stack GGML-format weights")),
+        };
+        let bias = match first.bias {
+            Some(_) => Some(Tensor::cat(&layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(), 0)?),
+            None => None,
+        };
+        Ok(Linear { weight, bias, activation: first.activation })
+    }
+
     /// The same layer with an activation.
     pub fn with_activation(mut self, activation: Activation) -> Self {
         self.activation = activation;

@@ -3,7 +3,7 @@
 
 use crate::weights::SafetensorsFile;
 use crate::{Error, Result};
-use keel_kernels::{Activation, DType, Device, Linear, Tensor, Weight};
+use keel_kernels::{Activation, Device, Linear, Tensor, Weight};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -150,7 +150,7 @@ impl Bert {
                 let k = l.linear(&format!("{p}.attention.self.key"), h, h)?;
                 let v = l.linear(&format!("{p}.attention.self.value"), h, h)?;
                 Ok(Layer {
-                    qkv: stack(&[q, k, v])?,
+                    qkv: Linear::stack(&[q, k, v])?,
                     attention_output: l.linear(&format!("{p}.attention.output.dense"), h, h)?,
                     attention_norm: l.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
                     intermediate: l
@@ -174,16 +174,14 @@ impl Bert {
         &self.cfg
     }
 
-    /// Hidden states `[batch, len, hidden]` for token ids `[batch, len]` (u32) and an attention
-    /// mask `[batch, len]` (f32, 1.0 for real tokens, 0.0 for padding).
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Hidden states `[batch, len, hidden]` for token ids `[batch, len]` (u32) where sequence `b`
+    /// holds `lengths[b]` real tokens followed by padding (whose rows come out as garbage that
+    /// the caller masks).
+    pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let d = &self.device;
-        let (batch, len) = ids.dims2()?;
+        let (_, len) = ids.dims2()?;
         if len > self.cfg.max_position_embeddings {
-            return Err(Error::ContextOverflow {
-                tokens: len,
-                context: self.cfg.max_position_embeddings,
-            });
+            return Err(Error::ContextOverflow { tokens: len, context: self.cfg.max_position_embeddings });
         }
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;
@@ -192,22 +190,9 @@ impl Bert {
         let x = d.add(&d.embedding(&e.word, ids)?, &positions)?;
         let x = d.add(&x, &e.token_type.narrow(0, 0, 1)?)?;
         let mut x = d.add_layer_norm(&x, None, &e.norm.gamma, &e.norm.beta, eps)?;
-
-        // Padding gets a large negative score, so that softmax gives it exactly zero weight and a
-        // sentence's result cannot depend on what it was batched with.
-        let additive_mask = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e30)?.reshape((batch, 1, 1, len))?;
-        let heads = self.cfg.num_attention_heads;
-        let head_dim = self.cfg.hidden_size / heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
         for layer in &self.layers {
-            let qkv = d
-                .linear(&x, &layer.qkv)?
-                .reshape((batch, len, 3, heads, head_dim))?;
-            let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-            let context = d.attention(&split(0)?, &split(1)?, &split(2)?, Some(&additive_mask), scale)?;
-            let context = context
-                .transpose(1, 2)?
-                .reshape((batch, len, self.cfg.hidden_size))?;
+            let qkv = d.linear(&x, &layer.qkv)?;
+            let context = d.encoder_attention(&qkv, lengths, self.cfg.num_attention_heads)?;
             let attended = d.linear(&context, &layer.attention_output)?;
             let n = &layer.attention_norm;
             let h = d.add_layer_norm(&attended, Some(&x), &n.gamma, &n.beta, eps)?;
@@ -217,21 +202,6 @@ impl Bert {
         }
         Ok(x)
     }
-}
-
-/// Stacks linear layers of the same input width into one whose output is their concatenation.
-fn stack(layers: &[Linear]) -> Result<Linear> {
-    let dense = |l: &Linear| match &l.weight {
-        Weight::Dense(t) => Ok(t.clone()),
-        Weight::Quantized(_) | Weight::Ggml(_) => Err(Error::Weights("cannot stack quantized weights".into())),
-    };
-    let weights = layers.iter().map(dense).collect::<Result<Vec<_>>>()?;
-    let biases = layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>();
-    let mut stacked = Linear::new(Weight::Dense(Tensor::cat(&weights, 0)?));
-    if biases.len() == layers.len() {
-        stacked = stacked.with_bias(Tensor::cat(&biases, 0)?);
-    }
-    Ok(stacked)
 }
 
 /// A sentence encoder: tokenizer + BERT + mean pooling + L2 normalization, as
@@ -336,7 +306,8 @@ impl SentenceEncoder {
         let d = &self.bert.device;
         let ids = Tensor::from_vec(ids, (batch.len(), len), d.candle())?;
         let mask = Tensor::from_vec(mask, (batch.len(), len), d.candle())?;
-        let hidden = self.bert.forward(&ids, &mask)?;
+        let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let hidden = self.bert.forward(&ids, &lengths)?;
         let pooled = d.l2_normalize(&d.mean_pool(&hidden, &mask)?)?;
         Ok(pooled.to_vec2::<f32>()?)
     }

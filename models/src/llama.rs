@@ -2,13 +2,14 @@
 //! `modeling_llama.py`: RMSNorm, grouped-query attention with rotary embeddings, SiLU-gated FFN.
 //!
 //! GGUF files written by llama.cpp's converter store the query and key projections permuted for
-//! rotary embeddings on interleaved pairs, so this file rotates interleaved pairs
-//! ([`Device::rope_interleaved`]); transformers undoes the permutation and rotates halves. Both
-//! compute the same function of the same weights.
+//! rotary embeddings on interleaved pairs, so Keel rotates interleaved pairs ([`Rope`]);
+//! transformers undoes the permutation and rotates halves. Both compute the same function of the
+//! same weights.
 
 use crate::weights::GgufFile;
 use crate::{Error, Result};
-use keel_kernels::{Activation, Device, Linear, Tensor, Weight};
+use keel_kernels::{Device, Linear, Rope, Tensor, Weight};
+pub use keel_kernels::KvCache;
 
 /// The hyper-parameters of a llama decoder, read from `llama.*` GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,13 +103,12 @@ pub enum WeightPath {
 
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value projections stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`.
+    qkv: Linear,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections stacked: `[2 * ffn, hidden]`.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -120,55 +120,28 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-/// The keys and values a sequence has seen so far, one pair per block. Each sequence owns one;
-/// dropping it frees its memory.
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Tokens held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no token is held yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    rope: Rope,
 }
 
 impl Llama {
     /// Loads a llama decoder from a GGUF file, keeping its quantized weights or dequantizing them.
     pub fn load(gguf: &GgufFile, path: WeightPath, device: &Device) -> Result<Self> {
         let cfg = Config::from_gguf(gguf)?;
-        let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
+        let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
             let q = gguf.qtensor(name, device)?;
             if q.shape().dims() != [rows, cols] {
-                return Err(Error::Weights(format!(
-                    "'{name}' has shape {:?}, expected [{rows}, {cols}]",
-                    q.shape().dims()
-                )));
+                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{rows}, {cols}]", q.shape().dims())));
             }
             let w = Weight::from_qtensor(q)?;
-            match path {
-                WeightPath::Quantized => Ok(w),
-                WeightPath::F32 => w.dequantized().map_err(Error::from),
-            }
+            Ok(Linear::new(match path {
+                WeightPath::Quantized => w,
+                WeightPath::F32 => w.dequantized()?,
+            }))
         };
         let vector = |name: &str| -> Result<Tensor> {
             let t = gguf.tensor(name, device)?;
             if t.dims() != [cfg.hidden_size] {
-                return Err(Error::Weights(format!(
-                    "'{name}' has shape {:?}, expected [{}]",
-                    t.dims(),
-                    cfg.hidden_size
-                )));
+                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{}]", t.dims(), cfg.hidden_size)));
             }
             Ok(t)
         };
@@ -176,39 +149,27 @@ impl Llama {
         let blocks = (0..cfg.layers)
             .map(|i| {
                 let p = format!("blk.{i}");
+                let q = linear(&format!("{p}.attn_q.weight"), h, h)?;
+                let k = linear(&format!("{p}.attn_k.weight"), kv, h)?;
+                let v = linear(&format!("{p}.attn_v.weight"), kv, h)?;
+                let gate = linear(&format!("{p}.ffn_gate.weight"), cfg.ffn_size, h)?;
+                let up = linear(&format!("{p}.ffn_up.weight"), cfg.ffn_size, h)?;
                 Ok(Block {
                     attn_norm: vector(&format!("{p}.attn_norm.weight"))?,
-                    q: Linear::new(weight(&format!("{p}.attn_q.weight"), h, h)?),
-                    k: Linear::new(weight(&format!("{p}.attn_k.weight"), kv, h)?),
-                    v: Linear::new(weight(&format!("{p}.attn_v.weight"), kv, h)?),
-                    o: Linear::new(weight(&format!("{p}.attn_output.weight"), h, h)?),
+                    qkv: Linear::stack(&[q, k, v])?,
+                    o: linear(&format!("{p}.attn_output.weight"), h, h)?,
                     ffn_norm: vector(&format!("{p}.ffn_norm.weight"))?,
-                    gate: Linear::new(weight(&format!("{p}.ffn_gate.weight"), cfg.ffn_size, h)?)
-                        .with_activation(Activation::Silu),
-                    up: Linear::new(weight(&format!("{p}.ffn_up.weight"), cfg.ffn_size, h)?),
-                    down: Linear::new(weight(&format!("{p}.ffn_down.weight"), h, cfg.ffn_size)?),
+                    gate_up: Linear::stack(&[gate, up])?,
+                    down: linear(&format!("{p}.ffn_down.weight"), h, cfg.ffn_size)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let embedding = gguf.tensor("token_embd.weight", device)?;
         // Small models tie the output projection to the token embeddings.
-        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") {
-            "output.weight"
-        } else {
-            "token_embd.weight"
-        };
-        let lm_head = Linear::new(weight(head_name, cfg.vocab_size, h)?);
-        let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Self {
-            device: device.clone(),
-            norm: vector("output_norm.weight")?,
-            cfg,
-            embedding,
-            blocks,
-            lm_head,
-            cos,
-            sin,
-        })
+        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let lm_head = linear(head_name, cfg.vocab_size, h)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context_length);
+        Ok(Self { device: device.clone(), norm: vector("output_norm.weight")?, cfg, embedding, blocks, lm_head, rope })
     }
 
     /// The model's hyper-parameters.
@@ -218,88 +179,49 @@ impl Llama {
 
     /// An empty KV cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: (0..self.cfg.layers).map(|_| None).collect(),
-            len: 0,
-        }
+        KvCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)
     }
 
     /// Runs `tokens` after what `cache` holds (a whole prompt, or one token while decoding), adds
     /// them to the cache, and returns the logits for the token that follows the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let d = &self.device;
         let cfg = &self.cfg;
-        let (t, pos) = (tokens.len(), cache.len);
+        let (t, pos) = (tokens.len(), cache.len());
         if t == 0 {
             return Err(Error::EmptyInput("no tokens to run".into()));
         }
         if pos + t > cfg.context_length {
-            return Err(Error::ContextOverflow {
-                tokens: pos + t,
-                context: cfg.context_length,
-            });
+            return Err(Error::ContextOverflow { tokens: pos + t, context: cfg.context_length });
         }
         if let Some(bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(Error::Tokenizer(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                cfg.vocab_size
-            )));
+            return Err(Error::Tokenizer(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
-        let ids = Tensor::from_slice(tokens, (1, t), d.candle())?;
+        let result = self.run(tokens, cache);
+        match result {
+            Ok(_) => cache.commit(t),
+            // A failed step leaves no half-written tokens behind.
+            Err(_) => cache.rollback(),
+        }
+        result
+    }
+
+    fn run(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let (d, cfg, t) = (&self.device, &self.cfg, tokens.len());
+        // Token-major all the way: [t, hidden] rows, heads side by side within a row.
+        let ids = Tensor::from_slice(tokens, t, d.candle())?;
         let mut x = d.embedding(&self.embedding, &ids)?;
-        let (cos, sin) = (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?);
-        let mask = if t > 1 {
-            Some(causal_mask(t, pos, d)?)
-        } else {
-            None
-        };
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = d.rms_norm(&x, &block.attn_norm, cfg.rms_eps)?;
-            let heads = |layer: &Linear, n: usize| -> Result<Tensor> {
-                Ok(d.linear(&h, layer)?
-                    .reshape((1, t, n, cfg.head_dim))?
-                    .transpose(1, 2)?)
-            };
-            let q = d.rope_interleaved(&heads(&block.q, cfg.heads)?, &cos, &sin)?;
-            let k = d.rope_interleaved(&heads(&block.k, cfg.kv_heads)?, &cos, &sin)?;
-            let v = heads(&block.v, cfg.kv_heads)?.contiguous()?;
-            let (k, v) = match layer_cache.take() {
-                Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
-                None => (k, v),
-            };
-            let context = d.attention(&q, &k, &v, mask.as_ref(), scale)?;
-            *layer_cache = Some((k, v));
-            let context = context.transpose(1, 2)?.reshape((1, t, cfg.hidden_size))?;
-            x = d.add(&x, &d.linear(&context, &block.o)?)?;
-            let h = d.rms_norm(&x, &block.ffn_norm, cfg.rms_eps)?;
-            let gated = d.mul(&d.linear(&h, &block.gate)?, &d.linear(&h, &block.up)?)?;
-            x = d.add(&x, &d.linear(&gated, &block.down)?)?;
+        let (_, mut h) = d.add_rms_norm(&x, None, &self.blocks[0].attn_norm, cfg.rms_eps)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let qkv = d.linear(&h, &block.qkv)?;
+            let context = d.causal_attention(&qkv, cfg.heads, cfg.kv_heads, &self.rope, cache, layer)?;
+            let attended = d.linear(&context, &block.o)?;
+            (x, h) = d.add_rms_norm(&attended, Some(&x), &block.ffn_norm, cfg.rms_eps)?;
+            let ff = d.linear(&d.swiglu(&d.linear(&h, &block.gate_up)?)?, &block.down)?;
+            let next_norm = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
+            (x, h) = d.add_rms_norm(&ff, Some(&x), next_norm, cfg.rms_eps)?;
         }
-        cache.len += t;
-        let last = d.rms_norm(&x.narrow(1, t - 1, 1)?, &self.norm, cfg.rms_eps)?;
+        // Only the last token's logits are needed.
+        let last = h.narrow(0, t - 1, 1)?;
         Ok(d.linear(&last, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?)
     }
-}
-
-/// cos and sin of every position's rotation angles, `[context, head_dim / 2]`, computed in f32 as
-/// transformers does so that both round alike.
-fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
-        .collect();
-    let angles: Vec<f32> = (0..cfg.context_length)
-        .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
-        .collect();
-    let angles = Tensor::from_vec(angles, (cfg.context_length, half), device.candle())?;
-    Ok((angles.cos()?, angles.sin()?))
-}
-
-/// `[t, pos + t]`: query i (at position pos + i) may see keys 0..=pos + i.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { -1e30 } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, pos + t), device.candle())?)
 }

@@ -1,22 +1,45 @@
-//! The CPU backend, on candle-core tensors. The fused kernels of the CPU kernels issue replace
-//! these bodies one by one; each keeps its plain version as the reference for tests.
+//! The CPU backend: tensors are candle-core's, and the work is Keel's own kernels (`quant`,
+//! `math`, `attention`) except the f32 GEMM, which is the gemm crate's (candle's own).
 
+mod attention;
+mod math;
 pub(crate) mod quant;
 
+use crate::decoder::{KvCache, Rope};
 use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Tensor, Weight};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, D};
+use candle_core::{DType, Module, Storage, D};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Cpu {
     device: candle_core::Device,
 }
 
+/// Runs `f` on the f32 values of `t`, row-major (copying only if `t` is a strided view).
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? };
+    let t = if t.is_contiguous() { t } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::BadOperands { op: "cpu", reason: "tensor is not in CPU memory".into() });
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| bad("cpu", "tensor is not contiguous".into()))?;
+    Ok(f(&data[start..end]))
+}
+
+fn tensor(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, dims, &candle_core::Device::Cpu)?)
+}
+
+fn bad(op: &'static str, reason: String) -> Error {
+    Error::BadOperands { op, reason }
+}
+
 impl Cpu {
     pub(crate) fn new() -> Self {
-        Self {
-            device: candle_core::Device::Cpu,
-        }
+        Self { device: candle_core::Device::Cpu }
     }
 
     pub(crate) fn candle(&self) -> &candle_core::Device {
@@ -24,11 +47,7 @@ impl Cpu {
     }
 
     pub(crate) fn caps(&self) -> Caps {
-        Caps {
-            kind: DeviceKind::Cpu,
-            name: "cpu".into(),
-            quantized_matmul: true,
-        }
+        Caps { kind: DeviceKind::Cpu, name: "cpu".into(), quantized_matmul: true }
     }
 
     pub(crate) fn supports(_op: Op) -> bool {
@@ -36,34 +55,29 @@ impl Cpu {
     }
 
     pub(crate) fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
-        let (_, in_features) = layer.weight.dims();
+        let (out_features, in_features) = layer.weight.dims();
         if x.dim(D::Minus1)? != in_features {
-            return Err(Error::BadOperands {
-                op: "linear",
-                reason: format!("input {:?} does not end in {in_features}", x.dims()),
-            });
+            return Err(bad("linear", format!("input {:?} does not end in {in_features}", x.dims())));
         }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("checked above") = out_features;
         let mut y = match &layer.weight {
-            Weight::Quantized(q) => {
-                let (rows, _) = q.dims();
-                let mut dims = x.dims().to_vec();
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut output = vec![0f32; input.len() / in_features * rows];
-                q.matmul(&input, &mut output);
-                *dims.last_mut().unwrap() = rows;
-                Tensor::from_vec(output, dims, x.device())?
-            }
-            Weight::Dense(w) => QMatMul::Tensor(w.clone()).forward(x)?,
-            Weight::Ggml(w) => QMatMul::QTensor(w.clone()).forward(x)?,
+            Weight::Quantized(q) => read(x, |x| {
+                let mut y = vec![0f32; x.len() / in_features * out_features];
+                q.matmul(x, &mut y);
+                y
+            })?,
+            Weight::Dense(w) => read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???,
+            Weight::Ggml(w) => read(&QMatMul::QTensor(w.clone()).forward(x)?, <[f32]>::to_vec)?,
         };
-        if let Some(bias) = &layer.bias {
-            y = y.broadcast_add(bias)?;
+        let bias = match &layer.bias {
+            Some(b) => read(b, <[f32]>::to_vec)?,
+            None => Vec::new(),
+        };
+        if !bias.is_empty() || layer.activation != Activation::None {
+            math::bias_activation(&mut y, &bias, layer.activation);
         }
-        Ok(match layer.activation {
-            Activation::None => y,
-            Activation::GeluErf => y.gelu_erf()?,
-            Activation::Silu => y.silu()?,
-        })
+        tensor(y, &dims)
     }
 
     pub(crate) fn add_layer_norm(
@@ -74,51 +88,108 @@ impl Cpu {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor> {
-        let x = match residual {
-            Some(r) => (x + r)?,
-            None => x.clone(),
+        let residual = match residual {
+            Some(r) if r.dims() != x.dims() => {
+                return Err(bad("add_layer_norm", format!("{:?} + {:?}", x.dims(), r.dims())))
+            }
+            Some(r) => read(r, <[f32]>::to_vec)?,
+            None => Vec::new(),
         };
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, gamma, beta, eps)?)
-    }
-
-    pub(crate) fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, gamma, eps)?)
-    }
-
-    pub(crate) fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        scale: f32,
-    ) -> Result<Tensor> {
-        let (batch, heads, q_len, head_dim) = q.dims4()?;
-        let (_, kv_heads, kv_len, _) = k.dims4()?;
-        if kv_heads == 0 || heads % kv_heads != 0 || v.dims4()? != k.dims4()? {
-            return Err(Error::BadOperands {
-                op: "attention",
-                reason: format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims()),
-            });
+        let (gamma, beta) = (read(gamma, <[f32]>::to_vec)?, read(beta, <[f32]>::to_vec)?);
+        if x.dim(D::Minus1)? != gamma.len() || gamma.len() != beta.len() {
+            return Err(bad("add_layer_norm", format!("x {:?}, gamma {}", x.dims(), gamma.len())));
         }
-        // Grouped-query attention: fold the query heads that share a kv head into the row
-        // dimension, so that each kv head is read once and never copied.
-        let group = heads / kv_heads;
-        let q = (q * scale as f64)?.reshape((batch, kv_heads, group * q_len, head_dim))?;
-        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-        let scores = scores.reshape((batch, heads, q_len, kv_len))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let probs = probs.reshape((batch, kv_heads, group * q_len, kv_len))?;
-        let context = probs.matmul(&v.contiguous()?)?;
-        Ok(context.reshape((batch, heads, q_len, head_dim))?)
+        let out = read(x, |x| {
+            let mut out = vec![0f32; x.len()];
+            math::add_layer_norm(x, &residual, &gamma, &beta, eps, &mut out);
+            out
+        })?;
+        tensor(out, x.dims())
     }
 
-    pub(crate) fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?)
+    pub(crate) fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let gamma = read(gamma, <[f32]>::to_vec)?;
+        if x.dim(D::Minus1)? != gamma.len() {
+            return Err(bad("rms_norm", format!("x {:?}, gamma {}", x.dims(), gamma.len())));
+        }
+        let mut sum = match residual {
+            Some(r) if r.dims() != x.dims() => return Err(bad("rms_norm", format!("{:?} + {:?}", x.dims(), r.dims()))),
+            Some(r) => read(r, <[f32]>::to_vec)?,
+            None => Vec::new(),
+        };
+        let out = read(x, |x| {
+            let mut out = vec![0f32; x.len()];
+            math::add_rms_norm(x, &mut sum, &gamma, eps, &mut out);
+            out
+        })?;
+        let sum = if sum.is_empty() { x.clone() } else { tensor(sum, x.dims())? };
+        Ok((sum, tensor(out, x.dims())?))
+    }
+
+    pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
+        let (batch, len, width3) = qkv.dims3()?;
+        if lengths.len() != batch || lengths.iter().any(|&l| l == 0 || l > len) || width3 % (3 * heads) != 0 {
+            return Err(bad("attention", format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims())));
+        }
+        let head_dim = width3 / 3 / heads;
+        let out = read(qkv, |qkv| {
+            let mut out = vec![0f32; batch * len * heads * head_dim];
+            attention::encoder(qkv, lengths, len, heads, head_dim, &mut out);
+            out
+        })?;
+        tensor(out, &[batch, len, heads * head_dim])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn causal_attention(
+        &self,
+        qkv: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (t, width) = qkv.dims2()?;
+        let parts = heads + 2 * kv_heads;
+        let fits = kv_heads > 0
+            && heads % kv_heads == 0
+            && width % parts == 0
+            && cache.width == kv_heads * (width / parts)
+            && layer < cache.keys.len()
+            && cache.len() + t <= rope.max_positions()
+            && (width / parts) == 2 * rope.half;
+        if !fits {
+            return Err(bad("attention", format!("qkv {:?}, {heads}/{kv_heads} heads, cache width {}", qkv.dims(), cache.width)));
+        }
+        let head_dim = width / parts;
+        let out = read(qkv, |qkv| {
+            let mut out = vec![0f32; t * heads * head_dim];
+            attention::causal(qkv, t, heads, kv_heads, head_dim, rope, cache, layer, &mut out);
+            out
+        })?;
+        tensor(out, &[t, heads * head_dim])
+    }
+
+    pub(crate) fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        let width = x.dim(D::Minus1)?;
+        if width % 2 != 0 {
+            return Err(bad("swiglu", format!("odd width {width}")));
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("has a last dim") = width / 2;
+        let out = read(x, |x| {
+            let mut out = vec![0f32; x.len() / 2];
+            math::swiglu(x, &mut out, width / 2);
+            out
+        })?;
+        tensor(out, &dims)
     }
 
     pub(crate) fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
@@ -140,25 +211,22 @@ impl Cpu {
         Ok(x.broadcast_div(&norm)?)
     }
 
-    pub(crate) fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::softmax_last_dim(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-        )?)
-    }
-
-    pub(crate) fn gelu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.gelu_erf()?)
-    }
-
-    pub(crate) fn silu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.silu()?)
-    }
-
     pub(crate) fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(a.broadcast_add(b)?)
     }
+}
 
-    pub(crate) fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(a.broadcast_mul(b)?)
+/// `x[m×k] · w[n×k]ᵀ` with the gemm crate on the shared pool (packing happens inside gemm).
+fn dense_matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
+    if w.len() != n * k || x.len() % k != 0 {
+        return Err(bad("linear", format!("x of {} values, w of {} for {n}x{k}", x.len(), w.len())));
     }
+    let m = x.len() / k;
+    let mut y = vec![0f32; m * n];
+    let threads = if m * n * k < 1 << 18 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(rayon::current_num_threads()) };
+    // SAFETY: the sizes and strides above describe exactly x (m×k), w (n×k) and y (m×n).
+    unsafe {
+        gemm::gemm(m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, threads);
+    }
+    Ok(y)
 }

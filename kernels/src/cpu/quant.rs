@@ -113,6 +113,29 @@ impl QuantMatrix {
         Some(Self { rows, cols, blocks })
     }
 
+    /// The matrices' rows one after another (one product instead of several), or `None` if
+    /// they differ in format or width.
+    pub fn stack(parts: &[&QuantMatrix]) -> Option<QuantMatrix> {
+        let first = parts.first()?;
+        let mut rows = 0;
+        let mut blocks = match first.blocks {
+            Blocks::Q4_1(_) => Blocks::Q4_1(Vec::new()),
+            Blocks::Q8_0(_) => Blocks::Q8_0(Vec::new()),
+        };
+        for part in parts {
+            if part.cols != first.cols {
+                return None;
+            }
+            rows += part.rows;
+            match (&mut blocks, &part.blocks) {
+                (Blocks::Q4_1(all), Blocks::Q4_1(b)) => all.extend_from_slice(b),
+                (Blocks::Q8_0(all), Blocks::Q8_0(b)) => all.extend_from_slice(b),
+                _ => return None,
+            }
+        }
+        Some(QuantMatrix { rows, cols: first.cols, blocks })
+    }
+
     /// `(rows, cols)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)

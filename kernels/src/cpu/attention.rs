@@ -1,0 +1,180 @@
+//! Attention as one kernel per (sequence, head): it reads Q, K and V where the fused projection
+//! wrote them (strided, no transpose copies), runs the two products with gemm on those strides,
+//! and writes the context in its final `[token][head * head_dim]` layout.
+
+use super::math::scaled_softmax;
+use crate::decoder::{KvCache, Rope};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+struct SharedOut(*mut f32);
+unsafe impl Sync for SharedOut {}
+
+/// `dst[m×n] = a[m×k] · b`, with `b` read as `k×n` through its strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
+    gemm(m, n, k, dst, 1, dst_rs as isize, false, a, 1, a_rs as isize, b, b_cs as isize, b_rs as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+}
+
+/// Bidirectional attention of an encoder over a batch: `qkv` is `[batch][len][3][heads][head_dim]`
+/// (a stacked Q/K/V projection); sequence `b` has `lengths[b]` real tokens and padding after them,
+/// which no query sees. `out` is `[batch][len][heads * head_dim]`; padding rows are zero.
+pub(crate) fn encoder(qkv: &[f32], lengths: &[usize], len: usize, heads: usize, head_dim: usize, out: &mut [f32]) {
+    let width = heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    out.fill(0.0);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..lengths.len() * heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let n = lengths[b];
+        let base = b * len * 3 * width + h * head_dim;
+        let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
+        let mut scores = vec![0.0f32; n * n];
+        let out_ptr = &out_ptr;
+        // SAFETY: every read stays inside qkv (n <= len tokens of this sequence); every write goes
+        // to this task's own (sequence, head) columns of `out`.
+        unsafe {
+            product(n, n, head_dim, scores.as_mut_ptr(), n, q.as_ptr(), 3 * width, k.as_ptr(), 1, 3 * width);
+            scores.chunks_exact_mut(n).for_each(|row| scaled_softmax(row, scale));
+            let dst = out_ptr.0.add(b * len * width + h * head_dim);
+            product(n, head_dim, n, dst, width, scores.as_ptr(), n, v.as_ptr(), 3 * width, 1);
+        }
+    });
+}
+
+/// Causal self-attention of a decoder for `t` new tokens after the `cache.len()` it holds:
+/// `qkv` is `[t][(heads + 2 * kv_heads) * head_dim]`. Rotates Q and K, appends K and V to the
+/// layer's cache in place, and writes `[t][heads * head_dim]` to `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn causal(qkv: &[f32], t: usize, heads: usize, kv_heads: usize, head_dim: usize, rope: &Rope, cache: &mut KvCache, layer: usize, out: &mut [f32]) {
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let row = q_width + 2 * kv_width;
+    let pos = cache.len();
+    let mut q = Vec::with_capacity(t * q_width);
+    let (keys, values) = (&mut cache.keys[layer], &mut cache.values[layer]);
+    for (i, token) in qkv.chunks_exact(row).enumerate() {
+        let start = q.len();
+        q.extend_from_slice(&token[..q_width]);
+        q[start..].chunks_exact_mut(head_dim).for_each(|head| rope.rotate(head, pos + i));
+        let start = keys.len();
+        keys.extend_from_slice(&token[q_width..q_width + kv_width]);
+        keys[start..].chunks_exact_mut(head_dim).for_each(|head| rope.rotate(head, pos + i));
+        values.extend_from_slice(&token[q_width + kv_width..]);
+    }
+    let (keys, values) = (&keys[..], &values[..]);
+    let total = pos + t;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let head_task = |h: usize| {
+        let g = h / group;
+        let (k, v) = (&keys[g * head_dim..], &values[g * head_dim..]);
+        let mut scores = vec![0.0f32; t * total];
+        let out_ptr = &out_ptr;
+        // SAFETY: reads stay inside q and the cache (total tokens); each head writes only its own
+        // columns of `out`.
+        unsafe {
+            product(t, total, head_dim, scores.as_mut_ptr(), total, q.as_ptr().add(h * head_dim), q_width, k.as_ptr(), 1, kv_width);
+            for (i, row) in scores.chunks_exact_mut(total).enumerate() {
+                let (visible, future) = row.split_at_mut(pos + i + 1);
+                scaled_softmax(visible, scale);
+                future.fill(0.0);
+            }
+            product(t, head_dim, total, out_ptr.0.add(h * head_dim), q_width, scores.as_ptr(), total, v.as_ptr(), kv_width, 1);
+        }
+    };
+    if t * total * heads < 1 << 15 {
+        (0..heads).for_each(head_task);
+    } else {
+        (0..heads).into_par_iter().for_each(head_task);
+    }
+}
+
+/// Plain loops over the same layouts, for tests.
+#[cfg(test)]
+pub(crate) mod reference {
+    pub(crate) fn attend(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<f32> {
+        let s: Vec<f64> = k.iter().map(|k| q.iter().zip(k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64).collect();
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        (0..q.len()).map(|d| s.iter().zip(v).map(|(x, v)| (x - m).exp() / z * v[d] as f64).sum::<f64>() as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + seed) * 2654435761usize % 1000) as f32 / 500.0) - 1.0).collect()
+    }
+
+    #[test]
+    fn encoder_attention_matches_plain_loops_and_ignores_padding() {
+        let (batch, len, heads, hd) = (3, 13, 3, 8);
+        let lengths = [13, 5, 1];
+        let width = heads * hd;
+        let mut qkv = values(batch * len * 3 * width, 1);
+        let mut out = vec![0.0; batch * len * width];
+        encoder(&qkv, &lengths, len, heads, hd, &mut out);
+        let at = |b: usize, i: usize, part: usize, h: usize| &qkv[((b * len + i) * 3 + part) * width + h * hd..][..hd];
+        for b in 0..batch {
+            for h in 0..heads {
+                let k: Vec<Vec<f32>> = (0..lengths[b]).map(|j| at(b, j, 1, h).to_vec()).collect();
+                let v: Vec<Vec<f32>> = (0..lengths[b]).map(|j| at(b, j, 2, h).to_vec()).collect();
+                for i in 0..len {
+                    let got = &out[(b * len + i) * width + h * hd..][..hd];
+                    if i >= lengths[b] {
+                        assert!(got.iter().all(|x| *x == 0.0));
+                        continue;
+                    }
+                    let want = reference::attend(at(b, i, 0, h), &k, &v, 1.0 / (hd as f32).sqrt());
+                    for (a, w) in got.iter().zip(&want) {
+                        assert!((a - w).abs() < 1e-5, "b{b} h{h} i{i}: {a} vs {w}");
+                    }
+                }
+            }
+        }
+        // Whatever sits in the padding must not change a real token's output.
+        let before = out.clone();
+        for i in lengths[1]..len {
+            qkv[((len + i) * 3) * width..((len + i + 1) * 3) * width].fill(1e6);
+        }
+        encoder(&qkv, &lengths, len, heads, hd, &mut out);
+        assert_eq!(&before[len * width..(len + lengths[1]) * width], &out[len * width..(len + lengths[1]) * width]);
+    }
+
+    #[test]
+    fn causal_attention_in_steps_equals_one_prompt_and_plain_loops() {
+        let (heads, kv_heads, hd, t) = (6, 2, 8, 9);
+        let row = (heads + 2 * kv_heads) * hd;
+        let qkv = values(t * row, 3);
+        let rope = Rope::new(hd, 10000.0, 64);
+        let mut whole = KvCache::new(1, kv_heads, hd);
+        let mut out_whole = vec![0.0; t * heads * hd];
+        causal(&qkv, t, heads, kv_heads, hd, &rope, &mut whole, 0, &mut out_whole);
+        whole.commit(t);
+        // The same tokens as a 4-token prompt then one at a time.
+        let mut stepped = KvCache::new(1, kv_heads, hd);
+        let mut out_steps = vec![0.0; t * heads * hd];
+        let mut at = 0;
+        for n in [4, 1, 1, 1, 1, 1] {
+            causal(&qkv[at * row..(at + n) * row], n, heads, kv_heads, hd, &rope, &mut stepped, 0, &mut out_steps[at * heads * hd..(at + n) * heads * hd]);
+            stepped.commit(n);
+            at += n;
+        }
+        for (a, b) in out_whole.iter().zip(&out_steps) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        // Plain loops for the last token of head 5 (kv head 2 in a group of 3).
+        let (h, g, i) = (5, 1, t - 1);
+        let mut q = qkv[i * row + h * hd..][..hd].to_vec();
+        rope.rotate(&mut q, i);
+        let k: Vec<Vec<f32>> = (0..t).map(|j| whole.keys[0][j * kv_heads * hd + g * hd..][..hd].to_vec()).collect();
+        let v: Vec<Vec<f32>> = (0..t).map(|j| qkv[j * row + (heads + kv_heads) * hd + g * hd..][..hd].to_vec()).collect();
+        let want = reference::attend(&q, &k, &v, 1.0 / (hd as f32).sqrt());
+        for (a, w) in out_whole[i * heads * hd + h * hd..][..hd].iter().zip(&want) {
+            assert!((a - w).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Row kernels for the element-wise work around the matrix products: written as plain loops that
+//! LLVM vectorizes, compiled twice (AVX2+FMA, chosen at run time, and the portable baseline), with
+//! polynomial `exp` and `erf` so that no libm call blocks vectorization. The `reference` module
+//! holds the plain libm versions the tests compare against.
+
+/// Defines `pub(crate) fn $name` that runs an AVX2+FMA build of `$body` where the CPU has it and
+/// the portable build elsewhere.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `e^x` within 2 ulp over the f32 range; NaN stays NaN, large negatives flush toward 0.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `erf(x)` with absolute error below 5e-7 (Abramowitz & Stegun 7.1.26, whose 1.5e-7 bound
+/// grows a little with f32 rounding).
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    // Near zero `1 - poly * exp` cancels in f32: use the Taylor series there.
+    let x2 = x * x;
+    let series = x
+        * std::f32::consts::FRAC_2_SQRT_PI
+        * (1.0 + x2 * (-1.0 / 3.0 + x2 * (0.1 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 - x2 / 1320.0)))));
+    if a < 0.5 {
+        series
+    } else {
+        y.copysign(x)
+    }
+}
+
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+multiversion! {
+    /// `row[i] = act(row[i] + bias[i])` over each row of `x` (`bias` may be empty: no bias).
+    fn bias_activation(x: &mut [f32], bias: &[f32], act: crate::Activation) {
+        let width = if bias.is_empty() { x.len() } else { bias.len() };
+        for row in x.chunks_exact_mut(width) {
+            if !bias.is_empty() {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+            match act {
+                crate::Activation::None => {}
+                crate::Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu(*v)),
+                crate::Activation::Silu => row.iter_mut().for_each(|v| *v = silu(*v)),
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Each row of `x` is `[gate | up]`, both `half` wide; `out`'s row is `silu(gate) * up`.
+    fn swiglu(x: &[f32], out: &mut [f32], half: usize) {
+        for r in 0..out.len() / half {
+            let (gate, up) = x[r * 2 * half..(r + 1) * 2 * half].split_at(half);
+            for ((o, g), u) in out[r * half..(r + 1) * half].iter_mut().zip(gate).zip(up) {
+                *o = silu(*g) * u;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = layer_norm(x + residual) * gamma + beta` per row (`residual` may be empty).
+    fn add_layer_norm(x: &[f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+        let width = gamma.len();
+        for (r, o) in out.chunks_exact_mut(width).enumerate() {
+            let xr = &x[r * width..(r + 1) * width];
+            if residual.is_empty() {
+                o.copy_from_slice(xr);
+            } else {
+                for ((o, a), b) in o.iter_mut().zip(xr).zip(&residual[r * width..(r + 1) * width]) {
+                    *o = a + b;
+                }
+            }
+            let mean = o.iter().sum::<f32>() / width as f32;
+            let var = o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, g), b) in o.iter_mut().zip(gamma).zip(beta) {
+                *v = (*v - mean) * inv * g + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = x / rms(x) * gamma` per row; with `sum_into` non-empty, first `x += sum_into`
+    /// (the residual add), writing the sum back to `sum_into`.
+    fn add_rms_norm(x: &[f32], sum_into: &mut [f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+        let width = gamma.len();
+        for (r, o) in out.chunks_exact_mut(width).enumerate() {
+            let xr = &x[r * width..(r + 1) * width];
+            if sum_into.is_empty() {
+                o.copy_from_slice(xr);
+            } else {
+                let s = &mut sum_into[r * width..(r + 1) * width];
+                for ((s, o), a) in s.iter_mut().zip(o.iter_mut()).zip(xr) {
+                    *s += a;
+                    *o = *s;
+                }
+            }
+            let ms = o.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for (v, g) in o.iter_mut().zip(gamma) {
+                *v *= inv * g;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax of `row` in place, scaled by `scale` first: one pass for the max, one for
+    /// `exp` and the sum, one to normalize.
+    fn scaled_softmax(row: &mut [f32], scale: f32) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = exp(*v * scale - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Plain versions with libm, for tests.
+#[cfg(test)]
+pub(crate) mod reference {
+    pub(crate) fn gelu(x: f32) -> f32 {
+        (0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+    }
+
+    /// erf in f64 by its Taylor series near 0 and continued fraction beyond (accurate to ~1e-12).
+    pub(crate) fn libm_erf(x: f64) -> f64 {
+        let a = x.abs();
+        let y = if a < 2.5 {
+            let mut term = a;
+            let mut sum = a;
+            for n in 1..80 {
+                term *= -a * a / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let mut f = 0.0;
+            for n in (1..60).rev() {
+                f = n as f64 / 2.0 / (a + f);
+            }
+            1.0 - (-a * a).exp() / (a + f) / std::f64::consts::PI.sqrt()
+        };
+        y.copysign(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid() -> Vec<f32> {
+        (-4000..=4000).map(|i| i as f32 * 0.0025).chain([-30.0, -10.0, 10.0, 30.0, 1e-30, -1e-30]).collect()
+    }
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        for x in (-8700..8800).map(|i| i as f32 * 0.01) {
+            let (got, want) = (exp(x), (x as f64).exp());
+            assert!(((got as f64 - want) / want).abs() < 5e-7, "exp({x}) = {got}, want {want}");
+        }
+        for x in grid() {
+            let (got, want) = (erf(x), reference::libm_erf(x as f64));
+            assert!((got as f64 - want).abs() < 5e-7, "erf({x}) = {got}, want {want}");
+        }
+        assert!(exp(f32::NAN).is_nan() && erf(f32::NAN).is_nan());
+        assert_eq!(exp(f32::NEG_INFINITY), exp(-87.3));
+        assert_eq!(erf(f32::INFINITY), 1.0);
+    }
+
+    #[test]
+    fn fused_bias_gelu_matches_the_reference() {
+        let x = grid();
+        let bias = vec![0.25f32; x.len()];
+        let mut y = x.clone();
+        bias_activation(&mut y, &bias, crate::Activation::GeluErf);
+        for (v, x) in y.iter().zip(&x) {
+            let want = reference::gelu(x + 0.25);
+            // erf's 5e-7, scaled by x/2, plus f32 rounding of the result.
+            let tolerance = 3e-7 * (1.0 + (x + 0.25).abs()) + 2e-7 * want.abs();
+            assert!((v - want).abs() <= tolerance, "gelu({x}+0.25) = {v}, want {want}");
+        }
+        let mut nan = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        bias_activation(&mut nan, &[], crate::Activation::GeluErf);
+        assert!(nan[0].is_nan() && nan[1] == f32::INFINITY);
+        assert!(nan[2] == 0.0 || nan[2].is_nan(), "gelu(-inf) = {}", nan[2]);
+    }
+
+    #[test]
+    fn norms_and_softmax_match_plain_math() {
+        let width = 37;
+        let x: Vec<f32> = (0..width * 3).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let r: Vec<f32> = (0..width * 3).map(|i| ((i * 31) % 11) as f32 / 7.0).collect();
+        let gamma: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / width as f32).collect();
+        let beta: Vec<f32> = (0..width).map(|i| i as f32 / 100.0).collect();
+        let mut out = vec![0.0; x.len()];
+        add_layer_norm(&x, &r, &gamma, &beta, 1e-12, &mut out);
+        for row in 0..3 {
+            let s: Vec<f64> = (0..width).map(|i| (x[row * width + i] + r[row * width + i]) as f64).collect();
+            let mean = s.iter().sum::<f64>() / width as f64;
+            let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / width as f64;
+            for i in 0..width {
+                let want = (s[i] - mean) / (var + 1e-12).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                assert!((out[row * width + i] as f64 - want).abs() < 1e-5);
+            }
+        }
+        let mut sum = r.clone();
+        add_rms_norm(&x, &mut sum, &gamma, 1e-5, &mut out);
+        for row in 0..3 {
+            let s: Vec<f64> = (0..width).map(|i| (x[row * width + i] + r[row * width + i]) as f64).collect();
+            let rms = (s.iter().map(|v| v * v).sum::<f64>() / width as f64 + 1e-5).sqrt();
+            for i in 0..width {
+                assert!((sum[row * width + i] as f64 - s[i]).abs() < 1e-6);
+                assert!((out[row * width + i] as f64 - s[i] / rms * gamma[i] as f64).abs() < 1e-5);
+            }
+        }
+        let mut row: Vec<f32> = x[..width].to_vec();
+        scaled_softmax(&mut row, 0.5);
+        let m = x[..width].iter().fold(f64::MIN, |m, v| m.max(*v as f64 * 0.5));
+        let z: f64 = x[..width].iter().map(|v| (*v as f64 * 0.5 - m).exp()).sum();
+        for (p, v) in row.iter().zip(&x[..width]) {
+            assert!((*p as f64 - (*v as f64 * 0.5 - m).exp() / z).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn swiglu_gates_each_half() {
+        let x = [1.0f32, -2.0, 3.0, 4.0, 0.5, 0.0, 2.0, 2.0];
+        let mut out = [0.0f32; 4];
+        swiglu(&x, &mut out, 2);
+        let s = |g: f32| g / (1.0 + (-g).exp());
+        let want = [s(1.0) * 3.0, s(-2.0) * 4.0, s(0.5) * 2.0, s(0.0) * 2.0];
+        for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! State a decoder keeps between steps: rotary tables and the KV cache.
+
+/// cos and sin of every position's rotation angles, `[positions][head_dim / 2]`, computed in f32
+/// the way transformers computes them, so that both round alike.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub(crate) half: usize,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Tables for heads of `head_dim` (even), base `theta`, positions `0..max_positions`.
+    pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Positions covered.
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates interleaved pairs `(x[2i], x[2i+1])` of one head at position `pos` (GGML's
+    /// "normal" rope, the layout llama.cpp's converter writes Q and K weights for).
+    pub(crate) fn rotate(&self, head: &mut [f32], pos: usize) {
+        let (cos, sin) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+        for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}
+
+/// The keys and values a sequence has seen, per layer, stored token-major
+/// (`[token][kv_heads * head_dim]`) so that a step appends in place. Each sequence owns one;
+/// dropping it frees its memory.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub(crate) keys: Vec<Vec<f32>>,
+    pub(crate) values: Vec<Vec<f32>>,
+    pub(crate) width: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers of `kv_heads * head_dim` values per token.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], width: kv_heads * head_dim, len: 0 }
+    }
+
+    /// Tokens held (committed by [`KvCache::commit`]).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held, allocated capacity included.
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+    }
+
+    /// Drops whatever a step appended past the committed length (after a failed step).
+    pub fn rollback(&mut self) {
+        let keep = self.len * self.width;
+        self.keys.iter_mut().chain(self.values.iter_mut()).for_each(|v| v.truncate(keep));
+    }
+
+    /// Marks `tokens` more tokens as held, once every layer has appended them.
+    pub fn commit(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+}
