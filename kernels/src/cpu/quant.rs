@@ -21,22 +21,39 @@ pub enum QuantKind {
     Q8_0,
 }
 
-/// A Q4_1 block repacked at load with f32 scales (no f16 conversion in the inner loop).
+/// A Q4_1 block in GGML's own 20-byte layout: decode streams every weight once per token, so the
+/// bytes read are the cost, and f16 scales keep them at 5 bits per weight.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(crate) struct BlockQ4_1 {
-    d: f32,
-    m: f32,
-    /// Values 0..16 in the low nibbles, 16..32 in the high nibbles (GGML's layout).
+    /// Scale and minimum, f16 bits.
+    dm: [u16; 2],
+    /// Values 0..16 in the low nibbles, 16..32 in the high nibbles.
     qs: [u8; 16],
 }
 
-/// A Q8_0 block with an f32 scale.
+/// A Q8_0 block in GGML's own 34-byte layout.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub(crate) struct BlockQ8_0 {
-    d: f32,
+    /// Scale, f16 bits.
+    d: u16,
     qs: [i8; 32],
+}
+
+impl BlockQ4_1 {
+    fn d(&self) -> f32 {
+        f16::from_bits(self.dm[0]).to_f32()
+    }
+    fn m(&self) -> f32 {
+        f16::from_bits(self.dm[1]).to_f32()
+    }
+}
+
+impl BlockQ8_0 {
+    fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
 }
 
 /// A block of quantized activations: `x ≈ d * q`, and `s = d * sum(q)` for Q4_1's offsets.
@@ -64,8 +81,8 @@ pub struct QuantMatrix {
     blocks: Blocks,
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
 impl QuantMatrix {
@@ -84,10 +101,10 @@ impl QuantMatrix {
                 Blocks::Q4_1(
                     bytes
                         .chunks_exact(20)
-                        .map(|b| BlockQ4_1 {
-                            d: f16_at(b, 0),
-                            m: f16_at(b, 2),
-                            qs: b[4..20].try_into().unwrap(),
+                        .map(|b| {
+                            let mut qs = [0u8; 16];
+                            qs.copy_from_slice(&b[4..20]);
+                            BlockQ4_1 { dm: [u16_at(b, 0), u16_at(b, 2)], qs }
                         })
                         .collect(),
                 )
@@ -104,7 +121,7 @@ impl QuantMatrix {
                             for (q, &byte) in qs.iter_mut().zip(&b[2..34]) {
                                 *q = byte as i8;
                             }
-                            BlockQ8_0 { d: f16_at(b, 0), qs }
+                            BlockQ8_0 { d: u16_at(b, 0), qs }
                         })
                         .collect(),
                 )
@@ -155,13 +172,15 @@ impl QuantMatrix {
         match &self.blocks {
             Blocks::Q4_1(blocks) => {
                 for b in blocks {
-                    out.extend(b.qs.iter().map(|q| b.d * (q & 0xF) as f32 + b.m));
-                    out.extend(b.qs.iter().map(|q| b.d * (q >> 4) as f32 + b.m));
+                    let (d, m) = (b.d(), b.m());
+                    out.extend(b.qs.iter().map(|q| d * (q & 0xF) as f32 + m));
+                    out.extend(b.qs.iter().map(|q| d * (q >> 4) as f32 + m));
                 }
             }
             Blocks::Q8_0(blocks) => {
                 for b in blocks {
-                    out.extend(b.qs.iter().map(|&q| b.d * q as f32));
+                    let d = b.d();
+                    out.extend(b.qs.iter().map(|&q| d * q as f32));
                 }
             }
         }
@@ -181,7 +200,7 @@ impl QuantMatrix {
         let dot = kernel_for(self.kind());
         // Chunks of rows small enough to stay in L1 while every token passes over them, and
         // enough of them to keep every thread busy.
-        let chunk = (16usize).max(self.rows / (rayon::current_num_threads() * 8)).min(self.rows);
+        let chunk = (16usize).max(self.rows / (rayon::current_num_threads() * 2)).min(self.rows);
         let out = SharedOut(y.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
@@ -233,10 +252,13 @@ type DotFn = fn(&Blocks, usize, &[BlockQ8]) -> f32;
 
 fn kernel_for(kind: QuantKind) -> DotFn {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
         return match kind {
             QuantKind::Q4_1 => |b, at, a| match b {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                 Blocks::Q4_1(w) => unsafe { avx2::dot_q4_1(&w[at..at + a.len()], a) },
                 Blocks::Q8_0(_) => unreachable!(),
             },
@@ -266,7 +288,7 @@ pub(crate) mod reference {
                     sum += (w.qs[j] & 0xF) as i32 * a.qs[j] as i32;
                     sum += (w.qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
                 }
-                w.d * a.d * sum as f32 + w.m * a.s
+                w.d() * a.d * sum as f32 + w.m() * a.s
             })
             .sum()
     }
@@ -276,7 +298,7 @@ pub(crate) mod reference {
             .zip(a)
             .map(|(w, a)| {
                 let sum: i32 = w.qs.iter().zip(&a.qs).map(|(&x, &y)| x as i32 * y as i32).sum();
-                w.d * a.d * sum as f32
+                w.d() * a.d * sum as f32
             })
             .sum()
     }
@@ -287,7 +309,7 @@ mod avx2 {
     use super::{BlockQ4_1, BlockQ8, BlockQ8_0};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -295,37 +317,77 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0.0f32;
-        for (w, a) in w.iter().zip(a) {
-            let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
-            // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
-            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
-            let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(w.d * a.d), acc);
-            offsets += w.m * a.s;
-        }
-        hsum(acc) + offsets
+    /// Sum over the block of `q4 * x` as 8 i32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q4_products(w: &BlockQ4_1, a: &BlockQ8) -> __m256 {
+        let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+        // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
+        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+        let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for (w, a) in w.iter().zip(a) {
-            let q = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
-            let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            // maddubs multiplies unsigned by signed: move q's sign onto x.
-            let products =
-                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(w.d * a.d), acc);
+    /// `[d, m]` of a Q4_1 block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scales(w: &BlockQ4_1) -> (f32, f32) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(w.dm.as_ptr() as *const i32)));
+        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
+        // Two accumulators, so that consecutive blocks' FMAs do not wait on each other.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut offsets = 0.0f32;
+        let pairs = w.len() / 2;
+        for i in 0..pairs {
+            let (w0, w1, a0, a1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
+            let ((d0, m0), (d1, m1)) = (scales(w0), scales(w1));
+            acc0 = _mm256_fmadd_ps(q4_products(w0, a0), _mm256_set1_ps(d0 * a0.d), acc0);
+            acc1 = _mm256_fmadd_ps(q4_products(w1, a1), _mm256_set1_ps(d1 * a1.d), acc1);
+            offsets += m0 * a0.s + m1 * a1.s;
         }
-        hsum(acc)
+        if w.len() % 2 == 1 {
+            let (wl, al) = (&w[w.len() - 1], &a[w.len() - 1]);
+            let (d, m) = scales(wl);
+            acc0 = _mm256_fmadd_ps(q4_products(wl, al), _mm256_set1_ps(d * al.d), acc0);
+            offsets += m * al.s;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + offsets
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q8_products(w: &BlockQ8_0, a: &BlockQ8) -> __m256 {
+        let q = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+        let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        // maddubs multiplies unsigned by signed: move q's sign onto x.
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scale(w: &BlockQ8_0) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.d as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let pairs = w.len() / 2;
+        for i in 0..pairs {
+            let (w0, w1, a0, a1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
+            acc0 = _mm256_fmadd_ps(q8_products(w0, a0), _mm256_set1_ps(scale(w0) * a0.d), acc0);
+            acc1 = _mm256_fmadd_ps(q8_products(w1, a1), _mm256_set1_ps(scale(w1) * a1.d), acc1);
+        }
+        if w.len() % 2 == 1 {
+            let (wl, al) = (&w[w.len() - 1], &a[w.len() - 1]);
+            acc0 = _mm256_fmadd_ps(q8_products(wl, al), _mm256_set1_ps(scale(wl) * al.d), acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 }
 
