@@ -1,0 +1,250 @@
+//! Sentence embeddings, into a library-owned result or a caller's buffer.
+
+use crate::engine::{engine_of, keel_engine};
+use crate::guard::{self, Out};
+use crate::handle::{self, Handle};
+use crate::status::{keel_error, keel_status, Failure};
+use std::ffi::{c_char, CStr, CString};
+
+/// The embeddings of a batch of texts, returned by `keel_embed`: `count` vectors of `dim` floats,
+/// each of unit length, in the order of the texts. Free it with `keel_embeddings_free`.
+/// Immutable: may be read from any number of threads at once.
+pub struct keel_embeddings {
+    _opaque: [u8; 0],
+}
+
+/// What a `keel_embeddings` handle stands for.
+pub(crate) struct EmbeddingsObject {
+    count: usize,
+    dim: usize,
+    /// Row-major: vector `i` is `data[i * dim..(i + 1) * dim]`.
+    data: Vec<f32>,
+    version: CString,
+}
+
+impl Handle for EmbeddingsObject {
+    type C = keel_embeddings;
+    const NAME: &'static str = "keel_embeddings";
+}
+
+/// The texts of a call, as bytes (checked for UTF-8 by the engine).
+///
+/// # Safety
+/// As documented on `keel_embed`.
+unsafe fn texts_of<'a>(
+    texts: *const *const c_char,
+    lengths: *const usize,
+    n_texts: usize,
+) -> Result<Vec<&'a [u8]>, Failure> {
+    let pointers = guard::c_array(texts, n_texts, "texts")?;
+    let lengths = if lengths.is_null() {
+        None
+    } else {
+        Some(guard::c_array(lengths, n_texts, "lengths")?)
+    };
+    pointers
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            if p.is_null() {
+                return Err(Failure::invalid(format!("texts[{i}] is NULL")));
+            }
+            Ok(match lengths {
+                Some(lengths) => std::slice::from_raw_parts(p.cast::<u8>(), lengths[i]),
+                None => CStr::from_ptr(p).to_bytes(),
+            })
+        })
+        .collect()
+}
+
+/// Runs the embedding of a call.
+///
+/// # Safety
+/// As documented on `keel_embed`.
+unsafe fn embed(
+    engine: *const keel_engine,
+    model: *const c_char,
+    texts: *const *const c_char,
+    lengths: *const usize,
+    n_texts: usize,
+) -> Result<keel::Embeddings, Failure> {
+    let engine = engine_of(engine)?;
+    let model = guard::c_str(model, "model")?;
+    let texts = texts_of(texts, lengths, n_texts)?;
+    Ok(engine.engine.embed_bytes(model, &texts)?)
+}
+
+/// Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
+/// `keel_embeddings` result.
+///
+/// `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
+/// NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
+/// be NUL-terminated). The library reads the texts during the call only.
+///
+/// On success `*out` holds the result, owned by the caller (free it with
+/// `keel_embeddings_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
+/// error: `KEEL_ERR_INVALID_ARGUMENT` for NULL pointers, no texts, an empty text, invalid UTF-8, or a
+/// model that is not an encoder; `KEEL_ERR_NOT_FOUND` for an unknown model.
+///
+/// # Safety
+/// `texts` points to `n_texts` pointers, each to a text as described; `lengths` is NULL or points
+/// to `n_texts` lengths; `model` is NULL or NUL-terminated; `out` points to a writable
+/// `keel_embeddings *`; `err` is NULL or points to a writable `keel_error *`. A wrong `n_texts`
+/// cannot be detected and reads out of bounds.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_embed(
+    engine: *const keel_engine,
+    model: *const c_char,
+    texts: *const *const c_char,
+    lengths: *const usize,
+    n_texts: usize,
+    out: *mut *mut keel_embeddings,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out, "out", std::ptr::null_mut())?;
+        let embeddings = embed(engine, model, texts, lengths, n_texts)?;
+        let dim = embeddings.vectors.first().map_or(0, Vec::len);
+        out.set(handle::insert(EmbeddingsObject {
+            count: embeddings.vectors.len(),
+            dim,
+            data: embeddings.vectors.concat(),
+            version: CString::new(embeddings.version.to_string()).unwrap_or_default(),
+        }));
+        Ok(())
+    })
+}
+
+/// `keel_embed` into a buffer of the caller's: writes the `n_texts` vectors one after the other
+/// (row-major) into `out[0 .. n_texts * dim]`, and the dimension into `*out_dim` if `out_dim` is
+/// not NULL.
+///
+/// `out_len` is the number of floats `out` can hold. On failure `*out_dim` is 0 and `out` is not
+/// written, except that when `out_len` is too short for the result the call fails with
+/// `KEEL_ERR_INVALID_ARGUMENT` and `*out_dim` holds the dimension, so that the caller can size the
+/// buffer (`n_texts * dim` floats) and call again. Other errors as for `keel_embed`.
+///
+/// # Safety
+/// As for `keel_embed`; `out` points to `out_len` writable floats; `out_dim` is NULL or points to
+/// a writable `size_t`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_embed_into(
+    engine: *const keel_engine,
+    model: *const c_char,
+    texts: *const *const c_char,
+    lengths: *const usize,
+    n_texts: usize,
+    out: *mut f32,
+    out_len: usize,
+    out_dim: *mut usize,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out_dim = Out::clear_optional(out_dim, 0);
+        if out.is_null() {
+            return Err(Failure::invalid("out is NULL"));
+        }
+        if out_len < n_texts {
+            // Every vector has at least one float: fail before running the model.
+            return Err(Failure::invalid(format!(
+                "out_len is {out_len} floats, too short for {n_texts} embeddings"
+            )));
+        }
+        let embeddings = embed(engine, model, texts, lengths, n_texts)?;
+        let dim = embeddings.vectors.first().map_or(0, Vec::len);
+        let needed = dim * embeddings.vectors.len();
+        if out_len < needed {
+            if let Some(out_dim) = out_dim {
+                out_dim.set(dim);
+            }
+            return Err(Failure::invalid(format!(
+                "out_len is {out_len} floats, but {n_texts} embeddings of dimension {dim} need {needed}"
+            )));
+        }
+        let out = std::slice::from_raw_parts_mut(out, needed);
+        for (row, vector) in out.chunks_exact_mut(dim.max(1)).zip(&embeddings.vectors) {
+            row.copy_from_slice(vector);
+        }
+        if let Some(out_dim) = out_dim {
+            out_dim.set(dim);
+        }
+        Ok(())
+    })
+}
+
+/// Looks an embeddings handle up and reads one of its fields.
+fn read<T>(emb: *const keel_embeddings, fallback: T, field: impl FnOnce(&EmbeddingsObject) -> T) -> T {
+    guard::value(fallback, || {
+        handle::get::<EmbeddingsObject>(emb, "embeddings")
+            .ok()
+            .map(|e| field(&e))
+    })
+}
+
+/// The number of vectors (the number of texts embedded); 0 if `emb` is NULL or not a live
+/// `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_count(emb: *const keel_embeddings) -> usize {
+    read(emb, 0, |e| e.count)
+}
+
+/// The number of floats in each vector (384 for all-MiniLM-L6-v2); 0 if `emb` is NULL or not a
+/// live `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_dim(emb: *const keel_embeddings) -> usize {
+    read(emb, 0, |e| e.dim)
+}
+
+/// All the vectors, one after the other: `count * dim` floats, vector `i` at `data + i * dim`.
+/// Owned by `emb`, valid until `keel_embeddings_free(emb)`; NULL if `emb` is NULL or not a live
+/// `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_data(emb: *const keel_embeddings) -> *const f32 {
+    read(emb, std::ptr::null(), |e| e.data.as_ptr())
+}
+
+/// Vector `i` (`dim` floats), owned by `emb`, valid until `keel_embeddings_free(emb)`; NULL if `i`
+/// is out of range or `emb` is NULL or not a live `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_vector(emb: *const keel_embeddings, i: usize) -> *const f32 {
+    read(emb, std::ptr::null(), |e| {
+        if i < e.count {
+            e.data[i * e.dim..].as_ptr()
+        } else {
+            std::ptr::null()
+        }
+    })
+}
+
+/// The version id of the model that computed the vectors (64 hex digits), owned by `emb`, valid
+/// until `keel_embeddings_free(emb)`; NULL if `emb` is NULL or not a live `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_model_id(emb: *const keel_embeddings) -> *const c_char {
+    read(emb, std::ptr::null(), |e| e.version.as_ptr())
+}
+
+/// Frees an embeddings result. NULL is ignored; so is a handle that is not a live
+/// `keel_embeddings` (a double free is detected and does nothing).
+///
+/// Thread safety: may be called from any thread; a result must be freed once.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_free(emb: *mut keel_embeddings) {
+    guard::value((), || {
+        handle::remove::<EmbeddingsObject>(emb);
+        Some(())
+    })
+}
