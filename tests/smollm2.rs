@@ -190,3 +190,46 @@ fn streaming_text_equals_decoded_ids_and_sampling_is_seeded() {
     assert_ne!(a.token_ids, c.token_ids, "another seed should give other tokens");
     assert!(a.token_ids.len() <= 24);
 }
+
+#[test]
+fn batched_decode_equals_one_sequence_at_a_time() {
+    let model = load(WeightPath::Quantized);
+    let golden = golden("smollm2_greedy.json");
+    let prompts: Vec<Vec<u32>> = golden["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ids(&r["prompt_ids"]))
+        .collect();
+    // Alone: greedy tokens of each prompt.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = model.new_cache();
+            let mut logits = model.forward(p, &mut cache).unwrap();
+            (0..12)
+                .map(|_| {
+                    let next = argmax(&logits);
+                    logits = model.forward(&[next], &mut cache).unwrap();
+                    next
+                })
+                .collect()
+        })
+        .collect();
+    // Together: both prompts prefilled in one batch, then decoded side by side.
+    let (mut c0, mut c1) = (model.new_cache(), model.new_cache());
+    let mut logits = model
+        .forward_batch(&mut [(&prompts[0][..], &mut c0), (&prompts[1][..], &mut c1)])
+        .unwrap();
+    let mut together = vec![Vec::new(), Vec::new()];
+    for _ in 0..12 {
+        let next: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+        together[0].push(next[0]);
+        together[1].push(next[1]);
+        logits = model
+            .forward_batch(&mut [(&next[..1], &mut c0), (&next[1..], &mut c1)])
+            .unwrap();
+    }
+    assert_eq!(alone, together);
+    assert_eq!(c0.len(), prompts[0].len() + 12);
+}

@@ -181,7 +181,10 @@ impl Bert {
         let d = &self.device;
         let (_, len) = ids.dims2()?;
         if len > self.cfg.max_position_embeddings {
-            return Err(Error::ContextOverflow { tokens: len, context: self.cfg.max_position_embeddings });
+            return Err(Error::ContextOverflow {
+                tokens: len,
+                context: self.cfg.max_position_embeddings,
+            });
         }
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;

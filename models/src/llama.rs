@@ -8,8 +8,8 @@
 
 use crate::weights::GgufFile;
 use crate::{Error, Result};
-use keel_kernels::{Device, Linear, Rope, Tensor, Weight};
 pub use keel_kernels::KvCache;
+use keel_kernels::{Device, Linear, Rope, Tensor, Weight};
 
 /// The hyper-parameters of a llama decoder, read from `llama.*` GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,7 +130,10 @@ impl Llama {
         let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
             let q = gguf.qtensor(name, device)?;
             if q.shape().dims() != [rows, cols] {
-                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{rows}, {cols}]", q.shape().dims())));
+                return Err(Error::Weights(format!(
+                    "'{name}' has shape {:?}, expected [{rows}, {cols}]",
+                    q.shape().dims()
+                )));
             }
             let w = Weight::from_qtensor(q)?;
             Ok(Linear::new(match path {
@@ -141,7 +144,11 @@ impl Llama {
         let vector = |name: &str| -> Result<Tensor> {
             let t = gguf.tensor(name, device)?;
             if t.dims() != [cfg.hidden_size] {
-                return Err(Error::Weights(format!("'{name}' has shape {:?}, expected [{}]", t.dims(), cfg.hidden_size)));
+                return Err(Error::Weights(format!(
+                    "'{name}' has shape {:?}, expected [{}]",
+                    t.dims(),
+                    cfg.hidden_size
+                )));
             }
             Ok(t)
         };
@@ -166,10 +173,22 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let embedding = gguf.tensor("token_embd.weight", device)?;
         // Small models tie the output projection to the token embeddings.
-        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let head_name = if gguf.content().tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
         let lm_head = linear(head_name, cfg.vocab_size, h)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context_length);
-        Ok(Self { device: device.clone(), norm: vector("output_norm.weight")?, cfg, embedding, blocks, lm_head, rope })
+        Ok(Self {
+            device: device.clone(),
+            norm: vector("output_norm.weight")?,
+            cfg,
+            embedding,
+            blocks,
+            lm_head,
+            rope,
+        })
     }
 
     /// The model's hyper-parameters.
@@ -185,43 +204,91 @@ impl Llama {
     /// Runs `tokens` after what `cache` holds (a whole prompt, or one token while decoding), adds
     /// them to the cache, and returns the logits for the token that follows the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let mut logits = self.forward_batch(&mut [(tokens, cache)])?;
+        Ok(logits.remove(0))
+    }
+
+    /// One step for several sequences at once (continuous batching): each entry's tokens run
+    /// after what its own cache holds. The matrix products see every sequence's tokens together
+    /// (each weight is read once per step, not once per sequence); attention stays within each
+    /// sequence. Returns each sequence's next-token logits, in order. A sequence's result does
+    /// not depend on the others in the batch beyond float rounding.
+    pub fn forward_batch(&self, batch: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
-        let (t, pos) = (tokens.len(), cache.len());
-        if t == 0 {
-            return Err(Error::EmptyInput("no tokens to run".into()));
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        if pos + t > cfg.context_length {
-            return Err(Error::ContextOverflow { tokens: pos + t, context: cfg.context_length });
+        for (tokens, cache) in batch.iter() {
+            if tokens.is_empty() {
+                return Err(Error::EmptyInput("no tokens to run".into()));
+            }
+            if cache.len() + tokens.len() > cfg.context_length {
+                return Err(Error::ContextOverflow {
+                    tokens: cache.len() + tokens.len(),
+                    context: cfg.context_length,
+                });
+            }
+            if let Some(bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(Error::Tokenizer(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
         }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(Error::Tokenizer(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
-        }
-        let result = self.run(tokens, cache);
-        match result {
-            Ok(_) => cache.commit(t),
-            // A failed step leaves no half-written tokens behind.
-            Err(_) => cache.rollback(),
+        let result = self.run(batch);
+        for (tokens, cache) in batch.iter_mut() {
+            match result {
+                Ok(_) => cache.commit(tokens.len()),
+                // A failed step leaves no half-written tokens behind.
+                Err(_) => cache.rollback(),
+            }
         }
         result
     }
 
-    fn run(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let (d, cfg, t) = (&self.device, &self.cfg, tokens.len());
-        // Token-major all the way: [t, hidden] rows, heads side by side within a row.
-        let ids = Tensor::from_slice(tokens, t, d.candle())?;
+    fn run(&self, batch: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        let (d, cfg) = (&self.device, &self.cfg);
+        // Token-major all the way: one [tokens, hidden] matrix for the whole batch, heads side by
+        // side within a row.
+        let all: Vec<u32> = batch.iter().flat_map(|(t, _)| t.iter().copied()).collect();
+        let ids = Tensor::from_slice(&all, all.len(), d.candle())?;
         let mut x = d.embedding(&self.embedding, &ids)?;
         let (_, mut h) = d.add_rms_norm(&x, None, &self.blocks[0].attn_norm, cfg.rms_eps)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let qkv = d.linear(&h, &block.qkv)?;
-            let context = d.causal_attention(&qkv, cfg.heads, cfg.kv_heads, &self.rope, cache, layer)?;
+            let mut contexts = Vec::with_capacity(batch.len());
+            let mut start = 0;
+            for (tokens, cache) in batch.iter_mut() {
+                let rows = qkv.narrow(0, start, tokens.len())?;
+                contexts.push(d.causal_attention(
+                    &rows,
+                    cfg.heads,
+                    cfg.kv_heads,
+                    &self.rope,
+                    cache,
+                    layer,
+                )?);
+                start += tokens.len();
+            }
+            let context = if contexts.len() == 1 {
+                contexts.remove(0)
+            } else {
+                Tensor::cat(&contexts, 0)?
+            };
             let attended = d.linear(&context, &block.o)?;
             (x, h) = d.add_rms_norm(&attended, Some(&x), &block.ffn_norm, cfg.rms_eps)?;
             let ff = d.linear(&d.swiglu(&d.linear(&h, &block.gate_up)?)?, &block.down)?;
             let next_norm = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
             (x, h) = d.add_rms_norm(&ff, Some(&x), next_norm, cfg.rms_eps)?;
         }
-        // Only the last token's logits are needed.
-        let last = h.narrow(0, t - 1, 1)?;
-        Ok(d.linear(&last, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?)
+        // Only each sequence's last token needs logits.
+        let mut ends = Vec::with_capacity(batch.len());
+        let mut end = 0;
+        for (tokens, _) in batch.iter() {
+            end += tokens.len();
+            ends.push(end as u32 - 1);
+        }
+        let last = h.index_select(&Tensor::from_vec(ends, batch.len(), d.candle())?, 0)?;
+        Ok(d.linear(&last, &self.lm_head)?.to_vec2::<f32>()?)
     }
 }
