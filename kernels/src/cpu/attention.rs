@@ -12,14 +12,52 @@ unsafe impl Sync for SharedOut {}
 
 /// `dst[m×n] = a[m×k] · b`, with `b` read as `k×n` through its strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn product(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
-    gemm(m, n, k, dst, 1, dst_rs as isize, false, a, 1, a_rs as isize, b, b_cs as isize, b_rs as isize, 0.0, 1.0, false, false, false, Parallelism::None);
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        a,
+        1,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }
 
 /// Bidirectional attention of an encoder over a batch: `qkv` is `[batch][len][3][heads][head_dim]`
 /// (a stacked Q/K/V projection); sequence `b` has `lengths[b]` real tokens and padding after them,
 /// which no query sees. `out` is `[batch][len][heads * head_dim]`; padding rows are zero.
-pub(crate) fn encoder(qkv: &[f32], lengths: &[usize], len: usize, heads: usize, head_dim: usize, out: &mut [f32]) {
+pub(crate) fn encoder(
+    qkv: &[f32],
+    lengths: &[usize],
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
     let width = heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     out.fill(0.0);
@@ -34,10 +72,34 @@ pub(crate) fn encoder(qkv: &[f32], lengths: &[usize], len: usize, heads: usize, 
         // SAFETY: every read stays inside qkv (n <= len tokens of this sequence); every write goes
         // to this task's own (sequence, head) columns of `out`.
         unsafe {
-            product(n, n, head_dim, scores.as_mut_ptr(), n, q.as_ptr(), 3 * width, k.as_ptr(), 1, 3 * width);
-            scores.chunks_exact_mut(n).for_each(|row| scaled_softmax(row, scale));
+            product(
+                n,
+                n,
+                head_dim,
+                scores.as_mut_ptr(),
+                n,
+                q.as_ptr(),
+                3 * width,
+                k.as_ptr(),
+                1,
+                3 * width,
+            );
+            scores
+                .chunks_exact_mut(n)
+                .for_each(|row| scaled_softmax(row, scale));
             let dst = out_ptr.0.add(b * len * width + h * head_dim);
-            product(n, head_dim, n, dst, width, scores.as_ptr(), n, v.as_ptr(), 3 * width, 1);
+            product(
+                n,
+                head_dim,
+                n,
+                dst,
+                width,
+                scores.as_ptr(),
+                n,
+                v.as_ptr(),
+                3 * width,
+                1,
+            );
         }
     });
 }
@@ -46,7 +108,17 @@ pub(crate) fn encoder(qkv: &[f32], lengths: &[usize], len: usize, heads: usize, 
 /// `qkv` is `[t][(heads + 2 * kv_heads) * head_dim]`. Rotates Q and K, appends K and V to the
 /// layer's cache in place, and writes `[t][heads * head_dim]` to `out`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn causal(qkv: &[f32], t: usize, heads: usize, kv_heads: usize, head_dim: usize, rope: &Rope, cache: &mut KvCache, layer: usize, out: &mut [f32]) {
+pub(crate) fn causal(
+    qkv: &[f32],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope: &Rope,
+    cache: &mut KvCache,
+    layer: usize,
+    out: &mut [f32],
+) {
     let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let row = q_width + 2 * kv_width;
     let pos = cache.len();
@@ -55,10 +127,14 @@ pub(crate) fn causal(qkv: &[f32], t: usize, heads: usize, kv_heads: usize, head_
     for (i, token) in qkv.chunks_exact(row).enumerate() {
         let start = q.len();
         q.extend_from_slice(&token[..q_width]);
-        q[start..].chunks_exact_mut(head_dim).for_each(|head| rope.rotate(head, pos + i));
+        q[start..]
+            .chunks_exact_mut(head_dim)
+            .for_each(|head| rope.rotate(head, pos + i));
         let start = keys.len();
         keys.extend_from_slice(&token[q_width..q_width + kv_width]);
-        keys[start..].chunks_exact_mut(head_dim).for_each(|head| rope.rotate(head, pos + i));
+        keys[start..]
+            .chunks_exact_mut(head_dim)
+            .for_each(|head| rope.rotate(head, pos + i));
         values.extend_from_slice(&token[q_width + kv_width..]);
     }
     let (keys, values) = (&keys[..], &values[..]);
@@ -74,13 +150,35 @@ pub(crate) fn causal(qkv: &[f32], t: usize, heads: usize, kv_heads: usize, head_
         // SAFETY: reads stay inside q and the cache (total tokens); each head writes only its own
         // columns of `out`.
         unsafe {
-            product(t, total, head_dim, scores.as_mut_ptr(), total, q.as_ptr().add(h * head_dim), q_width, k.as_ptr(), 1, kv_width);
+            product(
+                t,
+                total,
+                head_dim,
+                scores.as_mut_ptr(),
+                total,
+                q.as_ptr().add(h * head_dim),
+                q_width,
+                k.as_ptr(),
+                1,
+                kv_width,
+            );
             for (i, row) in scores.chunks_exact_mut(total).enumerate() {
                 let (visible, future) = row.split_at_mut(pos + i + 1);
                 scaled_softmax(visible, scale);
                 future.fill(0.0);
             }
-            product(t, head_dim, total, out_ptr.0.add(h * head_dim), q_width, scores.as_ptr(), total, v.as_ptr(), kv_width, 1);
+            product(
+                t,
+                head_dim,
+                total,
+                out_ptr.0.add(h * head_dim),
+                q_width,
+                scores.as_ptr(),
+                total,
+                v.as_ptr(),
+                kv_width,
+                1,
+            );
         }
     };
     if t * total * heads < 1 << 15 {
@@ -94,10 +192,26 @@ pub(crate) fn causal(qkv: &[f32], t: usize, heads: usize, kv_heads: usize, head_
 #[cfg(test)]
 pub(crate) mod reference {
     pub(crate) fn attend(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let s: Vec<f64> = k.iter().map(|k| q.iter().zip(k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64).collect();
+        let s: Vec<f64> = k
+            .iter()
+            .map(|k| {
+                q.iter()
+                    .zip(k)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-        (0..q.len()).map(|d| s.iter().zip(v).map(|(x, v)| (x - m).exp() / z * v[d] as f64).sum::<f64>() as f32).collect()
+        (0..q.len())
+            .map(|d| {
+                s.iter()
+                    .zip(v)
+                    .map(|(x, v)| (x - m).exp() / z * v[d] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
     }
 }
 
@@ -106,7 +220,9 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed) * 2654435761usize % 1000) as f32 / 500.0) - 1.0).collect()
+        (0..n)
+            .map(|i| (((i + seed) * 2654435761usize % 1000) as f32 / 500.0) - 1.0)
+            .collect()
     }
 
     #[test]
@@ -117,7 +233,9 @@ mod tests {
         let mut qkv = values(batch * len * 3 * width, 1);
         let mut out = vec![0.0; batch * len * width];
         encoder(&qkv, &lengths, len, heads, hd, &mut out);
-        let at = |b: usize, i: usize, part: usize, h: usize| &qkv[((b * len + i) * 3 + part) * width + h * hd..][..hd];
+        let at = |b: usize, i: usize, part: usize, h: usize| {
+            &qkv[((b * len + i) * 3 + part) * width + h * hd..][..hd]
+        };
         for b in 0..batch {
             for h in 0..heads {
                 let k: Vec<Vec<f32>> = (0..lengths[b]).map(|j| at(b, j, 1, h).to_vec()).collect();
@@ -141,7 +259,10 @@ mod tests {
             qkv[((len + i) * 3) * width..((len + i + 1) * 3) * width].fill(1e6);
         }
         encoder(&qkv, &lengths, len, heads, hd, &mut out);
-        assert_eq!(&before[len * width..(len + lengths[1]) * width], &out[len * width..(len + lengths[1]) * width]);
+        assert_eq!(
+            &before[len * width..(len + lengths[1]) * width],
+            &out[len * width..(len + lengths[1]) * width]
+        );
     }
 
     #[test]
@@ -159,7 +280,17 @@ mod tests {
         let mut out_steps = vec![0.0; t * heads * hd];
         let mut at = 0;
         for n in [4, 1, 1, 1, 1, 1] {
-            causal(&qkv[at * row..(at + n) * row], n, heads, kv_heads, hd, &rope, &mut stepped, 0, &mut out_steps[at * heads * hd..(at + n) * heads * hd]);
+            causal(
+                &qkv[at * row..(at + n) * row],
+                n,
+                heads,
+                kv_heads,
+                hd,
+                &rope,
+                &mut stepped,
+                0,
+                &mut out_steps[at * heads * hd..(at + n) * heads * hd],
+            );
             stepped.commit(n);
             at += n;
         }
@@ -170,8 +301,12 @@ mod tests {
         let (h, g, i) = (5, 1, t - 1);
         let mut q = qkv[i * row + h * hd..][..hd].to_vec();
         rope.rotate(&mut q, i);
-        let k: Vec<Vec<f32>> = (0..t).map(|j| whole.keys[0][j * kv_heads * hd + g * hd..][..hd].to_vec()).collect();
-        let v: Vec<Vec<f32>> = (0..t).map(|j| qkv[j * row + (heads + kv_heads) * hd + g * hd..][..hd].to_vec()).collect();
+        let k: Vec<Vec<f32>> = (0..t)
+            .map(|j| whole.keys[0][j * kv_heads * hd + g * hd..][..hd].to_vec())
+            .collect();
+        let v: Vec<Vec<f32>> = (0..t)
+            .map(|j| qkv[j * row + (heads + kv_heads) * hd + g * hd..][..hd].to_vec())
+            .collect();
         let want = reference::attend(&q, &k, &v, 1.0 / (hd as f32).sqrt());
         for (a, w) in out_whole[i * heads * hd + h * hd..][..hd].iter().zip(&want) {
             assert!((a - w).abs() < 1e-5);

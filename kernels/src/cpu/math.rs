@@ -33,7 +33,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -43,7 +45,8 @@ pub(crate) fn exp(x: f32) -> f32 {
 pub(crate) fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let poly =
+        t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
     let y = 1.0 - poly * exp(-a * a);
     // Near zero `1 - poly * exp` cancels in f32: use the Taylor series there.
     let x2 = x * x;
@@ -195,14 +198,20 @@ mod tests {
     use super::*;
 
     fn grid() -> Vec<f32> {
-        (-4000..=4000).map(|i| i as f32 * 0.0025).chain([-30.0, -10.0, 10.0, 30.0, 1e-30, -1e-30]).collect()
+        (-4000..=4000)
+            .map(|i| i as f32 * 0.0025)
+            .chain([-30.0, -10.0, 10.0, 30.0, 1e-30, -1e-30])
+            .collect()
     }
 
     #[test]
     fn exp_and_erf_are_accurate() {
         for x in (-8700..8800).map(|i| i as f32 * 0.01) {
             let (got, want) = (exp(x), (x as f64).exp());
-            assert!(((got as f64 - want) / want).abs() < 5e-7, "exp({x}) = {got}, want {want}");
+            assert!(
+                ((got as f64 - want) / want).abs() < 5e-7,
+                "exp({x}) = {got}, want {want}"
+            );
         }
         for x in grid() {
             let (got, want) = (erf(x), reference::libm_erf(x as f64));
@@ -234,14 +243,18 @@ mod tests {
     #[test]
     fn norms_and_softmax_match_plain_math() {
         let width = 37;
-        let x: Vec<f32> = (0..width * 3).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let x: Vec<f32> = (0..width * 3)
+            .map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0)
+            .collect();
         let r: Vec<f32> = (0..width * 3).map(|i| ((i * 31) % 11) as f32 / 7.0).collect();
         let gamma: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / width as f32).collect();
         let beta: Vec<f32> = (0..width).map(|i| i as f32 / 100.0).collect();
         let mut out = vec![0.0; x.len()];
         add_layer_norm(&x, &r, &gamma, &beta, 1e-12, &mut out);
         for row in 0..3 {
-            let s: Vec<f64> = (0..width).map(|i| (x[row * width + i] + r[row * width + i]) as f64).collect();
+            let s: Vec<f64> = (0..width)
+                .map(|i| (x[row * width + i] + r[row * width + i]) as f64)
+                .collect();
             let mean = s.iter().sum::<f64>() / width as f64;
             let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / width as f64;
             for i in 0..width {
@@ -252,7 +265,9 @@ mod tests {
         let mut sum = r.clone();
         add_rms_norm(&x, &mut sum, &gamma, 1e-5, &mut out);
         for row in 0..3 {
-            let s: Vec<f64> = (0..width).map(|i| (x[row * width + i] + r[row * width + i]) as f64).collect();
+            let s: Vec<f64> = (0..width)
+                .map(|i| (x[row * width + i] + r[row * width + i]) as f64)
+                .collect();
             let rms = (s.iter().map(|v| v * v).sum::<f64>() / width as f64 + 1e-5).sqrt();
             for i in 0..width {
                 assert!((sum[row * width + i] as f64 - s[i]).abs() < 1e-6);

@@ -17,15 +17,23 @@ pub(crate) struct Cpu {
 
 /// Runs `f` on the f32 values of `t`, row-major (copying only if `t` is a strided view).
 fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? };
+    let t = if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    };
     let t = if t.is_contiguous() { t } else { t.contiguous()? };
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::BadOperands { op: "cpu", reason: "tensor is not in CPU memory".into() });
+        return Err(Error::BadOperands {
+            op: "cpu",
+            reason: "tensor is not in CPU memory".into(),
+        });
     };
     let data = cpu.as_slice::<f32>()?;
-    let (start, end) =
-        layout.contiguous_offsets().ok_or_else(|| bad("cpu", "tensor is not contiguous".into()))?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| bad("cpu", "tensor is not contiguous".into()))?;
     Ok(f(&data[start..end]))
 }
 
@@ -39,7 +47,9 @@ fn bad(op: &'static str, reason: String) -> Error {
 
 impl Cpu {
     pub(crate) fn new() -> Self {
-        Self { device: candle_core::Device::Cpu }
+        Self {
+            device: candle_core::Device::Cpu,
+        }
     }
 
     pub(crate) fn candle(&self) -> &candle_core::Device {
@@ -47,7 +57,11 @@ impl Cpu {
     }
 
     pub(crate) fn caps(&self) -> Caps {
-        Caps { kind: DeviceKind::Cpu, name: "cpu".into(), quantized_matmul: true }
+        Caps {
+            kind: DeviceKind::Cpu,
+            name: "cpu".into(),
+            quantized_matmul: true,
+        }
     }
 
     pub(crate) fn supports(_op: Op) -> bool {
@@ -57,7 +71,10 @@ impl Cpu {
     pub(crate) fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
         let (out_features, in_features) = layer.weight.dims();
         if x.dim(D::Minus1)? != in_features {
-            return Err(bad("linear", format!("input {:?} does not end in {in_features}", x.dims())));
+            return Err(bad(
+                "linear",
+                format!("input {:?} does not end in {in_features}", x.dims()),
+            ));
         }
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("checked above") = out_features;
@@ -97,7 +114,10 @@ impl Cpu {
         };
         let (gamma, beta) = (read(gamma, <[f32]>::to_vec)?, read(beta, <[f32]>::to_vec)?);
         if x.dim(D::Minus1)? != gamma.len() || gamma.len() != beta.len() {
-            return Err(bad("add_layer_norm", format!("x {:?}, gamma {}", x.dims(), gamma.len())));
+            return Err(bad(
+                "add_layer_norm",
+                format!("x {:?}, gamma {}", x.dims(), gamma.len()),
+            ));
         }
         let out = read(x, |x| {
             let mut out = vec![0f32; x.len()];
@@ -116,10 +136,15 @@ impl Cpu {
     ) -> Result<(Tensor, Tensor)> {
         let gamma = read(gamma, <[f32]>::to_vec)?;
         if x.dim(D::Minus1)? != gamma.len() {
-            return Err(bad("rms_norm", format!("x {:?}, gamma {}", x.dims(), gamma.len())));
+            return Err(bad(
+                "rms_norm",
+                format!("x {:?}, gamma {}", x.dims(), gamma.len()),
+            ));
         }
         let mut sum = match residual {
-            Some(r) if r.dims() != x.dims() => return Err(bad("rms_norm", format!("{:?} + {:?}", x.dims(), r.dims()))),
+            Some(r) if r.dims() != x.dims() => {
+                return Err(bad("rms_norm", format!("{:?} + {:?}", x.dims(), r.dims())))
+            }
             Some(r) => read(r, <[f32]>::to_vec)?,
             None => Vec::new(),
         };
@@ -128,14 +153,21 @@ impl Cpu {
             math::add_rms_norm(x, &mut sum, &gamma, eps, &mut out);
             out
         })?;
-        let sum = if sum.is_empty() { x.clone() } else { tensor(sum, x.dims())? };
+        let sum = if sum.is_empty() {
+            x.clone()
+        } else {
+            tensor(sum, x.dims())?
+        };
         Ok((sum, tensor(out, x.dims())?))
     }
 
     pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let (batch, len, width3) = qkv.dims3()?;
         if lengths.len() != batch || lengths.iter().any(|&l| l == 0 || l > len) || width3 % (3 * heads) != 0 {
-            return Err(bad("attention", format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims())));
+            return Err(bad(
+                "attention",
+                format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims()),
+            ));
         }
         let head_dim = width3 / 3 / heads;
         let out = read(qkv, |qkv| {
@@ -166,7 +198,14 @@ impl Cpu {
             && cache.len() + t <= rope.max_positions()
             && (width / parts) == 2 * rope.half;
         if !fits {
-            return Err(bad("attention", format!("qkv {:?}, {heads}/{kv_heads} heads, cache width {}", qkv.dims(), cache.width)));
+            return Err(bad(
+                "attention",
+                format!(
+                    "qkv {:?}, {heads}/{kv_heads} heads, cache width {}",
+                    qkv.dims(),
+                    cache.width
+                ),
+            ));
         }
         let head_dim = width / parts;
         let out = read(qkv, |qkv| {
@@ -219,14 +258,41 @@ impl Cpu {
 /// `x[m×k] · w[n×k]ᵀ` with the gemm crate on the shared pool (packing happens inside gemm).
 fn dense_matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
     if w.len() != n * k || x.len() % k != 0 {
-        return Err(bad("linear", format!("x of {} values, w of {} for {n}x{k}", x.len(), w.len())));
+        return Err(bad(
+            "linear",
+            format!("x of {} values, w of {} for {n}x{k}", x.len(), w.len()),
+        ));
     }
     let m = x.len() / k;
     let mut y = vec![0f32; m * n];
-    let threads = if m * n * k < 1 << 18 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(rayon::current_num_threads()) };
+    let threads = if m * n * k < 1 << 18 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    };
     // SAFETY: the sizes and strides above describe exactly x (m×k), w (n×k) and y (m×n).
     unsafe {
-        gemm::gemm(m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, threads);
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
     }
     Ok(y)
 }

@@ -65,7 +65,11 @@ pub(crate) struct BlockQ8 {
     qs: [i8; 32],
 }
 
-const ZERO_Q8: BlockQ8 = BlockQ8 { d: 0.0, s: 0.0, qs: [0; 32] };
+const ZERO_Q8: BlockQ8 = BlockQ8 {
+    d: 0.0,
+    s: 0.0,
+    qs: [0; 32],
+};
 
 #[derive(Debug, Clone)]
 enum Blocks {
@@ -104,7 +108,10 @@ impl QuantMatrix {
                         .map(|b| {
                             let mut qs = [0u8; 16];
                             qs.copy_from_slice(&b[4..20]);
-                            BlockQ4_1 { dm: [u16_at(b, 0), u16_at(b, 2)], qs }
+                            BlockQ4_1 {
+                                dm: [u16_at(b, 0), u16_at(b, 2)],
+                                qs,
+                            }
                         })
                         .collect(),
                 )
@@ -150,7 +157,11 @@ impl QuantMatrix {
                 _ => return None,
             }
         }
-        Some(QuantMatrix { rows, cols: first.cols, blocks })
+        Some(QuantMatrix {
+            rows,
+            cols: first.cols,
+            blocks,
+        })
     }
 
     /// `(rows, cols)`.
@@ -200,7 +211,9 @@ impl QuantMatrix {
         let dot = kernel_for(self.kind());
         // Chunks of rows small enough to stay in L1 while every token passes over them, and
         // enough of them to keep every thread busy.
-        let chunk = (16usize).max(self.rows / (rayon::current_num_threads() * 2)).min(self.rows);
+        let chunk = (16usize)
+            .max(self.rows / (rayon::current_num_threads() * 2))
+            .min(self.rows);
         let out = SharedOut(y.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
@@ -236,7 +249,11 @@ impl SharedOut {
 pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
     for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = if values.iter().all(|v| v.is_finite()) { amax / 127.0 } else { f32::NAN };
+        let d = if values.iter().all(|v| v.is_finite()) {
+            amax / 127.0
+        } else {
+            f32::NAN
+        };
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in block.qs.iter_mut().zip(values) {
@@ -323,16 +340,24 @@ mod avx2 {
     unsafe fn q4_products(w: &BlockQ4_1, a: &BlockQ8) -> __m256 {
         let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
         // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
-        let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+        let q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
+            _mm256_set1_epi8(0x0F),
+        );
         let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)))
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(q, x),
+            _mm256_set1_epi16(1),
+        ))
     }
 
     /// `[d, m]` of a Q4_1 block.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn scales(w: &BlockQ4_1) -> (f32, f32) {
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(w.dm.as_ptr() as *const i32)));
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+            w.dm.as_ptr() as *const i32
+        )));
         (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
     }
 
@@ -397,10 +422,14 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1) (no RNG dependency in the kernels crate).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -410,7 +439,9 @@ mod tests {
         let v = values(rows * cols, seed);
         let mut bytes = Vec::new();
         for block in v.chunks_exact(BLOCK) {
-            let (lo, hi) = block.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            let (lo, hi) = block
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
             let d = (hi - lo) / 15.0;
             bytes.extend(f16::from_f32(d).to_le_bytes());
             bytes.extend(f16::from_f32(lo).to_le_bytes());
@@ -440,7 +471,13 @@ mod tests {
         x.chunks_exact(cols)
             .flat_map(|xr| {
                 (0..rows)
-                    .map(|r| w[r * cols..(r + 1) * cols].iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)
+                    .map(|r| {
+                        w[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(xr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>() as f32
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -448,7 +485,10 @@ mod tests {
 
     #[test]
     fn simd_kernels_equal_the_reference_and_the_exact_product() {
-        for (kind, bytes) in [(QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>), (QuantKind::Q8_0, ggml_q8_0)] {
+        for (kind, bytes) in [
+            (QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>),
+            (QuantKind::Q8_0, ggml_q8_0),
+        ] {
             for (rows, cols, t) in [(1, 32, 1), (7, 64, 3), (33, 96, 1), (130, 576, 5), (300, 1536, 2)] {
                 let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes(rows, cols, rows as u64)).unwrap();
                 let x = values(t * cols, 99);
@@ -470,13 +510,19 @@ mod tests {
                     })
                     .collect();
                 for (a, b) in y.iter().zip(&reference) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{kind:?} {rows}x{cols}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{kind:?} {rows}x{cols}: {a} vs {b}"
+                    );
                 }
                 // Against the exact product: 8-bit activations cost at most ~1% of the row's scale.
                 let exact = exact(&m, &x);
                 let scale = (cols as f32).sqrt() * 0.6;
                 for (a, b) in y.iter().zip(&exact) {
-                    assert!((a - b).abs() <= 0.01 * scale, "{kind:?} {rows}x{cols}: {a} vs exact {b}");
+                    assert!(
+                        (a - b).abs() <= 0.01 * scale,
+                        "{kind:?} {rows}x{cols}: {a} vs exact {b}"
+                    );
                 }
             }
         }
