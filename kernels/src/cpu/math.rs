@@ -36,7 +36,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits: adding 1.5 * 2^23 puts the integer n in the low mantissa bits. (A plain
+    // `n as i32` saturates, and that check does not vectorize.)
+    let k = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    p * f32::from_bits(k.wrapping_add(127) << 23)
 }
 
 /// `erf(x)` with absolute error below 5e-7 (Abramowitz & Stegun 7.1.26, whose 1.5e-7 bound
@@ -58,6 +61,37 @@ pub(crate) fn erf(x: f32) -> f32 {
     } else {
         y.copysign(x)
     }
+}
+
+/// Float sums and maxima are not reassociated by the compiler, so a plain fold runs one lane at a
+/// time: these keep 8 partial results side by side, which vectorizes.
+#[inline(always)]
+fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lanes_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
 #[inline(always)]
@@ -114,8 +148,8 @@ multiversion! {
                     *o = a + b;
                 }
             }
-            let mean = o.iter().sum::<f32>() / width as f32;
-            let var = o.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+            let mean = lanes_sum(o, |v| v) / width as f32;
+            let var = lanes_sum(o, |v| (v - mean) * (v - mean)) / width as f32;
             let inv = 1.0 / (var + eps).sqrt();
             for ((v, g), b) in o.iter_mut().zip(gamma).zip(beta) {
                 *v = (*v - mean) * inv * g + b;
@@ -140,7 +174,7 @@ multiversion! {
                     *o = *s;
                 }
             }
-            let ms = o.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let ms = lanes_sum(o, |v| v * v) / width as f32;
             let inv = 1.0 / (ms + eps).sqrt();
             for (v, g) in o.iter_mut().zip(gamma) {
                 *v *= inv * g;
@@ -150,16 +184,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// Softmax of `row` in place, scaled by `scale` first: one pass for the max, one for
-    /// `exp` and the sum, one to normalize.
+    /// Softmax of `row` in place, scaled by `scale` first (`scale` > 0): passes for the max,
+    /// `exp`, the sum and the normalization, each vectorized. A NaN anywhere makes the row NaN.
     fn scaled_softmax(row: &mut [f32], scale: f32) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = exp(*v * scale - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        let has_nan = row.iter().any(|v| v.is_nan());
+        let max = lanes_max(row) * scale;
+        row.iter_mut().for_each(|v| *v = exp(*v * scale - max));
+        let inv = if has_nan { f32::NAN } else { 1.0 / lanes_sum(row, |v| v) };
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }
@@ -274,6 +305,12 @@ mod tests {
                 assert!((out[row * width + i] as f64 - s[i] / rms * gamma[i] as f64).abs() < 1e-5);
             }
         }
+        let mut nan_row = vec![1.0f32, f32::NAN, 2.0];
+        scaled_softmax(&mut nan_row, 1.0);
+        assert!(
+            nan_row.iter().all(|v| v.is_nan()),
+            "NaN must propagate: {nan_row:?}"
+        );
         let mut row: Vec<f32> = x[..width].to_vec();
         scaled_softmax(&mut row, 0.5);
         let m = x[..width].iter().fold(f64::MIN, |m, v| m.max(*v as f64 * 0.5));

@@ -12,6 +12,9 @@ use rayon::prelude::*;
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
+/// Rows of a tile: 2 rows x 2 tokens keep all four accumulators in AVX2's 16 registers.
+const TILE_ROWS: usize = 2;
+
 /// The block formats with a fast kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
@@ -72,7 +75,7 @@ const ZERO_Q8: BlockQ8 = BlockQ8 {
 };
 
 #[derive(Debug, Clone)]
-enum Blocks {
+pub(crate) enum Blocks {
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
 }
@@ -208,8 +211,8 @@ impl QuantMatrix {
         for (row, blocks) in x.chunks_exact(self.cols).zip(activations.chunks_exact_mut(nb)) {
             quantize_row(row, blocks);
         }
-        let dot = kernel_for(self.kind());
-        // Chunks of rows small enough to stay in L1 while every token passes over them, and
+        let kernels = kernels_for(self.kind());
+        // Chunks of rows small enough to stay in L2 while every token passes over them, and
         // enough of them to keep every thread busy.
         let chunk = (16usize)
             .max(self.rows / (rayon::current_num_threads() * 2))
@@ -217,11 +220,34 @@ impl QuantMatrix {
         let out = SharedOut(y.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
-            for (ti, act) in activations.chunks_exact(nb).enumerate() {
-                for r in rows.clone() {
-                    let value = dot(&self.blocks, r * nb, act);
-                    // SAFETY: each (token, row) cell is written by exactly one chunk, and `y`
-                    // outlives the parallel loop.
+            let mut ti = 0;
+            // Tiles of rows x 2 tokens: each weight block is unpacked once for two tokens and each
+            // activation block loaded once for every row of the tile (prompts, batched decode).
+            while ti + 2 <= t {
+                let act = &activations[ti * nb..(ti + 2) * nb];
+                let mut r = rows.start;
+                while r + TILE_ROWS <= rows.end {
+                    let tile = (kernels.tile)(&self.blocks, r * nb, nb, act);
+                    for (i, pair) in tile.iter().enumerate() {
+                        for (j, value) in pair.iter().enumerate() {
+                            // SAFETY: each (token, row) cell is written by exactly one chunk.
+                            unsafe { out.write((ti + j) * self.rows + r + i, *value) };
+                        }
+                    }
+                    r += TILE_ROWS;
+                }
+                for r in r..rows.end {
+                    for j in 0..2 {
+                        let value = (kernels.dot)(&self.blocks, r * nb, &act[j * nb..(j + 1) * nb]);
+                        unsafe { out.write((ti + j) * self.rows + r, value) };
+                    }
+                }
+                ti += 2;
+            }
+            if ti < t {
+                let act = &activations[ti * nb..(ti + 1) * nb];
+                for r in rows {
+                    let value = (kernels.dot)(&self.blocks, r * nb, act);
                     unsafe { out.write(ti * self.rows + r, value) };
                 }
             }
@@ -265,36 +291,74 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+/// One row times one token: `(blocks, first block of the row, the token's blocks)`.
 type DotFn = fn(&Blocks, usize, &[BlockQ8]) -> f32;
+/// `TILE_ROWS` rows times two tokens: `(blocks, first block of the first row, blocks per row, the two
+/// tokens' blocks one after the other)` -> `[row][token]`.
+type TileFn = fn(&Blocks, usize, usize, &[BlockQ8]) -> [[f32; 2]; TILE_ROWS];
 
-fn kernel_for(kind: QuantKind) -> DotFn {
+struct Kernels {
+    dot: DotFn,
+    tile: TileFn,
+}
+
+fn kernels_for(kind: QuantKind) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
     {
+        // SAFETY (every closure below): the CPU has AVX2, FMA and F16C (checked above).
         return match kind {
-            QuantKind::Q4_1 => |b, at, a| match b {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                Blocks::Q4_1(w) => unsafe { avx2::dot_q4_1(&w[at..at + a.len()], a) },
-                Blocks::Q8_0(_) => unreachable!(),
+            QuantKind::Q4_1 => Kernels {
+                dot: |b, at, a| match b {
+                    Blocks::Q4_1(w) => unsafe { avx2::dot_q4_1(&w[at..at + a.len()], a) },
+                    Blocks::Q8_0(_) => f32::NAN,
+                },
+                tile: |b, at, nb, a| match b {
+                    Blocks::Q4_1(w) => unsafe { avx2::tile_q4_1(&w[at..at + TILE_ROWS * nb], nb, a) },
+                    Blocks::Q8_0(_) => [[f32::NAN; 2]; TILE_ROWS],
+                },
             },
-            QuantKind::Q8_0 => |b, at, a| match b {
-                Blocks::Q8_0(w) => unsafe { avx2::dot_q8_0(&w[at..at + a.len()], a) },
-                Blocks::Q4_1(_) => unreachable!(),
+            QuantKind::Q8_0 => Kernels {
+                dot: |b, at, a| match b {
+                    Blocks::Q8_0(w) => unsafe { avx2::dot_q8_0(&w[at..at + a.len()], a) },
+                    Blocks::Q4_1(_) => f32::NAN,
+                },
+                tile: |b, at, nb, a| match b {
+                    Blocks::Q8_0(w) => unsafe { avx2::tile_q8_0(&w[at..at + TILE_ROWS * nb], nb, a) },
+                    Blocks::Q4_1(_) => [[f32::NAN; 2]; TILE_ROWS],
+                },
             },
         };
     }
     let _ = kind;
-    |b, at, a| match b {
-        Blocks::Q4_1(w) => reference::dot_q4_1(&w[at..at + a.len()], a),
-        Blocks::Q8_0(w) => reference::dot_q8_0(&w[at..at + a.len()], a),
+    Kernels {
+        dot: reference::dot,
+        tile: reference::tile,
     }
 }
 
 /// Plain Rust: the portable fallback, and the reference the SIMD kernels are tested against.
 pub(crate) mod reference {
     use super::*;
+
+    pub(crate) fn dot(b: &Blocks, at: usize, a: &[BlockQ8]) -> f32 {
+        match b {
+            Blocks::Q4_1(w) => dot_q4_1(&w[at..at + a.len()], a),
+            Blocks::Q8_0(w) => dot_q8_0(&w[at..at + a.len()], a),
+        }
+    }
+
+    pub(crate) fn tile(b: &Blocks, at: usize, nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
+        let mut out = [[0.0; 2]; TILE_ROWS];
+        for (r, pair) in out.iter_mut().enumerate() {
+            for (t, value) in pair.iter_mut().enumerate() {
+                *value = dot(b, at + r * nb, &a[t * nb..(t + 1) * nb]);
+            }
+        }
+        out
+    }
 
     pub(crate) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
         w.iter()
@@ -323,7 +387,7 @@ pub(crate) mod reference {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8, BlockQ8_0};
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TILE_ROWS};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -381,6 +445,70 @@ mod avx2 {
             offsets += m * al.s;
         }
         hsum(_mm256_add_ps(acc0, acc1)) + offsets
+    }
+
+    /// `TILE_ROWS` rows (`w`: TILE_ROWS * nb blocks) times two tokens (`a`: 2 * nb blocks).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_q4_1(w: &[BlockQ4_1], nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
+        let mut offsets = [[0.0f32; 2]; TILE_ROWS];
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..nb {
+            let (a0, a1) = (&a[b], &a[nb + b]);
+            let x0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+            let x1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+            for r in 0..TILE_ROWS {
+                let wb = &w[r * nb + b];
+                let bytes = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
+                let (d, m) = scales(wb);
+                let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x0), ones));
+                let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x1), ones));
+                acc[r][0] = _mm256_fmadd_ps(p0, _mm256_set1_ps(d * a0.d), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(p1, _mm256_set1_ps(d * a1.d), acc[r][1]);
+                offsets[r][0] += m * a0.s;
+                offsets[r][1] += m * a1.s;
+            }
+        }
+        let mut out = [[0.0f32; 2]; TILE_ROWS];
+        for r in 0..TILE_ROWS {
+            for t in 0..2 {
+                out[r][t] = hsum(acc[r][t]) + offsets[r][t];
+            }
+        }
+        out
+    }
+
+    /// `TILE_ROWS` rows (`w`: TILE_ROWS * nb blocks) times two tokens (`a`: 2 * nb blocks).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_q8_0(w: &[BlockQ8_0], nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..nb {
+            let (a0, a1) = (&a[b], &a[nb + b]);
+            let x0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+            let x1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+            for r in 0..TILE_ROWS {
+                let wb = &w[r * nb + b];
+                let q = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
+                let magnitude = _mm256_sign_epi8(q, q);
+                let d = scale(wb);
+                let p0 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x0, q));
+                let p1 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x1, q));
+                let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones));
+                let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones));
+                acc[r][0] = _mm256_fmadd_ps(p0, _mm256_set1_ps(d * a0.d), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(p1, _mm256_set1_ps(d * a1.d), acc[r][1]);
+            }
+        }
+        let mut out = [[0.0f32; 2]; TILE_ROWS];
+        for r in 0..TILE_ROWS {
+            for t in 0..2 {
+                out[r][t] = hsum(acc[r][t]);
+            }
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
