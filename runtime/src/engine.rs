@@ -1,20 +1,28 @@
 //! The Engine: the model versions a host has loaded, and the requests it serves on them.
 
+use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, TokenStream};
 use crate::manifest::{Architecture, Manifest, ModelSource, VersionId};
-use crate::model::{LoadedModel, Model};
+use crate::model::{Decoder, LoadedModel, Model};
+use crate::request::Request;
+use crate::scheduler::decoder::GenJob;
+use crate::scheduler::{DecoderScheduler, EncoderScheduler, SchedulerConfig, SchedulerStats};
 use crate::{Error, Result};
 use keel_kernels::{Device, DeviceKind};
 use keel_models::llama::WeightPath;
 use keel_models::tokenizer::Message;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 /// Builds an [`Engine`].
 #[derive(Debug, Clone)]
 pub struct EngineBuilder {
     device: DeviceChoice,
+    scheduler: SchedulerConfig,
+    caches: CacheConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +44,18 @@ impl EngineBuilder {
         self
     }
 
+    /// How each model version's scheduler batches (see [`SchedulerConfig`]).
+    pub fn scheduler(mut self, config: SchedulerConfig) -> Self {
+        self.scheduler = config;
+        self
+    }
+
+    /// Sizes of the response and prefix caches (see [`CacheConfig`]).
+    pub fn caches(mut self, config: CacheConfig) -> Self {
+        self.caches = config;
+        self
+    }
+
     /// The engine.
     ///
     /// # Errors
@@ -45,10 +65,17 @@ impl EngineBuilder {
             DeviceChoice::Best => Device::best(),
             DeviceChoice::Kind(kind) => Device::new(kind)?,
         };
+        let caches = self.caches;
         Ok(Engine {
             inner: Arc::new(Inner {
                 device,
                 models: RwLock::default(),
+                scheduler: self.scheduler,
+                response_cache: (caches.response_bytes > 0)
+                    .then(|| ResponseCache::new(caches.response_bytes, caches.response_ttl)),
+                prefix_cache: (caches.prefix_bytes > 0)
+                    .then(|| Arc::new(PrefixCache::new(caches.prefix_bytes))),
+                closed: AtomicBool::new(false),
             }),
         })
     }
@@ -105,12 +132,54 @@ pub struct Engine {
 struct Inner {
     device: Device,
     models: RwLock<Registry>,
+    scheduler: SchedulerConfig,
+    response_cache: Option<ResponseCache>,
+    prefix_cache: Option<Arc<PrefixCache>>,
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
 struct Registry {
-    versions: HashMap<VersionId, Arc<LoadedModel>>,
+    versions: HashMap<VersionId, Arc<Version>>,
     aliases: HashMap<String, VersionId>,
+}
+
+/// A loaded version and the scheduler that serves it. Dropping the last handle shuts the
+/// scheduler down gracefully (what is queued runs).
+struct Version {
+    loaded: LoadedModel,
+    scheduler: Scheduler,
+    /// Decoders: per system prompt, the chat-template tokens that do not depend on the user's
+    /// text (where the prefix cache cuts).
+    shared_prefixes: Mutex<HashMap<Option<String>, Arc<Vec<u32>>>>,
+}
+
+enum Scheduler {
+    Encoder(EncoderScheduler),
+    Decoder(DecoderScheduler),
+}
+
+impl Scheduler {
+    fn stats(&self) -> SchedulerStats {
+        match self {
+            Scheduler::Encoder(s) => s.stats(),
+            Scheduler::Decoder(s) => s.stats(),
+        }
+    }
+
+    fn shutdown(&self, grace: Duration) -> bool {
+        match self {
+            Scheduler::Encoder(s) => s.shutdown(grace),
+            Scheduler::Decoder(s) => s.shutdown(grace),
+        }
+    }
+}
+
+impl std::ops::Deref for Version {
+    type Target = LoadedModel;
+    fn deref(&self) -> &LoadedModel {
+        &self.loaded
+    }
 }
 
 impl Engine {
@@ -118,6 +187,8 @@ impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             device: DeviceChoice::Best,
+            scheduler: SchedulerConfig::default(),
+            caches: CacheConfig::default(),
         }
     }
 
@@ -148,8 +219,36 @@ impl Engine {
         if self.read().versions.contains_key(&id) {
             return Ok(id);
         }
-        let model = Arc::new(LoadedModel::load(&source, options.weights, &self.inner.device)?);
-        self.write().versions.entry(id.clone()).or_insert(model);
+        let model = LoadedModel::load(&source, options.weights, &self.inner.device)?;
+        let name = model.manifest.name.clone();
+        let config = &self.inner.scheduler;
+        let scheduler = match &model.model {
+            Model::Encoder(e) => Scheduler::Encoder(EncoderScheduler::start(&name, e.clone(), config)?),
+            Model::Decoder(d) => Scheduler::Decoder(DecoderScheduler::start(
+                &name,
+                id.clone(),
+                d.clone(),
+                self.inner.prefix_cache.clone(),
+                config,
+            )?),
+        };
+        let version = Arc::new(Version {
+            loaded: model,
+            scheduler,
+            shared_prefixes: Mutex::default(),
+        });
+        // A version loaded meanwhile by another thread wins; ours is dropped (outside the lock).
+        let ours = {
+            let mut registry = self.write();
+            match registry.versions.entry(id.clone()) {
+                std::collections::hash_map::Entry::Occupied(_) => Some(version),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(version);
+                    None
+                }
+            }
+        };
+        drop(ours);
         Ok(id)
     }
 
@@ -166,13 +265,51 @@ impl Engine {
         Ok(())
     }
 
-    /// Forgets a version and every alias pointing at it. Requests already running on it finish.
+    /// Forgets a version and every alias pointing at it. Requests already queued or running on
+    /// it finish (the call waits for them once the last of them lets go of the version).
     pub fn unload(&self, model: &str) -> Result<()> {
         let id = self.resolve(model)?.id.clone();
-        let mut registry = self.write();
-        registry.versions.remove(&id);
-        registry.aliases.retain(|_, v| *v != id);
+        let removed = {
+            let mut registry = self.write();
+            registry.aliases.retain(|_, v| *v != id);
+            registry.versions.remove(&id)
+        };
+        // Its scheduler drains outside the registry lock.
+        drop(removed);
         Ok(())
+    }
+
+    /// Shuts the engine down: no new request is taken (they are answered
+    /// [`Error::ShuttingDown`]); queued and running requests get up to `grace` to finish, and
+    /// what is left then is answered `ShuttingDown`: none is lost silently. Returns whether
+    /// everything finished within `grace`. Dropping the last clone of an engine shuts it down
+    /// with no time limit.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let versions: Vec<Arc<Version>> = self.read().versions.values().cloned().collect();
+        let until = std::time::Instant::now() + grace;
+        let mut all = true;
+        for v in versions {
+            all &= v
+                .scheduler
+                .shutdown(until.saturating_duration_since(std::time::Instant::now()));
+        }
+        all
+    }
+
+    /// The counters of a model version's scheduler (queue, batches, padding, KV memory).
+    pub fn scheduler_stats(&self, model: &str) -> Result<SchedulerStats> {
+        Ok(self.resolve(model)?.scheduler.stats())
+    }
+
+    /// The response cache's counters (None: it is off).
+    pub fn response_cache_stats(&self) -> Option<CacheStats> {
+        self.inner.response_cache.as_ref().map(ResponseCache::stats)
+    }
+
+    /// The decoder prefix cache's counters (None: it is off).
+    pub fn prefix_cache_stats(&self) -> Option<CacheStats> {
+        self.inner.prefix_cache.as_ref().map(|p| p.stats())
     }
 
     /// The loaded versions.
@@ -191,18 +328,64 @@ impl Engine {
         infos
     }
 
-    /// Unit-length sentence embeddings of `texts`, in order.
+    /// Unit-length sentence embeddings of `texts`, in order, with the default [`Request`].
     ///
     /// # Errors
-    /// An unknown model, a model that is not an encoder, an empty batch or an empty text.
+    /// An unknown model, a model that is not an encoder, an empty batch or an empty text; see
+    /// [`Engine::embed_with`] for the scheduler's errors.
     pub fn embed(&self, model: &str, texts: &[&str]) -> Result<Embeddings> {
-        let loaded = self.resolve(model)?;
-        let Model::Encoder(encoder) = &loaded.model else {
-            return Err(wrong_task(model, &loaded, "embed"));
+        self.embed_with(model, texts, &Request::default())
+    }
+
+    /// [`Engine::embed`] with a priority, a deadline and cache control. Texts are tokenized on
+    /// the calling thread; texts the response cache holds (for this very version) are answered
+    /// from it; the others go to the model's scheduler as one request, which batches it with
+    /// other threads' requests of similar length. The vectors do not depend on the batch.
+    ///
+    /// # Errors
+    /// As [`Engine::embed`], and: [`Error::Overloaded`] at once if the model's queue is full;
+    /// [`Error::DeadlineExceeded`] if the deadline passes before the request runs (it is then
+    /// never run) or before its answer is ready; [`Error::ShuttingDown`] after
+    /// [`Engine::shutdown`].
+    pub fn embed_with(&self, model: &str, texts: &[&str], request: &Request) -> Result<Embeddings> {
+        self.open()?;
+        let version = self.resolve(model)?;
+        let (Model::Encoder(encoder), Scheduler::Encoder(scheduler)) = (&version.model, &version.scheduler)
+        else {
+            return Err(wrong_task(model, &version, "embed"));
         };
+        if texts.is_empty() {
+            return Err(keel_models::Error::EmptyInput("no texts to embed".into()).into());
+        }
+        let ids = encoder.tokenize(texts)?;
+        let cache = self.inner.response_cache.as_ref().filter(|_| request.use_cache);
+        let mut vectors: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
+        let mut missing = Vec::new();
+        let mut missing_ids = Vec::new();
+        for (i, seq) in ids.into_iter().enumerate() {
+            match cache.and_then(|c| c.get(&version.id, &seq)) {
+                Some(hit) => vectors[i] = Some(hit.to_vec()),
+                None => {
+                    missing.push(i);
+                    missing_ids.push(seq);
+                }
+            }
+        }
+        if !missing_ids.is_empty() {
+            let keys = cache.map(|_| missing_ids.clone());
+            let computed = scheduler.embed(model, missing_ids, request)?;
+            if let (Some(cache), Some(keys)) = (cache, keys) {
+                for (key, v) in keys.into_iter().zip(&computed) {
+                    cache.insert(&version.id, key, v);
+                }
+            }
+            for (i, v) in missing.into_iter().zip(computed) {
+                vectors[i] = Some(v);
+            }
+        }
         Ok(Embeddings {
-            version: loaded.id.clone(),
-            vectors: encoder.embed(texts)?,
+            version: version.id.clone(),
+            vectors: vectors.into_iter().map(Option::unwrap_or_default).collect(),
         })
     }
 
@@ -226,21 +409,83 @@ impl Engine {
     /// An unknown model, a model that is not a decoder, an empty prompt, a prompt that does not
     /// fit in the context, bad sampling parameters.
     pub fn generate(&self, model: &str, prompt: &str, params: &GenerateParams) -> Result<TokenStream> {
+        self.generate_with(model, prompt, params, &Request::default())
+    }
+
+    /// [`Engine::generate`] with a priority and a deadline. The generation is queued at once and
+    /// joins the model's running batch at its next step (continuous batching); the deadline
+    /// bounds its wait in the queue (a stream whose deadline passes there yields
+    /// [`Error::DeadlineExceeded`] and never runs). With the prefix cache on, the KV state after
+    /// the chat template's system turn is stored and reused by later prompts that share it.
+    ///
+    /// # Errors
+    /// As [`Engine::generate`], and [`Error::Overloaded`] at once if the model's queue is full,
+    /// [`Error::ShuttingDown`] after [`Engine::shutdown`].
+    pub fn generate_with(
+        &self,
+        model: &str,
+        prompt: &str,
+        params: &GenerateParams,
+        request: &Request,
+    ) -> Result<TokenStream> {
         params.validate()?;
-        let loaded = self.resolve(model)?;
-        let Model::Decoder(decoder) = &loaded.model else {
-            return Err(wrong_task(model, &loaded, "generate"));
+        self.open()?;
+        let version = self.resolve(model)?;
+        let (Model::Decoder(decoder), Scheduler::Decoder(scheduler)) = (&version.model, &version.scheduler)
+        else {
+            return Err(wrong_task(model, &version, "generate"));
         };
         if prompt.is_empty() {
             return Err(keel_models::Error::EmptyInput("the prompt is empty".into()).into());
         }
         let text = if params.chat {
-            decoder.tokenizer.apply_chat_template(&[Message::user(prompt)])?
+            decoder
+                .tokenizer
+                .apply_chat_template(&chat(params.system.as_deref(), prompt))?
         } else {
             prompt.to_string()
         };
         let ids = decoder.tokenizer.encode(&text)?;
-        TokenStream::new(decoder.clone(), ids, params)
+        let context = decoder.llama.config().context_length;
+        if ids.is_empty() {
+            return Err(keel_models::Error::EmptyInput("the prompt has no tokens".into()).into());
+        }
+        if ids.len() >= context {
+            return Err(keel_models::Error::ContextOverflow {
+                tokens: ids.len() + 1,
+                context,
+            }
+            .into());
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        if params.max_tokens == 0 {
+            return Ok(TokenStream::new(decoder.clone(), ids, None, cancel));
+        }
+        let boundary = match (&self.inner.prefix_cache, params.chat) {
+            (Some(_), true) => shared_prefix(&version, decoder, params.system.as_deref())
+                .map(|p| common_prefix(&p, &ids))
+                // A few tokens are not worth a cache entry; the whole prompt leaves nothing to run.
+                .filter(|&n| n >= 16 && n < ids.len()),
+            _ => None,
+        };
+        let (events, rx) = std::sync::mpsc::channel();
+        let job = GenJob {
+            prompt: ids.clone(),
+            boundary,
+            sampling: params.sampling,
+            max_tokens: params.max_tokens,
+            events,
+            cancel: cancel.clone(),
+        };
+        scheduler.submit(model, job, request)?;
+        Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel))
+    }
+
+    fn open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::ShuttingDown("the engine takes no more requests".into()));
+        }
+        Ok(())
     }
 
     /// The token ids of `text` under a decoder's tokenizer (special tokens written in the text
@@ -261,7 +506,7 @@ impl Engine {
     }
 
     /// Finds a model by alias, by full version id, or by a unique prefix of at least 8 hex digits.
-    fn resolve(&self, model: &str) -> Result<Arc<LoadedModel>> {
+    fn resolve(&self, model: &str) -> Result<Arc<Version>> {
         let registry = self.read();
         if let Some(id) = registry.aliases.get(model) {
             if let Some(m) = registry.versions.get(id) {
@@ -289,6 +534,48 @@ impl Engine {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         self.inner.models.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn chat(system: Option<&str>, prompt: &str) -> Vec<Message> {
+    let mut messages = Vec::with_capacity(2);
+    if let Some(system) = system {
+        messages.push(Message {
+            role: "system".into(),
+            content: system.into(),
+        });
+    }
+    messages.push(Message::user(prompt));
+    messages
+}
+
+/// The chat-template tokens before the user's text, for this system prompt: the common prefix
+/// of two renderings with different user texts. Kept per version (a few system prompts).
+fn shared_prefix(version: &Version, decoder: &Decoder, system: Option<&str>) -> Option<Arc<Vec<u32>>> {
+    let key = system.map(str::to_string);
+    if let Some(p) = version
+        .shared_prefixes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Some(p.clone());
+    }
+    let render = |user: &str| -> Option<Vec<u32>> {
+        let text = decoder.tokenizer.apply_chat_template(&chat(system, user)).ok()?;
+        decoder.tokenizer.encode(&text).ok()
+    };
+    let (a, b) = (render("\u{1}a")?, render("\u{2}b")?);
+    let prefix = Arc::new(a[..common_prefix(&a, &b)].to_vec());
+    let mut map = version.shared_prefixes.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= 64 {
+        map.clear();
+    }
+    map.insert(key, prefix.clone());
+    Some(prefix)
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn wrong_task(model: &str, loaded: &LoadedModel, task: &'static str) -> Error {

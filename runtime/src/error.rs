@@ -48,6 +48,29 @@ pub enum Error {
     /// An argument out of its allowed range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The model version's queue is full: the request was refused at once (load shedding).
+    /// Retry later, or elsewhere.
+    #[error("model '{model}' is overloaded: its queue holds {capacity} requests")]
+    Overloaded {
+        /// The model as named by the caller.
+        model: String,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The request's deadline passed before it ran (it was never run), or before its answer
+    /// was ready.
+    #[error("deadline exceeded after {waited:?}")]
+    DeadlineExceeded {
+        /// How long the request had been submitted.
+        waited: std::time::Duration,
+    },
+    /// The engine (or this model version) is shutting down and takes no more requests, or
+    /// stopped before this one could run.
+    #[error("the engine is shutting down: {0}")]
+    ShuttingDown(String),
+    /// A failure inside Keel (a panic in a worker caught and reported, a worker gone).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// The broad class of an [`Error`]: what a caller (or the C ABI's status code) branches on.
@@ -64,6 +87,12 @@ pub enum ErrorKind {
     NoDevice,
     /// A failure inside Keel or its backend.
     Internal,
+    /// The request was shed because the model's queue is full: retry later.
+    Overloaded,
+    /// The request's deadline passed before it ran.
+    DeadlineExceeded,
+    /// The engine is shutting down and takes no more requests.
+    ShuttingDown,
 }
 
 impl Error {
@@ -86,6 +115,10 @@ impl Error {
             Error::NotAModel { .. } => ErrorKind::NotFound,
             Error::UnknownModel(_) => ErrorKind::NotFound,
             Error::WrongTask { .. } | Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            Error::ShuttingDown(_) => ErrorKind::ShuttingDown,
+            Error::Internal(_) => ErrorKind::Internal,
         }
     }
 }

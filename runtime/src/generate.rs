@@ -1,9 +1,11 @@
 //! Text generation: parameters, and the stream of tokens a generation yields.
 
 use crate::model::Decoder;
+use crate::scheduler::decoder::Event;
 use crate::{Error, Result};
-use keel_models::llama::KvCache;
-use keel_models::sampling::{Sampler, Sampling};
+use keel_models::sampling::Sampling;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 /// How to generate.
@@ -22,6 +24,10 @@ pub struct GenerateParams {
     pub sampling: Sampling,
     /// Wrap the prompt in the model's chat template as one user turn (the default), or feed it raw.
     pub chat: bool,
+    /// With `chat`: a system turn before the user's (None: the template's default, if any).
+    /// The KV state after the system turn is kept in the prefix cache, so that later prompts
+    /// with the same system turn skip running it.
+    pub system: Option<String>,
 }
 
 impl Default for GenerateParams {
@@ -30,6 +36,7 @@ impl Default for GenerateParams {
             max_tokens: 256,
             sampling: Sampling::Greedy,
             chat: true,
+            system: None,
         }
     }
 }
@@ -56,6 +63,12 @@ impl GenerateParams {
     /// At most `n` new tokens.
     pub fn max_tokens(mut self, n: usize) -> Self {
         self.max_tokens = n;
+        self
+    }
+
+    /// With a system turn (see [`GenerateParams::system`]).
+    pub fn system_prompt(mut self, system: impl Into<String>) -> Self {
+        self.system = Some(system.into());
         self
     }
 
@@ -117,49 +130,47 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// The tokens of one generation, produced as they are iterated. The prompt is run on the first
-/// call to `next`. Dropping the stream cancels the generation and frees its KV cache.
+/// The tokens of one generation, as the model's scheduler makes them.
+///
+/// The generation is queued when [`crate::Engine::generate`] returns and runs in the model's
+/// continuous batch (with every other stream of that model); tokens wait in the stream until it
+/// is iterated. Iterating blocks until the next token is made.
+///
+/// Dropping the stream cancels the generation: it leaves the batch before the next step and its
+/// KV cache is freed. An error (a queued request whose deadline passed, a shutdown, a backend
+/// failure) is yielded once, and ends the stream.
 pub struct TokenStream {
     decoder: Arc<Decoder>,
-    cache: KvCache,
-    sampler: Sampler,
     prompt: Vec<u32>,
+    events: Option<Receiver<Event>>,
+    cancel: Arc<AtomicBool>,
     generated: Vec<u32>,
-    max_tokens: usize,
     text_len: usize,
-    next_logits: Option<Vec<f32>>,
     finish: Option<FinishReason>,
 }
 
 impl TokenStream {
-    pub(crate) fn new(decoder: Arc<Decoder>, prompt: Vec<u32>, params: &GenerateParams) -> Result<Self> {
-        let context = decoder.llama.config().context_length;
-        if prompt.is_empty() {
-            return Err(keel_models::Error::EmptyInput("the prompt has no tokens".into()).into());
-        }
-        if prompt.len() >= context {
-            return Err(keel_models::Error::ContextOverflow {
-                tokens: prompt.len() + 1,
-                context,
-            }
-            .into());
-        }
-        let cache = decoder.llama.new_cache();
-        Ok(Self {
-            cache,
-            sampler: Sampler::new(params.sampling),
-            prompt,
-            generated: Vec::new(),
-            max_tokens: params.max_tokens,
-            text_len: 0,
-            next_logits: None,
-            finish: if params.max_tokens == 0 {
+    /// A stream for a generation submitted with `events` and `cancel` (`None`: nothing to
+    /// generate, `max_tokens` is 0).
+    pub(crate) fn new(
+        decoder: Arc<Decoder>,
+        prompt: Vec<u32>,
+        events: Option<Receiver<Event>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            finish: if events.is_none() {
                 Some(FinishReason::Length)
             } else {
                 None
             },
             decoder,
-        })
+            prompt,
+            events,
+            cancel,
+            generated: Vec::new(),
+            text_len: 0,
+        }
     }
 
     /// The prompt's token ids.
@@ -186,20 +197,10 @@ impl TokenStream {
         })
     }
 
-    fn step(&mut self) -> Result<Option<Token>> {
-        let decoder = self.decoder.clone();
-        let logits = match self.next_logits.take() {
-            Some(logits) => logits,
-            None => decoder.llama.forward(&self.prompt, &mut self.cache)?,
-        };
-        let id = self.sampler.sample(&logits);
-        if decoder.tokenizer.eos_ids().contains(&id) {
-            self.finish = Some(FinishReason::Stop);
-            return Ok(None);
-        }
+    fn token(&mut self, id: u32) -> Result<Token> {
         self.generated.push(id);
         // Decode everything so far and hand out what is new, holding back an unfinished character.
-        let all = decoder.tokenizer.decode(&self.generated)?;
+        let all = self.decoder.tokenizer.decode(&self.generated)?;
         let text = if all.ends_with('\u{FFFD}') || all.len() < self.text_len {
             String::new()
         } else {
@@ -207,14 +208,7 @@ impl TokenStream {
             self.text_len = all.len();
             new
         };
-        if self.generated.len() >= self.max_tokens {
-            self.finish = Some(FinishReason::Length);
-        } else if self.cache.len() + 1 > decoder.llama.config().context_length {
-            self.finish = Some(FinishReason::ContextFull);
-        } else {
-            self.next_logits = Some(decoder.llama.forward(&[id], &mut self.cache)?);
-        }
-        Ok(Some(Token { id, text }))
+        Ok(Token { id, text })
     }
 }
 
@@ -225,14 +219,26 @@ impl Iterator for TokenStream {
         if self.finish.is_some() {
             return None;
         }
-        match self.step() {
-            Ok(Some(token)) => Some(Ok(token)),
-            Ok(None) => None,
-            Err(e) => {
-                // An error ends the stream: the cache may hold a half-run step.
-                self.finish = Some(FinishReason::Stop);
-                Some(Err(e))
+        let event = self.events.as_ref()?.recv();
+        let failed = |stream: &mut Self, e| {
+            stream.finish = Some(FinishReason::Stop);
+            Some(Err(e))
+        };
+        match event {
+            Ok(Event::Token(id)) => Some(self.token(id)),
+            Ok(Event::Done(reason)) => {
+                self.finish = Some(reason);
+                None
             }
+            Ok(Event::Failed(e)) => failed(self, e),
+            Err(_) => failed(self, Error::Internal("the scheduler dropped a generation".into())),
         }
+    }
+}
+
+impl Drop for TokenStream {
+    fn drop(&mut self) {
+        // The worker sees it before its next step and drops the sequence (and its KV cache).
+        self.cancel.store(true, Ordering::Relaxed);
     }
 }

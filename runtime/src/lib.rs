@@ -10,13 +10,17 @@
 //! engine knows nothing of them.
 #![warn(missing_docs)]
 
+mod cache;
 mod engine;
 mod error;
 mod generate;
 mod inspect;
 pub mod manifest;
 mod model;
+mod request;
+mod scheduler;
 
+pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, Token, TokenStream};
@@ -25,3 +29,5 @@ pub use keel_kernels::{Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};
+pub use request::{Priority, Request};
+pub use scheduler::{SchedulerConfig, SchedulerStats};

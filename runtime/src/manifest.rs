@@ -77,6 +77,11 @@ impl VersionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub(crate) fn from_hex(hex: String) -> Self {
+        Self(hex)
+    }
 }
 
 impl fmt::Display for VersionId {
