@@ -185,6 +185,7 @@ struct Seq {
 enum Outcome {
     Continue,
     Finished,
+    Cancelled,
 }
 
 impl Seq {
@@ -247,8 +248,7 @@ impl Seq {
         }
         if self.job.events.send(Event::Token(id)).is_err() {
             // The stream is gone: cancelled.
-            self.job.cancel.store(true, Ordering::Relaxed);
-            return Outcome::Finished;
+            return Outcome::Cancelled;
         }
         self.generated += 1;
         let done = if self.generated >= self.job.max_tokens {
@@ -361,10 +361,8 @@ fn step(shared: &Shared, decoder: &Decoder, active: &mut Vec<Seq>) {
             for (mut s, l) in active.drain(..).zip(logits) {
                 match s.advance(&l, shared, decoder) {
                     Outcome::Continue => keep.push(s),
-                    Outcome::Finished if s.job.cancel.load(Ordering::Relaxed) => {
-                        Counters::add(&c.cancelled, 1);
-                    }
                     Outcome::Finished => Counters::add(&c.completed, 1),
+                    Outcome::Cancelled => Counters::add(&c.cancelled, 1),
                 }
             }
             *active = keep;
