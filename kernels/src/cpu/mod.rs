@@ -105,25 +105,32 @@ impl Cpu {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor> {
-        let residual = match residual {
-            Some(r) if r.dims() != x.dims() => {
-                return Err(bad("add_layer_norm", format!("{:?} + {:?}", x.dims(), r.dims())))
-            }
-            Some(r) => read(r, <[f32]>::to_vec)?,
-            None => Vec::new(),
-        };
-        let (gamma, beta) = (read(gamma, <[f32]>::to_vec)?, read(beta, <[f32]>::to_vec)?);
-        if x.dim(D::Minus1)? != gamma.len() || gamma.len() != beta.len() {
+        let width = x.dim(D::Minus1)?;
+        if residual.is_some_and(|r| r.dims() != x.dims()) || gamma.dims() != [width] || beta.dims() != [width]
+        {
             return Err(bad(
                 "add_layer_norm",
-                format!("x {:?}, gamma {}", x.dims(), gamma.len()),
+                format!(
+                    "x {:?}, gamma {:?}, beta {:?}",
+                    x.dims(),
+                    gamma.dims(),
+                    beta.dims()
+                ),
             ));
         }
+        // Borrow every operand in place: this op is a single pass over memory.
         let out = read(x, |x| {
-            let mut out = vec![0f32; x.len()];
-            math::add_layer_norm(x, &residual, &gamma, &beta, eps, &mut out);
-            out
-        })?;
+            read(gamma, |gamma| {
+                read(beta, |beta| {
+                    let mut out = vec![0f32; x.len()];
+                    match residual {
+                        Some(r) => read(r, |r| math::add_layer_norm(x, r, gamma, beta, eps, &mut out))?,
+                        None => math::add_layer_norm(x, &[], gamma, beta, eps, &mut out),
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+        })????;
         tensor(out, x.dims())
     }
 
@@ -134,25 +141,24 @@ impl Cpu {
         gamma: &Tensor,
         eps: f32,
     ) -> Result<(Tensor, Tensor)> {
-        let gamma = read(gamma, <[f32]>::to_vec)?;
-        if x.dim(D::Minus1)? != gamma.len() {
+        let width = x.dim(D::Minus1)?;
+        if residual.is_some_and(|r| r.dims() != x.dims()) || gamma.dims() != [width] {
             return Err(bad(
                 "rms_norm",
-                format!("x {:?}, gamma {}", x.dims(), gamma.len()),
+                format!("x {:?}, gamma {:?}", x.dims(), gamma.dims()),
             ));
         }
         let mut sum = match residual {
-            Some(r) if r.dims() != x.dims() => {
-                return Err(bad("rms_norm", format!("{:?} + {:?}", x.dims(), r.dims())))
-            }
             Some(r) => read(r, <[f32]>::to_vec)?,
             None => Vec::new(),
         };
         let out = read(x, |x| {
-            let mut out = vec![0f32; x.len()];
-            math::add_rms_norm(x, &mut sum, &gamma, eps, &mut out);
-            out
-        })?;
+            read(gamma, |gamma| {
+                let mut out = vec![0f32; x.len()];
+                math::add_rms_norm(x, &mut sum, gamma, eps, &mut out);
+                out
+            })
+        })??;
         let sum = if sum.is_empty() {
             x.clone()
         } else {
@@ -191,7 +197,7 @@ impl Cpu {
         let (t, width) = qkv.dims2()?;
         let parts = heads + 2 * kv_heads;
         let fits = kv_heads > 0
-            && heads % kv_heads == 0
+            && heads.is_multiple_of(kv_heads)
             && width % parts == 0
             && cache.width == kv_heads * (width / parts)
             && layer < cache.keys.len()
@@ -257,7 +263,7 @@ impl Cpu {
 
 /// `x[m×k] · w[n×k]ᵀ` with the gemm crate on the shared pool (packing happens inside gemm).
 fn dense_matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
-    if w.len() != n * k || x.len() % k != 0 {
+    if w.len() != n * k || !x.len().is_multiple_of(k) {
         return Err(bad(
             "linear",
             format!("x of {} values, w of {} for {n}x{k}", x.len(), w.len()),

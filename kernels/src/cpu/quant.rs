@@ -12,8 +12,8 @@ use rayon::prelude::*;
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
-/// Rows of a tile: 2 rows x 2 tokens keep all four accumulators in AVX2's 16 registers.
-const TILE_ROWS: usize = 2;
+/// Rows and tokens of a tile: 2 x 2 keeps all four accumulators in AVX2's 16 registers.
+const TILE: usize = 2;
 
 /// The block formats with a fast kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ impl QuantMatrix {
     /// Packs GGML-format bytes (`rows * cols / 32` blocks, row-major) of the given kind.
     /// Returns `None` if the byte count or the width does not fit the format.
     pub fn from_ggml(kind: QuantKind, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return None;
         }
         let n = rows * cols / BLOCK;
@@ -211,7 +211,7 @@ impl QuantMatrix {
         for (row, blocks) in x.chunks_exact(self.cols).zip(activations.chunks_exact_mut(nb)) {
             quantize_row(row, blocks);
         }
-        let kernels = kernels_for(self.kind());
+        let tile = tile_kernel(self.kind());
         // Chunks of rows small enough to stay in L2 while every token passes over them, and
         // enough of them to keep every thread busy.
         let chunk = (16usize)
@@ -220,35 +220,23 @@ impl QuantMatrix {
         let out = SharedOut(y.as_mut_ptr());
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
-            let mut ti = 0;
-            // Tiles of rows x 2 tokens: each weight block is unpacked once for two tokens and each
-            // activation block loaded once for every row of the tile (prompts, batched decode).
-            while ti + 2 <= t {
-                let act = &activations[ti * nb..(ti + 2) * nb];
-                let mut r = rows.start;
-                while r + TILE_ROWS <= rows.end {
-                    let tile = (kernels.tile)(&self.blocks, r * nb, nb, act);
-                    for (i, pair) in tile.iter().enumerate() {
-                        for (j, value) in pair.iter().enumerate() {
-                            // SAFETY: each (token, row) cell is written by exactly one chunk.
+            // Tiles of up to 2 rows x 2 tokens: each weight block is unpacked once for two tokens
+            // and each activation block loaded once for two rows (prompts, batched decode). Every
+            // (row, token) sum is accumulated in the same order whatever the tile's shape, so a
+            // sequence's result does not depend on what it is batched with.
+            for ti in (0..t).step_by(TILE) {
+                let tokens = (t - ti).min(TILE);
+                let act = &activations[ti * nb..(ti + tokens) * nb];
+                for r in rows.clone().step_by(TILE) {
+                    let n = (rows.end - r).min(TILE);
+                    let values = tile(&self.blocks, r * nb, nb, act, n, tokens);
+                    for (i, row) in values.iter().enumerate().take(n) {
+                        for (j, value) in row.iter().enumerate().take(tokens) {
+                            // SAFETY: each (token, row) cell is written by exactly one chunk, and
+                            // `y` outlives the parallel loop.
                             unsafe { out.write((ti + j) * self.rows + r + i, *value) };
                         }
                     }
-                    r += TILE_ROWS;
-                }
-                for r in r..rows.end {
-                    for j in 0..2 {
-                        let value = (kernels.dot)(&self.blocks, r * nb, &act[j * nb..(j + 1) * nb]);
-                        unsafe { out.write((ti + j) * self.rows + r, value) };
-                    }
-                }
-                ti += 2;
-            }
-            if ti < t {
-                let act = &activations[ti * nb..(ti + 1) * nb];
-                for r in rows {
-                    let value = (kernels.dot)(&self.blocks, r * nb, act);
-                    unsafe { out.write(ti * self.rows + r, value) };
                 }
             }
         };
@@ -291,52 +279,30 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
-/// One row times one token: `(blocks, first block of the row, the token's blocks)`.
-type DotFn = fn(&Blocks, usize, &[BlockQ8]) -> f32;
-/// `TILE_ROWS` rows times two tokens: `(blocks, first block of the first row, blocks per row, the two
-/// tokens' blocks one after the other)` -> `[row][token]`.
-type TileFn = fn(&Blocks, usize, usize, &[BlockQ8]) -> [[f32; 2]; TILE_ROWS];
+/// Up to `TILE` rows times up to `TILE` tokens: `(blocks, first block of the first row, blocks
+/// per row, the tokens' blocks one after another, rows, tokens)` -> `[row][token]`.
+type TileFn = fn(&Blocks, usize, usize, &[BlockQ8], usize, usize) -> [[f32; TILE]; TILE];
 
-struct Kernels {
-    dot: DotFn,
-    tile: TileFn,
-}
-
-fn kernels_for(kind: QuantKind) -> Kernels {
+fn tile_kernel(kind: QuantKind) -> TileFn {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
     {
-        // SAFETY (every closure below): the CPU has AVX2, FMA and F16C (checked above).
+        // SAFETY (both closures): the CPU has AVX2, FMA and F16C (checked above).
         return match kind {
-            QuantKind::Q4_1 => Kernels {
-                dot: |b, at, a| match b {
-                    Blocks::Q4_1(w) => unsafe { avx2::dot_q4_1(&w[at..at + a.len()], a) },
-                    Blocks::Q8_0(_) => f32::NAN,
-                },
-                tile: |b, at, nb, a| match b {
-                    Blocks::Q4_1(w) => unsafe { avx2::tile_q4_1(&w[at..at + TILE_ROWS * nb], nb, a) },
-                    Blocks::Q8_0(_) => [[f32::NAN; 2]; TILE_ROWS],
-                },
+            QuantKind::Q4_1 => |b, at, nb, a, rows, tokens| match b {
+                Blocks::Q4_1(w) => unsafe { avx2::tile(avx2::Q4_1, w, at, nb, a, rows, tokens) },
+                Blocks::Q8_0(_) => [[f32::NAN; TILE]; TILE],
             },
-            QuantKind::Q8_0 => Kernels {
-                dot: |b, at, a| match b {
-                    Blocks::Q8_0(w) => unsafe { avx2::dot_q8_0(&w[at..at + a.len()], a) },
-                    Blocks::Q4_1(_) => f32::NAN,
-                },
-                tile: |b, at, nb, a| match b {
-                    Blocks::Q8_0(w) => unsafe { avx2::tile_q8_0(&w[at..at + TILE_ROWS * nb], nb, a) },
-                    Blocks::Q4_1(_) => [[f32::NAN; 2]; TILE_ROWS],
-                },
+            QuantKind::Q8_0 => |b, at, nb, a, rows, tokens| match b {
+                Blocks::Q8_0(w) => unsafe { avx2::tile(avx2::Q8_0, w, at, nb, a, rows, tokens) },
+                Blocks::Q4_1(_) => [[f32::NAN; TILE]; TILE],
             },
         };
     }
     let _ = kind;
-    Kernels {
-        dot: reference::dot,
-        tile: reference::tile,
-    }
+    reference::tile
 }
 
 /// Plain Rust: the portable fallback, and the reference the SIMD kernels are tested against.
@@ -350,10 +316,17 @@ pub(crate) mod reference {
         }
     }
 
-    pub(crate) fn tile(b: &Blocks, at: usize, nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
-        let mut out = [[0.0; 2]; TILE_ROWS];
-        for (r, pair) in out.iter_mut().enumerate() {
-            for (t, value) in pair.iter_mut().enumerate() {
+    pub(crate) fn tile(
+        b: &Blocks,
+        at: usize,
+        nb: usize,
+        a: &[BlockQ8],
+        rows: usize,
+        tokens: usize,
+    ) -> [[f32; TILE]; TILE] {
+        let mut out = [[0.0; TILE]; TILE];
+        for (r, row) in out.iter_mut().enumerate().take(rows) {
+            for (t, value) in row.iter_mut().enumerate().take(tokens) {
                 *value = dot(b, at + r * nb, &a[t * nb..(t + 1) * nb]);
             }
         }
@@ -387,8 +360,62 @@ pub(crate) mod reference {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TILE_ROWS};
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TILE};
     use std::arch::x86_64::*;
+
+    /// A weight block format's inner step, for [`tile`].
+    pub(super) trait Format {
+        type Block;
+        /// The 32 products of a weight block and an activation block as 8 f32 lanes, and the
+        /// block's scale.
+        unsafe fn products(w: &Self::Block, x: __m256i) -> (__m256, f32);
+        /// The term a block's minimum adds (`m * sum(x)`), zero for symmetric formats.
+        unsafe fn offset(w: &Self::Block, a: &BlockQ8) -> f32;
+    }
+
+    pub(super) struct Q4_1Format;
+    pub(super) const Q4_1: Q4_1Format = Q4_1Format;
+    pub(super) struct Q8_0Format;
+    pub(super) const Q8_0: Q8_0Format = Q8_0Format;
+
+    impl Format for Q4_1Format {
+        type Block = BlockQ4_1;
+        #[inline(always)]
+        unsafe fn products(w: &BlockQ4_1, x: __m256i) -> (__m256, f32) {
+            let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+            // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
+            let q = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
+                _mm256_set1_epi8(0x0F),
+            );
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.dm[0] as i32)));
+            (_mm256_cvtepi32_ps(sums), d)
+        }
+        #[inline(always)]
+        unsafe fn offset(w: &BlockQ4_1, a: &BlockQ8) -> f32 {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.dm[1] as i32))) * a.s
+        }
+    }
+
+    impl Format for Q8_0Format {
+        type Block = BlockQ8_0;
+        #[inline(always)]
+        unsafe fn products(w: &BlockQ8_0, x: __m256i) -> (__m256, f32) {
+            let q = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+            // maddubs multiplies unsigned by signed: move q's sign onto x.
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.d as i32)));
+            (
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))),
+                d,
+            )
+        }
+        #[inline(always)]
+        unsafe fn offset(_: &BlockQ8_0, _: &BlockQ8) -> f32 {
+            0.0
+        }
+    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -398,149 +425,58 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Sum over the block of `q4 * x` as 8 i32 lanes.
+    /// `R` rows x `T` tokens; each (row, token) keeps one accumulator, summed block by block in
+    /// order, so every tile shape gives the same bits for the same (row, token).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn q4_products(w: &BlockQ4_1, a: &BlockQ8) -> __m256 {
-        let bytes = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
-        // Low nibbles are values 0..16, high nibbles 16..32: one 32-lane vector of 0..15.
-        let q = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
-            _mm256_set1_epi8(0x0F),
-        );
-        let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(
-            _mm256_maddubs_epi16(q, x),
-            _mm256_set1_epi16(1),
-        ))
-    }
-
-    /// `[d, m]` of a Q4_1 block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales(w: &BlockQ4_1) -> (f32, f32) {
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-            w.dm.as_ptr() as *const i32
-        )));
-        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8]) -> f32 {
-        // Two accumulators, so that consecutive blocks' FMAs do not wait on each other.
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offsets = 0.0f32;
-        let pairs = w.len() / 2;
-        for i in 0..pairs {
-            let (w0, w1, a0, a1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
-            let ((d0, m0), (d1, m1)) = (scales(w0), scales(w1));
-            acc0 = _mm256_fmadd_ps(q4_products(w0, a0), _mm256_set1_ps(d0 * a0.d), acc0);
-            acc1 = _mm256_fmadd_ps(q4_products(w1, a1), _mm256_set1_ps(d1 * a1.d), acc1);
-            offsets += m0 * a0.s + m1 * a1.s;
-        }
-        if w.len() % 2 == 1 {
-            let (wl, al) = (&w[w.len() - 1], &a[w.len() - 1]);
-            let (d, m) = scales(wl);
-            acc0 = _mm256_fmadd_ps(q4_products(wl, al), _mm256_set1_ps(d * al.d), acc0);
-            offsets += m * al.s;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + offsets
-    }
-
-    /// `TILE_ROWS` rows (`w`: TILE_ROWS * nb blocks) times two tokens (`a`: 2 * nb blocks).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile_q4_1(w: &[BlockQ4_1], nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
-        let mut offsets = [[0.0f32; 2]; TILE_ROWS];
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
+    unsafe fn fixed<F: Format, const R: usize, const T: usize>(
+        w: &[F::Block],
+        at: usize,
+        nb: usize,
+        a: &[BlockQ8],
+    ) -> [[f32; TILE]; TILE] {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut offsets = [[0.0f32; T]; R];
         for b in 0..nb {
-            let (a0, a1) = (&a[b], &a[nb + b]);
-            let x0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
-            let x1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
-            for r in 0..TILE_ROWS {
-                let wb = &w[r * nb + b];
-                let bytes = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
-                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low);
-                let (d, m) = scales(wb);
-                let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x0), ones));
-                let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x1), ones));
-                acc[r][0] = _mm256_fmadd_ps(p0, _mm256_set1_ps(d * a0.d), acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(p1, _mm256_set1_ps(d * a1.d), acc[r][1]);
-                offsets[r][0] += m * a0.s;
-                offsets[r][1] += m * a1.s;
+            let mut x = [_mm256_setzero_si256(); T];
+            for (t, x) in x.iter_mut().enumerate() {
+                *x = _mm256_loadu_si256(a[t * nb + b].qs.as_ptr() as *const __m256i);
+            }
+            for r in 0..R {
+                let wb = &w[at + r * nb + b];
+                for t in 0..T {
+                    let (p, d) = F::products(wb, x[t]);
+                    let ab = &a[t * nb + b];
+                    acc[r][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * ab.d), acc[r][t]);
+                    offsets[r][t] += F::offset(wb, ab);
+                }
             }
         }
-        let mut out = [[0.0f32; 2]; TILE_ROWS];
-        for r in 0..TILE_ROWS {
-            for t in 0..2 {
+        let mut out = [[0.0f32; TILE]; TILE];
+        for r in 0..R {
+            for t in 0..T {
                 out[r][t] = hsum(acc[r][t]) + offsets[r][t];
             }
         }
         out
     }
 
-    /// `TILE_ROWS` rows (`w`: TILE_ROWS * nb blocks) times two tokens (`a`: 2 * nb blocks).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile_q8_0(w: &[BlockQ8_0], nb: usize, a: &[BlockQ8]) -> [[f32; 2]; TILE_ROWS] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
-        let ones = _mm256_set1_epi16(1);
-        for b in 0..nb {
-            let (a0, a1) = (&a[b], &a[nb + b]);
-            let x0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
-            let x1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
-            for r in 0..TILE_ROWS {
-                let wb = &w[r * nb + b];
-                let q = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
-                let magnitude = _mm256_sign_epi8(q, q);
-                let d = scale(wb);
-                let p0 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x0, q));
-                let p1 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x1, q));
-                let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones));
-                let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones));
-                acc[r][0] = _mm256_fmadd_ps(p0, _mm256_set1_ps(d * a0.d), acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(p1, _mm256_set1_ps(d * a1.d), acc[r][1]);
-            }
+    pub(super) unsafe fn tile<F: Format>(
+        _: F,
+        w: &[F::Block],
+        at: usize,
+        nb: usize,
+        a: &[BlockQ8],
+        rows: usize,
+        tokens: usize,
+    ) -> [[f32; TILE]; TILE] {
+        match (rows, tokens) {
+            (2, 2) => fixed::<F, 2, 2>(w, at, nb, a),
+            (2, 1) => fixed::<F, 2, 1>(w, at, nb, a),
+            (1, 2) => fixed::<F, 1, 2>(w, at, nb, a),
+            _ => fixed::<F, 1, 1>(w, at, nb, a),
         }
-        let mut out = [[0.0f32; 2]; TILE_ROWS];
-        for r in 0..TILE_ROWS {
-            for t in 0..2 {
-                out[r][t] = hsum(acc[r][t]);
-            }
-        }
-        out
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn q8_products(w: &BlockQ8_0, a: &BlockQ8) -> __m256 {
-        let q = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
-        let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-        // maddubs multiplies unsigned by signed: move q's sign onto x.
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scale(w: &BlockQ8_0) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.d as i32)))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let pairs = w.len() / 2;
-        for i in 0..pairs {
-            let (w0, w1, a0, a1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
-            acc0 = _mm256_fmadd_ps(q8_products(w0, a0), _mm256_set1_ps(scale(w0) * a0.d), acc0);
-            acc1 = _mm256_fmadd_ps(q8_products(w1, a1), _mm256_set1_ps(scale(w1) * a1.d), acc1);
-        }
-        if w.len() % 2 == 1 {
-            let (wl, al) = (&w[w.len() - 1], &a[w.len() - 1]);
-            acc0 = _mm256_fmadd_ps(q8_products(wl, al), _mm256_set1_ps(scale(wl) * al.d), acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
     }
 }
 
@@ -652,6 +588,25 @@ mod tests {
                         "{kind:?} {rows}x{cols}: {a} vs exact {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_gets_the_same_bits_alone_or_in_a_batch() {
+        for (kind, bytes) in [
+            (QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>),
+            (QuantKind::Q8_0, ggml_q8_0),
+        ] {
+            let (rows, cols, t) = (37, 128, 5);
+            let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes(rows, cols, 7)).unwrap();
+            let x = values(t * cols, 11);
+            let mut batched = vec![0.0; t * rows];
+            m.matmul(&x, &mut batched);
+            for (token, expected) in x.chunks_exact(cols).zip(batched.chunks_exact(rows)) {
+                let mut alone = vec![0.0; rows];
+                m.matmul(token, &mut alone);
+                assert_eq!(alone, expected, "{kind:?}");
             }
         }
     }
