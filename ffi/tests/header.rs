@@ -1,5 +1,6 @@
 //! include/keel.h is generated from the crate by cbindgen and committed: this test regenerates it
-//! and fails on any difference. `KEEL_BLESS=1` writes the regenerated header instead.
+//! and fails on any difference. `KEEL_BLESS=1` writes the regenerated header over the committed
+//! one instead; `KEEL_HEADER_OUT=PATH` writes it to PATH (scripts/test-ffi.sh diffs that).
 
 use std::path::PathBuf;
 
@@ -16,6 +17,10 @@ fn header_is_up_to_date() {
         .expect("cbindgen failed to read ffi/src")
         .write(&mut generated);
     let generated = String::from_utf8(generated).unwrap();
+    if let Some(out) = std::env::var_os("KEEL_HEADER_OUT") {
+        std::fs::write(out, &generated).unwrap();
+        return;
+    }
     if std::env::var_os("KEEL_BLESS").is_some() {
         std::fs::create_dir_all(header.parent().unwrap()).unwrap();
         std::fs::write(&header, &generated).unwrap();

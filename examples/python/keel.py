@@ -1,0 +1,291 @@
+"""Python bindings for libkeel through ctypes: no compiled extension, only the shared library.
+
+    import keel
+    with keel.Engine() as engine:
+        minilm = engine.load("models/all-MiniLM-L6-v2")
+        vectors = engine.embed(minilm.id, ["first text", "second"])
+        smollm = engine.load("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        reply = engine.generate(smollm.id, "Hello!", max_tokens=32, on_token=print)
+
+The library is found at $KEEL_LIBRARY (a path to libkeel.so), else in this repository's
+target/release/, else wherever the system's loader finds `libkeel`. Every failed call raises
+KeelError with the C status code and message. The declarations below follow include/keel.h.
+"""
+
+import ctypes
+import ctypes.util
+import json
+import os
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    byref,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int32,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+
+ABI_VERSION = 1
+
+# keel_status
+OK = 0
+ERR_INVALID_ARGUMENT = 1
+ERR_NOT_FOUND = 2
+ERR_INVALID_MODEL = 3
+ERR_NO_DEVICE = 4
+ERR_OVERLOADED = 5
+ERR_DEADLINE = 6
+ERR_CONTRACT = 7
+ERR_INTERNAL = 8
+
+# keel_device
+DEVICE_BEST, DEVICE_CPU, DEVICE_WGPU, DEVICE_CUDA = 0, 1, 2, 3
+# keel_weights
+WEIGHTS_QUANTIZED, WEIGHTS_F32 = 0, 1
+# keel_finish_reason
+FINISH_REASONS = {0: "stop", 1: "length", 2: "context_full", 3: "cancelled"}
+
+
+class EngineParams(Structure):
+    _fields_ = [("device", c_uint32), ("threads", c_uint32), ("storage_path", c_char_p)]
+
+
+class ModelParams(Structure):
+    _fields_ = [("weights", c_uint32)]
+
+
+class GenerateParams(Structure):
+    _fields_ = [
+        ("max_tokens", c_uint32),
+        ("temperature", c_float),
+        ("top_k", c_uint32),
+        ("top_p", c_float),
+        ("seed", c_uint64),
+        ("chat", c_bool),
+    ]
+
+
+TOKEN_CALLBACK = CFUNCTYPE(c_bool, c_void_p, c_uint32, c_void_p, c_size_t)
+
+
+def _find_library():
+    path = os.environ.get("KEEL_LIBRARY")
+    if path:
+        return path
+    here = os.path.dirname(os.path.abspath(__file__))
+    local = os.path.join(here, "..", "..", "target", "release", "libkeel.so")
+    if os.path.exists(local):
+        return local
+    found = ctypes.util.find_library("keel")
+    if not found:
+        raise OSError("libkeel not found: build it with `cargo build --release -p keel-ffi` or set KEEL_LIBRARY")
+    return found
+
+
+lib = ctypes.CDLL(_find_library())
+
+_P = c_void_p  # every handle is an opaque pointer
+_PP = POINTER(c_void_p)
+_SIGNATURES = {
+    "keel_abi_version": (c_uint32, []),
+    "keel_version": (c_char_p, []),
+    "keel_error_code": (c_int32, [_P]),
+    "keel_error_message": (c_char_p, [_P]),
+    "keel_error_free": (None, [_P]),
+    "keel_status_name": (c_char_p, [c_int32]),
+    "keel_engine_default_params": (EngineParams, []),
+    "keel_engine_new": (c_int32, [POINTER(EngineParams), _PP, _PP]),
+    "keel_engine_free": (None, [_P]),
+    "keel_engine_device": (c_int32, [_P, POINTER(c_uint32), _PP]),
+    "keel_engine_models": (c_int32, [_P, _PP, _PP]),
+    "keel_model_default_params": (ModelParams, []),
+    "keel_model_load": (c_int32, [_P, c_char_p, POINTER(ModelParams), _PP, _PP]),
+    "keel_model_free": (None, [_P]),
+    "keel_model_id": (c_char_p, [_P]),
+    "keel_model_name": (c_char_p, [_P]),
+    "keel_model_architecture": (c_char_p, [_P]),
+    "keel_model_alias": (c_int32, [_P, c_char_p, _PP]),
+    "keel_embed": (c_int32, [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, _PP, _PP]),
+    "keel_embed_into": (
+        c_int32,
+        [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(c_float), c_size_t,
+         POINTER(c_size_t), _PP],
+    ),
+    "keel_embeddings_count": (c_size_t, [_P]),
+    "keel_embeddings_dim": (c_size_t, [_P]),
+    "keel_embeddings_data": (POINTER(c_float), [_P]),
+    "keel_embeddings_model_id": (c_char_p, [_P]),
+    "keel_embeddings_free": (None, [_P]),
+    "keel_generate_default_params": (GenerateParams, []),
+    "keel_generate": (
+        c_int32, [_P, c_char_p, c_char_p, POINTER(GenerateParams), TOKEN_CALLBACK, c_void_p, _PP, _PP]
+    ),
+    "keel_completion_text": (c_void_p, [_P]),
+    "keel_completion_text_len": (c_size_t, [_P]),
+    "keel_completion_token_count": (c_size_t, [_P]),
+    "keel_completion_tokens": (POINTER(c_uint32), [_P]),
+    "keel_completion_prompt_token_count": (c_size_t, [_P]),
+    "keel_completion_finish_reason": (c_int32, [_P]),
+    "keel_completion_free": (None, [_P]),
+    "keel_string_data": (c_void_p, [_P]),
+    "keel_string_len": (c_size_t, [_P]),
+    "keel_string_free": (None, [_P]),
+    "keel_debug_panic": (c_int32, [_PP]),
+    "keel_debug_live_handles": (c_size_t, []),
+}
+for _name, (_restype, _argtypes) in _SIGNATURES.items():
+    _f = getattr(lib, _name)
+    _f.restype = _restype
+    _f.argtypes = _argtypes
+
+if lib.keel_abi_version() != ABI_VERSION:
+    raise ImportError(f"keel.py speaks ABI {ABI_VERSION} but the libkeel it loaded is ABI {lib.keel_abi_version()}")
+
+
+class KeelError(Exception):
+    """A failed libkeel call: `code` is the keel_status, `status` its name."""
+
+    def __init__(self, code, message):
+        self.code = code
+        self.status = lib.keel_status_name(code).decode()
+        self.message = message
+        super().__init__(f"{self.status}: {message}")
+
+
+def _call(function, *args):
+    """Calls a libkeel function whose last parameter is `keel_error **err`; raises on failure."""
+    err = c_void_p()
+    code = function(*args, byref(err))
+    if code != OK:
+        message = lib.keel_error_message(err).decode("utf-8", "replace")
+        lib.keel_error_free(err)
+        raise KeelError(code, message)
+
+
+def _bytes(text):
+    return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+
+
+class Model:
+    """A model version loaded into an engine (a keel_model handle)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.id = lib.keel_model_id(handle).decode()
+        self.name = lib.keel_model_name(handle).decode()
+        self.architecture = lib.keel_model_architecture(handle).decode()
+
+    def alias(self, name):
+        """Points the engine's alias `name` at this model's version."""
+        _call(lib.keel_model_alias, self._handle, _bytes(name))
+
+    def free(self):
+        """Frees the handle; the version is unloaded with its last handle. Safe to call twice."""
+        lib.keel_model_free(self._handle)
+
+
+class Completion:
+    """A finished generation."""
+
+    def __init__(self, text, tokens, finish, prompt_tokens):
+        self.text, self.tokens, self.finish, self.prompt_tokens = text, tokens, finish, prompt_tokens
+
+    def __repr__(self):
+        return f"Completion(text={self.text!r}, tokens={len(self.tokens)}, finish={self.finish!r})"
+
+
+class Engine:
+    """An engine (a keel_engine handle). Use it as a context manager, or call close()."""
+
+    def __init__(self, device=DEVICE_BEST):
+        params = lib.keel_engine_default_params()
+        params.device = device
+        self._handle = c_void_p()
+        _call(lib.keel_engine_new, byref(params), byref(self._handle))
+
+    def close(self):
+        """Frees the engine and every model loaded through it. Safe to call twice."""
+        lib.keel_engine_free(self._handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def device(self):
+        out = c_uint32()
+        _call(lib.keel_engine_device, self._handle, byref(out))
+        return out.value
+
+    def load(self, path, weights=WEIGHTS_QUANTIZED):
+        params = lib.keel_model_default_params()
+        params.weights = weights
+        handle = c_void_p()
+        _call(lib.keel_model_load, self._handle, os.fsencode(path), byref(params), byref(handle))
+        return Model(handle)
+
+    def models(self):
+        """The loaded versions, as keel_engine_models describes them."""
+        out = c_void_p()
+        _call(lib.keel_engine_models, self._handle, byref(out))
+        try:
+            return json.loads(ctypes.string_at(lib.keel_string_data(out), lib.keel_string_len(out)))
+        finally:
+            lib.keel_string_free(out)
+
+    def embed(self, model, texts):
+        """Unit-length embeddings of `texts` (str or bytes), as lists of floats."""
+        data = [_bytes(t) for t in texts]
+        pointers = (c_char_p * len(data))(*data)
+        lengths = (c_size_t * len(data))(*[len(d) for d in data])
+        out = c_void_p()
+        _call(lib.keel_embed, self._handle, _bytes(model), pointers, lengths, len(data), byref(out))
+        try:
+            count, dim = lib.keel_embeddings_count(out), lib.keel_embeddings_dim(out)
+            flat = lib.keel_embeddings_data(out)[: count * dim]
+            return [flat[i * dim:(i + 1) * dim] for i in range(count)]
+        finally:
+            lib.keel_embeddings_free(out)
+
+    def generate(self, model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
+                 on_token=None):
+        """Generates a reply. `on_token(text)` is called with each token's text as it comes; it may
+        return False to stop. An exception in it stops the generation and is raised here."""
+        params = lib.keel_generate_default_params()
+        params.max_tokens, params.temperature, params.top_k = max_tokens, temperature, top_k
+        params.top_p, params.seed, params.chat = top_p, seed, chat
+        raised = []
+
+        def trampoline(_user_data, _token_id, text, length):
+            try:
+                return on_token(ctypes.string_at(text, length).decode()) is not False
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                raised.append(e)
+                return False
+
+        callback = TOKEN_CALLBACK(trampoline) if on_token else TOKEN_CALLBACK()
+        out = c_void_p()
+        _call(lib.keel_generate, self._handle, _bytes(model), _bytes(prompt), byref(params), callback, None,
+              byref(out))
+        try:
+            if raised:
+                raise raised[0]
+            n = lib.keel_completion_token_count(out)
+            tokens = lib.keel_completion_tokens(out)[:n] if n else []
+            text = ctypes.string_at(lib.keel_completion_text(out), lib.keel_completion_text_len(out)).decode()
+            return Completion(text, tokens, FINISH_REASONS[lib.keel_completion_finish_reason(out)],
+                              lib.keel_completion_prompt_token_count(out))
+        finally:
+            lib.keel_completion_free(out)
+
+
+def live_handles():
+    """How many libkeel handles are live in the process (0 once everything is freed)."""
+    return lib.keel_debug_live_handles()
