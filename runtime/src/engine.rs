@@ -2,7 +2,7 @@
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, TokenStream};
-use crate::manifest::{Architecture, Manifest, ModelSource, VersionId};
+use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
 use crate::request::Request;
 use crate::scheduler::decoder::GenJob;
@@ -211,9 +211,11 @@ impl Engine {
     /// [`Engine::load`] with options. Two weight paths of one file are two versions.
     pub fn load_with(&self, path: impl AsRef<Path>, options: LoadOptions) -> Result<VersionId> {
         let mut source = ModelSource::open(path.as_ref())?;
-        if source.manifest.architecture == Architecture::Llama && options.weights == WeightPath::F32 {
-            // The f32 path computes other numbers from the same files: it is a version of its own.
-            source.manifest.name.push_str(" (f32)");
+        // Another weight path computes other numbers from the same files: a version of its own.
+        match options.weights {
+            WeightPath::Quantized => {}
+            WeightPath::F32 => source.manifest.name.push_str(" (f32)"),
+            WeightPath::Int8 => source.manifest.name.push_str(" (int8)"),
         }
         let id = source.version_id();
         if self.read().versions.contains_key(&id) {

@@ -48,7 +48,7 @@ impl LoadedModel {
                     tokenizer: &tokenizer,
                     max_tokens: m.max_tokens,
                 };
-                Model::Encoder(Arc::new(SentenceEncoder::load(&files, device)?))
+                Model::Encoder(Arc::new(SentenceEncoder::load(&files, weights, device)?))
             }
             Architecture::Llama => {
                 let gguf = GgufFile::open(&source.file(&m.weights))?;
