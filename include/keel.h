@@ -39,6 +39,12 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+/* Marks a function that a newer one replaces; it keeps working until the next ABI version. */
+#if defined(__GNUC__) || defined(__clang__)
+#define KEEL_DEPRECATED(note) __attribute__((deprecated(note)))
+#else
+#define KEEL_DEPRECATED(note)
+#endif
 
 /**
  * The version of the C ABI that this header describes. It grows by one with every change that
@@ -78,11 +84,12 @@ typedef enum keel_status {
    */
   KEEL_ERR_NO_DEVICE = 4,
   /**
-   * Reserved, not produced yet: the request was shed because the engine is overloaded.
+   * The request was shed at once because the model's queue is full: retry later.
    */
   KEEL_ERR_OVERLOADED = 5,
   /**
-   * Reserved, not produced yet: the request's deadline passed before it finished.
+   * The request's deadline passed while it was queued (it was never run) or before its answer
+   * was ready.
    */
   KEEL_ERR_DEADLINE = 6,
   /**
@@ -94,6 +101,11 @@ typedef enum keel_status {
    * engine stays usable; the message says what happened.
    */
   KEEL_ERR_INTERNAL = 8,
+  /**
+   * The engine is shutting down (`keel_engine_shutdown`) and takes no more requests, or stopped
+   * before this one could run.
+   */
+  KEEL_ERR_SHUTTING_DOWN = 9,
 } keel_status;
 
 /**
@@ -404,7 +416,7 @@ enum keel_status keel_engine_device(const struct keel_engine *engine,
 /**
  * The model versions loaded in the engine, as a JSON array with one object per version:
  * `{"id": "<64 hex digits>", "name": "...", "architecture": "bert" | "llama",
- * "weights": "quantized" | "f32"}`, sorted by name.
+ * "weights": "quantized" | "f32" | ...}`, sorted by name.
  *
  * On success `*out` holds a new string owned by the caller (free it with `keel_string_free`). On
  * failure `*out` is NULL and `*err` (if `err` is not NULL) holds the error.

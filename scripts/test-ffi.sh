@@ -29,6 +29,8 @@ build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 # The forced panics of the misuse tests print one line each rather than a backtrace.
 export RUST_BACKTRACE=0
+# Leave no __pycache__ in examples/python.
+export PYTHONDONTWRITEBYTECODE=1
 
 step() {
     printf '\n== [%3ds] %s\n' "$SECONDS" "$*"

@@ -187,7 +187,7 @@ pub unsafe extern "C" fn keel_engine_device(
 
 /// The model versions loaded in the engine, as a JSON array with one object per version:
 /// `{"id": "<64 hex digits>", "name": "...", "architecture": "bert" | "llama",
-/// "weights": "quantized" | "f32"}`, sorted by name.
+/// "weights": "quantized" | "f32" | ...}`, sorted by name.
 ///
 /// On success `*out` holds a new string owned by the caller (free it with `keel_string_free`). On
 /// failure `*out` is NULL and `*err` (if `err` is not NULL) holds the error.
@@ -215,10 +215,8 @@ pub unsafe extern "C" fn keel_engine_models(
                     "id": m.id.as_str(),
                     "name": m.manifest.name,
                     "architecture": m.manifest.architecture.to_string(),
-                    "weights": match m.weights {
-                        keel::WeightPath::Quantized => "quantized",
-                        keel::WeightPath::F32 => "f32",
-                    },
+                    // "quantized", "f32", ...: the weight path's name, whatever paths the build has.
+                    "weights": format!("{:?}", m.weights).to_lowercase(),
                 })
             })
             .collect();

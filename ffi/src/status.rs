@@ -23,15 +23,19 @@ pub enum keel_status {
     KEEL_ERR_INVALID_MODEL = 3,
     /// The requested device (wgpu, CUDA) is not available in this build or on this machine.
     KEEL_ERR_NO_DEVICE = 4,
-    /// Reserved, not produced yet: the request was shed because the engine is overloaded.
+    /// The request was shed at once because the model's queue is full: retry later.
     KEEL_ERR_OVERLOADED = 5,
-    /// Reserved, not produced yet: the request's deadline passed before it finished.
+    /// The request's deadline passed while it was queued (it was never run) or before its answer
+    /// was ready.
     KEEL_ERR_DEADLINE = 6,
     /// Reserved, not produced yet: the input or output broke the model's data contract.
     KEEL_ERR_CONTRACT = 7,
     /// A failure inside Keel or its backend, including a panic caught at the boundary. The
     /// engine stays usable; the message says what happened.
     KEEL_ERR_INTERNAL = 8,
+    /// The engine is shutting down (`keel_engine_shutdown`) and takes no more requests, or stopped
+    /// before this one could run.
+    KEEL_ERR_SHUTTING_DOWN = 9,
 }
 
 use keel_status::*;
@@ -44,6 +48,9 @@ pub(crate) fn status_of(kind: keel::ErrorKind) -> keel_status {
         keel::ErrorKind::InvalidModel => KEEL_ERR_INVALID_MODEL,
         keel::ErrorKind::NoDevice => KEEL_ERR_NO_DEVICE,
         keel::ErrorKind::Internal => KEEL_ERR_INTERNAL,
+        keel::ErrorKind::Overloaded => KEEL_ERR_OVERLOADED,
+        keel::ErrorKind::DeadlineExceeded => KEEL_ERR_DEADLINE,
+        keel::ErrorKind::ShuttingDown => KEEL_ERR_SHUTTING_DOWN,
     }
 }
 
@@ -178,6 +185,7 @@ pub extern "C" fn keel_status_name(status: i32) -> *const c_char {
         6 => c"KEEL_ERR_DEADLINE",
         7 => c"KEEL_ERR_CONTRACT",
         8 => c"KEEL_ERR_INTERNAL",
+        9 => c"KEEL_ERR_SHUTTING_DOWN",
         _ => c"KEEL_ERR_UNKNOWN",
     };
     name.as_ptr()
