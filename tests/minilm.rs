@@ -96,3 +96,38 @@ fn embeddings_are_unit_length_and_semantic() {
         "related sentences must be closer"
     );
 }
+
+/// The int8 path (weights per output channel, activations per row) against the f32 path.
+const INT8_MIN_COSINE: f32 = 0.995;
+
+#[test]
+fn int8_path_keeps_cosine_to_f32() {
+    let engine = Engine::builder().build().unwrap();
+    let f32_id = engine.load(minilm_dir()).unwrap().to_string();
+    let int8_id = engine
+        .load_with(
+            minilm_dir(),
+            keel::LoadOptions {
+                weights: keel::WeightPath::Int8,
+            },
+        )
+        .unwrap()
+        .to_string();
+    assert_ne!(f32_id, int8_id, "another weight path is another version");
+    let golden = golden("minilm.json");
+    let texts: Vec<&str> = golden["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    let a = engine.embed(&f32_id, &texts).unwrap().vectors;
+    let b = engine.embed(&int8_id, &texts).unwrap().vectors;
+    let mut worst = 1.0f32;
+    for ((x, y), text) in a.iter().zip(&b).zip(&texts) {
+        let cosine: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        assert!(cosine >= INT8_MIN_COSINE, "{text:?}: cosine {cosine}");
+        worst = worst.min(cosine);
+    }
+    eprintln!("int8 vs f32: worst cosine {worst}");
+}

@@ -1,3 +1,4 @@
+use crate::cpu::int8::Int8Matrix;
 use crate::cpu::quant::{QuantKind, QuantMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
@@ -13,6 +14,8 @@ pub enum Weight {
     Quantized(Arc<QuantMatrix>),
     /// Another GGML block format (K-quants, ...), multiplied by candle's kernels.
     Ggml(Arc<QTensor>),
+    /// An f32 matrix quantized at load to int8 per output channel (the encoder's int8 path).
+    Int8(Arc<Int8Matrix>),
 }
 
 impl Weight {
@@ -43,9 +46,23 @@ impl Weight {
         Ok(Weight::Quantized(Arc::new(packed)))
     }
 
+    /// The same weight quantized to int8 per output channel, if it is a dense f32 matrix (other
+    /// formats are returned as they are).
+    pub fn to_int8(&self) -> crate::Result<Weight> {
+        Ok(match self {
+            Weight::Dense(t) => {
+                let (rows, cols) = self.dims();
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                Weight::Int8(Arc::new(Int8Matrix::quantize(&values, rows, cols)))
+            }
+            other => other.clone(),
+        })
+    }
+
     /// `[out_features, in_features]`.
     pub fn dims(&self) -> (usize, usize) {
         match self {
+            Weight::Int8(q) => q.dims(),
             Weight::Dense(t) => {
                 let d = t.dims();
                 (d[0], d[d.len() - 1])
@@ -68,6 +85,11 @@ impl Weight {
                 &candle_core::Device::Cpu,
             )?),
             Weight::Ggml(q) => Weight::Dense(q.dequantize(&q.device())?),
+            Weight::Int8(q) => Weight::Dense(Tensor::from_vec(
+                q.dequantize(),
+                q.dims(),
+                &candle_core::Device::Cpu,
+            )?),
         })
     }
 }
@@ -148,7 +170,7 @@ impl Linear {
                     .ok_or_else(|| bad("quantized weights differ in format or width"))?;
                 Weight::Quantized(Arc::new(stacked))
             }
-            Weight::Ggml(_) => return Err(bad("cannot stack GGML-format weights")),
+            Weight::Ggml(_) | Weight::Int8(_) => return Err(bad("stack dense weights, then quantize")),
         };
         let bias = match first.bias {
             Some(_) => Some(Tensor::cat(

@@ -1,6 +1,7 @@
 //! BERT encoders (all-MiniLM-L6-v2 and kin), following transformers' `modeling_bert.py`, and the
 //! sentence-transformers recipe on top: mean pooling over the attention mask, then L2 normalize.
 
+use crate::llama::WeightPath;
 use crate::weights::SafetensorsFile;
 use crate::{Error, Result};
 use keel_kernels::{Activation, Device, Linear, Tensor, Weight};
@@ -117,7 +118,21 @@ impl Loader<'_> {
 impl Bert {
     /// Loads the encoder from a safetensors file whose names follow transformers' `BertModel`
     /// (with or without a leading `bert.`).
-    pub fn load(weights: &SafetensorsFile, cfg: Config, device: &Device) -> Result<Self> {
+    pub fn load(weights: &SafetensorsFile, cfg: Config, path: WeightPath, device: &Device) -> Result<Self> {
+        // The int8 path quantizes a dense layer per output channel. Measured on the golden sentences
+        // (worst cosine to the f32 embeddings, one kind of layer in int8 at a time): QKV 0.9946,
+        // attention output 0.99994, intermediate 0.9974, output 0.9977; all but QKV together
+        // 0.9956. So the QKV projection stays f32 and the other three (75% of the MACs) go int8.
+        let precision = |layer: Linear, quantize: bool| -> Result<Linear> {
+            Ok(match path {
+                WeightPath::Int8 if !quantize => layer,
+                WeightPath::Int8 => Linear {
+                    weight: layer.weight.to_int8()?,
+                    ..layer
+                },
+                WeightPath::Quantized | WeightPath::F32 => layer,
+            })
+        };
         let prefix = if weights.info("bert.embeddings.word_embeddings.weight").is_some() {
             "bert."
         } else {
@@ -150,13 +165,21 @@ impl Bert {
                 let k = l.linear(&format!("{p}.attention.self.key"), h, h)?;
                 let v = l.linear(&format!("{p}.attention.self.value"), h, h)?;
                 Ok(Layer {
-                    qkv: Linear::stack(&[q, k, v])?,
-                    attention_output: l.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    qkv: precision(Linear::stack(&[q, k, v])?, false)?,
+                    attention_output: precision(
+                        l.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                        true,
+                    )?,
                     attention_norm: l.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                    intermediate: l
-                        .linear(&format!("{p}.intermediate.dense"), cfg.intermediate_size, h)?
-                        .with_activation(Activation::GeluErf),
-                    output: l.linear(&format!("{p}.output.dense"), h, cfg.intermediate_size)?,
+                    intermediate: precision(
+                        l.linear(&format!("{p}.intermediate.dense"), cfg.intermediate_size, h)?
+                            .with_activation(Activation::GeluErf),
+                        true,
+                    )?,
+                    output: precision(
+                        l.linear(&format!("{p}.output.dense"), h, cfg.intermediate_size)?,
+                        true,
+                    )?,
                     output_norm: l.norm(&format!("{p}.output.LayerNorm"), h)?,
                 })
             })
@@ -229,7 +252,7 @@ pub struct EncoderFiles<'a> {
 
 impl SentenceEncoder {
     /// Loads the encoder from its files.
-    pub fn load(files: &EncoderFiles<'_>, device: &Device) -> Result<Self> {
+    pub fn load(files: &EncoderFiles<'_>, path: WeightPath, device: &Device) -> Result<Self> {
         let cfg = Config::from_file(files.config)?;
         let weights = SafetensorsFile::open(files.weights)?;
         let mut tokenizer = tokenizers::Tokenizer::from_file(files.tokenizer).map_err(|e| Error::Format {
@@ -248,7 +271,7 @@ impl SentenceEncoder {
             .max_tokens
             .unwrap_or(cfg.max_position_embeddings)
             .min(cfg.max_position_embeddings);
-        let bert = Bert::load(&weights, cfg, device)?;
+        let bert = Bert::load(&weights, cfg, path, device)?;
         Ok(Self {
             bert,
             tokenizer,

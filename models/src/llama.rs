@@ -94,11 +94,15 @@ impl Config {
 /// Which weights the matrix products use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightPath {
-    /// The block-quantized weights as stored (Q4_1, Q8_0): the fast path.
+    /// The weights as stored: block-quantized GGUF tensors (Q4_1, Q8_0) stay quantized, f32
+    /// safetensors stay f32. The default.
     #[default]
     Quantized,
     /// Every weight dequantized to f32 at load: the reference path.
     F32,
+    /// f32 matrices quantized at load to int8 per output channel (an encoder's fast path);
+    /// block-quantized tensors stay as stored.
+    Int8,
 }
 
 struct Block {
@@ -139,6 +143,7 @@ impl Llama {
             Ok(Linear::new(match path {
                 WeightPath::Quantized => w,
                 WeightPath::F32 => w.dequantized()?,
+                WeightPath::Int8 => w.to_int8()?,
             }))
         };
         let vector = |name: &str| -> Result<Tensor> {

@@ -3,30 +3,6 @@
 //! polynomial `exp` and `erf` so that no libm call blocks vectorization. The `reference` module
 //! holds the plain libm versions the tests compare against.
 
-/// Defines `pub(crate) fn $name` that runs an AVX2+FMA build of `$body` where the CPU has it and
-/// the portable build elsewhere.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        pub(crate) fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
 /// `e^x` within 2 ulp over the f32 range; NaN stays NaN, large negatives flush toward 0.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {

@@ -1,7 +1,35 @@
 //! The CPU backend: tensors are candle-core's, and the work is Keel's own kernels (`quant`,
 //! `math`, `attention`) except the f32 GEMM, which is the gemm crate's (candle's own).
 
+#[macro_use]
+mod multiversion {
+    /// Defines `pub(crate) fn $name` that runs an AVX2+FMA build of `$body` where the CPU has it and
+    /// the portable build elsewhere.
+    macro_rules! multiversion {
+        ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+            $(#[$meta])*
+            pub(crate) fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn body($($arg: $ty),*) $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) {
+                        body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                body($($arg),*)
+            }
+        };
+    }
+}
+
 mod attention;
+pub(crate) mod int8;
 mod math;
 pub(crate) mod quant;
 
@@ -80,6 +108,11 @@ impl Cpu {
         *dims.last_mut().expect("checked above") = out_features;
         let mut y = match &layer.weight {
             Weight::Quantized(q) => read(x, |x| {
+                let mut y = vec![0f32; x.len() / in_features * out_features];
+                q.matmul(x, &mut y);
+                y
+            })?,
+            Weight::Int8(q) => read(x, |x| {
                 let mut y = vec![0f32; x.len() / in_features * out_features];
                 q.matmul(x, &mut y);
                 y

@@ -271,7 +271,7 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in block.qs.iter_mut().zip(values) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
         block.d = d;
