@@ -29,6 +29,9 @@ enum Command {
         /// Print one JSON array holding one array of floats per text.
         #[arg(long)]
         json: bool,
+        /// Which weights the matrix products use.
+        #[arg(long, value_enum, default_value = "quantized")]
+        weights: Weights,
         /// The texts.
         #[arg(required = true)]
         texts: Vec<String>,
@@ -83,8 +86,22 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Weights {
+    /// As stored: GGUF blocks stay quantized, f32 safetensors stay f32.
     Quantized,
+    /// Everything dequantized to f32 (the reference path).
     F32,
+    /// f32 matrices quantized to int8 at load (encoders' fast path).
+    Int8,
+}
+
+impl From<Weights> for WeightPath {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::Quantized => WeightPath::Quantized,
+            Weights::F32 => WeightPath::F32,
+            Weights::Int8 => WeightPath::Int8,
+        }
+    }
 }
 
 fn parse_device(s: &str) -> Result<DeviceKind, String> {
@@ -113,10 +130,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             model,
             vectors,
             json,
+            weights,
             texts,
         } => {
             let engine = Engine::builder().device(cli.device).build()?;
-            let id = engine.load(&model)?;
+            let id = engine.load_with(&model, LoadOptions { weights: weights.into() })?;
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let out = engine.embed(id.as_str(), &texts)?;
             if json {
@@ -159,11 +177,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             prompt,
         } => {
             let engine = Engine::builder().device(cli.device).build()?;
-            let weights = match weights {
-                Weights::Quantized => WeightPath::Quantized,
-                Weights::F32 => WeightPath::F32,
-            };
-            let id = engine.load_with(&model, LoadOptions { weights })?;
+            let id = engine.load_with(&model, LoadOptions { weights: weights.into() })?;
             let mut params = if greedy {
                 GenerateParams::greedy()
             } else {
