@@ -199,10 +199,41 @@ typedef struct keel_engine_params {
    * SQLite file); NULL for none. Borrowed for the duration of the call. Default: NULL.
    */
   const char *storage_path;
+  /**
+   * Encoders: most texts the scheduler runs in one batch (0 is taken as 1). Default: 32.
+   */
+  uint32_t max_batch_size;
+  /**
+   * Encoders: longest a batch waits to fill after its first request arrived, in
+   * microseconds. Default: 5000.
+   */
+  uint32_t max_queue_delay_us;
+  /**
+   * Requests that may wait in each model's queue; one more is refused at once with
+   * `KEEL_ERR_OVERLOADED` (0 is taken as 1). Default: 1024.
+   */
+  uint32_t queue_capacity;
+  /**
+   * Decoders: most generations decoding together in one batch; more wait in the queue (0 is
+   * taken as 1). Default: 16.
+   */
+  uint32_t max_streams;
+  /**
+   * Byte budget of the response cache, which answers a repeated embedding of the same text by
+   * the same model version without running it (0: off). Default: 64 MiB.
+   */
+  uint64_t response_cache_bytes;
+  /**
+   * Byte budget of the decoder prefix cache, which keeps the KV state of the chat template's
+   * system turn for later prompts (0: off). Default: 256 MiB.
+   */
+  uint64_t prefix_cache_bytes;
 } keel_engine_params;
 
 /**
- * Which weights a quantized (GGUF) model multiplies with: one of the `KEEL_WEIGHTS_*` values.
+ * Which weights a model's matrix products use: one of the `KEEL_WEIGHTS_*` values. Each path
+ * other than the default computes other numbers from the same files, so it is a version of its
+ * own (another version id).
  */
 typedef uint32_t keel_weights;
 
@@ -212,11 +243,41 @@ typedef uint32_t keel_weights;
  */
 typedef struct keel_model_params {
   /**
-   * For GGUF models, which weights to compute with (a `KEEL_WEIGHTS_*` value); ignored for
-   * other models. Default: `KEEL_WEIGHTS_QUANTIZED`.
+   * Which weights to compute with (a `KEEL_WEIGHTS_*` value). Default:
+   * `KEEL_WEIGHTS_QUANTIZED` (the weights as stored).
    */
   keel_weights weights;
 } keel_model_params;
+
+/**
+ * How urgent a request is: one of the `KEEL_PRIORITY_*` values. Higher levels are served first;
+ * a request that has waited long is served as if it were the highest, so none starves.
+ */
+typedef uint32_t keel_priority;
+
+/**
+ * Controls of one request (`keel_embed`, `keel_embed_into`, `keel_generate`); pass NULL for the
+ * defaults. Get the defaults from `keel_request_default_params()` and change the fields you
+ * care about.
+ */
+typedef struct keel_request_params {
+  /**
+   * Where the request stands in the model's queue (a `KEEL_PRIORITY_*` value). Default:
+   * `KEEL_PRIORITY_NORMAL`.
+   */
+  keel_priority priority;
+  /**
+   * 0 for none; otherwise the request must have started running this many milliseconds after
+   * it was submitted, or it fails with `KEEL_ERR_DEADLINE` and is never run (the caller is
+   * answered by then at the latest). Default: 0.
+   */
+  uint32_t deadline_ms;
+  /**
+   * Whether the response cache may answer (and store) this request's embeddings. Default:
+   * true.
+   */
+  bool use_cache;
+} keel_request_params;
 
 /**
  * How to generate. Get the defaults from `keel_generate_default_params()` and change the fields
@@ -252,6 +313,11 @@ typedef struct keel_generate_params {
    * (false). Default: true.
    */
   bool chat;
+  /**
+   * With `chat`: the system turn of the template, NUL-terminated UTF-8, borrowed for the call;
+   * NULL for the model's own default. Default: NULL.
+   */
+  const char *system;
 } keel_generate_params;
 
 /**
@@ -293,14 +359,36 @@ typedef bool (*keel_token_callback)(void *user_data,
 #define KEEL_DEVICE_CUDA 3
 
 /**
- * The block-quantized weights as stored (Q4_1, Q8_0): the fast path, and the default.
+ * The weights as stored: block-quantized (Q4_1, Q8_0) for GGUF models, f32 for safetensors. The
+ * default.
  */
 #define KEEL_WEIGHTS_QUANTIZED 0
 
 /**
- * Every weight dequantized to f32 at load: the reference path. A separate version of the model.
+ * Every weight in f32 (GGUF models dequantized at load): the reference path.
  */
 #define KEEL_WEIGHTS_F32 1
+
+/**
+ * f32 matrices quantized to int8 per output channel at load: an encoder's fast path
+ * (block-quantized GGUF tensors stay as stored).
+ */
+#define KEEL_WEIGHTS_INT8 2
+
+/**
+ * Background work (batch jobs, re-indexing).
+ */
+#define KEEL_PRIORITY_LOW 0
+
+/**
+ * Interactive traffic: the default.
+ */
+#define KEEL_PRIORITY_NORMAL 1
+
+/**
+ * Latency-critical traffic.
+ */
+#define KEEL_PRIORITY_HIGH 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -361,7 +449,8 @@ void keel_error_free(struct keel_error *err);
 const char *keel_status_name(int32_t status);
 
 /**
- * The default engine options: the best device, and the reserved fields at 0 / NULL.
+ * The default engine options: the best device, the scheduler's and caches' defaults (in the
+ * field docs), and the reserved fields at 0 / NULL.
  *
  * Thread safety: may be called from any thread at any time.
  */
@@ -386,9 +475,29 @@ enum keel_status keel_engine_new(const struct keel_engine_params *params,
                                  struct keel_error **err);
 
 /**
+ * Shuts the engine down: from now on every request on it is refused with
+ * `KEEL_ERR_SHUTTING_DOWN`; requests queued or running get up to `grace_ms` milliseconds to
+ * finish, and those still unfinished then are answered `KEEL_ERR_SHUTTING_DOWN`: none is lost
+ * silently. Writes whether everything finished in time to `*finished` (if `finished` is not
+ * NULL; false on failure). The engine must still be freed with `keel_engine_free`.
+ *
+ * # Safety
+ * `finished` is NULL or points to a writable `bool`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; it blocks for up
+ * to `grace_ms`.
+ */
+enum keel_status keel_engine_shutdown(const struct keel_engine *engine,
+                                      uint32_t grace_ms,
+                                      bool *finished,
+                                      struct keel_error **err);
+
+/**
  * Frees an engine and every model loaded through it: their `keel_model` handles die with it
  * (later calls on them fail with `KEEL_ERR_INVALID_ARGUMENT`; freeing them does nothing). Result
  * objects it returned (embeddings, completions, strings) stay valid until their own `_free`.
+ * Requests still queued on it run to their end first (`keel_engine_shutdown` bounds that wait).
  *
  * NULL is ignored; so is a handle that is not a live engine (a double free is detected and does
  * nothing). Calls running on the engine in other threads finish normally; calls that start after
@@ -432,7 +541,30 @@ enum keel_status keel_engine_models(const struct keel_engine *engine,
                                     struct keel_error **err);
 
 /**
- * The default load options: quantized weights.
+ * The engine's counters as a JSON object: `{"scheduler": {...} | null, "response_cache": {...} |
+ * null, "prefix_cache": {...} | null}`. `"scheduler"` holds the counters of `model`'s scheduler
+ * (`accepted`, `completed`, `failed`, `overloaded`, `expired`, `shut_down`, `cancelled`,
+ * `queued`, `batches`, `items`, `tokens`, `padding_tokens`, `compute_ms`, `queue_wait_ms`,
+ * `active_streams`, `kv_bytes`), or null when `model` is NULL; a cache that is off is null.
+ *
+ * `model` (a version id or an alias) may be NULL. On success `*out` holds a new string owned by
+ * the caller (free it with `keel_string_free`). On failure `*out` is NULL and `*err` (if `err`
+ * is not NULL) holds the error: `KEEL_ERR_NOT_FOUND` for an unknown model.
+ *
+ * # Safety
+ * `model` is NULL or NUL-terminated; `out` points to a writable `keel_string *`; `err` is NULL or
+ * points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; the counters are
+ * a snapshot.
+ */
+enum keel_status keel_engine_stats(const struct keel_engine *engine,
+                                   const char *model,
+                                   struct keel_string **out,
+                                   struct keel_error **err);
+
+/**
+ * The default load options: the weights as stored.
  *
  * Thread safety: may be called from any thread at any time.
  */
@@ -521,31 +653,44 @@ enum keel_status keel_model_alias(const struct keel_model *model,
                                   struct keel_error **err);
 
 /**
+ * The default request controls: normal priority, no deadline, the response cache on.
+ *
+ * Thread safety: may be called from any thread at any time.
+ */
+struct keel_request_params keel_request_default_params(void);
+
+/**
  * Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
  * `keel_embeddings` result.
  *
  * `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
  * NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
- * be NUL-terminated). The library reads the texts during the call only.
+ * be NUL-terminated). The library reads the texts during the call only. `request` may be NULL
+ * for the default controls (see `keel_request_params`).
  *
  * On success `*out` holds the result, owned by the caller (free it with
  * `keel_embeddings_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
  * error: `KEEL_ERR_INVALID_ARGUMENT` for NULL pointers, no texts, an empty text, invalid UTF-8, or a
- * model that is not an encoder; `KEEL_ERR_NOT_FOUND` for an unknown model.
+ * model that is not an encoder; `KEEL_ERR_NOT_FOUND` for an unknown model; `KEEL_ERR_OVERLOADED`
+ * when the model's queue is full; `KEEL_ERR_DEADLINE` when the request's deadline passed;
+ * `KEEL_ERR_SHUTTING_DOWN` after `keel_engine_shutdown`.
  *
  * # Safety
  * `texts` points to `n_texts` pointers, each to a text as described; `lengths` is NULL or points
- * to `n_texts` lengths; `model` is NULL or NUL-terminated; `out` points to a writable
+ * to `n_texts` lengths; `model` is NULL or NUL-terminated; `request` is NULL or points to a
+ * `keel_request_params`; `out` points to a writable
  * `keel_embeddings *`; `err` is NULL or points to a writable `keel_error *`. A wrong `n_texts`
  * cannot be detected and reads out of bounds.
  *
- * Thread safety: may be called concurrently with any call on the same engine.
+ * Thread safety: may be called concurrently with any call on the same engine: the model's
+ * scheduler batches concurrent requests together (a vector does not depend on its batch).
  */
 enum keel_status keel_embed(const struct keel_engine *engine,
                             const char *model,
                             const char *const *texts,
                             const size_t *lengths,
                             size_t n_texts,
+                            const struct keel_request_params *request,
                             struct keel_embeddings **out,
                             struct keel_error **err);
 
@@ -570,6 +715,7 @@ enum keel_status keel_embed_into(const struct keel_engine *engine,
                                  const char *const *texts,
                                  const size_t *lengths,
                                  size_t n_texts,
+                                 const struct keel_request_params *request,
                                  float *out,
                                  size_t out_len,
                                  size_t *out_dim,
@@ -639,18 +785,23 @@ struct keel_generate_params keel_generate_default_params(void);
  * after a cancel). Pass a callback, an `out`, or both.
  *
  * `prompt` is NUL-terminated UTF-8, read during the call only. `params` may be NULL for the
- * defaults (greedy, 256 tokens, chat template).
+ * defaults (greedy, 256 tokens, chat template); `request` may be NULL for the default controls.
+ * The generation joins the model's running batch (continuous batching with the other
+ * generations in flight); a deadline in `request` bounds its wait in the queue.
  *
  * On success `*out` (if `out` is not NULL) holds a completion owned by the caller (free it with
  * `keel_completion_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
  * error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, invalid UTF-8, an empty prompt,
  * a prompt that does not fit in the context, bad sampling parameters or a model that is not a
- * decoder; `KEEL_ERR_NOT_FOUND` for an unknown model. A failure after some tokens were streamed
- * (rare: a backend error) also returns no completion.
+ * decoder; `KEEL_ERR_NOT_FOUND` for an unknown model; `KEEL_ERR_OVERLOADED` when the model's
+ * queue is full; `KEEL_ERR_DEADLINE` when the deadline passed while queued;
+ * `KEEL_ERR_SHUTTING_DOWN` after `keel_engine_shutdown`. A failure after some tokens were
+ * streamed (a shutdown, a backend error) also returns no completion.
  *
  * # Safety
  * `model` and `prompt` are NULL or NUL-terminated; `params` is NULL or points to a
- * `keel_generate_params`; `on_token` is NULL or a function as described at
+ * `keel_generate_params` (whose `system` is NULL or NUL-terminated); `request` is NULL or points
+ * to a `keel_request_params`; `on_token` is NULL or a function as described at
  * `keel_token_callback`; `out` is NULL or points to a writable `keel_completion *`; `err` is NULL
  * or points to a writable `keel_error *`.
  *
@@ -661,6 +812,7 @@ enum keel_status keel_generate(const struct keel_engine *engine,
                                const char *model,
                                const char *prompt,
                                const struct keel_generate_params *params,
+                               const struct keel_request_params *request,
                                keel_token_callback on_token,
                                void *user_data,
                                struct keel_completion **out,

@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
            keel_model_id(minilm));
 
     keel_embeddings *emb = NULL;
-    status = keel_embed(engine, "embed", TEXTS, NULL, N_TEXTS, &emb, &err);
+    status = keel_embed(engine, "embed", TEXTS, NULL, N_TEXTS, NULL, &emb, &err);
     if (status != KEEL_OK) die("keel_embed", status, err);
     size_t count = keel_embeddings_count(emb), dim = keel_embeddings_dim(emb);
     printf("%zu embeddings of dimension %zu; cosine similarities:\n", count, dim);
@@ -124,7 +124,7 @@ int main(int argc, char **argv) {
     printf("\n> %s\n", PROMPT);
     size_t streamed = 0;
     keel_completion *completion = NULL;
-    status = keel_generate(engine, keel_model_id(smollm), PROMPT, &gen, print_token, &streamed, &completion, &err);
+    status = keel_generate(engine, keel_model_id(smollm), PROMPT, &gen, NULL, print_token, &streamed, &completion, &err);
     if (status != KEEL_OK) die("keel_generate", status, err);
     size_t n = keel_completion_token_count(completion);
     printf("\n(%zu tokens, finish: %s)\n", n, finish_name(keel_completion_finish_reason(completion)));

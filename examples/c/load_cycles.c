@@ -53,10 +53,10 @@ int main(int argc, char **argv) {
         keel_status status;
         if (strcmp(keel_model_architecture(model), "bert") == 0) {
             keel_embeddings *emb = NULL;
-            status = keel_embed(engine, keel_model_id(model), text, NULL, 1, &emb, &err);
+            status = keel_embed(engine, keel_model_id(model), text, NULL, 1, NULL, &emb, &err);
             keel_embeddings_free(emb);
         } else {
-            status = keel_generate(engine, keel_model_id(model), "Hello", &gen, NULL, NULL, NULL, &err);
+            status = keel_generate(engine, keel_model_id(model), "Hello", &gen, NULL, NULL, NULL, NULL, &err);
         }
         if (status != KEEL_OK) {
             fprintf(stderr, "cycle %d: %s\n", i, keel_error_message(err));

@@ -35,6 +35,9 @@ static const char *minilm_dir;
 static int iterations = 3;
 static keel_engine *engine;
 static pthread_barrier_t start;
+/* Each thread's requests: the response cache bypassed (so that the model runs every time, batched
+ * by the scheduler with the other threads' requests), priorities mixed. */
+static keel_request_params requests[3];
 
 struct job {
     int index;
@@ -58,7 +61,7 @@ static int generate(const char *prompt, uint32_t *tokens, keel_error **err) {
     params.max_tokens = GEN_TOKENS;
     params.chat = false;
     keel_completion *completion = NULL;
-    if (keel_generate(engine, "chat", prompt, &params, NULL, NULL, &completion, err) != KEEL_OK) return -1;
+    if (keel_generate(engine, "chat", prompt, &params, NULL, NULL, NULL, &completion, err) != KEEL_OK) return -1;
     size_t n = keel_completion_token_count(completion);
     memcpy(tokens, keel_completion_tokens(completion), n * sizeof *tokens);
     keel_completion_free(completion);
@@ -72,7 +75,8 @@ static void *work(void *arg) {
         keel_error *err = NULL;
         float got[BATCH * DIM];
         size_t dim = 0;
-        if (keel_embed_into(engine, "embed", job->texts, NULL, BATCH, got, BATCH * DIM, &dim, &err) != KEEL_OK)
+        const keel_request_params *request = &requests[job->index % 3];
+        if (keel_embed_into(engine, "embed", job->texts, NULL, BATCH, request, got, BATCH * DIM, &dim, &err) != KEEL_OK)
             fail(job, "keel_embed_into", err);
         else if (dim != DIM || memcmp(got, job->expected, sizeof got) != 0)
             fail(job, "embeddings differ from the single-threaded ones", NULL);
@@ -86,11 +90,11 @@ static void *work(void *arg) {
 
         /* Calls that must fail, concurrently with everything else. */
         keel_embeddings *emb = NULL;
-        if (keel_embed(engine, "no-such-model", job->texts, NULL, BATCH, &emb, &err) != KEEL_ERR_NOT_FOUND)
+        if (keel_embed(engine, "no-such-model", job->texts, NULL, BATCH, NULL, &emb, &err) != KEEL_ERR_NOT_FOUND)
             fail(job, "an unknown model was not KEEL_ERR_NOT_FOUND", err);
         else
             keel_error_free(err);
-        if (keel_embed((keel_engine *)(uintptr_t)0x10, "embed", job->texts, NULL, BATCH, &emb, &err) !=
+        if (keel_embed((keel_engine *)(uintptr_t)0x10, "embed", job->texts, NULL, BATCH, NULL, &emb, &err) !=
             KEEL_ERR_INVALID_ARGUMENT)
             fail(job, "a made-up engine handle was not refused", err);
         else
@@ -123,6 +127,12 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    for (int p = 0; p < 3; p++) {
+        requests[p] = keel_request_default_params();
+        requests[p].use_cache = false;
+        requests[p].priority = (keel_priority)p; /* KEEL_PRIORITY_LOW, _NORMAL, _HIGH */
+    }
+
     /* What one thread alone gets. */
     static struct job jobs[THREADS];
     for (int t = 0; t < THREADS; t++) {
@@ -131,7 +141,8 @@ int main(int argc, char **argv) {
         job->texts[0] = TEXTS[t % 4];
         job->texts[1] = TEXTS[(t + 1) % 4];
         job->prompt = PROMPTS[t % 2];
-        if (keel_embed_into(engine, "embed", job->texts, NULL, BATCH, job->expected, BATCH * DIM, NULL, &err)) {
+        if (keel_embed_into(engine, "embed", job->texts, NULL, BATCH, &requests[1], job->expected, BATCH * DIM, NULL,
+                            &err)) {
             fprintf(stderr, "reference embedding failed: %s\n", keel_error_message(err));
             return 1;
         }

@@ -50,7 +50,7 @@ int main(int argc, char **argv) try {
     Model minilm(m);
     const char *texts[] = {"A C++ program embeds text.", "C++ code computes sentence vectors."};
     keel_embeddings *out = nullptr;
-    check(keel_embed(engine.get(), keel_model_id(minilm.get()), texts, nullptr, 2, &out, &err), err);
+    check(keel_embed(engine.get(), keel_model_id(minilm.get()), texts, nullptr, 2, nullptr, &out, &err), err);
     Embeddings emb(out);
     const std::size_t dim = keel_embeddings_dim(emb.get());
     const float *a = keel_embeddings_vector(emb.get(), 0), *b = keel_embeddings_vector(emb.get(), 1);
@@ -67,7 +67,7 @@ int main(int argc, char **argv) try {
         static_cast<std::string *>(user_data)->append(text, len);
         return true;
     };
-    check(keel_generate(engine.get(), keel_model_id(smollm.get()), "Say hello in French.", &params, on_token,
+    check(keel_generate(engine.get(), keel_model_id(smollm.get()), "Say hello in French.", &params, nullptr, on_token,
                         &reply, nullptr, &err),
           err);
     std::printf("reply: %s\n", reply.c_str());

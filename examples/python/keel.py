@@ -48,13 +48,29 @@ ERR_SHUTTING_DOWN = 9
 # keel_device
 DEVICE_BEST, DEVICE_CPU, DEVICE_WGPU, DEVICE_CUDA = 0, 1, 2, 3
 # keel_weights
-WEIGHTS_QUANTIZED, WEIGHTS_F32 = 0, 1
+WEIGHTS_QUANTIZED, WEIGHTS_F32, WEIGHTS_INT8 = 0, 1, 2
+# keel_priority
+PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 1, 2
 # keel_finish_reason
 FINISH_REASONS = {0: "stop", 1: "length", 2: "context_full", 3: "cancelled"}
 
 
 class EngineParams(Structure):
-    _fields_ = [("device", c_uint32), ("threads", c_uint32), ("storage_path", c_char_p)]
+    _fields_ = [
+        ("device", c_uint32),
+        ("threads", c_uint32),
+        ("storage_path", c_char_p),
+        ("max_batch_size", c_uint32),
+        ("max_queue_delay_us", c_uint32),
+        ("queue_capacity", c_uint32),
+        ("max_streams", c_uint32),
+        ("response_cache_bytes", c_uint64),
+        ("prefix_cache_bytes", c_uint64),
+    ]
+
+
+class RequestParams(Structure):
+    _fields_ = [("priority", c_uint32), ("deadline_ms", c_uint32), ("use_cache", c_bool)]
 
 
 class ModelParams(Structure):
@@ -69,6 +85,7 @@ class GenerateParams(Structure):
         ("top_p", c_float),
         ("seed", c_uint64),
         ("chat", c_bool),
+        ("system", c_char_p),
     ]
 
 
@@ -104,7 +121,9 @@ _SIGNATURES = {
     "keel_engine_new": (c_int32, [POINTER(EngineParams), _PP, _PP]),
     "keel_engine_free": (None, [_P]),
     "keel_engine_device": (c_int32, [_P, POINTER(c_uint32), _PP]),
+    "keel_engine_shutdown": (c_int32, [_P, c_uint32, POINTER(c_bool), _PP]),
     "keel_engine_models": (c_int32, [_P, _PP, _PP]),
+    "keel_engine_stats": (c_int32, [_P, c_char_p, _PP, _PP]),
     "keel_model_default_params": (ModelParams, []),
     "keel_model_load": (c_int32, [_P, c_char_p, POINTER(ModelParams), _PP, _PP]),
     "keel_model_free": (None, [_P]),
@@ -112,11 +131,14 @@ _SIGNATURES = {
     "keel_model_name": (c_char_p, [_P]),
     "keel_model_architecture": (c_char_p, [_P]),
     "keel_model_alias": (c_int32, [_P, c_char_p, _PP]),
-    "keel_embed": (c_int32, [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, _PP, _PP]),
+    "keel_request_default_params": (RequestParams, []),
+    "keel_embed": (
+        c_int32, [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(RequestParams), _PP, _PP]
+    ),
     "keel_embed_into": (
         c_int32,
-        [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(c_float), c_size_t,
-         POINTER(c_size_t), _PP],
+        [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(RequestParams), POINTER(c_float),
+         c_size_t, POINTER(c_size_t), _PP],
     ),
     "keel_embeddings_count": (c_size_t, [_P]),
     "keel_embeddings_dim": (c_size_t, [_P]),
@@ -125,7 +147,9 @@ _SIGNATURES = {
     "keel_embeddings_free": (None, [_P]),
     "keel_generate_default_params": (GenerateParams, []),
     "keel_generate": (
-        c_int32, [_P, c_char_p, c_char_p, POINTER(GenerateParams), TOKEN_CALLBACK, c_void_p, _PP, _PP]
+        c_int32,
+        [_P, c_char_p, c_char_p, POINTER(GenerateParams), POINTER(RequestParams), TOKEN_CALLBACK, c_void_p, _PP,
+         _PP],
     ),
     "keel_completion_text": (c_void_p, [_P]),
     "keel_completion_text_len": (c_size_t, [_P]),
@@ -173,6 +197,14 @@ def _bytes(text):
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
+def _request(priority, deadline_ms, use_cache):
+    request = lib.keel_request_default_params()
+    if priority is not None:
+        request.priority = priority
+    request.deadline_ms, request.use_cache = deadline_ms, use_cache
+    return request
+
+
 class Model:
     """A model version loaded into an engine (a keel_model handle)."""
 
@@ -202,11 +234,18 @@ class Completion:
 
 
 class Engine:
-    """An engine (a keel_engine handle). Use it as a context manager, or call close()."""
+    """An engine (a keel_engine handle). Use it as a context manager, or call close().
 
-    def __init__(self, device=DEVICE_BEST):
+    Keyword arguments set the fields of keel_engine_params of the same names (max_batch_size,
+    queue_capacity, max_streams, response_cache_bytes, ...)."""
+
+    def __init__(self, device=DEVICE_BEST, **options):
         params = lib.keel_engine_default_params()
         params.device = device
+        for name, value in options.items():
+            if name not in dict(EngineParams._fields_):
+                raise TypeError(f"keel_engine_params has no field {name!r}")
+            setattr(params, name, value)
         self._handle = c_void_p()
         _call(lib.keel_engine_new, byref(params), byref(self._handle))
 
@@ -219,6 +258,21 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+    def shutdown(self, grace_ms=10_000):
+        """Refuses new requests and waits up to grace_ms for those in flight; True if all finished."""
+        finished = c_bool()
+        _call(lib.keel_engine_shutdown, self._handle, grace_ms, byref(finished))
+        return finished.value
+
+    def stats(self, model=None):
+        """The counters of the caches, and of `model`'s scheduler when given (keel_engine_stats)."""
+        out = c_void_p()
+        _call(lib.keel_engine_stats, self._handle, None if model is None else _bytes(model), byref(out))
+        try:
+            return json.loads(ctypes.string_at(lib.keel_string_data(out), lib.keel_string_len(out)))
+        finally:
+            lib.keel_string_free(out)
 
     def device(self):
         out = c_uint32()
@@ -241,13 +295,14 @@ class Engine:
         finally:
             lib.keel_string_free(out)
 
-    def embed(self, model, texts):
+    def embed(self, model, texts, priority=None, deadline_ms=0, use_cache=True):
         """Unit-length embeddings of `texts` (str or bytes), as lists of floats."""
         data = [_bytes(t) for t in texts]
         pointers = (c_char_p * len(data))(*data)
         lengths = (c_size_t * len(data))(*[len(d) for d in data])
+        request = _request(priority, deadline_ms, use_cache)
         out = c_void_p()
-        _call(lib.keel_embed, self._handle, _bytes(model), pointers, lengths, len(data), byref(out))
+        _call(lib.keel_embed, self._handle, _bytes(model), pointers, lengths, len(data), byref(request), byref(out))
         try:
             count, dim = lib.keel_embeddings_count(out), lib.keel_embeddings_dim(out)
             flat = lib.keel_embeddings_data(out)[: count * dim]
@@ -256,12 +311,14 @@ class Engine:
             lib.keel_embeddings_free(out)
 
     def generate(self, model, prompt, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
-                 on_token=None):
+                 system=None, on_token=None, priority=None, deadline_ms=0):
         """Generates a reply. `on_token(text)` is called with each token's text as it comes; it may
         return False to stop. An exception in it stops the generation and is raised here."""
         params = lib.keel_generate_default_params()
         params.max_tokens, params.temperature, params.top_k = max_tokens, temperature, top_k
         params.top_p, params.seed, params.chat = top_p, seed, chat
+        params.system = None if system is None else _bytes(system)
+        request = _request(priority, deadline_ms, True)
         raised = []
 
         def trampoline(_user_data, _token_id, text, length):
@@ -273,8 +330,8 @@ class Engine:
 
         callback = TOKEN_CALLBACK(trampoline) if on_token else TOKEN_CALLBACK()
         out = c_void_p()
-        _call(lib.keel_generate, self._handle, _bytes(model), _bytes(prompt), byref(params), callback, None,
-              byref(out))
+        _call(lib.keel_generate, self._handle, _bytes(model), _bytes(prompt), byref(params), byref(request), callback,
+              None, byref(out))
         try:
             if raised:
                 raise raised[0]

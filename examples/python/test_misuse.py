@@ -51,11 +51,29 @@ def main():
     done = engine.generate(smollm.id, "Hi", max_tokens=5, chat=False, on_token=lambda t: False)
     assert done.finish == "cancelled" and len(done.tokens) == 1, done
 
+    # Request controls, the system prompt, counters, engine options.
+    expect(keel.ERR_INVALID_ARGUMENT, engine.embed, minilm.id, ["x"], priority=9)
+    assert len(engine.embed(minilm.id, ["x"], priority=keel.PRIORITY_HIGH, use_cache=False)) == 1
+    expect(keel.ERR_INVALID_ARGUMENT, engine.generate, smollm.id, "Hi", system=b"caf\xc3")
+    pirate = engine.generate(smollm.id, "Hi", max_tokens=2, system="You are a pirate.")
+    assert pirate.prompt_tokens != engine.generate(smollm.id, "Hi", max_tokens=2).prompt_tokens
+    assert engine.stats(minilm.id)["scheduler"]["completed"] >= 1
+    expect(keel.ERR_NOT_FOUND, engine.stats, "nope")
+    with keel.Engine(response_cache_bytes=0, max_streams=2) as other:
+        assert other.stats()["response_cache"] is None
+    try:
+        keel.Engine(no_such_option=1)
+        raise AssertionError("an unknown option was accepted")
+    except TypeError:
+        pass
+
     # Freed handles.
     minilm.free()
     minilm.free()
     expect(keel.ERR_INVALID_ARGUMENT, minilm.alias, "again")
     expect(keel.ERR_NOT_FOUND, engine.embed, minilm.id, ["x"])
+    assert engine.shutdown(1000) is True
+    expect(keel.ERR_SHUTTING_DOWN, engine.generate, smollm.id, "Hi")
     engine.close()
     engine.close()
     expect(keel.ERR_INVALID_ARGUMENT, engine.embed, smollm.id, ["x"])

@@ -3,6 +3,7 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
+use crate::request::{keel_request_params, request_of};
 use crate::status::{keel_error, keel_status, Failure};
 use std::ffi::{c_char, CStr, CString};
 
@@ -27,7 +28,7 @@ impl Handle for EmbeddingsObject {
     const NAME: &'static str = "keel_embeddings";
 }
 
-/// The texts of a call, as bytes (checked for UTF-8 by the engine).
+/// The texts of a call, checked for NULL and UTF-8.
 ///
 /// # Safety
 /// As documented on `keel_embed`.
@@ -35,7 +36,7 @@ unsafe fn texts_of<'a>(
     texts: *const *const c_char,
     lengths: *const usize,
     n_texts: usize,
-) -> Result<Vec<&'a [u8]>, Failure> {
+) -> Result<Vec<&'a str>, Failure> {
     let pointers = guard::c_array(texts, n_texts, "texts")?;
     let lengths = if lengths.is_null() {
         None
@@ -49,10 +50,11 @@ unsafe fn texts_of<'a>(
             if p.is_null() {
                 return Err(Failure::invalid(format!("texts[{i}] is NULL")));
             }
-            Ok(match lengths {
+            let bytes = match lengths {
                 Some(lengths) => std::slice::from_raw_parts(p.cast::<u8>(), lengths[i]),
                 None => CStr::from_ptr(p).to_bytes(),
-            })
+            };
+            guard::utf8(bytes, &format!("texts[{i}]"))
         })
         .collect()
 }
@@ -67,11 +69,13 @@ unsafe fn embed(
     texts: *const *const c_char,
     lengths: *const usize,
     n_texts: usize,
+    request: *const keel_request_params,
 ) -> Result<keel::Embeddings, Failure> {
     let engine = engine_of(engine)?;
     let model = guard::c_str(model, "model")?;
     let texts = texts_of(texts, lengths, n_texts)?;
-    Ok(engine.engine.embed_bytes(model, &texts)?)
+    let request = request_of(request)?;
+    Ok(engine.engine.embed_with(model, &texts, &request)?)
 }
 
 /// Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
@@ -79,20 +83,25 @@ unsafe fn embed(
 ///
 /// `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
 /// NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
-/// be NUL-terminated). The library reads the texts during the call only.
+/// be NUL-terminated). The library reads the texts during the call only. `request` may be NULL
+/// for the default controls (see `keel_request_params`).
 ///
 /// On success `*out` holds the result, owned by the caller (free it with
 /// `keel_embeddings_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
 /// error: `KEEL_ERR_INVALID_ARGUMENT` for NULL pointers, no texts, an empty text, invalid UTF-8, or a
-/// model that is not an encoder; `KEEL_ERR_NOT_FOUND` for an unknown model.
+/// model that is not an encoder; `KEEL_ERR_NOT_FOUND` for an unknown model; `KEEL_ERR_OVERLOADED`
+/// when the model's queue is full; `KEEL_ERR_DEADLINE` when the request's deadline passed;
+/// `KEEL_ERR_SHUTTING_DOWN` after `keel_engine_shutdown`.
 ///
 /// # Safety
 /// `texts` points to `n_texts` pointers, each to a text as described; `lengths` is NULL or points
-/// to `n_texts` lengths; `model` is NULL or NUL-terminated; `out` points to a writable
+/// to `n_texts` lengths; `model` is NULL or NUL-terminated; `request` is NULL or points to a
+/// `keel_request_params`; `out` points to a writable
 /// `keel_embeddings *`; `err` is NULL or points to a writable `keel_error *`. A wrong `n_texts`
 /// cannot be detected and reads out of bounds.
 ///
-/// Thread safety: may be called concurrently with any call on the same engine.
+/// Thread safety: may be called concurrently with any call on the same engine: the model's
+/// scheduler batches concurrent requests together (a vector does not depend on its batch).
 #[no_mangle]
 pub unsafe extern "C" fn keel_embed(
     engine: *const keel_engine,
@@ -100,12 +109,13 @@ pub unsafe extern "C" fn keel_embed(
     texts: *const *const c_char,
     lengths: *const usize,
     n_texts: usize,
+    request: *const keel_request_params,
     out: *mut *mut keel_embeddings,
     err: *mut *mut keel_error,
 ) -> keel_status {
     guard::call(err, || {
         let out = Out::clear(out, "out", std::ptr::null_mut())?;
-        let embeddings = embed(engine, model, texts, lengths, n_texts)?;
+        let embeddings = embed(engine, model, texts, lengths, n_texts, request)?;
         let dim = embeddings.vectors.first().map_or(0, Vec::len);
         out.set(handle::insert(EmbeddingsObject {
             count: embeddings.vectors.len(),
@@ -138,6 +148,7 @@ pub unsafe extern "C" fn keel_embed_into(
     texts: *const *const c_char,
     lengths: *const usize,
     n_texts: usize,
+    request: *const keel_request_params,
     out: *mut f32,
     out_len: usize,
     out_dim: *mut usize,
@@ -154,7 +165,7 @@ pub unsafe extern "C" fn keel_embed_into(
                 "out_len is {out_len} floats, too short for {n_texts} embeddings"
             )));
         }
-        let embeddings = embed(engine, model, texts, lengths, n_texts)?;
+        let embeddings = embed(engine, model, texts, lengths, n_texts, request)?;
         let dim = embeddings.vectors.first().map_or(0, Vec::len);
         let needed = dim * embeddings.vectors.len();
         if out_len < needed {

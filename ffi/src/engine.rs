@@ -1,14 +1,15 @@
-//! Engines: create, inspect, free.
+//! Engines: create, configure, inspect, shut down, free.
 
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
 use crate::model::ModelObject;
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::{DeviceKind, Engine, VersionId};
+use keel::{CacheConfig, CacheStats, DeviceKind, Engine, SchedulerConfig, VersionId};
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// A kind of compute device: one of the `KEEL_DEVICE_*` values. An integer type rather than an
 /// enum so that any value a caller passes is defined behaviour (an unknown one is refused).
@@ -35,6 +36,23 @@ pub struct keel_engine_params {
     /// Reserved, not used yet: where the engine will keep lineage records and the review queue (a
     /// SQLite file); NULL for none. Borrowed for the duration of the call. Default: NULL.
     pub storage_path: *const c_char,
+    /// Encoders: most texts the scheduler runs in one batch (0 is taken as 1). Default: 32.
+    pub max_batch_size: u32,
+    /// Encoders: longest a batch waits to fill after its first request arrived, in
+    /// microseconds. Default: 5000.
+    pub max_queue_delay_us: u32,
+    /// Requests that may wait in each model's queue; one more is refused at once with
+    /// `KEEL_ERR_OVERLOADED` (0 is taken as 1). Default: 1024.
+    pub queue_capacity: u32,
+    /// Decoders: most generations decoding together in one batch; more wait in the queue (0 is
+    /// taken as 1). Default: 16.
+    pub max_streams: u32,
+    /// Byte budget of the response cache, which answers a repeated embedding of the same text by
+    /// the same model version without running it (0: off). Default: 64 MiB.
+    pub response_cache_bytes: u64,
+    /// Byte budget of the decoder prefix cache, which keeps the KV state of the chat template's
+    /// system turn for later prompts (0: off). Default: 256 MiB.
+    pub prefix_cache_bytes: u64,
 }
 
 /// An engine: the model versions a host has loaded and the requests it runs on them. Created by
@@ -80,16 +98,41 @@ pub(crate) fn engine_of(engine: *const keel_engine) -> Result<Arc<EngineObject>,
     handle::get::<EngineObject>(engine, "engine")
 }
 
-/// The default engine options: the best device, and the reserved fields at 0 / NULL.
+/// The default engine options: the best device, the scheduler's and caches' defaults (in the
+/// field docs), and the reserved fields at 0 / NULL.
 ///
 /// Thread safety: may be called from any thread at any time.
 #[no_mangle]
 pub extern "C" fn keel_engine_default_params() -> keel_engine_params {
+    let scheduler = SchedulerConfig::default();
+    let caches = CacheConfig::default();
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     keel_engine_params {
         device: KEEL_DEVICE_BEST,
         threads: 0,
         storage_path: std::ptr::null(),
+        max_batch_size: clamp(scheduler.max_batch_size),
+        max_queue_delay_us: u32::try_from(scheduler.max_queue_delay.as_micros()).unwrap_or(u32::MAX),
+        queue_capacity: clamp(scheduler.queue_capacity),
+        max_streams: clamp(scheduler.max_streams),
+        response_cache_bytes: caches.response_bytes as u64,
+        prefix_cache_bytes: caches.prefix_bytes as u64,
     }
+}
+
+/// The Rust configuration of a `keel_engine_params`.
+fn configs_of(p: &keel_engine_params) -> (SchedulerConfig, CacheConfig) {
+    let size = |n: u32| n as usize;
+    let scheduler = SchedulerConfig::default()
+        .max_batch_size(size(p.max_batch_size))
+        .max_queue_delay(Duration::from_micros(p.max_queue_delay_us.into()))
+        .queue_capacity(size(p.queue_capacity))
+        .max_streams(size(p.max_streams));
+    let bytes = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let caches = CacheConfig::default()
+        .response_bytes(bytes(p.response_cache_bytes))
+        .prefix_bytes(bytes(p.prefix_cache_bytes));
+    (scheduler, caches)
 }
 
 /// Creates an engine.
@@ -116,7 +159,8 @@ pub unsafe extern "C" fn keel_engine_new(
             .as_ref()
             .copied()
             .unwrap_or_else(|| keel_engine_default_params());
-        let builder = Engine::builder();
+        let (scheduler, caches) = configs_of(&params);
+        let builder = Engine::builder().scheduler(scheduler).caches(caches);
         let builder = match params.device {
             KEEL_DEVICE_BEST => builder.best_device(),
             KEEL_DEVICE_CPU => builder.device(DeviceKind::Cpu),
@@ -133,9 +177,40 @@ pub unsafe extern "C" fn keel_engine_new(
     })
 }
 
+/// Shuts the engine down: from now on every request on it is refused with
+/// `KEEL_ERR_SHUTTING_DOWN`; requests queued or running get up to `grace_ms` milliseconds to
+/// finish, and those still unfinished then are answered `KEEL_ERR_SHUTTING_DOWN`: none is lost
+/// silently. Writes whether everything finished in time to `*finished` (if `finished` is not
+/// NULL; false on failure). The engine must still be freed with `keel_engine_free`.
+///
+/// # Safety
+/// `finished` is NULL or points to a writable `bool`; `err` is NULL or points to a writable
+/// `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine; it blocks for up
+/// to `grace_ms`.
+#[no_mangle]
+pub unsafe extern "C" fn keel_engine_shutdown(
+    engine: *const keel_engine,
+    grace_ms: u32,
+    finished: *mut bool,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let finished = Out::clear_optional(finished, false);
+        let engine = engine_of(engine)?;
+        let all = engine.engine.shutdown(Duration::from_millis(grace_ms.into()));
+        if let Some(finished) = finished {
+            finished.set(all);
+        }
+        Ok(())
+    })
+}
+
 /// Frees an engine and every model loaded through it: their `keel_model` handles die with it
 /// (later calls on them fail with `KEEL_ERR_INVALID_ARGUMENT`; freeing them does nothing). Result
 /// objects it returned (embeddings, completions, strings) stay valid until their own `_free`.
+/// Requests still queued on it run to their end first (`keel_engine_shutdown` bounds that wait).
 ///
 /// NULL is ignored; so is a handle that is not a live engine (a double free is detected and does
 /// nothing). Calls running on the engine in other threads finish normally; calls that start after
@@ -222,6 +297,81 @@ pub unsafe extern "C" fn keel_engine_models(
             .collect();
         let text = serde_json::Value::Array(models).to_string();
         out.set(handle::insert(StringObject::new(text)));
+        Ok(())
+    })
+}
+
+fn cache_json(stats: Option<CacheStats>) -> serde_json::Value {
+    stats.map_or(serde_json::Value::Null, |c| {
+        serde_json::json!({
+            "hits": c.hits,
+            "misses": c.misses,
+            "insertions": c.insertions,
+            "evictions": c.evictions,
+            "expirations": c.expirations,
+            "entries": c.entries,
+            "bytes": c.bytes,
+            "budget": c.budget,
+        })
+    })
+}
+
+/// The engine's counters as a JSON object: `{"scheduler": {...} | null, "response_cache": {...} |
+/// null, "prefix_cache": {...} | null}`. `"scheduler"` holds the counters of `model`'s scheduler
+/// (`accepted`, `completed`, `failed`, `overloaded`, `expired`, `shut_down`, `cancelled`,
+/// `queued`, `batches`, `items`, `tokens`, `padding_tokens`, `compute_ms`, `queue_wait_ms`,
+/// `active_streams`, `kv_bytes`), or null when `model` is NULL; a cache that is off is null.
+///
+/// `model` (a version id or an alias) may be NULL. On success `*out` holds a new string owned by
+/// the caller (free it with `keel_string_free`). On failure `*out` is NULL and `*err` (if `err`
+/// is not NULL) holds the error: `KEEL_ERR_NOT_FOUND` for an unknown model.
+///
+/// # Safety
+/// `model` is NULL or NUL-terminated; `out` points to a writable `keel_string *`; `err` is NULL or
+/// points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine; the counters are
+/// a snapshot.
+#[no_mangle]
+pub unsafe extern "C" fn keel_engine_stats(
+    engine: *const keel_engine,
+    model: *const c_char,
+    out: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out, "out", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let scheduler = if model.is_null() {
+            serde_json::Value::Null
+        } else {
+            let s = engine.engine.scheduler_stats(guard::c_str(model, "model")?)?;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            serde_json::json!({
+                "accepted": s.accepted,
+                "completed": s.completed,
+                "failed": s.failed,
+                "overloaded": s.overloaded,
+                "expired": s.expired,
+                "shut_down": s.shut_down,
+                "cancelled": s.cancelled,
+                "queued": s.queued,
+                "batches": s.batches,
+                "items": s.items,
+                "tokens": s.tokens,
+                "padding_tokens": s.padding_tokens,
+                "compute_ms": ms(s.compute),
+                "queue_wait_ms": ms(s.queue_wait),
+                "active_streams": s.active_streams,
+                "kv_bytes": s.kv_bytes,
+            })
+        };
+        let stats = serde_json::json!({
+            "scheduler": scheduler,
+            "response_cache": cache_json(engine.engine.response_cache_stats()),
+            "prefix_cache": cache_json(engine.engine.prefix_cache_stats()),
+        });
+        out.set(handle::insert(StringObject::new(stats.to_string())));
         Ok(())
     })
 }

@@ -3,6 +3,7 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
+use crate::request::{keel_request_params, request_of};
 use crate::status::{keel_error, keel_status, Failure};
 use keel::{FinishReason, GenerateParams};
 use std::ffi::{c_char, c_void};
@@ -29,6 +30,9 @@ pub struct keel_generate_params {
     /// Wrap the prompt in the model's chat template as one user turn (true), or feed it as is
     /// (false). Default: true.
     pub chat: bool,
+    /// With `chat`: the system turn of the template, NUL-terminated UTF-8, borrowed for the call;
+    /// NULL for the model's own default. Default: NULL.
+    pub system: *const c_char,
 }
 
 /// Receives each token as it is generated, on the thread that called `keel_generate`.
@@ -95,10 +99,15 @@ pub extern "C" fn keel_generate_default_params() -> keel_generate_params {
         top_p: 1.0,
         seed: 0,
         chat: true,
+        system: std::ptr::null(),
     }
 }
 
-fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure> {
+/// The Rust parameters of a caller's.
+///
+/// # Safety
+/// `p.system` is NULL or NUL-terminated.
+unsafe fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure> {
     if !(p.temperature.is_finite() && p.temperature >= 0.0) {
         return Err(Failure::invalid(format!(
             "temperature {} must be finite and >= 0",
@@ -112,6 +121,9 @@ fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure> {
     };
     params.max_tokens = p.max_tokens as usize;
     params.chat = p.chat;
+    if !p.system.is_null() {
+        params = params.system_prompt(guard::c_str(p.system, "params.system")?);
+    }
     // The engine checks the rest (top_p's range) and says what is wrong.
     Ok(params)
 }
@@ -123,18 +135,23 @@ fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure> {
 /// after a cancel). Pass a callback, an `out`, or both.
 ///
 /// `prompt` is NUL-terminated UTF-8, read during the call only. `params` may be NULL for the
-/// defaults (greedy, 256 tokens, chat template).
+/// defaults (greedy, 256 tokens, chat template); `request` may be NULL for the default controls.
+/// The generation joins the model's running batch (continuous batching with the other
+/// generations in flight); a deadline in `request` bounds its wait in the queue.
 ///
 /// On success `*out` (if `out` is not NULL) holds a completion owned by the caller (free it with
 /// `keel_completion_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
 /// error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, invalid UTF-8, an empty prompt,
 /// a prompt that does not fit in the context, bad sampling parameters or a model that is not a
-/// decoder; `KEEL_ERR_NOT_FOUND` for an unknown model. A failure after some tokens were streamed
-/// (rare: a backend error) also returns no completion.
+/// decoder; `KEEL_ERR_NOT_FOUND` for an unknown model; `KEEL_ERR_OVERLOADED` when the model's
+/// queue is full; `KEEL_ERR_DEADLINE` when the deadline passed while queued;
+/// `KEEL_ERR_SHUTTING_DOWN` after `keel_engine_shutdown`. A failure after some tokens were
+/// streamed (a shutdown, a backend error) also returns no completion.
 ///
 /// # Safety
 /// `model` and `prompt` are NULL or NUL-terminated; `params` is NULL or points to a
-/// `keel_generate_params`; `on_token` is NULL or a function as described at
+/// `keel_generate_params` (whose `system` is NULL or NUL-terminated); `request` is NULL or points
+/// to a `keel_request_params`; `on_token` is NULL or a function as described at
 /// `keel_token_callback`; `out` is NULL or points to a writable `keel_completion *`; `err` is NULL
 /// or points to a writable `keel_error *`.
 ///
@@ -146,6 +163,7 @@ pub unsafe extern "C" fn keel_generate(
     model: *const c_char,
     prompt: *const c_char,
     params: *const keel_generate_params,
+    request: *const keel_request_params,
     on_token: keel_token_callback,
     user_data: *mut c_void,
     out: *mut *mut keel_completion,
@@ -161,7 +179,8 @@ pub unsafe extern "C" fn keel_generate(
             .copied()
             .unwrap_or_else(|| keel_generate_default_params());
         let params = params_of(&params)?;
-        let mut stream = engine.engine.generate(model, prompt, &params)?;
+        let request = request_of(request)?;
+        let mut stream = engine.engine.generate_with(model, prompt, &params, &request)?;
         let prompt_tokens = stream.prompt_ids().len();
         let mut text = String::new();
         let mut tokens = Vec::new();

@@ -18,12 +18,15 @@
 #![allow(non_camel_case_types)]
 
 // cbindgen writes include/keel.h in the order of these modules (blank lines keep rustfmt from
-// sorting them): errors, engines, models, embeddings, generation, strings, test hooks.
+// sorting them): errors, engines, models, request controls, embeddings, generation, strings,
+// test hooks.
 pub mod status;
 
 pub mod engine;
 
 pub mod model;
+
+pub mod request;
 
 pub mod embed;
 

@@ -9,21 +9,27 @@ use std::ffi::{c_char, CString};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Which weights a quantized (GGUF) model multiplies with: one of the `KEEL_WEIGHTS_*` values.
+/// Which weights a model's matrix products use: one of the `KEEL_WEIGHTS_*` values. Each path
+/// other than the default computes other numbers from the same files, so it is a version of its
+/// own (another version id).
 pub type keel_weights = u32;
 
-/// The block-quantized weights as stored (Q4_1, Q8_0): the fast path, and the default.
+/// The weights as stored: block-quantized (Q4_1, Q8_0) for GGUF models, f32 for safetensors. The
+/// default.
 pub const KEEL_WEIGHTS_QUANTIZED: keel_weights = 0;
-/// Every weight dequantized to f32 at load: the reference path. A separate version of the model.
+/// Every weight in f32 (GGUF models dequantized at load): the reference path.
 pub const KEEL_WEIGHTS_F32: keel_weights = 1;
+/// f32 matrices quantized to int8 per output channel at load: an encoder's fast path
+/// (block-quantized GGUF tensors stay as stored).
+pub const KEEL_WEIGHTS_INT8: keel_weights = 2;
 
 /// Options for `keel_model_load`. Get the defaults from `keel_model_default_params()` and change
 /// the fields you care about.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct keel_model_params {
-    /// For GGUF models, which weights to compute with (a `KEEL_WEIGHTS_*` value); ignored for
-    /// other models. Default: `KEEL_WEIGHTS_QUANTIZED`.
+    /// Which weights to compute with (a `KEEL_WEIGHTS_*` value). Default:
+    /// `KEEL_WEIGHTS_QUANTIZED` (the weights as stored).
     pub weights: keel_weights,
 }
 
@@ -51,7 +57,7 @@ impl Handle for ModelObject {
     const NAME: &'static str = "keel_model";
 }
 
-/// The default load options: quantized weights.
+/// The default load options: the weights as stored.
 ///
 /// Thread safety: may be called from any thread at any time.
 #[no_mangle]
@@ -110,6 +116,7 @@ pub unsafe extern "C" fn keel_model_load(
         let weights = match params.weights {
             KEEL_WEIGHTS_QUANTIZED => WeightPath::Quantized,
             KEEL_WEIGHTS_F32 => WeightPath::F32,
+            KEEL_WEIGHTS_INT8 => WeightPath::Int8,
             other => return Err(Failure::invalid(format!("unknown weights value {other}"))),
         };
         let mut book = engine.book();

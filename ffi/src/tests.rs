@@ -6,6 +6,7 @@ use crate::embed::*;
 use crate::engine::*;
 use crate::generate::*;
 use crate::model::*;
+use crate::request::*;
 use crate::status::keel_status::*;
 use crate::status::*;
 use crate::string::*;
@@ -104,6 +105,7 @@ fn embed(engine: *const keel_engine, model: &CStr, texts: &[&str]) -> Vec<Vec<f3
             pointers.as_ptr(),
             null(),
             texts.len(),
+            null(),
             &mut emb,
             err,
         )
@@ -172,19 +174,28 @@ fn null_arguments_are_errors_and_out_parameters_are_cleared() {
     let texts = [text.as_ptr()];
     let m = c("embed");
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(e, null(), texts.as_ptr(), null(), 1, &mut emb, err)
+        keel_embed(e, null(), texts.as_ptr(), null(), 1, null(), &mut emb, err)
     });
     assert!(emb.is_null());
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(e, m.as_ptr(), null(), null(), 1, &mut emb, err)
+        keel_embed(e, m.as_ptr(), null(), null(), 1, null(), &mut emb, err)
     });
     let with_null = [text.as_ptr(), null()];
     let message = expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(e, m.as_ptr(), with_null.as_ptr(), null(), 2, &mut emb, err)
+        keel_embed(
+            e,
+            m.as_ptr(),
+            with_null.as_ptr(),
+            null(),
+            2,
+            null(),
+            &mut emb,
+            err,
+        )
     });
     assert!(message.contains("texts[1] is NULL"), "{message}");
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(e, m.as_ptr(), texts.as_ptr(), null(), 1, null_mut(), err)
+        keel_embed(e, m.as_ptr(), texts.as_ptr(), null(), 1, null(), null_mut(), err)
     });
     let mut dim = 99usize;
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
@@ -194,6 +205,7 @@ fn null_arguments_are_errors_and_out_parameters_are_cleared() {
             texts.as_ptr(),
             null(),
             1,
+            null(),
             null_mut(),
             384,
             &mut dim,
@@ -206,6 +218,7 @@ fn null_arguments_are_errors_and_out_parameters_are_cleared() {
         keel_generate(
             e,
             m.as_ptr(),
+            null(),
             null(),
             null(),
             None,
@@ -289,7 +302,16 @@ fn stale_and_wrong_handles_are_refused() {
     let texts = [text.as_ptr()];
     let mut emb = junk();
     expect(KEEL_ERR_NOT_FOUND, |err| unsafe {
-        keel_embed(engine, id.as_ptr(), texts.as_ptr(), null(), 1, &mut emb, err)
+        keel_embed(
+            engine,
+            id.as_ptr(),
+            texts.as_ptr(),
+            null(),
+            1,
+            null(),
+            &mut emb,
+            err,
+        )
     });
 
     // A freed engine, and the model handles that died with it.
@@ -297,7 +319,16 @@ fn stale_and_wrong_handles_are_refused() {
     keel_engine_free(engine);
     keel_engine_free(engine);
     let message = expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(engine, id.as_ptr(), texts.as_ptr(), null(), 1, &mut emb, err)
+        keel_embed(
+            engine,
+            id.as_ptr(),
+            texts.as_ptr(),
+            null(),
+            1,
+            null(),
+            &mut emb,
+            err,
+        )
     });
     assert!(message.contains("not a live keel_engine"), "{message}");
     assert!(keel_model_id(model).is_null());
@@ -376,6 +407,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             pointers.as_ptr(),
             lengths.as_ptr(),
             3,
+            null(),
             buffer.as_mut_ptr(),
             buffer.len(),
             &mut dim,
@@ -394,6 +426,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             pointers.as_ptr(),
             lengths.as_ptr(),
             3,
+            null(),
             short.as_mut_ptr(),
             short.len(),
             &mut dim,
@@ -411,6 +444,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             pointers.as_ptr(),
             lengths.as_ptr(),
             3,
+            null(),
             short.as_mut_ptr(),
             2,
             &mut dim,
@@ -431,6 +465,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             pointers.as_ptr(),
             lengths.as_ptr(),
             2,
+            null(),
             &mut emb,
             err,
         )
@@ -445,6 +480,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             empty.as_ptr(),
             null(),
             1,
+            null(),
             &mut emb,
             err,
         )
@@ -456,6 +492,7 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             empty.as_ptr(),
             null(),
             0,
+            null(),
             &mut emb,
             err,
         )
@@ -468,13 +505,23 @@ fn embeddings_equal_the_rust_api_bit_for_bit() {
             one.as_ptr(),
             null(),
             1,
+            null(),
             &mut emb,
             err,
         )
     });
     let bad_name = [c"e\xffmbed".as_ptr()];
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(engine, bad_name[0], one.as_ptr(), null(), 1, &mut emb, err)
+        keel_embed(
+            engine,
+            bad_name[0],
+            one.as_ptr(),
+            null(),
+            1,
+            null(),
+            &mut emb,
+            err,
+        )
     });
     keel_model_free(model);
     keel_engine_free(engine);
@@ -511,6 +558,7 @@ fn two_handles_on_one_version_keep_it_loaded_until_the_last_is_freed() {
             one.as_ptr(),
             null(),
             1,
+            null(),
             &mut emb,
             err,
         )
@@ -569,6 +617,7 @@ fn greedy_generation_equals_the_rust_api() {
             c"chat".as_ptr(),
             p.as_ptr(),
             &params,
+            null(),
             Some(on_token),
             (&mut sink as *mut Sink).cast(),
             &mut completion,
@@ -607,6 +656,7 @@ fn greedy_generation_equals_the_rust_api() {
             c"chat".as_ptr(),
             p.as_ptr(),
             &params,
+            null(),
             Some(on_token),
             (&mut sink as *mut Sink).cast(),
             &mut completion,
@@ -629,6 +679,7 @@ fn greedy_generation_equals_the_rust_api() {
             c"chat".as_ptr(),
             bad_prompt.as_ptr().cast(),
             &params,
+            null(),
             None,
             null_mut(),
             &mut completion,
@@ -642,6 +693,7 @@ fn greedy_generation_equals_the_rust_api() {
             c"chat".as_ptr(),
             c"".as_ptr(),
             &params,
+            null(),
             None,
             null_mut(),
             &mut completion,
@@ -660,6 +712,7 @@ fn greedy_generation_equals_the_rust_api() {
                 c"chat".as_ptr(),
                 p.as_ptr(),
                 &params,
+                null(),
                 None,
                 null_mut(),
                 &mut completion,
@@ -675,6 +728,7 @@ fn greedy_generation_equals_the_rust_api() {
             keel_model_id(minilm),
             p.as_ptr(),
             &params,
+            null(),
             None,
             null_mut(),
             &mut completion,
@@ -685,7 +739,16 @@ fn greedy_generation_equals_the_rust_api() {
     let one = [c"x".as_ptr()];
     let mut emb = junk();
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
-        keel_embed(engine, c"chat".as_ptr(), one.as_ptr(), null(), 1, &mut emb, err)
+        keel_embed(
+            engine,
+            c"chat".as_ptr(),
+            one.as_ptr(),
+            null(),
+            1,
+            null(),
+            &mut emb,
+            err,
+        )
     });
     keel_engine_free(engine);
 }
@@ -700,7 +763,7 @@ fn seeded_sampling_is_reproducible() {
         top_k: 40,
         top_p: 0.9,
         seed: 42,
-        chat: true,
+        ..keel_generate_default_params()
     };
     let run = || {
         let mut completion = null_mut();
@@ -710,6 +773,7 @@ fn seeded_sampling_is_reproducible() {
                 keel_model_id(model),
                 c"Tell me a story.".as_ptr(),
                 &params,
+                null(),
                 None,
                 null_mut(),
                 &mut completion,
@@ -724,5 +788,373 @@ fn seeded_sampling_is_reproducible() {
     let first = run();
     assert_eq!(first.len(), 8);
     assert_eq!(run(), first);
+    keel_engine_free(engine);
+}
+
+fn stats(engine: *const keel_engine, model: Option<&CStr>) -> serde_json::Value {
+    let mut out = junk();
+    ok(|err| unsafe { keel_engine_stats(engine, model.map_or(null(), CStr::as_ptr), &mut out, err) });
+    let text = unsafe { CStr::from_ptr(keel_string_data(out)) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    keel_string_free(out);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Waits (up to 30 s) until the model's scheduler counters satisfy `cond`.
+fn until(engine: *const keel_engine, model: &CStr, cond: impl Fn(&serde_json::Value) -> bool) {
+    let start = std::time::Instant::now();
+    while !cond(&stats(engine, Some(model))["scheduler"]) {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "timed out: {}",
+            stats(engine, Some(model))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Keeps generating until the flag it points to is set.
+unsafe extern "C" fn until_stopped(user_data: *mut c_void, _: u32, _: *const c_char, _: usize) -> bool {
+    !(*user_data.cast::<std::sync::atomic::AtomicBool>()).load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn overload_deadline_and_shutdown_have_their_codes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // One stream decoding at a time, one request waiting: easy to fill.
+    let params = keel_engine_params {
+        max_streams: 1,
+        queue_capacity: 1,
+        prefix_cache_bytes: 0,
+        ..keel_engine_default_params()
+    };
+    let mut engine = junk();
+    ok(|err| unsafe { keel_engine_new(&params, &mut engine, err) });
+    let model = load(engine, &smollm2());
+    ok(|err| unsafe { keel_model_alias(model, c"chat".as_ptr(), err) });
+    // Built in each thread: the struct holds a pointer (`system`), which is not `Send`.
+    fn long() -> keel_generate_params {
+        keel_generate_params {
+            max_tokens: 2000,
+            chat: false,
+            ..keel_generate_default_params()
+        }
+    }
+    fn short() -> keel_generate_params {
+        keel_generate_params {
+            max_tokens: 2,
+            ..long()
+        }
+    }
+    let e = engine as usize;
+
+    // A holds the only stream until told to stop.
+    let stop = Box::leak(Box::new(AtomicBool::new(false))) as *const AtomicBool as usize;
+    let a = std::thread::spawn(move || unsafe {
+        keel_generate(
+            e as *const keel_engine,
+            c"chat".as_ptr(),
+            c"Once upon a time".as_ptr(),
+            &long(),
+            null(),
+            Some(until_stopped),
+            stop as *mut c_void,
+            null_mut(),
+            null_mut(),
+        )
+    });
+    until(engine, c"chat", |s| s["active_streams"] == 1);
+
+    // B waits in the queue past its deadline: refused, never run.
+    let deadline = keel_request_params {
+        deadline_ms: 20,
+        ..keel_request_default_params()
+    };
+    let message = expect(KEEL_ERR_DEADLINE, |err| unsafe {
+        keel_generate(
+            engine,
+            c"chat".as_ptr(),
+            c"Hello".as_ptr(),
+            &short(),
+            &deadline,
+            None,
+            null_mut(),
+            null_mut(),
+            err,
+        )
+    });
+    assert!(message.contains("deadline"), "{message}");
+
+    // C fills the queue; D is shed at once.
+    let c = std::thread::spawn(move || unsafe {
+        keel_generate(
+            e as *const keel_engine,
+            c"chat".as_ptr(),
+            c"Hello".as_ptr(),
+            &short(),
+            null(),
+            None,
+            null_mut(),
+            null_mut(),
+            null_mut(),
+        )
+    });
+    until(engine, c"chat", |s| s["queued"] == 1);
+    expect(KEEL_ERR_OVERLOADED, |err| unsafe {
+        keel_generate(
+            engine,
+            c"chat".as_ptr(),
+            c"Hello".as_ptr(),
+            &short(),
+            null(),
+            None,
+            null_mut(),
+            null_mut(),
+            err,
+        )
+    });
+    let bad = keel_request_params {
+        priority: 7,
+        ..keel_request_default_params()
+    };
+    expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
+        keel_generate(
+            engine,
+            c"chat".as_ptr(),
+            c"Hello".as_ptr(),
+            &short(),
+            &bad,
+            None,
+            null_mut(),
+            null_mut(),
+            err,
+        )
+    });
+
+    unsafe { (*(stop as *const AtomicBool)).store(true, Ordering::SeqCst) };
+    assert_eq!(a.join().unwrap(), KEEL_OK);
+    assert_eq!(c.join().unwrap(), KEEL_OK);
+    let counters = &stats(engine, Some(c"chat"))["scheduler"];
+    assert_eq!(
+        (counters["overloaded"].as_u64(), counters["expired"].as_u64()),
+        (Some(1), Some(1)),
+        "{counters}"
+    );
+
+    // Shut down: everything finished, then every request is refused.
+    let mut finished = false;
+    ok(|err| unsafe { keel_engine_shutdown(engine, 5000, &mut finished, err) });
+    assert!(finished);
+    expect(KEEL_ERR_SHUTTING_DOWN, |err| unsafe {
+        keel_generate(
+            engine,
+            c"chat".as_ptr(),
+            c"Hello".as_ptr(),
+            &short(),
+            null(),
+            None,
+            null_mut(),
+            null_mut(),
+            err,
+        )
+    });
+    keel_engine_free(engine);
+}
+
+#[test]
+fn system_prompt_and_request_controls_match_the_rust_api() {
+    let prompt = "Where do you live?";
+    let system = "You are a pirate. Answer in one sentence.";
+    let rust = keel::Engine::builder().build().unwrap();
+    let version = rust.load(smollm2()).unwrap();
+    let expected = rust
+        .generate_with(
+            version.as_str(),
+            prompt,
+            &keel::GenerateParams::greedy()
+                .max_tokens(16)
+                .system_prompt(system),
+            &keel::Request::default().priority(keel::Priority::High),
+        )
+        .unwrap()
+        .complete()
+        .unwrap();
+
+    let engine = new_engine();
+    let model = load(engine, &smollm2());
+    let system = c(system);
+    let params = keel_generate_params {
+        max_tokens: 16,
+        system: system.as_ptr(),
+        ..keel_generate_default_params()
+    };
+    let request = keel_request_params {
+        priority: KEEL_PRIORITY_HIGH,
+        deadline_ms: 60_000,
+        use_cache: false,
+    };
+    let mut completion = junk();
+    ok(|err| unsafe {
+        keel_generate(
+            engine,
+            keel_model_id(model),
+            c(prompt).as_ptr(),
+            &params,
+            &request,
+            None,
+            null_mut(),
+            &mut completion,
+            err,
+        )
+    });
+    let n = keel_completion_token_count(completion);
+    let ids = unsafe { std::slice::from_raw_parts(keel_completion_tokens(completion), n) };
+    assert_eq!(ids, expected.token_ids);
+    keel_completion_free(completion);
+    // Without the system prompt the reply differs: it did reach the template.
+    let plain = keel_generate_params {
+        max_tokens: 16,
+        ..keel_generate_default_params()
+    };
+    ok(|err| unsafe {
+        keel_generate(
+            engine,
+            keel_model_id(model),
+            c(prompt).as_ptr(),
+            &plain,
+            null(),
+            None,
+            null_mut(),
+            &mut completion,
+            err,
+        )
+    });
+    assert_ne!(
+        keel_completion_prompt_token_count(completion),
+        expected.prompt_ids.len()
+    );
+    keel_completion_free(completion);
+    let bad = keel_generate_params {
+        system: c"caf\xc3".as_ptr(),
+        ..plain
+    };
+    expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
+        keel_generate(
+            engine,
+            keel_model_id(model),
+            c(prompt).as_ptr(),
+            &bad,
+            null(),
+            None,
+            null_mut(),
+            &mut completion,
+            err,
+        )
+    });
+    keel_engine_free(engine);
+}
+
+#[test]
+fn engine_params_and_stats() {
+    let defaults = keel_engine_default_params();
+    assert_eq!(
+        defaults.queue_capacity as usize,
+        keel::SchedulerConfig::default().queue_capacity
+    );
+    assert_eq!(
+        defaults.response_cache_bytes as usize,
+        keel::CacheConfig::default().response_bytes
+    );
+    let engine = new_engine();
+    let model = load(engine, &minilm());
+    let id = id_of(model);
+    let texts = ["cached once", "cached twice"];
+    let first = embed(engine, &id, &texts);
+    let second = embed(engine, &id, &texts);
+    assert_eq!(bits(&first), bits(&second));
+    let s = stats(engine, Some(&id));
+    assert!(s["response_cache"]["hits"].as_u64() >= Some(2), "{s}");
+    assert_eq!(s["scheduler"]["completed"].as_u64(), Some(1), "{s}");
+    // Bypassing the cache runs the model again, with the same bits.
+    let pointers: Vec<CString> = texts.iter().map(|t| c(t)).collect();
+    let pointers: Vec<*const c_char> = pointers.iter().map(|t| t.as_ptr()).collect();
+    let request = keel_request_params {
+        use_cache: false,
+        ..keel_request_default_params()
+    };
+    let mut buffer = vec![0f32; 2 * 384];
+    ok(|err| unsafe {
+        keel_embed_into(
+            engine,
+            id.as_ptr(),
+            pointers.as_ptr(),
+            null(),
+            2,
+            &request,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            null_mut(),
+            err,
+        )
+    });
+    assert_eq!(bits(&[buffer]), bits(&[first.concat()]));
+    assert_eq!(
+        stats(engine, Some(&id))["scheduler"]["completed"].as_u64(),
+        Some(2)
+    );
+    let mut out = junk();
+    expect(KEEL_ERR_NOT_FOUND, |err| unsafe {
+        keel_engine_stats(engine, c"nope".as_ptr(), &mut out, err)
+    });
+    assert!(out.is_null());
+    keel_engine_free(engine);
+
+    // Caches off.
+    let params = keel_engine_params {
+        response_cache_bytes: 0,
+        prefix_cache_bytes: 0,
+        ..defaults
+    };
+    let mut engine = junk();
+    ok(|err| unsafe { keel_engine_new(&params, &mut engine, err) });
+    let s = stats(engine, None);
+    assert!(
+        s["response_cache"].is_null() && s["prefix_cache"].is_null() && s["scheduler"].is_null(),
+        "{s}"
+    );
+    keel_engine_free(engine);
+}
+
+#[test]
+fn each_weight_path_is_a_version_of_its_own() {
+    let engine = new_engine();
+    let f32 = load(engine, &minilm());
+    let params = keel_model_params {
+        weights: KEEL_WEIGHTS_INT8,
+    };
+    let mut int8 = junk();
+    ok(|err| unsafe { keel_model_load(engine, path(&minilm()).as_ptr(), &params, &mut int8, err) });
+    assert_ne!(id_of(f32), id_of(int8));
+    assert!(unsafe { CStr::from_ptr(keel_model_name(int8)) }
+        .to_str()
+        .unwrap()
+        .contains("int8"));
+    let text = ["Quantized weights give nearly the same vector."];
+    let (a, b) = (
+        embed(engine, &id_of(f32), &text),
+        embed(engine, &id_of(int8), &text),
+    );
+    let cosine: f32 = a[0].iter().zip(&b[0]).map(|(x, y)| x * y).sum();
+    assert!(cosine > 0.99, "{cosine}");
+    let mut json = junk();
+    ok(|err| unsafe { keel_engine_models(engine, &mut json, err) });
+    let listed = unsafe { CStr::from_ptr(keel_string_data(json)) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(listed.contains("\"weights\":\"int8\""), "{listed}");
+    keel_string_free(json);
     keel_engine_free(engine);
 }
