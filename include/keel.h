@@ -597,7 +597,8 @@ enum keel_status keel_model_load(const struct keel_engine *engine,
 
 /**
  * Frees a model handle. When it was the last handle on its version, the version is unloaded from
- * the engine and every alias pointing at it is removed; requests already running on it finish.
+ * the engine and every alias pointing at it is removed; requests already queued or running on it
+ * finish first, and the call waits for them (so it can block up to the longest of them).
  *
  * NULL is ignored; so is a handle that is not a live model (a double free, or a model whose
  * engine was freed already, is detected and does nothing).

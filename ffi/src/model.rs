@@ -149,7 +149,8 @@ pub unsafe extern "C" fn keel_model_load(
 }
 
 /// Frees a model handle. When it was the last handle on its version, the version is unloaded from
-/// the engine and every alias pointing at it is removed; requests already running on it finish.
+/// the engine and every alias pointing at it is removed; requests already queued or running on it
+/// finish first, and the call waits for them (so it can block up to the longest of them).
 ///
 /// NULL is ignored; so is a handle that is not a live model (a double free, or a model whose
 /// engine was freed already, is detected and does nothing).
