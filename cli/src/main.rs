@@ -134,7 +134,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             texts,
         } => {
             let engine = Engine::builder().device(cli.device).build()?;
-            let id = engine.load_with(&model, LoadOptions { weights: weights.into() })?;
+            let id = engine.load_with(
+                &model,
+                LoadOptions {
+                    weights: weights.into(),
+                },
+            )?;
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let out = engine.embed(id.as_str(), &texts)?;
             if json {
@@ -177,7 +182,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             prompt,
         } => {
             let engine = Engine::builder().device(cli.device).build()?;
-            let id = engine.load_with(&model, LoadOptions { weights: weights.into() })?;
+            let id = engine.load_with(
+                &model,
+                LoadOptions {
+                    weights: weights.into(),
+                },
+            )?;
             let mut params = if greedy {
                 GenerateParams::greedy()
             } else {
