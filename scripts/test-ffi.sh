@@ -36,6 +36,17 @@ step() {
     printf '\n== [%3ds] %s\n' "$SECONDS" "$*"
 }
 
+# The tools the checks need; on Debian-like systems missing ones are installed with apt-get.
+missing=()
+for tool in cc:gcc c++:g++ make:make pkg-config:pkg-config python3:python3 valgrind:valgrind; do
+    [[ $tool == valgrind:* && -n ${KEEL_FFI_NO_VALGRIND:-} ]] && continue
+    command -v "${tool%%:*}" > /dev/null || missing+=("${tool#*:}")
+done
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]}"
+    (apt-get update -qq && apt-get install -y -qq "${missing[@]}") > /dev/null
+fi
+
 step "build libkeel (cdylib + staticlib) and the Rust reference program"
 cargo build --release --locked -p keel-ffi
 cargo build --release --locked -p keel-ffi --example reference
@@ -105,9 +116,6 @@ fi
 
 if [[ -z ${KEEL_FFI_NO_VALGRIND:-} ]]; then
     step "the C misuse test under valgrind: no definite leak, no memory error"
-    if ! command -v valgrind > /dev/null; then
-        (apt-get update -qq && apt-get install -y -qq valgrind) > /dev/null
-    fi
     valgrind --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
         --error-exitcode=99 --log-file="$build/valgrind.log" \
         "$build/test_misuse" "$minilm" "$gguf" 2> /dev/null
