@@ -19,7 +19,7 @@
 #   KEEL_COMPARE_WORK     ONNX files and results (default target/compare/work)
 #   KEEL_COMPARE_OUT      the results JSON (default $KEEL_COMPARE_WORK/compare.json)
 #   KEEL_COMPARE_TARGET_DIR  cargo target dir (default: cargo's own, target/)
-#   KEEL_COMPARE_TORCH_INDEX  a pip index for torch, e.g. https://download.pytorch.org/whl/cpu for
+#   KEEL_COMPARE_TORCH_INDEX  a pip index for torch that serves the CPU-only wheels, for
 #                         the small CPU-only wheel (default: PyPI's, which brings CUDA libraries)
 #   KEEL_COMPARE_LLAMA_CMAKE_ARGS  CMake options for llama.cpp (default: see llama_cmake_args)
 #   KEEL_MODELS_DIR       where the models are (default .models/site)
