@@ -3,12 +3,10 @@
 //! and writes the context in its final `[token][head * head_dim]` layout.
 
 use super::math::scaled_softmax;
+use super::SharedOut;
 use crate::decoder::{KvCache, Rope};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
-
-struct SharedOut(*mut f32);
-unsafe impl Sync for SharedOut {}
 
 /// `dst[m×n] = a[m×k] · b`, with `b` read as `k×n` through its strides.
 #[allow(clippy::too_many_arguments)]
@@ -61,7 +59,7 @@ pub(crate) fn encoder(
     let width = heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     out.fill(0.0);
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedOut::new(out);
     (0..lengths.len() * heads).into_par_iter().for_each(|task| {
         let (b, h) = (task / heads, task % heads);
         let n = lengths[b];
@@ -87,7 +85,7 @@ pub(crate) fn encoder(
             scores
                 .chunks_exact_mut(n)
                 .for_each(|row| scaled_softmax(row, scale));
-            let dst = out_ptr.0.add(b * len * width + h * head_dim);
+            let dst = out_ptr.ptr().add(b * len * width + h * head_dim);
             product(
                 n,
                 head_dim,
@@ -141,7 +139,7 @@ pub(crate) fn causal(
     let total = pos + t;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedOut::new(out);
     let head_task = |h: usize| {
         let g = h / group;
         let (k, v) = (&keys[g * head_dim..], &values[g * head_dim..]);
@@ -171,7 +169,7 @@ pub(crate) fn causal(
                 t,
                 head_dim,
                 total,
-                out_ptr.0.add(h * head_dim),
+                out_ptr.ptr().add(h * head_dim),
                 q_width,
                 scores.as_ptr(),
                 total,

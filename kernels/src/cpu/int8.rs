@@ -5,8 +5,6 @@
 //! row's result does not depend on the tile that computed it. The inner step is AVX-VNNI's
 //! `dpbusd` where the CPU has it, AVX2's `maddubs` + `madd` elsewhere on x86, plain Rust otherwise.
 
-use rayon::prelude::*;
-
 /// Values per step of the kernels; rows are zero-padded to a multiple of it.
 const STEP: usize = 32;
 
@@ -102,7 +100,7 @@ impl Int8Matrix {
         let kernel = kernel();
         // Tiles of 4 tokens x 2 weight rows; chunks of weight rows per task, sized for L2.
         let chunk = 64.min(self.rows);
-        let out = SharedOut(y.as_mut_ptr());
+        let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
             for ti in (0..t).step_by(4) {
@@ -127,20 +125,7 @@ impl Int8Matrix {
                 }
             }
         };
-        let chunks = self.rows.div_ceil(chunk);
-        if t * self.rows * self.cols < 1 << 16 {
-            (0..chunks).for_each(work);
-        } else {
-            (0..chunks).into_par_iter().for_each(work);
-        }
-    }
-}
-
-struct SharedOut(*mut f32);
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    unsafe fn write(&self, at: usize, value: f32) {
-        *self.0.add(at) = value;
+        super::for_each_task(self.rows.div_ceil(chunk), t * self.rows * self.cols, work);
     }
 }
 

@@ -38,6 +38,39 @@ use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Tensor, Wei
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Storage, D};
 
+/// An output buffer that parallel tasks write disjoint cells of.
+pub(crate) struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint cells (each caller states why), and the buffer outlives them.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    pub(crate) fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+
+    /// # Safety
+    /// `at` is inside the buffer and no other task writes it.
+    pub(crate) unsafe fn write(&self, at: usize, value: f32) {
+        *self.0.add(at) = value;
+    }
+}
+
+/// Runs `work(0..tasks)` on the shared pool, or on this thread when the job (`size`
+/// multiply-adds) is too small to be worth waking the pool for.
+pub(crate) fn for_each_task(tasks: usize, size: usize, work: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if size < 1 << 16 {
+        (0..tasks).for_each(work);
+    } else {
+        (0..tasks).into_par_iter().for_each(work);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Cpu {
     device: candle_core::Device,

@@ -7,7 +7,6 @@
 //! every token of a prompt (the multi-token path of prefill) while it is in L1.
 
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
@@ -217,7 +216,7 @@ impl QuantMatrix {
         let chunk = (16usize)
             .max(self.rows / (rayon::current_num_threads() * 2))
             .min(self.rows);
-        let out = SharedOut(y.as_mut_ptr());
+        let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
             // Tiles of up to 2 rows x 2 tokens: each weight block is unpacked once for two tokens
@@ -240,21 +239,7 @@ impl QuantMatrix {
                 }
             }
         };
-        let chunks = self.rows.div_ceil(chunk);
-        // Small products are not worth waking the pool for.
-        if t * self.rows * self.cols < 1 << 16 {
-            (0..chunks).for_each(work);
-        } else {
-            (0..chunks).into_par_iter().for_each(work);
-        }
-    }
-}
-
-struct SharedOut(*mut f32);
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    unsafe fn write(&self, at: usize, value: f32) {
-        *self.0.add(at) = value;
+        super::for_each_task(self.rows.div_ceil(chunk), t * self.rows * self.cols, work);
     }
 }
 
