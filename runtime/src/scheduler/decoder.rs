@@ -5,7 +5,7 @@
 //! run in chunks (`prefill_chunk`), so a new prompt delays the others by at most one chunk.
 
 use super::encoder::clone_error;
-use super::queue::{BatchQueue, Entry, Meta, Next, Policy, PushError};
+use super::queue::{BatchQueue, Entry, Meta, Next, Policy};
 use super::{guarded, Counters, SchedulerConfig, SchedulerStats};
 use crate::cache::PrefixCache;
 use crate::generate::FinishReason;
@@ -118,19 +118,7 @@ impl DecoderScheduler {
                 Counters::add(&c.accepted, 1);
                 Ok(())
             }
-            Err((PushError::Full, _)) => {
-                Counters::add(&c.overloaded, 1);
-                Err(Error::Overloaded {
-                    model: model.to_string(),
-                    capacity: self.shared.queue.capacity(),
-                })
-            }
-            Err((PushError::Closed, _)) => {
-                Counters::add(&c.shut_down, 1);
-                Err(Error::ShuttingDown(format!(
-                    "model '{model}' takes no more requests"
-                )))
-            }
+            Err((why, _)) => Err(c.refused(&why, model, self.shared.queue.capacity())),
         }
     }
 

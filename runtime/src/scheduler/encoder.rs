@@ -1,7 +1,7 @@
 //! Dynamic batching for encoders: single requests from many threads become padded batches of
 //! similar-length sequences.
 
-use super::queue::{BatchQueue, Meta, Next, Policy, PushError};
+use super::queue::{BatchQueue, Meta, Next, Policy};
 use super::{guarded, Counters, SchedulerConfig, SchedulerStats};
 use crate::request::Request;
 use crate::{Error, Result};
@@ -106,19 +106,7 @@ impl EncoderScheduler {
                     deadline,
                 })
             }
-            Err((PushError::Full, _)) => {
-                Counters::add(&c.overloaded, 1);
-                Err(Error::Overloaded {
-                    model: model.to_string(),
-                    capacity: self.shared.queue.capacity(),
-                })
-            }
-            Err((PushError::Closed, _)) => {
-                Counters::add(&c.shut_down, 1);
-                Err(Error::ShuttingDown(format!(
-                    "model '{model}' takes no more requests"
-                )))
-            }
+            Err((why, _)) => Err(c.refused(&why, model, self.shared.queue.capacity())),
         }
     }
 

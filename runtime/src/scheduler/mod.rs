@@ -205,6 +205,23 @@ impl Counters {
         c.fetch_add(n, Relaxed);
     }
 
+    /// Counts a refused submission and says why, in the caller's words.
+    pub fn refused(&self, why: &queue::PushError, model: &str, capacity: usize) -> crate::Error {
+        match why {
+            queue::PushError::Full => {
+                Counters::add(&self.overloaded, 1);
+                crate::Error::Overloaded {
+                    model: model.to_string(),
+                    capacity,
+                }
+            }
+            queue::PushError::Closed => {
+                Counters::add(&self.shut_down, 1);
+                crate::Error::ShuttingDown(format!("model '{model}' takes no more requests"))
+            }
+        }
+    }
+
     pub fn add_time(c: &AtomicU64, d: Duration) {
         c.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
