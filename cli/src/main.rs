@@ -104,6 +104,22 @@ impl From<Weights> for WeightPath {
     }
 }
 
+/// An engine on `device` with the model at `path` loaded.
+fn open(
+    device: DeviceKind,
+    path: &std::path::Path,
+    weights: Weights,
+) -> Result<(Engine, keel::VersionId), Box<dyn std::error::Error>> {
+    let engine = Engine::builder().device(device).build()?;
+    let id = engine.load_with(
+        path,
+        LoadOptions {
+            weights: weights.into(),
+        },
+    )?;
+    Ok((engine, id))
+}
+
 fn parse_device(s: &str) -> Result<DeviceKind, String> {
     s.parse()
 }
@@ -133,13 +149,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             weights,
             texts,
         } => {
-            let engine = Engine::builder().device(cli.device).build()?;
-            let id = engine.load_with(
-                &model,
-                LoadOptions {
-                    weights: weights.into(),
-                },
-            )?;
+            let (engine, id) = open(cli.device, &model, weights)?;
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let out = engine.embed(id.as_str(), &texts)?;
             if json {
@@ -181,13 +191,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             json,
             prompt,
         } => {
-            let engine = Engine::builder().device(cli.device).build()?;
-            let id = engine.load_with(
-                &model,
-                LoadOptions {
-                    weights: weights.into(),
-                },
-            )?;
+            let (engine, id) = open(cli.device, &model, weights)?;
             let mut params = if greedy {
                 GenerateParams::greedy()
             } else {
