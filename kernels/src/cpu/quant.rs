@@ -243,24 +243,24 @@ impl QuantMatrix {
     }
 }
 
-/// Quantizes one row of activations to 8-bit blocks. A NaN or infinite value makes its block's
-/// scale NaN, so that it reaches the output instead of vanishing in the rounding.
-pub(crate) fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
-    for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
-        let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = if values.iter().all(|v| v.is_finite()) {
-            amax / 127.0
-        } else {
-            f32::NAN
-        };
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in block.qs.iter_mut().zip(values) {
-            *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
+multiversion! {
+    /// Quantizes one row of activations to 8-bit blocks (vectorized where the CPU allows: the
+    /// rounding is to nearest even, one instruction). A NaN or infinite value makes its block's
+    /// scale NaN, so that it reaches the output instead of vanishing in the rounding.
+    fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
+        for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+            let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let finite = values.iter().fold(true, |ok, v| ok & v.is_finite());
+            let d = if finite { amax / 127.0 } else { f32::NAN };
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in block.qs.iter_mut().zip(values) {
+                *q = (v * id).round_ties_even() as i8;
+                sum += *q as i32;
+            }
+            block.d = d;
+            block.s = d * sum as f32;
         }
-        block.d = d;
-        block.s = d * sum as f32;
     }
 }
 
