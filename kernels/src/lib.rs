@@ -22,6 +22,7 @@ mod error;
 mod linear;
 
 pub use candle_core::{DType, Tensor};
+pub use cpu::gemm::{set_dense_gemm, DenseGemm};
 pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use decoder::{KvCache, Rope};

@@ -1,8 +1,9 @@
+use crate::cpu::gemm::PackedF32;
 use crate::cpu::int8::Int8Matrix;
 use crate::cpu::quant::{QuantKind, QuantMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The weight of a linear layer, `[out_features, in_features]` like PyTorch's `nn.Linear`.
 #[derive(Debug, Clone)]
@@ -115,6 +116,33 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The activation applied last.
     pub activation: Activation,
+    /// The CPU backend's packed form of a dense weight, made on first use.
+    pub(crate) packed: Packed,
+}
+
+/// A dense weight packed for the CPU's own GEMM once, on the first product, with the id of the
+/// tensor it came from: a `weight` replaced later is never multiplied by stale panels.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Packed(OnceLock<(candle_core::TensorId, Arc<PackedF32>)>);
+
+impl Packed {
+    /// The packed form of `w` (`[n, k]`), packing it on the first call (`None` if this cache
+    /// holds another tensor's panels).
+    pub(crate) fn get(
+        &self,
+        w: &Tensor,
+        pack: impl FnOnce() -> crate::Result<PackedF32>,
+    ) -> crate::Result<Option<&PackedF32>> {
+        let (id, packed) = match self.0.get() {
+            Some(hit) => hit,
+            None => {
+                let packed = Arc::new(pack()?);
+                // Two threads may pack at once; one result is kept (they are equal).
+                self.0.get_or_init(|| (w.id(), packed))
+            }
+        };
+        Ok((*id == w.id()).then_some(packed.as_ref()))
+    }
 }
 
 impl Linear {
@@ -124,6 +152,16 @@ impl Linear {
             weight,
             bias: None,
             activation: Activation::None,
+            packed: Packed::default(),
+        }
+    }
+
+    /// The same layer with another weight (of the same shape, as the bias expects).
+    pub fn with_weight(self, weight: Weight) -> Self {
+        Self {
+            weight,
+            packed: Packed::default(),
+            ..self
         }
     }
 
@@ -183,6 +221,7 @@ impl Linear {
             weight,
             bias,
             activation: first.activation,
+            packed: Packed::default(),
         })
     }
 

@@ -126,10 +126,10 @@ impl Bert {
         let precision = |layer: Linear, quantize: bool| -> Result<Linear> {
             Ok(match path {
                 WeightPath::Int8 if !quantize => layer,
-                WeightPath::Int8 => Linear {
-                    weight: layer.weight.to_int8()?,
-                    ..layer
-                },
+                WeightPath::Int8 => {
+                    let weight = layer.weight.to_int8()?;
+                    layer.with_weight(weight)
+                }
                 WeightPath::Quantized | WeightPath::F32 => layer,
             })
         };

@@ -1,5 +1,6 @@
 //! The CPU backend: tensors are candle-core's, and the work is Keel's own kernels (`quant`,
-//! `math`, `attention`) except the f32 GEMM, which is the gemm crate's (candle's own).
+//! `math`, `attention`, and `gemm` for f32 products on AVX-512) except the f32 GEMM elsewhere and
+//! inside attention, which is the gemm crate's (candle's own).
 
 #[macro_use]
 mod multiversion {
@@ -29,6 +30,7 @@ mod multiversion {
 }
 
 mod attention;
+pub(crate) mod gemm;
 pub(crate) mod int8;
 mod math;
 pub(crate) mod quant;
@@ -150,6 +152,25 @@ impl Cpu {
                 q.matmul(x, &mut y);
                 y
             })?,
+            Weight::Dense(w) if gemm::use_packed() => {
+                let pack = || read(w, |w| gemm::PackedF32::pack(w, out_features, in_features));
+                if let Some(packed) = layer.packed.get(w, pack)? {
+                    let bias = match &layer.bias {
+                        Some(b) => read(b, <[f32]>::to_vec)?,
+                        None => Vec::new(),
+                    };
+                    // Bias and activation are fused into the product's tiles.
+                    return tensor(
+                        read(x, |x| {
+                            let mut y = vec![0f32; x.len() / in_features * out_features];
+                            packed.matmul(x, &bias, layer.activation, &mut y);
+                            y
+                        })?,
+                        &dims,
+                    );
+                }
+                read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???
+            }
             Weight::Dense(w) => read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???,
             Weight::Ggml(w) => read(&QMatMul::QTensor(w.clone()).forward(x)?, <[f32]>::to_vec)?,
         };
@@ -338,13 +359,13 @@ fn dense_matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
     let m = x.len() / k;
     let mut y = vec![0f32; m * n];
     let threads = if m * n * k < 1 << 18 {
-        gemm::Parallelism::None
+        ::gemm::Parallelism::None
     } else {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
+        ::gemm::Parallelism::Rayon(rayon::current_num_threads())
     };
     // SAFETY: the sizes and strides above describe exactly x (m×k), w (n×k) and y (m×n).
     unsafe {
-        gemm::gemm(
+        ::gemm::gemm(
             m,
             n,
             k,

@@ -1,0 +1,398 @@
+//! Keel's own f32 GEMM for `y[m×n] = x[m×k] · W[n×k]ᵀ` (PyTorch's `Linear` layout), for CPUs with
+//! AVX-512F, where the gemm crate (AVX2 on stable Rust) leaves half of each FMA unit idle.
+//!
+//! The weight is packed once into panels of [`NR`] output columns, `k`-major, so that the
+//! micro-kernel reads one contiguous stream of B per panel. Each task (a block of [`MC`] rows by a
+//! chunk of panels) walks `k` in blocks of [`KC`]: it packs its rows of `x` for that block into
+//! [`MR`]-row tiles (zero rows past `m`), then runs the `MR×NR` micro-kernel over every (panel,
+//! tile), B's `KC×NR` block staying in L1 while the tiles stream from L2. Partial tiles at the
+//! right edge are stored with AVX-512 masks; bias and activation are applied to each tile right
+//! after its last store, while it is still in L1.
+
+use super::{for_each_task, math, SharedOut};
+use crate::Activation;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Rows per micro-tile: 8 rows × 3 vectors = 24 accumulators of the 32 zmm registers; the MiniLM
+/// and SmolLM2 token counts are multiples of 8.
+const MR: usize = 8;
+/// Columns per micro-tile and per packed panel (3 vectors of 16); every MiniLM and SmolLM2 width
+/// (384, 1152, 1536, 576, 6144) is a multiple of 48.
+const NR: usize = 48;
+/// Depth per block: B's `KC×NR` block (24 KiB) stays in the 48 KiB L1 across a task's tiles.
+const KC: usize = 128;
+/// Rows per task: its packed `MC×KC` block of `x` (32 KiB) stays in L2.
+const MC: usize = 64;
+
+/// 64 bytes: packed panels start on a cache line, so a row of B is exactly 3 aligned lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// An f32 weight `[n, k]` packed for the micro-kernel: panel `j` holds columns `j*NR..` of `Wᵀ`,
+/// `NR` values per `k` (zero past `n`).
+pub(crate) struct PackedF32 {
+    n: usize,
+    k: usize,
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedF32({}x{})", self.n, self.k)
+    }
+}
+
+/// Which f32 GEMM the CPU backend uses for dense [`crate::Linear`] layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseGemm {
+    /// Keel's packed AVX-512 kernel where the CPU has AVX-512F, the gemm crate elsewhere (the
+    /// default).
+    Auto,
+    /// Always the gemm crate, weights unpacked (the path before Keel had its own GEMM).
+    GemmCrate,
+}
+
+static GEMM_CRATE: AtomicBool = AtomicBool::new(false);
+
+/// Picks the f32 GEMM for the whole process: a switch for benchmarks that compare the two paths
+/// in one run (a packed weight stays cached either way).
+pub fn set_dense_gemm(choice: DenseGemm) {
+    GEMM_CRATE.store(choice == DenseGemm::GemmCrate, Ordering::Relaxed);
+}
+
+/// Whether dense layers go to [`PackedF32`]: the CPU has AVX-512F (elsewhere the gemm crate is
+/// the faster choice) and [`set_dense_gemm`] has not asked for the gemm crate.
+pub(crate) fn use_packed() -> bool {
+    available() && !GEMM_CRATE.load(Ordering::Relaxed)
+}
+
+/// Whether this CPU runs the AVX-512 micro-kernel.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Where one micro-tile goes in `y`.
+#[derive(Clone, Copy)]
+struct Tile {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    /// Add to what `c` holds (a later `k` block) instead of overwriting it.
+    accumulate: bool,
+}
+
+impl PackedF32 {
+    /// Packs `w` (`n` rows of `k`, row-major).
+    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight of {} values for {n}x{k}", w.len());
+        let panels = n.div_ceil(NR);
+        let mut data = vec![Line([0.0; 16]); panels * k * NR / 16];
+        // SAFETY: `Line` is 16 plain f32s with no padding, so the buffer is `len * 16` f32s.
+        let flat =
+            unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<f32>(), data.len() * 16) };
+        for (col, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (panel, lane) = (col / NR, col % NR);
+            let base = panel * k * NR + lane;
+            for (p, &v) in row.iter().enumerate() {
+                flat[base + p * NR] = v;
+            }
+        }
+        Self { n, k, data }
+    }
+
+    /// `y = act(x · Wᵀ + bias)` for `x` of `m` rows of `k` (`bias` empty or `n` long), on the
+    /// shared pool.
+    pub(crate) fn matmul(&self, x: &[f32], bias: &[f32], act: Activation, y: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        let m = x.len().checked_div(k).unwrap_or(y.len() / n.max(1));
+        assert!(x.len() == m * k && y.len() == m * n && (bias.is_empty() || bias.len() == n));
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            y.fill(0.0);
+            math::bias_activation(y, bias, act);
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        let row_blocks = m.div_ceil(MC);
+        // Enough tasks for the pool to balance (4 per thread), splitting the columns when the
+        // rows alone do not give them (few tokens).
+        let want = 4 * rayon::current_num_threads();
+        let chunks = want.div_ceil(row_blocks).clamp(1, panels);
+        let per_chunk = panels.div_ceil(chunks);
+        let chunks = panels.div_ceil(per_chunk);
+        let out = SharedOut::new(y);
+        let avx512 = available();
+        for_each_task(row_blocks * chunks, m * n * k, |task| {
+            let (block, chunk) = (task / chunks, task % chunks);
+            let rows = block * MC..m.min((block + 1) * MC);
+            let cols = chunk * per_chunk..panels.min((chunk + 1) * per_chunk);
+            // SAFETY: tasks own disjoint (row block, panel chunk) rectangles of `y`, and `avx512`
+            // was detected on this CPU.
+            unsafe { self.block(x, rows, cols, bias, act, &out, avx512) };
+        });
+    }
+
+    /// One task: rows `rows` of `y` by panels `panels`.
+    ///
+    /// # Safety
+    /// No other task writes this rectangle of `out` (which holds `m×n` values), and `avx512` is
+    /// only true where the CPU has AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        bias: &[f32],
+        act: Activation,
+        out: &SharedOut,
+        avx512: bool,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let tiles = rows.len().div_ceil(MR);
+        let mut a = vec![Line([0.0; 16]); (tiles * MR * KC.min(k)).div_ceil(16)];
+        let a = a.as_mut_ptr().cast::<f32>();
+        let b = self.data.as_ptr().cast::<f32>();
+        let finish = !bias.is_empty() || act != Activation::None;
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // Pack this block of x: tile t holds rows t*MR.., MR values per k (zero past m).
+            for t in 0..tiles {
+                for i in 0..MR {
+                    let r = rows.start + t * MR + i;
+                    let dst = a.add(t * kc * MR + i);
+                    if r < rows.end {
+                        for (p, &v) in x[r * k + pc..r * k + pc + kc].iter().enumerate() {
+                            *dst.add(p * MR) = v;
+                        }
+                    } else {
+                        for p in 0..kc {
+                            *dst.add(p * MR) = 0.0;
+                        }
+                    }
+                }
+            }
+            let last = pc + kc == k;
+            for j in panels.clone() {
+                let bp = b.add((j * k + pc) * NR);
+                let col = j * NR;
+                let cols = NR.min(n - col);
+                for t in 0..tiles {
+                    let r = rows.start + t * MR;
+                    let tile = Tile {
+                        c: out.ptr().add(r * n + col),
+                        ldc: n,
+                        rows: MR.min(rows.end - r),
+                        cols,
+                        accumulate: pc > 0,
+                    };
+                    let ap = a.add(t * kc * MR);
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 {
+                        kernel_avx512(kc, ap, bp, tile);
+                    } else {
+                        kernel_plain(kc, ap, bp, tile);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        let _ = avx512;
+                        kernel_plain(kc, ap, bp, tile);
+                    }
+                    if last && finish {
+                        let bias = if bias.is_empty() {
+                            bias
+                        } else {
+                            &bias[col..col + cols]
+                        };
+                        for i in 0..tile.rows {
+                            let row = std::slice::from_raw_parts_mut(tile.c.add(i * n), cols);
+                            math::bias_activation(row, bias, act);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `MR×NR` micro-kernel: `kc` rank-1 updates of 24 zmm accumulators (x broadcast from the
+/// packed tile, 3 vectors of B), then masked stores of the valid rows and columns.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` holds `kc×MR` values, `b` `kc×NR` (64-byte aligned), and `tile`
+/// describes valid, writable cells.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for p in 0..kc {
+        let bp = b.add(p * NR);
+        let bv = [
+            _mm512_load_ps(bp),
+            _mm512_load_ps(bp.add(16)),
+            _mm512_load_ps(bp.add(32)),
+        ];
+        let ap = a.add(p * MR);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*ap.add(i));
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(x, bv, *acc);
+            }
+        }
+    }
+    let mask = |j: usize| -> __mmask16 {
+        let valid = tile.cols.saturating_sub(16 * j).min(16);
+        ((1u32 << valid) - 1) as __mmask16
+    };
+    let masks = [mask(0), mask(1), mask(2)];
+    for (i, acc) in acc.iter().enumerate() {
+        if i < tile.rows {
+            let row = tile.c.add(i * tile.ldc);
+            for (j, &v) in acc.iter().enumerate() {
+                let v = if tile.accumulate {
+                    _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[j], row.add(16 * j)))
+                } else {
+                    v
+                };
+                _mm512_mask_storeu_ps(row.add(16 * j), masks[j], v);
+            }
+        }
+    }
+}
+
+/// The same tile in plain Rust (CPUs without AVX-512 only reach it from tests).
+///
+/// # Safety
+/// As for [`kernel_avx512`], less the CPU feature.
+unsafe fn kernel_plain(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
+    let mut acc = [[0f32; NR]; MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let x = *a.add(p * MR + i);
+            for (acc, &bv) in acc.iter_mut().zip(bp) {
+                *acc += x * bv;
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate().take(tile.rows) {
+        let row = std::slice::from_raw_parts_mut(tile.c.add(i * tile.ldc), tile.cols);
+        for (c, &v) in row.iter_mut().zip(acc) {
+            *c = if tile.accumulate { *c + v } else { v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 2654435761usize % 2001) as f32 / 1000.0) - 1.0)
+            .collect()
+    }
+
+    /// Plain `x · wᵀ + bias` in f64, then the activation (from the reference math).
+    fn reference(x: &[f32], w: &[f32], bias: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let dot: f64 = (0..k).map(|p| x[r * k + p] as f64 * w[c * k + p] as f64).sum();
+                y[r * n + c] = (dot + bias.get(c).copied().unwrap_or(0.0) as f64) as f32;
+            }
+        }
+        y
+    }
+
+    /// A tiny xorshift generator: shapes that vary without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Random odd shapes (m in 1..70, n and k not multiples of the tile, k over several `KC`
+    /// blocks): every result within 1e-4 of the f64 reference, relative to the sum of the
+    /// products' magnitudes (the scale of f32 rounding in a dot product of length k).
+    #[test]
+    fn matches_the_reference_on_random_shapes() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut shapes = vec![
+            (1, 1, 1),
+            (8, 48, 128),
+            (64, 96, 256),
+            (65, 49, 129),
+            (3, 47, 300),
+        ];
+        for _ in 0..40 {
+            shapes.push((1 + rng.below(69), 1 + rng.below(200), 1 + rng.below(600)));
+        }
+        for (m, n, k) in shapes {
+            let (x, w, bias) = (values(m * k, 3), values(n * k, 11), values(n, 5));
+            let packed = PackedF32::pack(&w, n, k);
+            let bias = if (m + n) % 2 == 0 { bias } else { Vec::new() };
+            let want = reference(&x, &w, &bias, m, n, k);
+            let abs = reference(
+                &x.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                &w.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                &[],
+                m,
+                n,
+                k,
+            );
+            for avx512 in [false, available()] {
+                let mut y = vec![f32::NAN; m * n];
+                if avx512 {
+                    packed.matmul(&x, &bias, Activation::None, &mut y);
+                } else {
+                    // The portable kernel through the same blocking.
+                    let out = SharedOut::new(&mut y);
+                    // SAFETY: one task writes all of `y` (m×n), and no AVX-512 is asked for.
+                    unsafe {
+                        packed.block(&x, 0..m, 0..n.div_ceil(NR), &bias, Activation::None, &out, false)
+                    };
+                }
+                for (i, ((&got, &want), &scale)) in y.iter().zip(&want).zip(&abs).enumerate() {
+                    let tol = 1e-4 * (scale + bias.get(i % n).map_or(0.0, |b| b.abs()) + 1e-6);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{m}x{n}x{k} (avx512 {avx512}) at {i}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The epilogue is the row kernels' own bias + activation, applied once per output.
+    #[test]
+    fn fuses_bias_and_activation() {
+        let (m, n, k) = (13, 100, 200);
+        let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+        let packed = PackedF32::pack(&w, n, k);
+        for act in [Activation::GeluErf, Activation::Silu] {
+            let mut want = vec![0f32; m * n];
+            packed.matmul(&x, &[], Activation::None, &mut want);
+            math::bias_activation(&mut want, &bias, act);
+            let mut got = vec![0f32; m * n];
+            packed.matmul(&x, &bias, act, &mut got);
+            assert_eq!(got, want, "{act:?}");
+        }
+    }
+}
