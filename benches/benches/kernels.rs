@@ -6,7 +6,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor, D};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use keel_kernels::{Activation, Device, KvCache, Linear, Rope, Weight};
+use keel_kernels::{set_dense_gemm, Activation, DenseGemm, Device, KvCache, Linear, Rope, Weight};
 use std::time::Duration;
 
 fn randn(dims: &[usize]) -> Tensor {
@@ -36,6 +36,12 @@ fn linear_bias_gelu(c: &mut Criterion) {
         .with_activation(Activation::GeluErf);
     let mut g = config(c, "linear_bias_gelu_1024x384x1536", 1024 * 1536);
     g.bench_function("keel", |bench| bench.iter(|| d.linear(&x, &layer).unwrap()));
+    // The same op on the gemm crate: Keel's path before its own GEMM (and on CPUs without AVX-512).
+    set_dense_gemm(DenseGemm::GemmCrate);
+    g.bench_function("keel_gemm_crate", |bench| {
+        bench.iter(|| d.linear(&x, &layer).unwrap())
+    });
+    set_dense_gemm(DenseGemm::Auto);
     g.bench_function("candle", |bench| {
         bench.iter(|| {
             QMatMul::Tensor(w.clone())

@@ -1,12 +1,13 @@
 //! Model throughput on the CPU, measured through the public API:
-//! - MiniLM sentences/s at batch 1, 8 and 32, every input exactly 128 tokens, f32 and int8;
+//! - MiniLM sentences/s at batch 1, 8 and 32, every input exactly 128 tokens, f32 (Keel's GEMM and
+//!   the gemm crate's) and int8;
 //! - SmolLM2 Q4_1 decode tokens/s at batch 1 (and the f32 reference path beside it).
 //!
 //! Run: `bash scripts/setup-models.sh && cargo bench -p keel-benches --bench models`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keel::{Engine, WeightPath};
-use keel_kernels::Device;
+use keel_kernels::{set_dense_gemm, DenseGemm, Device};
 use keel_models::llama::Llama;
 use keel_models::weights::GgufFile;
 use std::path::PathBuf;
@@ -39,10 +40,19 @@ fn minilm(c: &mut Criterion) {
         for batch in [1usize, 8, 32] {
             let texts = vec![text.as_str(); batch];
             group.throughput(Throughput::Elements(batch as u64));
-            let bench_id = BenchmarkId::new(format!("{name}_sentences"), batch);
-            group.bench_with_input(bench_id, &texts, |b, texts| {
-                b.iter(|| engine.embed(&id, texts).unwrap())
-            });
+            // The f32 path twice, back to back: Keel's GEMM (AVX-512 CPUs) and the gemm crate.
+            let gemms: &[_] = match path {
+                WeightPath::Int8 => &[(DenseGemm::Auto, "")],
+                _ => &[(DenseGemm::Auto, ""), (DenseGemm::GemmCrate, "_gemm_crate")],
+            };
+            for &(gemm, suffix) in gemms {
+                set_dense_gemm(gemm);
+                let bench_id = BenchmarkId::new(format!("{name}{suffix}_sentences"), batch);
+                group.bench_with_input(bench_id, &texts, |b, texts| {
+                    b.iter(|| engine.embed(&id, texts).unwrap())
+                });
+            }
+            set_dense_gemm(DenseGemm::Auto);
         }
     }
     group.finish();
