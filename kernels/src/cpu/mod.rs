@@ -160,14 +160,10 @@ impl Cpu {
                         None => Vec::new(),
                     };
                     // Bias and activation are fused into the product's tiles.
-                    return tensor(
-                        read(x, |x| {
-                            let mut y = vec![0f32; x.len() / in_features * out_features];
-                            packed.matmul(x, &bias, layer.activation, &mut y);
-                            y
-                        })?,
-                        &dims,
-                    );
+                    let y = read(x, |x| {
+                        packed.matmul(x, x.len() / in_features, &bias, layer.activation)
+                    })?;
+                    return tensor(y, &dims);
                 }
                 read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???
             }
