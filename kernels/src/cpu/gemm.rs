@@ -193,7 +193,13 @@ impl PackedF32 {
                         std::array::from_fn(|i| x.as_ptr().add((r + i).min(rows.end - 1) * k + pc));
                     #[cfg(target_arch = "x86_64")]
                     if avx512 {
-                        kernel_avx512(kc, ap, bp, tile);
+                        // Short tiles (one token, the last rows) compute only the rows they need.
+                        match tile.rows {
+                            1 => kernel_avx512::<1>(kc, ap, bp, tile),
+                            2 => kernel_avx512::<2>(kc, ap, bp, tile),
+                            3 | 4 => kernel_avx512::<4>(kc, ap, bp, tile),
+                            _ => kernel_avx512::<MR>(kc, ap, bp, tile),
+                        }
                     } else {
                         kernel_plain(kc, ap, bp, tile);
                     }
@@ -250,17 +256,18 @@ unsafe fn finish_avx512(row: &mut [f32], bias: &[f32], act: Activation) {
     finish(row, bias, act)
 }
 
-/// The `MR×NR` micro-kernel: `kc` rank-1 updates of 24 zmm accumulators (one value of each of
-/// the `MR` rows of x broadcast, 3 vectors of B), then masked stores of the valid rows and columns.
+/// The `R×NR` micro-kernel (`R` up to `MR`): `kc` rank-1 updates of `3R` zmm accumulators (one
+/// value of each of the `R` rows of x broadcast, 3 vectors of B), then masked stores of the valid
+/// rows and columns.
 ///
 /// # Safety
 /// The CPU has AVX-512F; each of `a` holds `kc` values, `b` `kc×NR` (64-byte aligned), and `tile`
 /// describes valid, writable cells.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(kc: usize, a: [*const f32; MR], b: *const f32, tile: Tile) {
+unsafe fn kernel_avx512<const R: usize>(kc: usize, a: [*const f32; MR], b: *const f32, tile: Tile) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
     for p in 0..kc {
         let bp = b.add(p * NR);
         let bv = [
@@ -359,10 +366,13 @@ mod tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut shapes = vec![
             (1, 1, 1),
+            (2, 50, 130),
+            (3, 47, 300),
+            (4, 97, 257),
+            (5, 48, 64),
             (8, 48, 128),
             (64, 96, 256),
             (65, 49, 129),
-            (3, 47, 300),
         ];
         for _ in 0..40 {
             shapes.push((1 + rng.below(69), 1 + rng.below(200), 1 + rng.below(600)));
