@@ -15,7 +15,7 @@
 
 use clap::{Args as ClapArgs, ValueEnum};
 use keel::{CacheConfig, Engine, GenerateParams, Request, SchedulerConfig};
-use keel_kernels::{Device, Linear, Tensor, Weight};
+use keel_kernels::{candle_core, Device, Linear, Tensor, Weight};
 use keel_models::bert::{EncoderFiles, SentenceEncoder};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -184,9 +184,12 @@ fn matmul_peak() -> Res<f64> {
     let device = Device::cpu();
     let mut best: f64 = 0.0;
     for (m, n, k) in [(4096, 1536, 384), (4096, 384, 1536), (1024, 1024, 1024)] {
-        let x = Tensor::randn(0f32, 1f32, (m, k), device.candle())?;
-        let w = Tensor::randn(0f32, 1f32, (n, k), device.candle())?;
-        let layer = Linear::new(Weight::Dense(w));
+        let random = |rows, cols| -> Res<Tensor> {
+            let host = candle_core::Tensor::randn(0f32, 1f32, (rows, cols), &candle_core::Device::Cpu)?;
+            Ok(device.upload(&host.into())?)
+        };
+        let x = random(m, k)?;
+        let layer = device.upload_linear(&Linear::new(Weight::Dense(random(n, k)?)))?;
         device.linear(&x, &layer)?;
         for _ in 0..5 {
             let t = Instant::now();

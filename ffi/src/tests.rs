@@ -356,7 +356,7 @@ fn load_errors_have_their_codes() {
     expect(KEEL_ERR_INVALID_ARGUMENT, |err| unsafe {
         keel_model_load(engine, path(&smollm2()).as_ptr(), &params, &mut model, err)
     });
-    for device in [KEEL_DEVICE_WGPU, KEEL_DEVICE_CUDA] {
+    for device in [KEEL_DEVICE_CUDA] {
         let params = keel_engine_params {
             device,
             ..keel_engine_default_params()

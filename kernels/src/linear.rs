@@ -1,7 +1,7 @@
 use crate::cpu::int8::Int8Matrix;
 use crate::cpu::quant::{QuantKind, QuantMatrix};
+use crate::{GpuQuantMatrix, Tensor};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::Tensor;
 use std::sync::Arc;
 
 /// The weight of a linear layer, `[out_features, in_features]` like PyTorch's `nn.Linear`.
@@ -16,6 +16,8 @@ pub enum Weight {
     Ggml(Arc<QTensor>),
     /// An f32 matrix quantized at load to int8 per output channel (the encoder's int8 path).
     Int8(Arc<Int8Matrix>),
+    /// A Q4_1 or Q8_0 matrix on a wgpu device ([`crate::Device::upload_linear`]).
+    GpuQuantized(Arc<GpuQuantMatrix>),
 }
 
 impl Weight {
@@ -33,7 +35,7 @@ impl Weight {
             GgmlDType::Q4_1 => QuantKind::Q4_1,
             GgmlDType::Q8_0 => QuantKind::Q8_0,
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                return Ok(Weight::Dense(q.dequantize(&q.device())?))
+                return Ok(Weight::Dense(q.dequantize(&q.device())?.into()))
             }
             _ => return Ok(Weight::Ggml(Arc::new(q))),
         };
@@ -52,7 +54,7 @@ impl Weight {
         Ok(match self {
             Weight::Dense(t) => {
                 let (rows, cols) = self.dims();
-                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let values = t.to_host()?.flatten_all()?.to_vec1::<f32>()?;
                 Weight::Int8(Arc::new(Int8Matrix::quantize(&values, rows, cols)))
             }
             other => other.clone(),
@@ -72,25 +74,28 @@ impl Weight {
                 let d = q.shape().dims();
                 (d[0], d[d.len() - 1])
             }
+            Weight::GpuQuantized(q) => q.dims(),
         }
     }
 
-    /// The same weight as a plain f32 matrix (the reference path for quantized models).
+    /// The same weight as a plain f32 matrix in host memory (the reference path for quantized
+    /// models); load-time formats only, not one already on a GPU.
     pub fn dequantized(&self) -> crate::Result<Weight> {
-        Ok(match self {
-            Weight::Dense(t) => Weight::Dense(t.clone()),
-            Weight::Quantized(q) => Weight::Dense(Tensor::from_vec(
-                q.dequantize(),
-                q.dims(),
-                &candle_core::Device::Cpu,
-            )?),
-            Weight::Ggml(q) => Weight::Dense(q.dequantize(&q.device())?),
-            Weight::Int8(q) => Weight::Dense(Tensor::from_vec(
-                q.dequantize(),
-                q.dims(),
-                &candle_core::Device::Cpu,
-            )?),
-        })
+        let host = |values: Vec<f32>, dims: (usize, usize)| -> crate::Result<Weight> {
+            Ok(Weight::Dense(
+                candle_core::Tensor::from_vec(values, dims, &candle_core::Device::Cpu)?.into(),
+            ))
+        };
+        match self {
+            Weight::Dense(t) => Ok(Weight::Dense(t.clone())),
+            Weight::Quantized(q) => host(q.dequantize(), q.dims()),
+            Weight::Ggml(q) => Ok(Weight::Dense(q.dequantize(&q.device())?.into())),
+            Weight::Int8(q) => host(q.dequantize(), q.dims()),
+            Weight::GpuQuantized(_) => Err(crate::Error::BadOperands {
+                op: "linear",
+                reason: "a weight on a GPU is dequantized before it is uploaded, not after".into(),
+            }),
+        }
     }
 }
 
@@ -152,11 +157,11 @@ impl Linear {
                 let parts = layers
                     .iter()
                     .map(|l| match &l.weight {
-                        Weight::Dense(t) => Ok(t.clone()),
+                        Weight::Dense(t) => t.to_host(),
                         _ => Err(bad("cannot stack dense with quantized weights")),
                     })
                     .collect::<crate::Result<Vec<_>>>()?;
-                Weight::Dense(Tensor::cat(&parts, 0)?)
+                Weight::Dense(candle_core::Tensor::cat(&parts, 0)?.into())
             }
             Weight::Quantized(_) => {
                 let parts = layers
@@ -170,13 +175,20 @@ impl Linear {
                     .ok_or_else(|| bad("quantized weights differ in format or width"))?;
                 Weight::Quantized(Arc::new(stacked))
             }
-            Weight::Ggml(_) | Weight::Int8(_) => return Err(bad("stack dense weights, then quantize")),
+            Weight::Ggml(_) | Weight::Int8(_) | Weight::GpuQuantized(_) => {
+                return Err(bad(
+                    "stack weights on the host before quantizing or uploading them",
+                ))
+            }
         };
         let bias = match first.bias {
-            Some(_) => Some(Tensor::cat(
-                &layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(),
-                0,
-            )?),
+            Some(_) => {
+                let parts = layers
+                    .iter()
+                    .filter_map(|l| l.bias.as_ref().map(Tensor::to_host))
+                    .collect::<crate::Result<Vec<_>>>()?;
+                Some(candle_core::Tensor::cat(&parts, 0)?.into())
+            }
             None => None,
         };
         Ok(Linear {

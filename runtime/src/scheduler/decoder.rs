@@ -177,7 +177,8 @@ enum Outcome {
 }
 
 impl Seq {
-    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> Self {
+    /// The sequence, or its job back with the error if no KV cache could be made for it.
+    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> std::result::Result<Self, (GenJob, Error)> {
         let (cache, fed) = match shared
             .prefix
             .as_ref()
@@ -187,9 +188,12 @@ impl Seq {
                 let fed = kv.len();
                 (KvCache::clone(&kv), fed)
             }
-            None => (decoder.llama.new_cache(), 0),
+            None => match decoder.llama.new_cache() {
+                Ok(cache) => (cache, 0),
+                Err(e) => return Err((job, e.into())),
+            },
         };
-        Self {
+        Ok(Self {
             sampler: Sampler::new(job.sampling),
             job,
             cache,
@@ -197,7 +201,7 @@ impl Seq {
             step: 0,
             last: 0,
             generated: 0,
-        }
+        })
     }
 
     fn input(&mut self, chunk: usize) -> (&[u32], &mut KvCache) {
@@ -303,7 +307,12 @@ fn worker(shared: &Shared, decoder: &Decoder) {
                 continue;
             }
             Counters::add_time(&c.queue_wait_ns, now.duration_since(e.meta.enqueued));
-            active.push(Seq::new(e.item, shared, decoder));
+            match Seq::new(e.item, shared, decoder) {
+                Ok(seq) => active.push(seq),
+                Err((job, error)) => {
+                    let _ = job.events.send(Event::Failed(error));
+                }
+            }
         }
         active.retain(|s| {
             let cancelled = s.job.cancel.load(Ordering::Relaxed);
