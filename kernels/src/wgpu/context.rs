@@ -75,6 +75,9 @@ pub(crate) struct Context {
     created: AtomicU64,
     submits: AtomicU64,
     dispatches: AtomicU64,
+    /// With `KEEL_WGPU_PROFILE` set: each dispatch runs alone and its time is added up here per
+    /// shader, printed when the device closes (a developer's tool; it serializes everything).
+    profile: Option<Mutex<HashMap<&'static str, (u64, std::time::Duration)>>>,
 }
 
 const ARENA_START: u64 = 1 << 20;
@@ -168,6 +171,7 @@ impl Context {
             created: AtomicU64::new(1),
             submits: AtomicU64::new(0),
             dispatches: AtomicU64::new(0),
+            profile: std::env::var_os("KEEL_WGPU_PROFILE").map(|_| Mutex::default()),
         })
     }
 
@@ -335,6 +339,15 @@ impl Context {
             bind_group,
             groups,
         });
+        if let Some(profile) = &self.profile {
+            self.submit(&mut pending);
+            let start = std::time::Instant::now();
+            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+            let mut profile = lock(profile);
+            let entry = profile.entry(shader.name).or_default();
+            entry.0 += 1;
+            entry.1 += start.elapsed();
+        }
     }
 
     /// Records a copy of `size` bytes between buffers (offsets and size multiples of 4).
@@ -468,5 +481,17 @@ impl Context {
         staging.unmap();
         self.give(staging, Usage::Readback);
         Ok(data)
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            let mut rows: Vec<_> = lock(profile).iter().map(|(k, v)| (*k, *v)).collect();
+            rows.sort_by_key(|(_, (_, time))| std::cmp::Reverse(*time));
+            for (shader, (count, time)) in rows {
+                eprintln!("keel wgpu profile: {shader:>14} {count:>7} dispatches {time:>12.3?}");
+            }
+        }
     }
 }

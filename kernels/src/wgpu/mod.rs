@@ -388,11 +388,15 @@ impl Wgpu {
                         bias.buffer(),
                         y.buffer(),
                     ],
-                    [
-                        n.min(GRID_X) as u32,
-                        m.div_ceil(8) as u32,
-                        n.div_ceil(GRID_X) as u32,
-                    ],
+                    // 16 rows of w by 4 rows of x a workgroup.
+                    {
+                        let groups = n.div_ceil(16);
+                        [
+                            groups.min(GRID_X) as u32,
+                            m.div_ceil(4) as u32,
+                            groups.div_ceil(GRID_X) as u32,
+                        ]
+                    },
                 );
             }
             _ => {
