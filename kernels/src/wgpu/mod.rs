@@ -682,16 +682,14 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    /// Runs the elementwise shader's `op` over `n` outputs of shape `dims`.
+    /// Runs the elementwise shader's `op` (see `elementwise.wgsl`) into an output of shape `dims`,
+    /// with its operands `[a, b, ids]` (an op binds its first operand where it needs no other).
     fn elementwise(
         &self,
         op: u32,
         dims: &[usize],
-        width: usize,
-        b_len: usize,
-        a: &GpuTensor,
-        b: &GpuTensor,
-        ids: &GpuTensor,
+        (width, b_len): (usize, usize),
+        [a, b, ids]: [&GpuTensor; 3],
     ) -> Result<Tensor> {
         let out = self.alloc(dims, DType::F32)?;
         let n = out.len();
@@ -712,7 +710,7 @@ impl Wgpu {
         }
         let mut dims = x.dims.clone();
         *dims.last_mut().expect("has a last dim") = width / 2;
-        self.elementwise(1, &dims, width / 2, 1, x, x, x)
+        self.elementwise(1, &dims, (width / 2, 1), [x, x, x])
     }
 
     pub(crate) fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
@@ -728,7 +726,7 @@ impl Wgpu {
         }
         let mut dims = ids.dims.clone();
         dims.push(width);
-        self.elementwise(2, &dims, width, rows, table, table, ids)
+        self.elementwise(2, &dims, (width, rows), [table, table, ids])
     }
 
     pub(crate) fn mean_pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -782,7 +780,7 @@ impl Wgpu {
                 format!("cannot broadcast {:?} onto {:?}", b.dims, a.dims),
             ));
         }
-        self.elementwise(0, &a.dims.clone(), 1, b.len(), a, b, a)
+        self.elementwise(0, &a.dims, (1, b.len()), [a, b, a])
     }
 
     pub(crate) fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {

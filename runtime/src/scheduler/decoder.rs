@@ -177,8 +177,8 @@ enum Outcome {
 }
 
 impl Seq {
-    /// The sequence, or its job back with the error if no KV cache could be made for it.
-    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> std::result::Result<Self, (GenJob, Error)> {
+    /// The sequence; None if no KV cache could be made for it (its stream gets the error).
+    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> Option<Self> {
         let (cache, fed) = match shared
             .prefix
             .as_ref()
@@ -190,10 +190,13 @@ impl Seq {
             }
             None => match decoder.llama.new_cache() {
                 Ok(cache) => (cache, 0),
-                Err(e) => return Err((job, e.into())),
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(e.into()));
+                    return None;
+                }
             },
         };
-        Ok(Self {
+        Some(Self {
             sampler: Sampler::new(job.sampling),
             job,
             cache,
@@ -307,12 +310,7 @@ fn worker(shared: &Shared, decoder: &Decoder) {
                 continue;
             }
             Counters::add_time(&c.queue_wait_ns, now.duration_since(e.meta.enqueued));
-            match Seq::new(e.item, shared, decoder) {
-                Ok(seq) => active.push(seq),
-                Err((job, error)) => {
-                    let _ = job.events.send(Event::Failed(error));
-                }
-            }
+            active.extend(Seq::new(e.item, shared, decoder));
         }
         active.retain(|s| {
             let cancelled = s.job.cancel.load(Ordering::Relaxed);
