@@ -21,7 +21,15 @@ const CHUNK: u32 = 64u;
 // The query row; head_dim is at most 256 (four values a thread).
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> s: array<f32, 64>;
+var<workgroup> red: array<f32, 64>;
 var<workgroup> n_keys: u32;
+
+// `start` plus the chunk's n weights times one value column of V starting at `at`.
+fn weigh(start: f32, n: u32, at: u32) -> f32 {
+    var a = start;
+    for (var jj = 0u; jj < n; jj++) { a += s[jj] * v[at + jj * p.v_stride]; }
+    return a;
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -47,7 +55,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let v_base = b * p.k_bstride + p.v_off + kh * d;
     var run_max = -3.0e38;
     var run_sum = 0.0;
-    var acc: array<f32, 4>;
+    // Output values lid, lid + 64, lid + 128, lid + 192 of the head (named, not a private array).
+    var acc = vec4<f32>(0.0);
     for (var c0 = 0u; c0 < keys; c0 += CHUNK) {
         let j = c0 + lid;
         var score = -3.0e38;
@@ -57,34 +66,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var c = 0u; c < d; c++) { dot += qs[c] * k[at + c]; }
             score = dot * p.scale;
         }
-        s[lid] = score;
+        // The chunk's maximum and then its sum of exponentials, by tree reductions.
+        red[lid] = score;
         workgroupBarrier();
-        var chunk_max = -3.0e38;
-        for (var jj = 0u; jj < CHUNK; jj++) { chunk_max = max(chunk_max, s[jj]); }
-        let new_max = max(run_max, chunk_max);
-        workgroupBarrier();
-        s[lid] = select(0.0, exp(score - new_max), j < keys);
-        workgroupBarrier();
-        let alpha = exp(run_max - new_max);
-        var chunk_sum = 0.0;
-        for (var jj = 0u; jj < CHUNK; jj++) { chunk_sum += s[jj]; }
-        run_sum = run_sum * alpha + chunk_sum;
-        let n = min(CHUNK, keys - c0);
-        for (var r = 0u; r < 4u; r++) {
-            let c = lid + r * 64u;
-            if (c < d) {
-                var a = acc[r] * alpha;
-                for (var jj = 0u; jj < n; jj++) {
-                    a += s[jj] * v[v_base + (c0 + jj) * p.v_stride + c];
-                }
-                acc[r] = a;
-            }
+        for (var stride = 32u; stride > 0u; stride >>= 1u) {
+            if (lid < stride) { red[lid] = max(red[lid], red[lid + stride]); }
+            workgroupBarrier();
         }
+        let new_max = max(run_max, red[0]);
+        workgroupBarrier();
+        let e = select(0.0, exp(score - new_max), j < keys);
+        s[lid] = e;
+        red[lid] = e;
+        workgroupBarrier();
+        for (var stride = 32u; stride > 0u; stride >>= 1u) {
+            if (lid < stride) { red[lid] += red[lid + stride]; }
+            workgroupBarrier();
+        }
+        let alpha = exp(run_max - new_max);
+        run_sum = run_sum * alpha + red[0];
+        let n = min(CHUNK, keys - c0);
+        let at = v_base + c0 * p.v_stride + lid;
+        if (lid < d) { acc.x = weigh(acc.x * alpha, n, at); }
+        if (lid + 64u < d) { acc.y = weigh(acc.y * alpha, n, at + 64u); }
+        if (lid + 128u < d) { acc.z = weigh(acc.z * alpha, n, at + 128u); }
+        if (lid + 192u < d) { acc.w = weigh(acc.w * alpha, n, at + 192u); }
         run_max = new_max;
         workgroupBarrier();
     }
-    for (var r = 0u; r < 4u; r++) {
-        let c = lid + r * 64u;
-        if (c < d) { out[o_base + c] = acc[r] / run_sum; }
-    }
+    let o = acc / run_sum;
+    if (lid < d) { out[o_base + lid] = o.x; }
+    if (lid + 64u < d) { out[o_base + lid + 64u] = o.y; }
+    if (lid + 128u < d) { out[o_base + lid + 128u] = o.z; }
+    if (lid + 192u < d) { out[o_base + lid + 192u] = o.w; }
 }

@@ -10,7 +10,8 @@ struct P { m: u32, n: u32, k: u32, has_bias: u32, act: u32 }
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-// [kk][row / 4] holds rows row..row+4 of the tile at depth kk.
+// Row-major tiles, k innermost: [row][k / 4] vec4s of the 16-deep slice, so that staging
+// writes and compute reads are whole vec4s.
 var<workgroup> xs: array<vec4<f32>, 256>;
 var<workgroup> ws: array<vec4<f32>, 256>;
 
@@ -45,6 +46,18 @@ fn activate(v: f32) -> f32 {
     return v;
 }
 
+fn store(row: u32, col0: u32, v: vec4<f32>) {
+    if (row >= p.m) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let col = col0 + j;
+        if (col < p.n) {
+            var o = v[j];
+            if (p.has_bias != 0u) { o += bias[col]; }
+            y[row * p.n + col] = activate(o);
+        }
+    }
+}
+
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wid.y * 64u;
@@ -53,35 +66,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     // Each thread stages one vec4 of x and one of w per slice: row t / 4, columns (t % 4) * 4...
     let lr = t / 4u;
     let lc = (t % 4u) * 4u;
-    var acc: array<vec4<f32>, 4>;
+    // Thread (x, y) computes rows y * 4.. and columns x * 4.. of the tile; named accumulators (no
+    // private array, which SIMD CPU drivers would spill to memory).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let xr = lid.y * 16u;
+    let wr = lid.x * 16u;
     for (var k0 = 0u; k0 < p.k; k0 += 16u) {
-        let xv = load4(true, row0 + lr, p.m, k0 + lc);
-        let wv = load4(false, col0 + lr, p.n, k0 + lc);
-        for (var i = 0u; i < 4u; i++) {
-            xs[(lc + i) * 16u + lr / 4u][lr % 4u] = xv[i];
-            ws[(lc + i) * 16u + lr / 4u][lr % 4u] = wv[i];
-        }
+        xs[t] = load4(true, row0 + lr, p.m, k0 + lc);
+        ws[t] = load4(false, col0 + lr, p.n, k0 + lc);
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk++) {
-            let a = xs[kk * 16u + lid.y];
-            let b = ws[kk * 16u + lid.x];
-            acc[0] += a[0] * b;
-            acc[1] += a[1] * b;
-            acc[2] += a[2] * b;
-            acc[3] += a[3] * b;
+        for (var kk = 0u; kk < 4u; kk++) {
+            let a0 = xs[xr + kk];
+            let a1 = xs[xr + 4u + kk];
+            let a2 = xs[xr + 8u + kk];
+            let a3 = xs[xr + 12u + kk];
+            let b0 = ws[wr + kk];
+            let b1 = ws[wr + 4u + kk];
+            let b2 = ws[wr + 8u + kk];
+            let b3 = ws[wr + 12u + kk];
+            acc0 += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2), dot(a0, b3));
+            acc1 += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2), dot(a1, b3));
+            acc2 += vec4<f32>(dot(a2, b0), dot(a2, b1), dot(a2, b2), dot(a2, b3));
+            acc3 += vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2), dot(a3, b3));
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + lid.y * 4u + i;
-        if (row >= p.m) { break; }
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + lid.x * 4u + j;
-            if (col < p.n) {
-                var v = acc[i][j];
-                if (p.has_bias != 0u) { v += bias[col]; }
-                y[row * p.n + col] = activate(v);
-            }
-        }
-    }
+    let r = row0 + lid.y * 4u;
+    let c = col0 + lid.x * 4u;
+    store(r, c, acc0);
+    store(r + 1u, c, acc1);
+    store(r + 2u, c, acc2);
+    store(r + 3u, c, acc3);
 }
