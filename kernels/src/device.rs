@@ -132,11 +132,16 @@ impl Device {
     /// exists). A wgpu adapter that runs on the CPU itself (lavapipe) is not faster than Keel's
     /// own CPU kernels, so it is never picked here.
     pub fn best() -> Self {
-        [DeviceKind::Cuda, DeviceKind::Wgpu]
-            .into_iter()
-            .filter_map(|kind| Self::new(kind).ok())
-            .find(|d| !d.caps().emulated)
-            .unwrap_or_else(Self::cpu)
+        // Probing opens the graphics drivers: once per process, then every engine shares it.
+        static BEST: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+        BEST.get_or_init(|| {
+            [DeviceKind::Cuda, DeviceKind::Wgpu]
+                .into_iter()
+                .filter_map(|kind| Self::new(kind).ok())
+                .find(|d| !d.caps().emulated)
+                .unwrap_or_else(Self::cpu)
+        })
+        .clone()
     }
 
     /// What this device is and can do.

@@ -376,3 +376,16 @@ fn steady_state_creates_no_buffers() {
     );
     assert!(after.submits > before.submits);
 }
+
+#[test]
+fn best_device_skips_a_software_adapter() {
+    // The preferred adapter is a software one (lavapipe) only where no GPU exists: then the CPU
+    // backend is faster, and `best` picks it.
+    let caps = gpu().caps();
+    eprintln!("adapter: {}", caps.name);
+    if caps.emulated {
+        assert_eq!(Device::best().caps().kind, keel_kernels::DeviceKind::Cpu);
+    } else {
+        assert_eq!(Device::best().caps().kind, keel_kernels::DeviceKind::Wgpu);
+    }
+}
