@@ -235,7 +235,11 @@ fn devices_that_are_not_there() {
     assert_eq!(err.kind(), ErrorKind::NoDevice, "{err}");
     assert!(err.to_string().contains("no such device"), "{err}");
     // An adapter by a name no adapter has: the error lists the ones there are.
-    let err = keel::Error::from(keel_kernels::Device::wgpu(Some("no-such-adapter")).unwrap_err());
+    let options = keel_kernels::WgpuOptions {
+        adapter: Some("no-such-adapter".into()),
+        ..Default::default()
+    };
+    let err = keel::Error::from(keel_kernels::Device::wgpu(&options).unwrap_err());
     assert_eq!(err.kind(), ErrorKind::NoDevice, "{err}");
     assert!(
         err.to_string().contains("no adapter matches 'no-such-adapter'"),

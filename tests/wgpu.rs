@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use keel::{Engine, GenerateParams, LoadOptions, WeightPath};
-use keel_kernels::{Device, DeviceKind};
+use keel_kernels::{Device, DeviceKind, WgpuOptions};
 use keel_models::llama::Llama;
 use keel_models::sampling::argmax;
 use keel_models::weights::GgufFile;
@@ -51,6 +51,25 @@ fn minilm_embeddings_match_the_cpu() {
         }
     }
     eprintln!("worst cosine wgpu vs cpu over {} sentences: {worst}", texts.len());
+
+    // With the weights stored as f16 on the device (half the memory), still within the bound.
+    let half = Device::wgpu(&WgpuOptions {
+        f16_weights: true,
+        ..WgpuOptions::default()
+    })
+    .unwrap();
+    let half = Engine::builder().on(half).build().unwrap();
+    let h = half.load(minilm_dir()).unwrap();
+    let mut worst = 1.0f32;
+    for (text, got) in texts.iter().zip(half.embed(h.as_str(), &texts).unwrap().vectors) {
+        let cos = cosine(&cpu.embed(c.as_str(), &[text]).unwrap().vectors.remove(0), &got);
+        assert!(
+            cos >= MIN_COSINE,
+            "f16 weights, {text:?}: cosine {cos} < {MIN_COSINE}"
+        );
+        worst = worst.min(cos);
+    }
+    eprintln!("worst cosine wgpu with f16 weights vs cpu: {worst}");
 }
 
 fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {

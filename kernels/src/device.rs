@@ -81,6 +81,28 @@ pub struct Caps {
     pub emulated: bool,
 }
 
+/// How to open the wgpu backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WgpuOptions {
+    /// The first adapter whose name contains this (case-insensitive); None: the preferred kind
+    /// (discrete GPU, integrated GPU, then a CPU adapter such as Mesa's lavapipe).
+    pub adapter: Option<String>,
+    /// Keep dense weights as f16 on the device (half the memory and bandwidth; products still
+    /// add in f32). Off by default: the f32 weights give the CPU's numbers to ~1e-6.
+    pub f16_weights: bool,
+}
+
+impl WgpuOptions {
+    /// The options the environment sets: `KEEL_WGPU_ADAPTER=name`, `KEEL_WGPU_F16_WEIGHTS=1`.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            adapter: var("KEEL_WGPU_ADAPTER"),
+            f16_weights: var("KEEL_WGPU_F16_WEIGHTS").is_some_and(|v| v != "0"),
+        }
+    }
+}
+
 /// A compute device and the op set on it. Cheap to clone; safe to share between threads.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -106,11 +128,11 @@ impl Device {
     }
 
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.
-    /// For wgpu, `KEEL_WGPU_ADAPTER` picks an adapter by name (see [`Device::wgpu`]).
+    /// For wgpu, the environment sets the options ([`WgpuOptions::from_env`]).
     pub fn new(kind: DeviceKind) -> Result<Self> {
         match kind {
             DeviceKind::Cpu => Ok(Self::cpu()),
-            DeviceKind::Wgpu => Self::wgpu(None),
+            DeviceKind::Wgpu => Self::wgpu(&WgpuOptions::from_env()),
             // Its backend lands in its own issue; until then this build has none.
             DeviceKind::Cuda => Err(Error::NoSuchDevice {
                 kind,
@@ -119,12 +141,10 @@ impl Device {
         }
     }
 
-    /// A wgpu adapter: the first whose name contains `adapter` (case-insensitive), else the one
-    /// `KEEL_WGPU_ADAPTER` names, else the preferred kind (discrete GPU, integrated GPU, then a
-    /// CPU adapter such as Mesa's lavapipe).
-    pub fn wgpu(adapter: Option<&str>) -> Result<Self> {
+    /// A wgpu adapter chosen and set up by `options` (see [`WgpuOptions`]).
+    pub fn wgpu(options: &WgpuOptions) -> Result<Self> {
         Ok(Self {
-            backend: Backend::Wgpu(Wgpu::open(adapter)?),
+            backend: Backend::Wgpu(Wgpu::open(options)?),
         })
     }
 

@@ -27,7 +27,7 @@ pub use candle_core::DType;
 pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use decoder::{KvCache, Rope};
-pub use device::{Caps, Device, DeviceKind, Op};
+pub use device::{Caps, Device, DeviceKind, Op, WgpuOptions};
 pub use error::{Error, Result};
 pub use linear::{Activation, Linear, Weight};
 pub use tensor::Tensor;

@@ -6,13 +6,14 @@
 
 use keel_kernels::{
     candle_core, Activation, Device, KvCache, Linear, QuantKind, QuantMatrix, Rope, Tensor, Weight,
+    WgpuOptions,
 };
 use std::sync::{Arc, OnceLock};
 
 fn gpu() -> &'static Device {
     static GPU: OnceLock<Device> = OnceLock::new();
     GPU.get_or_init(|| {
-        Device::wgpu(None).unwrap_or_else(|e| {
+        Device::wgpu(&WgpuOptions::default()).unwrap_or_else(|e| {
             panic!("{e}\nThe conformance suite needs a wgpu adapter: install mesa-vulkan-drivers")
         })
     })
@@ -109,6 +110,36 @@ fn linear_dense_with_bias_and_activations() {
     let layer = Linear::new(Weight::Dense(host(values(24 * 40, 10, 0.5), &[24, 40])));
     let got = gpu().linear(&xg, &gpu().upload_linear(&layer).unwrap()).unwrap();
     assert_close("linear no bias", &cpu.linear(&x, &layer).unwrap(), &got, 1e-5);
+}
+
+#[test]
+fn linear_with_f16_weights() {
+    let cpu = Device::cpu();
+    let half = Device::wgpu(&WgpuOptions {
+        f16_weights: true,
+        ..WgpuOptions::default()
+    })
+    .unwrap();
+    for (i, &(m, n, k)) in [(1, 3, 4), (65, 130, 36), (7, 1536, 384)].iter().enumerate() {
+        let x = host(values(m * k, i as u64, 1.0), &[m, k]);
+        let w = host(values(n * k, i as u64 + 50, 0.5), &[n, k]);
+        let layer = Linear::new(Weight::Dense(w.clone())).with_bias(host(values(n, 7, 1.0), &[n]));
+        let gpu_layer = half.upload_linear(&layer).unwrap();
+        let Weight::Dense(on_gpu) = &gpu_layer.weight else {
+            panic!("a dense weight")
+        };
+        assert_eq!(on_gpu.dtype(), keel_kernels::DType::F16);
+        // The reference: the CPU with the same weights rounded to f16.
+        let rounded = w.to_host().unwrap().to_dtype(keel_kernels::DType::F16).unwrap();
+        let rounded = rounded.to_dtype(keel_kernels::DType::F32).unwrap();
+        let reference = Linear {
+            weight: Weight::Dense(rounded.into()),
+            ..layer.clone()
+        };
+        let want = cpu.linear(&x, &reference).unwrap();
+        let got = half.linear(&half.upload(&x).unwrap(), &gpu_layer).unwrap();
+        assert_close(&format!("f16 weights {m}x{n}x{k}"), &want, &got, 1e-5);
+    }
 }
 
 /// GGML bytes of a random `rows x cols` matrix of `kind`.
@@ -355,7 +386,7 @@ fn bad_operands_are_errors_not_panics() {
 #[test]
 fn steady_state_creates_no_buffers() {
     // A device of its own, so that the other tests' buffers are not counted.
-    let dev = Device::wgpu(None).unwrap();
+    let dev = Device::wgpu(&WgpuOptions::default()).unwrap();
     let xg = dev.upload(&host(values(33 * 64, 1, 1.0), &[33, 64])).unwrap();
     let layer = Linear::new(Weight::Dense(host(values(64 * 64, 2, 0.5), &[64, 64])));
     let layer = dev.upload_linear(&layer).unwrap();

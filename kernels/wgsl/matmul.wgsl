@@ -1,14 +1,16 @@
 // y[m, n] = act(x[m, k] . w[n, k]^T + bias[n]): a 64x64 output tile per workgroup of 16x16
 // threads, each thread 4x4 outputs; 16-wide slices of k staged in workgroup memory. Rows of x and
-// w are read as vec4 when k is a multiple of 4 (the same buffers are bound both ways).
-struct P { m: u32, n: u32, k: u32, has_bias: u32, act: u32 }
+// w are read as vec4 when k is a multiple of 4 (the same buffers are bound both ways); with
+// `w_f16`, w holds f16 pairs in u32 words (half the bytes), unpacked here and added in f32.
+struct P { m: u32, n: u32, k: u32, has_bias: u32, act: u32, w_f16: u32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> w: array<f32>;
 @group(0) @binding(4) var<storage, read> w4: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> wh: array<vec2<u32>>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;
 
 // Row-major tiles, k innermost: [row][k / 4] vec4s of the 16-deep slice, so that staging
 // writes and compute reads are whole vec4s.
@@ -19,6 +21,10 @@ var<workgroup> ws: array<vec4<f32>, 256>;
 fn load4(is_x: bool, row: u32, rows: u32, c: u32) -> vec4<f32> {
     if (row >= rows || c >= p.k) { return vec4<f32>(0.0); }
     let at = row * p.k + c;
+    if (!is_x && p.w_f16 != 0u) {
+        let h = wh[at / 4u];
+        return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y));
+    }
     if (p.k % 4u == 0u) {
         if (is_x) { return x4[at / 4u]; } else { return w4[at / 4u]; }
     }

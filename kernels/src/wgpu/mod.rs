@@ -7,7 +7,7 @@ mod context;
 use crate::decoder::{KvCache, KvStore, Rope};
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
-use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result};
+use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result, WgpuOptions};
 pub use context::DeviceStats;
 use context::{Context, Shader, Usage};
 use std::fmt;
@@ -78,14 +78,27 @@ impl GpuTensor {
         self.dims.iter().product()
     }
 
+    /// Bytes of the values (f16 weights are 2 a value; f32 and u32 are 4).
+    fn bytes(&self) -> usize {
+        self.len() * if self.dtype == DType::F16 { 2 } else { 4 }
+    }
+
     fn buffer(&self) -> &wgpu::Buffer {
         &self.buf.buffer
     }
 
     pub(crate) fn to_host(&self) -> Result<candle_core::Tensor> {
-        let bytes = self.buf.ctx.read(self.buffer(), 0, (self.len() * 4) as u64)?;
+        let bytes = self
+            .buf
+            .ctx
+            .read(self.buffer(), 0, (self.bytes().div_ceil(4) * 4) as u64)?;
         let host = candle_core::Device::Cpu;
         Ok(match self.dtype {
+            DType::F16 => candle_core::Tensor::from_vec(
+                bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes[..self.bytes()]),
+                self.dims.as_slice(),
+                &host,
+            )?,
             DType::U32 => candle_core::Tensor::from_vec(
                 bytemuck::pod_collect_to_vec::<u8, u32>(&bytes),
                 self.dims.as_slice(),
@@ -153,6 +166,7 @@ impl GpuKv {
     pub(crate) fn duplicate(&self, values: usize) -> GpuKv {
         let wgpu = Wgpu {
             ctx: self.ctx.clone(),
+            f16_weights: false,
         };
         let layers = self
             .layers
@@ -179,6 +193,7 @@ impl GpuKv {
 #[derive(Clone)]
 pub(crate) struct Wgpu {
     ctx: Arc<Context>,
+    f16_weights: bool,
 }
 
 impl fmt::Debug for Wgpu {
@@ -192,19 +207,19 @@ fn wrap(t: GpuTensor) -> Tensor {
 }
 
 impl Wgpu {
-    /// Opens an adapter: the one named by `adapter` (a substring of its name), else the one
-    /// `KEEL_WGPU_ADAPTER` names, else the preferred one (discrete, integrated, then CPU).
-    pub(crate) fn open(adapter: Option<&str>) -> Result<Self> {
-        let from_env = std::env::var("KEEL_WGPU_ADAPTER").ok().filter(|s| !s.is_empty());
-        let wanted = adapter.map(str::to_owned).or(from_env);
+    pub(crate) fn open(options: &WgpuOptions) -> Result<Self> {
         // wgpu's loaders can panic on a broken driver; that must not take the host down.
-        let ctx = std::panic::catch_unwind(|| Context::open(wanted.as_deref())).map_err(|_| {
-            Error::NoSuchDevice {
-                kind: DeviceKind::Wgpu,
-                reason: "the graphics driver failed while opening the adapter".into(),
-            }
-        })??;
-        Ok(Self { ctx: Arc::new(ctx) })
+        let ctx =
+            std::panic::catch_unwind(|| Context::open(options.adapter.as_deref())).map_err(|_| {
+                Error::NoSuchDevice {
+                    kind: DeviceKind::Wgpu,
+                    reason: "the graphics driver failed while opening the adapter".into(),
+                }
+            })??;
+        Ok(Self {
+            ctx: Arc::new(ctx),
+            f16_weights: options.f16_weights,
+        })
     }
 
     pub(crate) fn caps(&self) -> Caps {
@@ -291,7 +306,7 @@ impl Wgpu {
             )?))
         };
         let weight = match &layer.weight {
-            Weight::Dense(t) => Weight::Dense(self.upload(t)?),
+            Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
             Weight::Quantized(q) => Weight::GpuQuantized(Arc::new(self.upload_quant(q)?)),
             Weight::GpuQuantized(q) => Weight::GpuQuantized(q.clone()),
             // No int8 or other GGML kernels here: their values, dequantized, run as f32.
@@ -305,6 +320,22 @@ impl Wgpu {
             bias: layer.bias.as_ref().map(|b| self.upload(b)).transpose()?,
             activation: layer.activation,
         })
+    }
+
+    /// A dense weight in f32, or as f16 pairs in u32 words with the f16 option (rows whose
+    /// length is a multiple of 4, which the matmul reads as vec4s).
+    fn upload_dense(&self, t: &Tensor) -> Result<Tensor> {
+        let host = match &t.0 {
+            Repr::Cpu(h) if self.f16_weights && h.dims().last().is_some_and(|k| k % 4 == 0) => h,
+            _ => return self.upload(t),
+        };
+        let halves = host.flatten_all()?.to_dtype(DType::F16)?.to_vec1::<half::f16>()?;
+        let bits: Vec<u16> = halves.iter().map(|h| h.to_bits()).collect();
+        Ok(wrap(self.upload_bytes(
+            bytemuck::cast_slice(&bits),
+            host.dims(),
+            DType::F16,
+        )?))
     }
 
     fn upload_quant(&self, q: &QuantMatrix) -> Result<GpuQuantMatrix> {
@@ -357,12 +388,14 @@ impl Wgpu {
             Weight::Dense(w) => {
                 let w = w.gpu("linear")?;
                 let bias = bias.unwrap_or(w);
+                let f16 = (w.dtype == DType::F16) as u32;
                 self.ctx.dispatch(
                     &MATMUL,
-                    &[m as u32, n as u32, k as u32, has_bias, act],
+                    &[m as u32, n as u32, k as u32, has_bias, act, f16],
                     &[
                         x.buffer(),
                         x.buffer(),
+                        w.buffer(),
                         w.buffer(),
                         w.buffer(),
                         bias.buffer(),
@@ -795,12 +828,14 @@ impl Wgpu {
         let mut dims = x.dims.clone();
         dims[0] = len;
         let out = self.alloc(&dims, x.dtype)?;
+        // Activations and ids: 4 bytes a value (f16 is for weights, never sliced).
+        let size = 4;
         self.ctx.copy(
             x.buffer(),
-            (start * row * 4) as u64,
+            (start * row * size) as u64,
             out.buffer(),
             0,
-            (len * row * 4) as u64,
+            (len * row * size) as u64,
         );
         Ok(wrap(out))
     }
@@ -825,7 +860,7 @@ impl Wgpu {
         let out = self.alloc(&dims, first.dtype)?;
         let mut at = 0;
         for p in &parts {
-            let bytes = (p.len() * 4) as u64;
+            let bytes = p.bytes() as u64;
             self.ctx.copy(p.buffer(), 0, out.buffer(), at, bytes);
             at += bytes;
         }
