@@ -349,7 +349,8 @@ typedef bool (*keel_token_callback)(void *user_data,
 #define KEEL_DEVICE_CPU 1
 
 /**
- * A GPU through wgpu (Vulkan, Metal, DX12). Not compiled into this build yet: KEEL_ERR_NO_DEVICE.
+ * A GPU through wgpu (Vulkan, Metal, DX12); `KEEL_WGPU_ADAPTER` picks an adapter by name.
+ * KEEL_ERR_NO_DEVICE where there is no adapter.
  */
 #define KEEL_DEVICE_WGPU 2
 

@@ -227,9 +227,22 @@ fn prompts_that_do_not_fit_or_are_empty() {
 
 #[test]
 fn devices_that_are_not_there() {
-    for kind in [keel::DeviceKind::Wgpu, keel::DeviceKind::Cuda] {
-        let err = Engine::builder().device(kind).build().err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::NoDevice, "{err}");
-        assert!(err.to_string().contains("no such device"), "{err}");
-    }
+    let err = Engine::builder()
+        .device(keel::DeviceKind::Cuda)
+        .build()
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::NoDevice, "{err}");
+    assert!(err.to_string().contains("no such device"), "{err}");
+    // An adapter by a name no adapter has: the error lists the ones there are.
+    let options = keel_kernels::WgpuOptions {
+        adapter: Some("no-such-adapter".into()),
+        ..Default::default()
+    };
+    let err = keel::Error::from(keel_kernels::Device::wgpu(&options).unwrap_err());
+    assert_eq!(err.kind(), ErrorKind::NoDevice, "{err}");
+    assert!(
+        err.to_string().contains("no adapter matches 'no-such-adapter'"),
+        "{err}"
+    );
 }

@@ -63,7 +63,7 @@ fn f32_path_greedy_matches_transformers() {
         let prompt = ids(&run["prompt_ids"]);
         let expected = ids(&run["greedy_ids"]);
         let margins = floats(&run["top2_margins"]);
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let mut logits = model.forward(&prompt, &mut cache).unwrap();
 
         let top_ids = ids(&run["first_step_top_ids"]);
@@ -98,8 +98,8 @@ fn quantized_first_step_logits_are_close_to_f32() {
     let golden = golden("smollm2_greedy.json");
     for run in golden["runs"].as_array().unwrap() {
         let prompt = ids(&run["prompt_ids"]);
-        let lq = q.forward(&prompt, &mut q.new_cache()).unwrap();
-        let lf = f.forward(&prompt, &mut f.new_cache()).unwrap();
+        let lq = q.forward(&prompt, &mut q.new_cache().unwrap()).unwrap();
+        let lf = f.forward(&prompt, &mut f.new_cache().unwrap()).unwrap();
         let diff = max_abs_diff(&lq, &lf);
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         let cosine = dot(&lq, &lf) / (dot(&lq, &lq).sqrt() * dot(&lf, &lf).sqrt());
@@ -205,7 +205,7 @@ fn batched_decode_equals_one_sequence_at_a_time() {
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            let mut cache = model.new_cache();
+            let mut cache = model.new_cache().unwrap();
             let mut logits = model.forward(p, &mut cache).unwrap();
             (0..12)
                 .map(|_| {
@@ -217,7 +217,7 @@ fn batched_decode_equals_one_sequence_at_a_time() {
         })
         .collect();
     // Together: both prompts prefilled in one batch, then decoded side by side.
-    let (mut c0, mut c1) = (model.new_cache(), model.new_cache());
+    let (mut c0, mut c1) = (model.new_cache().unwrap(), model.new_cache().unwrap());
     let mut logits = model
         .forward_batch(&mut [(&prompts[0][..], &mut c0), (&prompts[1][..], &mut c1)])
         .unwrap();

@@ -13,6 +13,11 @@ fn randn(dims: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, dims, &candle_core::Device::Cpu).unwrap()
 }
 
+/// The same values as a Keel tensor on the CPU (shared storage, no copy).
+fn keel(t: &Tensor) -> keel_kernels::Tensor {
+    t.clone().into()
+}
+
 fn config<'a>(
     c: &'a mut Criterion,
     name: &str,
@@ -31,15 +36,16 @@ fn config<'a>(
 fn linear_bias_gelu(c: &mut Criterion) {
     let d = Device::cpu();
     let (x, w, b) = (randn(&[8, 128, 384]), randn(&[1536, 384]), randn(&[1536]));
-    let layer = Linear::new(Weight::Dense(w.clone()))
-        .with_bias(b.clone())
+    let layer = Linear::new(Weight::Dense(keel(&w)))
+        .with_bias(keel(&b))
         .with_activation(Activation::GeluErf);
     let mut g = config(c, "linear_bias_gelu_1024x384x1536", 1024 * 1536);
-    g.bench_function("keel", |bench| bench.iter(|| d.linear(&x, &layer).unwrap()));
+    let xk = keel(&x);
+    g.bench_function("keel", |bench| bench.iter(|| d.linear(&xk, &layer).unwrap()));
     // The same op on the gemm crate: Keel's path before its own GEMM (and on CPUs without AVX-512).
     set_dense_gemm(DenseGemm::GemmCrate);
     g.bench_function("keel_gemm_crate", |bench| {
-        bench.iter(|| d.linear(&x, &layer).unwrap())
+        bench.iter(|| d.linear(&xk, &layer).unwrap())
     });
     set_dense_gemm(DenseGemm::Auto);
     g.bench_function("candle", |bench| {
@@ -66,8 +72,9 @@ fn add_layer_norm(c: &mut Criterion) {
         randn(&[384]),
     );
     let mut g = config(c, "add_layer_norm_1024x384", 1024 * 384);
+    let (xk, rk, gk, bk) = (keel(&x), keel(&r), keel(&gamma), keel(&beta));
     g.bench_function("keel", |bench| {
-        bench.iter(|| d.add_layer_norm(&x, Some(&r), &gamma, &beta, 1e-12).unwrap())
+        bench.iter(|| d.add_layer_norm(&xk, Some(&rk), &gk, &bk, 1e-12).unwrap())
     });
     g.bench_function("candle", |bench| {
         bench.iter(|| candle_nn::ops::layer_norm(&(&x + &r).unwrap(), &gamma, &beta, 1e-12).unwrap())
@@ -82,8 +89,9 @@ fn encoder_attention(c: &mut Criterion) {
     let qkv = randn(&[batch, len, 3 * heads * hd]);
     let lengths = vec![len; batch];
     let mut g = config(c, "encoder_attention_8x128x12x32", (batch * len) as u64);
+    let qkvk = keel(&qkv);
     g.bench_function("keel", |bench| {
-        bench.iter(|| d.encoder_attention(&qkv, &lengths, heads).unwrap())
+        bench.iter(|| d.encoder_attention(&qkvk, &lengths, heads).unwrap())
     });
     g.bench_function("candle", |bench| {
         // candle-transformers' bert: split, transpose to [b, h, t, d], two matmuls, softmax.
@@ -129,7 +137,7 @@ fn quantized_linear(c: &mut Criterion) {
             &format!("q4_1_linear_{tokens}x576x3072"),
             (tokens * 3072 * 576) as u64,
         );
-        g.bench_with_input(BenchmarkId::new("keel", tokens), &x, |bench, x| {
+        g.bench_with_input(BenchmarkId::new("keel", tokens), &keel(&x), |bench, x| {
             bench.iter(|| d.linear(x, &layer).unwrap())
         });
         g.bench_with_input(BenchmarkId::new("candle", tokens), &x, |bench, x| {
@@ -144,7 +152,8 @@ fn swiglu(c: &mut Criterion) {
     let d = Device::cpu();
     let x = randn(&[64, 3072]);
     let mut g = config(c, "swiglu_64x1536", 64 * 1536);
-    g.bench_function("keel", |bench| bench.iter(|| d.swiglu(&x).unwrap()));
+    let xk = keel(&x);
+    g.bench_function("keel", |bench| bench.iter(|| d.swiglu(&xk).unwrap()));
     g.bench_function("candle", |bench| {
         bench.iter(|| {
             let gate = x.narrow(D::Minus1, 0, 1536).unwrap();
@@ -162,10 +171,10 @@ fn causal_attention(c: &mut Criterion) {
     let rope = Rope::new(hd, 100_000.0, 1024);
     let mut cache = KvCache::new(1, kv_heads, hd);
     let prompt = randn(&[past, (heads + 2 * kv_heads) * hd]);
-    d.causal_attention(&prompt, heads, kv_heads, &rope, &mut cache, 0)
+    d.causal_attention(&keel(&prompt), heads, kv_heads, &rope, &mut cache, 0)
         .unwrap();
     cache.commit(past);
-    let step = randn(&[1, (heads + 2 * kv_heads) * hd]);
+    let step = keel(&randn(&[1, (heads + 2 * kv_heads) * hd]));
     let (k, v) = (
         randn(&[1, kv_heads, past + 1, hd]),
         randn(&[1, kv_heads, past + 1, hd]),

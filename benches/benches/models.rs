@@ -73,7 +73,7 @@ fn smollm2_decode(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 let mut done = 0;
                 while done < iters {
-                    let mut cache = model.new_cache();
+                    let mut cache = model.new_cache().unwrap();
                     let mut next = model.forward(&prompt, &mut cache).unwrap();
                     let steps = (iters - done).min(128);
                     let start = Instant::now();

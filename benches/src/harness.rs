@@ -15,7 +15,7 @@
 
 use clap::{Args as ClapArgs, ValueEnum};
 use keel::{CacheConfig, Engine, GenerateParams, Request, SchedulerConfig};
-use keel_kernels::{Device, Linear, Tensor, Weight};
+use keel_kernels::{candle_core, Device, DeviceKind, Linear, Tensor, Weight};
 use keel_models::bert::{EncoderFiles, SentenceEncoder};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -65,6 +65,9 @@ pub struct Args {
     /// Seconds per measured point (load levels, batch sizes).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// The device: cpu or wgpu (`KEEL_WGPU_ADAPTER` picks a wgpu adapter by name).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
 }
 
 /// Runs a scenario: prints its table or JSON, writes its files.
@@ -72,16 +75,25 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let model = args.model.clone().unwrap_or_else(|| default_model(args.scenario));
     let budget = Duration::from_secs_f64(args.seconds.max(0.2));
     let progress = Progress::new(args.scenario.name());
+    let device = Device::new(args.device).map_err(|e| e.to_string())?;
+    let d = &device;
     let mut result = match args.scenario {
-        Scenario::MinilmThroughput => minilm_throughput(&model, budget, &progress),
-        Scenario::MinilmLoad => minilm_load(&model, budget, &progress, &args.out),
-        Scenario::Smollm2 => smollm2(&model, &progress),
-        Scenario::Cache => cache(&model, &progress),
+        Scenario::MinilmThroughput => minilm_throughput(d, &model, budget, &progress),
+        Scenario::MinilmLoad => minilm_load(d, &model, budget, &progress, &args.out),
+        Scenario::Smollm2 => smollm2(d, &model, &progress),
+        Scenario::Cache => cache(d, &model, &progress),
     }
     .map_err(|e| e.to_string())?;
     progress.done();
     result["scenario"] = json!(args.scenario.name());
     result["machine"] = machine();
+    result["device"] = json!(device.caps().name);
+    let stats = device.stats();
+    result["device_stats"] = json!({
+        "buffers_created": stats.buffers_created,
+        "submits": stats.submits,
+        "dispatches": stats.dispatches,
+    });
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let file = args.out.join(format!("{}.json", args.scenario.name()));
     std::fs::write(&file, serde_json::to_string_pretty(&result).unwrap_or_default())
@@ -180,27 +192,35 @@ fn minilm_flops(len: usize) -> f64 {
 
 /// This machine's f32 matmul rate, through the same `linear` op the models use: best of a few
 /// runs of shapes like MiniLM's largest products.
-fn matmul_peak() -> Res<f64> {
-    let device = Device::cpu();
+fn matmul_peak(device: &Device) -> Res<f64> {
     let mut best: f64 = 0.0;
     for (m, n, k) in [(4096, 1536, 384), (4096, 384, 1536), (1024, 1024, 1024)] {
-        let x = Tensor::randn(0f32, 1f32, (m, k), device.candle())?;
-        let w = Tensor::randn(0f32, 1f32, (n, k), device.candle())?;
-        let layer = Linear::new(Weight::Dense(w));
+        let random = |rows, cols| -> Res<Tensor> {
+            let host = candle_core::Tensor::randn(0f32, 1f32, (rows, cols), &candle_core::Device::Cpu)?;
+            Ok(device.upload(&host.into())?)
+        };
+        let x = random(m, k)?;
+        let layer = device.upload_linear(&Linear::new(Weight::Dense(random(n, k)?)))?;
         device.linear(&x, &layer)?;
+        device.synchronize()?;
         for _ in 0..5 {
             let t = Instant::now();
             device.linear(&x, &layer)?;
+            // A GPU only records the product; wait for it to run.
+            device.synchronize()?;
             best = best.max(2.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
     }
     Ok(best)
 }
 
-fn minilm_throughput(model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
+fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
     p.step("matmul peak");
-    let peak = matmul_peak()?;
-    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
+    let peak = matmul_peak(device)?;
+    let engine = Engine::builder()
+        .on(device.clone())
+        .caches(CacheConfig::off())
+        .build()?;
     let id = engine.load(model)?.to_string();
     let bare = SentenceEncoder::load(
         &EncoderFiles {
@@ -210,7 +230,7 @@ fn minilm_throughput(model: &Path, budget: Duration, p: &Progress) -> Res<Value>
             max_tokens: None,
         },
         keel::WeightPath::default(),
-        &Device::cpu(),
+        device,
     )?;
     // "hello" is one token: 126 of them plus [CLS] and [SEP] make exactly 128.
     let text = "hello ".repeat(126);
@@ -221,6 +241,9 @@ fn minilm_throughput(model: &Path, budget: Duration, p: &Progress) -> Res<Value>
         let texts = vec![text.as_str(); batch];
         let ids = bare.tokenize(&texts)?;
         engine.embed(&id, &texts)?;
+        bare.embed_ids(&ids)?;
+        // After that warm-up, the steady state must create no device buffer.
+        let before = device.stats().buffers_created;
         // Interleaved, so that both see the same machine noise.
         let (mut through, mut direct) = (Vec::new(), Vec::new());
         let start = Instant::now();
@@ -243,6 +266,7 @@ fn minilm_throughput(model: &Path, budget: Duration, p: &Progress) -> Res<Value>
             "bare_model_ms_per_batch": d * 1e3,
             "scheduler_overhead_pct": (t - d) / d * 100.0,
             "runs": through.len(),
+            "buffers_created_after_warmup": device.stats().buffers_created - before,
         }));
     }
     Ok(
@@ -377,15 +401,17 @@ fn load_point(
     }
 }
 
-fn minilm_load(model: &Path, budget: Duration, p: &Progress, out: &Path) -> Res<Value> {
+fn minilm_load(device: &Device, model: &Path, budget: Duration, p: &Progress, out: &Path) -> Res<Value> {
     let corpus = Arc::new(corpus());
     let delay = Duration::from_millis(5);
     let batched = Engine::builder()
+        .on(device.clone())
         .caches(CacheConfig::off())
         .scheduler(SchedulerConfig::default().max_queue_delay(delay))
         .build()?;
     let id = batched.load(model)?.to_string();
     let single = Engine::builder()
+        .on(device.clone())
         .caches(CacheConfig::off())
         .scheduler(SchedulerConfig::default().unbatched())
         .build()?;
@@ -505,8 +531,9 @@ fn timed_stream(engine: &Engine, id: &str, prompt: &str, params: &GenerateParams
     Ok((first.unwrap_or(f64::NAN), later))
 }
 
-fn smollm2(model: &Path, p: &Progress) -> Res<Value> {
+fn smollm2(device: &Device, model: &Path, p: &Progress) -> Res<Value> {
     let engine = Engine::builder()
+        .on(device.clone())
         .caches(CacheConfig::off())
         .scheduler(SchedulerConfig::default().max_streams(8))
         .build()?;
@@ -585,6 +612,7 @@ fn smollm2(model: &Path, p: &Progress) -> Res<Value> {
                   in the customer's language, and never invent tracking numbers. "
         .repeat(7);
     let cached = Engine::builder()
+        .on(device.clone())
         .scheduler(SchedulerConfig::default().max_streams(8))
         .build()?;
     cached.load(model)?;
@@ -639,8 +667,8 @@ fn engine_detok_prefix(engine: &Engine, id: &str, text: &str, ids: &[u32], n: us
     Ok(words[..lo].join(" "))
 }
 
-fn cache(model: &Path, p: &Progress) -> Res<Value> {
-    let engine = Engine::builder().build()?;
+fn cache(device: &Device, model: &Path, p: &Progress) -> Res<Value> {
+    let engine = Engine::builder().on(device.clone()).build()?;
     let id = engine.load(model)?.to_string();
     let text = "Where can I find the invoice for my last order?";
     p.step("computed answers");

@@ -106,10 +106,10 @@ fn inspect_shows_architecture_tensors_and_sha256() {
 
 #[test]
 fn errors_are_messages_and_exit_codes_not_panics() {
-    let out = keel(&["--device", "wgpu", "embed", "--model", "/nowhere", "x"]);
+    let out = keel(&["--device", "cuda", "embed", "--model", "/nowhere", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no such device: wgpu"), "{err}");
+    assert!(err.contains("no such device: cuda"), "{err}");
     assert!(!err.contains("panicked"));
 
     let out = keel(&["embed", "--model", "/nowhere", "x"]);

@@ -19,7 +19,8 @@ pub type keel_device = u32;
 pub const KEEL_DEVICE_BEST: keel_device = 0;
 /// The host CPU.
 pub const KEEL_DEVICE_CPU: keel_device = 1;
-/// A GPU through wgpu (Vulkan, Metal, DX12). Not compiled into this build yet: KEEL_ERR_NO_DEVICE.
+/// A GPU through wgpu (Vulkan, Metal, DX12); `KEEL_WGPU_ADAPTER` picks an adapter by name.
+/// KEEL_ERR_NO_DEVICE where there is no adapter.
 pub const KEEL_DEVICE_WGPU: keel_device = 2;
 /// An NVIDIA GPU through CUDA. Not compiled into this build yet: KEEL_ERR_NO_DEVICE.
 pub const KEEL_DEVICE_CUDA: keel_device = 3;

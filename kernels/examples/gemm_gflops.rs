@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo run --release -p keel-kernels --example gemm_gflops [tokens] [rounds]`.
 
-use keel_kernels::{set_dense_gemm, Activation, DenseGemm, Device, Linear, Tensor, Weight};
+use keel_kernels::candle_core::Tensor;
+use keel_kernels::{set_dense_gemm, Activation, DenseGemm, Device, Linear, Weight};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -29,10 +30,12 @@ fn main() {
         (1536, 384, Activation::GeluErf),
         (384, 1536, Activation::None),
     ] {
-        let x = Tensor::randn(0f32, 1.0, &[tokens, k], cpu).unwrap();
+        let x: keel_kernels::Tensor = Tensor::randn(0f32, 1.0, &[tokens, k], cpu).unwrap().into();
         let w = Tensor::randn(0f32, 1.0, &[n, k], cpu).unwrap();
         let b = Tensor::randn(0f32, 1.0, &[n], cpu).unwrap();
-        let layer = Linear::new(Weight::Dense(w)).with_bias(b).with_activation(act);
+        let layer = Linear::new(Weight::Dense(w.into()))
+            .with_bias(b.into())
+            .with_activation(act);
         let flops = 2.0 * (tokens * n * k) as f64;
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for round in 0..=rounds {

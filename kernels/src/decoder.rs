@@ -1,5 +1,8 @@
 //! State a decoder keeps between steps: rotary tables and the KV cache.
 
+use crate::wgpu::{GpuKv, GpuTensor};
+use std::sync::OnceLock;
+
 /// cos and sin of every position's rotation angles, `[positions][head_dim / 2]`, computed in f32
 /// the way transformers computes them, so that both round alike.
 #[derive(Debug, Clone)]
@@ -7,6 +10,8 @@ pub struct Rope {
     pub(crate) half: usize,
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
+    /// The tables uploaded to a wgpu device, on first use there.
+    pub(crate) gpu: OnceLock<(GpuTensor, GpuTensor)>,
 }
 
 impl Rope {
@@ -25,7 +30,12 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        Self { half, cos, sin }
+        Self {
+            half,
+            cos,
+            sin,
+            gpu: OnceLock::new(),
+        }
     }
 
     /// Positions covered.
@@ -49,24 +59,64 @@ impl Rope {
 }
 
 /// The keys and values a sequence has seen, per layer, stored token-major
-/// (`[token][kv_heads * head_dim]`) so that a step appends in place. Each sequence owns one;
-/// dropping it frees its memory.
-#[derive(Debug, Clone)]
+/// (`[token][kv_heads * head_dim]`) so that a step appends in place, on the device that runs the
+/// model ([`crate::Device::new_kv_cache`]). Each sequence owns one; dropping it frees its memory.
+#[derive(Debug)]
 pub struct KvCache {
-    pub(crate) keys: Vec<Vec<f32>>,
-    pub(crate) values: Vec<Vec<f32>>,
+    pub(crate) store: KvStore,
     pub(crate) width: usize,
     len: usize,
 }
 
-impl KvCache {
-    /// An empty cache for `layers` layers of `kv_heads * head_dim` values per token.
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+#[derive(Debug)]
+pub(crate) enum KvStore {
+    Host {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    Wgpu(GpuKv),
+}
+
+impl Clone for KvCache {
+    /// A copy of the committed tokens (on a GPU, a copy recorded on the device).
+    fn clone(&self) -> Self {
+        let store = match &self.store {
+            KvStore::Host { keys, values } => KvStore::Host {
+                keys: keys.clone(),
+                values: values.clone(),
+            },
+            KvStore::Wgpu(kv) => KvStore::Wgpu(kv.duplicate(self.len * self.width)),
+        };
         Self {
-            keys: vec![Vec::new(); layers],
-            values: vec![Vec::new(); layers],
-            width: kv_heads * head_dim,
-            len: 0,
+            store,
+            width: self.width,
+            len: self.len,
+        }
+    }
+}
+
+impl KvCache {
+    /// An empty cache in host memory (the CPU's) for `layers` layers of `kv_heads * head_dim`
+    /// values per token.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self::on_device(
+            KvStore::Host {
+                keys: vec![Vec::new(); layers],
+                values: vec![Vec::new(); layers],
+            },
+            kv_heads * head_dim,
+        )
+    }
+
+    pub(crate) fn on_device(store: KvStore, width: usize) -> Self {
+        Self { store, width, len: 0 }
+    }
+
+    /// Layers held.
+    pub fn layers(&self) -> usize {
+        match &self.store {
+            KvStore::Host { keys, .. } => keys.len(),
+            KvStore::Wgpu(kv) => kv.layers(),
         }
     }
 
@@ -82,20 +132,21 @@ impl KvCache {
 
     /// Bytes held, allocated capacity included.
     pub fn bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|v| v.capacity() * 4)
-            .sum()
+        match &self.store {
+            KvStore::Host { keys, values } => keys.iter().chain(values).map(|v| v.capacity() * 4).sum(),
+            KvStore::Wgpu(kv) => kv.bytes(),
+        }
     }
 
     /// Drops whatever a step appended past the committed length (after a failed step).
     pub fn rollback(&mut self) {
         let keep = self.len * self.width;
-        self.keys
-            .iter_mut()
-            .chain(self.values.iter_mut())
-            .for_each(|v| v.truncate(keep));
+        if let KvStore::Host { keys, values } = &mut self.store {
+            keys.iter_mut()
+                .chain(values.iter_mut())
+                .for_each(|v| v.truncate(keep));
+        }
+        // On a device, rows past the committed length are simply overwritten by the next step.
     }
 
     /// Marks `tokens` more tokens as held, once every layer has appended them.

@@ -1,4 +1,6 @@
 use crate::decoder::{KvCache, Rope};
+use crate::tensor::Repr;
+use crate::wgpu::{DeviceStats, Wgpu};
 use crate::{cpu::Cpu, Error, Linear, Result, Tensor};
 use std::fmt;
 use std::str::FromStr;
@@ -61,6 +63,8 @@ pub enum Op {
     L2Normalize,
     /// [`Device::add`].
     Add,
+    /// [`Device::rows`] and [`Device::concat_rows`].
+    Rows,
 }
 
 /// What a device is and can do.
@@ -72,6 +76,31 @@ pub struct Caps {
     pub name: String,
     /// Whether quantized (Q4_1, Q8_0) weights can be multiplied without dequantizing them.
     pub quantized_matmul: bool,
+    /// Whether a GPU API runs on the host CPU here (a software driver such as Mesa's lavapipe):
+    /// it works, but it is no faster than the CPU backend.
+    pub emulated: bool,
+}
+
+/// How to open the wgpu backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WgpuOptions {
+    /// The first adapter whose name contains this (case-insensitive); None: the preferred kind
+    /// (discrete GPU, integrated GPU, then a CPU adapter such as Mesa's lavapipe).
+    pub adapter: Option<String>,
+    /// Keep dense weights as f16 on the device (half the memory and bandwidth; products still
+    /// add in f32). Off by default: the f32 weights give the CPU's numbers to ~1e-6.
+    pub f16_weights: bool,
+}
+
+impl WgpuOptions {
+    /// The options the environment sets: `KEEL_WGPU_ADAPTER=name`, `KEEL_WGPU_F16_WEIGHTS=1`.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            adapter: var("KEEL_WGPU_ADAPTER"),
+            f16_weights: var("KEEL_WGPU_F16_WEIGHTS").is_some_and(|v| v != "0"),
+        }
+    }
 }
 
 /// A compute device and the op set on it. Cheap to clone; safe to share between threads.
@@ -83,40 +112,63 @@ pub struct Device {
 #[derive(Debug, Clone)]
 enum Backend {
     Cpu(Cpu),
+    Wgpu(Wgpu),
+}
+
+fn host(t: candle_core::Tensor) -> Tensor {
+    Tensor(Repr::Cpu(t))
 }
 
 impl Device {
     /// The host CPU.
     pub fn cpu() -> Self {
         Self {
-            backend: Backend::Cpu(Cpu::new()),
+            backend: Backend::Cpu(Cpu),
         }
     }
 
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.
+    /// For wgpu, the environment sets the options ([`WgpuOptions::from_env`]).
     pub fn new(kind: DeviceKind) -> Result<Self> {
         match kind {
             DeviceKind::Cpu => Ok(Self::cpu()),
-            // Their backends land in their own issues; until then this build has none.
-            DeviceKind::Wgpu | DeviceKind::Cuda => Err(Error::NoSuchDevice {
+            DeviceKind::Wgpu => Self::wgpu(&WgpuOptions::from_env()),
+            // Its backend lands in its own issue; until then this build has none.
+            DeviceKind::Cuda => Err(Error::NoSuchDevice {
                 kind,
                 reason: format!("the {kind} backend is not compiled into this build of Keel"),
             }),
         }
     }
 
-    /// The fastest device available: CUDA, then wgpu, then the CPU (which always exists).
+    /// A wgpu adapter chosen and set up by `options` (see [`WgpuOptions`]).
+    pub fn wgpu(options: &WgpuOptions) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::Wgpu(Wgpu::open(options)?),
+        })
+    }
+
+    /// The fastest device available: CUDA, then wgpu on a real GPU, then the CPU (which always
+    /// exists). A wgpu adapter that runs on the CPU itself (lavapipe) is not faster than Keel's
+    /// own CPU kernels, so it is never picked here.
     pub fn best() -> Self {
-        [DeviceKind::Cuda, DeviceKind::Wgpu]
-            .into_iter()
-            .find_map(|kind| Self::new(kind).ok())
-            .unwrap_or_else(Self::cpu)
+        // Probing opens the graphics drivers: once per process, then every engine shares it.
+        static BEST: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+        BEST.get_or_init(|| {
+            [DeviceKind::Cuda, DeviceKind::Wgpu]
+                .into_iter()
+                .filter_map(|kind| Self::new(kind).ok())
+                .find(|d| !d.caps().emulated)
+                .unwrap_or_else(Self::cpu)
+        })
+        .clone()
     }
 
     /// What this device is and can do.
     pub fn caps(&self) -> Caps {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.caps(),
+            Backend::Cpu(b) => b.caps(),
+            Backend::Wgpu(b) => b.caps(),
         }
     }
 
@@ -124,6 +176,15 @@ impl Device {
     pub fn supports(&self, op: Op) -> bool {
         match &self.backend {
             Backend::Cpu(_) => Cpu::supports(op),
+            Backend::Wgpu(_) => Wgpu::supports(op),
+        }
+    }
+
+    /// Counters of the device's resources (all zero on the CPU, which has no buffers of its own).
+    pub fn stats(&self) -> DeviceStats {
+        match &self.backend {
+            Backend::Cpu(_) => DeviceStats::default(),
+            Backend::Wgpu(b) => b.stats(),
         }
     }
 
@@ -131,20 +192,68 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match &self.backend {
             Backend::Cpu(_) => Ok(()),
+            Backend::Wgpu(b) => b.synchronize(),
         }
     }
 
-    /// The candle device that holds this backend's tensors (where weights are loaded).
-    pub fn candle(&self) -> &candle_core::Device {
+    /// `t` on this device: weights once at load, inputs once per request. On the CPU a host
+    /// tensor is used where it lies.
+    pub fn upload(&self, t: &Tensor) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.candle(),
+            Backend::Cpu(_) => Ok(host(t.to_host()?)),
+            Backend::Wgpu(b) => b.upload(t),
+        }
+    }
+
+    /// A layer with its weight and bias on this device, in the format its kernels take
+    /// (block-quantized weights stay quantized; formats a device has no kernel for are
+    /// dequantized to f32).
+    pub fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
+        match &self.backend {
+            Backend::Cpu(_) => Ok(layer.clone()),
+            Backend::Wgpu(b) => b.upload_linear(layer),
+        }
+    }
+
+    /// An f32 tensor of `dims` on this device.
+    pub fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        check_len(data.len(), dims)?;
+        match &self.backend {
+            Backend::Cpu(_) => Ok(host(candle_core::Tensor::from_slice(
+                data,
+                dims,
+                &candle_core::Device::Cpu,
+            )?)),
+            Backend::Wgpu(b) => b.tensor_f32(data, dims),
+        }
+    }
+
+    /// A u32 tensor (token ids) of `dims` on this device.
+    pub fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
+        check_len(data.len(), dims)?;
+        match &self.backend {
+            Backend::Cpu(_) => Ok(host(candle_core::Tensor::from_slice(
+                data,
+                dims,
+                &candle_core::Device::Cpu,
+            )?)),
+            Backend::Wgpu(b) => b.tensor_u32(data, dims),
+        }
+    }
+
+    /// An empty KV cache on this device for a decoder of `layers` layers.
+    pub fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
+        match &self.backend {
+            Backend::Cpu(_) => Ok(KvCache::new(layers, kv_heads, head_dim)),
+            Backend::Wgpu(b) => b.new_kv_cache(layers, kv_heads, head_dim),
         }
     }
 
     /// `activation(x W^T + b)` over the last dimension of `x`.
     pub fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.linear(x, layer),
+            Backend::Cpu(b) => b.linear(x.cpu("linear")?, layer).map(host),
+            Backend::Wgpu(b) => b.linear(x, layer),
         }
     }
 
@@ -157,8 +266,18 @@ impl Device {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor> {
+        const OP: &str = "add_layer_norm";
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.add_layer_norm(x, residual, gamma, beta, eps),
+            Backend::Cpu(b) => b
+                .add_layer_norm(
+                    x.cpu(OP)?,
+                    residual.map(|r| r.cpu(OP)).transpose()?,
+                    gamma.cpu(OP)?,
+                    beta.cpu(OP)?,
+                    eps,
+                )
+                .map(host),
+            Backend::Wgpu(b) => b.add_layer_norm(x, residual, gamma, beta, eps),
         }
     }
 
@@ -171,8 +290,18 @@ impl Device {
         gamma: &Tensor,
         eps: f32,
     ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "rms_norm";
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.add_rms_norm(x, residual, gamma, eps),
+            Backend::Cpu(b) => {
+                let (sum, normed) = b.add_rms_norm(
+                    x.cpu(OP)?,
+                    residual.map(|r| r.cpu(OP)).transpose()?,
+                    gamma.cpu(OP)?,
+                    eps,
+                )?;
+                Ok((host(sum), host(normed)))
+            }
+            Backend::Wgpu(b) => b.add_rms_norm(x, residual, gamma, eps),
         }
     }
 
@@ -184,7 +313,10 @@ impl Device {
     /// `[batch, len, heads * head_dim]`, zero on padding rows.
     pub fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.encoder_attention(qkv, lengths, heads),
+            Backend::Cpu(b) => b
+                .encoder_attention(qkv.cpu("attention")?, lengths, heads)
+                .map(host),
+            Backend::Wgpu(b) => b.encoder_attention(qkv, lengths, heads),
         }
     }
 
@@ -204,7 +336,10 @@ impl Device {
         layer: usize,
     ) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
+            Backend::Cpu(b) => b
+                .causal_attention(qkv.cpu("attention")?, heads, kv_heads, rope, cache, layer)
+                .map(host),
+            Backend::Wgpu(b) => b.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
         }
     }
 
@@ -212,37 +347,76 @@ impl Device {
     /// projection); the result is half as wide.
     pub fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.swiglu(x),
+            Backend::Cpu(b) => b.swiglu(x.cpu("swiglu")?).map(host),
+            Backend::Wgpu(b) => b.swiglu(x),
         }
     }
 
     /// Rows of `table` gathered by `ids` (any shape of u32): the result has shape
     /// `ids.shape() + [table.dim(1)]`.
     pub fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        const OP: &str = "embedding";
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.embedding(table, ids),
+            Backend::Cpu(b) => b.embedding(table.cpu(OP)?, ids.cpu(OP)?).map(host),
+            Backend::Wgpu(b) => b.embedding(table, ids),
         }
     }
 
     /// The mean of `hidden` (`[batch, len, dim]`) over the positions where `mask` (`[batch, len]`,
     /// 1.0 or 0.0) is set.
     pub fn mean_pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        const OP: &str = "mean_pool";
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.mean_pool(hidden, mask),
+            Backend::Cpu(b) => b.mean_pool(hidden.cpu(OP)?, mask.cpu(OP)?).map(host),
+            Backend::Wgpu(b) => b.mean_pool(hidden, mask),
         }
     }
 
     /// Each row of `x` divided by its L2 norm (at least 1e-12, like PyTorch's `F.normalize`).
     pub fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.l2_normalize(x),
+            Backend::Cpu(b) => b.l2_normalize(x.cpu("l2_normalize")?).map(host),
+            Backend::Wgpu(b) => b.l2_normalize(x),
         }
     }
 
-    /// `a + b` with broadcasting.
+    /// `a + b`, with `b` broadcast over the leading dimensions of `a`.
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         match &self.backend {
-            Backend::Cpu(cpu) => cpu.add(a, b),
+            Backend::Cpu(d) => d.add(a.cpu("add")?, b.cpu("add")?).map(host),
+            Backend::Wgpu(d) => d.add(a, b),
         }
     }
+
+    /// Rows `start..start + len` of `x` (along its first dimension).
+    pub fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        match &self.backend {
+            Backend::Cpu(b) => b.rows(x.cpu("rows")?, start, len).map(host),
+            Backend::Wgpu(b) => b.rows(x, start, len),
+        }
+    }
+
+    /// The tensors one after another along the first dimension.
+    pub fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
+        match &self.backend {
+            Backend::Cpu(b) => {
+                let parts = parts
+                    .iter()
+                    .map(|p| p.cpu("concat_rows"))
+                    .collect::<Result<Vec<_>>>()?;
+                b.concat_rows(&parts).map(host)
+            }
+            Backend::Wgpu(b) => b.concat_rows(parts),
+        }
+    }
+}
+
+fn check_len(len: usize, dims: &[usize]) -> Result<()> {
+    if dims.iter().product::<usize>() != len {
+        return Err(Error::BadOperands {
+            op: "tensor",
+            reason: format!("{len} values do not fill a tensor of shape {dims:?}"),
+        });
+    }
+    Ok(())
 }

@@ -27,6 +27,14 @@ pub enum Error {
         /// What is wrong with them.
         reason: String,
     },
+    /// The device failed while running work (a driver error, lost device, out of memory).
+    #[error("{kind} device error: {message}")]
+    Backend {
+        /// The backend.
+        kind: DeviceKind,
+        /// What the driver said.
+        message: String,
+    },
     /// An error raised by the tensor library underneath (candle).
     #[error("compute error: {0}")]
     Compute(#[from] candle_core::Error),

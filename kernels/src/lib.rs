@@ -20,15 +20,19 @@ mod decoder;
 mod device;
 mod error;
 mod linear;
+mod tensor;
+mod wgpu;
 
-pub use candle_core::{DType, Tensor};
+pub use candle_core::DType;
 pub use cpu::gemm::{set_dense_gemm, DenseGemm};
 pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use decoder::{KvCache, Rope};
-pub use device::{Caps, Device, DeviceKind, Op};
+pub use device::{Caps, Device, DeviceKind, Op, WgpuOptions};
 pub use error::{Error, Result};
-pub use linear::{Activation, Linear, Weight};
+pub use linear::{Activation, Linear, PackedCache, Weight};
+pub use tensor::Tensor;
+pub use wgpu::{DeviceStats, GpuQuantMatrix};
 
 /// Re-exported so that model code can name candle types (shapes, quantized tensors) without a
 /// dependency of its own that could drift from ours.

@@ -1,9 +1,9 @@
 use crate::cpu::gemm::PackedF32;
 use crate::cpu::int8::Int8Matrix;
 use crate::cpu::quant::{QuantKind, QuantMatrix};
+use crate::{GpuQuantMatrix, Tensor};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::Tensor;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// The weight of a linear layer, `[out_features, in_features]` like PyTorch's `nn.Linear`.
 #[derive(Debug, Clone)]
@@ -17,6 +17,8 @@ pub enum Weight {
     Ggml(Arc<QTensor>),
     /// An f32 matrix quantized at load to int8 per output channel (the encoder's int8 path).
     Int8(Arc<Int8Matrix>),
+    /// A Q4_1 or Q8_0 matrix on a wgpu device ([`crate::Device::upload_linear`]).
+    GpuQuantized(Arc<GpuQuantMatrix>),
 }
 
 impl Weight {
@@ -34,7 +36,7 @@ impl Weight {
             GgmlDType::Q4_1 => QuantKind::Q4_1,
             GgmlDType::Q8_0 => QuantKind::Q8_0,
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                return Ok(Weight::Dense(q.dequantize(&q.device())?))
+                return Ok(Weight::Dense(q.dequantize(&q.device())?.into()))
             }
             _ => return Ok(Weight::Ggml(Arc::new(q))),
         };
@@ -53,7 +55,7 @@ impl Weight {
         Ok(match self {
             Weight::Dense(t) => {
                 let (rows, cols) = self.dims();
-                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let values = t.to_host()?.flatten_all()?.to_vec1::<f32>()?;
                 Weight::Int8(Arc::new(Int8Matrix::quantize(&values, rows, cols)))
             }
             other => other.clone(),
@@ -73,25 +75,28 @@ impl Weight {
                 let d = q.shape().dims();
                 (d[0], d[d.len() - 1])
             }
+            Weight::GpuQuantized(q) => q.dims(),
         }
     }
 
-    /// The same weight as a plain f32 matrix (the reference path for quantized models).
+    /// The same weight as a plain f32 matrix in host memory (the reference path for quantized
+    /// models); load-time formats only, not one already on a GPU.
     pub fn dequantized(&self) -> crate::Result<Weight> {
-        Ok(match self {
-            Weight::Dense(t) => Weight::Dense(t.clone()),
-            Weight::Quantized(q) => Weight::Dense(Tensor::from_vec(
-                q.dequantize(),
-                q.dims(),
-                &candle_core::Device::Cpu,
-            )?),
-            Weight::Ggml(q) => Weight::Dense(q.dequantize(&q.device())?),
-            Weight::Int8(q) => Weight::Dense(Tensor::from_vec(
-                q.dequantize(),
-                q.dims(),
-                &candle_core::Device::Cpu,
-            )?),
-        })
+        let host = |values: Vec<f32>, dims: (usize, usize)| -> crate::Result<Weight> {
+            Ok(Weight::Dense(
+                candle_core::Tensor::from_vec(values, dims, &candle_core::Device::Cpu)?.into(),
+            ))
+        };
+        match self {
+            Weight::Dense(t) => Ok(Weight::Dense(t.clone())),
+            Weight::Quantized(q) => host(q.dequantize(), q.dims()),
+            Weight::Ggml(q) => Ok(Weight::Dense(q.dequantize(&q.device())?.into())),
+            Weight::Int8(q) => host(q.dequantize(), q.dims()),
+            Weight::GpuQuantized(_) => Err(crate::Error::BadOperands {
+                op: "linear",
+                reason: "a weight on a GPU is dequantized before it is uploaded, not after".into(),
+            }),
+        }
     }
 }
 
@@ -116,32 +121,47 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The activation applied last.
     pub activation: Activation,
-    /// The CPU backend's packed form of a dense weight, made on first use.
-    pub(crate) packed: Packed,
+    /// The CPU backend's packed form of a dense weight, made on first use (empty until then;
+    /// `Default::default()` when a layer is built field by field). It remembers which tensor it
+    /// was packed from, so a layer copied with another `weight` (`Linear { weight, ..layer }`)
+    /// repacks instead of multiplying by stale panels.
+    pub packed: PackedCache,
 }
 
-/// A dense weight packed for the CPU's own GEMM once, on the first product, with the id of the
-/// tensor it came from: a `weight` replaced later is never multiplied by stale panels.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Packed(OnceLock<(candle_core::TensorId, Arc<PackedF32>)>);
+/// A dense weight packed for the CPU's own AVX-512 GEMM on the first product, with the id of
+/// the candle tensor it came from. Clones share the panels.
+#[derive(Debug, Default)]
+pub struct PackedCache(Mutex<Option<(candle_core::TensorId, Arc<PackedF32>)>>);
 
-impl Packed {
-    /// The packed form of `w` (`[n, k]`), packing it on the first call (`None` if this cache
-    /// holds another tensor's panels).
+impl Clone for PackedCache {
+    fn clone(&self) -> Self {
+        PackedCache(Mutex::new(self.slot().clone()))
+    }
+}
+
+impl PackedCache {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(candle_core::TensorId, Arc<PackedF32>)>> {
+        // The slot only ever holds a complete value: a panic elsewhere leaves it usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The packed form of `w` (`[n, k]`), packing it on the first call and again whenever the
+    /// cache holds another tensor's panels.
     pub(crate) fn get(
         &self,
-        w: &Tensor,
+        w: &candle_core::Tensor,
         pack: impl FnOnce() -> crate::Result<PackedF32>,
-    ) -> crate::Result<Option<&PackedF32>> {
-        let (id, packed) = match self.0.get() {
-            Some(hit) => hit,
-            None => {
-                let packed = Arc::new(pack()?);
-                // Two threads may pack at once; one result is kept (they are equal).
-                self.0.get_or_init(|| (w.id(), packed))
+    ) -> crate::Result<Arc<PackedF32>> {
+        if let Some((id, packed)) = self.slot().as_ref() {
+            if *id == w.id() {
+                return Ok(packed.clone());
             }
-        };
-        Ok((*id == w.id()).then_some(packed.as_ref()))
+        }
+        // Packed outside the lock; two threads may pack at once and one result is kept (they
+        // are equal).
+        let packed = Arc::new(pack()?);
+        *self.slot() = Some((w.id(), packed.clone()));
+        Ok(packed)
     }
 }
 
@@ -152,7 +172,7 @@ impl Linear {
             weight,
             bias: None,
             activation: Activation::None,
-            packed: Packed::default(),
+            packed: PackedCache::default(),
         }
     }
 
@@ -160,7 +180,7 @@ impl Linear {
     pub fn with_weight(self, weight: Weight) -> Self {
         Self {
             weight,
-            packed: Packed::default(),
+            packed: PackedCache::default(),
             ..self
         }
     }
@@ -190,11 +210,11 @@ impl Linear {
                 let parts = layers
                     .iter()
                     .map(|l| match &l.weight {
-                        Weight::Dense(t) => Ok(t.clone()),
+                        Weight::Dense(t) => t.to_host(),
                         _ => Err(bad("cannot stack dense with quantized weights")),
                     })
                     .collect::<crate::Result<Vec<_>>>()?;
-                Weight::Dense(Tensor::cat(&parts, 0)?)
+                Weight::Dense(candle_core::Tensor::cat(&parts, 0)?.into())
             }
             Weight::Quantized(_) => {
                 let parts = layers
@@ -208,20 +228,27 @@ impl Linear {
                     .ok_or_else(|| bad("quantized weights differ in format or width"))?;
                 Weight::Quantized(Arc::new(stacked))
             }
-            Weight::Ggml(_) | Weight::Int8(_) => return Err(bad("stack dense weights, then quantize")),
+            Weight::Ggml(_) | Weight::Int8(_) | Weight::GpuQuantized(_) => {
+                return Err(bad(
+                    "stack weights on the host before quantizing or uploading them",
+                ))
+            }
         };
         let bias = match first.bias {
-            Some(_) => Some(Tensor::cat(
-                &layers.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(),
-                0,
-            )?),
+            Some(_) => {
+                let parts = layers
+                    .iter()
+                    .filter_map(|l| l.bias.as_ref().map(Tensor::to_host))
+                    .collect::<crate::Result<Vec<_>>>()?;
+                Some(candle_core::Tensor::cat(&parts, 0)?.into())
+            }
             None => None,
         };
         Ok(Linear {
             weight,
             bias,
             activation: first.activation,
-            packed: Packed::default(),
+            packed: PackedCache::default(),
         })
     }
 
@@ -229,5 +256,35 @@ impl Linear {
     pub fn with_activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let values = (0..rows * cols).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+        candle_core::Tensor::from_vec(values, (rows, cols), &candle_core::Device::Cpu)
+            .unwrap()
+            .into()
+    }
+
+    #[test]
+    fn a_layer_copied_with_another_weight_does_not_use_the_old_panels() {
+        let d = crate::Device::cpu();
+        let x = matrix(5, 32, 0.5);
+        let layer = Linear::new(Weight::Dense(matrix(48, 32, 1.0)));
+        // The first product packs the weight (on AVX-512) into the layer's cache.
+        d.linear(&x, &layer).unwrap();
+        let copied = Linear {
+            weight: Weight::Dense(matrix(48, 32, 2.0)),
+            ..layer.clone()
+        };
+        let fresh = Linear::new(copied.weight.clone());
+        let got = d.linear(&x, &copied).unwrap().to_host().unwrap();
+        let want = d.linear(&x, &fresh).unwrap().to_host().unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -99,7 +99,7 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.file.tensor(name, shape, self.device)
+        Ok(self.device.upload(&self.file.tensor(name, shape)?)?)
     }
 
     fn norm(&self, prefix: &str, width: usize) -> Result<LayerNorm> {
@@ -109,9 +109,13 @@ impl Loader<'_> {
         })
     }
 
+    /// A layer in host memory: stacked, quantized and uploaded by the caller.
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        let weight = self.get(&format!("{prefix}.weight"), &[out, inp])?;
-        Ok(Linear::new(Weight::Dense(weight)).with_bias(self.get(&format!("{prefix}.bias"), &[out])?))
+        let weight = self.file.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        Ok(
+            Linear::new(Weight::Dense(weight))
+                .with_bias(self.file.tensor(&format!("{prefix}.bias"), &[out])?),
+        )
     }
 }
 
@@ -124,14 +128,14 @@ impl Bert {
         // attention output 0.99994, intermediate 0.9974, output 0.9977; all but QKV together
         // 0.9956. So the QKV projection stays f32 and the other three (75% of the MACs) go int8.
         let precision = |layer: Linear, quantize: bool| -> Result<Linear> {
-            Ok(match path {
-                WeightPath::Int8 if !quantize => layer,
-                WeightPath::Int8 => {
-                    let weight = layer.weight.to_int8()?;
-                    layer.with_weight(weight)
-                }
-                WeightPath::Quantized | WeightPath::F32 => layer,
-            })
+            let layer = match path {
+                WeightPath::Int8 if quantize => Linear {
+                    weight: layer.weight.to_int8()?,
+                    ..layer
+                },
+                WeightPath::Int8 | WeightPath::Quantized | WeightPath::F32 => layer,
+            };
+            Ok(device.upload_linear(&layer)?)
         };
         let prefix = if weights.info("bert.embeddings.word_embeddings.weight").is_some() {
             "bert."
@@ -202,7 +206,12 @@ impl Bert {
     /// the caller masks).
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let d = &self.device;
-        let (_, len) = ids.dims2()?;
+        let [_, len] = ids.dims()[..] else {
+            return Err(Error::EmptyInput(format!(
+                "token ids of shape {:?}, not [batch, len]",
+                ids.dims()
+            )));
+        };
         if len > self.cfg.max_position_embeddings {
             return Err(Error::ContextOverflow {
                 tokens: len,
@@ -212,9 +221,9 @@ impl Bert {
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;
         // Position ids are 0..len and every token type is 0, as transformers uses for one segment.
-        let positions = e.position.narrow(0, 0, len)?;
+        let positions = d.rows(&e.position, 0, len)?;
         let x = d.add(&d.embedding(&e.word, ids)?, &positions)?;
-        let x = d.add(&x, &e.token_type.narrow(0, 0, 1)?)?;
+        let x = d.add(&x, &d.rows(&e.token_type, 0, 1)?)?;
         let mut x = d.add_layer_norm(&x, None, &e.norm.gamma, &e.norm.beta, eps)?;
         for layer in &self.layers {
             let qkv = d.linear(&x, &layer.qkv)?;
@@ -330,12 +339,12 @@ impl SentenceEncoder {
             mask.extend((0..len).map(|i| if i < seq.len() { 1f32 } else { 0f32 }));
         }
         let d = &self.bert.device;
-        let ids = Tensor::from_vec(ids, (batch.len(), len), d.candle())?;
-        let mask = Tensor::from_vec(mask, (batch.len(), len), d.candle())?;
+        let ids = d.tensor_u32(&ids, &[batch.len(), len])?;
+        let mask = d.tensor_f32(&mask, &[batch.len(), len])?;
         let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
         let hidden = self.bert.forward(&ids, &lengths)?;
         let pooled = d.l2_normalize(&d.mean_pool(&hidden, &mask)?)?;
-        Ok(pooled.to_vec2::<f32>()?)
+        Ok(pooled.to_vec2()?)
     }
 
     /// Unit-length embeddings of texts.

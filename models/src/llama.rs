@@ -132,7 +132,7 @@ impl Llama {
     pub fn load(gguf: &GgufFile, path: WeightPath, device: &Device) -> Result<Self> {
         let cfg = Config::from_gguf(gguf)?;
         let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
-            let q = gguf.qtensor(name, device)?;
+            let q = gguf.qtensor(name)?;
             if q.shape().dims() != [rows, cols] {
                 return Err(Error::Weights(format!(
                     "'{name}' has shape {:?}, expected [{rows}, {cols}]",
@@ -146,8 +146,9 @@ impl Llama {
                 WeightPath::Int8 => w.to_int8()?,
             }))
         };
+        let upload = |layer: Linear| -> Result<Linear> { Ok(device.upload_linear(&layer)?) };
         let vector = |name: &str| -> Result<Tensor> {
-            let t = gguf.tensor(name, device)?;
+            let t = gguf.tensor(name)?;
             if t.dims() != [cfg.hidden_size] {
                 return Err(Error::Weights(format!(
                     "'{name}' has shape {:?}, expected [{}]",
@@ -155,7 +156,7 @@ impl Llama {
                     cfg.hidden_size
                 )));
             }
-            Ok(t)
+            Ok(device.upload(&t)?)
         };
         let (h, kv) = (cfg.hidden_size, cfg.kv_heads * cfg.head_dim);
         let blocks = (0..cfg.layers)
@@ -168,22 +169,22 @@ impl Llama {
                 let up = linear(&format!("{p}.ffn_up.weight"), cfg.ffn_size, h)?;
                 Ok(Block {
                     attn_norm: vector(&format!("{p}.attn_norm.weight"))?,
-                    qkv: Linear::stack(&[q, k, v])?,
-                    o: linear(&format!("{p}.attn_output.weight"), h, h)?,
+                    qkv: upload(Linear::stack(&[q, k, v])?)?,
+                    o: upload(linear(&format!("{p}.attn_output.weight"), h, h)?)?,
                     ffn_norm: vector(&format!("{p}.ffn_norm.weight"))?,
-                    gate_up: Linear::stack(&[gate, up])?,
-                    down: linear(&format!("{p}.ffn_down.weight"), h, cfg.ffn_size)?,
+                    gate_up: upload(Linear::stack(&[gate, up])?)?,
+                    down: upload(linear(&format!("{p}.ffn_down.weight"), h, cfg.ffn_size)?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embedding = gguf.tensor("token_embd.weight", device)?;
+        let embedding = device.upload(&gguf.tensor("token_embd.weight")?)?;
         // Small models tie the output projection to the token embeddings.
         let head_name = if gguf.content().tensor_infos.contains_key("output.weight") {
             "output.weight"
         } else {
             "token_embd.weight"
         };
-        let lm_head = linear(head_name, cfg.vocab_size, h)?;
+        let lm_head = upload(linear(head_name, cfg.vocab_size, h)?)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context_length);
         Ok(Self {
             device: device.clone(),
@@ -201,9 +202,11 @@ impl Llama {
         &self.cfg
     }
 
-    /// An empty KV cache for a new sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)
+    /// An empty KV cache for a new sequence, on the model's device.
+    pub fn new_cache(&self) -> Result<KvCache> {
+        Ok(self
+            .device
+            .new_kv_cache(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)?)
     }
 
     /// Runs `tokens` after what `cache` holds (a whole prompt, or one token while decoding), adds
@@ -256,15 +259,19 @@ impl Llama {
         // Token-major all the way: one [tokens, hidden] matrix for the whole batch, heads side by
         // side within a row.
         let all: Vec<u32> = batch.iter().flat_map(|(t, _)| t.iter().copied()).collect();
-        let ids = Tensor::from_slice(&all, all.len(), d.candle())?;
+        let ids = d.tensor_u32(&all, &[all.len()])?;
         let mut x = d.embedding(&self.embedding, &ids)?;
         let (_, mut h) = d.add_rms_norm(&x, None, &self.blocks[0].attn_norm, cfg.rms_eps)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let qkv = d.linear(&h, &block.qkv)?;
+            let single = batch.len() == 1;
             let mut contexts = Vec::with_capacity(batch.len());
             let mut start = 0;
             for (tokens, cache) in batch.iter_mut() {
-                let rows = qkv.narrow(0, start, tokens.len())?;
+                let rows = match single {
+                    true => qkv.clone(),
+                    false => d.rows(&qkv, start, tokens.len())?,
+                };
                 contexts.push(d.causal_attention(
                     &rows,
                     cfg.heads,
@@ -278,7 +285,7 @@ impl Llama {
             let context = if contexts.len() == 1 {
                 contexts.remove(0)
             } else {
-                Tensor::cat(&contexts, 0)?
+                d.concat_rows(&contexts)?
             };
             let attended = d.linear(&context, &block.o)?;
             (x, h) = d.add_rms_norm(&attended, Some(&x), &block.ffn_norm, cfg.rms_eps)?;
@@ -293,7 +300,7 @@ impl Llama {
             end += tokens.len();
             ends.push(end as u32 - 1);
         }
-        let last = h.index_select(&Tensor::from_vec(ends, batch.len(), d.candle())?, 0)?;
-        Ok(d.linear(&last, &self.lm_head)?.to_vec2::<f32>()?)
+        let last = d.embedding(&h, &d.tensor_u32(&ends, &[batch.len()])?)?;
+        Ok(d.linear(&last, &self.lm_head)?.to_vec2()?)
     }
 }

@@ -2,7 +2,10 @@
 
 use crate::{Error, Result};
 use keel_kernels::candle_core::quantized::{gguf_file, QTensor};
-use keel_kernels::{DType, Device, Tensor};
+use keel_kernels::{candle_core, DType, Tensor};
+
+/// Files are read into host memory; a model uploads what it keeps to its device.
+const HOST: candle_core::Device = candle_core::Device::Cpu;
 use memmap2::Mmap;
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
@@ -60,8 +63,9 @@ impl SafetensorsFile {
         self.metadata.info(name).map(|i| (i.dtype, i.shape.clone()))
     }
 
-    /// Loads tensor `name` as f32 onto `device`, checking that it has the `expected` shape.
-    pub fn tensor(&self, name: &str, expected: &[usize], device: &Device) -> Result<Tensor> {
+    /// Loads tensor `name` as f32 into host memory (upload it with [`Device::upload`]), checking
+    /// that it has the `expected` shape.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let info = self
             .metadata
             .info(name)
@@ -85,12 +89,13 @@ impl SafetensorsFile {
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
         // Straight from the page cache into the tensor: one copy when the dtype is already f32.
-        let tensor = Tensor::from_raw_buffer(&self.mmap[start..end], dtype, &info.shape, device.candle())?;
+        let tensor = candle_core::Tensor::from_raw_buffer(&self.mmap[start..end], dtype, &info.shape, &HOST)?;
         Ok(if dtype == DType::F32 {
             tensor
         } else {
             tensor.to_dtype(DType::F32)?
-        })
+        }
+        .into())
     }
 }
 
@@ -127,8 +132,9 @@ impl GgufFile {
         &self.content
     }
 
-    /// A block-quantized (or plain) tensor by name, checked against the file's length.
-    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+    /// A block-quantized (or plain) tensor by name in host memory, checked against the file's
+    /// length.
+    pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
             return Err(Error::Weights(format!(
                 "{} has no tensor '{name}'",
@@ -137,7 +143,7 @@ impl GgufFile {
         }
         let tensor = self
             .content
-            .tensor(&mut Cursor::new(&self.mmap[..]), name, device.candle())
+            .tensor(&mut Cursor::new(&self.mmap[..]), name, &HOST)
             .map_err(|e| Error::Format {
                 path: self.path.clone(),
                 format: "GGUF",
@@ -146,9 +152,9 @@ impl GgufFile {
         Ok(tensor)
     }
 
-    /// A tensor by name, dequantized to f32.
-    pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
-        Ok(self.qtensor(name, device)?.dequantize(device.candle())?)
+    /// A tensor by name, dequantized to f32 in host memory.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        Ok(self.qtensor(name)?.dequantize(&HOST)?.into())
     }
 
     fn value(&self, key: &str) -> Result<&gguf_file::Value> {

@@ -29,12 +29,19 @@ pub struct EngineBuilder {
 enum DeviceChoice {
     Best,
     Kind(DeviceKind),
+    Device(Device),
 }
 
 impl EngineBuilder {
     /// Run on this kind of device; [`EngineBuilder::build`] fails if it is not available.
     pub fn device(mut self, kind: DeviceKind) -> Self {
         self.device = DeviceChoice::Kind(kind);
+        self
+    }
+
+    /// Run on this device (for instance a wgpu adapter chosen by name with [`Device::wgpu`]).
+    pub fn on(mut self, device: Device) -> Self {
+        self.device = DeviceChoice::Device(device);
         self
     }
 
@@ -64,6 +71,7 @@ impl EngineBuilder {
         let device = match self.device {
             DeviceChoice::Best => Device::best(),
             DeviceChoice::Kind(kind) => Device::new(kind)?,
+            DeviceChoice::Device(device) => device,
         };
         let caches = self.caches;
         Ok(Engine {

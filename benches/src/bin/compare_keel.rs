@@ -174,7 +174,7 @@ fn smollm2(a: &Args) -> Res<Value> {
 
     // Prefill: the whole prompt in one forward on an empty cache.
     let prefill = time(1, a.reps, || {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache()?;
         model.forward(&prefill_ids, &mut cache)?;
         Ok(())
     })?;
@@ -183,7 +183,7 @@ fn smollm2(a: &Args) -> Res<Value> {
     let mut generated = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..=a.reps {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache()?;
         let mut next = model.forward(&decode_prompt, &mut cache)?;
         let mut tokens = Vec::with_capacity(a.decode_steps);
         let start = Instant::now();

@@ -4,7 +4,7 @@
 
 use super::math::scaled_softmax;
 use super::SharedOut;
-use crate::decoder::{KvCache, Rope};
+use crate::decoder::{KvCache, KvStore, Rope};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -121,7 +121,10 @@ pub(crate) fn causal(
     let row = q_width + 2 * kv_width;
     let pos = cache.len();
     let mut q = Vec::with_capacity(t * q_width);
-    let (keys, values) = (&mut cache.keys[layer], &mut cache.values[layer]);
+    let KvStore::Host { keys, values } = &mut cache.store else {
+        unreachable!("Cpu::causal_attention checks that the cache is in host memory")
+    };
+    let (keys, values) = (&mut keys[layer], &mut values[layer]);
     for (i, token) in qkv.chunks_exact(row).enumerate() {
         let start = q.len();
         q.extend_from_slice(&token[..q_width]);
@@ -299,8 +302,11 @@ mod tests {
         let (h, g, i) = (5, 1, t - 1);
         let mut q = qkv[i * row + h * hd..][..hd].to_vec();
         rope.rotate(&mut q, i);
+        let KvStore::Host { keys, .. } = &whole.store else {
+            unreachable!("KvCache::new is in host memory")
+        };
         let k: Vec<Vec<f32>> = (0..t)
-            .map(|j| whole.keys[0][j * kv_heads * hd + g * hd..][..hd].to_vec())
+            .map(|j| keys[0][j * kv_heads * hd + g * hd..][..hd].to_vec())
             .collect();
         let v: Vec<Vec<f32>> = (0..t)
             .map(|j| qkv[j * row + (heads + kv_heads) * hd + g * hd..][..hd].to_vec())

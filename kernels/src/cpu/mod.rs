@@ -35,10 +35,10 @@ pub(crate) mod int8;
 mod math;
 pub(crate) mod quant;
 
-use crate::decoder::{KvCache, Rope};
-use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Tensor, Weight};
+use crate::decoder::{KvCache, KvStore, Rope};
+use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Weight};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Storage, D};
+use candle_core::{DType, Module, Storage, Tensor, D};
 
 /// An output buffer that parallel tasks write disjoint cells of.
 pub(crate) struct SharedOut(*mut f32);
@@ -74,9 +74,7 @@ pub(crate) fn for_each_task(tasks: usize, size: usize, work: impl Fn(usize) + Sy
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Cpu {
-    device: candle_core::Device,
-}
+pub(crate) struct Cpu;
 
 /// Runs `f` on the f32 values of `t`, row-major (copying only if `t` is a strided view).
 fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -109,21 +107,12 @@ fn bad(op: &'static str, reason: String) -> Error {
 }
 
 impl Cpu {
-    pub(crate) fn new() -> Self {
-        Self {
-            device: candle_core::Device::Cpu,
-        }
-    }
-
-    pub(crate) fn candle(&self) -> &candle_core::Device {
-        &self.device
-    }
-
     pub(crate) fn caps(&self) -> Caps {
         Caps {
             kind: DeviceKind::Cpu,
             name: "cpu".into(),
             quantized_matmul: true,
+            emulated: false,
         }
     }
 
@@ -153,25 +142,29 @@ impl Cpu {
                 y
             })?,
             Weight::Dense(w) if gemm::use_packed() => {
+                let w = w.cpu("linear")?;
                 let pack = || read(w, |w| gemm::PackedF32::pack(w, out_features, in_features));
-                if let Some(packed) = layer.packed.get(w, pack)? {
-                    let bias = match &layer.bias {
-                        Some(b) => read(b, <[f32]>::to_vec)?,
-                        None => Vec::new(),
-                    };
-                    // Bias and activation are fused into the product's tiles.
-                    let y = read(x, |x| {
-                        packed.matmul(x, x.len() / in_features, &bias, layer.activation)
-                    })?;
-                    return tensor(y, &dims);
-                }
-                read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???
+                let packed = layer.packed.get(w, pack)?;
+                let bias = match &layer.bias {
+                    Some(b) => read(b.cpu("linear")?, <[f32]>::to_vec)?,
+                    None => Vec::new(),
+                };
+                // Bias and activation are fused into the product's tiles.
+                let y = read(x, |x| {
+                    packed.matmul(x, x.len() / in_features, &bias, layer.activation)
+                })?;
+                return tensor(y, &dims);
             }
-            Weight::Dense(w) => read(x, |x| read(w, |w| dense_matmul(x, w, in_features, out_features)))???,
+            Weight::Dense(w) => read(x, |x| {
+                read(w.cpu("linear")?, |w| {
+                    dense_matmul(x, w, in_features, out_features)
+                })
+            })???,
             Weight::Ggml(w) => read(&QMatMul::QTensor(w.clone()).forward(x)?, <[f32]>::to_vec)?,
+            Weight::GpuQuantized(_) => return Err(bad("linear", "the weight lives on a wgpu device".into())),
         };
         let bias = match &layer.bias {
-            Some(b) => read(b, <[f32]>::to_vec)?,
+            Some(b) => read(b.cpu("linear")?, <[f32]>::to_vec)?,
             None => Vec::new(),
         };
         if !bias.is_empty() || layer.activation != Activation::None {
@@ -283,7 +276,8 @@ impl Cpu {
             && heads.is_multiple_of(kv_heads)
             && width % parts == 0
             && cache.width == kv_heads * (width / parts)
-            && layer < cache.keys.len()
+            && matches!(cache.store, KvStore::Host { .. })
+            && layer < cache.layers()
             && cache.len() + t <= rope.max_positions()
             && (width / parts) == 2 * rope.half;
         if !fits {
@@ -341,6 +335,14 @@ impl Cpu {
 
     pub(crate) fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(a.broadcast_add(b)?)
+    }
+
+    pub(crate) fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        Ok(x.narrow(0, start, len)?)
+    }
+
+    pub(crate) fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        Ok(Tensor::cat(parts, 0)?)
     }
 }
 

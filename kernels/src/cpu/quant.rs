@@ -181,6 +181,31 @@ impl QuantMatrix {
         }
     }
 
+    /// The layout the wgpu shaders read: per block the scale and the minimum (zero for Q8_0) as
+    /// f32, and the values as little-endian words (Q4_1: 4 words of nibbles in GGML's order;
+    /// Q8_0: 8 words of signed bytes).
+    pub(crate) fn gpu_layout(&self) -> (Vec<f32>, Vec<u32>) {
+        let words = |bytes: &[u8]| -> Vec<u32> {
+            bytes
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect()
+        };
+        match &self.blocks {
+            Blocks::Q4_1(blocks) => (
+                blocks.iter().flat_map(|b| [b.d(), b.m()]).collect(),
+                blocks.iter().flat_map(|b| words(&b.qs)).collect(),
+            ),
+            Blocks::Q8_0(blocks) => (
+                blocks.iter().flat_map(|b| [b.d(), 0.0]).collect(),
+                blocks
+                    .iter()
+                    .flat_map(|b| words(&b.qs.map(|q| q as u8)))
+                    .collect(),
+            ),
+        }
+    }
+
     /// Every weight as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);

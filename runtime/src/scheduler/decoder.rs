@@ -177,7 +177,8 @@ enum Outcome {
 }
 
 impl Seq {
-    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> Self {
+    /// The sequence; None if no KV cache could be made for it (its stream gets the error).
+    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> Option<Self> {
         let (cache, fed) = match shared
             .prefix
             .as_ref()
@@ -187,9 +188,15 @@ impl Seq {
                 let fed = kv.len();
                 (KvCache::clone(&kv), fed)
             }
-            None => (decoder.llama.new_cache(), 0),
+            None => match decoder.llama.new_cache() {
+                Ok(cache) => (cache, 0),
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(e.into()));
+                    return None;
+                }
+            },
         };
-        Self {
+        Some(Self {
             sampler: Sampler::new(job.sampling),
             job,
             cache,
@@ -197,7 +204,7 @@ impl Seq {
             step: 0,
             last: 0,
             generated: 0,
-        }
+        })
     }
 
     fn input(&mut self, chunk: usize) -> (&[u32], &mut KvCache) {
@@ -303,7 +310,7 @@ fn worker(shared: &Shared, decoder: &Decoder) {
                 continue;
             }
             Counters::add_time(&c.queue_wait_ns, now.duration_since(e.meta.enqueued));
-            active.push(Seq::new(e.item, shared, decoder));
+            active.extend(Seq::new(e.item, shared, decoder));
         }
         active.retain(|s| {
             let cancelled = s.job.cancel.load(Ordering::Relaxed);

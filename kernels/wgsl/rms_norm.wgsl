@@ -1,0 +1,39 @@
+// sum = x + residual; out = sum / rms(sum) * gamma over rows of `width`; one workgroup a row.
+// `sum` is written only when there is a residual (otherwise it is x itself).
+struct P { rows: u32, width: u32, has_residual: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> residual: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sum: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+fn value(i: u32) -> f32 {
+    if (p.has_residual != 0u) { return x[i] + residual[i]; }
+    return x[i];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * 32768u;
+    if (row >= p.rows) { return; }
+    let base = row * p.width;
+    var q = 0.0;
+    for (var i = lid; i < p.width; i += 256u) {
+        let v = value(base + i);
+        q += v * v;
+        if (p.has_residual != 0u) { sum[base + i] = v; }
+    }
+    red[lid] = q;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) { red[lid] += red[lid + s]; }
+        workgroupBarrier();
+    }
+    let inv = inverseSqrt(red[0] / f32(p.width) + p.eps);
+    for (var i = lid; i < p.width; i += 256u) {
+        out[base + i] = value(base + i) * inv * gamma[i];
+    }
+}

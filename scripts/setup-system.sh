@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# System packages the tests need: a Vulkan loader and Mesa's lavapipe, a Vulkan driver that runs
+# on the CPU, so that the wgpu backend has a real device on machines without a GPU.
+# Installed with apt-get (as root, or with sudo) only when missing.
+set -euo pipefail
+missing=()
+ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
+[[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json || -e /usr/share/vulkan/icd.d/lvp_icd.aarch64.json ]] ||
+    missing+=(mesa-vulkan-drivers)
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]} (the wgpu tests' Vulkan device, lavapipe)"
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    (DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}") > /dev/null
+fi
