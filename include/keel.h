@@ -187,7 +187,7 @@ typedef uint32_t keel_device;
  */
 typedef struct keel_engine_params {
   /**
-   * Which device to run on (a `KEEL_DEVICE_*` value). Default: `KEEL_DEVICE_BEST`.
+   * Which device to run on (a `KEEL_DEVICE_*` value). Default: `KEEL_DEVICE_CPU`.
    */
   keel_device device;
   /**
@@ -339,7 +339,8 @@ typedef bool (*keel_token_callback)(void *user_data,
                                     size_t text_len);
 
 /**
- * The best device available: CUDA, then wgpu, then the CPU, which always exists.
+ * The best device available: CUDA, then a real GPU through wgpu, then the CPU, which always
+ * exists (a software Vulkan driver such as lavapipe is never chosen).
  */
 #define KEEL_DEVICE_BEST 0
 
@@ -450,8 +451,8 @@ void keel_error_free(struct keel_error *err);
 const char *keel_status_name(int32_t status);
 
 /**
- * The default engine options: the best device, the scheduler's and caches' defaults (in the
- * field docs), and the reserved fields at 0 / NULL.
+ * The default engine options: the CPU (`KEEL_DEVICE_BEST` probes for a GPU), the scheduler's
+ * and caches' defaults (in the field docs), and the reserved fields at 0 / NULL.
  *
  * Thread safety: may be called from any thread at any time.
  */

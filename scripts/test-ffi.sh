@@ -116,9 +116,13 @@ fi
 
 if [[ -z ${KEEL_FFI_NO_VALGRIND:-} ]]; then
     step "the C misuse test under valgrind: no definite leak, no memory error"
-    valgrind --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+    if ! valgrind --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
         --error-exitcode=99 --log-file="$build/valgrind.log" \
-        "$build/test_misuse" "$minilm" "$gguf" 2> /dev/null
+        "$build/test_misuse" "$minilm" "$gguf" 2> /dev/null; then
+        # Show what valgrind found before failing.
+        grep -v "^==[0-9]*== *$" "$build/valgrind.log" | tail -n 80
+        exit 1
+    fi
     grep -E "definitely lost|indirectly lost|possibly lost|ERROR SUMMARY" "$build/valgrind.log" | sed 's/^==[0-9]*== *//'
 fi
 

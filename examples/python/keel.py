@@ -239,7 +239,7 @@ class Engine:
     Keyword arguments set the fields of keel_engine_params of the same names (max_batch_size,
     queue_capacity, max_streams, response_cache_bytes, ...)."""
 
-    def __init__(self, device=DEVICE_BEST, **options):
+    def __init__(self, device=DEVICE_CPU, **options):
         params = lib.keel_engine_default_params()
         params.device = device
         for name, value in options.items():

@@ -15,7 +15,8 @@ use std::time::Duration;
 /// enum so that any value a caller passes is defined behaviour (an unknown one is refused).
 pub type keel_device = u32;
 
-/// The best device available: CUDA, then wgpu, then the CPU, which always exists.
+/// The best device available: CUDA, then a real GPU through wgpu, then the CPU, which always
+/// exists (a software Vulkan driver such as lavapipe is never chosen).
 pub const KEEL_DEVICE_BEST: keel_device = 0;
 /// The host CPU.
 pub const KEEL_DEVICE_CPU: keel_device = 1;
@@ -30,7 +31,7 @@ pub const KEEL_DEVICE_CUDA: keel_device = 3;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct keel_engine_params {
-    /// Which device to run on (a `KEEL_DEVICE_*` value). Default: `KEEL_DEVICE_BEST`.
+    /// Which device to run on (a `KEEL_DEVICE_*` value). Default: `KEEL_DEVICE_CPU`.
     pub device: keel_device,
     /// Reserved, not used yet: compute threads (0: the library's choice). Default: 0.
     pub threads: u32,
@@ -99,8 +100,8 @@ pub(crate) fn engine_of(engine: *const keel_engine) -> Result<Arc<EngineObject>,
     handle::get::<EngineObject>(engine, "engine")
 }
 
-/// The default engine options: the best device, the scheduler's and caches' defaults (in the
-/// field docs), and the reserved fields at 0 / NULL.
+/// The default engine options: the CPU (`KEEL_DEVICE_BEST` probes for a GPU), the scheduler's
+/// and caches' defaults (in the field docs), and the reserved fields at 0 / NULL.
 ///
 /// Thread safety: may be called from any thread at any time.
 #[no_mangle]
@@ -109,7 +110,7 @@ pub extern "C" fn keel_engine_default_params() -> keel_engine_params {
     let caches = CacheConfig::default();
     let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     keel_engine_params {
-        device: KEEL_DEVICE_BEST,
+        device: KEEL_DEVICE_CPU,
         threads: 0,
         storage_path: std::ptr::null(),
         max_batch_size: clamp(scheduler.max_batch_size),

@@ -45,7 +45,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Run on the best device available, falling back to the CPU (the default).
+    /// Run on the best device available ([`Device::best`]: CUDA, a real GPU through wgpu, else
+    /// the CPU).
     pub fn best_device(mut self) -> Self {
         self.device = DeviceChoice::Best;
         self
@@ -191,10 +192,11 @@ impl std::ops::Deref for Version {
 }
 
 impl Engine {
-    /// A builder with the defaults: the best device available.
+    /// A builder with the defaults: the CPU (an embedded default: probing GPU drivers costs
+    /// start-up time; ask for [`EngineBuilder::best_device`] or a device to use one).
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
-            device: DeviceChoice::Best,
+            device: DeviceChoice::Kind(DeviceKind::Cpu),
             scheduler: SchedulerConfig::default(),
             caches: CacheConfig::default(),
         }
