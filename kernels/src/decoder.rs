@@ -1,6 +1,7 @@
 //! State a decoder keeps between steps: rotary tables and the KV cache.
 
 use crate::wgpu::{GpuKv, GpuTensor};
+use crate::{Error, Result};
 use std::sync::OnceLock;
 
 /// cos and sin of every position's rotation angles, `[positions][head_dim / 2]`, computed in f32
@@ -152,5 +153,41 @@ impl KvCache {
     /// Marks `tokens` more tokens as held, once every layer has appended them.
     pub fn commit(&mut self, tokens: usize) {
         self.len += tokens;
+    }
+}
+
+/// The head width of a decoder attention step, once `qkv` (`[t, (heads + 2 * kv_heads) *
+/// head_dim]`), the head counts, the rotary tables and layer `layer` of `cache` are checked to
+/// fit together (every backend's `causal_attention` starts here).
+pub(crate) fn causal_head_dim(
+    qkv: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    rope: &Rope,
+    cache: &KvCache,
+    layer: usize,
+) -> Result<usize> {
+    let parts = heads + 2 * kv_heads;
+    let fits = |t: usize, width: usize| {
+        let head_dim = width / parts.max(1);
+        kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && width.is_multiple_of(parts)
+            && cache.width == kv_heads * head_dim
+            && layer < cache.layers()
+            && cache.len() + t <= rope.max_positions()
+            && head_dim == 2 * rope.half
+    };
+    match *qkv {
+        [t, width] if fits(t, width) => Ok(width / parts),
+        _ => Err(Error::BadOperands {
+            op: "attention",
+            reason: format!(
+                "qkv {qkv:?}, {heads}/{kv_heads} heads, cache width {} ({} layers, {} tokens)",
+                cache.width,
+                cache.layers(),
+                cache.len()
+            ),
+        }),
     }
 }

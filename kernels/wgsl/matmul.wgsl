@@ -37,21 +37,6 @@ fn load4(is_x: bool, row: u32, rows: u32, c: u32) -> vec4<f32> {
     return v;
 }
 
-fn erf(v: f32) -> f32 {
-    // Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
-    let s = sign(v);
-    let a = abs(v);
-    let t = 1.0 / (1.0 + 0.3275911 * a);
-    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-    return s * (1.0 - poly * exp(-a * a));
-}
-
-fn activate(v: f32) -> f32 {
-    if (p.act == 1u) { return 0.5 * v * (1.0 + erf(v * 0.70710678118654752)); }
-    if (p.act == 2u) { return v / (1.0 + exp(-v)); }
-    return v;
-}
-
 fn store(row: u32, col0: u32, v: vec4<f32>) {
     if (row >= p.m) { return; }
     for (var j = 0u; j < 4u; j++) {
@@ -59,7 +44,7 @@ fn store(row: u32, col0: u32, v: vec4<f32>) {
         if (col < p.n) {
             var o = v[j];
             if (p.has_bias != 0u) { o += bias[col]; }
-            y[row * p.n + col] = activate(o);
+            y[row * p.n + col] = activate(o, p.act);
         }
     }
 }

@@ -16,21 +16,6 @@ const ROWS: u32 = 16u;
 const LANES: u32 = 4u;
 var<workgroup> partial: array<vec4<f32>, 64>;
 
-fn erf(v: f32) -> f32 {
-    // Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
-    let s = sign(v);
-    let a = abs(v);
-    let t = 1.0 / (1.0 + 0.3275911 * a);
-    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
-    return s * (1.0 - poly * exp(-a * a));
-}
-
-fn activate(v: f32) -> f32 {
-    if (p.act == 1u) { return 0.5 * v * (1.0 + erf(v * 0.70710678118654752)); }
-    if (p.act == 2u) { return v / (1.0 + exp(-v)); }
-    return v;
-}
-
 fn nibbles(word: u32, shift: u32) -> vec4<f32> {
     let w = word >> shift;
     return vec4<f32>(f32(w & 15u), f32((w >> 8u) & 15u), f32((w >> 16u) & 15u), f32((w >> 24u) & 15u));
@@ -92,9 +77,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let sum = partial[lid] + partial[lid + 1u] + partial[lid + 2u] + partial[lid + 3u];
         var b = 0.0;
         if (p.has_bias != 0u) { b = bias[row]; }
-        y[tok0 * p.n + row] = activate(sum.x + b);
-        if (tokens > 1u) { y[(tok0 + 1u) * p.n + row] = activate(sum.y + b); }
-        if (tokens > 2u) { y[(tok0 + 2u) * p.n + row] = activate(sum.z + b); }
-        if (tokens > 3u) { y[(tok0 + 3u) * p.n + row] = activate(sum.w + b); }
+        y[tok0 * p.n + row] = activate(sum.x + b, p.act);
+        if (tokens > 1u) { y[(tok0 + 1u) * p.n + row] = activate(sum.y + b, p.act); }
+        if (tokens > 2u) { y[(tok0 + 2u) * p.n + row] = activate(sum.z + b, p.act); }
+        if (tokens > 3u) { y[(tok0 + 3u) * p.n + row] = activate(sum.w + b, p.act); }
     }
 }

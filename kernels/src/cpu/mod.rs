@@ -35,7 +35,7 @@ pub(crate) mod int8;
 mod math;
 pub(crate) mod quant;
 
-use crate::decoder::{KvCache, KvStore, Rope};
+use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
 use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Weight};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Storage, Tensor, D};
@@ -270,27 +270,11 @@ impl Cpu {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let (t, width) = qkv.dims2()?;
-        let parts = heads + 2 * kv_heads;
-        let fits = kv_heads > 0
-            && heads.is_multiple_of(kv_heads)
-            && width % parts == 0
-            && cache.width == kv_heads * (width / parts)
-            && matches!(cache.store, KvStore::Host { .. })
-            && layer < cache.layers()
-            && cache.len() + t <= rope.max_positions()
-            && (width / parts) == 2 * rope.half;
-        if !fits {
-            return Err(bad(
-                "attention",
-                format!(
-                    "qkv {:?}, {heads}/{kv_heads} heads, cache width {}",
-                    qkv.dims(),
-                    cache.width
-                ),
-            ));
+        let head_dim = causal_head_dim(qkv.dims(), heads, kv_heads, rope, cache, layer)?;
+        if !matches!(cache.store, KvStore::Host { .. }) {
+            return Err(bad("attention", "the KV cache is not in host memory".into()));
         }
-        let head_dim = width / parts;
+        let t = qkv.dims()[0];
         let out = read(qkv, |qkv| {
             let mut out = vec![0f32; t * heads * head_dim];
             attention::causal(qkv, t, heads, kv_heads, head_dim, rope, cache, layer, &mut out);

@@ -4,7 +4,7 @@
 
 mod context;
 
-use crate::decoder::{KvCache, KvStore, Rope};
+use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
 use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result, WgpuOptions};
@@ -20,10 +20,20 @@ macro_rules! shader {
             source: include_str!(concat!("../../wgsl/", $name, ".wgsl")),
         }
     };
+    // A shader that uses the shared activation functions.
+    ($name:literal, with_activations) => {
+        Shader {
+            name: $name,
+            source: concat!(
+                include_str!("../../wgsl/activation.wgsl"),
+                include_str!(concat!("../../wgsl/", $name, ".wgsl"))
+            ),
+        }
+    };
 }
 
-const MATMUL: Shader = shader!("matmul");
-const QMATMUL: Shader = shader!("qmatmul");
+const MATMUL: Shader = shader!("matmul", with_activations);
+const QMATMUL: Shader = shader!("qmatmul", with_activations);
 const LAYER_NORM: Shader = shader!("layer_norm");
 const RMS_NORM: Shader = shader!("rms_norm");
 const L2_NORMALIZE: Shader = shader!("l2_normalize");
@@ -630,34 +640,15 @@ impl Wgpu {
         layer: usize,
     ) -> Result<Tensor> {
         let qkv = qkv.gpu("attention")?;
-        let [t, width] = qkv.dims[..] else {
-            return Err(bad(
-                "attention",
-                format!("qkv {:?} is not [tokens, width]", qkv.dims),
-            ));
-        };
-        let parts = heads + 2 * kv_heads;
-        let pos0 = cache.len();
-        let kv_width = cache.width;
-        let head_dim = width / parts.max(1);
+        let head_dim = causal_head_dim(&qkv.dims, heads, kv_heads, rope, cache, layer)?;
+        let (t, width, pos0, kv_width) = (qkv.dims[0], qkv.dims[1], cache.len(), cache.width);
         let KvStore::Wgpu(kv) = &mut cache.store else {
             return Err(bad("attention", "the KV cache is not on the wgpu device".into()));
         };
-        let fits = kv_heads > 0
-            && heads.is_multiple_of(kv_heads)
-            && width % parts == 0
-            && kv_width == kv_heads * head_dim
-            && layer < kv.layers.len()
-            && pos0 + t <= rope.max_positions()
-            && head_dim == 2 * rope.half
-            && head_dim <= 256;
-        if !fits {
+        if head_dim > 256 {
             return Err(bad(
                 "attention",
-                format!(
-                    "qkv {:?}, {heads}/{kv_heads} heads, cache width {kv_width}",
-                    qkv.dims
-                ),
+                format!("heads of {head_dim} (the shader holds 256)"),
             ));
         }
         // Every layer grows together, on the first layer of the step.
