@@ -4,8 +4,6 @@ struct P { rows: u32, width: u32 }
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wid.x + wid.y * 32768u;
@@ -13,12 +11,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = row * p.width;
     var q = 0.0;
     for (var i = lid; i < p.width; i += 256u) { q += x[base + i] * x[base + i]; }
-    red[lid] = q;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
-        workgroupBarrier();
-    }
-    let norm = max(sqrt(red[0]), 1e-12);
+    let norm = max(sqrt(workgroup_sum(lid, q)), 1e-12);
     for (var i = lid; i < p.width; i += 256u) { out[base + i] = x[base + i] / norm; }
 }

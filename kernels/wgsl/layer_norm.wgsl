@@ -7,24 +7,9 @@ struct P { rows: u32, width: u32, has_residual: u32, eps: f32 }
 @group(0) @binding(4) var<storage, read> beta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
 fn value(i: u32) -> f32 {
     if (p.has_residual != 0u) { return x[i] + residual[i]; }
     return x[i];
-}
-
-// The sum of every thread's `v`, seen by all threads.
-fn reduce(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
 }
 
 @compute @workgroup_size(256)
@@ -34,13 +19,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = row * p.width;
     var s = 0.0;
     for (var i = lid; i < p.width; i += 256u) { s += value(base + i); }
-    let mean = reduce(lid, s) / f32(p.width);
+    let mean = workgroup_sum(lid, s) / f32(p.width);
     var q = 0.0;
     for (var i = lid; i < p.width; i += 256u) {
         let d = value(base + i) - mean;
         q += d * d;
     }
-    let inv = inverseSqrt(reduce(lid, q) / f32(p.width) + p.eps);
+    let inv = inverseSqrt(workgroup_sum(lid, q) / f32(p.width) + p.eps);
     for (var i = lid; i < p.width; i += 256u) {
         out[base + i] = (value(base + i) - mean) * inv * gamma[i] + beta[i];
     }

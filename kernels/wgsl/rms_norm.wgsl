@@ -8,8 +8,6 @@ struct P { rows: u32, width: u32, has_residual: u32, eps: f32 }
 @group(0) @binding(4) var<storage, read_write> sum: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
 fn value(i: u32) -> f32 {
     if (p.has_residual != 0u) { return x[i] + residual[i]; }
     return x[i];
@@ -26,13 +24,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         q += v * v;
         if (p.has_residual != 0u) { sum[base + i] = v; }
     }
-    red[lid] = q;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
-        workgroupBarrier();
-    }
-    let inv = inverseSqrt(red[0] / f32(p.width) + p.eps);
+    let inv = inverseSqrt(workgroup_sum(lid, q) / f32(p.width) + p.eps);
     for (var i = lid; i < p.width; i += 256u) {
         out[base + i] = value(base + i) * inv * gamma[i];
     }

@@ -20,23 +20,23 @@ macro_rules! shader {
             source: include_str!(concat!("../../wgsl/", $name, ".wgsl")),
         }
     };
-    // A shader that uses the shared activation functions.
-    ($name:literal, with_activations) => {
+    // A shader that uses shared functions: `activation` or `reduction` (WGSL has no includes).
+    ($name:literal, with $shared:literal) => {
         Shader {
             name: $name,
             source: concat!(
-                include_str!("../../wgsl/activation.wgsl"),
+                include_str!(concat!("../../wgsl/", $shared, ".wgsl")),
                 include_str!(concat!("../../wgsl/", $name, ".wgsl"))
             ),
         }
     };
 }
 
-const MATMUL: Shader = shader!("matmul", with_activations);
-const QMATMUL: Shader = shader!("qmatmul", with_activations);
-const LAYER_NORM: Shader = shader!("layer_norm");
-const RMS_NORM: Shader = shader!("rms_norm");
-const L2_NORMALIZE: Shader = shader!("l2_normalize");
+const MATMUL: Shader = shader!("matmul", with "activation");
+const QMATMUL: Shader = shader!("qmatmul", with "activation");
+const LAYER_NORM: Shader = shader!("layer_norm", with "reduction");
+const RMS_NORM: Shader = shader!("rms_norm", with "reduction");
+const L2_NORMALIZE: Shader = shader!("l2_normalize", with "reduction");
 const ELEMENTWISE: Shader = shader!("elementwise");
 const MEAN_POOL: Shader = shader!("mean_pool");
 const ATTENTION: Shader = shader!("attention");
