@@ -7,7 +7,10 @@
 //! (with a timeout at the next moment something can change), so an idle queue costs no CPU.
 
 use crate::request::Priority;
+#[cfg(feature = "loom")]
+use loom::sync::{Condvar, Mutex, MutexGuard};
 use std::cmp::Reverse;
+#[cfg(not(feature = "loom"))]
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -512,5 +515,127 @@ mod tests {
         let mut want: Vec<i32> = (0..8).flat_map(|t| (0..200).map(move |i| t * 1000 + i)).collect();
         want.sort();
         assert_eq!(got, want);
+    }
+}
+
+/// The queue under loom's model checker: every interleaving of a few threads, for lost
+/// wake-ups, lost or doubled requests and stuck workers. Run with
+/// `cargo test -p keel --release --features loom --lib loom_` (the feature swaps the queue's
+/// `Mutex`/`Condvar` for loom's models; it is for these tests only). Timing is out of the
+/// model: `max_delay` is zero (a batch is ready as soon as anything is queued) and no request
+/// has a deadline, so every wait is one that only a notification may end.
+#[cfg(all(test, feature = "loom"))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    fn queue(capacity: usize) -> Arc<BatchQueue<u32>> {
+        let policy = Policy {
+            max_batch: 4,
+            max_delay: Duration::ZERO,
+            preferred: Vec::new(),
+            starvation_bound: Duration::from_secs(3600),
+            buckets: true,
+        };
+        Arc::new(BatchQueue::new(capacity, policy))
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            priority: Priority::Normal,
+            deadline: None,
+            enqueued: Instant::now(),
+            tokens: 8,
+            items: 1,
+        }
+    }
+
+    /// A worker blocked on an empty queue is woken by a push, whatever the order.
+    #[test]
+    fn loom_a_push_always_wakes_a_blocked_worker() {
+        loom::model(|| {
+            let q = queue(4);
+            let producer = {
+                let q = q.clone();
+                thread::spawn(move || q.push(7, meta()).is_ok())
+            };
+            let next = q.next(4, true).expect("open queue");
+            assert!(producer.join().unwrap());
+            let got: Vec<u32> = next.run.iter().map(|e| e.item).collect();
+            assert_eq!(got, vec![7]);
+        });
+    }
+
+    /// Two producers against a queue of one and a worker draining it until close: every
+    /// request is either refused at once (and handed back) or run exactly once.
+    #[test]
+    fn loom_nothing_lost_or_doubled_under_overload_and_close() {
+        loom::model(|| {
+            let q = queue(1);
+            let producers: Vec<_> = [1u32, 2]
+                .into_iter()
+                .map(|item| {
+                    let q = q.clone();
+                    thread::spawn(move || match q.push(item, meta()) {
+                        Ok(_) => Some(item),
+                        Err((PushError::Full, back)) => {
+                            assert_eq!(back, item);
+                            None
+                        }
+                        Err((PushError::Closed, _)) => unreachable!("closed after the joins"),
+                    })
+                })
+                .collect();
+            let worker = {
+                let q = q.clone();
+                thread::spawn(move || {
+                    let mut ran = Vec::new();
+                    while let Some(next) = q.next(4, true) {
+                        assert!(next.expired.is_empty());
+                        ran.extend(next.run.into_iter().map(|e| e.item));
+                    }
+                    ran
+                })
+            };
+            let mut accepted: Vec<u32> = producers.into_iter().filter_map(|p| p.join().unwrap()).collect();
+            assert!(!accepted.is_empty(), "an empty queue of one refused a request");
+            q.close();
+            let mut ran = worker.join().unwrap();
+            accepted.sort();
+            ran.sort();
+            assert_eq!(ran, accepted);
+        });
+    }
+
+    /// A caller withdrawing its request races a worker taking it: exactly one of them gets it.
+    #[test]
+    fn loom_withdraw_and_take_never_both_or_neither() {
+        loom::model(|| {
+            let q = queue(4);
+            let id = q.push(3, meta()).unwrap();
+            let caller = {
+                let q = q.clone();
+                thread::spawn(move || q.remove(id))
+            };
+            let taken = q.next(4, false).expect("open queue").run.len();
+            let withdrawn = caller.join().unwrap();
+            assert_eq!(taken + usize::from(withdrawn.is_some()), 1);
+            assert_eq!(q.len(), 0);
+        });
+    }
+
+    /// Close wakes a worker blocked on an empty queue, which then stops.
+    #[test]
+    fn loom_close_wakes_a_blocked_worker() {
+        loom::model(|| {
+            let q = queue(4);
+            let worker = {
+                let q = q.clone();
+                thread::spawn(move || q.next(4, true).is_none())
+            };
+            q.close();
+            assert!(worker.join().unwrap());
+        });
     }
 }
