@@ -305,12 +305,14 @@ impl Device {
         }
     }
 
-    /// Bidirectional multi-head attention of an encoder, scaled by `1/sqrt(head_dim)`.
+    /// Bidirectional multi-head attention of an encoder, scaled by `1/sqrt(head_dim)`, over a
+    /// packed batch.
     ///
-    /// `qkv` is `[batch, len, 3 * heads * head_dim]`, the output of a stacked Q/K/V projection;
-    /// sequence `b` holds `lengths[b]` real tokens followed by padding that no query attends to
-    /// (so a sequence's result does not depend on its batch-mates). Returns
-    /// `[batch, len, heads * head_dim]`, zero on padding rows.
+    /// `qkv` is `[tokens, 3 * heads * head_dim]`, the output of a stacked Q/K/V projection over
+    /// sequences laid back to back with no padding: the first `lengths[0]` rows are the first
+    /// sequence, and so on (`lengths` sums to `tokens`). A token attends to its own sequence only,
+    /// so a sequence's result does not depend on its batch-mates. Returns
+    /// `[tokens, heads * head_dim]`.
     pub fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         match &self.backend {
             Backend::Cpu(b) => b
@@ -362,13 +364,13 @@ impl Device {
         }
     }
 
-    /// The mean of `hidden` (`[batch, len, dim]`) over the positions where `mask` (`[batch, len]`,
-    /// 1.0 or 0.0) is set.
-    pub fn mean_pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// The mean of each sequence's rows of `hidden` (`[tokens, dim]`, sequences packed back to
+    /// back, `lengths[b]` rows each, as for [`Device::encoder_attention`]): `[batch, dim]`.
+    pub fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         const OP: &str = "mean_pool";
         match &self.backend {
-            Backend::Cpu(b) => b.mean_pool(hidden.cpu(OP)?, mask.cpu(OP)?).map(host),
-            Backend::Wgpu(b) => b.mean_pool(hidden, mask),
+            Backend::Cpu(b) => b.mean_pool(hidden.cpu(OP)?, lengths).map(host),
+            Backend::Wgpu(b) => b.mean_pool(hidden, lengths),
         }
     }
 
@@ -409,6 +411,14 @@ impl Device {
             Backend::Wgpu(b) => b.concat_rows(parts),
         }
     }
+}
+
+/// Whether `lengths` split `tokens` packed rows into sequences: at least one, none empty, every
+/// row used.
+pub(crate) fn packed(lengths: &[usize], tokens: usize) -> bool {
+    !lengths.is_empty()
+        && lengths.iter().all(|&n| n > 0)
+        && lengths.iter().try_fold(0usize, |sum, &n| sum.checked_add(n)) == Some(tokens)
 }
 
 fn check_len(len: usize, dims: &[usize]) -> Result<()> {

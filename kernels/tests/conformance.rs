@@ -238,20 +238,21 @@ fn norms() {
 }
 
 #[test]
-fn encoder_attention_with_padding() {
+fn packed_encoder_attention() {
     let cpu = Device::cpu();
     // 70 keys cross the shader's 64-key chunks; MiniLM's shape (12 heads of 32) included.
-    for &(batch, len, heads, head_dim, ref lengths) in &[
-        (1, 1, 1, 4, vec![1]),
-        (2, 5, 2, 8, vec![5, 3]),
-        (3, 70, 3, 16, vec![70, 1, 65]),
-        (2, 128, 12, 32, vec![128, 40]),
+    for &(heads, head_dim, ref lengths) in &[
+        (1, 4, vec![1]),
+        (2, 8, vec![5, 3]),
+        (3, 16, vec![70, 1, 65]),
+        (12, 32, vec![128, 40]),
     ] {
-        let (qkv, qkvg) = pair(&[batch, len, 3 * heads * head_dim], len as u64, 1.0);
+        let tokens: usize = lengths.iter().sum();
+        let (qkv, qkvg) = pair(&[tokens, 3 * heads * head_dim], tokens as u64, 1.0);
         let want = cpu.encoder_attention(&qkv, lengths, heads).unwrap();
         let got = gpu().encoder_attention(&qkvg, lengths, heads).unwrap();
         assert_close(
-            &format!("encoder attention {batch}x{len} {heads}x{head_dim}"),
+            &format!("encoder attention {lengths:?} {heads}x{head_dim}"),
             &want,
             &got,
             1e-5,
@@ -353,16 +354,10 @@ fn elementwise_gather_and_pooling() {
         .embedding(&tableg, &gpu().tensor_u32(&ids, &[2, 3]).unwrap())
         .unwrap();
     assert_close("embedding", &want, &got, 0.0);
-    let (hidden, hiddeng) = pair(&[3, 9, 40], 5, 1.0);
-    let mask: Vec<f32> = (0..27)
-        .map(|i| if i % 9 < [9, 4, 1][i / 9] { 1.0 } else { 0.0 })
-        .collect();
-    let want = cpu
-        .mean_pool(&hidden, &cpu.tensor_f32(&mask, &[3, 9]).unwrap())
-        .unwrap();
-    let got = gpu()
-        .mean_pool(&hiddeng, &gpu().tensor_f32(&mask, &[3, 9]).unwrap())
-        .unwrap();
+    let (hidden, hiddeng) = pair(&[14, 40], 5, 1.0);
+    let lengths = [9, 4, 1];
+    let want = cpu.mean_pool(&hidden, &lengths).unwrap();
+    let got = gpu().mean_pool(&hiddeng, &lengths).unwrap();
     assert_close("mean_pool", &want, &got, 1e-6);
 }
 
@@ -377,9 +372,15 @@ fn bad_operands_are_errors_not_panics() {
         .unwrap();
     let err = gpu().linear(&xg, &layer).unwrap_err().to_string();
     assert!(err.contains("does not end in 4"), "{err}");
-    assert!(gpu()
-        .encoder_attention(&gpu().rows(&xg, 0, 1).unwrap(), &[1], 1)
-        .is_err());
+    // A padded [batch, len, width] batch is not the packed layout.
+    let (_, padded) = pair(&[1, 2, 3], 1, 1.0);
+    assert!(gpu().encoder_attention(&padded, &[2], 1).is_err());
+    // Lengths that do not split the rows: too few, too many, an empty sequence.
+    for lengths in [&[1][..], &[1, 2], &[2, 0]] {
+        assert!(gpu().encoder_attention(&xg, lengths, 1).is_err());
+        assert!(gpu().mean_pool(&xg, lengths).is_err());
+        assert!(Device::cpu().mean_pool(&x, lengths).is_err());
+    }
     assert!(gpu().tensor_f32(&[1.0, 2.0], &[3]).is_err());
 }
 

@@ -1,20 +1,21 @@
 // Softmax attention of one query row and one head per workgroup (64 threads), keys in chunks
 // of 64 with a running maximum and sum (so any number of keys fits in workgroup memory).
 // Q, K and V are read where they lie: row strides and column offsets say where.
-//   encoder (causal = 0): batch b has lengths[b] real tokens; padding queries get zeros.
+//   encoder (causal = 0): sequence b is rows starts[b]..starts[b + 1] of a packed batch (no
+//     padding); query i of it sees the keys of its own sequence; queries past its end do nothing.
 //   decoder (causal = 1): query i sees keys 0..=pos0 + i (the cache up to itself).
 // Query head h reads key/value head h / group (grouped-query attention).
 struct P {
     heads: u32, group: u32, head_dim: u32, causal: u32,
     q_stride: u32, k_stride: u32, v_stride: u32, o_stride: u32,
     q_off: u32, k_off: u32, v_off: u32, pos0: u32,
-    q_bstride: u32, k_bstride: u32, o_bstride: u32, scale: f32,
+    scale: f32,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read> lengths: array<u32>;
+@group(0) @binding(4) var<storage, read> starts: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 const CHUNK: u32 = 64u;
@@ -23,6 +24,7 @@ var<workgroup> qs: array<f32, 256>;
 var<workgroup> s: array<f32, 64>;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> n_keys: u32;
+var<workgroup> first_row: u32;
 
 // `start` plus the chunk's n weights times one value column of V starting at `at`.
 fn weigh(start: f32, n: u32, at: u32) -> f32 {
@@ -37,22 +39,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.y;
     let b = wid.z;
     let d = p.head_dim;
-    let o_base = b * p.o_bstride + i * p.o_stride + h * d;
     // Loaded through workgroup memory so that the loop bounds below are uniform.
-    if (lid == 0u) { n_keys = select(p.pos0 + i + 1u, lengths[b], p.causal == 0u); }
-    let keys = workgroupUniformLoad(&n_keys);
-    if (p.causal == 0u) {
-        if (i >= keys) {
-            for (var c = lid; c < d; c += 64u) { out[o_base + c] = 0.0; }
-            return;
+    if (lid == 0u) {
+        if (p.causal == 0u) {
+            first_row = starts[b];
+            n_keys = starts[b + 1u] - starts[b];
+        } else {
+            first_row = 0u;
+            n_keys = p.pos0 + i + 1u;
         }
     }
-    let q_base = b * p.q_bstride + i * p.q_stride + p.q_off + h * d;
+    let keys = workgroupUniformLoad(&n_keys);
+    let row0 = workgroupUniformLoad(&first_row);
+    if (p.causal == 0u && i >= keys) { return; }
+    let o_base = (row0 + i) * p.o_stride + h * d;
+    let q_base = (row0 + i) * p.q_stride + p.q_off + h * d;
     for (var c = lid; c < d; c += 64u) { qs[c] = q[q_base + c]; }
     workgroupBarrier();
     let kh = h / p.group;
-    let k_base = b * p.k_bstride + p.k_off + kh * d;
-    let v_base = b * p.k_bstride + p.v_off + kh * d;
+    let k_base = row0 * p.k_stride + p.k_off + kh * d;
+    let v_base = row0 * p.v_stride + p.v_off + kh * d;
     var run_max = -3.0e38;
     var run_sum = 0.0;
     // Output values lid, lid + 64, lid + 128, lid + 192 of the head (named, not a private array).

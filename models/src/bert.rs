@@ -1,5 +1,6 @@
 //! BERT encoders (all-MiniLM-L6-v2 and kin), following transformers' `modeling_bert.py`, and the
-//! sentence-transformers recipe on top: mean pooling over the attention mask, then L2 normalize.
+//! sentence-transformers recipe on top: mean pooling over each text's tokens, then L2 normalize.
+//! A batch runs packed: the texts' tokens back to back, no padding.
 
 use crate::llama::WeightPath;
 use crate::weights::SafetensorsFile;
@@ -201,27 +202,31 @@ impl Bert {
         &self.cfg
     }
 
-    /// Hidden states `[batch, len, hidden]` for token ids `[batch, len]` (u32) where sequence `b`
-    /// holds `lengths[b]` real tokens followed by padding (whose rows come out as garbage that
-    /// the caller masks).
+    /// Hidden states `[tokens, hidden]` for a packed batch of token ids (`[tokens]`, u32): the
+    /// sequences back to back with no padding, `lengths[b]` tokens each. A sequence's result does
+    /// not depend on its batch-mates, and no work is spent on padding.
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let d = &self.device;
-        let [_, len] = ids.dims()[..] else {
+        let tokens: usize = lengths.iter().sum();
+        if ids.dims() != [tokens] || lengths.contains(&0) || lengths.is_empty() {
             return Err(Error::EmptyInput(format!(
-                "token ids of shape {:?}, not [batch, len]",
+                "token ids of shape {:?} for sequences of {lengths:?} tokens",
                 ids.dims()
             )));
-        };
-        if len > self.cfg.max_position_embeddings {
+        }
+        let longest = lengths.iter().max().copied().unwrap_or(0);
+        if longest > self.cfg.max_position_embeddings {
             return Err(Error::ContextOverflow {
-                tokens: len,
+                tokens: longest,
                 context: self.cfg.max_position_embeddings,
             });
         }
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;
-        // Position ids are 0..len and every token type is 0, as transformers uses for one segment.
-        let positions = d.rows(&e.position, 0, len)?;
+        // Position ids restart at 0 in each sequence and every token type is 0, as transformers
+        // uses for one segment.
+        let positions: Vec<u32> = lengths.iter().flat_map(|&n| 0..n as u32).collect();
+        let positions = d.embedding(&e.position, &d.tensor_u32(&positions, &[tokens])?)?;
         let x = d.add(&d.embedding(&e.word, ids)?, &positions)?;
         let x = d.add(&x, &d.rows(&e.token_type, 0, 1)?)?;
         let mut x = d.add_layer_norm(&x, None, &e.norm.gamma, &e.norm.beta, eps)?;
@@ -269,9 +274,9 @@ impl SentenceEncoder {
             format: "tokenizer.json",
             reason: e.to_string(),
         })?;
-        // Padding and truncation are the encoder's job (it pads each batch to its longest text
-        // and masks the rest); a tokenizer.json that pads every text to a fixed length would make
-        // padding look like real tokens.
+        // Truncation is the encoder's job, and a batch is packed without padding; a
+        // tokenizer.json that pads every text to a fixed length would make padding look like
+        // real tokens.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
@@ -323,7 +328,7 @@ impl SentenceEncoder {
             .collect()
     }
 
-    /// Unit-length embeddings of token-id sequences, padded into one batch.
+    /// Unit-length embeddings of token-id sequences, run as one packed batch.
     pub fn embed_ids(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Err(Error::EmptyInput("no texts to embed".into()));
@@ -331,19 +336,11 @@ impl SentenceEncoder {
         if let Some(i) = batch.iter().position(|ids| ids.is_empty()) {
             return Err(Error::EmptyInput(format!("sequence {i} has no tokens")));
         }
-        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(batch.len() * len);
-        let mut mask = Vec::with_capacity(batch.len() * len);
-        for seq in batch {
-            ids.extend(seq.iter().copied().chain(std::iter::repeat_n(0, len - seq.len())));
-            mask.extend((0..len).map(|i| if i < seq.len() { 1f32 } else { 0f32 }));
-        }
-        let d = &self.bert.device;
-        let ids = d.tensor_u32(&ids, &[batch.len(), len])?;
-        let mask = d.tensor_f32(&mask, &[batch.len(), len])?;
+        let ids: Vec<u32> = batch.concat();
         let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
-        let hidden = self.bert.forward(&ids, &lengths)?;
-        let pooled = d.l2_normalize(&d.mean_pool(&hidden, &mask)?)?;
+        let d = &self.bert.device;
+        let hidden = self.bert.forward(&d.tensor_u32(&ids, &[ids.len()])?, &lengths)?;
+        let pooled = d.l2_normalize(&d.mean_pool(&hidden, &lengths)?)?;
         Ok(pooled.to_vec2()?)
     }
 

@@ -45,30 +45,31 @@ unsafe fn product(
     );
 }
 
-/// Bidirectional attention of an encoder over a batch: `qkv` is `[batch][len][3][heads][head_dim]`
-/// (a stacked Q/K/V projection); sequence `b` has `lengths[b]` real tokens and padding after them,
-/// which no query sees. `out` is `[batch][len][heads * head_dim]`; padding rows are zero.
-pub(crate) fn encoder(
-    qkv: &[f32],
-    lengths: &[usize],
-    len: usize,
-    heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
+/// Bidirectional attention of an encoder over a packed batch: `qkv` is `[tokens][3][heads][head_dim]`
+/// (a stacked Q/K/V projection) holding the sequences back to back, `lengths[b]` tokens each,
+/// with no padding; a token sees the tokens of its own sequence only. `out` is
+/// `[tokens][heads * head_dim]`.
+pub(crate) fn encoder(qkv: &[f32], lengths: &[usize], heads: usize, head_dim: usize, out: &mut [f32]) {
     let width = heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.fill(0.0);
+    let starts: Vec<usize> = lengths
+        .iter()
+        .scan(0, |at, &n| {
+            let start = *at;
+            *at += n;
+            Some(start)
+        })
+        .collect();
     let out_ptr = SharedOut::new(out);
     (0..lengths.len() * heads).into_par_iter().for_each(|task| {
         let (b, h) = (task / heads, task % heads);
-        let n = lengths[b];
-        let base = b * len * 3 * width + h * head_dim;
+        let (n, start) = (lengths[b], starts[b]);
+        let base = start * 3 * width + h * head_dim;
         let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
         let mut scores = vec![0.0f32; n * n];
         let out_ptr = &out_ptr;
-        // SAFETY: every read stays inside qkv (n <= len tokens of this sequence); every write goes
-        // to this task's own (sequence, head) columns of `out`.
+        // SAFETY: every read stays inside qkv (the n tokens of this sequence); every write goes
+        // to this task's own (sequence, head) block of `out`.
         unsafe {
             product(
                 n,
@@ -85,7 +86,7 @@ pub(crate) fn encoder(
             scores
                 .chunks_exact_mut(n)
                 .for_each(|row| scaled_softmax(row, scale));
-            let dst = out_ptr.ptr().add(b * len * width + h * head_dim);
+            let dst = out_ptr.ptr().add(start * width + h * head_dim);
             product(
                 n,
                 head_dim,
@@ -227,43 +228,34 @@ mod tests {
     }
 
     #[test]
-    fn encoder_attention_matches_plain_loops_and_ignores_padding() {
-        let (batch, len, heads, hd) = (3, 13, 3, 8);
+    fn packed_encoder_attention_matches_plain_loops_per_sequence() {
+        let (heads, hd) = (3, 8);
         let lengths = [13, 5, 1];
+        let tokens: usize = lengths.iter().sum();
         let width = heads * hd;
-        let mut qkv = values(batch * len * 3 * width, 1);
-        let mut out = vec![0.0; batch * len * width];
-        encoder(&qkv, &lengths, len, heads, hd, &mut out);
-        let at = |b: usize, i: usize, part: usize, h: usize| {
-            &qkv[((b * len + i) * 3 + part) * width + h * hd..][..hd]
-        };
-        for b in 0..batch {
+        let qkv = values(tokens * 3 * width, 1);
+        let mut out = vec![f32::NAN; tokens * width];
+        encoder(&qkv, &lengths, heads, hd, &mut out);
+        let at = |i: usize, part: usize, h: usize| &qkv[(i * 3 + part) * width + h * hd..][..hd];
+        let mut start = 0;
+        for &n in &lengths {
             for h in 0..heads {
-                let k: Vec<Vec<f32>> = (0..lengths[b]).map(|j| at(b, j, 1, h).to_vec()).collect();
-                let v: Vec<Vec<f32>> = (0..lengths[b]).map(|j| at(b, j, 2, h).to_vec()).collect();
-                for i in 0..len {
-                    let got = &out[(b * len + i) * width + h * hd..][..hd];
-                    if i >= lengths[b] {
-                        assert!(got.iter().all(|x| *x == 0.0));
-                        continue;
-                    }
-                    let want = reference::attend(at(b, i, 0, h), &k, &v, 1.0 / (hd as f32).sqrt());
+                let k: Vec<Vec<f32>> = (start..start + n).map(|j| at(j, 1, h).to_vec()).collect();
+                let v: Vec<Vec<f32>> = (start..start + n).map(|j| at(j, 2, h).to_vec()).collect();
+                for i in start..start + n {
+                    let got = &out[i * width + h * hd..][..hd];
+                    let want = reference::attend(at(i, 0, h), &k, &v, 1.0 / (hd as f32).sqrt());
                     for (a, w) in got.iter().zip(&want) {
-                        assert!((a - w).abs() < 1e-5, "b{b} h{h} i{i}: {a} vs {w}");
+                        assert!((a - w).abs() < 1e-5, "token {i} head {h}: {a} vs {w}");
                     }
                 }
             }
+            start += n;
         }
-        // Whatever sits in the padding must not change a real token's output.
-        let before = out.clone();
-        for i in lengths[1]..len {
-            qkv[((len + i) * 3) * width..((len + i + 1) * 3) * width].fill(1e6);
-        }
-        encoder(&qkv, &lengths, len, heads, hd, &mut out);
-        assert_eq!(
-            &before[len * width..(len + lengths[1]) * width],
-            &out[len * width..(len + lengths[1]) * width]
-        );
+        // A sequence's result does not depend on its neighbours.
+        let mut alone = vec![0.0; 5 * width];
+        encoder(&qkv[13 * 3 * width..18 * 3 * width], &[5], heads, hd, &mut alone);
+        assert_eq!(&alone[..], &out[13 * width..18 * width]);
     }
 
     #[test]

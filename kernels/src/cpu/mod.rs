@@ -36,6 +36,7 @@ mod math;
 pub(crate) mod quant;
 
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
+use crate::device::packed;
 use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Weight};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Storage, Tensor, D};
@@ -244,8 +245,8 @@ impl Cpu {
     }
 
     pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
-        let (batch, len, width3) = qkv.dims3()?;
-        if lengths.len() != batch || lengths.iter().any(|&l| l == 0 || l > len) || width3 % (3 * heads) != 0 {
+        let (tokens, width3) = qkv.dims2()?;
+        if !packed(lengths, tokens) || heads == 0 || width3 % (3 * heads) != 0 {
             return Err(bad(
                 "attention",
                 format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims()),
@@ -253,11 +254,11 @@ impl Cpu {
         }
         let head_dim = width3 / 3 / heads;
         let out = read(qkv, |qkv| {
-            let mut out = vec![0f32; batch * len * heads * head_dim];
-            attention::encoder(qkv, lengths, len, heads, head_dim, &mut out);
+            let mut out = vec![0f32; tokens * heads * head_dim];
+            attention::encoder(qkv, lengths, heads, head_dim, &mut out);
             out
         })?;
-        tensor(out, &[batch, len, heads * head_dim])
+        tensor(out, &[tokens, heads * head_dim])
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -305,11 +306,26 @@ impl Cpu {
         Ok(rows.reshape(dims)?)
     }
 
-    pub(crate) fn mean_pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mask = mask.to_dtype(hidden.dtype())?;
-        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-        let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
-        Ok(summed.broadcast_div(&counts)?)
+    pub(crate) fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (tokens, width) = hidden.dims2()?;
+        if !packed(lengths, tokens) {
+            return Err(bad(
+                "mean_pool",
+                format!("hidden {:?}, lengths {lengths:?}", hidden.dims()),
+            ));
+        }
+        let out = read(hidden, |hidden| {
+            let mut out = vec![0f32; lengths.len() * width];
+            let mut rows = hidden.chunks_exact(width);
+            for (mean, &n) in out.chunks_exact_mut(width).zip(lengths) {
+                for row in rows.by_ref().take(n) {
+                    mean.iter_mut().zip(row).for_each(|(m, x)| *m += x);
+                }
+                mean.iter_mut().for_each(|m| *m /= n as f32);
+            }
+            out
+        })?;
+        tensor(out, &[lengths.len(), width])
     }
 
     pub(crate) fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {

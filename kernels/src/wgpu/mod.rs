@@ -5,6 +5,7 @@
 mod context;
 
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
+use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
 use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result, WgpuOptions};
@@ -545,45 +546,52 @@ impl Wgpu {
 
     pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let qkv = qkv.gpu("attention")?;
-        let [batch, len, width3] = qkv.dims[..] else {
+        let [tokens, width3] = qkv.dims[..] else {
             return Err(bad(
                 "attention",
-                format!("qkv {:?} is not [batch, len, 3 * width]", qkv.dims),
+                format!("qkv {:?} is not [tokens, 3 * width]", qkv.dims),
             ));
         };
-        if heads == 0
-            || lengths.len() != batch
-            || lengths.iter().any(|&l| l == 0 || l > len)
-            || width3 % (3 * heads) != 0
-            || width3 / 3 / heads > 256
-        {
+        if heads == 0 || !packed(lengths, tokens) || width3 % (3 * heads) != 0 || width3 / 3 / heads > 256 {
             return Err(bad(
                 "attention",
                 format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims),
             ));
         }
         let (width, head_dim) = (width3 / 3, width3 / 3 / heads);
-        let lengths: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
-        let lengths = self.upload_bytes(bytemuck::cast_slice(&lengths), &[batch], DType::U32)?;
-        let out = self.alloc(&[batch, len, width], DType::F32)?;
+        let starts = self.starts(lengths)?;
+        let out = self.alloc(&[tokens, width], DType::F32)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
         #[rustfmt::skip]
         let params = [
             heads, 1, head_dim, 0,
             width3, width3, width3, width,
             0, width, 2 * width, 0,
-            len * width3, len * width3, len * width,
         ];
         let mut params: Vec<u32> = params.iter().map(|&v| v as u32).collect();
         params.push(scale.to_bits());
         let b = qkv.buffer();
+        let longest = lengths.iter().max().copied().unwrap_or(0);
         self.ctx.dispatch(
             &ATTENTION,
             &params,
-            &[b, b, b, lengths.buffer(), out.buffer()],
-            [len as u32, heads as u32, batch as u32],
+            &[b, b, b, starts.buffer(), out.buffer()],
+            [longest as u32, heads as u32, lengths.len() as u32],
         );
         Ok(wrap(out))
+    }
+
+    /// Where each sequence of a packed batch starts, and where the last one ends (`batch + 1`
+    /// row indices), on the device.
+    fn starts(&self, lengths: &[usize]) -> Result<GpuTensor> {
+        let starts: Vec<u32> = std::iter::once(0)
+            .chain(lengths.iter().scan(0, |at, &n| {
+                *at += n;
+                Some(*at)
+            }))
+            .map(|r| r as u32)
+            .collect();
+        self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
     }
 
     fn rope_tables(&self, rope: &Rope) -> Result<(GpuTensor, GpuTensor)> {
@@ -688,7 +696,6 @@ impl Wgpu {
             heads, heads / kv_heads, head_dim, 1,
             q_width, kv_width, kv_width, q_width,
             0, 0, 0, pos0,
-            0, 0, 0,
         ];
         let mut params: Vec<u32> = params.iter().map(|&v| v as u32).collect();
         params.push(scale.to_bits());
@@ -754,25 +761,27 @@ impl Wgpu {
         self.elementwise(2, &dims, (width, rows), [table, table, ids])
     }
 
-    pub(crate) fn mean_pool(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (hidden, mask) = (hidden.gpu("mean_pool")?, mask.gpu("mean_pool")?);
-        let [batch, len, width] = hidden.dims[..] else {
+    pub(crate) fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let hidden = hidden.gpu("mean_pool")?;
+        let [tokens, width] = hidden.dims[..] else {
             return Err(bad(
                 "mean_pool",
-                format!("hidden {:?} is not [batch, len, dim]", hidden.dims),
+                format!("hidden {:?} is not [tokens, dim]", hidden.dims),
             ));
         };
-        if mask.dims != [batch, len] || mask.dtype != DType::F32 {
+        if !packed(lengths, tokens) {
             return Err(bad(
                 "mean_pool",
-                format!("mask {:?} for hidden {:?}", mask.dims, hidden.dims),
+                format!("hidden {:?}, lengths {lengths:?}", hidden.dims),
             ));
         }
+        let batch = lengths.len();
+        let starts = self.starts(lengths)?;
         let out = self.alloc(&[batch, width], DType::F32)?;
         self.ctx.dispatch(
             &MEAN_POOL,
-            &[batch as u32, len as u32, width as u32],
-            &[hidden.buffer(), mask.buffer(), out.buffer()],
+            &[batch as u32, width as u32],
+            &[hidden.buffer(), starts.buffer(), out.buffer()],
             grid((batch * width).div_ceil(256)),
         );
         Ok(wrap(out))

@@ -212,12 +212,11 @@ fn worker(shared: &Shared, model: &dyn EmbedBatch) {
         }
         let mut failure = None;
         for (chunk, chunk_owners) in flat.chunks(max).zip(owners.chunks(max)) {
-            let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
+            // The encoder runs the chunk packed: no padding tokens to count.
             let real: usize = chunk.iter().map(Vec::len).sum();
             Counters::add(&c.batches, 1);
             Counters::add(&c.items, chunk.len() as u64);
             Counters::add(&c.tokens, real as u64);
-            Counters::add(&c.padding_tokens, (longest * chunk.len() - real) as u64);
             let t = Instant::now();
             let result = guarded("the encoder", || model.embed_batch(chunk));
             Counters::add_time(&c.compute_ns, t.elapsed());
