@@ -89,6 +89,11 @@ struct Tile {
     cols: usize,
     /// Add to what `c` holds (a later `k` block) instead of overwriting it.
     accumulate: bool,
+    /// The weight block that comes next, and which of its `k` steps this tile prefetches
+    /// (spread over the tiles of the current block, so that its memory reads overlap their
+    /// arithmetic); null when nothing comes next.
+    prefetch: *const f32,
+    prefetch_steps: (usize, usize),
 }
 
 impl PackedF32 {
@@ -176,6 +181,13 @@ impl PackedF32 {
             let last = pc + kc == k;
             for j in panels.clone() {
                 let bp = b.add((j * k + pc) * NR);
+                let (next, next_kc) = if j + 1 < panels.end {
+                    (b.add(((j + 1) * k + pc) * NR), kc)
+                } else if !last {
+                    (b.add((panels.start * k + pc + kc) * NR), KC.min(k - pc - kc))
+                } else {
+                    (std::ptr::null(), 0)
+                };
                 let col = j * NR;
                 let cols = NR.min(n - col);
                 for t in 0..tiles {
@@ -186,6 +198,8 @@ impl PackedF32 {
                         rows: MR.min(rows.end - r),
                         cols,
                         accumulate: pc > 0,
+                        prefetch: next,
+                        prefetch_steps: (t * next_kc / tiles, (t + 1) * next_kc / tiles),
                     };
                     // The tile's rows of x, read in place; rows past the end repeat the last row
                     // (computed, never stored).
@@ -270,6 +284,12 @@ unsafe fn kernel_avx512<const R: usize>(kc: usize, a: [*const f32; MR], b: *cons
     let mut acc = [[_mm512_setzero_ps(); 3]; R];
     for p in 0..kc {
         let bp = b.add(p * NR);
+        if (tile.prefetch_steps.0..tile.prefetch_steps.1).contains(&p) {
+            let next = tile.prefetch.add(p * NR).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_T0>(next);
+            _mm_prefetch::<_MM_HINT_T0>(next.add(64));
+            _mm_prefetch::<_MM_HINT_T0>(next.add(128));
+        }
         let bv = [
             _mm512_load_ps(bp),
             _mm512_load_ps(bp.add(16)),
