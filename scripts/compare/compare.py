@@ -273,6 +273,13 @@ def main():
             add("minilm_int8_b32", "keel", km["int8"]["b32_s_samples"])
         add("smollm2_prefill", "keel", ks["prefill_s_samples"])
         add("smollm2_decode", "keel", ks["decode_s_samples"])
+        # Stock candle 0.11.1, run by compare_keel in the same process (the path Keel replaces).
+        if km.get("stock_candle"):
+            add("minilm_b1_ms", "stock", [x / 1e3 for x in km["stock_candle"]["b1_ms_samples"]])
+            add("minilm_b32", "stock", km["stock_candle"]["b32_s_samples"])
+        if ks.get("stock_candle"):
+            add("smollm2_prefill", "stock", ks["stock_candle"]["prefill_s_samples"])
+            add("smollm2_decode", "stock", ks["stock_candle"]["decode_s_samples"])
 
         log(f"round {r + 1}/{args.rounds}: ONNX Runtime")
         for which in ort.sessions:
@@ -310,7 +317,13 @@ def main():
             (conv(median(a)) / conv(median(b))) if higher else (conv(median(b)) / conv(median(a)))
             for a, b in zip(kr, orr)
         ]
+        stock = None
+        if "stock" in samples[key]:
+            sr = samples[key]["stock"]
+            sv = conv(median([x for r in sr for x in r]))
+            stock = {"value": sv, "keel_gain": kv / sv if higher else sv / kv}
         table.append({
+            "stock_candle": stock,
             "workload": key,
             "label": label,
             "unit": unit,
@@ -342,6 +355,11 @@ def main():
         checks["keel_int8_vs_f32_cosine_min"] = keel_last["minilm"]["int8"]["cosine_vs_f32_min"]
     kg = keel_last["smollm2"]["decode_generated_ids"]
     checks["greedy_tokens_equal_prefix"] = common_prefix(kg, llama_generated)
+    if keel_last["smollm2"].get("stock_candle"):
+        checks["greedy_tokens_equal_prefix_stock_candle"] = common_prefix(
+            kg, keel_last["smollm2"]["stock_candle"]["decode_generated_ids"])
+    if keel_last["minilm"].get("stock_candle"):
+        checks["keel_vs_stock_candle_cosine"] = keel_last["minilm"]["stock_candle"]["cosine_to_keel"]
     checks["greedy_tokens_compared"] = len(kg)
     results["checks"] = checks
     results["keel_threads"] = keel_last.get("rayon_threads")
@@ -363,15 +381,19 @@ def main():
           f"llama-cpp-python {lcpp.version}; keel {m.get('git_commit')} "
           f"({m.get('git_modified_files')} modified files)")
     print()
-    hdr = f"| {'workload':<58} | {'Keel':>9} | {'other':>9} | {'':<17} | {'ratio':>6} | {'per round':<17} |"
+    hdr = (f"| {'workload':<58} | {'Keel':>9} | {'other':>9} | {'':<17} | {'ratio':>6} | {'per round':<17} "
+           f"| {'candle':>9} | {'gain':>6} |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for row in table:
         pr = f"{row['ratio_min_round']:.2f}-{row['ratio_max_round']:.2f}"
+        st = row["stock_candle"]
+        sc = f"{st['value']:>9.1f} | {st['keel_gain']:>6.2f}" if st else f"{'-':>9} | {'-':>6}"
         print(f"| {row['label'] + ' (' + row['unit'] + ')':<58} | {row['keel']:>9.1f} | {row['other']:>9.1f} "
-              f"| {row['other_runtime']:<17} | {row['ratio']:>6.2f} | {pr:<17} |")
+              f"| {row['other_runtime']:<17} | {row['ratio']:>6.2f} | {pr:<17} | {sc} |")
     print()
-    print("ratio = Keel speed / other speed (> 1: Keel faster; for ms: other ms / Keel ms)")
+    print("ratio = Keel speed / other speed (> 1: Keel faster; for ms: other ms / Keel ms); "
+          "candle = stock candle 0.11.1 (candle-transformers) in the same run, gain = Keel / candle")
     print("checks: " + ", ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in checks.items()))
     print(f"results: {args.out}")
 

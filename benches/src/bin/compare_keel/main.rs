@@ -8,7 +8,12 @@
 //! - SmolLM2 Q4_1 through `Llama::forward`: 512-token prefill, then batch-1 greedy decode of 128
 //!   tokens after a short prompt. The token ids used are printed so that llama.cpp runs the same.
 //!
+//! - the same workloads on stock candle 0.11.1 (`stock_candle.rs`, unless `--no-stock`), so that
+//!   Keel's gain over the path it replaces is a ratio measured in the same run.
+//!
 //! Threads: the CPU kernels use rayon's global pool; set `RAYON_NUM_THREADS` (the driver sets 2).
+
+mod stock_candle;
 
 use keel::{CacheConfig, Engine, LoadOptions, WeightPath};
 use keel_kernels::Device;
@@ -37,6 +42,7 @@ struct Args {
     reps: usize,
     decode_steps: usize,
     prefill_tokens: usize,
+    stock: bool,
 }
 
 fn args() -> Res<Args> {
@@ -48,6 +54,7 @@ fn args() -> Res<Args> {
         reps: 5,
         decode_steps: 128,
         prefill_tokens: 512,
+        stock: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,10 +65,11 @@ fn args() -> Res<Args> {
             "--reps" => a.reps = value()?.parse()?,
             "--decode-steps" => a.decode_steps = value()?.parse()?,
             "--prefill-tokens" => a.prefill_tokens = value()?.parse()?,
+            "--no-stock" => a.stock = false,
             "-h" | "--help" => {
                 println!(
                     "compare_keel [--models DIR] [--only minilm|smollm2] [--reps N] \
-                     [--decode-steps N] [--prefill-tokens N]"
+                     [--decode-steps N] [--prefill-tokens N] [--no-stock]"
                 );
                 std::process::exit(0);
             }
@@ -136,6 +144,14 @@ fn minilm(a: &Args) -> Res<Value> {
             "b32_s_samples": b32,
         });
         if name == "f32" {
+            if a.stock {
+                let ids = engine.tokenize(&id, &text, false)?;
+                let keel_vector = engine.embed(&id, &one)?.vectors.remove(0);
+                out.insert(
+                    "stock_candle".into(),
+                    stock_candle::minilm(a, &ids, &keel_vector)?,
+                );
+            }
             entry["sentence_vectors"] = json!(vectors);
             f32_vectors = vectors;
         } else {
@@ -199,7 +215,13 @@ fn smollm2(a: &Args) -> Res<Value> {
             decode.push(s);
         }
     }
+    drop(model);
+    let stock = match a.stock {
+        true => stock_candle::smollm2(a, &prefill_ids, &decode_prompt, a.decode_steps)?,
+        false => Value::Null,
+    };
     Ok(json!({
+        "stock_candle": stock,
         "prefill_tokens": prefill_ids.len(),
         "prefill_tokens_per_s": prefill_ids.len() as f64 / median(prefill.clone()),
         "prefill_s_samples": prefill,
