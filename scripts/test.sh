@@ -8,7 +8,5 @@ bash scripts/setup-system.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 cargo test --workspace --release --locked
-# The scheduler queue under loom's model checker (every interleaving of a few threads).
-cargo test -p keel --release --locked --features loom --lib loom_
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh

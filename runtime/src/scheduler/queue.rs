@@ -7,10 +7,10 @@
 //! (with a timeout at the next moment something can change), so an idle queue costs no CPU.
 
 use crate::request::Priority;
-#[cfg(feature = "loom")]
+#[cfg(loom)]
 use loom::sync::{Condvar, Mutex, MutexGuard};
 use std::cmp::Reverse;
-#[cfg(not(feature = "loom"))]
+#[cfg(not(loom))]
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -298,7 +298,7 @@ fn take_where<T>(entries: &mut Vec<Entry<T>>, pred: impl Fn(&Entry<T>) -> bool) 
     taken
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -519,12 +519,12 @@ mod tests {
 }
 
 /// The queue under loom's model checker: every interleaving of a few threads, for lost
-/// wake-ups, lost or doubled requests and stuck workers. Run with
-/// `cargo test -p keel --release --features loom --lib loom_` (the feature swaps the queue's
-/// `Mutex`/`Condvar` for loom's models; it is for these tests only). Timing is out of the
-/// model: `max_delay` is zero (a batch is ready as soon as anything is queued) and no request
-/// has a deadline, so every wait is one that only a notification may end.
-#[cfg(all(test, feature = "loom"))]
+/// wake-ups, lost or doubled requests and stuck workers. The keel-loom crate (`runtime/loom`)
+/// compiles this file with `cfg(loom)`, which swaps the `Mutex`/`Condvar` for loom's models;
+/// `cargo test --workspace` runs it. Timing is out of the model: `max_delay` is zero (a batch is
+/// ready as soon as anything is queued) and no request has a deadline, so every wait is one that
+/// only a notification may end.
+#[cfg(all(test, loom))]
 mod loom_model {
     use super::*;
     use loom::sync::Arc;
