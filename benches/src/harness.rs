@@ -217,9 +217,12 @@ fn matmul_peak(device: &Device) -> Res<f64> {
 fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
     p.step("matmul peak");
     let peak = matmul_peak(device)?;
+    // One caller at a time: nothing could join a batch, so no queue delay is spent waiting for
+    // one; what the engine adds over the bare model is then the scheduler's own cost.
     let engine = Engine::builder()
         .on(device.clone())
         .caches(CacheConfig::off())
+        .scheduler(SchedulerConfig::default().max_queue_delay(Duration::ZERO))
         .build()?;
     let id = engine.load(model)?.to_string();
     let bare = SentenceEncoder::load(
