@@ -179,6 +179,7 @@ class LlamaCpp:
         )
         self.n_vocab = self.llm.n_vocab()
         self.llama_cpp = llama_cpp
+        self.threads = args.threads
 
     def last_logits(self):
         # The logits of the last token evaluated (n_vocab floats), read from the context directly.
@@ -211,6 +212,62 @@ class LlamaCpp:
                 generated = toks
             else:
                 out.append(dt)
+        return out, generated
+
+
+    def decode_batched(self, prompts, steps, reps):
+        """len(prompts) sequences decoding together, greedy: each step is one llama_decode holding
+        one token of every sequence (llama.cpp's batched decode, a context with n_seq_max
+        sequences), after every prompt is evaluated (not timed)."""
+        lc = self.llama_cpp
+        n = len(prompts)
+        params = lc.llama_context_default_params()
+        params.n_ctx = 4096
+        params.n_batch = 512
+        params.n_ubatch = 512
+        params.n_seq_max = n
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        ctx = lc.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp: no context for the batched decode")
+        batch = lc.llama_batch_init(max(512, sum(len(p) for p in prompts)), 0, 1)
+
+        def run(items):  # (token, position, sequence, wants logits)
+            batch.n_tokens = len(items)
+            for i, (tok, pos, seq, logits) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, logits
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def logits(i):
+            return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,))
+
+        out, generated = [], None
+        try:
+            for r in range(reps + 1):
+                lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                run([(t, j, s, int(j == len(p) - 1)) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+                last = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(n)]
+                pos = [len(p) for p in prompts]
+                toks = [[] for _ in range(n)]
+                t = time.perf_counter()
+                for _ in range(steps):
+                    nxt = [int(np.argmax(logits(last[s]))) for s in range(n)]
+                    for s in range(n):
+                        toks[s].append(nxt[s])
+                    run([(nxt[s], pos[s], s, 1) for s in range(n)])
+                    pos = [p + 1 for p in pos]
+                    last = list(range(n))
+                dt = time.perf_counter() - t
+                if r == 0:
+                    generated = toks
+                else:
+                    out.append(dt)
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
         return out, generated
 
 
@@ -261,6 +318,7 @@ def main():
 
     keel_last = None
     llama_generated = None
+    llama_streams = None
     for r in range(args.rounds):
         log(f"round {r + 1}/{args.rounds}: Keel")
         k = run_keel(args)
@@ -292,6 +350,10 @@ def main():
         add("smollm2_prefill", "other", lcpp.prefill(ks["prefill_ids"], args.reps))
         dec, llama_generated = lcpp.decode(ks["decode_prompt_ids"], args.decode_steps, args.reps)
         add("smollm2_decode", "other", dec)
+        if ks.get("streams"):
+            add("smollm2_streams", "keel", ks["streams"]["s_samples"])
+            dec, llama_streams = lcpp.decode_batched(ks["streams"]["prompt_ids"], ks["streams"]["steps"], args.reps)
+            add("smollm2_streams", "other", dec)
 
     # Figures: seconds per call -> the unit of the table.
     prefill_n = keel_last["smollm2"]["prefill_tokens"]
@@ -306,6 +368,10 @@ def main():
         "smollm2_prefill": (f"SmolLM2 Q4_1 prefill, {prefill_n} tokens", "llama.cpp", "tokens/s",
                             lambda s: prefill_n / s, True),
     }
+    st = keel_last["smollm2"].get("streams")
+    if st:
+        spec["smollm2_streams"] = (f"SmolLM2 Q4_1 decode, {st['streams']} streams together (aggregate)",
+                                   "llama.cpp", "tokens/s", lambda s: st["streams"] * st["steps"] / s, True)
     table = []
     for key, (label, other, unit, conv, higher) in spec.items():
         if key not in samples or "keel" not in samples[key] or "other" not in samples[key]:
@@ -355,6 +421,9 @@ def main():
         checks["keel_int8_vs_f32_cosine_min"] = keel_last["minilm"]["int8"]["cosine_vs_f32_min"]
     kg = keel_last["smollm2"]["decode_generated_ids"]
     checks["greedy_tokens_equal_prefix"] = common_prefix(kg, llama_generated)
+    if st and llama_streams:
+        checks["streams_greedy_tokens_equal_prefix_min"] = min(
+            common_prefix(a, b) for a, b in zip(st["generated_ids"], llama_streams))
     if keel_last["smollm2"].get("stock_candle"):
         checks["greedy_tokens_equal_prefix_stock_candle"] = common_prefix(
             kg, keel_last["smollm2"]["stock_candle"]["decode_generated_ids"])

@@ -6,7 +6,8 @@
 //!   every input exactly 128 tokens ("hello " * 126 plus [CLS] and [SEP]); the same for the int8
 //!   encoder path, with its cosine to the f32 path on a few real sentences;
 //! - SmolLM2 Q4_1 through `Llama::forward`: 512-token prefill, then batch-1 greedy decode of 128
-//!   tokens after a short prompt. The token ids used are printed so that llama.cpp runs the same.
+//!   tokens after a short prompt, then 8 sequences decoding together (`Llama::forward_batch`, 64
+//!   steps). The token ids used are printed so that llama.cpp runs the same.
 //!
 //! - the same workloads on stock candle 0.11.1 (`stock_candle.rs`, unless `--no-stock`), so that
 //!   Keel's gain over the path it replaces is a ratio measured in the same run.
@@ -17,7 +18,7 @@ mod stock_candle;
 
 use keel::{CacheConfig, Engine, LoadOptions, WeightPath};
 use keel_kernels::Device;
-use keel_models::llama::Llama;
+use keel_models::llama::{KvCache, Llama};
 use keel_models::weights::GgufFile;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -182,6 +183,9 @@ fn smollm2(a: &Args) -> Res<Value> {
     }
     prefill_ids.truncate(a.prefill_tokens);
     let decode_prompt = engine.tokenize(&id, "Once upon a time", false)?;
+    let stream_prompts = (0..STREAMS)
+        .map(|i| engine.tokenize(&id, &format!("Story number {i}: once upon a time"), false))
+        .collect::<Result<Vec<_>, _>>()?;
     engine.unload(&id)?;
     drop(engine);
 
@@ -215,6 +219,7 @@ fn smollm2(a: &Args) -> Res<Value> {
             decode.push(s);
         }
     }
+    let streams = batched_decode(a, &model, &stream_prompts)?;
     drop(model);
     let stock = match a.stock {
         true => stock_candle::smollm2(a, &prefill_ids, &decode_prompt, a.decode_steps)?,
@@ -222,6 +227,7 @@ fn smollm2(a: &Args) -> Res<Value> {
     };
     Ok(json!({
         "stock_candle": stock,
+        "streams": streams,
         "prefill_tokens": prefill_ids.len(),
         "prefill_tokens_per_s": prefill_ids.len() as f64 / median(prefill.clone()),
         "prefill_s_samples": prefill,
@@ -231,6 +237,52 @@ fn smollm2(a: &Args) -> Res<Value> {
         "prefill_ids": prefill_ids,
         "decode_prompt_ids": decode_prompt,
         "decode_generated_ids": generated,
+    }))
+}
+
+/// Concurrent sequences of the batched decode.
+const STREAMS: usize = 8;
+
+/// Decode of `STREAMS` sequences together, one token each per step (continuous batching's steady
+/// state, as llama.cpp's batched `llama_decode` runs it): greedy, after each sequence's own
+/// prompt (not timed).
+fn batched_decode(a: &Args, model: &Llama, prompts: &[Vec<u32>]) -> Res<Value> {
+    let steps = a.decode_steps / 2;
+    let mut samples = Vec::new();
+    let mut generated = Vec::new();
+    for rep in 0..=a.reps {
+        let mut caches = (0..prompts.len())
+            .map(|_| model.new_cache())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut batch: Vec<(&[u32], &mut KvCache)> =
+            prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
+        let mut logits = model.forward_batch(&mut batch)?;
+        let mut tokens = vec![Vec::with_capacity(steps); prompts.len()];
+        let start = Instant::now();
+        for _ in 0..steps {
+            let next: Vec<u32> = logits.iter().map(|l| keel_models::sampling::argmax(l)).collect();
+            tokens.iter_mut().zip(&next).for_each(|(t, &n)| t.push(n));
+            let mut batch: Vec<(&[u32], &mut KvCache)> = next
+                .iter()
+                .map(std::slice::from_ref)
+                .zip(caches.iter_mut())
+                .collect();
+            logits = model.forward_batch(&mut batch)?;
+        }
+        let s = start.elapsed().as_secs_f64();
+        if rep == 0 {
+            generated = tokens; // warm-up, not counted
+        } else {
+            samples.push(s);
+        }
+    }
+    Ok(json!({
+        "streams": prompts.len(),
+        "steps": steps,
+        "aggregate_tokens_per_s": (prompts.len() * steps) as f64 / median(samples.clone()),
+        "s_samples": samples,
+        "prompt_ids": prompts,
+        "generated_ids": generated,
     }))
 }
 
