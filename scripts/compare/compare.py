@@ -422,8 +422,8 @@ def main():
     kg = keel_last["smollm2"]["decode_generated_ids"]
     checks["greedy_tokens_equal_prefix"] = common_prefix(kg, llama_generated)
     if st and llama_streams:
-        checks["streams_greedy_tokens_equal_prefix_min"] = min(
-            common_prefix(a, b) for a, b in zip(st["generated_ids"], llama_streams))
+        checks["streams_greedy_tokens_equal_prefix"] = [
+            common_prefix(a, b) for a, b in zip(st["generated_ids"], llama_streams)]
     if keel_last["smollm2"].get("stock_candle"):
         checks["greedy_tokens_equal_prefix_stock_candle"] = common_prefix(
             kg, keel_last["smollm2"]["stock_candle"]["decode_generated_ids"])
