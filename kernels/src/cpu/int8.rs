@@ -42,35 +42,22 @@ fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
     scale[0]
 }
 
-/// `max |x| / 127`, or NaN if a value is not finite: 8-lane maximum, so that it vectorizes.
-#[inline(always)]
-fn row_scale(x: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
-    // `x > m` is false for NaN: NaN and infinities are caught by the finiteness check.
-    let mut amax = chunks
-        .remainder()
-        .iter()
-        .fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-    for c in chunks {
-        for i in 0..8 {
-            let a = c[i].abs();
-            lanes[i] = if a > lanes[i] { a } else { lanes[i] };
-        }
-    }
-    amax = lanes.iter().fold(amax, |m, &v| if v > m { v } else { m });
-    let finite = x.iter().fold(true, |ok, v| ok & v.is_finite());
-    if finite {
-        amax / 127.0
-    } else {
-        f32::NAN
-    }
-}
-
 multiversion! {
-    /// The body of [`quantize_row`], vectorized, rounding to nearest even.
+    /// The body of [`quantize_row`], vectorized: 8-lane maximum, rounding to nearest even.
     fn quantize_into(x: &[f32], out: &mut [i8], scale: &mut [f32]) {
-        let s = row_scale(x);
+        let mut lanes = [0.0f32; 8];
+        let chunks = x.chunks_exact(8);
+        // `x > m` is false for NaN: NaN and infinities are caught by the finiteness check.
+        let mut amax = chunks.remainder().iter().fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        for c in chunks {
+            for i in 0..8 {
+                let a = c[i].abs();
+                lanes[i] = if a > lanes[i] { a } else { lanes[i] };
+            }
+        }
+        amax = lanes.iter().fold(amax, |m, &v| if v > m { v } else { m });
+        let finite = x.iter().fold(true, |ok, v| ok & v.is_finite());
+        let s = if finite { amax / 127.0 } else { f32::NAN };
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (q, v) in out.iter_mut().zip(x) {
             *q = (v * inv).round_ties_even() as i8;

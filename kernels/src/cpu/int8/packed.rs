@@ -30,10 +30,12 @@ const MC: usize = 64;
 #[repr(C, align(64))]
 struct Line([i8; 64]);
 
-/// Whether this CPU runs the AVX-512 VNNI kernel.
+/// Whether this CPU runs the AVX-512 VNNI kernel (and the activation quantizer, which needs
+/// VL for its 16-byte masked stores).
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
 }
 
@@ -214,7 +216,8 @@ fn quantize_activations(x: &[f32], qx: &mut [u8], k4: usize, sx: &mut [f32]) {
     let k = x.len() / sx.len();
     let rows = |((q, s), x): ((&mut [u8], &mut [f32]), &[f32])| {
         for ((q, s), x) in q.chunks_exact_mut(k4).zip(s).zip(x.chunks_exact(k)) {
-            // SAFETY: panels (whose products call this) are only made where the CPU has AVX-512.
+            // SAFETY: panels (whose products call this) are only made where the CPU has AVX-512
+            // F, BW and VL.
             *s = unsafe { quantize_row(x, q) };
         }
     };
@@ -228,18 +231,44 @@ fn quantize_activations(x: &[f32], qx: &mut [u8], k4: usize, sx: &mut [f32]) {
     }
 }
 
-/// [`super::quantize_row`] to u8 with a zero point of 128 (`out` past `x` is 128, a zero),
-/// compiled for AVX-512.
+/// [`super::quantize_row`] to u8 with a zero point of 128 (`out` past `x` is 128, a zero), in
+/// AVX-512 intrinsics: the compiler scalarizes the saturating `as i8` of the plain loop.
 ///
 /// # Safety
-/// The CPU has AVX-512F and BW.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// The CPU has AVX-512F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
-    let s = super::row_scale(x);
+    let lanes = |i: usize| -> __mmask16 { ((1u32 << (x.len() - i).min(16)) - 1) as __mmask16 };
+    let (mut amax, mut finite) = (_mm512_setzero_ps(), true);
+    for i in (0..x.len()).step_by(16) {
+        let a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(i), x.as_ptr().add(i)));
+        // False for NaN and infinities.
+        finite &= _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, _mm512_set1_ps(f32::MAX)) == 0xffff;
+        amax = _mm512_max_ps(amax, a);
+    }
+    let s = if finite {
+        _mm512_reduce_max_ps(amax) / 127.0
+    } else {
+        f32::NAN
+    };
+    // A zero or non-finite row quantizes to zeros (its NaN scale reaches the output).
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    for (q, v) in out.iter_mut().zip(x) {
-        // q + 128 in u8 is q's bits with the top one flipped.
-        *q = (v * inv).round_ties_even() as i8 as u8 ^ 0x80;
+    if inv == 0.0 {
+        out.fill(128);
+        return s;
+    }
+    let inv = _mm512_set1_ps(inv);
+    let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+    for i in (0..x.len()).step_by(16) {
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(i), x.as_ptr().add(i)), inv);
+        // Saturated like `as i8`, which matters only where `inv` overflowed (rows under 1e-36):
+        // max and min return their second operand, `v`, when it is NaN (0 × inf), and NaN
+        // converts to 0x80000000, whose low byte is 0 like `NaN as i8`.
+        let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+        let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        // q + 128 in u8 is q's low byte with the top bit flipped.
+        let q = _mm_xor_si128(_mm512_cvtepi32_epi8(q), _mm_set1_epi8(-128));
+        _mm_mask_storeu_epi8(out.as_mut_ptr().add(i).cast(), lanes(i), q);
     }
     out[x.len()..].fill(128);
     s
@@ -312,6 +341,36 @@ unsafe fn kernel<const R: usize>(groups: usize, a: [*const u8; MR], b: *const Li
                     _mm512_mask_storeu_ps(at, masks[j], _mm512_mul_ps(y, _mm512_set1_ps(d.sx[i])));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 quantizer gives the plain one's values plus 128 and its scale, bit for bit,
+    /// on every length up to 40, tiny rows whose inverse scale overflows, and non-finite rows.
+    #[test]
+    fn quantize_row_equals_the_plain_one() {
+        if !available() {
+            return;
+        }
+        let mut rows: Vec<Vec<f32>> = (1..=40)
+            .map(|n| (0..n).map(|i| ((i * 7919 % 61) as f32 - 30.0) * 0.37).collect())
+            .collect();
+        rows.push(vec![1e-40, -3e-41, 0.0, 2e-45]);
+        rows.push(vec![0.0; 17]);
+        rows.push(vec![1.0, f32::NAN, 2.0]);
+        rows.push(vec![f32::NEG_INFINITY; 18]);
+        for x in rows {
+            let (mut want, mut got) = (vec![0i8; 48], vec![0u8; 48]);
+            let scale = super::super::quantize_row(&x, &mut want);
+            // SAFETY: the CPU has AVX-512 (checked above).
+            let s = unsafe { quantize_row(&x, &mut got) };
+            assert_eq!(s.to_bits(), scale.to_bits(), "{x:?}");
+            let want: Vec<u8> = want.iter().map(|&q| (q as i16 + 128) as u8).collect();
+            assert_eq!(got, want, "{x:?}");
         }
     }
 }
