@@ -379,23 +379,25 @@ mod tests {
         std::iter::once(m).chain(panels).collect()
     }
 
-    /// The product from plain integer sums on the row-major values of `m`: `sum * sw * sx` per
-    /// cell, in the kernels' order, then bias and activation.
+    /// The product from plain integer sums on the values of `m`: `sum * sw * sx` per cell, in
+    /// the kernels' order, then bias and activation.
     fn reference(m: &Int8Matrix, x: &[f32], bias: &[f32], act: Activation) -> Vec<f32> {
-        let Layout::Rows { stride, values } = &m.layout else {
-            panic!("the reference reads the row-major layout");
-        };
         let t = x.len() / m.cols;
-        let mut qx = vec![0i8; t * stride];
+        let mut qx = vec![0i8; x.len()];
         let sx: Vec<f32> = x
             .chunks_exact(m.cols)
-            .zip(qx.chunks_exact_mut(*stride))
+            .zip(qx.chunks_exact_mut(m.cols))
             .map(|(r, q)| quantize_row(r, q))
             .collect();
         let mut y = vec![0f32; t * m.rows];
         for ti in 0..t {
             for r in 0..m.rows {
-                let sum = reference::tile(&values[r * stride..], &qx[ti * stride..], *stride, 1, 1)[0][0];
+                let qx = &qx[ti * m.cols..(ti + 1) * m.cols];
+                let sum: i32 = qx
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &q)| q as i32 * m.value(r, c) as i32)
+                    .sum();
                 y[ti * m.rows + r] = sum as f32 * m.scales[r] * sx[ti];
             }
         }
