@@ -22,7 +22,7 @@ const MR: usize = 8;
 const NR: usize = 48;
 /// Depth per block (a multiple of 4): a panel's `KC×NR` block (24 KiB) stays in the 48 KiB L1.
 const KC: usize = 512;
-/// Rows per task: its `MC×KC` block of activations (32 KiB) stays in L2 across the panels.
+/// Rows per task at most: its `MC×KC` block of activations (32 KiB) stays in L2 across the panels.
 const MC: usize = 64;
 
 /// 64 bytes: panels start on a cache line, so a group of 4 `k` is exactly 3 aligned lines.
@@ -60,8 +60,8 @@ impl std::fmt::Debug for Panels {
 }
 
 thread_local! {
-    /// The quantized activations, reused across products. Taken out while in use, so that a
-    /// product nested in another on this thread (rayon may run one while waiting) gets its own.
+    /// A task's quantized activations, reused across tasks and products on this thread (taken
+    /// out while in use, so nothing else can see it half written).
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
@@ -111,36 +111,43 @@ impl Panels {
         if m == 0 || n == 0 {
             return;
         }
-        let mut qx = SCRATCH.take();
-        if qx.len() < m * k4 {
-            qx.resize(m * k4, 0);
-        }
-        let mut sx = vec![0f32; m];
-        quantize_activations(x, &mut qx[..m * k4], k4, &mut sx);
+        let k = x.len() / m;
         let panels = n.div_ceil(NR);
-        let row_blocks = m.div_ceil(MC);
-        // Enough tasks for the pool to balance (4 per thread), splitting the columns when the
-        // rows alone do not give them (few tokens).
+        // Enough tasks for the pool to balance (4 per thread): row blocks shrink (down to one
+        // tile) before the columns are split, since each task quantizes its block's rows.
         let want = 4 * rayon::current_num_threads();
+        let mc = (m.div_ceil(want).div_ceil(MR) * MR).clamp(MR, MC);
+        let row_blocks = m.div_ceil(mc);
         let chunks = want.div_ceil(row_blocks).clamp(1, panels);
         let per_chunk = panels.div_ceil(chunks);
         let chunks = panels.div_ceil(per_chunk);
         for_each_task(row_blocks * chunks, m * n * k4, |task| {
             let (block, chunk) = (task / chunks, task % chunks);
-            let rows = block * MC..m.min((block + 1) * MC);
+            let rows = block * mc..m.min((block + 1) * mc);
             let cols = chunk * per_chunk..panels.min((chunk + 1) * per_chunk);
-            // SAFETY: tasks own disjoint (row block, panel chunk) rectangles of `out`; `qx` holds
-            // `m` rows of `k4` bytes; panels are only made where the CPU has AVX-512 VNNI.
+            // The task's rows, quantized into its thread's scratch: they stay in L2 for the
+            // products (measured 10-25% faster at 4096 tokens than one pass over all rows first,
+            // whose output has left L2 by the time the products read it).
+            let mut qx = SCRATCH.take();
+            qx.resize(rows.len() * k4, 0);
+            let mut sx = [0f32; MC];
+            let xs = x[rows.start * k..rows.end * k].chunks_exact(k);
+            for ((q, s), x) in qx.chunks_exact_mut(k4).zip(&mut sx).zip(xs) {
+                // SAFETY: panels are only made where the CPU has AVX-512 F, BW, VL and VNNI.
+                *s = unsafe { quantize_row(x, q) };
+            }
+            // SAFETY: as above; tasks own disjoint (row block, panel chunk) rectangles of `out`;
+            // `qx` holds the block's rows, `k4` bytes each.
             unsafe { self.block(&qx, &sx, rows, cols, bias, act, out) };
+            SCRATCH.set(qx);
         });
-        SCRATCH.set(qx);
     }
 
     /// One task: rows `rows` of `y` by panels `panels`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 VNNI; `qx` holds the activation rows (`k4` bytes each); no other task
-    /// writes this rectangle of `out` (which holds `m×n` values).
+    /// The CPU has AVX-512 VNNI; `qx` and `sx` hold the quantized rows `rows` (`k4` bytes each)
+    /// and their scales; no other task writes this rectangle of `out` (which holds `m×n` values).
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(
         &self,
@@ -165,8 +172,9 @@ impl Panels {
                 let cols = NR.min(n - col);
                 for t in 0..tiles {
                     let r = rows.start + t * MR;
-                    // Rows past the end repeat the last row (computed, never stored).
-                    let row = |i: usize| (r + i).min(rows.end - 1);
+                    // Rows past the end repeat the last row (computed, never stored); `qx` and `sx`
+                    // start at the block's first row.
+                    let row = |i: usize| (r + i).min(rows.end - 1) - rows.start;
                     let tile = Tile {
                         c: out.ptr().add(r * n + col),
                         ldc: n,
@@ -207,28 +215,6 @@ impl Panels {
 /// Where value `(col, p)` of the weight lies in the panels' bytes.
 fn index(col: usize, p: usize, k4: usize) -> usize {
     (col / NR * k4 + p / 4 * 4) * NR + col % NR * 4 + p % 4
-}
-
-/// Quantizes the rows of `x` into `qx` (`k4` bytes a row, zero point 128) and their scales into
-/// `sx`, on the shared pool when there are many.
-fn quantize_activations(x: &[f32], qx: &mut [u8], k4: usize, sx: &mut [f32]) {
-    use rayon::prelude::*;
-    let k = x.len() / sx.len();
-    let rows = |((q, s), x): ((&mut [u8], &mut [f32]), &[f32])| {
-        for ((q, s), x) in q.chunks_exact_mut(k4).zip(s).zip(x.chunks_exact(k)) {
-            // SAFETY: panels (whose products call this) are only made where the CPU has AVX-512
-            // F, BW and VL.
-            *s = unsafe { quantize_row(x, q) };
-        }
-    };
-    if x.len() < 1 << 16 {
-        rows(((qx, sx), x));
-    } else {
-        qx.par_chunks_mut(MC * k4)
-            .zip(sx.par_chunks_mut(MC))
-            .zip(x.par_chunks(MC * k))
-            .for_each(rows);
-    }
 }
 
 /// [`super::quantize_row`] to u8 with a zero point of 128 (`out` past `x` is 128, a zero), in
