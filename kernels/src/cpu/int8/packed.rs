@@ -6,9 +6,10 @@
 //! are quantized per row to i8 as on the other paths and stored as `u8 = q + 128`; the zero
 //! point's share of each sum, 128 × the column's sum of weights, is subtracted at the end, so the
 //! sums equal the signed ones exactly. The blocking is the f32 GEMM's (`gemm.rs`): `MR×NR`
-//! register tiles, [`KC`]-deep blocks of a panel in L1, tasks of [`MC`] rows by a chunk of
-//! panels. Between `k` blocks a tile's partial sums wait in `y` as i32; the last block stores
-//! `sum * sw * sx`, then bias and activation while the tile is in L1.
+//! register tiles, [`KC`]-deep blocks of a panel in L1, tasks of up to [`MC`] rows (which each
+//! task quantizes itself) by a chunk of panels. Between `k` blocks a tile's partial sums wait in
+//! `y` as i32; the last block stores `sum * sw * sx`, then bias and activation while the tile is
+//! in L1.
 
 use super::super::{for_each_task, gemm, SharedOut};
 use crate::Activation;
@@ -61,7 +62,7 @@ impl std::fmt::Debug for Panels {
 
 thread_local! {
     /// A task's quantized activations, reused across tasks and products on this thread (taken
-    /// out while in use, so nothing else can see it half written).
+    /// out while in use: a `Cell` holds no borrow across the task).
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
