@@ -266,7 +266,7 @@ fn finish(row: &mut [f32], bias: &[f32], act: Activation) {
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn finish_avx512(row: &mut [f32], bias: &[f32], act: Activation) {
+pub(super) unsafe fn finish_avx512(row: &mut [f32], bias: &[f32], act: Activation) {
     finish(row, bias, act)
 }
 

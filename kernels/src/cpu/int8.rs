@@ -2,10 +2,17 @@
 //! row: an encoder's dense layers at a quarter of the bytes and integer-dot speed.
 //!
 //! `y[t][n] = sx[t] * sw[n] * sum_k qx[t][k] * qw[n][k]`, with the integer sums exact (i32), so a
-//! row's result does not depend on the tile that computed it. The inner step is AVX-VNNI's
-//! `dpbusd` where the CPU has it, AVX2's `maddubs` + `madd` elsewhere on x86, plain Rust otherwise.
+//! row's result does not depend on the kernel or tile that computed it. Where the CPU has AVX-512
+//! VNNI the weight is packed into panels for a register-tiled GEMM ([`packed`]); elsewhere it
+//! stays row-major for a dot-product tile: AVX-VNNI's `dpbusd` where the CPU has it, AVX2's
+//! `maddubs` + `madd` elsewhere on x86, plain Rust otherwise.
 
-/// Values per step of the kernels; rows are zero-padded to a multiple of it.
+#[cfg(target_arch = "x86_64")]
+mod packed;
+
+use crate::Activation;
+
+/// Values per step of the dot-product kernels; rows are zero-padded to a multiple of it.
 const STEP: usize = 32;
 
 /// A `[rows, cols]` matrix of int8 values with one f32 scale per row.
@@ -13,10 +20,18 @@ const STEP: usize = 32;
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
-    /// Row length in memory: `cols` rounded up to a multiple of 32, zero-padded.
-    stride: usize,
-    values: Vec<i8>,
     scales: Vec<f32>,
+    layout: Layout,
+}
+
+/// How the values are stored: chosen at quantization for this CPU's kernel.
+#[derive(Debug, Clone)]
+enum Layout {
+    /// Row-major, each row zero-padded to `stride` values (a multiple of [`STEP`]).
+    Rows { stride: usize, values: Vec<i8> },
+    /// Panels for the AVX-512 VNNI GEMM.
+    #[cfg(target_arch = "x86_64")]
+    Panels(packed::Panels),
 }
 
 /// Quantizes `x` (length <= `out.len()`) symmetrically to [-127, 127]; returns the scale. A
@@ -55,6 +70,16 @@ multiversion! {
 impl Int8Matrix {
     /// Quantizes a row-major `[rows, cols]` f32 matrix, one scale per row.
     pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Self {
+        let m = Self::quantize_rows(w, rows, cols);
+        #[cfg(target_arch = "x86_64")]
+        if packed::available() {
+            return m.into_panels();
+        }
+        m
+    }
+
+    /// [`Self::quantize`] in the row-major layout.
+    fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "w is not rows x cols");
         let stride = cols.div_ceil(STEP) * STEP;
         let mut values = vec![0i8; rows * stride];
@@ -66,9 +91,21 @@ impl Int8Matrix {
         Self {
             rows,
             cols,
-            stride,
-            values,
             scales,
+            layout: Layout::Rows { stride, values },
+        }
+    }
+
+    /// The same values packed for the AVX-512 VNNI GEMM (the CPU must have it).
+    #[cfg(target_arch = "x86_64")]
+    fn into_panels(self) -> Self {
+        let Layout::Rows { stride, values } = &self.layout else {
+            return self;
+        };
+        let panels = packed::Panels::pack(values, *stride, &self.scales, self.rows, self.cols);
+        Self {
+            layout: Layout::Panels(panels),
+            ..self
         }
     }
 
@@ -77,24 +114,75 @@ impl Int8Matrix {
         (self.rows, self.cols)
     }
 
+    /// The int8 value at row `r`, column `c`.
+    fn value(&self, r: usize, c: usize) -> i8 {
+        match &self.layout {
+            Layout::Rows { stride, values } => values[r * stride + c],
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(p) => p.value(r, c),
+        }
+    }
+
     /// Every value as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.values
-            .chunks_exact(self.stride)
-            .zip(&self.scales)
-            .flat_map(|(row, s)| row[..self.cols].iter().map(move |&q| q as f32 * s))
+        (0..self.rows)
+            .flat_map(|r| (0..self.cols).map(move |c| self.value(r, c) as f32 * self.scales[r]))
             .collect()
     }
 
     /// `y[t, rows] = x[t, cols] · Wᵀ`.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let t = self.tokens(x);
+        assert_eq!(y.len(), t * self.rows, "y does not fit the output");
+        match &self.layout {
+            Layout::Rows { stride, values } => self.dot_tiles(values, *stride, x, y),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(p) => p.matmul(x, t, &[], Activation::None, &super::SharedOut::new(y)),
+        }
+    }
+
+    /// `act(x · Wᵀ + bias)` in a new vector (`bias` empty or `rows` long): a dense layer.
+    pub(crate) fn linear(&self, x: &[f32], bias: &[f32], act: Activation) -> Vec<f32> {
+        let t = self.tokens(x);
+        assert!(
+            bias.is_empty() || bias.len() == self.rows,
+            "bias does not fit the output"
+        );
+        match &self.layout {
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(p) => {
+                // Not zeroed: the product writes every cell.
+                let mut y = Vec::with_capacity(t * self.rows);
+                p.matmul(x, t, bias, act, &super::SharedOut(y.as_mut_ptr()));
+                // SAFETY: `matmul` wrote all t×rows cells, bias and activation fused.
+                unsafe { y.set_len(t * self.rows) };
+                y
+            }
+            Layout::Rows { .. } => {
+                let mut y = vec![0f32; t * self.rows];
+                self.matmul(x, &mut y);
+                if !bias.is_empty() || act != Activation::None {
+                    super::math::bias_activation(&mut y, bias, act);
+                }
+                y
+            }
+        }
+    }
+
+    /// How many rows of `cols` values `x` holds.
+    fn tokens(&self, x: &[f32]) -> usize {
         let t = x.len() / self.cols;
         assert_eq!(x.len(), t * self.cols, "x is not whole rows");
-        assert_eq!(y.len(), t * self.rows, "y does not fit the output");
-        let mut qx = vec![0i8; t * self.stride];
+        t
+    }
+
+    /// [`Self::matmul`] with the dot-product tiles, on the row-major `values`.
+    fn dot_tiles(&self, values: &[i8], stride: usize, x: &[f32], y: &mut [f32]) {
+        let t = x.len() / self.cols;
+        let mut qx = vec![0i8; t * stride];
         let sx: Vec<f32> = x
             .chunks_exact(self.cols)
-            .zip(qx.chunks_exact_mut(self.stride))
+            .zip(qx.chunks_exact_mut(stride))
             .map(|(r, q)| quantize_row(r, q))
             .collect();
         let kernel = kernel();
@@ -107,13 +195,7 @@ impl Int8Matrix {
                 let tokens = (t - ti).min(4);
                 for r in rows.clone().step_by(2) {
                     let n = (rows.end - r).min(2);
-                    let sums = kernel(
-                        &self.values[r * self.stride..],
-                        &qx[ti * self.stride..],
-                        self.stride,
-                        n,
-                        tokens,
-                    );
+                    let sums = kernel(&values[r * stride..], &qx[ti * stride..], stride, n, tokens);
                     for (i, row) in sums.iter().enumerate().take(n) {
                         for (j, sum) in row.iter().enumerate().take(tokens) {
                             let value = *sum as f32 * self.scales[r + i] * sx[ti + j];
@@ -276,32 +358,68 @@ mod tests {
             .collect()
     }
 
+    /// A tiny xorshift generator: shapes that vary without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Every layout this CPU runs: row-major and, with AVX-512 VNNI, panels.
+    fn layouts(w: &[f32], rows: usize, cols: usize) -> Vec<Int8Matrix> {
+        let m = Int8Matrix::quantize_rows(w, rows, cols);
+        #[cfg(target_arch = "x86_64")]
+        let panels = packed::available().then(|| m.clone().into_panels());
+        #[cfg(not(target_arch = "x86_64"))]
+        let panels = None;
+        std::iter::once(m).chain(panels).collect()
+    }
+
+    /// The product from plain integer sums on the values of `m`: `sum * sw * sx` per cell, in
+    /// the kernels' order, then bias and activation.
+    fn reference(m: &Int8Matrix, x: &[f32], bias: &[f32], act: Activation) -> Vec<f32> {
+        let t = x.len() / m.cols;
+        let mut qx = vec![0i8; x.len()];
+        let sx: Vec<f32> = x
+            .chunks_exact(m.cols)
+            .zip(qx.chunks_exact_mut(m.cols))
+            .map(|(r, q)| quantize_row(r, q))
+            .collect();
+        let mut y = vec![0f32; t * m.rows];
+        for ti in 0..t {
+            for r in 0..m.rows {
+                let qx = &qx[ti * m.cols..(ti + 1) * m.cols];
+                let sum: i32 = qx
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &q)| q as i32 * m.value(r, c) as i32)
+                    .sum();
+                y[ti * m.rows + r] = sum as f32 * m.scales[r] * sx[ti];
+            }
+        }
+        if !bias.is_empty() || act != Activation::None {
+            super::super::math::bias_activation(&mut y, bias, act);
+        }
+        y
+    }
+
     #[test]
-    fn simd_sums_equal_plain_sums_exactly_and_the_product_is_close() {
+    fn every_layout_equals_the_plain_sums_exactly_and_the_product_is_close() {
         for (rows, cols, t) in [(1, 1, 1), (3, 31, 5), (64, 384, 9), (130, 100, 4), (67, 1536, 3)] {
             let w = values(rows * cols, 1);
-            let m = Int8Matrix::quantize(&w, rows, cols);
             let x = values(t * cols, 7);
-            let mut y = vec![0.0; t * rows];
-            m.matmul(&x, &mut y);
-            // Exact integer sums: the SIMD and plain kernels agree to the bit.
-            let mut qx = vec![0i8; t * m.stride];
-            let sx: Vec<f32> = x
-                .chunks_exact(cols)
-                .zip(qx.chunks_exact_mut(m.stride))
-                .map(|(r, q)| quantize_row(r, q))
-                .collect();
-            for ti in 0..t {
-                for r in 0..rows {
-                    let sum =
-                        reference::tile(&m.values[r * m.stride..], &qx[ti * m.stride..], m.stride, 1, 1)[0]
-                            [0];
-                    assert_eq!(
-                        y[ti * rows + r],
-                        sum as f32 * m.scales[r] * sx[ti],
-                        "{rows}x{cols} t{t}"
-                    );
-                }
+            let all = layouts(&w, rows, cols);
+            let want = reference(&all[0], &x, &[], Activation::None);
+            for m in &all {
+                assert_eq!(m.dequantize(), all[0].dequantize(), "{rows}x{cols}");
+                let mut y = vec![0.0; t * rows];
+                m.matmul(&x, &mut y);
+                // Exact integer sums: the SIMD and plain kernels agree to the bit.
+                assert_eq!(y, want, "{rows}x{cols} t{t} {:?}", m.layout);
             }
             // Close to the f64 product of the unquantized values: 8 bits on each side.
             for ti in 0..t {
@@ -310,17 +428,50 @@ mod tests {
                         .map(|k| w[r * cols + k] as f64 * x[ti * cols + k] as f64)
                         .sum();
                     let bound = 0.02 * (cols as f64).sqrt() + 1e-6;
-                    assert!(
-                        (y[ti * rows + r] as f64 - exact).abs() <= bound,
-                        "{} vs {exact}",
-                        y[ti * rows + r]
-                    );
+                    let got = want[ti * rows + r] as f64;
+                    assert!((got - exact).abs() <= bound, "{got} vs {exact}");
                 }
             }
         }
     }
 
-    /// Both x86 kernels, whichever the dispatcher would pick, against the plain sums.
+    /// Random odd shapes (tokens not a multiple of the tile, columns and rows not multiples of
+    /// 4, 32, 48 or 64, depths over several `k` blocks), with bias and activation fused: every
+    /// layout gives the reference's bits.
+    #[test]
+    fn every_layout_equals_the_reference_on_random_shapes() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut shapes = vec![
+            (1, 1, 1),
+            (20, 47, 1),
+            (7, 48, 1300),
+            (70, 97, 515),
+            (130, 200, 99),
+        ];
+        for _ in 0..30 {
+            shapes.push((1 + rng.below(20), 1 + rng.below(200), 1 + rng.below(1300)));
+        }
+        for (i, (t, rows, cols)) in shapes.into_iter().enumerate() {
+            let (w, x, bias) = (
+                values(rows * cols, i),
+                values(t * cols, 3 * i),
+                values(rows, 5 * i),
+            );
+            let (bias, act) = match i % 3 {
+                0 => (Vec::new(), Activation::None),
+                1 => (bias, Activation::None),
+                _ => (bias, Activation::GeluErf),
+            };
+            let all = layouts(&w, rows, cols);
+            let want = reference(&all[0], &x, &bias, act);
+            for m in &all {
+                let got = m.linear(&x, &bias, act);
+                assert_eq!(got, want, "t{t} {rows}x{cols} {act:?} {:?}", m.layout);
+            }
+        }
+    }
+
+    /// Both x86 dot-product kernels, whichever the dispatcher would pick, against the plain sums.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_x86_kernel_equals_the_plain_sums() {
@@ -340,15 +491,26 @@ mod tests {
         }
     }
 
+    /// A non-finite activation row gives a NaN row (and leaves the others alone); zeros give zero.
     #[test]
     fn non_finite_activations_give_nan_and_zeros_give_zero() {
-        let m = Int8Matrix::quantize(&values(4 * 40, 3), 4, 40);
-        let mut y = vec![1.0; 4];
-        m.matmul(&[0.0; 40], &mut y);
-        assert!(y.iter().all(|v| *v == 0.0));
-        let mut x = vec![0.5; 40];
-        x[3] = f32::INFINITY;
-        m.matmul(&x, &mut y);
-        assert!(y.iter().all(|v| v.is_nan()));
+        let (rows, cols, t) = (50, 40, 11);
+        for m in layouts(&values(rows * cols, 3), rows, cols) {
+            let mut y = vec![1.0; rows];
+            m.matmul(&[0.0; 40], &mut y);
+            assert!(y.iter().all(|v| *v == 0.0));
+            let mut x = values(t * cols, 9);
+            x[5 * cols + 3] = f32::INFINITY;
+            x[9 * cols + 39] = f32::NAN;
+            let mut y = vec![0.0; t * rows];
+            m.matmul(&x, &mut y);
+            for (ti, row) in y.chunks_exact(rows).enumerate() {
+                if ti == 5 || ti == 9 {
+                    assert!(row.iter().all(|v| v.is_nan()), "row {ti}: {row:?}");
+                } else {
+                    assert!(row.iter().all(|v| v.is_finite()), "row {ti}: {row:?}");
+                }
+            }
+        }
     }
 }
