@@ -672,48 +672,47 @@ mod avx512 {
                     let pair = self.pairs.get_unchecked((ti / 2 + p) * nb + b);
                     *x = _mm512_loadu_si512(pair.as_ptr() as *const _);
                 }
-                let d = _mm256_loadu_ps(self.scales.as_ptr().add(b * self.tokens + ti));
+                let d = self.scales.as_ptr().add(b * self.tokens + ti);
                 let s = _mm256_loadu_ps(self.scales.as_ptr().add(half + b * self.tokens + ti));
+                // The token pairs' activation scales, alternating as their values do.
+                let mut dx = [_mm512_setzero_ps(); P];
+                for (p, dx) in dx.iter_mut().enumerate() {
+                    let pair = std::ptr::read_unaligned(d.add(2 * p) as *const f64);
+                    *dx = _mm512_castpd_ps(_mm512_set1_pd(pair));
+                }
                 for r in 0..R {
                     // As the AVX2 tile: ask early for the rows four tiles ahead (the first tokens
                     // of a chunk stream its weights from memory).
                     let ahead = w.as_ptr().wrapping_add(at + (r + 4 * R) * nb + b) as *const i8;
                     _mm_prefetch::<_MM_HINT_T0>(ahead);
                     let (q, dw, m) = F::unpack(w.get_unchecked(at + r * nb + b));
-                    // `d * ab.d` and `offsets += m * ab.s` of the AVX2 tile, for every token.
-                    let scales = _mm256_mul_ps(_mm256_set1_ps(dw), d);
+                    // `offsets += m * ab.s` and `d * ab.d` of the AVX2 tile, for every token.
                     offsets[r] = _mm256_add_ps(offsets[r], _mm256_mul_ps(_mm256_set1_ps(m), s));
-                    let mut pairs = [0.0f64; 4];
-                    _mm256_storeu_pd(pairs.as_mut_ptr(), _mm256_castps_pd(scales));
+                    let dw = _mm512_set1_ps(dw);
                     for p in 0..P {
-                        // Scales alternate as the tokens do: one 8-byte pair, broadcast.
-                        let scale = _mm512_castpd_ps(_mm512_set1_pd(pairs[p]));
                         let sums = _mm512_cvtepi32_ps(F::dot(q, x[p]));
-                        acc[r][p] = _mm512_fmadd_ps(sums, scale, acc[r][p]);
+                        acc[r][p] = _mm512_fmadd_ps(sums, _mm512_mul_ps(dw, dx[p]), acc[r][p]);
                     }
                 }
             }
+            // The AVX2 kernel's horizontal sum, in its order: halves, then quarters, then
+            // pairs; each step adds both tokens' lanes at once.
             let mut out = [[0.0f32; 8]; ROWS];
             for r in 0..R {
-                let mut offs = [0.0f32; 8];
-                _mm256_storeu_ps(offs.as_mut_ptr(), offsets[r]);
+                let mut sums = [0.0f32; 8];
                 for p in 0..P {
-                    let mut lanes = [0.0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][p]);
-                    for k in 0..2 {
-                        let mine: [f32; 8] = std::array::from_fn(|i| lanes[2 * i + k]);
-                        out[r][2 * p + k] = hsum(mine) + offs[2 * p + k];
-                    }
+                    let v = acc[r][p];
+                    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                    let h = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+                    let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                    let pair = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                    _mm_storel_pd(sums.as_mut_ptr().add(2 * p) as *mut f64, _mm_castps_pd(pair));
                 }
+                let total = _mm256_add_ps(_mm256_loadu_ps(sums.as_ptr()), offsets[r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr(), total);
             }
             out
         }
-    }
-
-    /// The AVX2 kernel's horizontal sum, in its order: halves, then quarters, then pairs.
-    fn hsum(l: [f32; 8]) -> f32 {
-        let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-        (q[0] + q[2]) + (q[1] + q[3])
     }
 
     /// A weight block format's inner step, for [`Activations::fixed`].
