@@ -254,15 +254,23 @@ impl QuantMatrix {
         let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
-            let write = |r: usize, ti: usize, values: &[[f32; 8]], n: usize, tokens: usize| {
+            // `n` rows from `r` x `tokens` tokens from `ti` of a tile's `[row][token]`.
+            fn write<const W: usize>(
+                out: &super::SharedOut,
+                y_rows: usize,
+                (r, ti): (usize, usize),
+                values: &[[f32; W]],
+                n: usize,
+                tokens: usize,
+            ) {
                 for (i, row) in values.iter().enumerate().take(n) {
                     for (j, value) in row.iter().enumerate().take(tokens) {
                         // SAFETY: each (token, row) cell is written by exactly one chunk, and `y`
                         // outlives the parallel loop.
-                        unsafe { out.write((ti + j) * self.rows + r + i, *value) };
+                        unsafe { out.write((ti + j) * y_rows + r + i, *value) };
                     }
                 }
-            };
+            }
             // Tiles of several tokens: each weight block is unpacked once for all of them and
             // each activation block loaded once for several rows (prompts, batched decode). Every
             // (row, token) sum is accumulated in the same order whatever the tile's shape, so a
@@ -278,7 +286,7 @@ impl QuantMatrix {
                             let n = (rows.end - r).min(avx512::ROWS);
                             // SAFETY: `wide` exists only where the CPU has what the tile needs.
                             let values = unsafe { wide.tile(&self.blocks, r * nb, ti, n, tokens) };
-                            write(r, ti, &values, n, tokens);
+                            write(&out, self.rows, (r, ti), &values, n, tokens);
                         }
                         ti += tokens;
                         continue;
@@ -289,12 +297,8 @@ impl QuantMatrix {
                 let step = if tokens == 1 { TILE_ROWS } else { TILE };
                 for r in rows.clone().step_by(step) {
                     let n = (rows.end - r).min(step);
-                    let values = tile(&self.blocks, r * nb, nb, act, n, tokens).map(|row| {
-                        let mut wide = [0.0; 8];
-                        wide[..TILE].copy_from_slice(&row);
-                        wide
-                    });
-                    write(r, ti, &values, n, tokens);
+                    let values = tile(&self.blocks, r * nb, nb, act, n, tokens);
+                    write(&out, self.rows, (r, ti), &values, n, tokens);
                 }
                 ti += tokens;
             }
