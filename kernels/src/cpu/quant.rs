@@ -704,8 +704,7 @@ mod avx512 {
             let mut out = [[0.0f32; 8]; ROWS];
             for r in 0..R {
                 let mut sums = [0.0f32; 8];
-                for p in 0..P {
-                    let v = acc[r][p];
+                for (p, &v) in acc[r].iter().enumerate() {
                     let high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
                     let h = _mm256_add_ps(_mm512_castps512_ps256(v), high);
                     let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
