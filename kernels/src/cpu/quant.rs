@@ -556,10 +556,14 @@ mod avx512 {
     /// Rows of a tile (tokens: up to 8): 4 x 4 token pairs is 16 accumulators of 32 registers.
     pub(super) const ROWS: usize = 4;
 
+    /// Whether the CPU has all the tile is compiled for (AVX2 and FMA too, which every AVX-512
+    /// CPU has, but the tile's features name them).
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
