@@ -5,6 +5,11 @@
 //! products: AVX2 `maddubs` where the CPU has it (detected at run time), plain Rust elsewhere.
 //! Weight rows are split across the shared thread pool in chunks, and each chunk is reused for
 //! every token of a prompt (the multi-token path of prefill) while it is in L1.
+//!
+//! Several tokens at once (prefill, batched decode) go to an AVX-512 VNNI tile where the CPU has
+//! it: up to 4 rows x 8 tokens, two tokens per register, `vpdpbusd` for the integer sums. It does
+//! the very same f32 operations per (row, token) as the AVX2 one-token tile, lane for lane, so a
+//! token's result has the same bits alone or batched.
 
 use half::f16;
 
@@ -238,6 +243,9 @@ impl QuantMatrix {
             quantize_row(row, blocks);
         }
         let tile = tile_kernel(self.kind());
+        #[cfg(target_arch = "x86_64")]
+        let wide = (t >= 2 && avx512::available())
+            .then(|| avx512::Activations::new(&activations, t, nb, self.kind()));
         // Chunks of rows small enough to stay in L2 while every token passes over them, and
         // enough of them to keep every thread busy.
         let chunk = (16usize)
@@ -246,25 +254,53 @@ impl QuantMatrix {
         let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
-            // Tiles of up to 2 rows x 2 tokens: each weight block is unpacked once for two tokens
-            // and each activation block loaded once for two rows (prompts, batched decode). Every
+            // `n` rows from `r` x `tokens` tokens from `ti` of a tile's `[row][token]`.
+            fn write<const W: usize>(
+                out: &super::SharedOut,
+                y_rows: usize,
+                (r, ti): (usize, usize),
+                values: &[[f32; W]],
+                n: usize,
+                tokens: usize,
+            ) {
+                for (i, row) in values.iter().enumerate().take(n) {
+                    for (j, value) in row.iter().enumerate().take(tokens) {
+                        // SAFETY: each (token, row) cell is written by exactly one chunk, and `y`
+                        // outlives the parallel loop.
+                        unsafe { out.write((ti + j) * y_rows + r + i, *value) };
+                    }
+                }
+            }
+            // Tiles of several tokens: each weight block is unpacked once for all of them and
+            // each activation block loaded once for several rows (prompts, batched decode). Every
             // (row, token) sum is accumulated in the same order whatever the tile's shape, so a
             // sequence's result does not depend on what it is batched with.
-            for ti in (0..t).step_by(TILE) {
+            let mut ti = 0;
+            while ti < t {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(wide) = &wide {
+                    // 8, 4 or 2 tokens (pairs from an even token), then a last odd one alone.
+                    let tokens = [8, 4, 2].into_iter().find(|&n| n <= t - ti);
+                    if let Some(tokens) = tokens {
+                        for r in rows.clone().step_by(avx512::ROWS) {
+                            let n = (rows.end - r).min(avx512::ROWS);
+                            // SAFETY: `wide` exists only where the CPU has what the tile needs.
+                            let values = unsafe { wide.tile(&self.blocks, r * nb, ti, n, tokens) };
+                            write(&out, self.rows, (r, ti), &values, n, tokens);
+                        }
+                        ti += tokens;
+                        continue;
+                    }
+                }
                 let tokens = (t - ti).min(TILE);
                 let act = &activations[ti * nb..(ti + tokens) * nb];
                 let step = if tokens == 1 { TILE_ROWS } else { TILE };
                 for r in rows.clone().step_by(step) {
                     let n = (rows.end - r).min(step);
                     let values = tile(&self.blocks, r * nb, nb, act, n, tokens);
-                    for (i, row) in values.iter().enumerate().take(n) {
-                        for (j, value) in row.iter().enumerate().take(tokens) {
-                            // SAFETY: each (token, row) cell is written by exactly one chunk, and
-                            // `y` outlives the parallel loop.
-                            unsafe { out.write((ti + j) * self.rows + r + i, *value) };
-                        }
-                    }
+                    write(&out, self.rows, (r, ti), &values, n, tokens);
                 }
+                ti += tokens;
             }
         };
         super::for_each_task(self.rows.div_ceil(chunk), t * self.rows * self.cols, work);
@@ -277,7 +313,16 @@ multiversion! {
     /// scale NaN, so that it reaches the output instead of vanishing in the rounding.
     fn quantize_row(x: &[f32], out: &mut [BlockQ8]) {
         for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
-            let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // Eight running maxima in vector lanes, not one chain of 32 dependent steps: the same
+            // maximum (exact in any order; a NaN makes the scale NaN below whatever it gives).
+            let mut lanes = [0.0f32; 8];
+            for eight in values.chunks_exact(8) {
+                for (m, v) in lanes.iter_mut().zip(eight) {
+                    let a = v.abs();
+                    *m = if a > *m { a } else { *m };
+                }
+            }
+            let amax = lanes.iter().fold(0.0f32, |m, &v| if v > m { v } else { m });
             let finite = values.iter().fold(true, |ok, v| ok & v.is_finite());
             let d = if finite { amax / 127.0 } else { f32::NAN };
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -507,6 +552,248 @@ mod avx2 {
     }
 }
 
+/// Several tokens at once with AVX-512 VNNI: a register holds one 32-value block for two
+/// tokens, their 4-byte groups alternating, so that one `vpdpbusd` makes both tokens' 8 lane sums,
+/// the very integers of the AVX2 kernel's `maddubs` + `madd`. Each is then converted and scaled
+/// with the same `fmadd` as there, into the same per-lane accumulator, and summed in the same
+/// order at the end: the same bits as the AVX2 one-token tile.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, Blocks, QuantKind};
+    use std::arch::x86_64::*;
+
+    /// Rows of a tile (tokens: up to 8): 4 x 4 token pairs is 16 accumulators of 32 registers.
+    pub(super) const ROWS: usize = 4;
+
+    /// Whether the CPU has all the tile is compiled for (AVX2 and FMA too, which every AVX-512
+    /// CPU has, but the tile's features name them).
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// The activations laid out for the tile, built once per product.
+    pub(super) struct Activations {
+        /// Per token pair (from token 0) and block: the two tokens' values, 4 bytes of one then
+        /// 4 of the other; plus 128 (unsigned) for Q8_0, whose weights are the signed side.
+        pairs: Vec<[u8; 64]>,
+        /// Per block, every token's `d` then (at `scales.len() / 2`) every token's `s`, so a
+        /// tile's tokens are side by side; padded so that 8 can always be loaded.
+        scales: Vec<f32>,
+        tokens: usize,
+        nb: usize,
+        kind: QuantKind,
+    }
+
+    impl Activations {
+        pub(super) fn new(a: &[BlockQ8], tokens: usize, nb: usize, kind: QuantKind) -> Self {
+            let bias = if kind == QuantKind::Q8_0 { 0x80 } else { 0 };
+            let mut pairs = vec![[0u8; 64]; tokens / 2 * nb];
+            for (p, pair) in pairs.chunks_exact_mut(nb).enumerate() {
+                for (b, out) in pair.iter_mut().enumerate() {
+                    let (x, y) = (&a[2 * p * nb + b].qs, &a[(2 * p + 1) * nb + b].qs);
+                    for (i, group) in out.chunks_exact_mut(8).enumerate() {
+                        for j in 0..4 {
+                            group[j] = x[4 * i + j] as u8 ^ bias;
+                            group[4 + j] = y[4 * i + j] as u8 ^ bias;
+                        }
+                    }
+                }
+            }
+            let half = tokens * nb + 8;
+            let mut scales = vec![0.0; 2 * half];
+            for (t, blocks) in a.chunks_exact(nb).enumerate() {
+                for (b, block) in blocks.iter().enumerate() {
+                    scales[b * tokens + t] = block.d;
+                    scales[half + b * tokens + t] = block.s;
+                }
+            }
+            Self {
+                pairs,
+                scales,
+                tokens,
+                nb,
+                kind,
+            }
+        }
+
+        /// `rows` (up to [`ROWS`]) rows from block `at` times `tokens` (2, 4 or 8) tokens from
+        /// token `ti` (even) -> `[row][token]`.
+        ///
+        /// # Safety
+        /// The CPU has what [`available`] checks, and `blocks` is the matrix these activations
+        /// were laid out for.
+        pub(super) unsafe fn tile(
+            &self,
+            blocks: &Blocks,
+            at: usize,
+            ti: usize,
+            rows: usize,
+            tokens: usize,
+        ) -> [[f32; 8]; ROWS] {
+            match (blocks, self.kind) {
+                (Blocks::Q4_1(w), QuantKind::Q4_1) => self.shape::<Q4_1>(w, at, ti, rows, tokens),
+                (Blocks::Q8_0(w), QuantKind::Q8_0) => self.shape::<Q8_0>(w, at, ti, rows, tokens),
+                _ => [[f32::NAN; 8]; ROWS],
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        unsafe fn shape<F: Format>(
+            &self,
+            w: &[F::Block],
+            at: usize,
+            ti: usize,
+            rows: usize,
+            tokens: usize,
+        ) -> [[f32; 8]; ROWS] {
+            match (rows, tokens) {
+                (4, 8) => self.fixed::<F, 4, 4>(w, at, ti),
+                (4, 4) => self.fixed::<F, 4, 2>(w, at, ti),
+                (4, _) => self.fixed::<F, 4, 1>(w, at, ti),
+                (3, 8) => self.fixed::<F, 3, 4>(w, at, ti),
+                (3, 4) => self.fixed::<F, 3, 2>(w, at, ti),
+                (3, _) => self.fixed::<F, 3, 1>(w, at, ti),
+                (2, 8) => self.fixed::<F, 2, 4>(w, at, ti),
+                (2, 4) => self.fixed::<F, 2, 2>(w, at, ti),
+                (2, _) => self.fixed::<F, 2, 1>(w, at, ti),
+                (_, 8) => self.fixed::<F, 1, 4>(w, at, ti),
+                (_, 4) => self.fixed::<F, 1, 2>(w, at, ti),
+                _ => self.fixed::<F, 1, 1>(w, at, ti),
+            }
+        }
+
+        /// `R` rows x `P` token pairs.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn fixed<F: Format, const R: usize, const P: usize>(
+            &self,
+            w: &[F::Block],
+            at: usize,
+            ti: usize,
+        ) -> [[f32; 8]; ROWS] {
+            let nb = self.nb;
+            let half = self.scales.len() / 2;
+            // Checked once here, so that the loop below indexes without checks.
+            assert!(w.len() >= at + R * nb && (ti / 2 + P) * nb <= self.pairs.len());
+            assert!(half >= self.tokens * nb + 8 && ti + 2 * P <= self.tokens);
+            let mut acc = [[_mm512_setzero_ps(); P]; R];
+            let mut offsets = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let mut x = [_mm512_setzero_si512(); P];
+                for (p, x) in x.iter_mut().enumerate() {
+                    let pair = self.pairs.get_unchecked((ti / 2 + p) * nb + b);
+                    *x = _mm512_loadu_si512(pair.as_ptr() as *const _);
+                }
+                let d = self.scales.as_ptr().add(b * self.tokens + ti);
+                let s = _mm256_loadu_ps(self.scales.as_ptr().add(half + b * self.tokens + ti));
+                // The token pairs' activation scales, alternating as their values do.
+                let mut dx = [_mm512_setzero_ps(); P];
+                for (p, dx) in dx.iter_mut().enumerate() {
+                    let pair = std::ptr::read_unaligned(d.add(2 * p) as *const f64);
+                    *dx = _mm512_castpd_ps(_mm512_set1_pd(pair));
+                }
+                for r in 0..R {
+                    // As the AVX2 tile: ask early for the rows four tiles ahead (the first tokens
+                    // of a chunk stream its weights from memory).
+                    let ahead = w.as_ptr().wrapping_add(at + (r + 4 * R) * nb + b) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    let (q, dw, m) = F::unpack(w.get_unchecked(at + r * nb + b));
+                    // `offsets += m * ab.s` and `d * ab.d` of the AVX2 tile, for every token.
+                    offsets[r] = _mm256_add_ps(offsets[r], _mm256_mul_ps(_mm256_set1_ps(m), s));
+                    let dw = _mm512_set1_ps(dw);
+                    for p in 0..P {
+                        let sums = _mm512_cvtepi32_ps(F::dot(q, x[p]));
+                        acc[r][p] = _mm512_fmadd_ps(sums, _mm512_mul_ps(dw, dx[p]), acc[r][p]);
+                    }
+                }
+            }
+            // The AVX2 kernel's horizontal sum, in its order: halves, then quarters, then
+            // pairs; each step adds both tokens' lanes at once.
+            let mut out = [[0.0f32; 8]; ROWS];
+            for r in 0..R {
+                let mut sums = [0.0f32; 8];
+                for (p, &v) in acc[r].iter().enumerate() {
+                    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                    let h = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+                    let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                    let pair = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                    _mm_storel_pd(sums.as_mut_ptr().add(2 * p) as *mut f64, _mm_castps_pd(pair));
+                }
+                let total = _mm256_add_ps(_mm256_loadu_ps(sums.as_ptr()), offsets[r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr(), total);
+            }
+            out
+        }
+    }
+
+    /// A weight block format's inner step, for [`Activations::fixed`].
+    trait Format {
+        type Block;
+        type Unpacked: Copy;
+        /// The block's values with each 4-byte group twice (for the two tokens), its scale `d`
+        /// and its minimum `m` (0 for symmetric formats).
+        unsafe fn unpack(w: &Self::Block) -> (Self::Unpacked, f32, f32);
+        /// Each lane's sum of 4 products of the block's values and a token pair's.
+        unsafe fn dot(q: Self::Unpacked, x: __m512i) -> __m512i;
+    }
+
+    struct Q4_1;
+    struct Q8_0;
+
+    impl Format for Q4_1 {
+        type Block = BlockQ4_1;
+        type Unpacked = __m512i;
+        #[inline(always)]
+        unsafe fn unpack(w: &BlockQ4_1) -> (__m512i, f32, f32) {
+            // Values 0..16 are the low nibbles, 16..32 the high ones: groups 0..4 twice from the
+            // bytes as they are, groups 4..8 twice from the bytes shifted.
+            let bytes = _mm512_castsi128_si512(_mm_loadu_si128(w.qs.as_ptr() as *const __m128i));
+            let twice = _mm512_permutexvar_epi32(
+                _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3),
+                bytes,
+            );
+            let shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+            let q = _mm512_and_si512(_mm512_srlv_epi32(twice, shift), _mm512_set1_epi8(0x0F));
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                w.dm.as_ptr() as *const i32
+            )));
+            (q, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+        }
+        #[inline(always)]
+        unsafe fn dot(q: __m512i, x: __m512i) -> __m512i {
+            // Weights 0..15 are the unsigned side.
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x)
+        }
+    }
+
+    impl Format for Q8_0 {
+        type Block = BlockQ8_0;
+        /// The values, and minus 128 times each lane's sum of them.
+        type Unpacked = (__m512i, __m512i);
+        #[inline(always)]
+        unsafe fn unpack(w: &BlockQ8_0) -> ((__m512i, __m512i), f32, f32) {
+            let bytes = _mm512_castsi256_si512(_mm256_loadu_si256(w.qs.as_ptr() as *const __m256i));
+            let q = _mm512_permutexvar_epi32(
+                _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                bytes,
+            );
+            // Activations come as x + 128 (unsigned): start each sum at -128 * sum(q), exact.
+            let bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), q);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.d as i32)));
+            ((q, _mm512_sub_epi32(_mm512_setzero_si512(), bias)), d, 0.0)
+        }
+        #[inline(always)]
+        unsafe fn dot((q, start): (__m512i, __m512i), x: __m512i) -> __m512i {
+            _mm512_dpbusd_epi32(start, x, q)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,7 +867,15 @@ mod tests {
             (QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>),
             (QuantKind::Q8_0, ggml_q8_0),
         ] {
-            for (rows, cols, t) in [(1, 32, 1), (7, 64, 3), (33, 96, 1), (130, 576, 5), (300, 1536, 2)] {
+            // Token counts that take every tile: 8, 4 and 2 tokens, and a last odd one.
+            for (rows, cols, t) in [
+                (1, 32, 1),
+                (7, 64, 3),
+                (33, 96, 1),
+                (130, 576, 5),
+                (300, 1536, 2),
+                (45, 160, 15),
+            ] {
                 let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes(rows, cols, rows as u64)).unwrap();
                 let x = values(t * cols, 99);
                 let mut y = vec![0.0; t * rows];
@@ -625,15 +920,48 @@ mod tests {
             (QuantKind::Q4_1, ggml_q4_1 as fn(usize, usize, u64) -> Vec<u8>),
             (QuantKind::Q8_0, ggml_q8_0),
         ] {
-            let (rows, cols, t) = (37, 128, 5);
+            let (rows, cols) = (37, 128);
             let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes(rows, cols, 7)).unwrap();
-            let x = values(t * cols, 11);
-            let mut batched = vec![0.0; t * rows];
-            m.matmul(&x, &mut batched);
-            for (token, expected) in x.chunks_exact(cols).zip(batched.chunks_exact(rows)) {
-                let mut alone = vec![0.0; rows];
-                m.matmul(token, &mut alone);
-                assert_eq!(alone, expected, "{kind:?}");
+            for t in [2, 5, 15] {
+                let x = values(t * cols, 11);
+                let mut batched = vec![0.0; t * rows];
+                m.matmul(&x, &mut batched);
+                for (token, expected) in x.chunks_exact(cols).zip(batched.chunks_exact(rows)) {
+                    let mut alone = vec![0.0; rows];
+                    m.matmul(token, &mut alone);
+                    assert_eq!(alone, expected, "{kind:?}, {t} tokens");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_are_summed_exactly() {
+        // Every nibble and byte value, -128 included, against activations at +-127: any
+        // saturation or overflow in the integer sums would show.
+        let (rows, cols, t) = (9, 256, 11);
+        let random = |n: usize| {
+            values(n, 5)
+                .iter()
+                .map(|v| ((v + 1.0) * 128.0) as u8)
+                .collect::<Vec<_>>()
+        };
+        let scale = f16::from_f32(0.01).to_le_bytes();
+        let q4: Vec<u8> = random(rows * cols / 2)
+            .chunks_exact(16)
+            .flat_map(|q| [&scale[..], &scale[..], q].concat())
+            .collect();
+        let q8: Vec<u8> = random(rows * cols)
+            .chunks_exact(32)
+            .flat_map(|q| [&scale[..], q].concat())
+            .collect();
+        let x: Vec<f32> = values(t * cols, 3).iter().map(|v| v.signum()).collect();
+        for (kind, bytes) in [(QuantKind::Q4_1, q4), (QuantKind::Q8_0, q8)] {
+            let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap();
+            let mut y = vec![0.0; t * rows];
+            m.matmul(&x, &mut y);
+            for (a, b) in y.iter().zip(exact(&m, &x)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{kind:?}: {a} vs {b}");
             }
         }
     }
