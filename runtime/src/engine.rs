@@ -352,7 +352,8 @@ impl Engine {
     /// [`Engine::embed`] with a priority, a deadline and cache control. Texts are tokenized on
     /// the calling thread; texts the response cache holds (for this very version) are answered
     /// from it; the others go to the model's scheduler as one request, which batches it with
-    /// other threads' requests of similar length. The vectors do not depend on the batch.
+    /// other threads' requests (packed, so lengths mix freely). The vectors do not depend on the
+    /// batch.
     ///
     /// # Errors
     /// As [`Engine::embed`], and: [`Error::Overloaded`] at once if the model's queue is full;
