@@ -187,7 +187,7 @@ impl Int8Matrix {
             .collect();
         let kernel = kernel();
         // Tiles of 4 tokens x 2 weight rows; chunks of weight rows per task, sized for L2.
-        let chunk = 64.min(self.rows);
+        let chunk = 64.min(self.rows).max(1);
         let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
@@ -405,6 +405,15 @@ mod tests {
             super::super::math::bias_activation(&mut y, bias, act);
         }
         y
+    }
+
+    #[test]
+    fn a_matrix_without_rows_gives_an_empty_product() {
+        for m in layouts(&[], 0, 8) {
+            let mut y = Vec::new();
+            m.matmul(&values(16, 1), &mut y);
+            assert!(m.linear(&values(16, 1), &[], Activation::GeluErf).is_empty());
+        }
     }
 
     #[test]

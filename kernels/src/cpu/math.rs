@@ -86,7 +86,7 @@ pub(crate) fn silu(x: f32) -> f32 {
 multiversion! {
     /// `row[i] = act(row[i] + bias[i])` over each row of `x` (`bias` may be empty: no bias).
     fn bias_activation(x: &mut [f32], bias: &[f32], act: crate::Activation) {
-        let width = if bias.is_empty() { x.len() } else { bias.len() };
+        let width = if bias.is_empty() { x.len() } else { bias.len() }.max(1);
         for row in x.chunks_exact_mut(width) {
             if !bias.is_empty() {
                 for (v, b) in row.iter_mut().zip(bias) {

@@ -250,7 +250,8 @@ impl QuantMatrix {
         // enough of them to keep every thread busy.
         let chunk = (16usize)
             .max(self.rows / (rayon::current_num_threads() * 2))
-            .min(self.rows);
+            .min(self.rows)
+            .max(1);
         let out = super::SharedOut::new(y);
         let work = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(self.rows);
