@@ -367,16 +367,7 @@ mod tests {
         y
     }
 
-    /// A tiny xorshift generator: shapes that vary without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
-    }
+    use crate::cpu::test_rng::Rng;
 
     /// Random odd shapes (m in 1..70, n and k not multiples of the tile, k over several `KC`
     /// blocks): every result within 1e-4 of the f64 reference, relative to the sum of the

@@ -358,16 +358,7 @@ mod tests {
             .collect()
     }
 
-    /// A tiny xorshift generator: shapes that vary without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
-    }
+    use crate::cpu::test_rng::Rng;
 
     /// Every layout this CPU runs: row-major and, with AVX-512 VNNI, panels.
     fn layouts(w: &[f32], rows: usize, cols: usize) -> Vec<Int8Matrix> {

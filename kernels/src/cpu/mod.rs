@@ -391,3 +391,18 @@ fn dense_matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
     }
     Ok(y)
 }
+
+/// Test helper shared by the kernels' property tests.
+#[cfg(test)]
+pub(crate) mod test_rng {
+    /// A tiny xorshift generator: shapes that vary without a dependency.
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+}
