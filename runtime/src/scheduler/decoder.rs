@@ -72,6 +72,7 @@ impl DecoderScheduler {
             preferred: Vec::new(),
             starvation_bound: config.starvation_bound,
             buckets: false,
+            adaptive: false,
         };
         let shared = Arc::new(Shared {
             queue: BatchQueue::new(config.queue_capacity, policy),

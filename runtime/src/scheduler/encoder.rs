@@ -50,6 +50,7 @@ impl EncoderScheduler {
             preferred: config.preferred_batch_sizes.clone(),
             starvation_bound: config.starvation_bound,
             buckets: config.length_buckets,
+            adaptive: config.adaptive_delay,
         };
         let shared = Arc::new(Shared {
             queue: BatchQueue::new(config.queue_capacity, policy),

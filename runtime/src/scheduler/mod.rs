@@ -38,6 +38,13 @@ pub struct SchedulerConfig {
     pub max_batch_size: usize,
     /// Encoders: longest a batch waits to fill after its oldest request is queued.
     pub max_queue_delay: Duration,
+    /// Encoders: a batch also leaves as soon as it holds as many sequences as the previous batch
+    /// did (on by default). Under steady load that is when the previous batch's callers are all
+    /// back, so nobody waits `max_queue_delay` for batch-mates who are not coming, and a lone
+    /// caller never waits; when the load rises, requests that arrive during a batch's compute
+    /// form the next one. Off: a batch waits for `max_batch_size` or `max_queue_delay`, as
+    /// Triton's dynamic batcher does.
+    pub adaptive_delay: bool,
     /// Encoders: batch sizes to prefer, e.g. `[8, 16, 32]` (empty: none). A batch reaching the
     /// largest is sent at once; one sent because its delay ran out is cut to the largest
     /// preferred size it holds (the rest go in the next batch).
@@ -66,6 +73,7 @@ impl Default for SchedulerConfig {
         Self {
             max_batch_size: 32,
             max_queue_delay: Duration::from_millis(5),
+            adaptive_delay: true,
             preferred_batch_sizes: Vec::new(),
             length_buckets: false,
             queue_capacity: 1024,
@@ -87,6 +95,12 @@ impl SchedulerConfig {
     /// With this `max_queue_delay`.
     pub fn max_queue_delay(mut self, d: Duration) -> Self {
         self.max_queue_delay = d;
+        self
+    }
+
+    /// With or without the adaptive delay ([`Self::adaptive_delay`]).
+    pub fn adaptive_delay(mut self, on: bool) -> Self {
+        self.adaptive_delay = on;
         self
     }
 

@@ -28,6 +28,8 @@ pub(crate) struct Policy {
     pub starvation_bound: Duration,
     /// Batch only requests of similar length (length buckets).
     pub buckets: bool,
+    /// A batch also leaves once it holds as many items as the previous batch did.
+    pub adaptive: bool,
 }
 
 /// What the queue knows of a request.
@@ -77,6 +79,9 @@ struct State<T> {
     entries: Vec<Entry<T>>,
     closed: bool,
     next_id: u64,
+    /// Items the adaptive policy waits for: those of the batch taken last plus those it left
+    /// queued (1 before the first batch).
+    expected: usize,
 }
 
 pub(crate) struct BatchQueue<T> {
@@ -99,6 +104,7 @@ impl<T> BatchQueue<T> {
                 entries: Vec::new(),
                 closed: false,
                 next_id: 0,
+                expected: 1,
             }),
             wake: Condvar::new(),
             capacity: capacity.max(1),
@@ -201,7 +207,7 @@ impl<T> BatchQueue<T> {
                 st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let plan = self.plan(&st.entries, now, limit);
+            let plan = self.plan(&st.entries, now, limit, st.expected);
             if plan.ready || !block || st.closed {
                 let mut picked = plan.picked;
                 // Remove from the highest index down so that swap_remove keeps the others valid.
@@ -209,6 +215,8 @@ impl<T> BatchQueue<T> {
                 let mut run: Vec<Entry<T>> = picked.into_iter().map(|i| st.entries.swap_remove(i)).collect();
                 run.sort_by_key(|e| order_key(e, now, self.policy.starvation_bound));
                 run.reverse();
+                // The callers of this batch come back once answered, to find those left queued.
+                st.expected = items(&run) + items(&st.entries);
                 return Some(Next {
                     run,
                     expired: Vec::new(),
@@ -227,8 +235,9 @@ impl<T> BatchQueue<T> {
         }
     }
 
-    /// Which entries the next batch would hold, and whether it should leave now.
-    fn plan(&self, entries: &[Entry<T>], now: Instant, limit: usize) -> Plan {
+    /// Which entries the next batch would hold, and whether it should leave now (`expected`:
+    /// items the adaptive policy waits for).
+    fn plan(&self, entries: &[Entry<T>], now: Instant, limit: usize, expected: usize) -> Plan {
         let p = &self.policy;
         let head = (0..entries.len())
             .max_by_key(|&i| order_key(&entries[i], now, p.starvation_bound))
@@ -254,7 +263,11 @@ impl<T> BatchQueue<T> {
         }
         let full = items >= limit || p.preferred.last().is_some_and(|&largest| items >= largest);
         let overdue = now.duration_since(oldest) >= p.max_delay;
-        if (full || overdue) && items < limit {
+        // Under steady load the same callers come back batch after batch: once they are all
+        // here, waiting longer only delays them; and a lone caller never waits.
+        let expected_here = p.adaptive && items >= expected.min(limit);
+        let ready = full || overdue || expected_here;
+        if ready && items < limit {
             if let Some(&size) = p.preferred.iter().rev().find(|&&s| s <= items) {
                 while items > size && picked.len() > 1 {
                     let last = picked.pop().expect("more than one picked");
@@ -264,7 +277,7 @@ impl<T> BatchQueue<T> {
         }
         Plan {
             picked,
-            ready: full || overdue,
+            ready,
             wake_at: oldest + p.max_delay,
         }
     }
@@ -283,6 +296,11 @@ fn order_key<T>(e: &Entry<T>, now: Instant, starvation_bound: Duration) -> (bool
         e.meta.priority,
         Reverse(e.id),
     )
+}
+
+/// Items (sequences) in `entries`.
+fn items<T>(entries: &[Entry<T>]) -> usize {
+    entries.iter().map(|e| e.meta.items.max(1)).sum()
 }
 
 fn take_where<T>(entries: &mut Vec<Entry<T>>, pred: impl Fn(&Entry<T>) -> bool) -> Vec<Entry<T>> {
@@ -310,6 +328,7 @@ mod tests {
             preferred: Vec::new(),
             starvation_bound: Duration::from_secs(60),
             buckets: true,
+            adaptive: false,
         }
     }
 
@@ -417,6 +436,45 @@ mod tests {
         let start = Instant::now();
         assert_eq!(q.next(4, true).unwrap().run.len(), 4);
         assert!(start.elapsed() < Duration::from_millis(15), "a full batch waited");
+    }
+
+    #[test]
+    fn adaptive_waits_for_as_many_as_the_previous_batch() {
+        let mut p = policy();
+        p.adaptive = true;
+        let q = BatchQueue::new(16, p);
+        // Nothing ran yet: a lone request leaves at once.
+        q.push(0, meta(Priority::Normal, 8)).unwrap();
+        let start = Instant::now();
+        assert_eq!(ids(&q.next(4, true).unwrap()), vec![0]);
+        assert!(
+            start.elapsed() < Duration::from_millis(15),
+            "a lone caller waited"
+        );
+        // Three came together (queued while the worker was busy): the next batch waits for three.
+        for i in 1..4 {
+            q.push(i, meta(Priority::Normal, 8)).unwrap();
+        }
+        assert_eq!(q.next(4, true).unwrap().run.len(), 3);
+        for i in 4..6 {
+            q.push(i, meta(Priority::Normal, 8)).unwrap();
+        }
+        let start = Instant::now();
+        assert_eq!(q.next(4, true).unwrap().run.len(), 2);
+        assert!(
+            start.elapsed() >= Duration::from_millis(15),
+            "left before the third caller or max_delay"
+        );
+        // The last batch held two: two queued leave at once.
+        for i in 6..8 {
+            q.push(i, meta(Priority::Normal, 8)).unwrap();
+        }
+        let start = Instant::now();
+        assert_eq!(q.next(4, true).unwrap().run.len(), 2);
+        assert!(
+            start.elapsed() < Duration::from_millis(15),
+            "waited with the expected two queued"
+        );
     }
 
     #[test]
@@ -537,6 +595,7 @@ mod loom_model {
             preferred: Vec::new(),
             starvation_bound: Duration::from_secs(3600),
             buckets: true,
+            adaptive: false,
         };
         Arc::new(BatchQueue::new(capacity, policy))
     }
