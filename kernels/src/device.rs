@@ -120,8 +120,11 @@ fn host(t: candle_core::Tensor) -> Tensor {
 }
 
 impl Device {
-    /// The host CPU.
+    /// The host CPU. On Linux with glibc, the first call also tunes malloc so that freed
+    /// activation buffers are reused by the next forward instead of being returned to the OS and
+    /// faulted in again (see `KEEL_MALLOC_TUNING` in the README).
     pub fn cpu() -> Self {
+        crate::cpu::alloc::keep_buffers_for_reuse();
         Self {
             backend: Backend::Cpu(Cpu),
         }

@@ -10,13 +10,14 @@
 //! with AVX-512 masks; bias and activation are applied to each tile right after its last store,
 //! while it is still in L1.
 
+use super::alloc::Pages;
 use super::{for_each_task, math, SharedOut};
 use crate::Activation;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rows per micro-tile: 8 rows × 3 vectors = 24 accumulators of the 32 zmm registers; the MiniLM
 /// and SmolLM2 token counts are multiples of 8.
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 /// Columns per micro-tile and per packed panel (3 vectors of 16); every MiniLM and SmolLM2 width
 /// (384, 1152, 1536, 576, 6144) is a multiple of 48.
 const NR: usize = 48;
@@ -25,17 +26,13 @@ const KC: usize = 128;
 /// Rows per task: its `MC×KC` block of `x` (32 KiB) stays in L2 across the panels.
 const MC: usize = 64;
 
-/// 64 bytes: packed panels start on a cache line, so a row of B is exactly 3 aligned lines.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
 /// An f32 weight `[n, k]` packed for the micro-kernel: panel `j` holds columns `j*NR..` of `Wᵀ`,
-/// `NR` values per `k` (zero past `n`).
+/// `NR` values per `k` (zero past `n`). Page-aligned, so a row of B is exactly 3 aligned cache
+/// lines.
 pub(crate) struct PackedF32 {
     n: usize,
     k: usize,
-    data: Vec<Line>,
+    data: Pages<f32>,
 }
 
 impl std::fmt::Debug for PackedF32 {
@@ -98,21 +95,18 @@ struct Tile {
 
 impl PackedF32 {
     /// Packs `w` (`n` rows of `k`, row-major).
-    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Self {
+    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> crate::Result<Self> {
         assert_eq!(w.len(), n * k, "weight of {} values for {n}x{k}", w.len());
         let panels = n.div_ceil(NR);
-        let mut data = vec![Line([0.0; 16]); panels * k * NR / 16];
-        // SAFETY: `Line` is 16 plain f32s with no padding, so the buffer is `len * 16` f32s.
-        let flat =
-            unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<f32>(), data.len() * 16) };
+        let mut data = Pages::zeroed(panels * k * NR)?;
         for (col, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
             let (panel, lane) = (col / NR, col % NR);
             let base = panel * k * NR + lane;
             for (p, &v) in row.iter().enumerate() {
-                flat[base + p * NR] = v;
+                data[base + p * NR] = v;
             }
         }
-        Self { n, k, data }
+        Ok(Self { n, k, data })
     }
 
     /// `act(x · Wᵀ + bias)` for `x` of `m` rows of `k` (`bias` empty or `n` long), on the shared
@@ -174,7 +168,7 @@ impl PackedF32 {
     ) {
         let (n, k) = (self.n, self.k);
         let tiles = rows.len().div_ceil(MR);
-        let b = self.data.as_ptr().cast::<f32>();
+        let b = self.data.as_ptr();
         let epilogue = !bias.is_empty() || act != Activation::None;
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
@@ -207,13 +201,7 @@ impl PackedF32 {
                         std::array::from_fn(|i| x.as_ptr().add((r + i).min(rows.end - 1) * k + pc));
                     #[cfg(target_arch = "x86_64")]
                     if avx512 {
-                        // Short tiles (one token, the last rows) compute only the rows they need.
-                        match tile.rows {
-                            1 => kernel_avx512::<1>(kc, ap, bp, tile),
-                            2 => kernel_avx512::<2>(kc, ap, bp, tile),
-                            3 | 4 => kernel_avx512::<4>(kc, ap, bp, tile),
-                            _ => kernel_avx512::<MR>(kc, ap, bp, tile),
-                        }
+                        tile_avx512::<3>(kc, ap, bp, tile);
                     } else {
                         kernel_plain(kc, ap, bp, tile);
                     }
@@ -270,31 +258,33 @@ pub(super) unsafe fn finish_avx512(row: &mut [f32], bias: &[f32], act: Activatio
     finish(row, bias, act)
 }
 
-/// The `R×NR` micro-kernel (`R` up to `MR`): `kc` rank-1 updates of `3R` zmm accumulators (one
-/// value of each of the `R` rows of x broadcast, 3 vectors of B), then masked stores of the valid
-/// rows and columns.
+/// The `R×(16V)` micro-kernel (`R` up to `MR`, `V` vectors of 16 columns, [`NR`] = 3 vectors
+/// for the weight panels): `kc` rank-1 updates of `V·R` zmm accumulators (one value of each of
+/// the `R` rows of x broadcast, `V` vectors of B), then masked stores of the valid rows and
+/// columns.
 ///
 /// # Safety
-/// The CPU has AVX-512F; each of `a` holds `kc` values, `b` `kc×NR` (64-byte aligned), and `tile`
-/// describes valid, writable cells.
+/// The CPU has AVX-512F; each of `a` holds `kc` values, `b` `kc×16V`, and `tile` describes
+/// valid, writable cells (its prefetch range empty or inside a block of `kc×16V` values).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512<const R: usize>(kc: usize, a: [*const f32; MR], b: *const f32, tile: Tile) {
+unsafe fn kernel_avx512<const R: usize, const V: usize>(
+    kc: usize,
+    a: [*const f32; MR],
+    b: *const f32,
+    tile: Tile,
+) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
     for p in 0..kc {
-        let bp = b.add(p * NR);
+        let bp = b.add(p * 16 * V);
         if (tile.prefetch_steps.0..tile.prefetch_steps.1).contains(&p) {
-            let next = tile.prefetch.add(p * NR).cast::<i8>();
-            _mm_prefetch::<_MM_HINT_T0>(next);
-            _mm_prefetch::<_MM_HINT_T0>(next.add(64));
-            _mm_prefetch::<_MM_HINT_T0>(next.add(128));
+            let next = tile.prefetch.add(p * 16 * V).cast::<i8>();
+            for line in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line));
+            }
         }
-        let bv = [
-            _mm512_load_ps(bp),
-            _mm512_load_ps(bp.add(16)),
-            _mm512_load_ps(bp.add(32)),
-        ];
+        let bv: [__m512; V] = std::array::from_fn(|j| _mm512_loadu_ps(bp.add(16 * j)));
         for (acc, a) in acc.iter_mut().zip(a) {
             let x = _mm512_set1_ps(*a.add(p));
             for (acc, &bv) in acc.iter_mut().zip(&bv) {
@@ -302,11 +292,10 @@ unsafe fn kernel_avx512<const R: usize>(kc: usize, a: [*const f32; MR], b: *cons
             }
         }
     }
-    let mask = |j: usize| -> __mmask16 {
+    let masks: [__mmask16; V] = std::array::from_fn(|j| {
         let valid = tile.cols.saturating_sub(16 * j).min(16);
         ((1u32 << valid) - 1) as __mmask16
-    };
-    let masks = [mask(0), mask(1), mask(2)];
+    });
     for (i, acc) in acc.iter().enumerate() {
         if i < tile.rows {
             let row = tile.c.add(i * tile.ldc);
@@ -320,6 +309,56 @@ unsafe fn kernel_avx512<const R: usize>(kc: usize, a: [*const f32; MR], b: *cons
             }
         }
     }
+}
+
+/// Dispatches a tile of `tile.rows` rows to the kernel that computes no more rows than needed
+/// (short tiles: one token, the last rows).
+///
+/// # Safety
+/// As for [`kernel_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const V: usize>(kc: usize, a: [*const f32; MR], b: *const f32, tile: Tile) {
+    match tile.rows {
+        1 => kernel_avx512::<1, V>(kc, a, b, tile),
+        2 => kernel_avx512::<2, V>(kc, a, b, tile),
+        3 | 4 => kernel_avx512::<4, V>(kc, a, b, tile),
+        _ => kernel_avx512::<MR, V>(kc, a, b, tile),
+    }
+}
+
+/// `c[i][j] = Σ_p a[i][p] · b[p][j]` for the `rows` (up to [`MR`]) rows of `a` (read where they
+/// lie, `kc` values each) and `cols` (up to `16V`) columns, with `b` packed as `kc` runs of `16V`
+/// values; `c` rows are `ldc` apart. The micro-kernel of the packed GEMM, for attention's
+/// per-head products.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` has `rows` valid pointers to `kc` values, `b` holds `kc×16V`
+/// values, and `c` has `rows` writable rows of `cols` cells, `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn micro_tile<const V: usize>(
+    kc: usize,
+    a: &[*const f32],
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    debug_assert!(!a.is_empty() && a.len() <= MR && cols <= 16 * V);
+    let rows = a.len();
+    // Rows past the end repeat the last one (computed, never stored).
+    let ap: [*const f32; MR] = std::array::from_fn(|i| a[i.min(rows - 1)]);
+    let tile = Tile {
+        c,
+        ldc,
+        rows,
+        cols,
+        accumulate: false,
+        prefetch: std::ptr::null(),
+        prefetch_steps: (0, 0),
+    };
+    tile_avx512::<V>(kc, ap, b, tile);
 }
 
 /// The same tile in plain Rust (CPUs without AVX-512 only reach it from tests).
@@ -390,7 +429,7 @@ mod tests {
         }
         for (m, n, k) in shapes {
             let (x, w, bias) = (values(m * k, 3), values(n * k, 11), values(n, 5));
-            let packed = PackedF32::pack(&w, n, k);
+            let packed = PackedF32::pack(&w, n, k).unwrap();
             let bias = if (m + n) % 2 == 0 { bias } else { Vec::new() };
             let want = reference(&x, &w, &bias, m, n, k);
             let abs = reference(
@@ -431,7 +470,7 @@ mod tests {
     fn fuses_bias_and_activation() {
         let (m, n, k) = (13, 100, 200);
         let (x, w, bias) = (values(m * k, 1), values(n * k, 2), values(n, 3));
-        let packed = PackedF32::pack(&w, n, k);
+        let packed = PackedF32::pack(&w, n, k).unwrap();
         for act in [Activation::GeluErf, Activation::Silu] {
             let mut want = packed.matmul(&x, m, &[], Activation::None);
             math::bias_activation(&mut want, &bias, act);

@@ -164,12 +164,12 @@ multiversion! {
 
 multiversion! {
     /// Softmax of `row` in place, scaled by `scale` first (`scale` > 0): passes for the max,
-    /// `exp`, the sum and the normalization, each vectorized. A NaN anywhere makes the row NaN.
+    /// `exp`, the sum and the normalization, each vectorized. A NaN anywhere makes the row NaN
+    /// (the max skips it, but its `exp` is NaN, and so are the sum and every quotient).
     fn scaled_softmax(row: &mut [f32], scale: f32) {
-        let has_nan = row.iter().any(|v| v.is_nan());
         let max = lanes_max(row) * scale;
         row.iter_mut().for_each(|v| *v = exp(*v * scale - max));
-        let inv = if has_nan { f32::NAN } else { 1.0 / lanes_sum(row, |v| v) };
+        let inv = 1.0 / lanes_sum(row, |v| v);
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }
@@ -284,12 +284,16 @@ mod tests {
                 assert!((out[row * width + i] as f64 - s[i] / rms * gamma[i] as f64).abs() < 1e-5);
             }
         }
-        let mut nan_row = vec![1.0f32, f32::NAN, 2.0];
-        scaled_softmax(&mut nan_row, 1.0);
-        assert!(
-            nan_row.iter().all(|v| v.is_nan()),
-            "NaN must propagate: {nan_row:?}"
-        );
+        // In the vectorized part of a row and in its tail.
+        for at in [1, 20] {
+            let mut nan_row: Vec<f32> = (0..21).map(|i| i as f32 / 7.0).collect();
+            nan_row[at] = f32::NAN;
+            scaled_softmax(&mut nan_row, 1.0);
+            assert!(
+                nan_row.iter().all(|v| v.is_nan()),
+                "NaN must propagate: {nan_row:?}"
+            );
+        }
         let mut row: Vec<f32> = x[..width].to_vec();
         scaled_softmax(&mut row, 0.5);
         let m = x[..width].iter().fold(f64::MIN, |m, v| m.max(*v as f64 * 0.5));

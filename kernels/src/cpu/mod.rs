@@ -4,8 +4,9 @@
 
 #[macro_use]
 mod multiversion {
-    /// Defines `pub(crate) fn $name` that runs an AVX2+FMA build of `$body` where the CPU has it and
-    /// the portable build elsewhere.
+    /// Defines `pub(crate) fn $name` that runs an AVX-512 or an AVX2+FMA build of `$body` where the
+    /// CPU has it and the portable build elsewhere. The builds differ only in vector width: the
+    /// same operations in the same order, so the same bits.
     macro_rules! multiversion {
         ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
             $(#[$meta])*
@@ -14,6 +15,17 @@ mod multiversion {
                 fn body($($arg: $ty),*) $body
                 #[cfg(target_arch = "x86_64")]
                 {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    unsafe fn avx512($($arg: $ty),*) {
+                        body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+                        return unsafe { avx512($($arg),*) };
+                    }
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn avx2($($arg: $ty),*) {
                         body($($arg),*)
@@ -29,6 +41,7 @@ mod multiversion {
     }
 }
 
+pub(crate) mod alloc;
 mod attention;
 pub(crate) mod gemm;
 pub(crate) mod int8;
@@ -148,7 +161,7 @@ impl Cpu {
             }
             Weight::Dense(w) if gemm::use_packed() => {
                 let w = w.cpu("linear")?;
-                let pack = || read(w, |w| gemm::PackedF32::pack(w, out_features, in_features));
+                let pack = || read(w, |w| gemm::PackedF32::pack(w, out_features, in_features))?;
                 let packed = layer.packed.get(w, pack)?;
                 let bias = match &layer.bias {
                     Some(b) => read(b.cpu("linear")?, <[f32]>::to_vec)?,
