@@ -1,6 +1,7 @@
 //! The CPU backend: tensors are candle-core's, and the work is Keel's own kernels (`quant`,
 //! `math`, `attention`, and `gemm` for f32 products on AVX-512) except the f32 GEMM elsewhere and
-//! inside attention, which is the gemm crate's (candle's own).
+//! inside the decoder's attention, which is the gemm crate's (candle's own). `alloc` keeps the
+//! heap from returning activation buffers to the OS between forwards.
 
 #[macro_use]
 mod multiversion {
