@@ -19,6 +19,7 @@ use keel_kernels::{candle_core, Device, DeviceKind, Linear, Tensor, Weight};
 use keel_models::bert::{EncoderFiles, SentenceEncoder};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -354,6 +355,9 @@ struct LoadPoint {
     mean_batch_compute_ms: f64,
 }
 
+/// `clients` threads sending single sentences back to back: a warm-up (so that the batches have
+/// reached their steady size), then `budget` measured. Counted: the requests that finish inside
+/// the measured window, and the scheduler's counters over it.
 fn load_point(
     engine: &Engine,
     id: &str,
@@ -361,40 +365,50 @@ fn load_point(
     budget: Duration,
     corpus: &Arc<Vec<String>>,
 ) -> LoadPoint {
-    let before = engine.scheduler_stats(id).unwrap_or_default();
+    let warm_up = budget / 4;
     let barrier = Arc::new(Barrier::new(clients + 1));
+    let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let (engine, id, barrier, corpus) =
-                (engine.clone(), id.to_string(), barrier.clone(), corpus.clone());
+            let (engine, id, barrier, corpus, stop) = (
+                engine.clone(),
+                id.to_string(),
+                barrier.clone(),
+                corpus.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 barrier.wait();
-                let start = Instant::now();
-                let mut latencies = Vec::new();
+                // (finish time, latency ms) of each request.
+                let mut done = Vec::new();
                 let mut i = c * 7919;
-                while start.elapsed() < budget {
+                while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     engine.embed(&id, &[&corpus[i % corpus.len()]]).expect("embed");
-                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                    done.push((Instant::now(), t.elapsed().as_secs_f64() * 1e3));
                     i += 1;
                 }
-                latencies
+                done
             })
         })
         .collect();
     barrier.wait();
-    let start = Instant::now();
+    std::thread::sleep(warm_up);
+    let (from, before) = (Instant::now(), engine.scheduler_stats(id).unwrap_or_default());
+    std::thread::sleep(budget);
+    let (to, after) = (Instant::now(), engine.scheduler_stats(id).unwrap_or_default());
+    stop.store(true, Ordering::Relaxed);
     let mut all: Vec<f64> = threads
         .into_iter()
         .flat_map(|t| t.join().unwrap_or_default())
+        .filter(|&(end, _)| end >= from && end < to)
+        .map(|(_, ms)| ms)
         .collect();
-    let wall = start.elapsed().as_secs_f64();
-    let after = engine.scheduler_stats(id).unwrap_or_default();
     let batches = (after.batches - before.batches).max(1);
     let tokens = after.tokens - before.tokens;
     let padding = after.padding_tokens - before.padding_tokens;
     LoadPoint {
-        throughput: all.len() as f64 / wall,
+        throughput: all.len() as f64 / (to - from).as_secs_f64(),
         p50_ms: percentile(&mut all, 0.5),
         p99_ms: percentile(&mut all, 0.99),
         requests: all.len(),

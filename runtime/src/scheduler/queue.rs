@@ -75,13 +75,20 @@ impl<T> Default for Next<T> {
     }
 }
 
+/// Batches the adaptive policy remembers: after the load drops, a lone caller waits
+/// `max_delay` for this many batches at most.
+const RECENT: usize = 4;
+
 struct State<T> {
     entries: Vec<Entry<T>>,
     closed: bool,
     next_id: u64,
-    /// Items the adaptive policy waits for: those of the batch taken last plus those it left
-    /// queued (1 before the first batch).
-    expected: usize,
+    /// Callers seen by the last batches: each batch's items plus those it left queued (they
+    /// all come back). The adaptive policy waits for the largest, so that one straggler (a
+    /// batch that left on `max_delay` short of a caller) does not shrink the batches after it.
+    recent: [usize; RECENT],
+    /// Where the next batch's count goes in `recent`.
+    next_slot: usize,
 }
 
 pub(crate) struct BatchQueue<T> {
@@ -104,7 +111,8 @@ impl<T> BatchQueue<T> {
                 entries: Vec::new(),
                 closed: false,
                 next_id: 0,
-                expected: 1,
+                recent: [1; RECENT],
+                next_slot: 0,
             }),
             wake: Condvar::new(),
             capacity: capacity.max(1),
@@ -207,7 +215,8 @@ impl<T> BatchQueue<T> {
                 st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let plan = self.plan(&st.entries, now, limit, st.expected);
+            let expected = st.recent.iter().copied().max().unwrap_or(1);
+            let plan = self.plan(&st.entries, now, limit, expected);
             if plan.ready || !block || st.closed {
                 let mut picked = plan.picked;
                 // Remove from the highest index down so that swap_remove keeps the others valid.
@@ -216,7 +225,9 @@ impl<T> BatchQueue<T> {
                 run.sort_by_key(|e| order_key(e, now, self.policy.starvation_bound));
                 run.reverse();
                 // The callers of this batch come back once answered, to find those left queued.
-                st.expected = items(&run) + items(&st.entries);
+                let slot = st.next_slot;
+                st.recent[slot] = items(&run) + items(&st.entries);
+                st.next_slot = (slot + 1) % RECENT;
                 return Some(Next {
                     run,
                     expired: Vec::new(),
@@ -439,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_waits_for_as_many_as_the_previous_batch() {
+    fn adaptive_waits_for_the_callers_of_the_last_batches() {
         let mut p = policy();
         p.adaptive = true;
         let q = BatchQueue::new(16, p);
@@ -465,16 +476,19 @@ mod tests {
             start.elapsed() >= Duration::from_millis(15),
             "left before the third caller or max_delay"
         );
-        // The last batch held two: two queued leave at once.
-        for i in 6..8 {
-            q.push(i, meta(Priority::Normal, 8)).unwrap();
+        // Three callers were seen within the last RECENT batches: two still wait for a third
+        // until three batches have held two; then two leave at once.
+        let mut next_item = 6;
+        for round in 0..RECENT {
+            for _ in 0..2 {
+                q.push(next_item, meta(Priority::Normal, 8)).unwrap();
+                next_item += 1;
+            }
+            let start = Instant::now();
+            assert_eq!(q.next(4, true).unwrap().run.len(), 2);
+            let waited = start.elapsed() >= Duration::from_millis(15);
+            assert_eq!(waited, round < RECENT - 1, "round {round}");
         }
-        let start = Instant::now();
-        assert_eq!(q.next(4, true).unwrap().run.len(), 2);
-        assert!(
-            start.elapsed() < Duration::from_millis(15),
-            "waited with the expected two queued"
-        );
     }
 
     #[test]
