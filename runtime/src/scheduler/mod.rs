@@ -2,9 +2,9 @@
 //! batching policy.
 //!
 //! - Encoders ([`EncoderScheduler`]): dynamic batching. Callers on any thread submit single
-//!   requests; a worker takes a batch of requests of similar length (length buckets) once it is
-//!   full or its oldest request has waited `max_queue_delay`, runs it as one padded forward pass,
-//!   and answers each caller.
+//!   requests; a worker takes a batch once it is full, once its oldest request has waited
+//!   `max_queue_delay`, or (adaptive delay) once the callers of the recent batches are back, runs
+//!   it as one packed forward pass (no padding), and answers each caller.
 //! - Decoders ([`DecoderScheduler`]): continuous batching. One worker runs one step at a time for
 //!   every active sequence together; a new stream joins at the next step, a finished or cancelled
 //!   one leaves at once and its KV cache is freed.
@@ -38,12 +38,12 @@ pub struct SchedulerConfig {
     pub max_batch_size: usize,
     /// Encoders: longest a batch waits to fill after its oldest request is queued.
     pub max_queue_delay: Duration,
-    /// Encoders: a batch also leaves as soon as it holds as many sequences as the previous batch
-    /// did (on by default). Under steady load that is when the previous batch's callers are all
-    /// back, so nobody waits `max_queue_delay` for batch-mates who are not coming, and a lone
-    /// caller never waits; when the load rises, requests that arrive during a batch's compute
-    /// form the next one. Off: a batch waits for `max_batch_size` or `max_queue_delay`, as
-    /// Triton's dynamic batcher does.
+    /// Encoders: a batch also leaves as soon as it holds as many sequences as the most callers
+    /// seen over the last 4 batches (a batch's sequences plus those it left queued; on by
+    /// default). Under steady load that is when those callers are all back, so nobody waits
+    /// `max_queue_delay` for batch-mates who are not coming, and a lone caller never waits; when
+    /// the load rises, requests that arrive during a batch's compute form the next one. Off: a
+    /// batch waits for `max_batch_size` or `max_queue_delay`, as Triton's dynamic batcher does.
     pub adaptive_delay: bool,
     /// Encoders: batch sizes to prefer, e.g. `[8, 16, 32]` (empty: none). A batch reaching the
     /// largest is sent at once; one sent because its delay ran out is cut to the largest
