@@ -6,7 +6,9 @@
 //! of 128 tokens, run from a thread other than the main one (the scheduler's worker): ~2,000
 //! page faults and 8-10% of the forward's time. Raising both thresholds once (buffers up to
 //! 32 MiB come from the heap, which is trimmed only past 256 MiB free at its top) makes the steady
-//! state fault-free. The cost: after a burst, up to its working set stays mapped for reuse.
+//! state fault-free while a forward's working set fits one 64 MiB heap of a thread arena (a
+//! MiniLM batch of 32 x 128 tokens does not: glibc unmaps its second heap whenever it empties,
+//! ~5% of that batch). The cost: after a burst, up to its working set stays mapped for reuse.
 //! `KEEL_MALLOC_TUNING=0` leaves malloc as the host set it.
 
 /// Applies the thresholds once per process (later calls do nothing).
