@@ -72,6 +72,55 @@ fn batched_equals_one_at_a_time() {
     eprintln!("worst batched-vs-single diff: {worst:e}");
 }
 
+/// A batch of more tokens than the encoder runs through its layers at once (it splits such a
+/// batch into groups of whole sequences): every vector still equals its sentence alone.
+#[test]
+fn batch_larger_than_a_layer_group_equals_one_at_a_time() {
+    use keel_models::bert::{EncoderFiles, SentenceEncoder};
+    let dir = minilm_dir();
+    let files = EncoderFiles {
+        config: &dir.join("config.json"),
+        weights: &dir.join("model.safetensors"),
+        tokenizer: &dir.join("tokenizer.json"),
+        max_tokens: Some(256),
+    };
+    let device = keel_kernels::Device::cpu();
+    let encoder = SentenceEncoder::load(&files, Default::default(), &device).unwrap();
+    let golden = golden("minilm.json");
+    let short: Vec<String> = golden["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    // Short sentences between long ones (up to 256 tokens), 2,000+ tokens in all.
+    let mut texts = Vec::new();
+    for round in 0..8 {
+        texts.extend(short.iter().cloned());
+        texts.push(short[round % short.len()].repeat(12 + 4 * round));
+    }
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let tokens: usize = encoder.tokenize(&texts).unwrap().iter().map(Vec::len).sum();
+    assert!(
+        tokens > 2048,
+        "the batch must span several groups ({tokens} tokens)"
+    );
+    let batched = encoder.embed(&texts).unwrap();
+    let mut worst = 0.0f32;
+    for (text, b) in texts.iter().zip(&batched) {
+        let diff = max_abs_diff(b, &encoder.embed(&[text]).unwrap()[0]);
+        assert!(
+            diff <= BATCH_TOLERANCE,
+            "{text:?}: batched vs single differ by {diff}"
+        );
+        worst = worst.max(diff);
+    }
+    eprintln!(
+        "{} sentences, {tokens} tokens: worst batched-vs-single diff {worst:e}",
+        texts.len()
+    );
+}
+
 #[test]
 fn embeddings_are_unit_length_and_semantic() {
     let (engine, id) = engine();

@@ -85,6 +85,12 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
+/// Tokens that go through the layers together. A larger packed batch runs in groups of whole
+/// sequences: past about a thousand tokens a group only adds memory traffic (MiniLM on the CPU:
+/// 8 x 128 tokens at 78 sentences/s, 32 x 128 in one group at 70), and its activations outgrow a
+/// worker thread's 64 MiB malloc heap, which is then unmapped and faulted in again every batch.
+const GROUP_TOKENS: usize = 1024;
+
 /// A BERT encoder: token ids and an attention mask in, hidden states out.
 pub struct Bert {
     device: Device,
@@ -221,6 +227,29 @@ impl Bert {
                 context: self.cfg.max_position_embeddings,
             });
         }
+        if tokens <= GROUP_TOKENS {
+            return self.forward_group(ids, lengths);
+        }
+        // Whole sequences in groups of at most GROUP_TOKENS tokens (a longer sequence alone).
+        let mut parts = Vec::new();
+        let (mut first, mut start) = (0, 0);
+        while first < lengths.len() {
+            let mut end = first + 1;
+            let mut len = lengths[first];
+            while end < lengths.len() && len + lengths[end] <= GROUP_TOKENS {
+                len += lengths[end];
+                end += 1;
+            }
+            parts.push(self.forward_group(&d.rows(ids, start, len)?, &lengths[first..end])?);
+            (first, start) = (end, start + len);
+        }
+        Ok(d.concat_rows(&parts)?)
+    }
+
+    /// `forward` on sequences that run through the layers together.
+    fn forward_group(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let d = &self.device;
+        let tokens = ids.dims()[0];
         let eps = self.cfg.layer_norm_eps as f32;
         let e = &self.embeddings;
         // Position ids restart at 0 in each sequence and every token type is 0, as transformers
