@@ -233,7 +233,7 @@ impl PackedF32 {
 }
 
 /// `row = act(row + bias)` (`bias` may be empty): the row kernels' own functions, so a value gets
-/// the same bits as from `math::bias_activation`.
+/// the same bits as from `math::bias_activation` (on AVX-512, see [`finish_avx512`]).
 #[inline(always)]
 fn finish(row: &mut [f32], bias: &[f32], act: Activation) {
     if !bias.is_empty() {
@@ -248,14 +248,19 @@ fn finish(row: &mut [f32], bias: &[f32], act: Activation) {
     }
 }
 
-/// [`finish`] compiled for AVX-512: 16 lanes, a tile row in 3 vectors.
+/// [`finish`] compiled for AVX-512: 16 lanes, a tile row in 3 vectors; GELU is the vector one
+/// that `math::bias_activation` also uses on this CPU.
 ///
 /// # Safety
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn finish_avx512(row: &mut [f32], bias: &[f32], act: Activation) {
-    finish(row, bias, act)
+    if act == Activation::GeluErf {
+        math::bias_gelu_avx512(row, bias)
+    } else {
+        finish(row, bias, act)
+    }
 }
 
 /// The `R×(16V)` micro-kernel (`R` up to `MR`, `V` vectors of 16 columns, [`NR`] = 3 vectors

@@ -78,14 +78,89 @@ pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// `row = gelu(row + bias)` (`bias` empty or as long as `row`) in 16 lanes: [`erf`]'s polynomials
+/// with fused multiply-adds, and its division as a reciprocal estimate refined by one Newton step
+/// (within 2 ulp of the quotient; `vdivps` alone took ~5% of a MiniLM forward at batch 1).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bias_gelu_avx512(row: &mut [f32], bias: &[f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(bias.is_empty() || bias.len() == row.len());
+    for start in (0..row.len()).step_by(16) {
+        let mask = ((1u32 << (row.len() - start).min(16)) - 1) as __mmask16;
+        let at = row.as_mut_ptr().add(start);
+        let mut x = _mm512_maskz_loadu_ps(mask, at);
+        if !bias.is_empty() {
+            x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(start)));
+        }
+        let erf = erf_avx512(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+        let y = _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_set1_ps(0.5), x),
+            _mm512_add_ps(_mm512_set1_ps(1.0), erf),
+        );
+        _mm512_mask_storeu_ps(at, mask, y);
+    }
+}
+
+/// [`erf`] in 16 lanes (NaN stays NaN: `max`/`min` return their second operand on NaN).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn erf_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_min_ps(_mm512_set1_ps(4.0), _mm512_max_ps(_mm512_set1_ps(-4.0), x));
+    let x2 = _mm512_mul_ps(x, x);
+    let step = |acc, c: f32| _mm512_fmadd_ps(x2, acc, _mm512_set1_ps(c));
+    let mut p = step(_mm512_set1_ps(-2.726_142_3e-10), 2.770_681_4e-8);
+    for c in [
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_600_1e-3,
+        -1.609_603_3e-2,
+    ] {
+        p = step(p, c);
+    }
+    let mut q = step(_mm512_set1_ps(-1.456_607_2e-5), -2.133_740_6e-4);
+    for c in [-1.682_827e-3, -7.373_329_3e-3, -1.426_474e-2] {
+        q = step(q, c);
+    }
+    // 1/q: a 14-bit estimate, then r + r(1 - qr).
+    let r = _mm512_rcp14_ps(q);
+    let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(1.0)), r);
+    let quotient = _mm512_mul_ps(_mm512_mul_ps(x, p), r);
+    // +-1 from |x| >= 3.92, with x's sign.
+    let bits = _mm512_castps_si512(x);
+    let sign = _mm512_and_si512(bits, _mm512_set1_epi32(i32::MIN));
+    let one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(1.0f32.to_bits() as i32)));
+    let saturated = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(x), _mm512_set1_ps(3.92));
+    _mm512_mask_blend_ps(saturated, quotient, one)
+}
+
 #[inline(always)]
 pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// `row[i] = act(row[i] + bias[i])` over each row of `x` (`bias` may be empty: no bias).
+pub(crate) fn bias_activation(x: &mut [f32], bias: &[f32], act: crate::Activation) {
+    #[cfg(target_arch = "x86_64")]
+    if act == crate::Activation::GeluErf && std::arch::is_x86_feature_detected!("avx512f") {
+        let width = if bias.is_empty() { x.len() } else { bias.len() }.max(1);
+        for row in x.chunks_exact_mut(width) {
+            // SAFETY: AVX-512F was detected; `bias` is empty or `width` long.
+            unsafe { bias_gelu_avx512(row, bias) };
+        }
+        return;
+    }
+    bias_activation_rows(x, bias, act)
+}
+
 multiversion! {
-    /// `row[i] = act(row[i] + bias[i])` over each row of `x` (`bias` may be empty: no bias).
-    fn bias_activation(x: &mut [f32], bias: &[f32], act: crate::Activation) {
+    /// [`bias_activation`] in plain code (compiled for AVX-512 and AVX2).
+    fn bias_activation_rows(x: &mut [f32], bias: &[f32], act: crate::Activation) {
         let width = if bias.is_empty() { x.len() } else { bias.len() }.max(1);
         for row in x.chunks_exact_mut(width) {
             if !bias.is_empty() {
@@ -236,18 +311,24 @@ mod tests {
     fn fused_bias_gelu_matches_the_reference() {
         let x = grid();
         let bias = vec![0.25f32; x.len()];
-        let mut y = x.clone();
-        bias_activation(&mut y, &bias, crate::Activation::GeluErf);
-        for (v, x) in y.iter().zip(&x) {
-            let want = reference::gelu(x + 0.25);
-            // erf's 5e-7, scaled by x/2, plus f32 rounding of the result.
-            let tolerance = 3e-7 * (1.0 + (x + 0.25).abs()) + 2e-7 * want.abs();
-            assert!((v - want).abs() <= tolerance, "gelu({x}+0.25) = {v}, want {want}");
+        // The dispatching entry (16-lane GELU on AVX-512 CPUs) and the plain rows.
+        let paths: [fn(&mut [f32], &[f32], crate::Activation); 2] = [bias_activation, bias_activation_rows];
+        for run in paths {
+            let mut y = x.clone();
+            run(&mut y, &bias, crate::Activation::GeluErf);
+            for (v, x) in y.iter().zip(&x) {
+                let want = reference::gelu(x + 0.25);
+                // erf's 5e-7, scaled by x/2, plus f32 rounding of the result.
+                let tolerance = 3e-7 * (1.0 + (x + 0.25).abs()) + 2e-7 * want.abs();
+                assert!((v - want).abs() <= tolerance, "gelu({x}+0.25) = {v}, want {want}");
+            }
+            // Odd lengths (the 16-lane tail) and non-finite values.
+            let mut odd = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0, -9.0];
+            run(&mut odd, &[], crate::Activation::GeluErf);
+            assert!(odd[0].is_nan() && odd[1] == f32::INFINITY);
+            assert!(odd[2] == 0.0 || odd[2].is_nan(), "gelu(-inf) = {}", odd[2]);
+            assert!((odd[3] - 0.841_344_7).abs() < 1e-6 && odd[4] == 0.0, "{odd:?}");
         }
-        let mut nan = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
-        bias_activation(&mut nan, &[], crate::Activation::GeluErf);
-        assert!(nan[0].is_nan() && nan[1] == f32::INFINITY);
-        assert!(nan[2] == 0.0 || nan[2].is_nan(), "gelu(-inf) = {}", nan[2]);
     }
 
     #[test]
