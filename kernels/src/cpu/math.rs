@@ -312,8 +312,8 @@ mod tests {
         let x = grid();
         let bias = vec![0.25f32; x.len()];
         // The dispatching entry (16-lane GELU on AVX-512 CPUs) and the plain rows.
-        let paths: [fn(&mut [f32], &[f32], crate::Activation); 2] = [bias_activation, bias_activation_rows];
-        for run in paths {
+        type Run = fn(&mut [f32], &[f32], crate::Activation);
+        for run in [bias_activation as Run, bias_activation_rows] {
             let mut y = x.clone();
             run(&mut y, &bias, crate::Activation::GeluErf);
             for (v, x) in y.iter().zip(&x) {
