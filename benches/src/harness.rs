@@ -259,6 +259,10 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
             bare.embed(&texts)?;
             direct.push(t.elapsed().as_secs_f64());
         }
+        // Each run against the bare run right after it: a paired ratio cancels the machine's
+        // drift between pairs, which the two medians alone do not.
+        let mut ratios: Vec<f64> = through.iter().zip(&direct).map(|(t, d)| t / d).collect();
+        let overhead = median(&mut ratios) - 1.0;
         let (t, d) = (median(&mut through), median(&mut direct));
         let gflops = minilm_flops(128) * batch as f64 / t / 1e9;
         results.push(json!({
@@ -268,7 +272,7 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
             "gflop_per_s": gflops,
             "share_of_matmul_peak": gflops / peak,
             "bare_model_ms_per_batch": d * 1e3,
-            "scheduler_overhead_pct": (t - d) / d * 100.0,
+            "scheduler_overhead_pct": overhead * 100.0,
             "runs": through.len(),
             "buffers_created_after_warmup": device.stats().buffers_created - before,
         }));

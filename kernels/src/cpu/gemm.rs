@@ -88,8 +88,10 @@ struct Tile {
     accumulate: bool,
     /// The weight block that comes next, and which of its `k` steps this tile prefetches
     /// (spread over the tiles of the current block, so that its memory reads overlap their
-    /// arithmetic); null when nothing comes next.
+    /// arithmetic); null when nothing comes next. Only the AVX-512 kernel prefetches.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prefetch: *const f32,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prefetch_steps: (usize, usize),
 }
 
