@@ -159,7 +159,7 @@ pub(crate) fn bias_activation(x: &mut [f32], bias: &[f32], act: crate::Activatio
 }
 
 multiversion! {
-    /// [`bias_activation`] in plain code (compiled for AVX-512 and AVX2).
+    /// [`bias_activation`] in plain code (AVX-512, AVX2+FMA and baseline builds).
     fn bias_activation_rows(x: &mut [f32], bias: &[f32], act: crate::Activation) {
         let width = if bias.is_empty() { x.len() } else { bias.len() }.max(1);
         for row in x.chunks_exact_mut(width) {
