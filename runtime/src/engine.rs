@@ -2,11 +2,12 @@
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, TokenStream};
+use crate::infer::{Infer, InferRequest, InferResponse, Input, Meta, Output, Timings};
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
 use crate::request::Request;
 use crate::scheduler::decoder::GenJob;
-use crate::scheduler::{DecoderScheduler, EncoderScheduler, SchedulerConfig, SchedulerStats};
+use crate::scheduler::{DecoderScheduler, EncoderScheduler, Ran, SchedulerConfig, SchedulerStats};
 use crate::{Error, Result};
 use keel_kernels::{Device, DeviceKind};
 use keel_models::llama::WeightPath;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Builds an [`Engine`].
 #[derive(Debug, Clone)]
@@ -77,6 +78,7 @@ impl EngineBuilder {
         let caches = self.caches;
         Ok(Engine {
             inner: Arc::new(Inner {
+                backend: device.caps().kind.to_string(),
                 device,
                 models: RwLock::default(),
                 scheduler: self.scheduler,
@@ -140,6 +142,8 @@ pub struct Engine {
 
 struct Inner {
     device: Device,
+    /// The device's kind as text, for every response's metadata.
+    backend: String,
     models: RwLock<Registry>,
     scheduler: SchedulerConfig,
     response_cache: Option<ResponseCache>,
@@ -277,8 +281,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Forgets a version and every alias pointing at it. Requests already queued or running on
-    /// it finish (the call waits for them once the last of them lets go of the version).
+    /// Points `alias` at `to` only if it points at `expect` now (None: the alias is unset), in
+    /// one step: two threads moving the same alias cannot both succeed from the same state.
+    ///
+    /// # Errors
+    /// [`Error::UnknownModel`] if `to` is not loaded; [`Error::InvalidArgument`] if the alias
+    /// does not point at `expect` (nothing is changed).
+    pub fn swap_alias(&self, alias: &str, expect: Option<&VersionId>, to: &VersionId) -> Result<()> {
+        let mut registry = self.write();
+        if !registry.versions.contains_key(to) {
+            return Err(Error::UnknownModel(to.to_string()));
+        }
+        let now = registry.aliases.get(alias);
+        if now != expect {
+            return Err(Error::InvalidArgument(format!(
+                "alias '{alias}' points at {}, not {}",
+                now.map_or("nothing", VersionId::as_str),
+                expect.map_or("nothing", VersionId::as_str)
+            )));
+        }
+        registry.aliases.insert(alias.to_string(), to.clone());
+        Ok(())
+    }
+
+    /// Forgets a version and every alias pointing at it, and purges its entries from the
+    /// response and prefix caches. Requests already queued or running on it finish (the call
+    /// waits for them once the last of them lets go of the version).
     pub fn unload(&self, model: &str) -> Result<()> {
         let id = self.resolve(model)?.id.clone();
         let removed = {
@@ -286,6 +314,12 @@ impl Engine {
             registry.aliases.retain(|_, v| *v != id);
             registry.versions.remove(&id)
         };
+        if let Some(cache) = &self.inner.response_cache {
+            cache.purge(&id);
+        }
+        if let Some(cache) = &self.inner.prefix_cache {
+            cache.purge(&id);
+        }
         // Its scheduler drains outside the registry lock.
         drop(removed);
         Ok(())
@@ -326,18 +360,17 @@ impl Engine {
 
     /// The loaded versions.
     pub fn models(&self) -> Vec<ModelInfo> {
-        let mut infos: Vec<ModelInfo> = self
-            .read()
-            .versions
-            .values()
-            .map(|m| ModelInfo {
-                id: m.id.clone(),
-                manifest: m.manifest.clone(),
-                weights: m.weights,
-            })
-            .collect();
+        let mut infos: Vec<ModelInfo> = self.read().versions.values().map(|m| info_of(m)).collect();
         infos.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
         infos
+    }
+
+    /// What the engine knows of one loaded version (named as in [`Engine::embed`]).
+    ///
+    /// # Errors
+    /// [`Error::UnknownModel`] if no loaded version has that name.
+    pub fn info(&self, model: &str) -> Result<ModelInfo> {
+        Ok(info_of(&*self.resolve(model)?))
     }
 
     /// Unit-length sentence embeddings of `texts`, in order, with the default [`Request`].
@@ -361,16 +394,27 @@ impl Engine {
     /// never run) or before its answer is ready; [`Error::ShuttingDown`] after
     /// [`Engine::shutdown`].
     pub fn embed_with(&self, model: &str, texts: &[&str], request: &Request) -> Result<Embeddings> {
-        self.open()?;
         let version = self.resolve(model)?;
+        let vectors = self.run_embed(model, &version, texts, request)?.vectors;
+        Ok(Embeddings {
+            version: version.id.clone(),
+            vectors,
+        })
+    }
+
+    /// The one embedding path, for [`Engine::embed_with`] and [`Engine::infer`].
+    fn run_embed(&self, model: &str, version: &Version, texts: &[&str], request: &Request) -> Result<Embedded> {
+        self.open()?;
         let (Model::Encoder(encoder), Scheduler::Encoder(scheduler)) = (&version.model, &version.scheduler)
         else {
-            return Err(wrong_task(model, &version, "embed"));
+            return Err(wrong_task(model, version, "embed"));
         };
         if texts.is_empty() {
             return Err(keel_models::Error::EmptyInput("no texts to embed".into()).into());
         }
+        let start = Instant::now();
         let ids = encoder.tokenize(texts)?;
+        let prepared = Instant::now();
         let cache = self.inner.response_cache.as_ref().filter(|_| request.use_cache);
         let mut vectors: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
         let mut missing = Vec::new();
@@ -384,9 +428,13 @@ impl Engine {
                 }
             }
         }
+        let mut ran = None;
+        let mut computed_at = prepared;
         if !missing_ids.is_empty() {
             let keys = cache.map(|_| missing_ids.clone());
-            let computed = scheduler.embed(model, missing_ids, request)?;
+            let (computed, how) = scheduler.embed(model, missing_ids, request)?;
+            computed_at = Instant::now();
+            ran = Some(how);
             if let (Some(cache), Some(keys)) = (cache, keys) {
                 for (key, v) in keys.into_iter().zip(&computed) {
                     cache.insert(&version.id, key, v);
@@ -396,9 +444,14 @@ impl Engine {
                 vectors[i] = Some(v);
             }
         }
-        Ok(Embeddings {
-            version: version.id.clone(),
-            vectors: vectors.into_iter().map(Option::unwrap_or_default).collect(),
+        let vectors = vectors.into_iter().map(Option::unwrap_or_default).collect();
+        let done = Instant::now();
+        Ok(Embedded {
+            vectors,
+            ran,
+            prepare: prepared - start,
+            post: done - computed_at,
+            total: done - start,
         })
     }
 
@@ -441,12 +494,24 @@ impl Engine {
         params: &GenerateParams,
         request: &Request,
     ) -> Result<TokenStream> {
+        let version = self.resolve(model)?;
+        self.start_generation(model, &version, prompt, params, request)
+    }
+
+    /// The one generation path, for [`Engine::generate_with`] and [`Engine::infer`].
+    fn start_generation(
+        &self,
+        model: &str,
+        version: &Version,
+        prompt: &str,
+        params: &GenerateParams,
+        request: &Request,
+    ) -> Result<TokenStream> {
         params.validate()?;
         self.open()?;
-        let version = self.resolve(model)?;
         let (Model::Decoder(decoder), Scheduler::Decoder(scheduler)) = (&version.model, &version.scheduler)
         else {
-            return Err(wrong_task(model, &version, "generate"));
+            return Err(wrong_task(model, version, "generate"));
         };
         if prompt.is_empty() {
             return Err(keel_models::Error::EmptyInput("the prompt is empty".into()).into());
@@ -475,7 +540,7 @@ impl Engine {
             return Ok(TokenStream::new(decoder.clone(), ids, None, cancel));
         }
         let boundary = match (&self.inner.prefix_cache, params.chat) {
-            (Some(_), true) => shared_prefix(&version, decoder, params.system.as_deref())
+            (Some(_), true) => shared_prefix(version, decoder, params.system.as_deref())
                 .map(|p| common_prefix(&p, &ids))
                 // A few tokens are not worth a cache entry; the whole prompt leaves nothing to run.
                 .filter(|&n| n >= 16 && n < ids.len()),
@@ -492,6 +557,55 @@ impl Engine {
         };
         scheduler.submit(model, job, request)?;
         Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel))
+    }
+
+    fn infer_on(&self, request: InferRequest, version: &Version) -> Result<InferResponse> {
+        let model = request.model.as_str();
+        let (output, ran, timings, cache_hit) = match &request.input {
+            Input::Embed(texts) => {
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let e = self.run_embed(model, version, &texts, &request.options)?;
+                let timings = Timings {
+                    prepare: e.prepare,
+                    queue: e.ran.map(|r| r.queue).unwrap_or_default(),
+                    forward: e.ran.map(|r| r.forward).unwrap_or_default(),
+                    post: e.post,
+                    total: e.total,
+                };
+                (Output::Embeddings(e.vectors), e.ran, timings, e.ran.is_none())
+            }
+            Input::Generate { prompt, params } => {
+                let start = Instant::now();
+                let mut stream = self.start_generation(model, version, prompt, params, &request.options)?;
+                let prepare = start.elapsed();
+                let completion = stream.run_to_end()?;
+                let ran = stream.ran();
+                let total = start.elapsed();
+                let (queue, forward) = ran.map(|r| (r.queue, r.forward)).unwrap_or_default();
+                let timings = Timings {
+                    prepare,
+                    queue,
+                    forward,
+                    // Sampling and decoding text, between and after the steps.
+                    post: total.saturating_sub(prepare + queue + forward),
+                    total,
+                };
+                (Output::Completion(completion), ran, timings, false)
+            }
+        };
+        Ok(InferResponse {
+            output,
+            meta: Meta {
+                request_id: request.id,
+                model: request.model,
+                version: version.id.clone(),
+                backend: self.inner.backend.clone(),
+                batch_id: ran.map(|r| r.batch_id),
+                cache_hit,
+                timings,
+                annotations: Default::default(),
+            },
+        })
     }
 
     fn open(&self) -> Result<()> {
@@ -546,6 +660,34 @@ impl Engine {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         self.inner.models.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Infer for Engine {
+    /// Embeds or generates (to the end) on the named model, and says how: version, backend,
+    /// batch, cache hit, time per stage. [`Engine::embed`] and [`Engine::generate`] take the
+    /// same path without building a request object.
+    fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let version = self.resolve(&request.model)?;
+        self.infer_on(request, &version)
+    }
+}
+
+/// An embedding's vectors and how they were made.
+struct Embedded {
+    vectors: Vec<Vec<f32>>,
+    /// None: the response cache answered every text.
+    ran: Option<Ran>,
+    prepare: Duration,
+    post: Duration,
+    total: Duration,
+}
+
+fn info_of(m: &Version) -> ModelInfo {
+    ModelInfo {
+        id: m.id.clone(),
+        manifest: m.manifest.clone(),
+        weights: m.weights,
     }
 }
 

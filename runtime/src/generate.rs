@@ -2,6 +2,7 @@
 
 use crate::model::Decoder;
 use crate::scheduler::decoder::Event;
+use crate::scheduler::Ran;
 use crate::{Error, Result};
 use keel_models::sampling::Sampling;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,6 +148,7 @@ pub struct TokenStream {
     generated: Vec<u32>,
     text_len: usize,
     finish: Option<FinishReason>,
+    ran: Option<Ran>,
 }
 
 impl TokenStream {
@@ -170,6 +172,7 @@ impl TokenStream {
             cancel,
             generated: Vec::new(),
             text_len: 0,
+            ran: None,
         }
     }
 
@@ -185,8 +188,13 @@ impl TokenStream {
 
     /// Runs the generation to its end.
     pub fn complete(mut self) -> Result<Completion> {
+        self.run_to_end()
+    }
+
+    /// Runs the generation to its end, keeping the stream (and how it ran) for the caller.
+    pub(crate) fn run_to_end(&mut self) -> Result<Completion> {
         let mut text = String::new();
-        for token in &mut self {
+        for token in &mut *self {
             text.push_str(&token?.text);
         }
         Ok(Completion {
@@ -195,6 +203,11 @@ impl TokenStream {
             text,
             finish: self.finish.unwrap_or(FinishReason::Length),
         })
+    }
+
+    /// How the generation ran (once it has ended; None if nothing was generated).
+    pub(crate) fn ran(&self) -> Option<Ran> {
+        self.ran
     }
 
     fn token(&mut self, id: u32) -> Result<Token> {
@@ -226,8 +239,9 @@ impl Iterator for TokenStream {
         };
         match event {
             Ok(Event::Token(id)) => Some(self.token(id)),
-            Ok(Event::Done(reason)) => {
+            Ok(Event::Done(reason, ran)) => {
                 self.finish = Some(reason);
+                self.ran = Some(ran);
                 None
             }
             Ok(Event::Failed(e)) => failed(self, e),

@@ -102,6 +102,15 @@ impl<K: Hash + Eq + Clone, V: Clone> Lru<K, V> {
         evicted
     }
 
+    /// Drops every entry whose key fails `keep`; returns the dropped keys.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) -> Vec<K> {
+        let gone: Vec<K> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
+        for k in &gone {
+            self.remove(k);
+        }
+        gone
+    }
+
     fn remove(&mut self, key: &K) -> bool {
         match self.map.remove(key) {
             Some(slot) => {

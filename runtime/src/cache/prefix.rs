@@ -84,6 +84,13 @@ impl PrefixCache {
         }
     }
 
+    /// Forgets every KV state of `version` (it was unloaded).
+    pub fn purge(&self, version: &VersionId) {
+        let mut inner = self.lock();
+        inner.lru.retain(|(v, _)| v != version);
+        inner.lengths.remove(version);
+    }
+
     pub fn stats(&self) -> CacheStats {
         self.lock().lru.stats()
     }

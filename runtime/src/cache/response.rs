@@ -41,6 +41,11 @@ impl ResponseCache {
             .insert((version.clone(), ids), Arc::from(vector), bytes);
     }
 
+    /// Forgets every answer of `version` (it was unloaded: its entries could never be hit again).
+    pub fn purge(&self, version: &VersionId) {
+        self.lock().retain(|(v, _)| v != version);
+    }
+
     pub fn stats(&self) -> CacheStats {
         self.lock().stats()
     }

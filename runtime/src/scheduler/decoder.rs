@@ -6,7 +6,7 @@
 
 use super::encoder::clone_error;
 use super::queue::{BatchQueue, Entry, Meta, Next, Policy};
-use super::{guarded, Counters, SchedulerConfig, SchedulerStats};
+use super::{guarded, next_batch_id, Counters, Ran, SchedulerConfig, SchedulerStats};
 use crate::cache::PrefixCache;
 use crate::generate::FinishReason;
 use crate::manifest::VersionId;
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// What a generation's stream receives.
 pub(crate) enum Event {
     Token(u32),
-    Done(FinishReason),
+    Done(FinishReason, Ran),
     Failed(Error),
 }
 
@@ -169,6 +169,8 @@ struct Seq {
     step: usize,
     last: u32,
     generated: usize,
+    /// Its first step, queue wait and forward time, for the response's metadata.
+    ran: Ran,
 }
 
 enum Outcome {
@@ -179,7 +181,7 @@ enum Outcome {
 
 impl Seq {
     /// The sequence; None if no KV cache could be made for it (its stream gets the error).
-    fn new(job: GenJob, shared: &Shared, decoder: &Decoder) -> Option<Self> {
+    fn new(job: GenJob, queued: Duration, shared: &Shared, decoder: &Decoder) -> Option<Self> {
         let (cache, fed) = match shared
             .prefix
             .as_ref()
@@ -205,6 +207,11 @@ impl Seq {
             step: 0,
             last: 0,
             generated: 0,
+            ran: Ran {
+                batch_id: 0,
+                queue: queued,
+                forward: Duration::ZERO,
+            },
         })
     }
 
@@ -239,7 +246,7 @@ impl Seq {
         }
         let id = self.sampler.sample(logits);
         if decoder.tokenizer.eos_ids().contains(&id) {
-            let _ = self.job.events.send(Event::Done(FinishReason::Stop));
+            let _ = self.job.events.send(Event::Done(FinishReason::Stop, self.ran));
             return Outcome::Finished;
         }
         if self.job.events.send(Event::Token(id)).is_err() {
@@ -256,7 +263,7 @@ impl Seq {
         };
         match done {
             Some(reason) => {
-                let _ = self.job.events.send(Event::Done(reason));
+                let _ = self.job.events.send(Event::Done(reason, self.ran));
                 Outcome::Finished
             }
             None => {
@@ -310,8 +317,9 @@ fn worker(shared: &Shared, decoder: &Decoder) {
                 Counters::add(&c.cancelled, 1);
                 continue;
             }
-            Counters::add_time(&c.queue_wait_ns, now.duration_since(e.meta.enqueued));
-            active.extend(Seq::new(e.item, shared, decoder));
+            let queued = now.duration_since(e.meta.enqueued);
+            Counters::add_time(&c.queue_wait_ns, queued);
+            active.extend(Seq::new(e.item, queued, shared, decoder));
         }
         active.retain(|s| {
             let cancelled = s.job.cancel.load(Ordering::Relaxed);
@@ -347,7 +355,15 @@ fn step(shared: &Shared, decoder: &Decoder, active: &mut Vec<Seq>) {
     let t = Instant::now();
     let result = guarded("the decoder", || Ok(decoder.llama.forward_batch(&mut batch)?));
     drop(batch);
-    Counters::add_time(&c.compute_ns, t.elapsed());
+    let took = t.elapsed();
+    Counters::add_time(&c.compute_ns, took);
+    let step_id = next_batch_id();
+    for s in active.iter_mut() {
+        if s.ran.batch_id == 0 {
+            s.ran.batch_id = step_id;
+        }
+        s.ran.forward += took;
+    }
     Counters::add(&c.batches, 1);
     Counters::add(&c.items, active.len() as u64);
     Counters::add(&c.tokens, tokens as u64);

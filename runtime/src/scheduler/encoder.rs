@@ -2,7 +2,7 @@
 //! similar-length sequences.
 
 use super::queue::{BatchQueue, Meta, Next, Policy};
-use super::{guarded, Counters, SchedulerConfig, SchedulerStats};
+use super::{guarded, next_batch_id, Counters, Ran, SchedulerConfig, SchedulerStats};
 use crate::request::Request;
 use crate::{Error, Result};
 use keel_models::bert::SentenceEncoder;
@@ -22,7 +22,10 @@ impl EmbedBatch for SentenceEncoder {
     }
 }
 
-type Reply = SyncSender<Result<Vec<Vec<f32>>>>;
+/// A request's vectors, and how it ran.
+pub(crate) type Answer = (Vec<Vec<f32>>, Ran);
+
+type Reply = SyncSender<Result<Answer>>;
 
 struct Job {
     ids: Vec<Vec<u32>>,
@@ -73,7 +76,7 @@ impl EncoderScheduler {
     }
 
     /// Embeds `ids` (one request, however many sequences), waiting for the answer.
-    pub fn embed(&self, model: &str, ids: Vec<Vec<u32>>, request: &Request) -> Result<Vec<Vec<f32>>> {
+    pub fn embed(&self, model: &str, ids: Vec<Vec<u32>>, request: &Request) -> Result<Answer> {
         let rx = self.submit(model, ids, request)?;
         rx.wait()
     }
@@ -154,13 +157,13 @@ impl Drop for EncoderScheduler {
 pub(crate) struct Pending {
     shared: Arc<Shared>,
     id: u64,
-    rx: Receiver<Result<Vec<Vec<f32>>>>,
+    rx: Receiver<Result<Answer>>,
     submitted: Instant,
     deadline: Option<Instant>,
 }
 
 impl Pending {
-    pub fn wait(self) -> Result<Vec<Vec<f32>>> {
+    pub fn wait(self) -> Result<Answer> {
         let lost = || Error::Internal("the scheduler dropped a request".into());
         let Some(deadline) = self.deadline else {
             return self.rx.recv().unwrap_or_else(|_| Err(lost()));
@@ -199,9 +202,13 @@ fn worker(shared: &Shared, model: &dyn EmbedBatch) {
             continue;
         }
         let start = Instant::now();
+        let mut queued = Vec::with_capacity(run.len());
         for e in &run {
-            Counters::add_time(&c.queue_wait_ns, start.duration_since(e.meta.enqueued));
+            let waited = start.duration_since(e.meta.enqueued);
+            Counters::add_time(&c.queue_wait_ns, waited);
+            queued.push(waited);
         }
+        let batch_id = next_batch_id();
         // One flat batch of every sequence; a single request larger than a batch runs in chunks.
         let mut flat = Vec::new();
         let mut owners = Vec::new();
@@ -212,6 +219,7 @@ fn worker(shared: &Shared, model: &dyn EmbedBatch) {
             replies.push((e.item.reply, Vec::new()));
         }
         let mut failure = None;
+        let mut forward = Duration::ZERO;
         for (chunk, chunk_owners) in flat.chunks(max).zip(owners.chunks(max)) {
             // The encoder runs the chunk packed: no padding tokens to count.
             let real: usize = chunk.iter().map(Vec::len).sum();
@@ -220,6 +228,7 @@ fn worker(shared: &Shared, model: &dyn EmbedBatch) {
             Counters::add(&c.tokens, real as u64);
             let t = Instant::now();
             let result = guarded("the encoder", || model.embed_batch(chunk));
+            forward += t.elapsed();
             Counters::add_time(&c.compute_ns, t.elapsed());
             match result {
                 Ok(vectors) => {
@@ -233,11 +242,16 @@ fn worker(shared: &Shared, model: &dyn EmbedBatch) {
                 }
             }
         }
-        for (reply, vectors) in replies {
+        for ((reply, vectors), queue) in replies.into_iter().zip(queued) {
             let answer = match &failure {
                 None => {
                     Counters::add(&c.completed, 1);
-                    Ok(vectors)
+                    let ran = Ran {
+                        batch_id,
+                        queue,
+                        forward,
+                    };
+                    Ok((vectors, ran))
                 }
                 Some(e) => {
                     Counters::add(&c.failed, 1);
@@ -339,7 +353,7 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     let ids = vec![vec![i; 1 + i as usize % 5], vec![i + 100; 3]];
-                    let got = s.embed("fake", ids, &Request::default()).unwrap();
+                    let got = s.embed("fake", ids, &Request::default()).unwrap().0;
                     assert_eq!(
                         got,
                         vec![vec![i as f32, (1 + i % 5) as f32], vec![(i + 100) as f32, 3.0]]
@@ -481,7 +495,7 @@ mod tests {
         let e = s.embed("fake", vec![vec![666]], &Request::default()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Internal);
         assert_eq!(
-            s.embed("fake", vec![vec![5]], &Request::default()).unwrap(),
+            s.embed("fake", vec![vec![5]], &Request::default()).unwrap().0,
             vec![vec![5.0, 1.0]]
         );
     }

@@ -24,6 +24,23 @@ pub(crate) use encoder::EncoderScheduler;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// How one request ran in its scheduler (the response's metadata).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ran {
+    /// The batch (encoders) or first decoder step (decoders) it ran in.
+    pub batch_id: u64,
+    /// Time it waited in the queue.
+    pub queue: Duration,
+    /// Time of the forward passes it took part in.
+    pub forward: Duration,
+}
+
+/// Batch ids are unique in the process, so that a lineage store can group batch-mates.
+pub(crate) fn next_batch_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
+}
+
 /// How a model version's scheduler batches. Set with [`crate::EngineBuilder::scheduler`].
 ///
 /// ```
