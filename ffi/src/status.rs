@@ -36,6 +36,9 @@ pub enum keel_status {
     /// The engine is shutting down (`keel_engine_shutdown`) and takes no more requests, or stopped
     /// before this one could run.
     KEEL_ERR_SHUTTING_DOWN = 9,
+    /// The engine's store (registry, lineage) failed or cannot be used: a folder that cannot be
+    /// written, a database that is not a Keel store or comes from a newer Keel.
+    KEEL_ERR_STORAGE = 10,
 }
 
 use keel_status::*;
@@ -51,6 +54,7 @@ pub(crate) fn status_of(kind: keel::ErrorKind) -> keel_status {
         keel::ErrorKind::Overloaded => KEEL_ERR_OVERLOADED,
         keel::ErrorKind::DeadlineExceeded => KEEL_ERR_DEADLINE,
         keel::ErrorKind::ShuttingDown => KEEL_ERR_SHUTTING_DOWN,
+        keel::ErrorKind::Storage => KEEL_ERR_STORAGE,
     }
 }
 
@@ -86,6 +90,15 @@ impl Failure {
 
 impl From<keel::Error> for Failure {
     fn from(e: keel::Error) -> Self {
+        Self {
+            code: status_of(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<keel::version::Error> for Failure {
+    fn from(e: keel::version::Error) -> Self {
         Self {
             code: status_of(e.kind()),
             message: e.to_string(),

@@ -93,6 +93,9 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// The engine is shutting down and takes no more requests.
     ShuttingDown,
+    /// A production module's store failed or cannot be used (not writable, not a Keel store,
+    /// from a newer schema). The engine itself never returns it.
+    Storage,
 }
 
 impl Error {

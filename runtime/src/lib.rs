@@ -20,6 +20,10 @@ pub mod manifest;
 mod model;
 mod request;
 mod scheduler;
+#[cfg(feature = "store")]
+pub mod store;
+#[cfg(feature = "version")]
+pub mod version;
 
 pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};

@@ -78,6 +78,12 @@ impl VersionId {
         &self.0
     }
 
+    /// A version id from its text (64 hex digits, as [`VersionId::as_str`] gives it).
+    pub fn parse(text: &str) -> Option<Self> {
+        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(text.to_ascii_lowercase()))
+    }
+
     #[cfg(test)]
     pub(crate) fn from_hex(hex: String) -> Self {
         Self(hex)

@@ -1,0 +1,517 @@
+//! The embedded store: one SQLite database (bundled SQLite, WAL mode) in the deployment's folder.
+//!
+//! The file is marked as Keel's (`PRAGMA application_id`) and carries its schema version
+//! (`PRAGMA user_version`); opening it applies the migrations it lacks, and refuses another
+//! application's database or one from a newer Keel.
+
+use super::{
+    AliasEvent, CanaryConfig, Error, LineageRow, Result, Retention, RouteChange, Routes, Store,
+    VersionRecord,
+};
+use crate::manifest::{Manifest, VersionId};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The database's file name inside a store folder.
+pub const DATABASE_FILE: &str = "keel.db";
+
+/// The schema version this build writes (the number of migrations).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// "KEEL" in ASCII: marks a SQLite file as a Keel store.
+const APPLICATION_ID: i64 = 0x4B45_454C;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, aliases and their history, canary settings, lineage.
+    "CREATE TABLE versions (
+        name TEXT NOT NULL, version_id TEXT NOT NULL, path TEXT NOT NULL, weights TEXT NOT NULL,
+        retain_input INTEGER NOT NULL, manifest TEXT NOT NULL, registered_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, version_id));
+     CREATE TABLE aliases (
+        name TEXT NOT NULL, alias TEXT NOT NULL, version_id TEXT NOT NULL,
+        PRIMARY KEY (name, alias));
+     CREATE TABLE canaries (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+     CREATE TABLE alias_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL,
+        from_version TEXT, to_version TEXT, time_ms INTEGER NOT NULL, reason TEXT NOT NULL);
+     CREATE INDEX alias_history_by_name ON alias_history (name, seq);
+     CREATE TABLE lineage (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
+        time_ms INTEGER NOT NULL, record TEXT NOT NULL);
+     CREATE INDEX lineage_by_request ON lineage (request_id);
+     CREATE INDEX lineage_by_time ON lineage (time_ms);",
+];
+
+/// The embedded store. One connection, behind a mutex: writes are batched by their callers (the
+/// lineage writer commits many records per transaction), so one is enough.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `folder`, applying missing migrations.
+    ///
+    /// # Errors
+    /// [`Error::NotWritable`] if the folder cannot be created or written, [`Error::NotAStore`]
+    /// for a database of another application (or a file that is not SQLite),
+    /// [`Error::NewerSchema`] for a store written by a newer Keel.
+    pub fn open(folder: impl AsRef<Path>) -> Result<Self> {
+        let folder = folder.as_ref();
+        let not_writable = |reason: String| Error::NotWritable {
+            path: folder.to_path_buf(),
+            reason,
+        };
+        if folder.exists() && !folder.is_dir() {
+            return Err(not_writable("it is a file, not a folder".into()));
+        }
+        std::fs::create_dir_all(folder).map_err(|e| not_writable(e.to_string()))?;
+        let path = folder.join(DATABASE_FILE);
+        let conn = Connection::open(&path).map_err(|e| not_writable(e.to_string()))?;
+        let store = Self {
+            path,
+            conn: Mutex::new(conn),
+        };
+        store.prepare()?;
+        Ok(store)
+    }
+
+    fn db_error(&self, e: rusqlite::Error) -> Error {
+        Error::Database {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // SQLite rolls back a transaction left open by a panic when it is dropped.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that the file is a Keel store of a schema this build reads, and migrates it.
+    fn prepare(&self) -> Result<()> {
+        let mut conn = self.conn();
+        let not_a_store = |reason: String| Error::NotAStore {
+            path: self.path.clone(),
+            reason,
+        };
+        // The first read of a file that is not SQLite fails here ("file is not a database").
+        let app: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| not_a_store(e.to_string()))?;
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(|e| not_a_store(e.to_string()))?;
+        if app != APPLICATION_ID && !(app == 0 && tables == 0) {
+            return Err(not_a_store(format!(
+                "its application id is {app:#x} with {tables} schema objects"
+            )));
+        }
+        let found: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))?;
+        if found > SCHEMA_VERSION {
+            return Err(Error::NewerSchema {
+                path: self.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| self.db_error(e))?;
+        // WAL: readers never block the writer; `synchronous = NORMAL` in WAL mode makes a
+        // committed transaction survive a crash of the process (not of the machine's power).
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(self.db_error(rusqlite::Error::InvalidQuery));
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(|e| self.db_error(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.db_error(e))?;
+        // Another process may have migrated it meanwhile: read the version again under the lock.
+        let now: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(now.max(0) as usize) {
+            tx.execute_batch(sql).map_err(|e| self.db_error(e))?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                .map_err(|e| self.db_error(e))?;
+        }
+        tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))
+            .map_err(|e| self.db_error(e))?;
+        tx.commit().map_err(|e| self.db_error(e))
+    }
+
+    /// SQLite's own integrity check: "ok", or what is wrong.
+    pub fn integrity_check(&self) -> Result<String> {
+        self.conn()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn version_id(&self, text: String) -> rusqlite::Result<VersionId> {
+        VersionId::parse(&text).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("'{text}' is not a version id").into(),
+            )
+        })
+    }
+
+    fn read_version(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRecord> {
+        let manifest: String = r.get(5)?;
+        let manifest: Manifest = toml::from_str(&manifest).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        Ok(VersionRecord {
+            name: r.get(0)?,
+            id: self.version_id(r.get(1)?)?,
+            path: PathBuf::from(r.get::<_, String>(2)?),
+            weights: r.get(3)?,
+            retain_input: r.get(4)?,
+            manifest,
+            registered_ms: r.get(6)?,
+        })
+    }
+
+    fn read_routes(&self, conn: &Connection, name: &str) -> rusqlite::Result<Routes> {
+        let mut aliases = BTreeMap::new();
+        let mut stmt = conn.prepare_cached("SELECT alias, version_id FROM aliases WHERE name = ?1")?;
+        for row in stmt.query_map([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (alias, id) = row?;
+            aliases.insert(alias, self.version_id(id)?);
+        }
+        let canary: Option<String> = conn
+            .query_row("SELECT config FROM canaries WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        let canary = canary
+            .map(|c| serde_json::from_str::<CanaryConfig>(&c))
+            .transpose()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+        Ok(Routes {
+            name: name.to_string(),
+            aliases,
+            canary,
+        })
+    }
+
+    fn read_history(&self, conn: &Connection, name: &str) -> rusqlite::Result<Vec<AliasEvent>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, time_ms, name, alias, from_version, to_version, reason
+             FROM alias_history WHERE name = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([name], |r| {
+            let id = |i: usize| -> rusqlite::Result<Option<VersionId>> {
+                r.get::<_, Option<String>>(i)?.map(|t| self.version_id(t)).transpose()
+            };
+            Ok(AliasEvent {
+                seq: r.get(0)?,
+                time_ms: r.get(1)?,
+                name: r.get(2)?,
+                alias: r.get(3)?,
+                from: id(4)?,
+                to: id(5)?,
+                reason: r.get(6)?,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+impl Store for SqliteStore {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn register(&self, v: &VersionRecord) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "INSERT OR IGNORE INTO versions
+                 (name, version_id, path, weights, retain_input, manifest, registered_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    v.name,
+                    v.id.as_str(),
+                    v.path.to_string_lossy(),
+                    v.weights,
+                    v.retain_input,
+                    v.manifest.to_toml(),
+                    v.registered_ms
+                ],
+            )
+            .map_err(|e| self.db_error(e))?;
+        Ok(n == 1)
+    }
+
+    fn version(&self, name: &str, id: &VersionId) -> Result<Option<VersionRecord>> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT name, version_id, path, weights, retain_input, manifest, registered_ms
+             FROM versions WHERE name = ?1 AND version_id = ?2",
+            params![name, id.as_str()],
+            |r| self.read_version(r),
+        )
+        .optional()
+        .map_err(|e| self.db_error(e))
+    }
+
+    fn versions(&self) -> Result<Vec<VersionRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, version_id, path, weights, retain_input, manifest, registered_ms
+                 FROM versions ORDER BY name, registered_ms, version_id",
+            )
+            .map_err(|e| self.db_error(e))?;
+        let rows = stmt
+            .query_map([], |r| self.read_version(r))
+            .map_err(|e| self.db_error(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.db_error(e))
+    }
+
+    fn routes(&self, name: &str) -> Result<Routes> {
+        let conn = self.conn();
+        self.read_routes(&conn, name).map_err(|e| self.db_error(e))
+    }
+
+    fn update_routes(
+        &self,
+        name: &str,
+        change: &mut RouteChange<'_>,
+    ) -> Result<std::result::Result<(Routes, Vec<AliasEvent>), String>> {
+        let mut conn = self.conn();
+        let db = |e| self.db_error(e);
+        // IMMEDIATE: the write lock is taken before reading, so two processes changing the same
+        // routes are serialized rather than one of them acting on a stale read.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let before = self.read_routes(&tx, name).map_err(db)?;
+        let history = self.read_history(&tx, name).map_err(db)?;
+        let mut after = before.clone();
+        let reason = match change(&mut after, &history) {
+            Ok(reason) => reason,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let now = super::now_ms();
+        let mut events = Vec::new();
+        let keys: std::collections::BTreeSet<&String> =
+            before.aliases.keys().chain(after.aliases.keys()).collect();
+        for alias in keys {
+            let (from, to) = (before.aliases.get(alias), after.aliases.get(alias));
+            if from == to {
+                continue;
+            }
+            match to {
+                Some(to) => tx.execute(
+                    "INSERT INTO aliases (name, alias, version_id) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
+                    params![name, alias, to.as_str()],
+                ),
+                None => tx.execute(
+                    "DELETE FROM aliases WHERE name = ?1 AND alias = ?2",
+                    params![name, alias],
+                ),
+            }
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    name,
+                    alias,
+                    from.map(VersionId::as_str),
+                    to.map(VersionId::as_str),
+                    now,
+                    reason
+                ],
+            )
+            .map_err(db)?;
+            events.push(AliasEvent {
+                seq: tx.last_insert_rowid(),
+                time_ms: now,
+                name: name.to_string(),
+                alias: alias.clone(),
+                from: from.cloned(),
+                to: to.cloned(),
+                reason: reason.clone(),
+            });
+        }
+        if before.canary != after.canary {
+            match &after.canary {
+                Some(c) => tx.execute(
+                    "INSERT INTO canaries (name, config) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+                    params![name, serde_json::to_string(c).unwrap_or_default()],
+                ),
+                None => tx.execute("DELETE FROM canaries WHERE name = ?1", [name]),
+            }
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(Ok((after, events)))
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<AliasEvent>> {
+        let conn = self.conn();
+        self.read_history(&conn, name).map_err(|e| self.db_error(e))
+    }
+
+    fn append_lineage(&self, rows: &[LineageRow]) -> Result<()> {
+        let mut conn = self.conn();
+        let db = |e| self.db_error(e);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO lineage (request_id, time_ms, record) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for row in rows {
+                stmt.execute(params![row.request_id, row.time_ms, row.record]).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn lineage(&self, request_id: &str) -> Result<Option<LineageRow>> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT request_id, time_ms, record FROM lineage WHERE request_id = ?1
+             ORDER BY seq DESC LIMIT 1",
+            [request_id],
+            |r| {
+                Ok(LineageRow {
+                    request_id: r.get(0)?,
+                    time_ms: r.get(1)?,
+                    record: r.get(2)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| self.db_error(e))
+    }
+
+    fn recent_lineage(&self, n: usize) -> Result<Vec<LineageRow>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT request_id, time_ms, record FROM lineage ORDER BY seq DESC LIMIT ?1")
+            .map_err(|e| self.db_error(e))?;
+        let rows = stmt
+            .query_map([i64::try_from(n).unwrap_or(i64::MAX)], |r| {
+                Ok(LineageRow {
+                    request_id: r.get(0)?,
+                    time_ms: r.get(1)?,
+                    record: r.get(2)?,
+                })
+            })
+            .map_err(|e| self.db_error(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.db_error(e))
+    }
+
+    fn lineage_count(&self) -> Result<u64> {
+        let conn = self.conn();
+        conn.query_row("SELECT count(*) FROM lineage", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn prune_lineage(&self, retention: &Retention, now_ms: i64) -> Result<u64> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        let mut pruned = 0;
+        if let Some(age) = retention.max_age_ms {
+            pruned += conn
+                .execute("DELETE FROM lineage WHERE time_ms < ?1", [now_ms.saturating_sub(age)])
+                .map_err(db)? as u64;
+        }
+        if let Some(keep) = retention.max_records {
+            pruned += conn
+                .execute(
+                    "DELETE FROM lineage WHERE seq <= (SELECT seq FROM lineage ORDER BY seq DESC
+                     LIMIT 1 OFFSET ?1)",
+                    [i64::try_from(keep).unwrap_or(i64::MAX)],
+                )
+                .map_err(db)? as u64;
+        }
+        Ok(pruned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_foreign_and_newer_databases_and_migrates_its_own() {
+        let dir = std::env::temp_dir().join(format!("keel-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir).unwrap();
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+        drop(store);
+        // Opening again changes nothing.
+        SqliteStore::open(&dir).unwrap();
+        // A newer schema is refused.
+        let conn = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).unwrap();
+        drop(conn);
+        let e = SqliteStore::open(&dir).err().unwrap();
+        assert!(matches!(e, Error::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1), "{e}");
+        // Another application's database is refused.
+        let other = dir.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        Connection::open(other.join(DATABASE_FILE))
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let e = SqliteStore::open(&other).err().unwrap();
+        assert!(matches!(e, Error::NotAStore { .. }), "{e}");
+        // So is a file that is not SQLite at all.
+        let junk = dir.join("junk");
+        std::fs::create_dir_all(&junk).unwrap();
+        std::fs::write(junk.join(DATABASE_FILE), vec![0x5a; 4096]).unwrap();
+        let e = SqliteStore::open(&junk).err().unwrap();
+        assert!(matches!(e, Error::NotAStore { .. }), "{e}");
+        // A folder that cannot be made (under a file) is not writable.
+        let e = SqliteStore::open(junk.join(DATABASE_FILE).join("sub")).err().unwrap();
+        assert!(matches!(e, Error::NotWritable { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn prunes_by_count_and_age() {
+        let dir = std::env::temp_dir().join(format!("keel-store-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SqliteStore::open(&dir).unwrap();
+        let rows: Vec<LineageRow> = (0..10)
+            .map(|i| LineageRow {
+                request_id: format!("r{i}"),
+                time_ms: 1000 + i,
+                record: "{}".into(),
+            })
+            .collect();
+        store.append_lineage(&rows).unwrap();
+        let keep = |n| Retention {
+            max_records: Some(n),
+            max_age_ms: None,
+        };
+        assert_eq!(store.prune_lineage(&keep(6), 0).unwrap(), 4);
+        assert_eq!(store.lineage_count().unwrap(), 6);
+        assert!(store.lineage("r3").unwrap().is_none());
+        assert!(store.lineage("r4").unwrap().is_some());
+        let age = Retention {
+            max_age_ms: Some(3),
+            max_records: None,
+        };
+        // Now 1010: records older than 1007 go (r4, r5, r6).
+        assert_eq!(store.prune_lineage(&age, 1010).unwrap(), 3);
+        let ids: Vec<String> = store.recent_lineage(10).unwrap().into_iter().map(|r| r.request_id).collect();
+        assert_eq!(ids, vec!["r9", "r8", "r7"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,452 @@
+//! Lineage: one record per prediction (what answered, from which files, with what input and
+//! output, routed how and why), written by a background thread in batched transactions.
+
+use super::{Error, Result};
+use crate::store::{LineageRow, Retention, Store};
+use crate::{Completion, GenerateParams, Input, Output, Sampling, Timings};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Everything known of one prediction. Serialized as one JSON object (`keel lineage show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineageRecord {
+    /// The request id.
+    pub request_id: String,
+    /// When it was answered (milliseconds since the Unix epoch).
+    pub time: i64,
+    /// The caller's routing key.
+    pub key: Option<String>,
+    /// The model name.
+    pub model: String,
+    /// The model as the caller addressed it (`NAME`, `NAME@ALIAS`, a version id).
+    pub addressed: String,
+    /// The version id that answered.
+    pub version: String,
+    /// Its weight path ("quantized", "f32", "int8").
+    pub weights: String,
+    /// Every file of the version and its sha256.
+    pub files: BTreeMap<String, String>,
+    /// The sha256 of the version's manifest (the version id is derived from it).
+    pub manifest_hash: String,
+    /// The Keel that ran it.
+    pub keel_version: String,
+    /// The backend ("cpu", "wgpu", "cuda").
+    pub backend: String,
+    /// The batch (or first decoder step) it ran in; None if the response cache answered.
+    pub batch_id: Option<u64>,
+    /// Whether the response cache answered.
+    pub cache_hit: bool,
+    /// `production`, `canary`, `shadow`, an alias the caller named, or `direct` (a version id).
+    pub route: String,
+    /// Why it was routed there.
+    pub route_reason: String,
+    /// For a shadow run: the request it copied.
+    pub shadow_of: Option<String>,
+    /// For a shadow run: its divergence from the answer that was returned (1 - cosine, or the
+    /// share of differing tokens).
+    pub divergence: Option<f64>,
+    /// The sha256 of the input (its canonical JSON).
+    pub input_hash: String,
+    /// The input itself, when retention is on (for replay).
+    pub input: Option<RecordedInput>,
+    /// What came out.
+    pub output: OutputSummary,
+    /// Time per stage, in microseconds.
+    pub timings_us: StageTimes,
+    /// Filled by the contracts module.
+    pub contract: Option<serde_json::Value>,
+    /// Filled by the review module.
+    pub review: Option<serde_json::Value>,
+    /// Filled by the cost module.
+    pub cost: Option<serde_json::Value>,
+    /// What other layers annotated the response with.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Time per stage, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimes {
+    /// Tokenizing.
+    pub prepare: u64,
+    /// Queued.
+    pub queue: u64,
+    /// Forward passes.
+    pub forward: u64,
+    /// Post-processing.
+    pub post: u64,
+    /// In all, routing and lineage included.
+    pub total: u64,
+}
+
+impl StageTimes {
+    pub(crate) fn of(t: &Timings, total: Duration) -> Self {
+        let us = |d: Duration| d.as_micros() as u64;
+        Self {
+            prepare: us(t.prepare),
+            queue: us(t.queue),
+            forward: us(t.forward),
+            post: us(t.post),
+            total: us(total),
+        }
+    }
+}
+
+/// A request's input as recorded, enough to run it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "lowercase")]
+pub enum RecordedInput {
+    /// Texts to embed.
+    Embed {
+        /// The texts.
+        texts: Vec<String>,
+    },
+    /// A prompt to generate from.
+    Generate {
+        /// The prompt.
+        prompt: String,
+        /// Most new tokens.
+        max_tokens: usize,
+        /// Whether the chat template wrapped it.
+        chat: bool,
+        /// The system turn.
+        system: Option<String>,
+        /// Seeded sampling (None: greedy).
+        sampling: Option<RecordedSampling>,
+    },
+}
+
+/// Seeded sampling parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RecordedSampling {
+    /// Temperature.
+    pub temperature: f32,
+    /// Top-k (0: off).
+    pub top_k: usize,
+    /// Top-p (1: off).
+    pub top_p: f32,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl RecordedInput {
+    /// The record of an input.
+    pub fn of(input: &Input) -> Self {
+        match input {
+            Input::Embed(texts) => RecordedInput::Embed { texts: texts.clone() },
+            Input::Generate { prompt, params } => RecordedInput::Generate {
+                prompt: prompt.clone(),
+                max_tokens: params.max_tokens,
+                chat: params.chat,
+                system: params.system.clone(),
+                sampling: match params.sampling {
+                    Sampling::Greedy => None,
+                    Sampling::Random {
+                        temperature,
+                        top_k,
+                        top_p,
+                        seed,
+                    } => Some(RecordedSampling {
+                        temperature,
+                        top_k,
+                        top_p,
+                        seed,
+                    }),
+                },
+            },
+        }
+    }
+
+    /// The input to run again.
+    pub fn to_input(&self) -> Input {
+        match self {
+            RecordedInput::Embed { texts } => Input::Embed(texts.clone()),
+            RecordedInput::Generate {
+                prompt,
+                max_tokens,
+                chat,
+                system,
+                sampling,
+            } => {
+                let mut params = match sampling {
+                    None => GenerateParams::greedy(),
+                    Some(s) => GenerateParams::sampled(s.temperature, s.top_k, s.top_p, s.seed),
+                };
+                params.max_tokens = *max_tokens;
+                params.chat = *chat;
+                params.system = system.clone();
+                Input::Generate {
+                    prompt: prompt.clone(),
+                    params,
+                }
+            }
+        }
+    }
+
+    /// The sha256 of the input's canonical JSON.
+    pub fn hash(&self) -> String {
+        hex(&Sha256::digest(serde_json::to_vec(self).unwrap_or_default()))
+    }
+}
+
+/// A summary of an output: enough to tell whether a replay gave the same answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "lowercase")]
+pub enum OutputSummary {
+    /// Embeddings.
+    Embed {
+        /// How many vectors.
+        count: usize,
+        /// Their dimension.
+        dim: usize,
+        /// Each vector's L2 norm.
+        norms: Vec<f32>,
+        /// The sha256 of every vector's f32 values (little-endian), in order.
+        hash: String,
+    },
+    /// A generation.
+    Generate {
+        /// Tokens in the prompt (after the chat template).
+        prompt_tokens: usize,
+        /// The generated token ids.
+        token_ids: Vec<u32>,
+        /// Why it ended: "stop", "length", "context_full".
+        finish_reason: String,
+    },
+}
+
+impl OutputSummary {
+    /// The summary of an output.
+    pub fn of(output: &Output) -> Self {
+        match output {
+            Output::Embeddings(vectors) => {
+                let mut h = Sha256::new();
+                for v in vectors {
+                    for x in v {
+                        h.update(x.to_le_bytes());
+                    }
+                }
+                OutputSummary::Embed {
+                    count: vectors.len(),
+                    dim: vectors.first().map_or(0, Vec::len),
+                    norms: vectors
+                        .iter()
+                        .map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt())
+                        .collect(),
+                    hash: hex(&h.finalize()),
+                }
+            }
+            Output::Completion(c) => OutputSummary::Generate {
+                prompt_tokens: c.prompt_ids.len(),
+                token_ids: c.token_ids.clone(),
+                finish_reason: finish_name(c),
+            },
+        }
+    }
+}
+
+/// A finish reason as the JSON outputs spell it.
+pub fn finish_name(c: &Completion) -> String {
+    match c.finish {
+        crate::FinishReason::Stop => "stop",
+        crate::FinishReason::Length => "length",
+        crate::FinishReason::ContextFull => "context_full",
+    }
+    .to_string()
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the lineage writer does when its buffer is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// The request waits for room (back-pressure): no record is ever dropped. The default.
+    #[default]
+    Block,
+    /// The record is dropped and counted ([`LineageStats::dropped`]): requests never wait.
+    Drop,
+}
+
+/// Counters of the lineage writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineageStats {
+    /// Records committed to the store.
+    pub written: u64,
+    /// Records dropped because the buffer was full ([`Overflow::Drop`]).
+    pub dropped: u64,
+    /// Records lost because the store failed to write them (each failure is also returned by the
+    /// next [`super::Versioned::flush`]).
+    pub failed: u64,
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Records pruned by retention.
+    pub pruned: u64,
+}
+
+enum Msg {
+    Record(LineageRow),
+    /// Answered once everything sent before it is committed.
+    Flush(SyncSender<Option<String>>),
+}
+
+#[derive(Default)]
+struct Counters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    failed: AtomicU64,
+    transactions: AtomicU64,
+    pruned: AtomicU64,
+}
+
+/// The background writer: a bounded buffer and one thread committing batches.
+pub(crate) struct Writer {
+    tx: Mutex<Option<SyncSender<Msg>>>,
+    overflow: Overflow,
+    counters: Arc<Counters>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Most records in one transaction.
+const BATCH: usize = 512;
+
+impl Writer {
+    pub fn start(store: Arc<dyn Store>, capacity: usize, overflow: Overflow, retention: Retention) -> Result<Self> {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let thread = {
+            let counters = counters.clone();
+            std::thread::Builder::new()
+                .name("keel-lineage".into())
+                .spawn(move || write_loop(store.as_ref(), &rx, &counters, retention))
+                .map_err(|e| Error::Engine(crate::Error::Internal(format!("cannot start the lineage writer: {e}"))))?
+        };
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            overflow,
+            counters,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn sender(&self) -> Option<SyncSender<Msg>> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn submit(&self, row: LineageRow) {
+        let Some(tx) = self.sender() else {
+            Counters::bump(&self.counters.dropped);
+            return;
+        };
+        let sent = match self.overflow {
+            Overflow::Block => tx.send(Msg::Record(row)).is_ok(),
+            Overflow::Drop => match tx.try_send(Msg::Record(row)) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+        };
+        if !sent {
+            Counters::bump(&self.counters.dropped);
+        }
+    }
+
+    /// Waits until every record submitted before the call is committed.
+    pub fn flush(&self) -> Result<()> {
+        let Some(tx) = self.sender() else {
+            return Ok(());
+        };
+        let (done, wait) = sync_channel(1);
+        let gone = || Error::Engine(crate::Error::Internal("the lineage writer stopped".into()));
+        tx.send(Msg::Flush(done)).map_err(|_| gone())?;
+        match wait.recv().map_err(|_| gone())? {
+            None => Ok(()),
+            Some(failure) => Err(Error::Engine(crate::Error::Internal(format!(
+                "lineage records were lost: {failure}"
+            )))),
+        }
+    }
+
+    pub fn stats(&self) -> LineageStats {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let c = &self.counters;
+        LineageStats {
+            written: g(&c.written),
+            dropped: g(&c.dropped),
+            failed: g(&c.failed),
+            transactions: g(&c.transactions),
+            pruned: g(&c.pruned),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel lets the thread commit what is buffered and return.
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Counters {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Retention) {
+    let prunes = retention.max_age_ms.is_some() || retention.max_records.is_some();
+    let mut last_prune = Instant::now();
+    let mut failure: Option<String> = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut flushes = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        // Take what is buffered, up to a batch; a flush marker ends the batch.
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r) => batch.push(r),
+                Msg::Flush(done) => {
+                    flushes.push(done);
+                    break;
+                }
+            }
+            if batch.len() >= BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !batch.is_empty() {
+            match store.append_lineage(&batch) {
+                Ok(()) => {
+                    c.written.fetch_add(batch.len() as u64, Relaxed);
+                    Counters::bump(&c.transactions);
+                }
+                Err(e) => {
+                    c.failed.fetch_add(batch.len() as u64, Relaxed);
+                    failure = Some(e.to_string());
+                }
+            }
+            batch.clear();
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(failure.take());
+        }
+        if prunes && last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            if let Ok(n) = store.prune_lineage(&retention, crate::store::now_ms()) {
+                c.pruned.fetch_add(n, Relaxed);
+            }
+        }
+    }
+}
