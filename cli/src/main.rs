@@ -1,9 +1,13 @@
-//! `keel`: embed, generate and inspect with Keel from the command line.
+//! `keel`: embed, generate and inspect with Keel from the command line; manage a deployment's
+//! model registry and look its predictions up (`registry`, `lineage`).
+
+mod registry;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use keel::{DeviceKind, Engine, GenerateParams, LoadOptions, WeightPath};
+use keel::version::{RegisterOptions, Versioned};
+use keel::{DeviceKind, Engine, GenerateParams, InferRequest, Output, WeightPath};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -12,6 +16,10 @@ struct Cli {
     /// Device to run on.
     #[arg(long, global = true, default_value = "cpu", value_parser = parse_device)]
     device: DeviceKind,
+    /// The deployment's store (registry, alias history, lineage). Default: $KEEL_STORE, else
+    /// ./.keel.
+    #[arg(long, global = true)]
+    store: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,9 +28,12 @@ struct Cli {
 enum Command {
     /// Embed texts with a sentence encoder; prints cosine similarities for several texts.
     Embed {
-        /// A Keel model folder, a Hugging Face folder or a .gguf file.
+        /// A registered model, `NAME` (its production version) or `NAME@ALIAS`; or a Keel model
+        /// folder, a Hugging Face folder or a .gguf file (registered on first use).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
+        #[command(flatten)]
+        routing: Routing,
         /// Print the vectors instead of the similarities.
         #[arg(long)]
         vectors: bool,
@@ -38,9 +49,11 @@ enum Command {
     },
     /// Generate a reply to a prompt, streaming it as it is made.
     Generate {
-        /// A Keel model folder or a .gguf file.
+        /// A registered model, `NAME` or `NAME@ALIAS`; or a Keel model folder or a .gguf file.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
+        #[command(flatten)]
+        routing: Routing,
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
@@ -74,6 +87,12 @@ enum Command {
     /// Benchmark harness: minilm-throughput, minilm-load, smollm2, cache (a table, or --json;
     /// always writes OUT/SCENARIO.json, and minilm-load's chart OUT/minilm-load.svg).
     Bench(keel_benches::harness::Args),
+    /// The model registry: register versions, move aliases, canary, promote, roll back.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
+    /// Lineage records: what answered a prediction and why; replay it.
+    #[command(subcommand)]
+    Lineage(registry::LineageCommand),
     /// Show a model's architecture, version id, files with sha256, and tensors.
     Inspect {
         /// A Keel model folder, a Hugging Face folder or a .gguf file.
@@ -84,8 +103,22 @@ enum Command {
     },
 }
 
+/// How a predicting command's request is routed and recorded.
+#[derive(clap::Args)]
+struct Routing {
+    /// Routing key (tenant, user, session): the same key always gets the same version.
+    #[arg(long)]
+    key: Option<String>,
+    /// Keep the input in the lineage record, so that `keel lineage replay` can run it again.
+    #[arg(long)]
+    retain_input: bool,
+    /// The request's id (default: a new time-ordered id).
+    #[arg(long)]
+    request_id: Option<String>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
-enum Weights {
+pub(crate) enum Weights {
     /// As stored: GGUF blocks stay quantized, f32 safetensors stay f32.
     Quantized,
     /// Everything dequantized to f32 (the reference path).
@@ -104,20 +137,70 @@ impl From<Weights> for WeightPath {
     }
 }
 
-/// An engine on `device` with the model at `path` loaded.
-fn open(
+/// The store folder: `--store`, else $KEEL_STORE, else ./.keel.
+pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
+    store
+        .or_else(|| {
+            std::env::var_os("KEEL_STORE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(".keel"))
+}
+
+/// The version layer over an engine on `device`, with the deployment's store.
+pub(crate) fn serving(
     device: DeviceKind,
-    path: &std::path::Path,
-    weights: Weights,
-) -> Result<(Engine, keel::VersionId), Box<dyn std::error::Error>> {
+    store: Option<PathBuf>,
+) -> Result<Versioned, Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
-    let id = engine.load_with(
-        path,
-        LoadOptions {
-            weights: weights.into(),
-        },
-    )?;
-    Ok((engine, id))
+    Ok(Versioned::open(engine, store_folder(store), Default::default())?)
+}
+
+/// What `--model` names: a registered `NAME[@ALIAS]` as is; a path is registered (under its
+/// manifest's name; a no-op if it is already) and addressed by its version id.
+fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, Box<dyn std::error::Error>> {
+    let path = Path::new(model);
+    if !path.exists() {
+        return Ok(model.to_string());
+    }
+    let name = keel::inspect(path)?.manifest.name;
+    let name = name.replace('@', "-");
+    let options = RegisterOptions {
+        weights: weights.into(),
+        retain_input: false,
+    };
+    Ok(served.register(&name, path, options)?.to_string())
+}
+
+/// Answers one request through the version layer and says on stderr what answered it.
+fn predict(
+    served: &Versioned,
+    request: InferRequest,
+    routing: Routing,
+) -> Result<keel::InferResponse, Box<dyn std::error::Error>> {
+    let mut request = request;
+    if let Some(key) = routing.key {
+        request = request.key(key);
+    }
+    if let Some(id) = routing.request_id {
+        request = request.id(id);
+    }
+    let answer = if routing.retain_input {
+        served.serve_retaining(request)?
+    } else {
+        served.serve(request)?
+    };
+    served.flush()?;
+    let m = &answer.meta;
+    eprintln!(
+        "keel: request {} answered by {} ({}, version {})",
+        m.request_id,
+        m.model,
+        m.annotations.get("route").map_or("direct", String::as_str),
+        &m.version.as_str()[..12]
+    );
+    Ok(answer)
 }
 
 fn parse_device(s: &str) -> Result<DeviceKind, String> {
@@ -142,16 +225,26 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             keel_benches::harness::run(&args)?;
             Ok(())
         }
+        Command::Registry(command) => registry::registry(cli.device, cli.store, command),
+        Command::Lineage(command) => registry::lineage(cli.device, cli.store, command),
         Command::Embed {
             model,
+            routing,
             vectors,
             json,
             weights,
             texts,
         } => {
-            let (engine, id) = open(cli.device, &model, weights)?;
-            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let out = engine.embed(id.as_str(), &texts)?;
+            let served = serving(cli.device, cli.store)?;
+            let model = address(&served, &model, weights)?;
+            let answer = predict(&served, InferRequest::embed(&model, &texts), routing)?;
+            let Output::Embeddings(vectors_out) = answer.output else {
+                return Err("the model did not answer with embeddings".into());
+            };
+            let out = keel::Embeddings {
+                version: answer.meta.version,
+                vectors: vectors_out,
+            };
             if json {
                 println!("{}", serde_json::to_string(&out.vectors)?);
             } else if vectors || texts.len() == 1 {
@@ -180,6 +273,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Generate {
             model,
+            routing,
             raw,
             greedy,
             max_tokens,
@@ -191,7 +285,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             json,
             prompt,
         } => {
-            let (engine, id) = open(cli.device, &model, weights)?;
+            let served = serving(cli.device, cli.store)?;
+            let model = address(&served, &model, weights)?;
             let mut params = if greedy {
                 GenerateParams::greedy()
             } else {
@@ -201,9 +296,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if raw {
                 params = params.raw();
             }
-            let stream = engine.generate(id.as_str(), &prompt, &params)?;
+            let answer = predict(&served, InferRequest::generate(&model, &prompt, params), routing)?;
+            let Output::Completion(done) = answer.output else {
+                return Err("the model did not answer with a completion".into());
+            };
             if json {
-                let done = stream.complete()?;
                 let out = serde_json::json!({
                     "token_ids": done.token_ids,
                     "text": done.text,
@@ -213,11 +310,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("{out}");
             } else {
                 let mut stdout = std::io::stdout().lock();
-                for token in stream {
-                    write!(stdout, "{}", token?.text)?;
-                    stdout.flush()?;
-                }
-                writeln!(stdout)?;
+                writeln!(stdout, "{}", done.text)?;
+                stdout.flush()?;
             }
             Ok(())
         }

@@ -403,7 +403,13 @@ impl Engine {
     }
 
     /// The one embedding path, for [`Engine::embed_with`] and [`Engine::infer`].
-    fn run_embed(&self, model: &str, version: &Version, texts: &[&str], request: &Request) -> Result<Embedded> {
+    fn run_embed(
+        &self,
+        model: &str,
+        version: &Version,
+        texts: &[&str],
+        request: &Request,
+    ) -> Result<Embedded> {
         self.open()?;
         let (Model::Encoder(encoder), Scheduler::Encoder(scheduler)) = (&version.model, &version.scheduler)
         else {

@@ -5,8 +5,7 @@
 //! application's database or one from a newer Keel.
 
 use super::{
-    AliasEvent, CanaryConfig, Error, LineageRow, Result, Retention, RouteChange, Routes, Store,
-    VersionRecord,
+    AliasEvent, CanaryConfig, Error, LineageRow, Result, Retention, RouteChange, Routes, Store, VersionRecord,
 };
 use crate::manifest::{Manifest, VersionId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -190,12 +189,16 @@ impl SqliteStore {
             aliases.insert(alias, self.version_id(id)?);
         }
         let canary: Option<String> = conn
-            .query_row("SELECT config FROM canaries WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT config FROM canaries WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         let canary = canary
             .map(|c| serde_json::from_str::<CanaryConfig>(&c))
             .transpose()
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+            })?;
         Ok(Routes {
             name: name.to_string(),
             aliases,
@@ -210,7 +213,9 @@ impl SqliteStore {
         )?;
         let rows = stmt.query_map([name], |r| {
             let id = |i: usize| -> rusqlite::Result<Option<VersionId>> {
-                r.get::<_, Option<String>>(i)?.map(|t| self.version_id(t)).transpose()
+                r.get::<_, Option<String>>(i)?
+                    .map(|t| self.version_id(t))
+                    .transpose()
             };
             Ok(AliasEvent {
                 seq: r.get(0)?,
@@ -275,7 +280,8 @@ impl Store for SqliteStore {
         let rows = stmt
             .query_map([], |r| self.read_version(r))
             .map_err(|e| self.db_error(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.db_error(e))
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.db_error(e))
     }
 
     fn routes(&self, name: &str) -> Result<Routes> {
@@ -292,7 +298,9 @@ impl Store for SqliteStore {
         let db = |e| self.db_error(e);
         // IMMEDIATE: the write lock is taken before reading, so two processes changing the same
         // routes are serialized rather than one of them acting on a stale read.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
         let before = self.read_routes(&tx, name).map_err(db)?;
         let history = self.read_history(&tx, name).map_err(db)?;
         let mut after = before.clone();
@@ -367,13 +375,16 @@ impl Store for SqliteStore {
     fn append_lineage(&self, rows: &[LineageRow]) -> Result<()> {
         let mut conn = self.conn();
         let db = |e| self.db_error(e);
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
         {
             let mut stmt = tx
                 .prepare_cached("INSERT INTO lineage (request_id, time_ms, record) VALUES (?1, ?2, ?3)")
                 .map_err(db)?;
             for row in rows {
-                stmt.execute(params![row.request_id, row.time_ms, row.record]).map_err(db)?;
+                stmt.execute(params![row.request_id, row.time_ms, row.record])
+                    .map_err(db)?;
             }
         }
         tx.commit().map_err(db)
@@ -411,7 +422,8 @@ impl Store for SqliteStore {
                 })
             })
             .map_err(|e| self.db_error(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.db_error(e))
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.db_error(e))
     }
 
     fn lineage_count(&self) -> Result<u64> {
@@ -427,7 +439,10 @@ impl Store for SqliteStore {
         let mut pruned = 0;
         if let Some(age) = retention.max_age_ms {
             pruned += conn
-                .execute("DELETE FROM lineage WHERE time_ms < ?1", [now_ms.saturating_sub(age)])
+                .execute(
+                    "DELETE FROM lineage WHERE time_ms < ?1",
+                    [now_ms.saturating_sub(age)],
+                )
                 .map_err(db)? as u64;
         }
         if let Some(keep) = retention.max_records {
@@ -458,10 +473,14 @@ mod tests {
         SqliteStore::open(&dir).unwrap();
         // A newer schema is refused.
         let conn = Connection::open(dir.join(DATABASE_FILE)).unwrap();
-        conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
         drop(conn);
         let e = SqliteStore::open(&dir).err().unwrap();
-        assert!(matches!(e, Error::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1), "{e}");
+        assert!(
+            matches!(e, Error::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{e}"
+        );
         // Another application's database is refused.
         let other = dir.join("other");
         std::fs::create_dir_all(&other).unwrap();
@@ -478,7 +497,9 @@ mod tests {
         let e = SqliteStore::open(&junk).err().unwrap();
         assert!(matches!(e, Error::NotAStore { .. }), "{e}");
         // A folder that cannot be made (under a file) is not writable.
-        let e = SqliteStore::open(junk.join(DATABASE_FILE).join("sub")).err().unwrap();
+        let e = SqliteStore::open(junk.join(DATABASE_FILE).join("sub"))
+            .err()
+            .unwrap();
         assert!(matches!(e, Error::NotWritable { .. }), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -510,7 +531,12 @@ mod tests {
         };
         // Now 1010: records older than 1007 go (r4, r5, r6).
         assert_eq!(store.prune_lineage(&age, 1010).unwrap(), 3);
-        let ids: Vec<String> = store.recent_lineage(10).unwrap().into_iter().map(|r| r.request_id).collect();
+        let ids: Vec<String> = store
+            .recent_lineage(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
         assert_eq!(ids, vec!["r9", "r8", "r7"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -119,7 +119,11 @@ impl GuardState {
                 ));
                 return;
             }
-            if let (Some(max), Some(c), Some(p)) = (g.max_p99_ratio, p99(&f.canary_latency), p99(&f.production_latency)) {
+            if let (Some(max), Some(c), Some(p)) = (
+                g.max_p99_ratio,
+                p99(&f.canary_latency),
+                p99(&f.production_latency),
+            ) {
                 let ratio = c / p.max(1e-6);
                 if ratio > max {
                     f.tripped = Some(format!(

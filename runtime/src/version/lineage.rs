@@ -317,7 +317,12 @@ pub(crate) struct Writer {
 const BATCH: usize = 512;
 
 impl Writer {
-    pub fn start(store: Arc<dyn Store>, capacity: usize, overflow: Overflow, retention: Retention) -> Result<Self> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        capacity: usize,
+        overflow: Overflow,
+        retention: Retention,
+    ) -> Result<Self> {
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(Counters::default());
         let thread = {
@@ -325,7 +330,11 @@ impl Writer {
             std::thread::Builder::new()
                 .name("keel-lineage".into())
                 .spawn(move || write_loop(store.as_ref(), &rx, &counters, retention))
-                .map_err(|e| Error::Engine(crate::Error::Internal(format!("cannot start the lineage writer: {e}"))))?
+                .map_err(|e| {
+                    Error::Engine(crate::Error::Internal(format!(
+                        "cannot start the lineage writer: {e}"
+                    )))
+                })?
         };
         Ok(Self {
             tx: Mutex::new(Some(tx)),

@@ -40,7 +40,9 @@ pub use lineage::{
 pub use shadow::ShadowStats;
 
 use crate::manifest::{ModelSource, VersionId};
-use crate::store::{AliasEvent, CanaryConfig, LineageRow, Retention, Routes, SqliteStore, Store, VersionRecord};
+use crate::store::{
+    AliasEvent, CanaryConfig, LineageRow, Retention, Routes, SqliteStore, Store, VersionRecord,
+};
 use crate::{Engine, Infer, InferRequest, InferResponse, LoadOptions, Output, WeightPath};
 use guard::GuardState;
 use lineage::Writer;
@@ -192,8 +194,18 @@ impl Versioned {
 
     /// The layer over a stack of other layers (`below`) whose bottom is `engine`: requests go
     /// through `below`; versions are loaded into `engine`.
-    pub fn layered(engine: Engine, below: Arc<dyn Infer>, store: Arc<dyn Store>, config: VersionConfig) -> Result<Self> {
-        let lineage = Writer::start(store.clone(), config.lineage_buffer, config.overflow, config.retention)?;
+    pub fn layered(
+        engine: Engine,
+        below: Arc<dyn Infer>,
+        store: Arc<dyn Store>,
+        config: VersionConfig,
+    ) -> Result<Self> {
+        let lineage = Writer::start(
+            store.clone(),
+            config.lineage_buffer,
+            config.overflow,
+            config.retention,
+        )?;
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
             engine,
             below,
@@ -223,7 +235,12 @@ impl Versioned {
     ///
     /// # Errors
     /// A missing path, unreadable or tampered files, an empty name.
-    pub fn register(&self, name: &str, path: impl AsRef<Path>, options: RegisterOptions) -> Result<VersionId> {
+    pub fn register(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+        options: RegisterOptions,
+    ) -> Result<VersionId> {
         check_name(name)?;
         let path = path.as_ref();
         let mut source = ModelSource::open(path).map_err(crate::Error::from)?;
@@ -290,7 +307,13 @@ impl Versioned {
     ///
     /// # Errors
     /// A percent outside 0-100, an unknown name or version, no production alias.
-    pub fn canary(&self, name: &str, version: &str, config: CanaryConfig, reason: &str) -> Result<Vec<AliasEvent>> {
+    pub fn canary(
+        &self,
+        name: &str,
+        version: &str,
+        config: CanaryConfig,
+        reason: &str,
+    ) -> Result<Vec<AliasEvent>> {
         if !(0.0..=100.0).contains(&config.percent) {
             return Err(Error::InvalidArgument(format!(
                 "a canary percent must be within 0-100, not {}",
@@ -301,7 +324,9 @@ impl Versioned {
         let id = target.id.clone();
         self.change(name, Some(target), &mut |routes, _| {
             if !routes.aliases.contains_key(PRODUCTION) {
-                return Err(format!("model '{name}' has no production version to canary against"));
+                return Err(format!(
+                    "model '{name}' has no production version to canary against"
+                ));
             }
             routes.aliases.insert(CANARY.into(), id.clone());
             routes.canary = Some(config.clone());
@@ -341,7 +366,9 @@ impl Versioned {
         self.change(name, target, &mut |routes, history| {
             let now = routes.aliases.get(PRODUCTION).cloned();
             let Some(before) = now.as_ref().and_then(|now| replaced(history, now)) else {
-                return Err(format!("model '{name}' has no earlier production version to roll back to"));
+                return Err(format!(
+                    "model '{name}' has no earlier production version to roll back to"
+                ));
             };
             routes.aliases.insert(PRODUCTION.into(), before);
             Ok(format!("rollback: {reason}"))
@@ -385,7 +412,12 @@ impl Versioned {
 
     /// The newest `n` lineage records, newest first.
     pub fn recent(&self, n: usize) -> Result<Vec<LineageRecord>> {
-        self.shared.store.recent_lineage(n)?.iter().map(parse_record).collect()
+        self.shared
+            .store
+            .recent_lineage(n)?
+            .iter()
+            .map(parse_record)
+            .collect()
     }
 
     /// Runs a recorded prediction again on the version that made it (its files checked again),
@@ -405,12 +437,14 @@ impl Versioned {
                 "its input was not retained (register the version with retain_input, or send the request with it)".into(),
             ));
         };
-        let id = VersionId::parse(&record.version).ok_or_else(|| not("its version id is malformed".into()))?;
-        let version = self
-            .shared
-            .store
-            .version(&record.model, &id)?
-            .ok_or_else(|| not(format!("version {} of '{}' is not registered", record.version, record.model)))?;
+        let id =
+            VersionId::parse(&record.version).ok_or_else(|| not("its version id is malformed".into()))?;
+        let version = self.shared.store.version(&record.model, &id)?.ok_or_else(|| {
+            not(format!(
+                "version {} of '{}' is not registered",
+                record.version, record.model
+            ))
+        })?;
         let slot = self.shared.slot(&version).map_err(|e| match e {
             Error::Engine(e) if e.kind() == crate::ErrorKind::NotFound => {
                 not(format!("the files of version {} are gone: {e}", record.version))
@@ -484,7 +518,10 @@ impl Versioned {
         // Loaded before the switch: no request waits for a load, and a tampered version is
         // refused before any alias moves.
         let _preloaded = target.as_ref().map(|t| s.slot(t)).transpose()?;
-        let (routes, events) = s.store.update_routes(name, change)?.map_err(Error::InvalidArgument)?;
+        let (routes, events) = s
+            .store
+            .update_routes(name, change)?
+            .map_err(Error::InvalidArgument)?;
         let live = s.build_live(routes)?;
         let old = s.write_live().insert(name.to_string(), live);
         // The old versions are let go outside the lock; requests in flight keep theirs.
@@ -503,7 +540,12 @@ impl Shared {
     }
 
     fn find_version(&self, name: &str, version: &str) -> Result<VersionRecord> {
-        let all: Vec<VersionRecord> = self.store.versions()?.into_iter().filter(|v| v.name == name).collect();
+        let all: Vec<VersionRecord> = self
+            .store
+            .versions()?
+            .into_iter()
+            .filter(|v| v.name == name)
+            .collect();
         if all.is_empty() {
             return Err(Error::UnknownName(name.to_string()));
         }
@@ -514,7 +556,9 @@ impl Shared {
         if version.len() < 8 {
             return Err(unknown());
         }
-        let mut matches = all.into_iter().filter(|v| v.id.as_str().starts_with(&version.to_ascii_lowercase()));
+        let mut matches = all
+            .into_iter()
+            .filter(|v| v.id.as_str().starts_with(&version.to_ascii_lowercase()));
         match (matches.next(), matches.next()) {
             (Some(v), None) => Ok(v),
             _ => Err(unknown()),
@@ -529,7 +573,11 @@ impl Shared {
             return Ok(slot);
         }
         let source = ModelSource::open(&record.path).map_err(|e| match e {
-            crate::Error::ChecksumMismatch { path, expected, actual } => Error::Tampered {
+            crate::Error::ChecksumMismatch {
+                path,
+                expected,
+                actual,
+            } => Error::Tampered {
                 name: record.name.clone(),
                 version: record.id.to_string(),
                 file: path.display().to_string(),
@@ -574,10 +622,13 @@ impl Shared {
     fn build_live(self: &Arc<Self>, routes: Routes) -> Result<Arc<Live>> {
         let mut slots = BTreeMap::new();
         for (alias, id) in &routes.aliases {
-            let record = self.store.version(&routes.name, id)?.ok_or_else(|| Error::UnknownVersion {
-                name: routes.name.clone(),
-                version: id.to_string(),
-            })?;
+            let record = self
+                .store
+                .version(&routes.name, id)?
+                .ok_or_else(|| Error::UnknownVersion {
+                    name: routes.name.clone(),
+                    version: id.to_string(),
+                })?;
             slots.insert(alias.clone(), self.slot(&record)?);
         }
         let guard = routes
@@ -670,13 +721,22 @@ impl Shared {
         let guard = live.guard.clone();
         Ok(match (chosen, config.shadow) {
             (true, false) => Decision {
-                reason: format!("canary {}% split: {by} bucket {bucket} of {BUCKETS}", config.percent),
-                compare: guard.as_ref().filter(|g| g.wants_divergence()).map(|_| production.clone()),
+                reason: format!(
+                    "canary {}% split: {by} bucket {bucket} of {BUCKETS}",
+                    config.percent
+                ),
+                compare: guard
+                    .as_ref()
+                    .filter(|g| g.wants_divergence())
+                    .map(|_| production.clone()),
                 guard,
                 ..decision(canary.clone(), CANARY, String::new())
             },
             (true, true) => Decision {
-                reason: format!("production; shadow copy to the canary ({}%, {by} bucket {bucket})", config.percent),
+                reason: format!(
+                    "production; shadow copy to the canary ({}%, {by} bucket {bucket})",
+                    config.percent
+                ),
                 shadow: Some(canary.clone()),
                 guard,
                 ..decision(production, PRODUCTION, String::new())
@@ -686,7 +746,10 @@ impl Shared {
                 ..decision(
                     production,
                     PRODUCTION,
-                    format!("canary {}%: {by} bucket {bucket} of {BUCKETS} stays on production", config.percent),
+                    format!(
+                        "canary {}%: {by} bucket {bucket} of {BUCKETS} stays on production",
+                        config.percent
+                    ),
                 )
             },
         })
@@ -703,6 +766,7 @@ impl Shared {
         route: &str,
         reason: &str,
         shadow_of: Option<(&str, f64)>,
+        retain: bool,
         started: Instant,
     ) {
         let recorded = RecordedInput::of(&request.input);
@@ -740,7 +804,7 @@ impl Shared {
             shadow_of: shadow_of.map(|(of, _)| of.to_string()),
             divergence: shadow_of.map(|(_, d)| d),
             input_hash: recorded.hash(),
-            input: slot.record.retain_input.then_some(recorded),
+            input: (retain || slot.record.retain_input).then_some(recorded),
             output: OutputSummary::of(&answer.output),
             timings_us: StageTimes::of(&meta.timings, started.elapsed()),
             contract: take("contract"),
@@ -761,7 +825,8 @@ impl Infer for Versioned {
     /// chosen, queues shadow copies, feeds the canary guard, and records its lineage. The
     /// response's `annotations` carry `route` and `route_reason`; `meta.model` is the name.
     fn infer(&self, mut request: InferRequest) -> crate::Result<InferResponse> {
-        self.infer_versioned(&mut request).map_err(into_engine_error)
+        self.infer_versioned(&mut request, false)
+            .map_err(into_engine_error)
     }
 }
 
@@ -771,10 +836,19 @@ impl Versioned {
     /// # Errors
     /// An unknown name or alias, the engine's errors.
     pub fn serve(&self, mut request: InferRequest) -> Result<InferResponse> {
-        self.infer_versioned(&mut request)
+        self.infer_versioned(&mut request, false)
     }
 
-    fn infer_versioned(&self, request: &mut InferRequest) -> Result<InferResponse> {
+    /// [`Versioned::serve`], keeping this request's input in its lineage record whatever the
+    /// version's retention setting (so that it can be replayed).
+    ///
+    /// # Errors
+    /// As [`Versioned::serve`].
+    pub fn serve_retaining(&self, mut request: InferRequest) -> Result<InferResponse> {
+        self.infer_versioned(&mut request, true)
+    }
+
+    fn infer_versioned(&self, request: &mut InferRequest, retain: bool) -> Result<InferResponse> {
         let s = &self.shared;
         let started = Instant::now();
         let d = s.decide(request)?;
@@ -788,8 +862,13 @@ impl Versioned {
         let mut answer = result?;
         answer.meta.model = d.name.clone();
         answer.meta.annotations.insert("route".into(), d.route.clone());
-        answer.meta.annotations.insert("route_reason".into(), d.reason.clone());
-        s.record(request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started);
+        answer
+            .meta
+            .annotations
+            .insert("route_reason".into(), d.reason.clone());
+        s.record(
+            request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, retain, started,
+        );
         if let Some(copy) = copy {
             let (other, recorded) = match (d.shadow, d.compare) {
                 (Some(canary), _) => (canary, true),
@@ -841,7 +920,12 @@ pub(crate) fn divergence(a: &Output, b: &Output) -> f64 {
             if n == 0 {
                 return 0.0;
             }
-            let same = x.token_ids.iter().zip(&y.token_ids).filter(|(p, q)| p == q).count();
+            let same = x
+                .token_ids
+                .iter()
+                .zip(&y.token_ids)
+                .filter(|(p, q)| p == q)
+                .count();
             1.0 - same as f64 / n as f64
         }
         _ => 1.0,

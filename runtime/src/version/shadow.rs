@@ -147,7 +147,17 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
             }
             if job.recorded {
                 let reason = "shadow copy of a production request";
-                shared.record(&request, &answer, &job.slot, &job.name, "shadow", reason, Some((request.id.as_str(), d)), started);
+                shared.record(
+                    &request,
+                    &answer,
+                    &job.slot,
+                    &job.name,
+                    "shadow",
+                    reason,
+                    Some((request.id.as_str(), d)),
+                    false,
+                    started,
+                );
             }
         }
         Err(_) => {
@@ -160,7 +170,9 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
     drop(job.slot);
     if let Some(g) = guard {
         if let Some(why) = g.tripped() {
-            let layer = Versioned { shared: shared.clone() };
+            let layer = Versioned {
+                shared: shared.clone(),
+            };
             let _ = layer.abort_canary(&job.name, &format!("guard: {why}"));
         }
     }
