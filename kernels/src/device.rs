@@ -130,6 +130,13 @@ impl Device {
         }
     }
 
+    /// Returns memory freed by unloaded models to the operating system (the CPU backend keeps
+    /// freed activation buffers for reuse while models run; see [`Device::cpu`]). Cheap to call
+    /// now and then, not per request.
+    pub fn release_free_memory(&self) {
+        crate::cpu::alloc::return_free_memory();
+    }
+
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.
     /// For wgpu, the environment sets the options ([`WgpuOptions::from_env`]).
     pub fn new(kind: DeviceKind) -> Result<Self> {

@@ -321,7 +321,10 @@ impl Engine {
             cache.purge(&id);
         }
         // Its scheduler drains outside the registry lock.
-        drop(removed);
+        let last = removed.is_some_and(|v| Arc::strong_count(&v) == 1);
+        if last {
+            self.inner.device.release_free_memory();
+        }
         Ok(())
     }
 
