@@ -17,14 +17,21 @@ fn served(store: &Path, config: VersionConfig) -> Versioned {
 }
 
 fn options(weights: WeightPath, retain_input: bool) -> RegisterOptions {
-    RegisterOptions { weights, retain_input }
+    RegisterOptions {
+        weights,
+        retain_input,
+    }
 }
 
 /// MiniLM registered twice under "embed": f32 (production) and int8.
 fn two_versions(s: &Versioned) -> (VersionId, VersionId) {
     let minilm = common::minilm_dir();
-    let f32 = s.register("embed", &minilm, options(WeightPath::F32, true)).unwrap();
-    let int8 = s.register("embed", &minilm, options(WeightPath::Int8, true)).unwrap();
+    let f32 = s
+        .register("embed", &minilm, options(WeightPath::F32, true))
+        .unwrap();
+    let int8 = s
+        .register("embed", &minilm, options(WeightPath::Int8, true))
+        .unwrap();
     s.set_alias("embed", "production", f32.as_str(), "test").unwrap();
     (f32, int8)
 }
@@ -53,7 +60,9 @@ fn key_buckets() -> (f64, String) {
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[test]
@@ -67,14 +76,20 @@ fn key_buckets_child() {
 #[test]
 fn canary_split_is_sticky_by_key_across_processes() {
     let (share, digest) = key_buckets();
-    assert!((share - 10.0).abs() <= 1.0, "canary share {share}% for a 10% split");
+    assert!(
+        (share - 10.0).abs() <= 1.0,
+        "canary share {share}% for a 10% split"
+    );
     let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "key_buckets_child", "--nocapture", "--test-threads=1"])
         .env("KEEL_BUCKETS_CHILD", "1")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&child.stdout);
-    assert!(out.contains(&format!("buckets {digest}")), "another process maps keys differently: {out}");
+    assert!(
+        out.contains(&format!("buckets {digest}")),
+        "another process maps keys differently: {out}"
+    );
 
     // Through the layer: a key's route never changes, and the routes follow the buckets.
     let dir = tempfile::tempdir().unwrap();
@@ -83,9 +98,15 @@ fn canary_split_is_sticky_by_key_across_processes() {
     s.canary("embed", int8.as_str(), split(50.0), "test").unwrap();
     for k in 0..12 {
         let key = format!("user-{k}");
-        let expect = if bucket_of("embed", &key) < 5000 { &int8 } else { &f32 };
+        let expect = if bucket_of("embed", &key) < 5000 {
+            &int8
+        } else {
+            &f32
+        };
         for _ in 0..2 {
-            let a = s.serve(InferRequest::embed("embed", ["sticky"]).key(&key)).unwrap();
+            let a = s
+                .serve(InferRequest::embed("embed", ["sticky"]).key(&key))
+                .unwrap();
             assert_eq!(&a.meta.version, expect, "key {key}");
         }
     }
@@ -126,7 +147,12 @@ fn shadow_output_is_never_returned_and_a_full_shadow_queue_drops() {
     assert_eq!(st.run + st.dropped + st.failed, 80, "{st:?}");
     assert!(st.dropped > 0 && st.run > 0, "{st:?}");
     s.flush().unwrap();
-    let shadows: Vec<_> = s.recent(200).unwrap().into_iter().filter(|r| r.route == "shadow").collect();
+    let shadows: Vec<_> = s
+        .recent(200)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.route == "shadow")
+        .collect();
     assert_eq!(shadows.len() as u64, st.run);
     for r in &shadows {
         assert_eq!(r.version, int8.as_str());
@@ -152,7 +178,10 @@ fn hot_swap_promote_and_rollback_under_load_lose_nothing() {
                 while !stop.load(Ordering::Relaxed) {
                     let text = format!("thread {t} request {i}");
                     let a = s.serve(InferRequest::embed("embed", [text])).unwrap();
-                    answered.lock().unwrap().push((a.meta.request_id.to_string(), a.meta.version));
+                    answered
+                        .lock()
+                        .unwrap()
+                        .push((a.meta.request_id.to_string(), a.meta.version));
                     i += 1;
                 }
             })
@@ -178,7 +207,11 @@ fn hot_swap_promote_and_rollback_under_load_lose_nothing() {
     senders.into_iter().for_each(|t| t.join().unwrap());
     s.flush().unwrap();
     let answered = answered.lock().unwrap();
-    assert!(answered.len() > 100, "only {} requests in the run", answered.len());
+    assert!(
+        answered.len() > 100,
+        "only {} requests in the run",
+        answered.len()
+    );
     assert_eq!(s.store().lineage_count().unwrap(), answered.len() as u64);
     for (id, version) in answered.iter() {
         assert_eq!(&s.explain(id).unwrap().version, version.as_str(), "request {id}");
@@ -186,7 +219,9 @@ fn hot_swap_promote_and_rollback_under_load_lose_nothing() {
     }
     // The history is in order, and production moved as the swaps say.
     let history = s.history("embed").unwrap();
-    assert!(history.windows(2).all(|w| w[0].seq < w[1].seq && w[0].time_ms <= w[1].time_ms));
+    assert!(history
+        .windows(2)
+        .all(|w| w[0].seq < w[1].seq && w[0].time_ms <= w[1].time_ms));
     let production: Vec<VersionId> = history
         .iter()
         .filter(|e| e.alias == "production")
@@ -213,13 +248,23 @@ fn load_swap_unload_cycles_return_memory() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&child.stdout);
-    assert!(child.status.success(), "{out}{}", String::from_utf8_lossy(&child.stderr));
-    let line = out.lines().find(|l| l.starts_with("rss ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        child.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("rss "))
+        .unwrap_or_else(|| panic!("{out}"));
     let kib: Vec<u64> = line.split(' ').skip(1).map(|n| n.parse().unwrap()).collect();
     let (before, after) = (kib[0], kib[1]);
     println!("RSS after 10 warm-up cycles {before} KiB, after 100 more {after} KiB");
     // A MiniLM version holds ~90 MB; the bound is a sixth of one version over 100 cycles.
-    assert!(after < before + 16 * 1024, "RSS grew from {before} to {after} KiB over 100 cycles");
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} to {after} KiB over 100 cycles"
+    );
 }
 
 #[test]
@@ -265,7 +310,8 @@ fn guard_rolls_back_a_divergent_canary_and_keeps_a_close_one() {
         };
         s.canary("embed", int8.as_str(), guarded, "test").unwrap();
         for i in 0..30 {
-            s.serve(InferRequest::embed("embed", [format!("guard sentence {i}")])).unwrap();
+            s.serve(InferRequest::embed("embed", [format!("guard sentence {i}")]))
+                .unwrap();
             s.drain_shadow();
         }
         let routes = s.routes("embed").unwrap();
@@ -295,7 +341,9 @@ fn durability_child() {
     };
     let s = served(Path::new(&dir), VersionConfig::default());
     let minilm = common::minilm_dir();
-    let v = s.register("embed", &minilm, options(WeightPath::Quantized, false)).unwrap();
+    let v = s
+        .register("embed", &minilm, options(WeightPath::Quantized, false))
+        .unwrap();
     s.set_alias("embed", "production", v.as_str(), "child").unwrap();
     for batch in 0.. {
         let ids: Vec<String> = (0..8)
@@ -355,7 +403,10 @@ fn lineage_acknowledged_as_durable_survives_sigkill() {
     let store = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(store.integrity_check().unwrap(), "ok");
     for id in &acknowledged {
-        assert!(store.lineage(id).unwrap().is_some(), "acknowledged record {id} is missing");
+        assert!(
+            store.lineage(id).unwrap().is_some(),
+            "acknowledged record {id} is missing"
+        );
     }
     println!("{} acknowledged records survived 3 SIGKILLs", acknowledged.len());
 }
@@ -365,17 +416,36 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let s = served(dir.path(), VersionConfig::default());
     let (f32, int8) = two_versions(&s);
-    let gguf = s.register("chat", common::smollm2_gguf(), options(WeightPath::Quantized, true)).unwrap();
+    let gguf = s
+        .register(
+            "chat",
+            common::smollm2_gguf(),
+            options(WeightPath::Quantized, true),
+        )
+        .unwrap();
     s.set_alias("chat", "production", gguf.as_str(), "test").unwrap();
     s.set_alias("embed", "int8", int8.as_str(), "test").unwrap();
     let mut ids = Vec::new();
     for model in ["embed", "embed@int8"] {
         let texts = ["A man is playing a guitar.", "Replay must give the same bits."];
-        ids.push(s.serve(InferRequest::embed(model, texts)).unwrap().meta.request_id);
+        ids.push(
+            s.serve(InferRequest::embed(model, texts))
+                .unwrap()
+                .meta
+                .request_id,
+        );
     }
     let params = GenerateParams::greedy().max_tokens(16);
-    let chat = s.serve(InferRequest::generate("chat", "What is the capital of France?", params)).unwrap();
-    let Output::Completion(c) = &chat.output else { panic!("not a completion") };
+    let chat = s
+        .serve(InferRequest::generate(
+            "chat",
+            "What is the capital of France?",
+            params,
+        ))
+        .unwrap();
+    let Output::Completion(c) = &chat.output else {
+        panic!("not a completion")
+    };
     assert!(!c.token_ids.is_empty());
     ids.push(chat.meta.request_id);
     s.flush().unwrap();
@@ -383,7 +453,11 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
     for s in [s.clone(), served(dir.path(), VersionConfig::default())] {
         for id in &ids {
             let r = s.replay(id.as_str()).unwrap();
-            assert!(r.identical, "replay of {id}: {:?} vs {:?}", r.recorded, r.replayed);
+            assert!(
+                r.identical,
+                "replay of {id}: {:?} vs {:?}",
+                r.recorded, r.replayed
+            );
         }
     }
     assert_eq!(s.explain(ids[0].as_str()).unwrap().version, f32.as_str());
@@ -394,25 +468,55 @@ fn bad_input_gives_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let s = served(dir.path(), VersionConfig::default());
     let kind = |e: Error| e.kind();
-    assert_eq!(kind(s.register("embed", "/no/such/model", RegisterOptions::default()).unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(
+            s.register("embed", "/no/such/model", RegisterOptions::default())
+                .unwrap_err()
+        ),
+        ErrorKind::NotFound
+    );
     let (f32, int8) = two_versions(&s);
-    assert_eq!(kind(s.serve(InferRequest::embed("nope", ["x"])).unwrap_err()), ErrorKind::NotFound);
-    assert_eq!(kind(s.serve(InferRequest::embed("embed@staging", ["x"])).unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(s.serve(InferRequest::embed("nope", ["x"])).unwrap_err()),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        kind(s.serve(InferRequest::embed("embed@staging", ["x"])).unwrap_err()),
+        ErrorKind::NotFound
+    );
     let unknown = "ab".repeat(32);
-    assert!(matches!(s.set_alias("embed", "staging", &unknown, "x"), Err(Error::UnknownVersion { .. })));
-    assert!(matches!(s.set_alias("nope", "staging", f32.as_str(), "x"), Err(Error::UnknownName(_))));
+    assert!(matches!(
+        s.set_alias("embed", "staging", &unknown, "x"),
+        Err(Error::UnknownVersion { .. })
+    ));
+    assert!(matches!(
+        s.set_alias("nope", "staging", f32.as_str(), "x"),
+        Err(Error::UnknownName(_))
+    ));
     for percent in [-1.0, 100.5, f64::NAN] {
-        assert_eq!(kind(s.canary("embed", int8.as_str(), split(percent), "x").unwrap_err()), ErrorKind::InvalidArgument);
+        assert_eq!(
+            kind(s.canary("embed", int8.as_str(), split(percent), "x").unwrap_err()),
+            ErrorKind::InvalidArgument
+        );
     }
     let e = s.promote("embed", "x").unwrap_err();
     assert!(e.to_string().contains("no canary"), "{e}");
     let e = s.rollback("embed", "x").unwrap_err();
     assert!(e.to_string().contains("no earlier production"), "{e}");
-    assert!(matches!(s.replay("no-such-request"), Err(Error::UnknownRequest(_))));
+    assert!(matches!(
+        s.replay("no-such-request"),
+        Err(Error::UnknownRequest(_))
+    ));
     // Unretained input: the replay says so.
-    let plain = s.register("plain", common::minilm_dir(), RegisterOptions::default()).unwrap();
+    let plain = s
+        .register("plain", common::minilm_dir(), RegisterOptions::default())
+        .unwrap();
     s.set_alias("plain", "production", plain.as_str(), "x").unwrap();
-    let id = s.serve(InferRequest::embed("plain", ["x"])).unwrap().meta.request_id;
+    let id = s
+        .serve(InferRequest::embed("plain", ["x"]))
+        .unwrap()
+        .meta
+        .request_id;
     s.flush().unwrap();
     let e = s.replay(id.as_str()).unwrap_err();
     assert!(e.to_string().contains("not retained"), "{e}");
@@ -422,26 +526,42 @@ fn bad_input_gives_typed_errors() {
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         std::fs::copy(common::minilm_dir().join(f), copy.path().join(f)).unwrap();
     }
-    let v = s.register("copy", copy.path(), RegisterOptions::default()).unwrap();
+    let v = s
+        .register("copy", copy.path(), RegisterOptions::default())
+        .unwrap();
     let weights = copy.path().join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&weights, bytes).unwrap();
     let e = s.set_alias("copy", "production", v.as_str(), "x").unwrap_err();
-    assert!(matches!(&e, Error::Tampered { file, .. } if file.ends_with("model.safetensors")), "{e}");
+    assert!(
+        matches!(&e, Error::Tampered { file, .. } if file.ends_with("model.safetensors")),
+        "{e}"
+    );
     assert_eq!(e.kind(), ErrorKind::InvalidModel);
-    assert!(s.routes("copy").unwrap().aliases.is_empty(), "an alias moved to a tampered version");
+    assert!(
+        s.routes("copy").unwrap().aliases.is_empty(),
+        "an alias moved to a tampered version"
+    );
 
     // Stores that cannot be used.
     let engine = Engine::builder().build().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let open = |p: &Path| Versioned::open(engine.clone(), p, VersionConfig::default()).err().unwrap();
+    let open = |p: &Path| {
+        Versioned::open(engine.clone(), p, VersionConfig::default())
+            .err()
+            .unwrap()
+    };
     assert_eq!(open(&file.join("store")).kind(), ErrorKind::Storage);
     let foreign = dir.path().join("foreign");
     std::fs::create_dir(&foreign).unwrap();
-    std::fs::write(foreign.join("keel.db"), "not a database, just text that is long enough to be read").unwrap();
+    std::fs::write(
+        foreign.join("keel.db"),
+        "not a database, just text that is long enough to be read",
+    )
+    .unwrap();
     let e = open(&foreign);
     assert!(e.to_string().contains("not a Keel store"), "{e}");
 }
@@ -471,6 +591,9 @@ fn many_threads_many_keys_every_request_recorded_once() {
     let records = s.recent(1000).unwrap();
     assert_eq!(records.len(), count.load(Ordering::Relaxed));
     let canary = records.iter().filter(|r| r.route == "canary").count();
-    let expect = (0..8).filter(|t| bucket_of("embed", &format!("k{t}")) < 2000).count() * 10;
+    let expect = (0..8)
+        .filter(|t| bucket_of("embed", &format!("k{t}")) < 2000)
+        .count()
+        * 10;
     assert_eq!(canary, expect);
 }

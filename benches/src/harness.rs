@@ -34,6 +34,9 @@ pub enum Scenario {
     Smollm2,
     /// Response-cache hit latency.
     Cache,
+    /// The version layer (routing + lineage) against the bare Engine, MiniLM batch 1 and 32;
+    /// production's latency with a shadow canary.
+    VersionOverhead,
 }
 
 impl Scenario {
@@ -43,6 +46,7 @@ impl Scenario {
             Scenario::MinilmLoad => "minilm-load",
             Scenario::Smollm2 => "smollm2",
             Scenario::Cache => "cache",
+            Scenario::VersionOverhead => "version-overhead",
         }
     }
 }
@@ -83,6 +87,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
         Scenario::MinilmLoad => minilm_load(d, &model, budget, &progress, &args.out),
         Scenario::Smollm2 => smollm2(d, &model, &progress),
         Scenario::Cache => cache(d, &model, &progress),
+        Scenario::VersionOverhead => version_overhead(d, &model, budget, &progress),
     }
     .map_err(|e| e.to_string())?;
     progress.done();
@@ -280,6 +285,118 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
     Ok(
         json!({ "matmul_peak_gflop_per_s": peak, "gflop_per_sentence": minilm_flops(128) / 1e9, "results": results }),
     )
+}
+
+/// What the version layer costs: the full path (routing, metadata, a lineage record written by
+/// the background writer) against `Engine::embed` on the same loaded version, interleaved, as
+/// the median of paired ratios. Then production's batch-1 latency with a 100% shadow canary
+/// (int8) against none.
+fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
+    use keel::version::{RegisterOptions, VersionConfig, Versioned};
+    use keel::InferRequest;
+    let engine = Engine::builder()
+        .on(device.clone())
+        .caches(CacheConfig::off())
+        .scheduler(SchedulerConfig::default().max_queue_delay(Duration::ZERO))
+        .build()?;
+    let store = std::env::temp_dir().join(format!("keel-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let served =
+        Versioned::open(engine.clone(), &store, VersionConfig::default()).map_err(|e| e.to_string())?;
+    let id = served
+        .register("embed", model, RegisterOptions::default())
+        .map_err(|e| e.to_string())?;
+    served
+        .set_alias("embed", "production", id.as_str(), "bench")
+        .map_err(|e| e.to_string())?;
+    let text = "hello ".repeat(126);
+    let mut results = Vec::new();
+    for batch in [1usize, 32] {
+        p.step(&format!("batch {batch}"));
+        let texts = vec![text.as_str(); batch];
+        let full = || {
+            served
+                .serve(InferRequest::embed("embed", texts.iter().copied()))
+                .map_err(|e| e.to_string())
+        };
+        full()?;
+        engine.embed(id.as_str(), &texts)?;
+        let (mut through, mut bare) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while through.len() < 5 || start.elapsed() < budget {
+            let t = Instant::now();
+            full()?;
+            through.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            engine.embed(id.as_str(), &texts)?;
+            bare.push(t.elapsed().as_secs_f64());
+        }
+        let mut ratios: Vec<f64> = through.iter().zip(&bare).map(|(t, d)| t / d).collect();
+        let overhead = median(&mut ratios) - 1.0;
+        results.push(json!({
+            "batch": batch,
+            "full_path_ms": median(&mut through) * 1e3,
+            "bare_engine_ms": median(&mut bare) * 1e3,
+            "overhead_pct": overhead * 100.0,
+            "throughput_cost_pct": overhead / (1.0 + overhead) * 100.0,
+            "runs": through.len(),
+        }));
+    }
+    served.flush().map_err(|e| e.to_string())?;
+    let lineage = served.lineage_stats();
+    // Production with a shadow canary taking a copy of every request (bounded queue of 64).
+    p.step("shadow");
+    let int8 = served
+        .register(
+            "embed",
+            model,
+            RegisterOptions {
+                weights: keel::WeightPath::Int8,
+                retain_input: false,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    let single = [text.as_str()];
+    let timed = |n: usize| -> Res<Vec<f64>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            served
+                .serve(InferRequest::embed("embed", single))
+                .map_err(|e| e.to_string())?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(v)
+    };
+    let n = 40;
+    let mut without = timed(n)?;
+    let shadow = keel::store::CanaryConfig {
+        percent: 100.0,
+        shadow: true,
+        guard: None,
+    };
+    served
+        .canary("embed", int8.as_str(), shadow, "bench")
+        .map_err(|e| e.to_string())?;
+    let mut with = timed(n)?;
+    served.drain_shadow();
+    let st = served.shadow_stats();
+    drop(served);
+    let _ = std::fs::remove_dir_all(&store);
+    Ok(json!({
+        "results": results,
+        "lineage_written": lineage.written,
+        "lineage_dropped": lineage.dropped,
+        "lineage_transactions": lineage.transactions,
+        "shadow": {
+            "production_p50_ms_without": median(&mut without),
+            "production_p50_ms_with": median(&mut with),
+            "production_p99_ms_without": percentile(&mut without, 0.99),
+            "production_p99_ms_with": percentile(&mut with, 0.99),
+            "copies_run": st.run,
+            "copies_dropped": st.dropped,
+        },
+    }))
 }
 
 /// Realistic sentences of varied length (about 6 to 70 tokens), deterministic.
@@ -827,6 +944,28 @@ fn print_table(s: Scenario, r: &Value) {
                 f(&r["hit_p99_us"]),
                 f(&r["computed_p50_us"]),
                 f(&r["speedup"])
+            );
+        }
+        Scenario::VersionOverhead => {
+            for x in r["results"].as_array().into_iter().flatten() {
+                println!(
+                    "batch {:>2}: full path {} ms, bare engine {} ms: +{}% latency, -{}% throughput",
+                    x["batch"],
+                    f(&x["full_path_ms"]),
+                    f(&x["bare_engine_ms"]),
+                    f(&x["overhead_pct"]),
+                    f(&x["throughput_cost_pct"])
+                );
+            }
+            let sh = &r["shadow"];
+            println!(
+                "production p50 {} ms without a shadow, {} ms with a 100% shadow ({} copies run, {} dropped); lineage: {} written, {} dropped",
+                f(&sh["production_p50_ms_without"]),
+                f(&sh["production_p50_ms_with"]),
+                sh["copies_run"],
+                sh["copies_dropped"],
+                r["lineage_written"],
+                r["lineage_dropped"]
             );
         }
     }
