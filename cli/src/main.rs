@@ -161,11 +161,13 @@ pub(crate) fn serving(
 /// manifest's name; a no-op if it is already) and addressed by its version id.
 fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, Box<dyn std::error::Error>> {
     let path = Path::new(model);
-    if !path.exists() {
+    // A name has no '/': anything else is a path, and a missing one says so.
+    let looks_like_path = model.contains('/') || model.ends_with(".gguf");
+    if !path.exists() && !looks_like_path {
         return Ok(model.to_string());
     }
     let name = keel::inspect(path)?.manifest.name;
-    let name = name.replace('@', "-");
+    let name = name.replace(['@', '/'], "-");
     let options = RegisterOptions {
         weights: weights.into(),
         retain_input: false,

@@ -958,9 +958,9 @@ fn replaced(history: &[AliasEvent], now: &VersionId) -> Option<VersionId> {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('@') || name.chars().any(char::is_control) {
+    if name.is_empty() || name.contains(['@', '/']) || name.chars().any(char::is_control) {
         return Err(Error::InvalidArgument(format!(
-            "'{name}' is not a valid name (non-empty, no '@', no control characters)"
+            "'{name}' is not a valid name (non-empty, no '@' or '/', no control characters)"
         )));
     }
     Ok(())
