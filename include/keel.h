@@ -52,7 +52,7 @@
  * `keel_abi_version()` at start-up and refuse to run on a mismatch: "keel.h is ABI X but the
  * libkeel it loaded is ABI Y".
  */
-#define KEEL_ABI_VERSION 1
+#define KEEL_ABI_VERSION 2
 
 /**
  * The outcome of a call. Every function that can fail returns one; `KEEL_OK` is zero, every
@@ -67,16 +67,20 @@ typedef enum keel_status {
   /**
    * The caller's input is wrong: a NULL or stale handle, a NULL pointer, a buffer too short,
    * invalid UTF-8, an empty text, a prompt longer than the context, an out-of-range parameter,
-   * a model used for the wrong task.
+   * a model used for the wrong task, a registry or lineage call on an engine without a store,
+   * a route change the routes do not allow (a promote with no canary, a rollback with no
+   * earlier production version).
    */
   KEEL_ERR_INVALID_ARGUMENT = 1,
   /**
-   * A file, model or alias that does not exist.
+   * A file, model or alias that does not exist; in the store, an unknown model name, alias,
+   * version or request id, or a prediction that cannot be replayed (its input was not kept,
+   * its version's files are gone).
    */
   KEEL_ERR_NOT_FOUND = 2,
   /**
    * A model file that exists but is corrupt, truncated, of an unknown architecture, or fails
-   * its checksum.
+   * its checksum; a registered version whose files changed since it was registered.
    */
   KEEL_ERR_INVALID_MODEL = 3,
   /**
@@ -106,6 +110,11 @@ typedef enum keel_status {
    * before this one could run.
    */
   KEEL_ERR_SHUTTING_DOWN = 9,
+  /**
+   * The engine's store (registry, lineage) failed or cannot be used: a folder that cannot be
+   * written, a database that is not a Keel store or comes from a newer Keel.
+   */
+  KEEL_ERR_STORAGE = 10,
 } keel_status;
 
 /**
@@ -131,16 +140,17 @@ typedef enum keel_finish_reason {
 } keel_finish_reason;
 
 /**
- * A finished generation, returned by `keel_generate`: the generated text and token ids and why
- * it ended. Free it with `keel_completion_free`. Immutable: may be read from any number of
- * threads at once.
+ * A finished generation, returned by `keel_generate` and `keel_infer_generate`: the generated
+ * text and token ids, why it ended, and (from `keel_infer_generate`) how it was made. Free it
+ * with `keel_completion_free`. Immutable: may be read from any number of threads at once.
  */
 typedef struct keel_completion keel_completion;
 
 /**
- * The embeddings of a batch of texts, returned by `keel_embed`: `count` vectors of `dim` floats,
- * each of unit length, in the order of the texts. Free it with `keel_embeddings_free`.
- * Immutable: may be read from any number of threads at once.
+ * The embeddings of a batch of texts, returned by `keel_embed` and `keel_infer_embed`: `count`
+ * vectors of `dim` floats, each of unit length, in the order of the texts, and how they were
+ * made. Free it with `keel_embeddings_free`. Immutable: may be read from any number of threads
+ * at once.
  */
 typedef struct keel_embeddings keel_embeddings;
 
@@ -195,8 +205,19 @@ typedef struct keel_engine_params {
    */
   uint32_t threads;
   /**
-   * Reserved, not used yet: where the engine will keep lineage records and the review queue (a
-   * SQLite file); NULL for none. Borrowed for the duration of the call. Default: NULL.
+   * NULL for none; otherwise a folder (created if missing) where the engine keeps its store:
+   * one SQLite database holding the model registry, the alias history and a lineage record
+   * of every prediction made through `keel_infer_embed` / `keel_infer_generate`. With a
+   * store, those calls address models as `NAME` (its `production` alias), `NAME@ALIAS` or a
+   * version id, and the `keel_registry_*` and `keel_lineage_*` calls work (without one they
+   * fail with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
+   * share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
+   * the call. Default: NULL.
+   *
+   * The version layer loads and unloads the versions it serves itself: do not also load one
+   * of them through `keel_model_load` on the same engine (freeing the last handle would
+   * unload it from under the layer, and a route change would unload it from under the
+   * handle).
    */
   const char *storage_path;
   /**
@@ -256,9 +277,9 @@ typedef struct keel_model_params {
 typedef uint32_t keel_priority;
 
 /**
- * Controls of one request (`keel_embed`, `keel_embed_into`, `keel_generate`); pass NULL for the
- * defaults. Get the defaults from `keel_request_default_params()` and change the fields you
- * care about.
+ * Controls of one request (`keel_embed`, `keel_embed_into`, `keel_generate`, and through
+ * `keel_request_info` the `keel_infer_*` calls); pass NULL for the defaults. Get the defaults
+ * from `keel_request_default_params()` and change the fields you care about.
  */
 typedef struct keel_request_params {
   /**
@@ -278,6 +299,32 @@ typedef struct keel_request_params {
    */
   bool use_cache;
 } keel_request_params;
+
+/**
+ * Who a request is and how to route it, for `keel_infer_embed` and `keel_infer_generate`; pass
+ * NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
+ * fields you care about. Every pointer is borrowed for the duration of the call.
+ */
+typedef struct keel_request_info {
+  /**
+   * The request's id, NUL-terminated UTF-8, not empty: the key of its lineage record
+   * (`keel_lineage_show`). NULL: the library makes a new time-ordered id (a UUIDv7), which
+   * the result reports (`keel_embeddings_request_id`, `keel_completion_request_id`). Ids
+   * should be unique: a lookup finds the newest record of an id. Default: NULL.
+   */
+  const char *request_id;
+  /**
+   * The routing key (a tenant, user or session), NUL-terminated UTF-8: with a canary, the same
+   * key goes the same way on every call, in every process, across restarts. NULL: none (the
+   * canary share is then drawn at random for each request). Default: NULL.
+   */
+  const char *key;
+  /**
+   * Priority, deadline and cache use (see `keel_request_params`); NULL for the defaults.
+   * Default: NULL.
+   */
+  const struct keel_request_params *params;
+} keel_request_info;
 
 /**
  * How to generate. Get the defaults from `keel_generate_default_params()` and change the fields
@@ -452,7 +499,8 @@ const char *keel_status_name(int32_t status);
 
 /**
  * The default engine options: the CPU (`KEEL_DEVICE_BEST` probes for a GPU), the scheduler's
- * and caches' defaults (in the field docs), and the reserved fields at 0 / NULL.
+ * and caches' defaults (in the field docs), no store (`storage_path` NULL) and `threads` (reserved)
+ * at 0.
  *
  * Thread safety: may be called from any thread at any time.
  */
@@ -464,11 +512,15 @@ struct keel_engine_params keel_engine_default_params(void);
  * `params` may be NULL for the defaults. On success `*out` holds a new engine, owned by the
  * caller, who frees it with `keel_engine_free`. On failure `*out` is NULL and, if `err` is not
  * NULL, `*err` holds an error the caller frees: `KEEL_ERR_NO_DEVICE` if the requested device is not
- * available, `KEEL_ERR_INVALID_ARGUMENT` for an unknown device value or a NULL `out`.
+ * available, `KEEL_ERR_INVALID_ARGUMENT` for an unknown device value, an empty `storage_path`
+ * or a NULL `out`, `KEEL_ERR_STORAGE` when the store in `storage_path` cannot be opened (a
+ * folder that cannot be created or written, a database that is not a Keel store or comes from
+ * a newer Keel; the message says which).
  *
  * # Safety
- * `params` is NULL or points to a `keel_engine_params`; `out` points to a writable
- * `keel_engine *`; `err` is NULL or points to a writable `keel_error *`.
+ * `params` is NULL or points to a `keel_engine_params` (whose `storage_path` is NULL or
+ * NUL-terminated); `out` points to a writable `keel_engine *`; `err` is NULL or points to a
+ * writable `keel_error *`.
  *
  * Thread safety: may be called from any thread; engines are independent of each other.
  */
@@ -500,6 +552,8 @@ enum keel_status keel_engine_shutdown(const struct keel_engine *engine,
  * (later calls on them fail with `KEEL_ERR_INVALID_ARGUMENT`; freeing them does nothing). Result
  * objects it returned (embeddings, completions, strings) stay valid until their own `_free`.
  * Requests still queued on it run to their end first (`keel_engine_shutdown` bounds that wait).
+ * With a store, the lineage records not yet written are committed before the store is closed
+ * (once the last call running on the engine has returned).
  *
  * NULL is ignored; so is a handle that is not a live engine (a double free is detected and does
  * nothing). Calls running on the engine in other threads finish normally; calls that start after
@@ -663,8 +717,216 @@ enum keel_status keel_model_alias(const struct keel_model *model,
 struct keel_request_params keel_request_default_params(void);
 
 /**
+ * The default request info: a generated id, no routing key, the default controls.
+ *
+ * Thread safety: may be called from any thread at any time.
+ */
+struct keel_request_info keel_request_default_info(void);
+
+/**
+ * Registers the model at `path` (a Keel model folder, a Hugging Face folder or a `.gguf` file) as
+ * an immutable version of the model name `name`, computing with the weights `weights` (a
+ * `KEEL_WEIGHTS_*` value: each weight path of one file is a version of its own). With
+ * `retain_input`, the lineage records of this version keep each request's input, so that its
+ * predictions can be replayed (`keel_lineage_replay`); inputs may be personal data, so it is off
+ * unless asked for.
+ *
+ * The files are read and their sha256 recorded now; the version is loaded when a route first
+ * names it. Registering the same bytes with the same weights again changes nothing and gives
+ * the same id. No alias moves: point one at it with `keel_registry_alias`.
+ *
+ * On success `*out_version` (if `out_version` is not NULL) holds the version id (64 hex
+ * digits) in a new string owned by the caller (free it with `keel_string_free`). On failure
+ * `*out_version` is NULL and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, an unknown `weights` value, an empty
+ * name or one holding '@' or control characters, or an engine without a store;
+ * `KEEL_ERR_NOT_FOUND` for a missing path; `KEEL_ERR_INVALID_MODEL` for corrupt or
+ * checksum-failing files; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `name` and `path` are NULL or NUL-terminated; `out_version` is NULL or points to a writable
+ * `keel_string *`; `err` is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_register(const struct keel_engine *engine,
+                                        const char *name,
+                                        const char *path,
+                                        keel_weights weights,
+                                        bool retain_input,
+                                        struct keel_string **out_version,
+                                        struct keel_error **err);
+
+/**
+ * Points the alias `alias` of `name` at `version` (a registered version id of that name, or a
+ * unique prefix of 8 hex digits or more), in one step recorded in the history with `reason`
+ * (NULL: "(no reason given)"). `production` is the alias that `NAME` means; setting
+ * `canary` by hand gives it no traffic until `keel_registry_canary` gives it a share. The version
+ * is loaded (and its files checked against their registered sha256) before the alias moves.
+ *
+ * On failure nothing moved and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, an invalid alias (empty, '@', control
+ * characters) or an engine without a store; `KEEL_ERR_NOT_FOUND` for an unknown name or
+ * version; `KEEL_ERR_INVALID_MODEL` if the version's files changed since it was registered;
+ * `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `name`, `alias` and `version` are NULL or NUL-terminated; `reason` is NULL or NUL-terminated;
+ * `err` is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; requests in
+ * flight keep the version they were routed to, the next ones see the new route.
+ */
+enum keel_status keel_registry_alias(const struct keel_engine *engine,
+                                     const char *name,
+                                     const char *alias,
+                                     const char *version,
+                                     const char *reason,
+                                     struct keel_error **err);
+
+/**
+ * Makes `version` (an id or a unique prefix, as for `keel_registry_alias`) the canary of `name`:
+ * `percent` (0 to 100) of the requests that address `NAME` go to it. A request with a routing key
+ * (`keel_request_info.key`) is sticky: the same key goes the same way on every call, in every
+ * process; one without is drawn at random. With `shadow`, production still answers every
+ * request and the canary runs on copies of `percent` of them, off the caller's path, and is
+ * only compared (never returned). The name must have a `production` alias. Recorded in the
+ * history with `reason` (NULL: "(no reason given)").
+ *
+ * On failure nothing moved and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a `percent` outside 0-100 (or NaN),
+ * no production alias, or an engine without a store; `KEEL_ERR_NOT_FOUND` for an unknown name
+ * or version; `KEEL_ERR_INVALID_MODEL` if the version's files changed since it was registered;
+ * `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `name` and `version` are NULL or NUL-terminated; `reason` is NULL or NUL-terminated; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_canary(const struct keel_engine *engine,
+                                      const char *name,
+                                      const char *version,
+                                      double percent,
+                                      bool shadow,
+                                      const char *reason,
+                                      struct keel_error **err);
+
+/**
+ * Makes the canary of `name` its production version, in one step: the `canary` alias is
+ * cleared and `production` takes all the traffic. Recorded in the history with `reason` (NULL:
+ * "(no reason given)").
+ *
+ * On failure nothing moved and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a name with no canary, or an engine
+ * without a store; `KEEL_ERR_NOT_FOUND` for an unknown name; `KEEL_ERR_STORAGE` when the store
+ * fails.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `reason` is NULL or NUL-terminated; `err` is NULL or points
+ * to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_promote(const struct keel_engine *engine,
+                                       const char *name,
+                                       const char *reason,
+                                       struct keel_error **err);
+
+/**
+ * Returns the `production` alias of `name` to the version it replaced, in one step; successive
+ * rollbacks walk back through production's history. Recorded with `reason` (NULL: "(no reason
+ * given)").
+ *
+ * On failure nothing moved and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a name with no earlier production
+ * version, or an engine without a store; `KEEL_ERR_NOT_FOUND` for an unknown name;
+ * `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `reason` is NULL or NUL-terminated; `err` is NULL or points
+ * to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_rollback(const struct keel_engine *engine,
+                                        const char *name,
+                                        const char *reason,
+                                        struct keel_error **err);
+
+/**
+ * Ends the canary of `name`: the `canary` alias is cleared and `production` takes all the
+ * traffic again. Recorded with `reason` (NULL: "(no reason given)").
+ *
+ * On failure nothing moved and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a name with no canary, or an engine
+ * without a store; `KEEL_ERR_NOT_FOUND` for an unknown name; `KEEL_ERR_STORAGE` when the store
+ * fails.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `reason` is NULL or NUL-terminated; `err` is NULL or points
+ * to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_abort_canary(const struct keel_engine *engine,
+                                            const char *name,
+                                            const char *reason,
+                                            struct keel_error **err);
+
+/**
+ * Every registered version, as a JSON array with one object per version, by name then
+ * registration time: `{"name": "...", "id": "<64 hex digits>", "architecture": "bert" |
+ * "llama", "weights": "quantized" | "f32" | "int8", "path": "...", "aliases": ["production",
+ * ...], "retain_input": bool, "registered": <ms since the Unix epoch>, "canary_percent":
+ * number | null, "shadow": bool | null}`. `aliases` are those of its name pointing at it;
+ * `canary_percent` and `shadow` are set on the version the `canary` alias points at.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+ * store; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; the listing is a
+ * snapshot.
+ */
+enum keel_status keel_registry_list(const struct keel_engine *engine,
+                                    struct keel_string **out_json,
+                                    struct keel_error **err);
+
+/**
+ * The alias moves of `name`, oldest first, as a JSON array: `{"seq": n, "time": <ms since the
+ * Unix epoch>, "name": "...", "alias": "...", "from": "<version id>" | null, "to": "<version
+ * id>" | null, "reason": "..."}` (`from` null: the alias was unset; `to` null: it was removed).
+ * `reason` names the operation ("alias: ", "canary 30% split: ", "promote: ", "rollback: ",
+ * "canary rolled back: ") followed by the caller's reason.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+ * store; `KEEL_ERR_NOT_FOUND` for a name with no registered version; `KEEL_ERR_STORAGE` when
+ * the store fails.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_history(const struct keel_engine *engine,
+                                       const char *name,
+                                       struct keel_string **out_json,
+                                       struct keel_error **err);
+
+/**
  * Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
- * `keel_embeddings` result.
+ * `keel_embeddings` result. It goes straight to the engine, also on an engine with a store (no
+ * `NAME` routing, no lineage): `keel_infer_embed` takes the version layer.
  *
  * `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
  * NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
@@ -696,6 +958,45 @@ enum keel_status keel_embed(const struct keel_engine *engine,
                             const struct keel_request_params *request,
                             struct keel_embeddings **out,
                             struct keel_error **err);
+
+/**
+ * Embeds `n_texts` texts on the one prediction path, with a request id, a routing key, and the
+ * metadata of the answer in the result (`keel_embeddings_request_id`, `keel_embeddings_route`,
+ * `keel_embeddings_model_id`).
+ *
+ * On an engine with a store (`keel_engine_params.storage_path`), `model` goes through the
+ * version layer: `NAME` (its `production` alias, or the canary for the canary's share of the
+ * routing keys), `NAME@ALIAS`, or a registered version id; the version is loaded on first use,
+ * and a lineage record of the request is written in the background (`keel_lineage_show`). On an
+ * engine without a store, `model` is a version id or an alias of `keel_model_alias`, as for
+ * `keel_embed`, and no lineage is kept.
+ *
+ * `texts`, `lengths` and `n_texts` are as for `keel_embed`. `info` may be NULL: a generated
+ * request id, no routing key, the default controls (see `keel_request_info`).
+ *
+ * On success `*out` holds the result, owned by the caller (free it with
+ * `keel_embeddings_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
+ * error: as for `keel_embed`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
+ * `info.request_id` or `info.key`; `KEEL_ERR_NOT_FOUND` for an unknown name, alias or version;
+ * `KEEL_ERR_INVALID_MODEL` for a registered version whose files changed since it was registered;
+ * `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * As for `keel_embed`; `info` is NULL or points to a `keel_request_info` whose pointers are NULL
+ * or valid as documented there.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine, also with route
+ * changes (`keel_registry_*`): a request keeps the version it was routed to until it is
+ * answered.
+ */
+enum keel_status keel_infer_embed(const struct keel_engine *engine,
+                                  const char *model,
+                                  const char *const *texts,
+                                  const size_t *lengths,
+                                  size_t n_texts,
+                                  const struct keel_request_info *info,
+                                  struct keel_embeddings **out,
+                                  struct keel_error **err);
 
 /**
  * `keel_embed` into a buffer of the caller's: writes the `n_texts` vectors one after the other
@@ -766,6 +1067,27 @@ const float *keel_embeddings_vector(const struct keel_embeddings *emb, size_t i)
 const char *keel_embeddings_model_id(const struct keel_embeddings *emb);
 
 /**
+ * The id of the request that computed the vectors (the caller's `info.request_id`, or the one
+ * the library made): the key of its lineage record. Owned by `emb`, valid until
+ * `keel_embeddings_free(emb)`; NULL for a result of `keel_embed` (which has no request id), or if
+ * `emb` is NULL or not a live `keel_embeddings`.
+ *
+ * Thread safety: may be called from any thread.
+ */
+const char *keel_embeddings_request_id(const struct keel_embeddings *emb);
+
+/**
+ * The route the version layer chose for the request: "production", "canary", the alias the
+ * caller named (`NAME@ALIAS`), or "direct" (a version id). Owned by `emb`, valid until
+ * `keel_embeddings_free(emb)`; NULL for a result computed without a store (by `keel_embed`, or
+ * by `keel_infer_embed` on an engine without a `storage_path`), or if `emb` is NULL or not a live
+ * `keel_embeddings`.
+ *
+ * Thread safety: may be called from any thread.
+ */
+const char *keel_embeddings_route(const struct keel_embeddings *emb);
+
+/**
  * Frees an embeddings result. NULL is ignored; so is a handle that is not a live
  * `keel_embeddings` (a double free is detected and does nothing).
  *
@@ -781,7 +1103,9 @@ void keel_embeddings_free(struct keel_embeddings *emb);
 struct keel_generate_params keel_generate_default_params(void);
 
 /**
- * Generates a reply to `prompt` with the decoder `model` (a version id or an alias).
+ * Generates a reply to `prompt` with the decoder `model` (a version id or an alias). It goes
+ * straight to the engine, also on an engine with a store (no `NAME` routing, no lineage):
+ * `keel_infer_generate` takes the version layer.
  *
  * Each token is passed to `on_token` (if not NULL) as soon as it is made; the callback can stop
  * the generation. When `out` is not NULL, `*out` receives the whole completion at the end (also
@@ -820,6 +1144,38 @@ enum keel_status keel_generate(const struct keel_engine *engine,
                                void *user_data,
                                struct keel_completion **out,
                                struct keel_error **err);
+
+/**
+ * Generates a reply to `prompt` on the one prediction path, to its end, with a request id, a
+ * routing key, and the metadata of the answer in the completion
+ * (`keel_completion_request_id`, `keel_completion_route`, `keel_completion_model_id`). No
+ * streaming and no cancel: use `keel_generate` for those.
+ *
+ * `model` is addressed as for `keel_infer_embed`: through the version layer (`NAME`,
+ * `NAME@ALIAS`, a version id; a lineage record is written) on an engine with a store, else a
+ * version id or an alias of `keel_model_alias`. `prompt` and `params` are as for
+ * `keel_generate`; `info` may be NULL (see `keel_request_info`).
+ *
+ * On success `*out` holds a completion owned by the caller (free it with
+ * `keel_completion_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
+ * error: as for `keel_generate`, plus those of `keel_infer_embed`'s store and request info.
+ *
+ * # Safety
+ * `model` and `prompt` are NULL or NUL-terminated; `params` is NULL or points to a
+ * `keel_generate_params` (whose `system` is NULL or NUL-terminated); `info` is NULL or points to a
+ * `keel_request_info` whose pointers are NULL or valid as documented there; `out` points to a
+ * writable `keel_completion *`; `err` is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine, also with route
+ * changes: a request keeps the version it was routed to until it is answered.
+ */
+enum keel_status keel_infer_generate(const struct keel_engine *engine,
+                                     const char *model,
+                                     const char *prompt,
+                                     const struct keel_generate_params *params,
+                                     const struct keel_request_info *info,
+                                     struct keel_completion **out,
+                                     struct keel_error **err);
 
 /**
  * The generated text, NUL-terminated UTF-8, owned by `c`, valid until
@@ -869,12 +1225,133 @@ size_t keel_completion_prompt_token_count(const struct keel_completion *c);
 enum keel_finish_reason keel_completion_finish_reason(const struct keel_completion *c);
 
 /**
+ * The id of the request that made the completion (the caller's `info.request_id`, or the one
+ * the library made): the key of its lineage record. Owned by `c`, valid until
+ * `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or not
+ * a live `keel_completion`.
+ *
+ * Thread safety: may be called from any thread.
+ */
+const char *keel_completion_request_id(const struct keel_completion *c);
+
+/**
+ * The route the version layer chose ("production", "canary", the alias named, "direct"), as
+ * for `keel_embeddings_route`. Owned by `c`, valid until `keel_completion_free(c)`; NULL for a
+ * completion made without a store (by `keel_generate`, or on an engine without a
+ * `storage_path`), or if `c` is NULL or not a live `keel_completion`.
+ *
+ * Thread safety: may be called from any thread.
+ */
+const char *keel_completion_route(const struct keel_completion *c);
+
+/**
+ * The version id of the model that made the completion (64 hex digits). Owned by `c`, valid
+ * until `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or
+ * not a live `keel_completion`.
+ *
+ * Thread safety: may be called from any thread.
+ */
+const char *keel_completion_model_id(const struct keel_completion *c);
+
+/**
  * Frees a completion. NULL is ignored; so is a handle that is not a live `keel_completion` (a
  * double free is detected and does nothing).
  *
  * Thread safety: may be called from any thread; a completion must be freed once.
  */
 void keel_completion_free(struct keel_completion *c);
+
+/**
+ * The lineage record of the request `request_id` (from `keel_embeddings_request_id`,
+ * `keel_completion_request_id` or the caller's own `keel_request_info.request_id`), as one JSON
+ * object: `request_id`, `time` (ms since the Unix epoch), `key`, `model` (the name), `addressed`
+ * (as the caller named it), `version` (the id that answered), `weights`, `files` (each file's
+ * sha256), `manifest_hash`, `keel_version`, `backend`, `batch_id`, `cache_hit`, `route`
+ * ("production", "canary", an alias, "direct"), `route_reason`, `shadow_of` and `divergence`
+ * (for a shadow run, whose id is the original's followed by ".shadow"), `input_hash`, `input`
+ * (when the version keeps inputs), `output` (a summary), `timings_us` (per stage) and
+ * `annotations`. Fields may be added later. A request answered before the call is always
+ * found (the call flushes the lineage writer when needed).
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 id or an engine
+ * without a store; `KEEL_ERR_NOT_FOUND` for an id with no record (unknown, pruned, or a request
+ * that failed); `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `request_id` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err`
+ * is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_lineage_show(const struct keel_engine *engine,
+                                   const char *request_id,
+                                   struct keel_string **out_json,
+                                   struct keel_error **err);
+
+/**
+ * The newest `n` lineage records in the store, newest first, as a JSON array of the objects
+ * `keel_lineage_show` describes (also those written by other engines on the same store). The
+ * lineage writer is flushed first, so every request answered before the call is included.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+ * store; `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_INTERNAL` when records were lost
+ * since the last flush (as for `keel_lineage_flush`).
+ *
+ * # Safety
+ * `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_lineage_recent(const struct keel_engine *engine,
+                                     size_t n,
+                                     struct keel_string **out_json,
+                                     struct keel_error **err);
+
+/**
+ * Waits until the lineage record of every request answered on this engine before the call is
+ * committed to the store: once it returns, those records survive a crash of the process and
+ * other processes on the store see them.
+ *
+ * On failure `*err` (if `err` is not NULL) holds the error: `KEEL_ERR_INVALID_ARGUMENT` for a
+ * NULL or stale engine or an engine without a store; `KEEL_ERR_INTERNAL` when records were lost
+ * since the last flush (the store failed to write them; the message says why).
+ *
+ * # Safety
+ * `err` is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; it blocks until
+ * the writer has committed (normally milliseconds).
+ */
+enum keel_status keel_lineage_flush(const struct keel_engine *engine, struct keel_error **err);
+
+/**
+ * Runs the recorded prediction `request_id` again on the version that made it (its files
+ * checked against their registered sha256 again), without the response cache, and writes to
+ * `*out_identical` whether the output is the recorded one bit for bit. Only a request whose
+ * version was registered with `retain_input` can be replayed. The replay writes no lineage
+ * record of its own.
+ *
+ * On failure `*out_identical` is false and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a store;
+ * `KEEL_ERR_NOT_FOUND` for an unknown request id, an input that was not retained, or a
+ * version whose files are gone or changed; `KEEL_ERR_STORAGE` when the store fails; the
+ * engine's errors for the run itself.
+ *
+ * # Safety
+ * `request_id` is NULL or NUL-terminated; `out_identical` points to a writable `bool`; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_lineage_replay(const struct keel_engine *engine,
+                                     const char *request_id,
+                                     bool *out_identical,
+                                     struct keel_error **err);
 
 /**
  * The string's bytes, NUL-terminated (the text itself holds no NUL). Owned by the string, valid

@@ -101,6 +101,15 @@ step "misuse from C and Python: error codes, never a crash"
 "$build/test_misuse" "$minilm" "$gguf"
 KEEL_LIBRARY=$target/libkeel.so PYTHONPATH=examples/python python3 examples/python/test_misuse.py "$minilm" "$gguf"
 
+step "the version layer from Python: a store, two versions, a 30% canary by key, lineage, promote"
+if ! KEEL_LIBRARY=$target/libkeel.so PYTHONPATH=examples/python \
+    python3 examples/python/canary_lineage.py "$minilm" > "$build/canary_lineage.log" 2>&1; then
+    cat "$build/canary_lineage.log" >&2
+    echo "examples/python/canary_lineage.py failed" >&2
+    exit 1
+fi
+grep -E "keys on the canary|replayed|promoted" "$build/canary_lineage.log"
+
 step "a C++ program links an installed Keel through pkg-config (Makefile; CMake where installed)"
 KEEL_NO_BUILD=1 CARGO_TARGET_DIR=${target%/release} bash ffi/install.sh "$build/prefix" > /dev/null
 PKG_CONFIG_PATH=$build/prefix/lib/pkgconfig make -s -C examples/cpp OUT="$build/keel_cpp_example" > /dev/null

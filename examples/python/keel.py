@@ -7,6 +7,15 @@
         smollm = engine.load("models/SmolLM2-135M-Instruct.Q4_1.gguf")
         reply = engine.generate(smollm.id, "Hello!", max_tokens=32, on_token=print)
 
+With a store (a folder), the engine has a model registry and keeps the lineage of every
+prediction made through infer_embed / infer_generate:
+
+    with keel.Engine(storage_path="/var/lib/app/keel") as engine:
+        v1 = engine.register("embed", "models/all-MiniLM-L6-v2", weights=keel.WEIGHTS_F32)
+        engine.set_alias("embed", "production", v1, reason="first release")
+        answer = engine.infer_embed("embed", ["first text"], key="tenant-7")
+        print(answer.route, answer.version, engine.lineage_show(answer.request_id))
+
 The library is found at $KEEL_LIBRARY (a path to libkeel.so), else in this repository's
 target/release/, else wherever the system's loader finds `libkeel`. Every failed call raises
 KeelError with the C status code and message. The declarations below follow include/keel.h.
@@ -23,6 +32,7 @@ from ctypes import (
     byref,
     c_bool,
     c_char_p,
+    c_double,
     c_float,
     c_int32,
     c_size_t,
@@ -31,7 +41,7 @@ from ctypes import (
     c_void_p,
 )
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # keel_status
 OK = 0
@@ -44,6 +54,7 @@ ERR_DEADLINE = 6
 ERR_CONTRACT = 7
 ERR_INTERNAL = 8
 ERR_SHUTTING_DOWN = 9
+ERR_STORAGE = 10
 
 # keel_device
 DEVICE_BEST, DEVICE_CPU, DEVICE_WGPU, DEVICE_CUDA = 0, 1, 2, 3
@@ -71,6 +82,10 @@ class EngineParams(Structure):
 
 class RequestParams(Structure):
     _fields_ = [("priority", c_uint32), ("deadline_ms", c_uint32), ("use_cache", c_bool)]
+
+
+class RequestInfo(Structure):
+    _fields_ = [("request_id", c_char_p), ("key", c_char_p), ("params", POINTER(RequestParams))]
 
 
 class ModelParams(Structure):
@@ -132,6 +147,15 @@ _SIGNATURES = {
     "keel_model_architecture": (c_char_p, [_P]),
     "keel_model_alias": (c_int32, [_P, c_char_p, _PP]),
     "keel_request_default_params": (RequestParams, []),
+    "keel_request_default_info": (RequestInfo, []),
+    "keel_registry_register": (c_int32, [_P, c_char_p, c_char_p, c_uint32, c_bool, _PP, _PP]),
+    "keel_registry_alias": (c_int32, [_P, c_char_p, c_char_p, c_char_p, c_char_p, _PP]),
+    "keel_registry_canary": (c_int32, [_P, c_char_p, c_char_p, c_double, c_bool, c_char_p, _PP]),
+    "keel_registry_promote": (c_int32, [_P, c_char_p, c_char_p, _PP]),
+    "keel_registry_rollback": (c_int32, [_P, c_char_p, c_char_p, _PP]),
+    "keel_registry_abort_canary": (c_int32, [_P, c_char_p, c_char_p, _PP]),
+    "keel_registry_list": (c_int32, [_P, _PP, _PP]),
+    "keel_registry_history": (c_int32, [_P, c_char_p, _PP, _PP]),
     "keel_embed": (
         c_int32, [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(RequestParams), _PP, _PP]
     ),
@@ -144,6 +168,11 @@ _SIGNATURES = {
     "keel_embeddings_dim": (c_size_t, [_P]),
     "keel_embeddings_data": (POINTER(c_float), [_P]),
     "keel_embeddings_model_id": (c_char_p, [_P]),
+    "keel_infer_embed": (
+        c_int32, [_P, c_char_p, POINTER(c_char_p), POINTER(c_size_t), c_size_t, POINTER(RequestInfo), _PP, _PP]
+    ),
+    "keel_embeddings_request_id": (c_char_p, [_P]),
+    "keel_embeddings_route": (c_char_p, [_P]),
     "keel_embeddings_free": (None, [_P]),
     "keel_generate_default_params": (GenerateParams, []),
     "keel_generate": (
@@ -158,6 +187,16 @@ _SIGNATURES = {
     "keel_completion_prompt_token_count": (c_size_t, [_P]),
     "keel_completion_finish_reason": (c_int32, [_P]),
     "keel_completion_free": (None, [_P]),
+    "keel_infer_generate": (
+        c_int32, [_P, c_char_p, c_char_p, POINTER(GenerateParams), POINTER(RequestInfo), _PP, _PP]
+    ),
+    "keel_completion_request_id": (c_char_p, [_P]),
+    "keel_completion_route": (c_char_p, [_P]),
+    "keel_completion_model_id": (c_char_p, [_P]),
+    "keel_lineage_show": (c_int32, [_P, c_char_p, _PP, _PP]),
+    "keel_lineage_recent": (c_int32, [_P, c_size_t, _PP, _PP]),
+    "keel_lineage_flush": (c_int32, [_P, _PP]),
+    "keel_lineage_replay": (c_int32, [_P, c_char_p, POINTER(c_bool), _PP]),
     "keel_string_data": (c_void_p, [_P]),
     "keel_string_len": (c_size_t, [_P]),
     "keel_string_free": (None, [_P]),
@@ -205,6 +244,31 @@ def _request(priority, deadline_ms, use_cache):
     return request
 
 
+def _info(request_id, key, request):
+    """A keel_request_info; it holds references to the bytes and the request it points at."""
+    info = lib.keel_request_default_info()
+    info.request_id = None if request_id is None else _bytes(request_id)
+    info.key = None if key is None else _bytes(key)
+    info.params = ctypes.pointer(request)
+    return info
+
+
+def _optional(text):
+    return None if text is None else _bytes(text)
+
+
+def _decode(pointer):
+    return None if pointer is None else pointer.decode()
+
+
+def _take_string(out):
+    """The text of a keel_string, which is freed."""
+    try:
+        return ctypes.string_at(lib.keel_string_data(out), lib.keel_string_len(out)).decode()
+    finally:
+        lib.keel_string_free(out)
+
+
 class Model:
     """A model version loaded into an engine (a keel_model handle)."""
 
@@ -224,20 +288,57 @@ class Model:
 
 
 class Completion:
-    """A finished generation."""
+    """A finished generation. From infer_generate, also its request_id, route and version (None
+    from generate, and route None on an engine without a store)."""
 
-    def __init__(self, text, tokens, finish, prompt_tokens):
+    def __init__(self, text, tokens, finish, prompt_tokens, request_id=None, route=None, version=None):
         self.text, self.tokens, self.finish, self.prompt_tokens = text, tokens, finish, prompt_tokens
+        self.request_id, self.route, self.version = request_id, route, version
 
     def __repr__(self):
         return f"Completion(text={self.text!r}, tokens={len(self.tokens)}, finish={self.finish!r})"
+
+
+class Answer:
+    """The answer of infer_embed: the vectors, the request's id, the route the version layer
+    chose (None on an engine without a store) and the version id that answered."""
+
+    def __init__(self, vectors, request_id, route, version):
+        self.vectors, self.request_id, self.route, self.version = vectors, request_id, route, version
+
+    def __repr__(self):
+        return (f"Answer({len(self.vectors)} vectors, request_id={self.request_id!r}, route={self.route!r}, "
+                f"version={self.version[:12]!r})")
+
+
+def _completion(out):
+    """A Completion of a keel_completion, which is freed."""
+    try:
+        n = lib.keel_completion_token_count(out)
+        tokens = lib.keel_completion_tokens(out)[:n] if n else []
+        text = ctypes.string_at(lib.keel_completion_text(out), lib.keel_completion_text_len(out)).decode()
+        return Completion(text, tokens, FINISH_REASONS[lib.keel_completion_finish_reason(out)],
+                          lib.keel_completion_prompt_token_count(out), _decode(lib.keel_completion_request_id(out)),
+                          _decode(lib.keel_completion_route(out)), _decode(lib.keel_completion_model_id(out)))
+    finally:
+        lib.keel_completion_free(out)
+
+
+def _generate_params(max_tokens, temperature, top_k, top_p, seed, chat, system):
+    params = lib.keel_generate_default_params()
+    params.max_tokens, params.temperature, params.top_k = max_tokens, temperature, top_k
+    params.top_p, params.seed, params.chat = top_p, seed, chat
+    params.system = None if system is None else _bytes(system)
+    return params
 
 
 class Engine:
     """An engine (a keel_engine handle). Use it as a context manager, or call close().
 
     Keyword arguments set the fields of keel_engine_params of the same names (max_batch_size,
-    queue_capacity, max_streams, response_cache_bytes, ...)."""
+    queue_capacity, max_streams, response_cache_bytes, ...). storage_path (a folder, str or bytes)
+    gives the engine a store: the registry, lineage and the NAME / NAME@ALIAS addressing of
+    infer_embed and infer_generate."""
 
     def __init__(self, device=DEVICE_CPU, **options):
         params = lib.keel_engine_default_params()
@@ -245,6 +346,8 @@ class Engine:
         for name, value in options.items():
             if name not in dict(EngineParams._fields_):
                 raise TypeError(f"keel_engine_params has no field {name!r}")
+            if name == "storage_path" and value is not None:
+                value = os.fsencode(value)
             setattr(params, name, value)
         self._handle = c_void_p()
         _call(lib.keel_engine_new, byref(params), byref(self._handle))
@@ -314,10 +417,7 @@ class Engine:
                  system=None, on_token=None, priority=None, deadline_ms=0):
         """Generates a reply. `on_token(text)` is called with each token's text as it comes; it may
         return False to stop. An exception in it stops the generation and is raised here."""
-        params = lib.keel_generate_default_params()
-        params.max_tokens, params.temperature, params.top_k = max_tokens, temperature, top_k
-        params.top_p, params.seed, params.chat = top_p, seed, chat
-        params.system = None if system is None else _bytes(system)
+        params = _generate_params(max_tokens, temperature, top_k, top_p, seed, chat, system)
         request = _request(priority, deadline_ms, True)
         raised = []
 
@@ -332,16 +432,107 @@ class Engine:
         out = c_void_p()
         _call(lib.keel_generate, self._handle, _bytes(model), _bytes(prompt), byref(params), byref(request), callback,
               None, byref(out))
-        try:
-            if raised:
-                raise raised[0]
-            n = lib.keel_completion_token_count(out)
-            tokens = lib.keel_completion_tokens(out)[:n] if n else []
-            text = ctypes.string_at(lib.keel_completion_text(out), lib.keel_completion_text_len(out)).decode()
-            return Completion(text, tokens, FINISH_REASONS[lib.keel_completion_finish_reason(out)],
-                              lib.keel_completion_prompt_token_count(out))
-        finally:
+        if raised:
             lib.keel_completion_free(out)
+            raise raised[0]
+        return _completion(out)
+
+    # The one prediction path: request ids, routing keys, and (with a store) the version layer.
+
+    def infer_embed(self, model, texts, request_id=None, key=None, priority=None, deadline_ms=0, use_cache=True):
+        """Embeds `texts` on the one prediction path (keel_infer_embed). With a store, `model` is
+        NAME, NAME@ALIAS or a version id, and a lineage record is kept. Returns an Answer."""
+        data = [_bytes(t) for t in texts]
+        pointers = (c_char_p * len(data))(*data)
+        lengths = (c_size_t * len(data))(*[len(d) for d in data])
+        info = _info(request_id, key, _request(priority, deadline_ms, use_cache))
+        out = c_void_p()
+        _call(lib.keel_infer_embed, self._handle, _bytes(model), pointers, lengths, len(data), byref(info), byref(out))
+        try:
+            count, dim = lib.keel_embeddings_count(out), lib.keel_embeddings_dim(out)
+            flat = lib.keel_embeddings_data(out)[: count * dim]
+            return Answer([flat[i * dim:(i + 1) * dim] for i in range(count)],
+                          _decode(lib.keel_embeddings_request_id(out)), _decode(lib.keel_embeddings_route(out)),
+                          _decode(lib.keel_embeddings_model_id(out)))
+        finally:
+            lib.keel_embeddings_free(out)
+
+    def infer_generate(self, model, prompt, request_id=None, key=None, max_tokens=256, temperature=0.0, top_k=0,
+                       top_p=1.0, seed=0, chat=True, system=None, priority=None, deadline_ms=0):
+        """Generates a reply to its end on the one prediction path (keel_infer_generate): a
+        Completion with request_id, route and version."""
+        params = _generate_params(max_tokens, temperature, top_k, top_p, seed, chat, system)
+        info = _info(request_id, key, _request(priority, deadline_ms, True))
+        out = c_void_p()
+        _call(lib.keel_infer_generate, self._handle, _bytes(model), _bytes(prompt), byref(params), byref(info),
+              byref(out))
+        return _completion(out)
+
+    # The registry (an engine with a store only).
+
+    def register(self, name, path, weights=WEIGHTS_QUANTIZED, retain_input=False):
+        """Registers the model at `path` as a version of `name`; returns its version id."""
+        out = c_void_p()
+        _call(lib.keel_registry_register, self._handle, _bytes(name), os.fsencode(path), weights, retain_input,
+              byref(out))
+        return _take_string(out)
+
+    def set_alias(self, name, alias, version, reason=None):
+        """Points `alias` of `name` at `version` (an id or a unique prefix of 8+ hex digits)."""
+        _call(lib.keel_registry_alias, self._handle, _bytes(name), _bytes(alias), _bytes(version), _optional(reason))
+
+    def canary(self, name, version, percent, shadow=False, reason=None):
+        """Makes `version` the canary of `name` with `percent` (0-100) of the traffic, sticky by key."""
+        _call(lib.keel_registry_canary, self._handle, _bytes(name), _bytes(version), float(percent), shadow,
+              _optional(reason))
+
+    def promote(self, name, reason=None):
+        """Makes the canary of `name` its production version."""
+        _call(lib.keel_registry_promote, self._handle, _bytes(name), _optional(reason))
+
+    def rollback(self, name, reason=None):
+        """Returns production of `name` to the version it replaced."""
+        _call(lib.keel_registry_rollback, self._handle, _bytes(name), _optional(reason))
+
+    def abort_canary(self, name, reason=None):
+        """Ends the canary of `name`: production takes all the traffic."""
+        _call(lib.keel_registry_abort_canary, self._handle, _bytes(name), _optional(reason))
+
+    def versions(self):
+        """The registered versions and the aliases pointing at them (keel_registry_list)."""
+        out = c_void_p()
+        _call(lib.keel_registry_list, self._handle, byref(out))
+        return json.loads(_take_string(out))
+
+    def history(self, name):
+        """The alias moves of `name`, oldest first (keel_registry_history)."""
+        out = c_void_p()
+        _call(lib.keel_registry_history, self._handle, _bytes(name), byref(out))
+        return json.loads(_take_string(out))
+
+    # Lineage (an engine with a store only).
+
+    def lineage_show(self, request_id):
+        """The lineage record of a request, as a dict (keel_lineage_show)."""
+        out = c_void_p()
+        _call(lib.keel_lineage_show, self._handle, _bytes(request_id), byref(out))
+        return json.loads(_take_string(out))
+
+    def lineage_recent(self, n=20):
+        """The newest `n` lineage records, newest first."""
+        out = c_void_p()
+        _call(lib.keel_lineage_recent, self._handle, n, byref(out))
+        return json.loads(_take_string(out))
+
+    def lineage_flush(self):
+        """Waits until the records of every request answered so far are committed."""
+        _call(lib.keel_lineage_flush, self._handle)
+
+    def lineage_replay(self, request_id):
+        """Runs a recorded request again; True if the output is the recorded one bit for bit."""
+        identical = c_bool()
+        _call(lib.keel_lineage_replay, self._handle, _bytes(request_id), byref(identical))
+        return identical.value
 
 
 def live_handles():

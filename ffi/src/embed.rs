@@ -3,13 +3,16 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
-use crate::request::{keel_request_params, request_of};
+use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of};
 use crate::status::{keel_error, keel_status, Failure};
+use crate::string::c_string;
+use keel::{Input, Output};
 use std::ffi::{c_char, CStr, CString};
 
-/// The embeddings of a batch of texts, returned by `keel_embed`: `count` vectors of `dim` floats,
-/// each of unit length, in the order of the texts. Free it with `keel_embeddings_free`.
-/// Immutable: may be read from any number of threads at once.
+/// The embeddings of a batch of texts, returned by `keel_embed` and `keel_infer_embed`: `count`
+/// vectors of `dim` floats, each of unit length, in the order of the texts, and how they were
+/// made. Free it with `keel_embeddings_free`. Immutable: may be read from any number of threads
+/// at once.
 pub struct keel_embeddings {
     _opaque: [u8; 0],
 }
@@ -21,6 +24,10 @@ pub(crate) struct EmbeddingsObject {
     /// Row-major: vector `i` is `data[i * dim..(i + 1) * dim]`.
     data: Vec<f32>,
     version: CString,
+    /// Set by `keel_infer_embed`.
+    request_id: Option<CString>,
+    /// Set by `keel_infer_embed` on an engine with a store.
+    route: Option<CString>,
 }
 
 impl Handle for EmbeddingsObject {
@@ -79,7 +86,8 @@ unsafe fn embed(
 }
 
 /// Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
-/// `keel_embeddings` result.
+/// `keel_embeddings` result. It goes straight to the engine, also on an engine with a store (no
+/// `NAME` routing, no lineage): `keel_infer_embed` takes the version layer.
 ///
 /// `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
 /// NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
@@ -122,6 +130,74 @@ pub unsafe extern "C" fn keel_embed(
             dim,
             data: embeddings.vectors.concat(),
             version: CString::new(embeddings.version.to_string()).unwrap_or_default(),
+            request_id: None,
+            route: None,
+        }));
+        Ok(())
+    })
+}
+
+/// Embeds `n_texts` texts on the one prediction path, with a request id, a routing key, and the
+/// metadata of the answer in the result (`keel_embeddings_request_id`, `keel_embeddings_route`,
+/// `keel_embeddings_model_id`).
+///
+/// On an engine with a store (`keel_engine_params.storage_path`), `model` goes through the
+/// version layer: `NAME` (its `production` alias, or the canary for the canary's share of the
+/// routing keys), `NAME@ALIAS`, or a registered version id; the version is loaded on first use,
+/// and a lineage record of the request is written in the background (`keel_lineage_show`). On an
+/// engine without a store, `model` is a version id or an alias of `keel_model_alias`, as for
+/// `keel_embed`, and no lineage is kept.
+///
+/// `texts`, `lengths` and `n_texts` are as for `keel_embed`. `info` may be NULL: a generated
+/// request id, no routing key, the default controls (see `keel_request_info`).
+///
+/// On success `*out` holds the result, owned by the caller (free it with
+/// `keel_embeddings_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
+/// error: as for `keel_embed`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
+/// `info.request_id` or `info.key`; `KEEL_ERR_NOT_FOUND` for an unknown name, alias or version;
+/// `KEEL_ERR_INVALID_MODEL` for a registered version whose files changed since it was registered;
+/// `KEEL_ERR_STORAGE` when the store fails.
+///
+/// # Safety
+/// As for `keel_embed`; `info` is NULL or points to a `keel_request_info` whose pointers are NULL
+/// or valid as documented there.
+///
+/// Thread safety: may be called concurrently with any call on the same engine, also with route
+/// changes (`keel_registry_*`): a request keeps the version it was routed to until it is
+/// answered.
+#[no_mangle]
+pub unsafe extern "C" fn keel_infer_embed(
+    engine: *const keel_engine,
+    model: *const c_char,
+    texts: *const *const c_char,
+    lengths: *const usize,
+    n_texts: usize,
+    info: *const keel_request_info,
+    out: *mut *mut keel_embeddings,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out, "out", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let model = guard::c_str(model, "model")?;
+        let texts = texts_of(texts, lengths, n_texts)?;
+        let input = Input::Embed(texts.into_iter().map(str::to_string).collect());
+        let request = infer_request_of(model, input, info)?;
+        let answer = engine.infer(request)?;
+        let Output::Embeddings(vectors) = answer.output else {
+            return Err(Failure::internal(
+                "an embedding request was answered with a completion",
+            ));
+        };
+        let meta = answer.meta;
+        let dim = vectors.first().map_or(0, Vec::len);
+        out.set(handle::insert(EmbeddingsObject {
+            count: vectors.len(),
+            dim,
+            data: vectors.concat(),
+            version: c_string(meta.version.as_str()),
+            request_id: Some(c_string(meta.request_id.as_str())),
+            route: meta.annotations.get("route").map(|r| c_string(r)),
         }));
         Ok(())
     })
@@ -246,6 +322,33 @@ pub extern "C" fn keel_embeddings_vector(emb: *const keel_embeddings, i: usize) 
 #[no_mangle]
 pub extern "C" fn keel_embeddings_model_id(emb: *const keel_embeddings) -> *const c_char {
     read(emb, std::ptr::null(), |e| e.version.as_ptr())
+}
+
+/// The id of the request that computed the vectors (the caller's `info.request_id`, or the one
+/// the library made): the key of its lineage record. Owned by `emb`, valid until
+/// `keel_embeddings_free(emb)`; NULL for a result of `keel_embed` (which has no request id), or if
+/// `emb` is NULL or not a live `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_request_id(emb: *const keel_embeddings) -> *const c_char {
+    read(emb, std::ptr::null(), |e| {
+        e.request_id.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    })
+}
+
+/// The route the version layer chose for the request: "production", "canary", the alias the
+/// caller named (`NAME@ALIAS`), or "direct" (a version id). Owned by `emb`, valid until
+/// `keel_embeddings_free(emb)`; NULL for a result computed without a store (by `keel_embed`, or
+/// by `keel_infer_embed` on an engine without a `storage_path`), or if `emb` is NULL or not a live
+/// `keel_embeddings`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_embeddings_route(emb: *const keel_embeddings) -> *const c_char {
+    read(emb, std::ptr::null(), |e| {
+        e.route.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    })
 }
 
 /// Frees an embeddings result. NULL is ignored; so is a handle that is not a live

@@ -2,12 +2,16 @@
 
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
-use crate::model::ModelObject;
+use crate::model::{path_of, ModelObject};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::{CacheConfig, CacheStats, DeviceKind, Engine, SchedulerConfig, VersionId};
+use keel::version::{VersionConfig, Versioned};
+use keel::{
+    CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, SchedulerConfig,
+    VersionId,
+};
 use std::collections::{HashMap, HashSet};
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,8 +39,19 @@ pub struct keel_engine_params {
     pub device: keel_device,
     /// Reserved, not used yet: compute threads (0: the library's choice). Default: 0.
     pub threads: u32,
-    /// Reserved, not used yet: where the engine will keep lineage records and the review queue (a
-    /// SQLite file); NULL for none. Borrowed for the duration of the call. Default: NULL.
+    /// NULL for none; otherwise a folder (created if missing) where the engine keeps its store:
+    /// one SQLite database holding the model registry, the alias history and a lineage record
+    /// of every prediction made through `keel_infer_embed` / `keel_infer_generate`. With a
+    /// store, those calls address models as `NAME` (its `production` alias), `NAME@ALIAS` or a
+    /// version id, and the `keel_registry_*` and `keel_lineage_*` calls work (without one they
+    /// fail with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
+    /// share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
+    /// the call. Default: NULL.
+    ///
+    /// The version layer loads and unloads the versions it serves itself: do not also load one
+    /// of them through `keel_model_load` on the same engine (freeing the last handle would
+    /// unload it from under the layer, and a route change would unload it from under the
+    /// handle).
     pub storage_path: *const c_char,
     /// Encoders: most texts the scheduler runs in one batch (0 is taken as 1). Default: 32.
     pub max_batch_size: u32,
@@ -68,6 +83,8 @@ pub struct keel_engine {
 /// What a `keel_engine` handle stands for.
 pub(crate) struct EngineObject {
     pub(crate) engine: Engine,
+    /// The version layer over `engine`, when the engine was created with a `storage_path`.
+    versioned: Option<Versioned>,
     /// Serializes loads and frees of models, so that counting handles and unloading agree.
     book: Mutex<ModelBook>,
 }
@@ -89,6 +106,24 @@ impl Handle for EngineObject {
 }
 
 impl EngineObject {
+    /// The version layer, or the error of an engine created without a store.
+    pub(crate) fn store(&self) -> Result<&Versioned, Failure> {
+        self.versioned
+            .as_ref()
+            .ok_or_else(|| Failure::invalid("the engine was created without a storage_path"))
+    }
+
+    /// Answers a request: through the version layer (routing, lineage) when the engine has a
+    /// store, else on the engine itself.
+    pub(crate) fn infer(&self, request: InferRequest) -> Result<InferResponse, Failure> {
+        Ok(match &self.versioned {
+            // `serve` keeps the layer's own error kinds (an unknown name is NOT_FOUND, a store
+            // failure STORAGE).
+            Some(versioned) => versioned.serve(request)?,
+            None => self.engine.infer(request)?,
+        })
+    }
+
     pub(crate) fn book(&self) -> MutexGuard<'_, ModelBook> {
         // The book is updated one field at a time with no panic in between.
         self.book.lock().unwrap_or_else(|p| p.into_inner())
@@ -101,7 +136,8 @@ pub(crate) fn engine_of(engine: *const keel_engine) -> Result<Arc<EngineObject>,
 }
 
 /// The default engine options: the CPU (`KEEL_DEVICE_BEST` probes for a GPU), the scheduler's
-/// and caches' defaults (in the field docs), and the reserved fields at 0 / NULL.
+/// and caches' defaults (in the field docs), no store (`storage_path` NULL) and `threads` (reserved)
+/// at 0.
 ///
 /// Thread safety: may be called from any thread at any time.
 #[no_mangle]
@@ -142,11 +178,15 @@ fn configs_of(p: &keel_engine_params) -> (SchedulerConfig, CacheConfig) {
 /// `params` may be NULL for the defaults. On success `*out` holds a new engine, owned by the
 /// caller, who frees it with `keel_engine_free`. On failure `*out` is NULL and, if `err` is not
 /// NULL, `*err` holds an error the caller frees: `KEEL_ERR_NO_DEVICE` if the requested device is not
-/// available, `KEEL_ERR_INVALID_ARGUMENT` for an unknown device value or a NULL `out`.
+/// available, `KEEL_ERR_INVALID_ARGUMENT` for an unknown device value, an empty `storage_path`
+/// or a NULL `out`, `KEEL_ERR_STORAGE` when the store in `storage_path` cannot be opened (a
+/// folder that cannot be created or written, a database that is not a Keel store or comes from
+/// a newer Keel; the message says which).
 ///
 /// # Safety
-/// `params` is NULL or points to a `keel_engine_params`; `out` points to a writable
-/// `keel_engine *`; `err` is NULL or points to a writable `keel_error *`.
+/// `params` is NULL or points to a `keel_engine_params` (whose `storage_path` is NULL or
+/// NUL-terminated); `out` points to a writable `keel_engine *`; `err` is NULL or points to a
+/// writable `keel_error *`.
 ///
 /// Thread safety: may be called from any thread; engines are independent of each other.
 #[no_mangle]
@@ -171,8 +211,24 @@ pub unsafe extern "C" fn keel_engine_new(
             other => return Err(Failure::invalid(format!("unknown device {other}"))),
         };
         let engine = builder.build()?;
+        let versioned = if params.storage_path.is_null() {
+            None
+        } else {
+            let folder = CStr::from_ptr(params.storage_path).to_bytes();
+            if folder.is_empty() {
+                return Err(Failure::invalid(
+                    "params.storage_path is empty (NULL for no store)",
+                ));
+            }
+            Some(Versioned::open(
+                engine.clone(),
+                path_of(folder)?,
+                VersionConfig::default(),
+            )?)
+        };
         out.set(handle::insert(EngineObject {
             engine,
+            versioned,
             book: Mutex::default(),
         }));
         Ok(())
@@ -213,6 +269,8 @@ pub unsafe extern "C" fn keel_engine_shutdown(
 /// (later calls on them fail with `KEEL_ERR_INVALID_ARGUMENT`; freeing them does nothing). Result
 /// objects it returned (embeddings, completions, strings) stay valid until their own `_free`.
 /// Requests still queued on it run to their end first (`keel_engine_shutdown` bounds that wait).
+/// With a store, the lineage records not yet written are committed before the store is closed
+/// (once the last call running on the engine has returned).
 ///
 /// NULL is ignored; so is a handle that is not a live engine (a double free is detected and does
 /// nothing). Calls running on the engine in other threads finish normally; calls that start after

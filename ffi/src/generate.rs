@@ -3,10 +3,11 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
-use crate::request::{keel_request_params, request_of};
+use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of};
 use crate::status::{keel_error, keel_status, Failure};
-use keel::{FinishReason, GenerateParams};
-use std::ffi::{c_char, c_void};
+use crate::string::c_string;
+use keel::{FinishReason, GenerateParams, Input, Output};
+use std::ffi::{c_char, c_void, CString};
 
 /// How to generate. Get the defaults from `keel_generate_default_params()` and change the fields
 /// you care about.
@@ -66,9 +67,9 @@ pub enum keel_finish_reason {
 
 use keel_finish_reason::*;
 
-/// A finished generation, returned by `keel_generate`: the generated text and token ids and why
-/// it ended. Free it with `keel_completion_free`. Immutable: may be read from any number of
-/// threads at once.
+/// A finished generation, returned by `keel_generate` and `keel_infer_generate`: the generated
+/// text and token ids, why it ended, and (from `keel_infer_generate`) how it was made. Free it
+/// with `keel_completion_free`. Immutable: may be read from any number of threads at once.
 pub struct keel_completion {
     _opaque: [u8; 0],
 }
@@ -80,6 +81,12 @@ pub(crate) struct CompletionObject {
     tokens: Vec<u32>,
     prompt_tokens: usize,
     finish: keel_finish_reason,
+    /// Set by `keel_infer_generate`.
+    request_id: Option<CString>,
+    /// Set by `keel_infer_generate` on an engine with a store.
+    route: Option<CString>,
+    /// Set by `keel_infer_generate`.
+    version: Option<CString>,
 }
 
 impl Handle for CompletionObject {
@@ -128,7 +135,9 @@ unsafe fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure>
     Ok(params)
 }
 
-/// Generates a reply to `prompt` with the decoder `model` (a version id or an alias).
+/// Generates a reply to `prompt` with the decoder `model` (a version id or an alias). It goes
+/// straight to the engine, also on an engine with a store (no `NAME` routing, no lineage):
+/// `keel_infer_generate` takes the version layer.
 ///
 /// Each token is passed to `on_token` (if not NULL) as soon as it is made; the callback can stop
 /// the generation. When `out` is not NULL, `*out` receives the whole completion at the end (also
@@ -218,8 +227,83 @@ pub unsafe extern "C" fn keel_generate(
                 tokens,
                 prompt_tokens,
                 finish,
+                request_id: None,
+                route: None,
+                version: None,
             }));
         }
+        Ok(())
+    })
+}
+
+/// Generates a reply to `prompt` on the one prediction path, to its end, with a request id, a
+/// routing key, and the metadata of the answer in the completion
+/// (`keel_completion_request_id`, `keel_completion_route`, `keel_completion_model_id`). No
+/// streaming and no cancel: use `keel_generate` for those.
+///
+/// `model` is addressed as for `keel_infer_embed`: through the version layer (`NAME`,
+/// `NAME@ALIAS`, a version id; a lineage record is written) on an engine with a store, else a
+/// version id or an alias of `keel_model_alias`. `prompt` and `params` are as for
+/// `keel_generate`; `info` may be NULL (see `keel_request_info`).
+///
+/// On success `*out` holds a completion owned by the caller (free it with
+/// `keel_completion_free`). On failure `*out` is NULL and `*err` (if `err` is not NULL) holds the
+/// error: as for `keel_generate`, plus those of `keel_infer_embed`'s store and request info.
+///
+/// # Safety
+/// `model` and `prompt` are NULL or NUL-terminated; `params` is NULL or points to a
+/// `keel_generate_params` (whose `system` is NULL or NUL-terminated); `info` is NULL or points to a
+/// `keel_request_info` whose pointers are NULL or valid as documented there; `out` points to a
+/// writable `keel_completion *`; `err` is NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine, also with route
+/// changes: a request keeps the version it was routed to until it is answered.
+#[no_mangle]
+pub unsafe extern "C" fn keel_infer_generate(
+    engine: *const keel_engine,
+    model: *const c_char,
+    prompt: *const c_char,
+    params: *const keel_generate_params,
+    info: *const keel_request_info,
+    out: *mut *mut keel_completion,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out, "out", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let model = guard::c_str(model, "model")?;
+        let prompt = guard::c_str(prompt, "prompt")?;
+        let params = params
+            .as_ref()
+            .copied()
+            .unwrap_or_else(|| keel_generate_default_params());
+        let input = Input::Generate {
+            prompt: prompt.to_string(),
+            params: params_of(&params)?,
+        };
+        let request = infer_request_of(model, input, info)?;
+        let answer = engine.infer(request)?;
+        let Output::Completion(completion) = answer.output else {
+            return Err(Failure::internal(
+                "a generation request was answered with embeddings",
+            ));
+        };
+        let meta = answer.meta;
+        let mut text = completion.text.into_bytes();
+        text.push(0);
+        out.set(handle::insert(CompletionObject {
+            text,
+            tokens: completion.token_ids,
+            prompt_tokens: completion.prompt_ids.len(),
+            finish: match completion.finish {
+                FinishReason::Stop => KEEL_FINISH_STOP,
+                FinishReason::Length => KEEL_FINISH_LENGTH,
+                FinishReason::ContextFull => KEEL_FINISH_CONTEXT_FULL,
+            },
+            request_id: Some(c_string(meta.request_id.as_str())),
+            route: meta.annotations.get("route").map(|r| c_string(r)),
+            version: Some(c_string(meta.version.as_str())),
+        }));
         Ok(())
     })
 }
@@ -290,6 +374,44 @@ pub extern "C" fn keel_completion_prompt_token_count(c: *const keel_completion) 
 #[no_mangle]
 pub extern "C" fn keel_completion_finish_reason(c: *const keel_completion) -> keel_finish_reason {
     read(c, KEEL_FINISH_STOP, |c| c.finish)
+}
+
+/// The id of the request that made the completion (the caller's `info.request_id`, or the one
+/// the library made): the key of its lineage record. Owned by `c`, valid until
+/// `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or not
+/// a live `keel_completion`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_completion_request_id(c: *const keel_completion) -> *const c_char {
+    read(c, std::ptr::null(), |c| {
+        c.request_id.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    })
+}
+
+/// The route the version layer chose ("production", "canary", the alias named, "direct"), as
+/// for `keel_embeddings_route`. Owned by `c`, valid until `keel_completion_free(c)`; NULL for a
+/// completion made without a store (by `keel_generate`, or on an engine without a
+/// `storage_path`), or if `c` is NULL or not a live `keel_completion`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_completion_route(c: *const keel_completion) -> *const c_char {
+    read(c, std::ptr::null(), |c| {
+        c.route.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    })
+}
+
+/// The version id of the model that made the completion (64 hex digits). Owned by `c`, valid
+/// until `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or
+/// not a live `keel_completion`.
+///
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn keel_completion_model_id(c: *const keel_completion) -> *const c_char {
+    read(c, std::ptr::null(), |c| {
+        c.version.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    })
 }
 
 /// Frees a completion. NULL is ignored; so is a handle that is not a live `keel_completion` (a

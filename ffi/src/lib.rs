@@ -1,6 +1,7 @@
 //! libkeel: Keel's C ABI, for hosts written in C, C++, Python (ctypes) or anything that can call C.
 //!
-//! A thin layer over [`keel::Engine`]. Its conventions, stated once in `include/keel.h` (which
+//! A thin layer over [`keel::Engine`] and, for an engine with a store, the version layer
+//! [`keel::version::Versioned`] (registry, canary routing, lineage). Its conventions, stated once in `include/keel.h` (which
 //! cbindgen generates from the `///` docs in this crate) and kept by every function here:
 //!
 //! - **One wrapper.** Every entry point runs its body through [`guard::call`] (or
@@ -18,8 +19,8 @@
 #![allow(non_camel_case_types)]
 
 // cbindgen writes include/keel.h in the order of these modules (blank lines keep rustfmt from
-// sorting them): errors, engines, models, request controls, embeddings, generation, strings,
-// test hooks.
+// sorting them): errors, engines, models, request controls, the registry, embeddings,
+// generation, lineage, strings, test hooks.
 pub mod status;
 
 pub mod engine;
@@ -28,9 +29,13 @@ pub mod model;
 
 pub mod request;
 
+pub mod registry;
+
 pub mod embed;
 
 pub mod generate;
+
+pub mod lineage;
 
 pub mod string;
 
@@ -41,12 +46,14 @@ pub(crate) mod handle;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_registry;
 
 /// The version of the C ABI that this header describes. It grows by one with every change that
 /// breaks a program compiled against an older header. A host should compare it with
 /// `keel_abi_version()` at start-up and refuse to run on a mismatch: "keel.h is ABI X but the
 /// libkeel it loaded is ABI Y".
-pub const KEEL_ABI_VERSION: u32 = 1;
+pub const KEEL_ABI_VERSION: u32 = 2;
 
 /// The ABI version of the loaded library: compare it with `KEEL_ABI_VERSION` from the header the
 /// host was compiled with.

@@ -68,7 +68,7 @@ pub extern "C" fn keel_model_default_params() -> keel_model_params {
 }
 
 /// A C string as a path. On Unix a path is bytes and need not be UTF-8.
-fn path_of(bytes: &[u8]) -> Result<PathBuf, Failure> {
+pub(crate) fn path_of(bytes: &[u8]) -> Result<PathBuf, Failure> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
@@ -77,6 +77,16 @@ fn path_of(bytes: &[u8]) -> Result<PathBuf, Failure> {
     #[cfg(not(unix))]
     {
         Ok(guard::utf8(bytes, "path")?.into())
+    }
+}
+
+/// The Rust weight path of a `KEEL_WEIGHTS_*` value.
+pub(crate) fn weight_path_of(weights: keel_weights) -> Result<WeightPath, Failure> {
+    match weights {
+        KEEL_WEIGHTS_QUANTIZED => Ok(WeightPath::Quantized),
+        KEEL_WEIGHTS_F32 => Ok(WeightPath::F32),
+        KEEL_WEIGHTS_INT8 => Ok(WeightPath::Int8),
+        other => Err(Failure::invalid(format!("unknown weights value {other}"))),
     }
 }
 
@@ -113,12 +123,7 @@ pub unsafe extern "C" fn keel_model_load(
             .as_ref()
             .copied()
             .unwrap_or_else(|| keel_model_default_params());
-        let weights = match params.weights {
-            KEEL_WEIGHTS_QUANTIZED => WeightPath::Quantized,
-            KEEL_WEIGHTS_F32 => WeightPath::F32,
-            KEEL_WEIGHTS_INT8 => WeightPath::Int8,
-            other => return Err(Failure::invalid(format!("unknown weights value {other}"))),
-        };
+        let weights = weight_path_of(params.weights)?;
         let mut book = engine.book();
         if book.freed {
             return Err(Failure::invalid(

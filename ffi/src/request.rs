@@ -1,7 +1,10 @@
-//! Per-request controls: priority, deadline, use of the response cache.
+//! Per-request controls: priority, deadline, use of the response cache; and, for the calls of
+//! the one prediction path (`keel_infer_*`), the request's id and routing key.
 
+use crate::guard;
 use crate::status::Failure;
-use keel::{Priority, Request};
+use keel::{InferRequest, Input, Priority, Request};
+use std::ffi::c_char;
 use std::time::Duration;
 
 /// How urgent a request is: one of the `KEEL_PRIORITY_*` values. Higher levels are served first;
@@ -15,9 +18,9 @@ pub const KEEL_PRIORITY_NORMAL: keel_priority = 1;
 /// Latency-critical traffic.
 pub const KEEL_PRIORITY_HIGH: keel_priority = 2;
 
-/// Controls of one request (`keel_embed`, `keel_embed_into`, `keel_generate`); pass NULL for the
-/// defaults. Get the defaults from `keel_request_default_params()` and change the fields you
-/// care about.
+/// Controls of one request (`keel_embed`, `keel_embed_into`, `keel_generate`, and through
+/// `keel_request_info` the `keel_infer_*` calls); pass NULL for the defaults. Get the defaults
+/// from `keel_request_default_params()` and change the fields you care about.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct keel_request_params {
@@ -66,6 +69,69 @@ pub(crate) unsafe fn request_of(params: *const keel_request_params) -> Result<Re
     }
     if !p.use_cache {
         request = request.no_cache();
+    }
+    Ok(request)
+}
+
+/// Who a request is and how to route it, for `keel_infer_embed` and `keel_infer_generate`; pass
+/// NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
+/// fields you care about. Every pointer is borrowed for the duration of the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct keel_request_info {
+    /// The request's id, NUL-terminated UTF-8, not empty: the key of its lineage record
+    /// (`keel_lineage_show`). NULL: the library makes a new time-ordered id (a UUIDv7), which
+    /// the result reports (`keel_embeddings_request_id`, `keel_completion_request_id`). Ids
+    /// should be unique: a lookup finds the newest record of an id. Default: NULL.
+    pub request_id: *const c_char,
+    /// The routing key (a tenant, user or session), NUL-terminated UTF-8: with a canary, the same
+    /// key goes the same way on every call, in every process, across restarts. NULL: none (the
+    /// canary share is then drawn at random for each request). Default: NULL.
+    pub key: *const c_char,
+    /// Priority, deadline and cache use (see `keel_request_params`); NULL for the defaults.
+    /// Default: NULL.
+    pub params: *const keel_request_params,
+}
+
+/// The default request info: a generated id, no routing key, the default controls.
+///
+/// Thread safety: may be called from any thread at any time.
+#[no_mangle]
+pub extern "C" fn keel_request_default_info() -> keel_request_info {
+    keel_request_info {
+        request_id: std::ptr::null(),
+        key: std::ptr::null(),
+        params: std::ptr::null(),
+    }
+}
+
+/// The request of a `keel_infer_*` call: `input` for `model`, with the caller's info (NULL: the
+/// defaults).
+///
+/// # Safety
+/// `info` is NULL or points to a `keel_request_info` whose pointers are NULL or valid as
+/// documented there.
+pub(crate) unsafe fn infer_request_of(
+    model: &str,
+    input: Input,
+    info: *const keel_request_info,
+) -> Result<InferRequest, Failure> {
+    let info = info
+        .as_ref()
+        .copied()
+        .unwrap_or_else(|| keel_request_default_info());
+    let mut request = InferRequest::new(model, input).options(request_of(info.params)?);
+    if !info.request_id.is_null() {
+        let id = guard::c_str(info.request_id, "info.request_id")?;
+        if id.is_empty() {
+            return Err(Failure::invalid(
+                "info.request_id is empty (NULL for a generated id)",
+            ));
+        }
+        request = request.id(id);
+    }
+    if !info.key.is_null() {
+        request = request.key(guard::c_str(info.key, "info.key")?);
     }
     Ok(request)
 }

@@ -14,12 +14,16 @@ pub enum keel_status {
     KEEL_OK = 0,
     /// The caller's input is wrong: a NULL or stale handle, a NULL pointer, a buffer too short,
     /// invalid UTF-8, an empty text, a prompt longer than the context, an out-of-range parameter,
-    /// a model used for the wrong task.
+    /// a model used for the wrong task, a registry or lineage call on an engine without a store,
+    /// a route change the routes do not allow (a promote with no canary, a rollback with no
+    /// earlier production version).
     KEEL_ERR_INVALID_ARGUMENT = 1,
-    /// A file, model or alias that does not exist.
+    /// A file, model or alias that does not exist; in the store, an unknown model name, alias,
+    /// version or request id, or a prediction that cannot be replayed (its input was not kept,
+    /// its version's files are gone).
     KEEL_ERR_NOT_FOUND = 2,
     /// A model file that exists but is corrupt, truncated, of an unknown architecture, or fails
-    /// its checksum.
+    /// its checksum; a registered version whose files changed since it was registered.
     KEEL_ERR_INVALID_MODEL = 3,
     /// The requested device (wgpu, CUDA) is not available in this build or on this machine.
     KEEL_ERR_NO_DEVICE = 4,
@@ -70,6 +74,14 @@ impl Failure {
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self {
             code: KEEL_ERR_INVALID_ARGUMENT,
+            message: message.into(),
+        }
+    }
+
+    /// A failure inside the library that is not the caller's doing.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self {
+            code: KEEL_ERR_INTERNAL,
             message: message.into(),
         }
     }
@@ -199,6 +211,7 @@ pub extern "C" fn keel_status_name(status: i32) -> *const c_char {
         7 => c"KEEL_ERR_CONTRACT",
         8 => c"KEEL_ERR_INTERNAL",
         9 => c"KEEL_ERR_SHUTTING_DOWN",
+        10 => c"KEEL_ERR_STORAGE",
         _ => c"KEEL_ERR_UNKNOWN",
     };
     name.as_ptr()

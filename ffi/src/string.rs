@@ -1,8 +1,14 @@
-//! Strings the library returns (JSON listings now; metrics text and lineage records later).
+//! Strings the library returns: JSON listings, registry histories, lineage records.
 
 use crate::guard;
 use crate::handle::{self, Handle};
-use std::ffi::c_char;
+use std::ffi::{c_char, CString};
+
+/// A string of the library's as a C string, for an accessor to hand out (a NUL inside, which
+/// none of these hold, would end it).
+pub(crate) fn c_string(s: &str) -> CString {
+    CString::new(s.split('\0').next().unwrap_or_default()).unwrap_or_default()
+}
 
 /// A UTF-8 string owned by the library, returned by calls such as `keel_engine_models`. Read it
 /// with `keel_string_data` and `keel_string_len`; free it with `keel_string_free`. Immutable: may

