@@ -276,7 +276,7 @@ fn memory_child() {
     let s = served(dir.path(), VersionConfig::default());
     let (f32, int8) = two_versions(&s);
     let cycle = |i: usize| {
-        let v = if i % 2 == 0 { &int8 } else { &f32 };
+        let v = if i.is_multiple_of(2) { &int8 } else { &f32 };
         s.set_alias("embed", "production", v.as_str(), "cycle").unwrap();
         s.serve(InferRequest::embed("embed", ["memory"])).unwrap();
         s.release("embed");

@@ -243,7 +243,7 @@ impl Versioned {
     ) -> Result<VersionId> {
         check_name(name)?;
         let path = path.as_ref();
-        let mut source = ModelSource::open(path).map_err(crate::Error::from)?;
+        let mut source = ModelSource::open(path)?;
         // The same naming as Engine::load_with, so that the ids agree.
         match options.weights {
             WeightPath::Quantized => {}

@@ -78,11 +78,17 @@ impl ShadowQueue {
         let c = &self.counters;
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut pending = c.pending.lock().unwrap_or_else(|p| p.into_inner());
-        match tx.map(|tx| tx.try_send(job)) {
-            Some(Ok(())) => *pending += 1,
-            Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
-                c.dropped.fetch_add(1, Relaxed);
-            }
+        let sent = match tx {
+            Some(tx) => match tx.try_send(job) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+            None => false,
+        };
+        if sent {
+            *pending += 1;
+        } else {
+            c.dropped.fetch_add(1, Relaxed);
         }
     }
 
