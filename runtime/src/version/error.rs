@@ -32,10 +32,8 @@ pub enum Error {
     #[error("no lineage record of request '{0}'")]
     UnknownRequest(String),
     /// A version's files changed since it was registered: it is refused.
-    #[error("version {version} of '{name}' was registered with {file} of sha256 {registered}, but it is now {actual}: refusing to load it")]
+    #[error("version {version} was registered with {file} of sha256 {registered}, but it is now {actual}: refusing to load it")]
     Tampered {
-        /// The model name.
-        name: String,
         /// The version id.
         version: String,
         /// The file that changed.

@@ -578,7 +578,6 @@ impl Shared {
                 expected,
                 actual,
             } => Error::Tampered {
-                name: record.name.clone(),
                 version: record.id.to_string(),
                 file: path.display().to_string(),
                 registered: expected,
@@ -590,7 +589,6 @@ impl Shared {
             let now = source.manifest.files.iter().find(|f| f.path == registered.path);
             if now.map(|f| &f.sha256) != Some(&registered.sha256) {
                 return Err(Error::Tampered {
-                    name: record.name.clone(),
                     version: record.id.to_string(),
                     file: record.path.join(&registered.path).display().to_string(),
                     registered: registered.sha256.clone(),
@@ -602,7 +600,6 @@ impl Shared {
         let id = self.engine.load_with(&record.path, LoadOptions { weights })?;
         if id != record.id {
             return Err(Error::Tampered {
-                name: record.name.clone(),
                 version: record.id.to_string(),
                 file: record.path.display().to_string(),
                 registered: record.id.to_string(),
