@@ -253,11 +253,12 @@ fn load_swap_unload_cycles_return_memory() {
         "{out}{}",
         String::from_utf8_lossy(&child.stderr)
     );
+    // libtest may print the test's name on the same line first.
     let line = out
         .lines()
-        .find(|l| l.starts_with("rss "))
+        .find_map(|l| l.split_once("rss ").map(|(_, r)| r))
         .unwrap_or_else(|| panic!("{out}"));
-    let kib: Vec<u64> = line.split(' ').skip(1).map(|n| n.parse().unwrap()).collect();
+    let kib: Vec<u64> = line.split_whitespace().map(|n| n.parse().unwrap()).collect();
     let (before, after) = (kib[0], kib[1]);
     println!("RSS after 10 warm-up cycles {before} KiB, after 100 more {after} KiB");
     // A MiniLM version holds ~90 MB; the bound is a sixth of one version over 100 cycles.
