@@ -7,6 +7,9 @@ bash scripts/setup-models.sh
 bash scripts/setup-system.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
+# The core builds without the production modules (and without rusqlite): they wrap it, it never
+# imports them.
+cargo check -p keel --no-default-features --release --locked
 cargo test --workspace --release --locked
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh

@@ -598,3 +598,37 @@ fn many_threads_many_keys_every_request_recorded_once() {
         * 10;
     assert_eq!(canary, expect);
 }
+
+#[test]
+fn a_promote_by_another_process_reaches_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = VersionConfig {
+        refresh: Some(Duration::from_millis(100)),
+        ..VersionConfig::default()
+    };
+    let server = served(dir.path(), config);
+    let (f32, int8) = two_versions(&server);
+    let ask = || {
+        server
+            .serve(InferRequest::embed("embed", ["who answers?"]))
+            .unwrap()
+            .meta
+            .version
+    };
+    assert_eq!(ask(), f32);
+    // Another process (here: another layer on the same store folder) promotes a canary.
+    let operator = served(dir.path(), VersionConfig::default());
+    operator
+        .canary("embed", int8.as_str(), split(0.0), "ops")
+        .unwrap();
+    operator.promote("embed", "ops").unwrap();
+    let start = Instant::now();
+    while ask() != int8 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the server never saw the promote"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("the server followed the promote in {:?}", start.elapsed());
+}

@@ -188,6 +188,10 @@ pub trait Store: Send + Sync {
         change: &mut RouteChange<'_>,
     ) -> Result<std::result::Result<(Routes, Vec<AliasEvent>), String>>;
 
+    /// A number that changes whenever any routes change (in any process sharing the store), so
+    /// that a server can notice another process's promote or rollback with one cheap read.
+    fn routes_version(&self) -> Result<i64>;
+
     /// A name's alias moves, oldest first.
     fn history(&self, name: &str) -> Result<Vec<AliasEvent>>;
 

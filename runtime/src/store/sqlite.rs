@@ -41,7 +41,9 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
         time_ms INTEGER NOT NULL, record TEXT NOT NULL);
      CREATE INDEX lineage_by_request ON lineage (request_id);
-     CREATE INDEX lineage_by_time ON lineage (time_ms);",
+     CREATE INDEX lineage_by_time ON lineage (time_ms);
+     CREATE TABLE routes_version (id INTEGER PRIMARY KEY CHECK (id = 0), version INTEGER NOT NULL);
+     INSERT INTO routes_version VALUES (0, 0);",
 ];
 
 /// The embedded store. One connection, behind a mutex: writes are batched by their callers (the
@@ -352,6 +354,10 @@ impl Store for SqliteStore {
                 reason: reason.clone(),
             });
         }
+        if before != after {
+            tx.execute("UPDATE routes_version SET version = version + 1", [])
+                .map_err(db)?;
+        }
         if before.canary != after.canary {
             match &after.canary {
                 Some(c) => tx.execute(
@@ -365,6 +371,12 @@ impl Store for SqliteStore {
         }
         tx.commit().map_err(db)?;
         Ok(Ok((after, events)))
+    }
+
+    fn routes_version(&self) -> Result<i64> {
+        let conn = self.conn();
+        conn.query_row("SELECT version FROM routes_version", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))
     }
 
     fn history(&self, name: &str) -> Result<Vec<AliasEvent>> {

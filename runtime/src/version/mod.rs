@@ -50,8 +50,9 @@ use sha2::{Digest, Sha256};
 use shadow::{ShadowJob, ShadowQueue};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The alias that `NAME` means.
 pub const PRODUCTION: &str = "production";
@@ -69,6 +70,9 @@ pub struct VersionConfig {
     pub retention: Retention,
     /// Shadow copies waiting to run; more are dropped and counted.
     pub shadow_queue: usize,
+    /// How often the store is asked whether another process changed the routes (a promote or
+    /// rollback from `keel registry`); None: never (only this process's changes apply).
+    pub refresh: Option<Duration>,
 }
 
 impl Default for VersionConfig {
@@ -78,6 +82,7 @@ impl Default for VersionConfig {
             overflow: Overflow::Block,
             retention: Retention::default(),
             shadow_queue: 64,
+            refresh: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -173,6 +178,13 @@ pub(crate) struct Shared {
     changing: Mutex<()>,
     lineage: Writer,
     shadow: ShadowQueue,
+    refresh: Option<Duration>,
+    /// When the routes were last polled (ms since `epoch`), the version seen, and whether a
+    /// refresh is running.
+    epoch: Instant,
+    polled_ms: AtomicU64,
+    routes_seen: AtomicI64,
+    refreshing: AtomicBool,
 }
 
 impl Versioned {
@@ -206,6 +218,7 @@ impl Versioned {
             config.overflow,
             config.retention,
         )?;
+        let routes_version = store.routes_version()?;
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
             engine,
             below,
@@ -215,6 +228,11 @@ impl Versioned {
             changing: Mutex::default(),
             lineage,
             shadow: ShadowQueue::new(config.shadow_queue, weak.clone()),
+            refresh: config.refresh,
+            epoch: Instant::now(),
+            polled_ms: AtomicU64::new(0),
+            routes_seen: AtomicI64::new(routes_version),
+            refreshing: AtomicBool::new(false),
         });
         Ok(Self { shared })
     }
@@ -638,6 +656,7 @@ impl Shared {
 
     /// The routes of `name` in this process, loading them from the store at first use.
     fn live(self: &Arc<Self>, name: &str) -> Result<Arc<Live>> {
+        self.poll();
         if let Some(live) = self.read_live().get(name) {
             return Ok(live.clone());
         }
@@ -660,6 +679,64 @@ impl Shared {
         let live = self.build_live(routes)?;
         self.write_live().insert(name.to_string(), live.clone());
         Ok(live)
+    }
+
+    /// At most once per `refresh` period (one thread at a time): if another process changed the
+    /// routes, serve the new ones. The reload runs on a thread of its own, so that no request
+    /// waits for a version to load; requests keep the old routes until it is done.
+    fn poll(self: &Arc<Self>) {
+        let Some(every) = self.refresh else { return };
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.polled_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < every.as_millis() as u64
+            || self
+                .polled_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let Ok(version) = self.store.routes_version() else {
+            return;
+        };
+        if version == self.routes_seen.load(Ordering::Relaxed) || self.refreshing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("keel-routes".into())
+            .spawn(move || {
+                shared.routes_seen.store(version, Ordering::Relaxed);
+                shared.reload_changed();
+                shared.refreshing.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.refreshing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Rebuilds the routes of every served name whose stored routes differ from this process's.
+    fn reload_changed(self: &Arc<Self>) {
+        let _serial = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let names: Vec<(String, Arc<Live>)> = self
+            .read_live()
+            .iter()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect();
+        for (name, live) in names {
+            let Ok(routes) = self.store.routes(&name) else {
+                continue;
+            };
+            if routes == live.routes {
+                continue;
+            }
+            // A version that cannot be loaded (files gone or changed) keeps the old routes.
+            if let Ok(new) = self.build_live(routes) {
+                let old = self.write_live().insert(name, new);
+                drop(old);
+            }
+        }
     }
 
     /// Where a request goes, and why.
