@@ -437,17 +437,24 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
         );
     }
     let params = GenerateParams::greedy().max_tokens(16);
+    let prompt = "What is the capital of France?";
     let chat = s
-        .serve(InferRequest::generate(
-            "chat",
-            "What is the capital of France?",
-            params,
-        ))
+        .serve(InferRequest::generate("chat", prompt, params.clone()))
         .unwrap();
     let Output::Completion(c) = &chat.output else {
         panic!("not a completion")
     };
     assert!(!c.token_ids.is_empty());
+    // Streamed through the layer: the same tokens as they are made, and a record at the end.
+    let mut stream = s
+        .serve_stream(InferRequest::generate("chat", prompt, params), true)
+        .unwrap();
+    let streamed: Vec<u32> = (&mut stream).map(|t| t.unwrap().id).collect();
+    let answer = stream.finish().unwrap();
+    assert_eq!(streamed, c.token_ids);
+    assert_eq!(answer.output, chat.output);
+    assert_eq!(answer.meta.annotations["route"], "production");
+    ids.push(answer.meta.request_id);
     ids.push(chat.meta.request_id);
     s.flush().unwrap();
     // Replays run without the response cache, on a fresh engine too.

@@ -176,25 +176,37 @@ fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, 
 }
 
 /// Answers one request through the version layer and says on stderr what answered it.
+/// The request with the routing flags applied.
+fn routed(request: InferRequest, routing: &Routing) -> InferRequest {
+    let mut request = request;
+    if let Some(key) = &routing.key {
+        request = request.key(key.clone());
+    }
+    if let Some(id) = &routing.request_id {
+        request = request.id(id.clone());
+    }
+    request
+}
+
+/// Answers one request through the version layer and says on stderr what answered it.
 fn predict(
     served: &Versioned,
     request: InferRequest,
     routing: Routing,
 ) -> Result<keel::InferResponse, Box<dyn std::error::Error>> {
-    let mut request = request;
-    if let Some(key) = routing.key {
-        request = request.key(key);
-    }
-    if let Some(id) = routing.request_id {
-        request = request.id(id);
-    }
+    let request = routed(request, &routing);
     let answer = if routing.retain_input {
         served.serve_retaining(request)?
     } else {
         served.serve(request)?
     };
     served.flush()?;
-    let m = &answer.meta;
+    said(&answer.meta);
+    Ok(answer)
+}
+
+/// One line on stderr: the request id (for `keel lineage show`) and what answered it.
+fn said(m: &keel::Meta) {
     eprintln!(
         "keel: request {} answered by {} ({}, version {})",
         m.request_id,
@@ -202,7 +214,6 @@ fn predict(
         m.annotations.get("route").map_or("direct", String::as_str),
         &m.version.as_str()[..12]
     );
-    Ok(answer)
 }
 
 fn parse_device(s: &str) -> Result<DeviceKind, String> {
@@ -298,7 +309,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if raw {
                 params = params.raw();
             }
-            let answer = predict(&served, InferRequest::generate(&model, &prompt, params), routing)?;
+            let request = routed(InferRequest::generate(&model, &prompt, params), &routing);
+            let mut stream = served.serve_stream(request, routing.retain_input)?;
+            if !json {
+                // Streamed as it is made.
+                let mut stdout = std::io::stdout().lock();
+                for token in &mut stream {
+                    write!(stdout, "{}", token?.text)?;
+                    stdout.flush()?;
+                }
+                writeln!(stdout)?;
+            }
+            let answer = stream.finish()?;
+            served.flush()?;
+            said(&answer.meta);
             let Output::Completion(done) = answer.output else {
                 return Err("the model did not answer with a completion".into());
             };
@@ -310,10 +334,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     "finish_reason": format!("{:?}", done.finish).to_lowercase(),
                 });
                 println!("{out}");
-            } else {
-                let mut stdout = std::io::stdout().lock();
-                writeln!(stdout, "{}", done.text)?;
-                stdout.flush()?;
             }
             Ok(())
         }

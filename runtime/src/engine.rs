@@ -1,7 +1,7 @@
 //! The Engine: the model versions a host has loaded, and the requests it serves on them.
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
-use crate::generate::{GenerateParams, TokenStream};
+use crate::generate::{GenerateParams, InferStream, TokenStream};
 use crate::infer::{Infer, InferRequest, InferResponse, Input, Meta, Output, Timings};
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
@@ -568,52 +568,62 @@ impl Engine {
         Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel))
     }
 
+    /// A generation on the prediction path: its tokens as they are made, then the response with
+    /// its metadata ([`InferStream::finish`]). [`Infer::infer`] is this, run to the end.
+    ///
+    /// # Errors
+    /// As [`Engine::generate_with`]; [`Error::InvalidArgument`] for an input that is not a
+    /// generation.
+    pub fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        let version = self.resolve(&request.model)?;
+        self.stream_on(request, &version)
+    }
+
+    fn stream_on(&self, request: InferRequest, version: &Version) -> Result<InferStream> {
+        let start = Instant::now();
+        let Input::Generate { prompt, params } = &request.input else {
+            return Err(Error::InvalidArgument(format!(
+                "only a generation streams; {} with infer",
+                request.input.task()
+            )));
+        };
+        let stream = self.start_generation(&request.model, version, prompt, params, &request.options)?;
+        let meta = self.meta_of(&request, version);
+        Ok(InferStream::new(stream, meta, start))
+    }
+
+    fn meta_of(&self, request: &InferRequest, version: &Version) -> Meta {
+        Meta {
+            request_id: request.id.clone(),
+            model: request.model.clone(),
+            version: version.id.clone(),
+            backend: self.inner.backend.clone(),
+            batch_id: None,
+            cache_hit: false,
+            timings: Timings::default(),
+            annotations: Default::default(),
+        }
+    }
+
     fn infer_on(&self, request: InferRequest, version: &Version) -> Result<InferResponse> {
-        let model = request.model.as_str();
-        let (output, ran, timings, cache_hit) = match &request.input {
-            Input::Embed(texts) => {
-                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let e = self.run_embed(model, version, &texts, &request.options)?;
-                let timings = Timings {
-                    prepare: e.prepare,
-                    queue: e.ran.map(|r| r.queue).unwrap_or_default(),
-                    forward: e.ran.map(|r| r.forward).unwrap_or_default(),
-                    post: e.post,
-                    total: e.total,
-                };
-                (Output::Embeddings(e.vectors), e.ran, timings, e.ran.is_none())
-            }
-            Input::Generate { prompt, params } => {
-                let start = Instant::now();
-                let mut stream = self.start_generation(model, version, prompt, params, &request.options)?;
-                let prepare = start.elapsed();
-                let completion = stream.run_to_end()?;
-                let ran = stream.ran();
-                let total = start.elapsed();
-                let (queue, forward) = ran.map(|r| (r.queue, r.forward)).unwrap_or_default();
-                let timings = Timings {
-                    prepare,
-                    queue,
-                    forward,
-                    // Sampling and decoding text, between and after the steps.
-                    post: total.saturating_sub(prepare + queue + forward),
-                    total,
-                };
-                (Output::Completion(completion), ran, timings, false)
-            }
+        let Input::Embed(texts) = &request.input else {
+            return self.stream_on(request, version)?.finish();
+        };
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let e = self.run_embed(&request.model, version, &texts, &request.options)?;
+        let mut meta = self.meta_of(&request, version);
+        meta.batch_id = e.ran.map(|r| r.batch_id);
+        meta.cache_hit = e.ran.is_none();
+        meta.timings = Timings {
+            prepare: e.prepare,
+            queue: e.ran.map(|r| r.queue).unwrap_or_default(),
+            forward: e.ran.map(|r| r.forward).unwrap_or_default(),
+            post: e.post,
+            total: e.total,
         };
         Ok(InferResponse {
-            output,
-            meta: Meta {
-                request_id: request.id,
-                model: request.model,
-                version: version.id.clone(),
-                backend: self.inner.backend.clone(),
-                batch_id: ran.map(|r| r.batch_id),
-                cache_hit,
-                timings,
-                annotations: Default::default(),
-            },
+            output: Output::Embeddings(e.vectors),
+            meta,
         })
     }
 

@@ -1,5 +1,6 @@
 //! Text generation: parameters, and the stream of tokens a generation yields.
 
+use crate::infer::{InferResponse, Meta, Output, Timings};
 use crate::model::Decoder;
 use crate::scheduler::decoder::Event;
 use crate::scheduler::Ran;
@@ -8,6 +9,7 @@ use keel_models::sampling::Sampling;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// How to generate.
 ///
@@ -210,6 +212,11 @@ impl TokenStream {
         self.ran
     }
 
+    /// The token ids generated so far.
+    pub(crate) fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
     fn token(&mut self, id: u32) -> Result<Token> {
         self.generated.push(id);
         // Decode everything so far and hand out what is new, holding back an unfinished character.
@@ -254,5 +261,79 @@ impl Drop for TokenStream {
     fn drop(&mut self) {
         // The worker sees it before its next step and drops the sequence (and its KV cache).
         self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A generation on the prediction path ([`crate::Engine::infer_stream`]): its tokens as they are
+/// made, then, from [`InferStream::finish`], the whole response with its metadata. Dropping it
+/// cancels the generation, as dropping a [`TokenStream`] does.
+pub struct InferStream {
+    stream: TokenStream,
+    text: String,
+    meta: Meta,
+    start: Instant,
+}
+
+impl InferStream {
+    pub(crate) fn new(stream: TokenStream, meta: Meta, start: Instant) -> Self {
+        let mut meta = meta;
+        meta.timings.prepare = start.elapsed();
+        Self {
+            stream,
+            text: String::new(),
+            meta,
+            start,
+        }
+    }
+
+    /// The response's metadata as known before the end: request id, model, version, backend.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// Runs the generation to its end (the tokens not yet iterated included) and returns the
+    /// response: the whole completion, the batch it joined and the time per stage.
+    ///
+    /// # Errors
+    /// The generation's error (a deadline passed in the queue, a shutdown, a backend failure).
+    pub fn finish(mut self) -> Result<InferResponse> {
+        for token in &mut self {
+            token?;
+        }
+        let ran = self.stream.ran();
+        let total = self.start.elapsed();
+        let mut meta = self.meta;
+        let (queue, forward) = ran.map(|r| (r.queue, r.forward)).unwrap_or_default();
+        meta.batch_id = ran.map(|r| r.batch_id);
+        meta.timings = Timings {
+            queue,
+            forward,
+            // Sampling and decoding text, between and after the steps.
+            post: total.saturating_sub(meta.timings.prepare + queue + forward),
+            total,
+            ..meta.timings
+        };
+        let completion = Completion {
+            prompt_ids: self.stream.prompt_ids().to_vec(),
+            token_ids: self.stream.generated().to_vec(),
+            text: std::mem::take(&mut self.text),
+            finish: self.stream.finish_reason().unwrap_or(FinishReason::Length),
+        };
+        Ok(InferResponse {
+            output: Output::Completion(completion),
+            meta,
+        })
+    }
+}
+
+impl Iterator for InferStream {
+    type Item = Result<Token>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let token = self.stream.next()?;
+        if let Ok(t) = &token {
+            self.text.push_str(&t.text);
+        }
+        Some(token)
     }
 }

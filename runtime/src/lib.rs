@@ -28,7 +28,7 @@ pub mod version;
 pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
-pub use generate::{Completion, FinishReason, GenerateParams, Token, TokenStream};
+pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream};
 pub use infer::{Infer, InferRequest, InferResponse, Input, Meta, Output, RequestId, Timings};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{Caps, Device, DeviceKind};

@@ -19,7 +19,7 @@ pub(crate) mod encoder;
 pub(crate) mod queue;
 
 pub(crate) use decoder::DecoderScheduler;
-pub(crate) use encoder::EncoderScheduler;
+pub(crate) use encoder::{clone_error, EncoderScheduler};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;

@@ -923,37 +923,71 @@ impl Versioned {
     }
 
     fn infer_versioned(&self, request: &mut InferRequest, retain: bool) -> Result<InferResponse> {
-        let s = &self.shared;
         let started = Instant::now();
-        let d = s.decide(request)?;
-        let addressed = std::mem::replace(&mut request.model, d.slot.record.id.to_string());
-        let copy = (d.shadow.is_some() || d.compare.is_some()).then(|| request.clone());
-        let result = s.below.infer(request.clone());
-        request.model = addressed;
+        let d = self.shared.decide(request)?;
+        let result = self.shared.below.infer(routed(request, &d));
+        self.conclude(&d, request, result, started, retain)
+    }
+
+    /// Starts a generation routed as [`Versioned::serve`] routes, and streams its tokens as
+    /// they are made. Its lineage is recorded when it ends (a stream dropped before its end is
+    /// cancelled and leaves no record); shadow copies run then. The stream goes straight to the
+    /// engine (not through the layers between, `below`, which answer whole requests).
+    ///
+    /// # Errors
+    /// As [`Versioned::serve`]; an input that is not a generation.
+    pub fn serve_stream(&self, request: InferRequest, retain_input: bool) -> Result<ServedStream> {
+        let started = Instant::now();
+        let d = self.shared.decide(&request)?;
+        let inner = self.shared.engine.infer_stream(routed(&request, &d));
+        if let (Err(_), Some(guard)) = (&inner, &d.guard) {
+            guard.observe(d.route == CANARY, false, started.elapsed());
+        }
+        Ok(ServedStream {
+            inner: Some(inner?),
+            layer: self.clone(),
+            request,
+            decision: d,
+            retain: retain_input,
+            started,
+            failed: None,
+            done: None,
+        })
+    }
+
+    /// After an answer: the guard's figures, the response's annotations, the lineage record, a
+    /// shadow copy, and a rollback if the guard tripped.
+    fn conclude(
+        &self,
+        d: &Decision,
+        request: &InferRequest,
+        result: crate::Result<InferResponse>,
+        started: Instant,
+        retain: bool,
+    ) -> Result<InferResponse> {
+        let s = &self.shared;
         if let Some(guard) = &d.guard {
             guard.observe(d.route == CANARY, result.is_ok(), started.elapsed());
         }
         let mut answer = result?;
         answer.meta.model = d.name.clone();
-        answer.meta.annotations.insert("route".into(), d.route.clone());
-        answer
-            .meta
-            .annotations
-            .insert("route_reason".into(), d.reason.clone());
+        let notes = &mut answer.meta.annotations;
+        notes.insert("route".into(), d.route.clone());
+        notes.insert("route_reason".into(), d.reason.clone());
         s.record(
             request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, retain, started,
         );
-        if let Some(copy) = copy {
-            let (other, recorded) = match (d.shadow, d.compare) {
-                (Some(canary), _) => (canary, true),
-                (None, Some(production)) => (production, false),
-                (None, None) => unreachable!("a copy is made only for a shadow or a comparison"),
-            };
+        let other = match (&d.shadow, &d.compare) {
+            (Some(canary), _) => Some((canary, true)),
+            (None, Some(production)) => Some((production, false)),
+            (None, None) => None,
+        };
+        if let Some((slot, recorded)) = other {
             s.shadow.offer(ShadowJob {
-                request: copy,
+                request: request.clone(),
                 addressed: request.model.clone(),
                 original: answer.output.clone(),
-                slot: other,
+                slot: slot.clone(),
                 name: d.name.clone(),
                 guard: d.guard.clone(),
                 recorded,
@@ -969,6 +1003,78 @@ impl Versioned {
     fn check_guard(&self, name: &str, guard: &GuardState) {
         if let Some(why) = guard.tripped() {
             let _ = self.abort_canary(name, &format!("guard: {why}"));
+        }
+    }
+}
+
+/// The request as the layers below see it: addressed to the version chosen.
+fn routed(request: &InferRequest, d: &Decision) -> InferRequest {
+    let mut routed = request.clone();
+    routed.model = d.slot.record.id.to_string();
+    routed
+}
+
+/// A generation served by the version layer ([`Versioned::serve_stream`]): its tokens as they
+/// are made. It holds the version it was routed to until it is dropped.
+pub struct ServedStream {
+    inner: Option<crate::InferStream>,
+    layer: Versioned,
+    request: InferRequest,
+    decision: Decision,
+    retain: bool,
+    started: Instant,
+    failed: Option<crate::Error>,
+    done: Option<Result<InferResponse>>,
+}
+
+impl ServedStream {
+    /// Where the request went: the route (`production`, `canary`, an alias, `direct`) and why.
+    pub fn route(&self) -> (&str, &str) {
+        (&self.decision.route, &self.decision.reason)
+    }
+
+    /// The response's metadata known before the end (request id, version, backend).
+    pub fn meta(&self) -> Option<&crate::Meta> {
+        self.inner.as_ref().map(crate::InferStream::meta)
+    }
+
+    /// Runs the generation to its end and returns the response as [`Versioned::serve`] would.
+    ///
+    /// # Errors
+    /// The generation's error.
+    pub fn finish(mut self) -> Result<InferResponse> {
+        for token in &mut self {
+            token?;
+        }
+        self.done.take().unwrap_or_else(|| {
+            Err(Error::Engine(crate::Error::Internal(
+                "the generation ended without an answer".into(),
+            )))
+        })
+    }
+}
+
+impl Iterator for ServedStream {
+    type Item = crate::Result<crate::Token>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let inner = self.inner.as_mut()?;
+        match inner.next() {
+            Some(Ok(token)) => Some(Ok(token)),
+            Some(Err(e)) => {
+                self.failed = Some(crate::scheduler::clone_error(&e));
+                Some(Err(e))
+            }
+            None => {
+                let inner = self.inner.take()?;
+                let result = match self.failed.take() {
+                    Some(e) => Err(e),
+                    None => inner.finish(),
+                };
+                let (d, request) = (&self.decision, &self.request);
+                self.done = Some(self.layer.conclude(d, request, result, self.started, self.retain));
+                None
+            }
         }
     }
 }
