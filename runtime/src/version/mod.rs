@@ -47,7 +47,7 @@ use crate::{Engine, Infer, InferRequest, InferResponse, LoadOptions, Output, Wei
 use guard::GuardState;
 use lineage::Writer;
 use sha2::{Digest, Sha256};
-use shadow::{ShadowJob, ShadowQueue};
+use shadow::{InFlight, Pacing, ShadowJob, ShadowQueue, Traffic};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -70,6 +70,11 @@ pub struct VersionConfig {
     pub retention: Retention,
     /// Shadow copies waiting to run; more are dropped and counted.
     pub shadow_queue: usize,
+    /// A shadow copy runs only once no request of this layer has been in flight for this long
+    /// (production's idle time), so that it does not take the cores from production.
+    pub shadow_idle_gap: Duration,
+    /// A copy that finds no idle time within this long is dropped (counted as stale).
+    pub shadow_max_wait: Duration,
     /// How often the store is asked whether another process changed the routes (a promote or
     /// rollback from `keel registry`); None: never (only this process's changes apply).
     pub refresh: Option<Duration>,
@@ -82,6 +87,8 @@ impl Default for VersionConfig {
             overflow: Overflow::Block,
             retention: Retention::default(),
             shadow_queue: 64,
+            shadow_idle_gap: Duration::from_millis(5),
+            shadow_max_wait: Duration::from_secs(2),
             refresh: Some(Duration::from_secs(1)),
         }
     }
@@ -116,6 +123,9 @@ pub struct Replay {
 /// or a request in flight) lets go.
 struct Slot {
     record: VersionRecord,
+    /// The sha256 of the manifest and the files' sha256, computed once for every lineage record.
+    manifest_hash: String,
+    files: BTreeMap<String, String>,
     engine: Engine,
     pool: Weak<SlotPool>,
 }
@@ -178,6 +188,7 @@ pub(crate) struct Shared {
     changing: Mutex<()>,
     lineage: Writer,
     shadow: ShadowQueue,
+    traffic: Arc<Traffic>,
     refresh: Option<Duration>,
     /// When the routes were last polled (ms since `epoch`), the version seen, and whether a
     /// refresh is running.
@@ -219,6 +230,11 @@ impl Versioned {
             config.retention,
         )?;
         let routes_version = store.routes_version()?;
+        let pacing = Pacing {
+            traffic: Arc::default(),
+            idle_gap: config.shadow_idle_gap,
+            max_wait: config.shadow_max_wait,
+        };
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
             engine,
             below,
@@ -227,7 +243,8 @@ impl Versioned {
             live: RwLock::default(),
             changing: Mutex::default(),
             lineage,
-            shadow: ShadowQueue::new(config.shadow_queue, weak.clone()),
+            traffic: pacing.traffic.clone(),
+            shadow: ShadowQueue::new(config.shadow_queue, weak.clone(), pacing),
             refresh: config.refresh,
             epoch: Instant::now(),
             polled_ms: AtomicU64::new(0),
@@ -625,6 +642,13 @@ impl Shared {
             });
         }
         let slot = Arc::new(Slot {
+            manifest_hash: lineage::hex(&Sha256::digest(record.manifest.to_toml().as_bytes())),
+            files: record
+                .manifest
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.sha256.clone()))
+                .collect(),
             record: record.clone(),
             engine: self.engine.clone(),
             pool: Arc::downgrade(&self.pool),
@@ -861,14 +885,8 @@ impl Shared {
             addressed: request.model.clone(),
             version: slot.record.id.to_string(),
             weights: slot.record.weights.clone(),
-            files: slot
-                .record
-                .manifest
-                .files
-                .iter()
-                .map(|f| (f.path.clone(), f.sha256.clone()))
-                .collect(),
-            manifest_hash: lineage::hex(&Sha256::digest(slot.record.manifest.to_toml().as_bytes())),
+            files: slot.files.clone(),
+            manifest_hash: slot.manifest_hash.clone(),
             keel_version: env!("CARGO_PKG_VERSION").to_string(),
             backend: meta.backend.clone(),
             batch_id: meta.batch_id,
@@ -923,6 +941,7 @@ impl Versioned {
     }
 
     fn infer_versioned(&self, request: &mut InferRequest, retain: bool) -> Result<InferResponse> {
+        let _busy = self.shared.traffic.begin();
         let started = Instant::now();
         let d = self.shared.decide(request)?;
         let result = self.shared.below.infer(routed(request, &d));
@@ -937,6 +956,7 @@ impl Versioned {
     /// # Errors
     /// As [`Versioned::serve`]; an input that is not a generation.
     pub fn serve_stream(&self, request: InferRequest, retain_input: bool) -> Result<ServedStream> {
+        let busy = self.shared.traffic.begin();
         let started = Instant::now();
         let d = self.shared.decide(&request)?;
         let inner = self.shared.engine.infer_stream(routed(&request, &d));
@@ -952,6 +972,7 @@ impl Versioned {
             started,
             failed: None,
             done: None,
+            _busy: busy,
         })
     }
 
@@ -991,6 +1012,7 @@ impl Versioned {
                 name: d.name.clone(),
                 guard: d.guard.clone(),
                 recorded,
+                queued: Instant::now(),
             });
         }
         if let Some(guard) = &d.guard {
@@ -1025,6 +1047,8 @@ pub struct ServedStream {
     started: Instant,
     failed: Option<crate::Error>,
     done: Option<Result<InferResponse>>,
+    /// Production traffic in flight until the stream is dropped (shadow copies wait).
+    _busy: InFlight,
 }
 
 impl ServedStream {

@@ -2,7 +2,9 @@
 //! and its output is compared with the answer that was returned (never returned itself).
 //!
 //! The queue is bounded: when it is full a copy is dropped and counted, so production never
-//! waits for its shadow.
+//! waits for its shadow. A copy runs only in production's idle time (no request of the layer in
+//! flight for `shadow_idle_gap`), so that on a small machine it does not take the cores from
+//! production; one that finds no idle time within `shadow_max_wait` is dropped as stale.
 
 use super::{divergence, GuardState, Shared, Slot, Versioned};
 use crate::{InferRequest, Output};
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Counters of the shadow queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -19,8 +21,75 @@ pub struct ShadowStats {
     pub run: u64,
     /// Copies dropped because the queue was full.
     pub dropped: u64,
+    /// Copies dropped because production left no idle time for them within `shadow_max_wait`.
+    pub stale: u64,
     /// Copies whose run failed.
     pub failed: u64,
+}
+
+/// Production traffic through the layer: how many requests are in flight and when the last one
+/// ended, for the shadow queue to run in the gaps.
+#[derive(Default)]
+pub(crate) struct Traffic {
+    busy: Mutex<Busy>,
+    quiet: Condvar,
+}
+
+#[derive(Default)]
+struct Busy {
+    in_flight: usize,
+    last_done: Option<Instant>,
+}
+
+/// A request in flight; its drop ends it.
+pub(crate) struct InFlight(Arc<Traffic>);
+
+impl Traffic {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Busy> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.lock().in_flight += 1;
+        InFlight(self.clone())
+    }
+
+    /// Waits until no request has been in flight for `gap`; false if that did not happen by
+    /// `until`.
+    fn wait_quiet(&self, gap: Duration, until: Instant) -> bool {
+        let mut busy = self.lock();
+        loop {
+            let now = Instant::now();
+            let quiet_for = busy.last_done.map_or(gap, |t| now.duration_since(t));
+            if busy.in_flight == 0 && quiet_for >= gap {
+                return true;
+            }
+            if now >= until {
+                return false;
+            }
+            let wait = if busy.in_flight == 0 {
+                gap - quiet_for
+            } else {
+                until - now
+            };
+            busy = self
+                .quiet
+                .wait_timeout(busy, wait.min(until - now))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut busy = self.0.lock();
+        busy.in_flight -= 1;
+        busy.last_done = Some(Instant::now());
+        if busy.in_flight == 0 {
+            self.0.quiet.notify_all();
+        }
+    }
 }
 
 pub(crate) struct ShadowJob {
@@ -37,16 +106,27 @@ pub(crate) struct ShadowJob {
     /// A shadow run of the canary (recorded in lineage, counted as a canary request); false: a
     /// production run for comparison with a canary's answer.
     pub recorded: bool,
+    /// When it was queued.
+    pub queued: Instant,
 }
 
 #[derive(Default)]
 struct Counters {
     run: AtomicU64,
     dropped: AtomicU64,
+    stale: AtomicU64,
     failed: AtomicU64,
     /// Copies queued or running.
     pending: Mutex<u64>,
     idle: Condvar,
+}
+
+/// When copies may run: in production's idle time.
+#[derive(Clone)]
+pub(crate) struct Pacing {
+    pub traffic: Arc<Traffic>,
+    pub idle_gap: Duration,
+    pub max_wait: Duration,
 }
 
 pub(crate) struct ShadowQueue {
@@ -56,14 +136,14 @@ pub(crate) struct ShadowQueue {
 }
 
 impl ShadowQueue {
-    pub fn new(capacity: usize, shared: Weak<Shared>) -> Self {
+    pub fn new(capacity: usize, shared: Weak<Shared>, pacing: Pacing) -> Self {
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(Counters::default());
         let thread = {
             let counters = counters.clone();
             std::thread::Builder::new()
                 .name("keel-shadow".into())
-                .spawn(move || run(&rx, &shared, &counters))
+                .spawn(move || run(&rx, &shared, &counters, &pacing))
                 .ok()
         };
         Self {
@@ -105,6 +185,7 @@ impl ShadowQueue {
         ShadowStats {
             run: c.run.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
+            stale: c.stale.load(Relaxed),
             failed: c.failed.load(Relaxed),
         }
     }
@@ -123,9 +204,12 @@ impl Drop for ShadowQueue {
     }
 }
 
-fn run(rx: &Receiver<ShadowJob>, shared: &Weak<Shared>, c: &Counters) {
+fn run(rx: &Receiver<ShadowJob>, shared: &Weak<Shared>, c: &Counters, pacing: &Pacing) {
     while let Ok(job) = rx.recv() {
-        if let Some(shared) = shared.upgrade() {
+        let until = job.queued + pacing.max_wait;
+        if !pacing.traffic.wait_quiet(pacing.idle_gap, until) {
+            c.stale.fetch_add(1, Relaxed);
+        } else if let Some(shared) = shared.upgrade() {
             run_one(&shared, job, c);
         }
         let mut pending = c.pending.lock().unwrap_or_else(|p| p.into_inner());
