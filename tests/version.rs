@@ -639,3 +639,38 @@ fn a_promote_by_another_process_reaches_a_running_server() {
     }
     println!("the server followed the promote in {:?}", start.elapsed());
 }
+
+#[test]
+fn retention_prunes_old_records_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = VersionConfig {
+        retention: keel::store::Retention {
+            max_records: Some(20),
+            max_age_ms: None,
+        },
+        prune_every: Duration::from_millis(50),
+        ..VersionConfig::default()
+    };
+    let s = served(dir.path(), config);
+    two_versions(&s);
+    let mut last = None;
+    for i in 0..60 {
+        last = Some(
+            s.serve(InferRequest::embed("embed", [format!("retention {i}")]))
+                .unwrap()
+                .meta
+                .request_id,
+        );
+    }
+    s.flush().unwrap();
+    let start = Instant::now();
+    while s.store().lineage_count().unwrap() > 20 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never pruned");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        s.explain(last.unwrap().as_str()).is_ok(),
+        "the newest record was pruned"
+    );
+    assert!(s.lineage_stats().pruned >= 40);
+}

@@ -322,6 +322,7 @@ impl Writer {
         capacity: usize,
         overflow: Overflow,
         retention: Retention,
+        prune_every: Duration,
     ) -> Result<Self> {
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(Counters::default());
@@ -329,7 +330,7 @@ impl Writer {
             let counters = counters.clone();
             std::thread::Builder::new()
                 .name("keel-lineage".into())
-                .spawn(move || write_loop(store.as_ref(), &rx, &counters, retention))
+                .spawn(move || write_loop(store.as_ref(), &rx, &counters, retention, prune_every))
                 .map_err(|e| {
                     Error::Engine(crate::Error::Internal(format!(
                         "cannot start the lineage writer: {e}"
@@ -375,9 +376,10 @@ impl Writer {
         tx.send(Msg::Flush(done)).map_err(|_| gone())?;
         match wait.recv().map_err(|_| gone())? {
             None => Ok(()),
-            Some(failure) => Err(Error::Engine(crate::Error::Internal(format!(
-                "lineage records were lost: {failure}"
-            )))),
+            Some(failure) => Err(Error::Store(crate::store::Error::Database {
+                path: "lineage".into(),
+                reason: format!("lineage records were lost: {failure}"),
+            })),
         }
     }
 
@@ -410,17 +412,28 @@ impl Counters {
     }
 }
 
-/// How often retention runs.
-const PRUNE_EVERY: Duration = Duration::from_secs(10);
-
-fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Retention) {
+fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Retention, every: Duration) {
     let prunes = retention.max_age_ms.is_some() || retention.max_records.is_some();
     let mut last_prune = Instant::now();
     let mut failure: Option<String> = None;
     let mut batch = Vec::with_capacity(BATCH);
     let mut flushes = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
+    loop {
+        // Without retention the thread sleeps until a record comes; with it, it also wakes to
+        // prune on time when no record comes.
+        let first = if prunes {
+            match rx.recv_timeout(every.saturating_sub(last_prune.elapsed())) {
+                Ok(msg) => Some(msg),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(msg) => Some(msg),
+                Err(_) => break,
+            }
+        };
+        let mut next = first;
         // Take what is buffered, up to a batch; a flush marker ends the batch.
         while let Some(msg) = next.take() {
             match msg {
@@ -451,7 +464,7 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
         for done in flushes.drain(..) {
             let _ = done.send(failure.take());
         }
-        if prunes && last_prune.elapsed() >= PRUNE_EVERY {
+        if prunes && last_prune.elapsed() >= every {
             last_prune = Instant::now();
             if let Ok(n) = store.prune_lineage(&retention, crate::store::now_ms()) {
                 c.pruned.fetch_add(n, Relaxed);

@@ -68,6 +68,8 @@ pub struct VersionConfig {
     pub overflow: Overflow,
     /// How long lineage records are kept (pruned in the background).
     pub retention: Retention,
+    /// How often the background writer prunes what retention no longer keeps.
+    pub prune_every: Duration,
     /// Shadow copies waiting to run; more are dropped and counted.
     pub shadow_queue: usize,
     /// A shadow copy runs only once no request of this layer has been in flight for this long
@@ -86,6 +88,7 @@ impl Default for VersionConfig {
             lineage_buffer: 8192,
             overflow: Overflow::Block,
             retention: Retention::default(),
+            prune_every: Duration::from_secs(10),
             shadow_queue: 64,
             shadow_idle_gap: Duration::from_millis(5),
             shadow_max_wait: Duration::from_secs(2),
@@ -228,6 +231,7 @@ impl Versioned {
             config.lineage_buffer,
             config.overflow,
             config.retention,
+            config.prune_every,
         )?;
         let routes_version = store.routes_version()?;
         let pacing = Pacing {
