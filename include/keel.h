@@ -327,6 +327,30 @@ typedef struct keel_request_info {
 } keel_request_info;
 
 /**
+ * The thresholds of a guarded canary (`keel_registry_canary_guarded`). Get the defaults from
+ * `keel_guard_default_params()`. A threshold that is NaN or negative is off.
+ */
+typedef struct keel_guard_params {
+  /**
+   * Judge only after this many canary requests (split traffic or shadow copies). Default: 50.
+   */
+  uint64_t min_requests;
+  /**
+   * Roll back above this share of failed canary requests (0 to 1). Default: off.
+   */
+  double max_error_rate;
+  /**
+   * Roll back when the canary's p99 latency exceeds production's by this factor. Default: off.
+   */
+  double max_p99_ratio;
+  /**
+   * Roll back above this mean divergence from production (1 - cosine for embeddings, the share
+   * of differing tokens for generation). Default: off.
+   */
+  double max_divergence;
+} keel_guard_params;
+
+/**
  * How to generate. Get the defaults from `keel_generate_default_params()` and change the fields
  * you care about.
  */
@@ -812,6 +836,33 @@ enum keel_status keel_registry_canary(const struct keel_engine *engine,
                                       bool shadow,
                                       const char *reason,
                                       struct keel_error **err);
+
+/**
+ * The default guard: judged after 50 requests, every threshold off.
+ *
+ * Thread safety: may be called from any thread at any time.
+ */
+struct keel_guard_params keel_guard_default_params(void);
+
+/**
+ * `keel_registry_canary` with a guard: when the canary crosses one of `guard`'s thresholds
+ * (after `guard->min_requests` canary requests), it is rolled back by itself and the rollback
+ * is recorded in the history with the figures. `guard` may be NULL (no guard). Errors and
+ * ownership as for `keel_registry_canary`.
+ *
+ * # Safety
+ * As for `keel_registry_canary`; `guard` is NULL or points to a `keel_guard_params`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_registry_canary_guarded(const struct keel_engine *engine,
+                                              const char *name,
+                                              const char *version,
+                                              double percent,
+                                              bool shadow,
+                                              const struct keel_guard_params *guard,
+                                              const char *reason,
+                                              struct keel_error **err);
 
 /**
  * Makes the canary of `name` its production version, in one step: the `canary` alias is
@@ -1352,6 +1403,28 @@ enum keel_status keel_lineage_replay(const struct keel_engine *engine,
                                      const char *request_id,
                                      bool *out_identical,
                                      struct keel_error **err);
+
+/**
+ * The version layer's counters as a JSON object: `{"lineage": {"written", "dropped", "failed",
+ * "transactions", "pruned"}, "shadow": {"run", "dropped", "stale", "failed"}, "guard": {...} |
+ * null}`. `"guard"` holds the figures of `name`'s guarded canary (`canary_requests`,
+ * `error_rate`, `p99_ratio`, `divergence`, `compared`, `tripped`), or null when `name` is NULL
+ * or has no guarded canary loaded.
+ *
+ * On success `*out` holds a new string owned by the caller (free it with `keel_string_free`). On
+ * failure `*out` is NULL and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for an engine without a store.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `out` points to a writable `keel_string *`; `err` is NULL or
+ * points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+ */
+enum keel_status keel_lineage_stats(const struct keel_engine *engine,
+                                    const char *name,
+                                    struct keel_string **out,
+                                    struct keel_error **err);
 
 /**
  * The string's bytes, NUL-terminated (the text itself holds no NUL). Owned by the string, valid

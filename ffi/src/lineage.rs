@@ -161,3 +161,57 @@ pub unsafe extern "C" fn keel_lineage_replay(
         Ok(())
     })
 }
+
+/// The version layer's counters as a JSON object: `{"lineage": {"written", "dropped", "failed",
+/// "transactions", "pruned"}, "shadow": {"run", "dropped", "stale", "failed"}, "guard": {...} |
+/// null}`. `"guard"` holds the figures of `name`'s guarded canary (`canary_requests`,
+/// `error_rate`, `p99_ratio`, `divergence`, `compared`, `tripped`), or null when `name` is NULL
+/// or has no guarded canary loaded.
+///
+/// On success `*out` holds a new string owned by the caller (free it with `keel_string_free`). On
+/// failure `*out` is NULL and `*err` (if `err` is not NULL) holds the error:
+/// `KEEL_ERR_INVALID_ARGUMENT` for an engine without a store.
+///
+/// # Safety
+/// `name` is NULL or NUL-terminated; `out` points to a writable `keel_string *`; `err` is NULL or
+/// points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+#[no_mangle]
+pub unsafe extern "C" fn keel_lineage_stats(
+    engine: *const keel_engine,
+    name: *const c_char,
+    out: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out, "out", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let store = engine.store()?;
+        let name = if name.is_null() {
+            None
+        } else {
+            Some(guard::c_str(name, "name")?)
+        };
+        let l = store.lineage_stats();
+        let sh = store.shadow_stats();
+        let guard = name.and_then(|n| store.guard_report(n)).map(|g| {
+            serde_json::json!({
+                "canary_requests": g.canary_requests,
+                "error_rate": g.error_rate,
+                "p99_ratio": g.p99_ratio,
+                "divergence": g.divergence,
+                "compared": g.compared,
+                "tripped": g.tripped,
+            })
+        });
+        let stats = serde_json::json!({
+            "lineage": {"written": l.written, "dropped": l.dropped, "failed": l.failed,
+                        "transactions": l.transactions, "pruned": l.pruned},
+            "shadow": {"run": sh.run, "dropped": sh.dropped, "stale": sh.stale, "failed": sh.failed},
+            "guard": guard,
+        });
+        out.set(handle::insert(StringObject::new(stats.to_string())));
+        Ok(())
+    })
+}

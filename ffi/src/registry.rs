@@ -11,7 +11,7 @@ use crate::handle;
 use crate::model::{keel_weights, path_of, weight_path_of};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::store::{AliasEvent, CanaryConfig};
+use keel::store::{AliasEvent, CanaryConfig, Guard};
 use keel::version::RegisterOptions;
 use std::ffi::c_char;
 
@@ -169,6 +169,77 @@ pub unsafe extern "C" fn keel_registry_canary(
             percent,
             shadow,
             guard: None,
+        };
+        engine.store()?.canary(name, version, config, reason)?;
+        Ok(())
+    })
+}
+
+/// The thresholds of a guarded canary (`keel_registry_canary_guarded`). Get the defaults from
+/// `keel_guard_default_params()`. A threshold that is NaN or negative is off.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct keel_guard_params {
+    /// Judge only after this many canary requests (split traffic or shadow copies). Default: 50.
+    pub min_requests: u64,
+    /// Roll back above this share of failed canary requests (0 to 1). Default: off.
+    pub max_error_rate: f64,
+    /// Roll back when the canary's p99 latency exceeds production's by this factor. Default: off.
+    pub max_p99_ratio: f64,
+    /// Roll back above this mean divergence from production (1 - cosine for embeddings, the share
+    /// of differing tokens for generation). Default: off.
+    pub max_divergence: f64,
+}
+
+/// The default guard: judged after 50 requests, every threshold off.
+///
+/// Thread safety: may be called from any thread at any time.
+#[no_mangle]
+pub extern "C" fn keel_guard_default_params() -> keel_guard_params {
+    keel_guard_params {
+        min_requests: 50,
+        max_error_rate: f64::NAN,
+        max_p99_ratio: f64::NAN,
+        max_divergence: f64::NAN,
+    }
+}
+
+/// `keel_registry_canary` with a guard: when the canary crosses one of `guard`'s thresholds
+/// (after `guard->min_requests` canary requests), it is rolled back by itself and the rollback
+/// is recorded in the history with the figures. `guard` may be NULL (no guard). Errors and
+/// ownership as for `keel_registry_canary`.
+///
+/// # Safety
+/// As for `keel_registry_canary`; `guard` is NULL or points to a `keel_guard_params`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn keel_registry_canary_guarded(
+    engine: *const keel_engine,
+    name: *const c_char,
+    version: *const c_char,
+    percent: f64,
+    shadow: bool,
+    guard: *const keel_guard_params,
+    reason: *const c_char,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let engine = engine_of(engine)?;
+        let name = guard::c_str(name, "name")?;
+        let version = guard::c_str(version, "version")?;
+        let reason = reason_of(reason)?;
+        let on = |x: f64| (x >= 0.0).then_some(x);
+        let config = CanaryConfig {
+            percent,
+            shadow,
+            guard: guard.as_ref().map(|g| Guard {
+                min_requests: g.min_requests,
+                max_error_rate: on(g.max_error_rate),
+                max_p99_ratio: on(g.max_p99_ratio),
+                max_divergence: on(g.max_divergence),
+            }),
         };
         engine.store()?.canary(name, version, config, reason)?;
         Ok(())

@@ -897,3 +897,55 @@ fn registry_and_lineage_misuse_have_their_codes() {
     });
     assert!(s.is_null());
 }
+
+#[test]
+fn a_guarded_canary_that_diverges_is_rolled_back_and_the_counters_say_so() {
+    let dir = TempDir::new("guard");
+    let engine = store_engine(&dir.0);
+    let v1 = register(engine, "embed", &minilm(), KEEL_WEIGHTS_F32, false);
+    let v2 = register(engine, "embed", &minilm(), KEEL_WEIGHTS_INT8, false);
+    alias(engine, "embed", "production", &v1);
+    // int8 diverges from f32 by more than 0.0002 (1 - cosine): the guard must trip.
+    let guard = keel_guard_params {
+        min_requests: 5,
+        max_divergence: 0.0002,
+        ..keel_guard_default_params()
+    };
+    ok(|err| unsafe {
+        keel_registry_canary_guarded(
+            engine,
+            c"embed".as_ptr(),
+            c(&v2).as_ptr(),
+            100.0,
+            false,
+            &guard,
+            c"guarded".as_ptr(),
+            err,
+        )
+    });
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while history(engine, "embed").last().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("canary 100")
+    {
+        assert!(start.elapsed().as_secs() < 30, "the guard never tripped");
+        infer(engine, "embed", &[&format!("guarded text {i}")], None, None);
+        // Leave the comparisons idle time to run in.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        i += 1;
+    }
+    let last = history(engine, "embed").last().unwrap().clone();
+    assert!(
+        last["reason"].as_str().unwrap().contains("guard: divergence"),
+        "{last}"
+    );
+    assert_eq!(infer(engine, "embed", &["after"], None, None).version, v1);
+    let mut out = junk();
+    ok(|err| unsafe { keel_lineage_stats(engine, null(), &mut out, err) });
+    let stats = json(out);
+    assert!(stats["shadow"]["run"].as_u64().unwrap() >= 5, "{stats}");
+    assert_eq!(stats["guard"], serde_json::Value::Null);
+    keel_engine_free(engine);
+}
