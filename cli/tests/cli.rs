@@ -16,7 +16,10 @@ fn models() -> PathBuf {
 }
 
 fn keel(args: &[&str]) -> Output {
+    // Predictions are recorded in the default store: a scratch one, not the source tree's.
+    let store = std::env::temp_dir().join(format!("keel-cli-default-store-{}", std::process::id()));
     Command::new(env!("CARGO_BIN_EXE_keel"))
+        .env("KEEL_STORE", store)
         .args(args)
         .output()
         .unwrap()
