@@ -76,8 +76,18 @@ impl SqliteStore {
             path,
             conn: Mutex::new(conn),
         };
-        store.prepare()?;
-        Ok(store)
+        // The first opens of a new store by several processes at once can find it locked without
+        // SQLite's busy handler being asked (the switch to WAL mode): try again for a while.
+        let mut tries = 0;
+        loop {
+            match store.prepare() {
+                Err(Error::Database { reason, .. }) if reason.contains("locked") && tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5 + tries % 20));
+                }
+                other => return other.map(|()| store),
+            }
+        }
     }
 
     fn db_error(&self, e: rusqlite::Error) -> Error {
@@ -95,25 +105,33 @@ impl SqliteStore {
     /// Checks that the file is a Keel store of a schema this build reads, and migrates it.
     fn prepare(&self) -> Result<()> {
         let mut conn = self.conn();
-        let not_a_store = |reason: String| Error::NotAStore {
-            path: self.path.clone(),
-            reason,
+        let not_a_store = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => Error::NotAStore {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            },
+            _ => self.db_error(e),
         };
-        // The first read of a file that is not SQLite fails here ("file is not a database").
-        let app: i64 = conn
-            .query_row("PRAGMA application_id", [], |r| r.get(0))
-            .map_err(|e| not_a_store(e.to_string()))?;
-        let tables: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-            .map_err(|e| not_a_store(e.to_string()))?;
-        if app != APPLICATION_ID && !(app == 0 && tables == 0) {
-            return Err(not_a_store(format!(
-                "its application id is {app:#x} with {tables} schema objects"
-            )));
-        }
-        let found: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        // Processes opening a new store at once wait for each other here.
+        conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| self.db_error(e))?;
+        // Checked and migrated under the write lock, so that a store another process is
+        // creating is seen whole or not at all. Nothing is written to a file that is refused.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(not_a_store)?;
+        let read = |sql: &str| tx.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(not_a_store);
+        let (app, tables, found) = (
+            read("PRAGMA application_id")?,
+            read("SELECT count(*) FROM sqlite_master")?,
+            read("PRAGMA user_version")?,
+        );
+        if app != APPLICATION_ID && !(app == 0 && tables == 0) {
+            return Err(Error::NotAStore {
+                path: self.path.clone(),
+                reason: format!("its application id is {app:#x} with {tables} schema objects"),
+            });
+        }
         if found > SCHEMA_VERSION {
             return Err(Error::NewerSchema {
                 path: self.path.clone(),
@@ -121,33 +139,27 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| self.db_error(e))?;
-        // WAL: readers never block the writer; `synchronous = NORMAL` in WAL mode makes a
-        // committed transaction survive a crash of the process (not of the machine's power).
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|e| self.db_error(e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(self.db_error(rusqlite::Error::InvalidQuery));
-        }
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-            .map_err(|e| self.db_error(e))?;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.db_error(e))?;
-        // Another process may have migrated it meanwhile: read the version again under the lock.
-        let now: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| self.db_error(e))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(now.max(0) as usize) {
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
             tx.execute_batch(sql).map_err(|e| self.db_error(e))?;
             tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
                 .map_err(|e| self.db_error(e))?;
         }
         tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))
             .map_err(|e| self.db_error(e))?;
-        tx.commit().map_err(|e| self.db_error(e))
+        tx.commit().map_err(|e| self.db_error(e))?;
+        // WAL: readers never block the writer; `synchronous = NORMAL` in WAL mode makes a
+        // committed transaction survive a crash of the process (not of the machine's power).
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| self.db_error(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Database {
+                path: self.path.clone(),
+                reason: format!("cannot use WAL mode (the journal mode is {mode})"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(|e| self.db_error(e))
     }
 
     /// SQLite's own integrity check: "ok", or what is wrong.
@@ -513,6 +525,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, Error::NotWritable { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn processes_creating_one_store_at_once_all_open_it() {
+        let dir = std::env::temp_dir().join(format!("keel-store-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.clone();
+                // Separate connections race as separate processes do.
+                std::thread::spawn(move || SqliteStore::open(&dir).map(|_| ()))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
