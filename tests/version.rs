@@ -674,3 +674,19 @@ fn retention_prunes_old_records_in_the_background() {
     );
     assert!(s.lineage_stats().pruned >= 40);
 }
+
+#[test]
+fn a_version_the_host_loaded_itself_stays_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().build().unwrap();
+    let own = engine.load(common::minilm_dir()).unwrap();
+    let s = Versioned::open(engine.clone(), dir.path(), VersionConfig::default()).unwrap();
+    let v = s
+        .register("embed", common::minilm_dir(), RegisterOptions::default())
+        .unwrap();
+    assert_eq!(v, own);
+    s.set_alias("embed", "production", v.as_str(), "test").unwrap();
+    s.serve(InferRequest::embed("embed", ["shared"])).unwrap();
+    s.release("embed");
+    engine.embed(own.as_str(), &["still loaded"]).unwrap();
+}

@@ -131,6 +131,8 @@ struct Slot {
     files: BTreeMap<String, String>,
     engine: Engine,
     pool: Weak<SlotPool>,
+    /// The host had loaded this version itself: not the layer's to unload.
+    borrowed: bool,
 }
 
 #[derive(Default)]
@@ -142,7 +144,9 @@ struct SlotPool {
 impl Drop for Slot {
     fn drop(&mut self) {
         let Some(pool) = self.pool.upgrade() else {
-            let _ = self.engine.unload(self.record.id.as_str());
+            if !self.borrowed {
+                let _ = self.engine.unload(self.record.id.as_str());
+            }
             return;
         };
         let mut slots = pool.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -151,7 +155,9 @@ impl Drop for Slot {
             return;
         }
         slots.remove(&self.record.id);
-        let _ = self.engine.unload(self.record.id.as_str());
+        if !self.borrowed {
+            let _ = self.engine.unload(self.record.id.as_str());
+        }
     }
 }
 
@@ -636,6 +642,8 @@ impl Shared {
             }
         }
         let weights = weight_path(&record.weights);
+        // A version the host loaded into the engine itself stays loaded after the layer is done.
+        let borrowed = self.engine.info(record.id.as_str()).is_ok();
         let id = self.engine.load_with(&record.path, LoadOptions { weights })?;
         if id != record.id {
             return Err(Error::Tampered {
@@ -656,6 +664,7 @@ impl Shared {
             record: record.clone(),
             engine: self.engine.clone(),
             pool: Arc::downgrade(&self.pool),
+            borrowed,
         });
         slots.insert(record.id.clone(), Arc::downgrade(&slot));
         Ok(slot)
