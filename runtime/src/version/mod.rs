@@ -164,7 +164,10 @@ impl Drop for Slot {
 /// The routes of one name, with their versions loaded.
 struct Live {
     routes: Routes,
+    /// Production and canary, loaded with the routes (any request may need them).
     slots: BTreeMap<String, Arc<Slot>>,
+    /// Other aliases, loaded when a request first addresses them.
+    others: Mutex<BTreeMap<String, Arc<Slot>>>,
     guard: Option<Arc<GuardState>>,
 }
 
@@ -673,7 +676,11 @@ impl Shared {
     /// Loads every version the routes name.
     fn build_live(self: &Arc<Self>, routes: Routes) -> Result<Arc<Live>> {
         let mut slots = BTreeMap::new();
-        for (alias, id) in &routes.aliases {
+        let served = routes
+            .aliases
+            .iter()
+            .filter(|(a, _)| *a == PRODUCTION || *a == CANARY);
+        for (alias, id) in served {
             let record = self
                 .store
                 .version(&routes.name, id)?
@@ -688,7 +695,12 @@ impl Shared {
             .as_ref()
             .and_then(|c| c.guard.clone())
             .map(|g| Arc::new(GuardState::new(g)));
-        Ok(Arc::new(Live { routes, slots, guard }))
+        Ok(Arc::new(Live {
+            routes,
+            slots,
+            others: Mutex::default(),
+            guard,
+        }))
     }
 
     /// The routes of `name` in this process, loading them from the store at first use.
@@ -802,11 +814,23 @@ impl Shared {
             None => (addressed, None),
         };
         let live = self.live(name)?;
-        let slot_of = |alias: &str| {
-            live.slots.get(alias).cloned().ok_or_else(|| Error::UnknownAlias {
+        let slot_of = |alias: &str| -> Result<Arc<Slot>> {
+            if let Some(slot) = live.slots.get(alias) {
+                return Ok(slot.clone());
+            }
+            let unknown = || Error::UnknownAlias {
                 name: name.to_string(),
                 alias: alias.to_string(),
-            })
+            };
+            let id = live.routes.aliases.get(alias).ok_or_else(unknown)?;
+            let mut others = live.others.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = others.get(alias) {
+                return Ok(slot.clone());
+            }
+            let record = self.store.version(name, id)?.ok_or_else(unknown)?;
+            let slot = self.slot(&record)?;
+            others.insert(alias.to_string(), slot.clone());
+            Ok(slot)
         };
         let decision = |slot, route: &str, reason: String| Decision {
             slot,
