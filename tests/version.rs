@@ -187,14 +187,19 @@ fn hot_swap_promote_and_rollback_under_load_lose_nothing() {
             })
         })
         .collect();
-    // 50 swaps: a canary set and promoted, or production rolled back, in turn; the version
-    // let go is unloaded once its requests are answered, and loaded again later.
+    // 50 swaps: a canary set and promoted, or production rolled back, in turn (and now and then
+    // every version let go of); the version let go is unloaded once its requests are answered,
+    // and loaded again later.
     let mut expected = Vec::new();
     for swap in 0..50 {
         std::thread::sleep(Duration::from_millis(20));
         let routes = s.routes("embed").unwrap();
         let now = routes.aliases["production"].clone();
         let other = if now == f32 { &int8 } else { &f32 };
+        if swap % 10 == 9 {
+            // This process lets go of its loaded versions; the next request loads them again.
+            s.release("embed");
+        }
         if swap % 3 == 2 {
             s.rollback("embed", "test").unwrap();
         } else {

@@ -472,3 +472,131 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::VersionId;
+    use crate::store::{AliasEvent, Result as StoreResult, RouteChange, Routes, VersionRecord};
+    use std::sync::Condvar;
+
+    /// A store whose lineage writes wait at a gate, to fill the writer's buffer.
+    #[derive(Default)]
+    struct Gated {
+        closed: Mutex<bool>,
+        open: Condvar,
+        rows: Mutex<Vec<LineageRow>>,
+    }
+
+    impl Gated {
+        fn set(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.open.notify_all();
+        }
+    }
+
+    impl Store for Gated {
+        fn location(&self) -> String {
+            "gated".into()
+        }
+        fn register(&self, _: &VersionRecord) -> StoreResult<bool> {
+            Ok(false)
+        }
+        fn version(&self, _: &str, _: &VersionId) -> StoreResult<Option<VersionRecord>> {
+            Ok(None)
+        }
+        fn versions(&self) -> StoreResult<Vec<VersionRecord>> {
+            Ok(Vec::new())
+        }
+        fn routes(&self, _: &str) -> StoreResult<Routes> {
+            Ok(Routes::default())
+        }
+        fn update_routes(
+            &self,
+            _: &str,
+            _: &mut RouteChange<'_>,
+        ) -> StoreResult<std::result::Result<(Routes, Vec<AliasEvent>), String>> {
+            Ok(Err("not here".into()))
+        }
+        fn routes_version(&self) -> StoreResult<i64> {
+            Ok(0)
+        }
+        fn history(&self, _: &str) -> StoreResult<Vec<AliasEvent>> {
+            Ok(Vec::new())
+        }
+        fn append_lineage(&self, rows: &[LineageRow]) -> StoreResult<()> {
+            let mut closed = self.closed.lock().unwrap();
+            while *closed {
+                closed = self.open.wait(closed).unwrap();
+            }
+            self.rows.lock().unwrap().extend_from_slice(rows);
+            Ok(())
+        }
+        fn lineage(&self, _: &str) -> StoreResult<Option<LineageRow>> {
+            Ok(None)
+        }
+        fn recent_lineage(&self, _: usize) -> StoreResult<Vec<LineageRow>> {
+            Ok(Vec::new())
+        }
+        fn lineage_count(&self) -> StoreResult<u64> {
+            Ok(self.rows.lock().unwrap().len() as u64)
+        }
+        fn prune_lineage(&self, _: &Retention, _: i64) -> StoreResult<u64> {
+            Ok(0)
+        }
+    }
+
+    fn row(i: usize) -> LineageRow {
+        LineageRow {
+            request_id: format!("r{i}"),
+            time_ms: i as i64,
+            record: "{}".into(),
+        }
+    }
+
+    fn writer(store: &Arc<Gated>, overflow: Overflow) -> Writer {
+        let store: Arc<dyn Store> = store.clone();
+        Writer::start(store, 4, overflow, Retention::default(), Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_or_blocks_but_never_loses_silently() {
+        // Drop: with the store stuck, the writer holds one batch and the buffer 4; the rest is
+        // dropped and counted, and what was kept is committed once the store moves.
+        let store = Arc::new(Gated::default());
+        store.set(true);
+        let w = writer(&store, Overflow::Drop);
+        w.submit(row(0));
+        // The writer has taken it and waits at the store: the buffer holds 4 of the next 19.
+        std::thread::sleep(Duration::from_millis(50));
+        for i in 1..20 {
+            w.submit(row(i));
+        }
+        store.set(false);
+        w.flush().unwrap();
+        let st = w.stats();
+        assert_eq!(st.dropped, 15, "{st:?}");
+        assert_eq!(st.written + st.dropped, 20, "{st:?}");
+        assert_eq!(store.rows.lock().unwrap().len() as u64, st.written);
+
+        // Block: the submitter waits for room; every record is written.
+        let store = Arc::new(Gated::default());
+        store.set(true);
+        let w = Arc::new(writer(&store, Overflow::Block));
+        w.submit(row(0));
+        std::thread::sleep(Duration::from_millis(50));
+        let sender = {
+            let w = w.clone();
+            std::thread::spawn(move || (1..20).for_each(|i| w.submit(row(i))))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !sender.is_finished(),
+            "a full buffer did not hold the submitter back"
+        );
+        store.set(false);
+        sender.join().unwrap();
+        w.flush().unwrap();
+        assert_eq!((w.stats().written, w.stats().dropped), (20, 0));
+    }
+}
