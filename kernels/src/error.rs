@@ -36,8 +36,26 @@ pub enum Error {
         message: String,
     },
     /// An error raised by the tensor library underneath (candle).
-    #[error("compute error: {0}")]
+    #[error("compute error: {}", one_line(.0))]
     Compute(#[from] candle_core::Error),
+}
+
+/// A candle error as one line: without the backtrace candle captures when `RUST_BACKTRACE` is
+/// set (dozens of lines in what should be a message), its context and path kept.
+pub fn one_line(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    let text = match e {
+        E::WithBacktrace { inner, .. } => return one_line(inner),
+        E::Context { inner, context } => format!("{context}: {}", one_line(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), one_line(inner)),
+        E::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
+        other => other.to_string(),
+    };
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The result type of every backend call.

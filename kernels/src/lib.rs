@@ -29,7 +29,7 @@ pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use decoder::{KvCache, Rope};
 pub use device::{Caps, Device, DeviceKind, Op, WgpuOptions};
-pub use error::{Error, Result};
+pub use error::{one_line, Error, Result};
 pub use linear::{Activation, Linear, PackedCache, Weight};
 pub use tensor::Tensor;
 pub use wgpu::{DeviceStats, GpuQuantMatrix};

@@ -113,7 +113,7 @@ impl GgufFile {
         let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             format: "GGUF",
-            reason: e.to_string(),
+            reason: keel_kernels::one_line(&e),
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -147,7 +147,7 @@ impl GgufFile {
             .map_err(|e| Error::Format {
                 path: self.path.clone(),
                 format: "GGUF",
-                reason: e.to_string(),
+                reason: keel_kernels::one_line(&e),
             })?;
         Ok(tensor)
     }
