@@ -221,6 +221,13 @@ fn parse_device(s: &str) -> Result<DeviceKind, String> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a closed pipe (`keel inspect M | head -1`) would make every later
+    // print fail or panic; with the default action the process ends quietly, as Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_DFL before any thread starts is sound.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,7 +341,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     "token_ids": done.token_ids,
                     "text": done.text,
                     "prompt_tokens": done.prompt_ids.len(),
-                    "finish_reason": format!("{:?}", done.finish).to_lowercase(),
+                    "finish_reason": done.finish.as_str(),
                 });
                 println!("{out}");
             }

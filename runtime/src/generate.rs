@@ -120,6 +120,21 @@ pub enum FinishReason {
     ContextFull,
 }
 
+impl FinishReason {
+    /// The reason as the JSON outputs, C and Python spell it: "stop", "length", "context_full".
+    ///
+    /// ```
+    /// assert_eq!(keel::FinishReason::ContextFull.as_str(), "context_full");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context_full",
+        }
+    }
+}
+
 /// A finished generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {

@@ -3,7 +3,7 @@
 
 use super::{Error, Result};
 use crate::store::{LineageRow, Retention, Store};
-use crate::{Completion, GenerateParams, Input, Output, Sampling, Timings};
+use crate::{GenerateParams, Input, Output, Sampling, Timings};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -244,20 +244,10 @@ impl OutputSummary {
             Output::Completion(c) => OutputSummary::Generate {
                 prompt_tokens: c.prompt_ids.len(),
                 token_ids: c.token_ids.clone(),
-                finish_reason: finish_name(c),
+                finish_reason: c.finish.as_str().to_string(),
             },
         }
     }
-}
-
-/// A finish reason as the JSON outputs spell it.
-pub fn finish_name(c: &Completion) -> String {
-    match c.finish {
-        crate::FinishReason::Stop => "stop",
-        crate::FinishReason::Length => "length",
-        crate::FinishReason::ContextFull => "context_full",
-    }
-    .to_string()
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
