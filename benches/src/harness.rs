@@ -64,8 +64,9 @@ pub struct Args {
     /// Print the figures as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Where to write SCENARIO.json (and the chart).
-    #[arg(long, default_value = "bench-out")]
+    /// Where to write SCENARIO.json (and the chart). Default: a `keel-bench` folder in the
+    /// system's temporary folder (the figures the README quotes are kept in `docs/figures/`).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("keel-bench"))]
     pub out: PathBuf,
     /// Seconds per measured point (load levels, batch sizes).
     #[arg(long, default_value_t = 3.0)]
@@ -78,6 +79,7 @@ pub struct Args {
 /// Runs a scenario: prints its table or JSON, writes its files.
 pub fn run(args: &Args) -> Result<Value, String> {
     let model = args.model.clone().unwrap_or_else(|| default_model(args.scenario));
+    check_model(&model, args.model.is_some())?;
     let budget = Duration::from_secs_f64(args.seconds.max(0.2));
     let progress = Progress::new(args.scenario.name());
     let device = Device::new(args.device).map_err(|e| e.to_string())?;
@@ -111,6 +113,22 @@ pub fn run(args: &Args) -> Result<Value, String> {
         println!("\n(written to {})", file.display());
     }
     Ok(result)
+}
+
+/// The default model must exist: say how to point the harness at one.
+fn check_model(model: &std::path::Path, given: bool) -> Result<(), String> {
+    if model.exists() {
+        return Ok(());
+    }
+    Err(if given {
+        format!("{} does not exist", model.display())
+    } else {
+        format!(
+            "no model at {}: pass --model PATH (MiniLM's folder, or SmolLM2's .gguf for smollm2), \
+             or set KEEL_MODELS_DIR to where scripts/setup-models.sh installed them",
+            model.display()
+        )
+    })
 }
 
 fn default_model(s: Scenario) -> PathBuf {

@@ -354,3 +354,19 @@ fn a_closed_pipe_ends_the_command_quietly() {
     assert_ne!(out.status.code(), Some(101), "it panicked");
     let _ = std::fs::remove_dir_all(&store);
 }
+
+#[test]
+fn bench_without_a_model_says_how_to_give_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(std::env::temp_dir())
+        .env_remove("KEEL_MODELS_DIR")
+        .args(["bench", "cache"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("pass --model") && err.contains("KEEL_MODELS_DIR"),
+        "{err}"
+    );
+}
