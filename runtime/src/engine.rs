@@ -224,13 +224,7 @@ impl Engine {
 
     /// [`Engine::load`] with options. Two weight paths of one file are two versions.
     pub fn load_with(&self, path: impl AsRef<Path>, options: LoadOptions) -> Result<VersionId> {
-        let mut source = ModelSource::open(path.as_ref())?;
-        // Another weight path computes other numbers from the same files: a version of its own.
-        match options.weights {
-            WeightPath::Quantized => {}
-            WeightPath::F32 => source.manifest.name.push_str(" (f32)"),
-            WeightPath::Int8 => source.manifest.name.push_str(" (int8)"),
-        }
+        let source = ModelSource::open(path.as_ref())?.with_weights(options.weights)?;
         let id = source.version_id();
         if self.read().versions.contains_key(&id) {
             return Ok(id);

@@ -190,6 +190,22 @@ impl ModelSource {
         ))
     }
 
+    /// The manifest of a Hugging Face folder, derived from its files (every file hashed), whatever
+    /// `keel.toml` the folder holds: what `keel inspect --write-manifest` writes.
+    ///
+    /// # Errors
+    /// A folder without `config.json`, `model.safetensors` or `tokenizer.json`, an unknown
+    /// architecture.
+    pub fn derive(folder: &Path) -> Result<Self> {
+        if !folder.join("config.json").is_file() {
+            return Err(Error::NotAModel {
+                path: folder.to_path_buf(),
+                reason: "a manifest is derived from a Hugging Face folder (config.json, model.safetensors, tokenizer.json)".into(),
+            });
+        }
+        Self::derive_hf(folder)
+    }
+
     fn derive_hf(folder: &Path) -> Result<Self> {
         let missing = |what: &str| Error::NotAModel {
             path: folder.to_path_buf(),
@@ -255,6 +271,29 @@ impl ModelSource {
         })
     }
 
+    /// The version that runs these files with `weights`: another weight path computes other
+    /// numbers from the same files, so it is a version of its own (its name says which).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for int8 on a decoder: its GGUF weights are already quantized
+    /// (int8 quantizes an encoder's f32 matrices).
+    pub fn with_weights(mut self, weights: keel_models::llama::WeightPath) -> Result<Self> {
+        use keel_models::llama::WeightPath;
+        match weights {
+            WeightPath::Quantized => {}
+            WeightPath::F32 => self.manifest.name.push_str(" (f32)"),
+            WeightPath::Int8 if self.manifest.architecture == Architecture::Llama => {
+                return Err(Error::InvalidArgument(format!(
+                    "int8 weights are for encoders' f32 matrices; {} is a GGUF decoder whose weights are \
+                     already quantized: use quantized (as stored) or f32",
+                    self.manifest.name
+                )))
+            }
+            WeightPath::Int8 => self.manifest.name.push_str(" (int8)"),
+        }
+        Ok(self)
+    }
+
     /// Checks every file's sha256 against the manifest.
     pub fn verify(&self) -> Result<()> {
         for entry in &self.manifest.files {
@@ -295,7 +334,18 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })?;
-        let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let folder = path.parent().unwrap_or(Path::new(".")).display().to_string();
+        let remedy = format!(
+            "write it with `keel inspect --write-manifest {folder}` (derived from the files), or delete \
+             it to load the folder as a Hugging Face folder"
+        );
+        if text.trim().is_empty() {
+            return Err(bad(format!("the file is empty: {remedy}")));
+        }
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            bad(format!("{first}; fix it, or {remedy}"))
+        })?;
         let named = [
             Some(&manifest.weights),
             manifest.config.as_ref(),

@@ -291,13 +291,7 @@ impl Versioned {
     ) -> Result<VersionId> {
         check_name(name)?;
         let path = path.as_ref();
-        let mut source = ModelSource::open(path)?;
-        // The same naming as Engine::load_with, so that the ids agree.
-        match options.weights {
-            WeightPath::Quantized => {}
-            WeightPath::F32 => source.manifest.name.push_str(" (f32)"),
-            WeightPath::Int8 => source.manifest.name.push_str(" (int8)"),
-        }
+        let source = ModelSource::open(path)?.with_weights(options.weights)?;
         let id = source.version_id();
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         self.shared.store.register(&VersionRecord {
