@@ -269,3 +269,23 @@ fn int8_weights_on_a_gguf_and_an_empty_manifest_say_what_to_do() {
     std::fs::write(dir.path().join("keel.toml"), derived.manifest.to_toml()).unwrap();
     assert_eq!(engine().load(dir.path()).unwrap(), derived.version_id());
 }
+
+#[test]
+fn weights_with_a_nan_are_refused_at_load() {
+    let dir = minilm_copy();
+    let weights = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(minilm_dir().join("model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    // One f32 of a LayerNorm becomes a quiet NaN.
+    let table: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let start = table["embeddings.LayerNorm.bias"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    let at = 8 + header + start + 4 * 10;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&weights, bytes).unwrap();
+    let e = engine().load(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidModel, "{e}");
+    assert!(e.to_string().contains("non-finite"), "{e}");
+}

@@ -370,7 +370,15 @@ impl SentenceEncoder {
         let d = &self.bert.device;
         let hidden = self.bert.forward(&d.tensor_u32(&ids, &[ids.len()])?, &lengths)?;
         let pooled = d.l2_normalize(&d.mean_pool(&hidden, &lengths)?)?;
-        Ok(pooled.to_vec2()?)
+        let vectors: Vec<Vec<f32>> = pooled.to_vec2()?;
+        // Never a silent NaN: finite weights and inputs give finite outputs, so this is a broken
+        // backend or weights that escaped the load-time check.
+        if let Some(i) = vectors.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(Error::Weights(format!(
+                "the model computed a non-finite embedding for sequence {i}: its weights or the backend are broken"
+            )));
+        }
+        Ok(vectors)
     }
 
     /// Unit-length embeddings of texts.

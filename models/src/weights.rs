@@ -12,6 +12,23 @@ use safetensors::{Dtype, SafeTensors};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
+/// The index of the first NaN or infinity among little-endian f32, f16 or bf16 values.
+fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        // All-ones exponent: f16 5 bits (0x7c00), bf16 8 bits (0x7f80).
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        _ => None,
+    }
+}
+
 fn map(path: &Path) -> Result<Mmap> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -88,6 +105,13 @@ impl SafetensorsFile {
         };
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
+        // A NaN or an infinity in the weights would turn every output it touches into NaN.
+        if let Some(i) = first_non_finite(&self.mmap[start..end], dtype) {
+            return Err(Error::Weights(format!(
+                "'{name}' in {} holds a non-finite value (NaN or infinity) at element {i}: the file is corrupt",
+                self.path.display()
+            )));
+        }
         // Straight from the page cache into the tensor: one copy when the dtype is already f32.
         let tensor = candle_core::Tensor::from_raw_buffer(&self.mmap[start..end], dtype, &info.shape, &HOST)?;
         Ok(if dtype == DType::F32 {

@@ -244,6 +244,13 @@ impl Seq {
                 return Outcome::Continue;
             }
         }
+        if logits.iter().any(|x| !x.is_finite()) {
+            let broken = keel_models::Error::Weights(
+                "the model computed non-finite logits: its weights or the backend are broken".into(),
+            );
+            let _ = self.job.events.send(Event::Failed(broken.into()));
+            return Outcome::Finished;
+        }
         let id = self.sampler.sample(logits);
         if decoder.tokenizer.eos_ids().contains(&id) {
             let _ = self.job.events.send(Event::Done(FinishReason::Stop, self.ran));
