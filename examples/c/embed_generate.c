@@ -10,7 +10,8 @@
  * that C gets what the Rust API gets, bit for bit.
  *
  * Build (see docs/FFI.md):
- *   cc -std=c11 -Iinclude examples/c/embed_generate.c -Ltarget/release -lkeel -o embed_generate
+ *   cc -std=c11 -Iinclude examples/c/embed_generate.c -Ltarget/release -lkeel \
+ *      -Wl,-rpath,$PWD/target/release -o embed_generate
  */
 #include <keel.h>
 

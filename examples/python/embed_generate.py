@@ -1,7 +1,7 @@
 """Embed and generate with libkeel from Python (ctypes): the Python twin of
 examples/c/embed_generate.c, with the same inputs and the same dump format.
 
-    python3 examples/python/embed_generate.py MINILM_DIR SMOLLM2_GGUF [DUMP_FILE]
+    PYTHONPATH=examples/python python3 examples/python/embed_generate.py MINILM_DIR SMOLLM2_GGUF [DUMP_FILE]
 """
 
 import struct

@@ -1,6 +1,6 @@
 """Misuse from Python gets a KeelError with the right code, never a crash.
 
-    python3 examples/python/test_misuse.py MINILM_DIR SMOLLM2_GGUF
+    PYTHONPATH=examples/python python3 examples/python/test_misuse.py MINILM_DIR SMOLLM2_GGUF
 """
 
 import ctypes
