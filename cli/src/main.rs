@@ -13,9 +13,9 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: an embedded inference runtime")]
 struct Cli {
-    /// Device to run on.
-    #[arg(long, global = true, default_value = "cpu", value_parser = parse_device)]
-    device: DeviceKind,
+    /// Device to run on (default: cpu). cuda reports "no such device" until its backend lands.
+    #[arg(long, global = true, value_parser = device_parser())]
+    device: Option<DeviceKind>,
     /// The deployment's store (registry, alias history, lineage). Default: $KEEL_STORE, else
     /// ./.keel.
     #[arg(long, global = true)]
@@ -220,8 +220,11 @@ fn said(m: &keel::Meta) {
     );
 }
 
-fn parse_device(s: &str) -> Result<DeviceKind, String> {
-    s.parse()
+/// The device names, listed in `--help` and checked by clap.
+fn device_parser() -> impl clap::builder::TypedValueParser<Value = DeviceKind> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["cpu", "wgpu", "cuda"])
+        .map(|s| s.parse::<DeviceKind>().unwrap_or(DeviceKind::Cpu))
 }
 
 fn main() -> ExitCode {
@@ -246,6 +249,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    if matches!(cli.command, Command::Inspect { .. }) && cli.device.is_some() {
+        return Err("inspect reads a model's files and runs nothing: --device does not apply".into());
+    }
+    let device = cli.device.unwrap_or(DeviceKind::Cpu);
     match cli.command {
         Command::Inspect {
             path,
@@ -266,8 +273,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             keel_benches::harness::run(&args)?;
             Ok(())
         }
-        Command::Registry(command) => registry::registry(cli.device, cli.store, command),
-        Command::Lineage(command) => registry::lineage(cli.device, cli.store, command),
+        Command::Registry(command) => registry::registry(device, cli.store, command),
+        Command::Lineage(command) => registry::lineage(device, cli.store, command),
         Command::Embed {
             model,
             routing,
@@ -276,7 +283,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             weights,
             texts,
         } => {
-            let served = serving(cli.device, cli.store)?;
+            let served = serving(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let answer = predict(&served, InferRequest::embed(&model, &texts), routing)?;
             let Output::Embeddings(vectors_out) = answer.output else {
@@ -326,7 +333,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             json,
             prompt,
         } => {
-            let served = serving(cli.device, cli.store)?;
+            let served = serving(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let mut params = if greedy {
                 GenerateParams::greedy()

