@@ -385,6 +385,12 @@ fn inspect(path: &std::path::Path, manifest_only: bool) -> Result<(), Box<dyn st
     println!("name:         {}", m.name);
     println!("architecture: {}", m.architecture);
     println!("version id:   {}", info.id);
+    if !info.hyperparameters.is_empty() {
+        println!("hyperparameters:");
+        for (name, value) in &info.hyperparameters {
+            println!("  {name:<18} {value}");
+        }
+    }
     println!("files:");
     for f in &m.files {
         println!("  {}  sha256 {}", f.path, f.sha256);

