@@ -928,7 +928,7 @@ enum keel_status keel_registry_abort_canary(const struct keel_engine *engine,
 
 /**
  * Every registered version, as a JSON array with one object per version, by name then
- * registration time: `{"name": "...", "id": "<64 hex digits>", "architecture": "bert" |
+ * registration time: `{"name": "...", "version": "<64 hex digits>", "architecture": "bert" |
  * "llama", "weights": "quantized" | "f32" | "int8", "path": "...", "aliases": ["production",
  * ...], "retain_input": bool, "registered": <ms since the Unix epoch>, "canary_percent":
  * number | null, "shadow": bool | null}`. `aliases` are those of its name pointing at it;

@@ -145,28 +145,13 @@ pub(crate) enum LineageCommand {
     },
 }
 
-fn event_json(e: &AliasEvent) -> serde_json::Value {
-    json!({
-        "seq": e.seq,
-        "time": e.time_ms,
-        "name": e.name,
-        "alias": e.alias,
-        "from": e.from.as_ref().map(|v| v.as_str()),
-        "to": e.to.as_ref().map(|v| v.as_str()),
-        "reason": e.reason,
-    })
-}
-
 fn short(id: Option<&keel::VersionId>) -> String {
     id.map_or_else(|| "-".into(), |v| v.as_str()[..12].to_string())
 }
 
 fn print_events(events: &[AliasEvent], json: bool) -> Result<()> {
     if json {
-        println!(
-            "{}",
-            serde_json::Value::Array(events.iter().map(event_json).collect())
-        );
+        println!("{}", serde_json::to_string(events)?);
     } else {
         for e in events {
             println!(
@@ -204,7 +189,6 @@ pub(crate) fn registry(device: DeviceKind, store: Option<PathBuf>, command: Regi
                 None => Vec::new(),
             };
             if json {
-                let events: Vec<_> = events.iter().map(event_json).collect();
                 println!(
                     "{}",
                     json!({"name": name, "version": id.as_str(), "events": events})
@@ -265,43 +249,19 @@ pub(crate) fn registry(device: DeviceKind, store: Option<PathBuf>, command: Regi
 }
 
 fn list(served: &Versioned, json: bool) -> Result<()> {
-    let versions = served.versions()?;
-    let mut rows = Vec::new();
-    for v in &versions {
-        let routes = served.routes(&v.name)?;
-        let aliases: Vec<&str> = routes
-            .aliases
-            .iter()
-            .filter(|(_, id)| **id == v.id)
-            .map(|(a, _)| a.as_str())
-            .collect();
-        let canary = routes.canary.as_ref().filter(|_| aliases.contains(&"canary"));
-        rows.push(json!({
-            "name": v.name,
-            "version": v.id.as_str(),
-            "architecture": v.manifest.architecture.to_string(),
-            "weights": v.weights,
-            "path": v.path.display().to_string(),
-            "aliases": aliases,
-            "retain_input": v.retain_input,
-            "registered": v.registered_ms,
-            "canary_percent": canary.map(|c| c.percent),
-            "shadow": canary.map(|c| c.shadow),
-        }));
-    }
+    let catalog = served.catalog()?;
     if json {
-        println!("{}", serde_json::Value::Array(rows));
+        println!("{}", serde_json::to_string(&catalog)?);
         return Ok(());
     }
-    for r in rows {
-        let aliases: Vec<String> = serde_json::from_value(r["aliases"].clone())?;
+    for v in &catalog {
         println!(
             "{:<20} {}  {:<9} {:<6} {}",
-            r["name"].as_str().unwrap_or(""),
-            &r["version"].as_str().unwrap_or("")[..12],
-            r["weights"].as_str().unwrap_or(""),
-            r["architecture"].as_str().unwrap_or(""),
-            aliases.join(",")
+            v.name,
+            &v.version.as_str()[..12],
+            v.weights,
+            v.architecture,
+            v.aliases.join(",")
         );
     }
     Ok(())

@@ -11,7 +11,7 @@ use crate::handle;
 use crate::model::{keel_weights, path_of, weight_path_of};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::store::{AliasEvent, CanaryConfig, Guard};
+use keel::store::{CanaryConfig, Guard};
 use keel::version::RegisterOptions;
 use std::ffi::c_char;
 
@@ -27,19 +27,6 @@ unsafe fn reason_of<'a>(reason: *const c_char) -> Result<&'a str, Failure> {
         return Ok(NO_REASON);
     }
     guard::c_str(reason, "reason")
-}
-
-/// An alias move as JSON (the shape of `keel registry history --json`).
-fn event_json(e: &AliasEvent) -> serde_json::Value {
-    serde_json::json!({
-        "seq": e.seq,
-        "time": e.time_ms,
-        "name": e.name,
-        "alias": e.alias,
-        "from": e.from.as_ref().map(|v| v.as_str()),
-        "to": e.to.as_ref().map(|v| v.as_str()),
-        "reason": e.reason,
-    })
 }
 
 /// Registers the model at `path` (a Keel model folder, a Hugging Face folder or a `.gguf` file) as
@@ -336,7 +323,7 @@ pub unsafe extern "C" fn keel_registry_abort_canary(
 }
 
 /// Every registered version, as a JSON array with one object per version, by name then
-/// registration time: `{"name": "...", "id": "<64 hex digits>", "architecture": "bert" |
+/// registration time: `{"name": "...", "version": "<64 hex digits>", "architecture": "bert" |
 /// "llama", "weights": "quantized" | "f32" | "int8", "path": "...", "aliases": ["production",
 /// ...], "retain_input": bool, "registered": <ms since the Unix epoch>, "canary_percent":
 /// number | null, "shadow": bool | null}`. `aliases` are those of its name pointing at it;
@@ -362,38 +349,8 @@ pub unsafe extern "C" fn keel_registry_list(
     guard::call(err, || {
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
-        let store = engine.store()?;
-        let mut routes = std::collections::HashMap::new();
-        let mut rows = Vec::new();
-        for v in store.versions()? {
-            if !routes.contains_key(&v.name) {
-                routes.insert(v.name.clone(), store.routes(&v.name)?);
-            }
-            let r = &routes[&v.name];
-            let aliases: Vec<&str> = r
-                .aliases
-                .iter()
-                .filter(|(_, id)| **id == v.id)
-                .map(|(alias, _)| alias.as_str())
-                .collect();
-            let canary = r
-                .canary
-                .as_ref()
-                .filter(|_| aliases.contains(&keel::version::CANARY));
-            rows.push(serde_json::json!({
-                "name": v.name,
-                "id": v.id.as_str(),
-                "architecture": v.manifest.architecture.to_string(),
-                "weights": v.weights,
-                "path": v.path.display().to_string(),
-                "aliases": aliases,
-                "retain_input": v.retain_input,
-                "registered": v.registered_ms,
-                "canary_percent": canary.map(|c| c.percent),
-                "shadow": canary.map(|c| c.shadow),
-            }));
-        }
-        let text = serde_json::Value::Array(rows).to_string();
+        let catalog = engine.store()?.catalog()?;
+        let text = serde_json::to_string(&catalog).map_err(|e| Failure::internal(e.to_string()))?;
         out.set(handle::insert(StringObject::new(text)));
         Ok(())
     })
@@ -431,8 +388,8 @@ pub unsafe extern "C" fn keel_registry_history(
         if !store.versions()?.iter().any(|v| v.name == name) {
             return Err(keel::version::Error::UnknownName(name.to_string()).into());
         }
-        let events: Vec<serde_json::Value> = store.history(name)?.iter().map(event_json).collect();
-        let text = serde_json::Value::Array(events).to_string();
+        let events = store.history(name)?;
+        let text = serde_json::to_string(&events).map_err(|e| Failure::internal(e.to_string()))?;
         out.set(handle::insert(StringObject::new(text)));
         Ok(())
     })

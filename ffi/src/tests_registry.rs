@@ -173,7 +173,7 @@ fn production_of(engine: *const keel_engine, name: &str) -> Option<String> {
         .unwrap()
         .iter()
         .find(|v| v["name"] == name && v["aliases"].as_array().unwrap().iter().any(|a| a == "production"))
-        .map(|v| v["id"].as_str().unwrap().to_string())
+        .map(|v| v["version"].as_str().unwrap().to_string())
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn register_canary_promote_and_rollback_with_lineage() {
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 2, "{listed:?}");
     for (id, weights) in [(&v1, "f32"), (&v2, "int8")] {
-        let v = listed.iter().find(|v| v["id"] == id.as_str()).unwrap();
+        let v = listed.iter().find(|v| v["version"] == id.as_str()).unwrap();
         assert_eq!(v["weights"], weights);
         assert_eq!(v["name"], "embed");
         assert_eq!(v["architecture"], "bert");

@@ -69,7 +69,8 @@ pub struct Manifest {
 }
 
 /// A content-derived model version id: the sha256 of the manifest (which holds every file's sha256).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
 pub struct VersionId(String);
 
 impl VersionId {

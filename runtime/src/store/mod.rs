@@ -115,12 +115,13 @@ pub struct Routes {
     pub canary: Option<CanaryConfig>,
 }
 
-/// One alias move, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One alias move, as recorded (as JSON: `seq`, `time`, `name`, `alias`, `from`, `to`, `reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AliasEvent {
     /// Order of the moves in the store (increasing).
     pub seq: i64,
     /// When (milliseconds since the Unix epoch).
+    #[serde(rename = "time")]
     pub time_ms: i64,
     /// The model name.
     pub name: String,

@@ -107,6 +107,32 @@ pub struct RegisterOptions {
     pub retain_input: bool,
 }
 
+/// A registered version and where the routes point at it: one entry of
+/// [`Versioned::catalog`] (`keel registry list`, `keel_registry_list`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CatalogEntry {
+    /// The model name.
+    pub name: String,
+    /// The version id.
+    pub version: VersionId,
+    /// Its architecture ("bert", "llama").
+    pub architecture: String,
+    /// Its weight path ("quantized", "f32", "int8").
+    pub weights: String,
+    /// Where its files are.
+    pub path: String,
+    /// The aliases of its name that point at it.
+    pub aliases: Vec<String>,
+    /// Whether its lineage keeps inputs.
+    pub retain_input: bool,
+    /// When it was registered (milliseconds since the Unix epoch).
+    pub registered: i64,
+    /// While it is the canary: its share of traffic.
+    pub canary_percent: Option<f64>,
+    /// While it is the canary: whether in shadow mode.
+    pub shadow: Option<bool>,
+}
+
 /// What a replay found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Replay {
@@ -309,6 +335,38 @@ impl Versioned {
     /// Every registered version.
     pub fn versions(&self) -> Result<Vec<VersionRecord>> {
         Ok(self.shared.store.versions()?)
+    }
+
+    /// Every registered version with the aliases that point at it, by name then registration.
+    pub fn catalog(&self) -> Result<Vec<CatalogEntry>> {
+        let mut routes: HashMap<String, Routes> = HashMap::new();
+        let mut entries = Vec::new();
+        for v in self.shared.store.versions()? {
+            if !routes.contains_key(&v.name) {
+                routes.insert(v.name.clone(), self.shared.store.routes(&v.name)?);
+            }
+            let r = &routes[&v.name];
+            let aliases: Vec<String> = r
+                .aliases
+                .iter()
+                .filter(|(_, id)| **id == v.id)
+                .map(|(a, _)| a.clone())
+                .collect();
+            let canary = r.canary.as_ref().filter(|_| aliases.iter().any(|a| a == CANARY));
+            entries.push(CatalogEntry {
+                architecture: v.manifest.architecture.to_string(),
+                path: v.path.display().to_string(),
+                canary_percent: canary.map(|c| c.percent),
+                shadow: canary.map(|c| c.shadow),
+                name: v.name,
+                version: v.id,
+                weights: v.weights,
+                aliases,
+                retain_input: v.retain_input,
+                registered: v.registered_ms,
+            });
+        }
+        Ok(entries)
     }
 
     /// A name's aliases and canary settings, as stored.
