@@ -820,16 +820,17 @@ impl Shared {
     /// Rebuilds the routes of every served name whose stored routes differ from this process's.
     fn reload_changed(self: &Arc<Self>) {
         let _serial = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        let names: Vec<(String, Arc<Live>)> = self
-            .read_live()
-            .iter()
-            .map(|(n, l)| (n.clone(), l.clone()))
-            .collect();
-        for (name, live) in names {
+        // Names only: holding a name's old routes here would keep their versions loaded.
+        let names: Vec<String> = self.read_live().keys().cloned().collect();
+        for name in names {
             let Ok(routes) = self.store.routes(&name) else {
                 continue;
             };
-            if routes == live.routes {
+            let same = self
+                .read_live()
+                .get(&name)
+                .is_some_and(|live| live.routes == routes);
+            if same {
                 continue;
             }
             // A version that cannot be loaded (files gone or changed) keeps the old routes.
