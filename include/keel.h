@@ -1349,8 +1349,8 @@ enum keel_status keel_lineage_show(const struct keel_engine *engine,
  * On success `*out_json` holds a new string owned by the caller (free it with
  * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
  * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
- * store; `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_INTERNAL` when records were lost
- * since the last flush (as for `keel_lineage_flush`).
+ * store; `KEEL_ERR_STORAGE` when the store fails or records were lost since the last flush (as
+ * for `keel_lineage_flush`).
  *
  * # Safety
  * `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
@@ -1369,7 +1369,7 @@ enum keel_status keel_lineage_recent(const struct keel_engine *engine,
  * other processes on the store see them.
  *
  * On failure `*err` (if `err` is not NULL) holds the error: `KEEL_ERR_INVALID_ARGUMENT` for a
- * NULL or stale engine or an engine without a store; `KEEL_ERR_INTERNAL` when records were lost
+ * NULL or stale engine or an engine without a store; `KEEL_ERR_STORAGE` when records were lost
  * since the last flush (the store failed to write them; the message says why).
  *
  * # Safety

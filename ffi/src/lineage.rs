@@ -60,9 +60,7 @@ pub unsafe extern "C" fn keel_lineage_show(
         let request_id = guard::c_str(request_id, "request_id")?;
         let store = engine.store()?;
         let record = flushed(store, || store.explain(request_id))?;
-        let text = serde_json::to_string(&record)
-            .map_err(|e| Failure::internal(format!("the lineage record cannot be written as JSON: {e}")))?;
-        out.set(handle::insert(StringObject::new(text)));
+        out.set(handle::insert(StringObject::json(&record)?));
         Ok(())
     })
 }
@@ -74,8 +72,8 @@ pub unsafe extern "C" fn keel_lineage_show(
 /// On success `*out_json` holds a new string owned by the caller (free it with
 /// `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
 /// the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
-/// store; `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_INTERNAL` when records were lost
-/// since the last flush (as for `keel_lineage_flush`).
+/// store; `KEEL_ERR_STORAGE` when the store fails or records were lost since the last flush (as
+/// for `keel_lineage_flush`).
 ///
 /// # Safety
 /// `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
@@ -95,9 +93,7 @@ pub unsafe extern "C" fn keel_lineage_recent(
         let store = engine.store()?;
         store.flush()?;
         let records = store.recent(n)?;
-        let text = serde_json::to_string(&records)
-            .map_err(|e| Failure::internal(format!("the lineage records cannot be written as JSON: {e}")))?;
-        out.set(handle::insert(StringObject::new(text)));
+        out.set(handle::insert(StringObject::json(&records)?));
         Ok(())
     })
 }
@@ -107,7 +103,7 @@ pub unsafe extern "C" fn keel_lineage_recent(
 /// other processes on the store see them.
 ///
 /// On failure `*err` (if `err` is not NULL) holds the error: `KEEL_ERR_INVALID_ARGUMENT` for a
-/// NULL or stale engine or an engine without a store; `KEEL_ERR_INTERNAL` when records were lost
+/// NULL or stale engine or an engine without a store; `KEEL_ERR_STORAGE` when records were lost
 /// since the last flush (the store failed to write them; the message says why).
 ///
 /// # Safety

@@ -350,8 +350,7 @@ pub unsafe extern "C" fn keel_registry_list(
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
         let catalog = engine.store()?.catalog()?;
-        let text = serde_json::to_string(&catalog).map_err(|e| Failure::internal(e.to_string()))?;
-        out.set(handle::insert(StringObject::new(text)));
+        out.set(handle::insert(StringObject::json(&catalog)?));
         Ok(())
     })
 }
@@ -389,8 +388,7 @@ pub unsafe extern "C" fn keel_registry_history(
             return Err(keel::version::Error::UnknownName(name.to_string()).into());
         }
         let events = store.history(name)?;
-        let text = serde_json::to_string(&events).map_err(|e| Failure::internal(e.to_string()))?;
-        out.set(handle::insert(StringObject::new(text)));
+        out.set(handle::insert(StringObject::json(&events)?));
         Ok(())
     })
 }

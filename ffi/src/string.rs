@@ -33,6 +33,13 @@ impl StringObject {
         bytes.push(0);
         Self { bytes }
     }
+
+    /// A value as JSON text: what the calls that answer in JSON hand out.
+    pub(crate) fn json(value: &impl serde::Serialize) -> Result<Self, crate::status::Failure> {
+        serde_json::to_string(value)
+            .map(Self::new)
+            .map_err(|e| crate::status::Failure::internal(format!("cannot write the answer as JSON: {e}")))
+    }
 }
 
 /// The string's bytes, NUL-terminated (the text itself holds no NUL). Owned by the string, valid
