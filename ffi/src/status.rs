@@ -32,7 +32,8 @@ pub enum keel_status {
     /// The request's deadline passed while it was queued (it was never run) or before its answer
     /// was ready.
     KEEL_ERR_DEADLINE = 6,
-    /// Reserved, not produced yet: the input or output broke the model's data contract.
+    /// The input broke the model's data contract (a field out of range, missing, stale, of the
+    /// wrong type): the message names the field, the clause and the value.
     KEEL_ERR_CONTRACT = 7,
     /// A failure inside Keel or its backend, including a panic caught at the boundary. The
     /// engine stays usable; the message says what happened.
@@ -59,6 +60,7 @@ pub(crate) fn status_of(kind: keel::ErrorKind) -> keel_status {
         keel::ErrorKind::DeadlineExceeded => KEEL_ERR_DEADLINE,
         keel::ErrorKind::ShuttingDown => KEEL_ERR_SHUTTING_DOWN,
         keel::ErrorKind::Storage => KEEL_ERR_STORAGE,
+        keel::ErrorKind::Contract => KEEL_ERR_CONTRACT,
     }
 }
 

@@ -357,6 +357,16 @@ impl SentenceEncoder {
             .collect()
     }
 
+    /// How many tokens `text` has before any cut (the special tokens included): more than
+    /// the model's maximum means [`SentenceEncoder::tokenize`] cuts it.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.len())
+    }
+
     /// Unit-length embeddings of token-id sequences, run as one packed batch.
     pub fn embed_ids(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {

@@ -4,6 +4,7 @@
 //!   ([`bert::SentenceEncoder`]).
 //! - [`llama`]: llama-architecture decoders such as SmolLM2, from GGUF, with a KV cache and two
 //!   weight paths (quantized, and dequantized f32 as the reference).
+//! - [`mlp`]: tabular classifiers (standardization, dense layers, softmax) from safetensors.
 //! - [`tokenizer`]: the decoder's tokenizer and chat template, built from GGUF metadata.
 //! - [`sampling`]: greedy and seeded temperature / top-k / top-p sampling.
 //! - [`weights`]: memory-mapped safetensors and GGUF files, checked before use.
@@ -14,6 +15,7 @@
 pub mod bert;
 mod error;
 pub mod llama;
+pub mod mlp;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

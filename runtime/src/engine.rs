@@ -2,7 +2,7 @@
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, InferStream, TokenStream};
-use crate::infer::{Infer, InferRequest, InferResponse, Input, Meta, Output, Timings};
+use crate::infer::{Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Value};
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
 use crate::request::Request;
@@ -100,12 +100,14 @@ pub struct LoadOptions {
 }
 
 /// What the engine knows of a loaded model version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// The content-derived version id.
     pub id: VersionId,
     /// The version's manifest.
     pub manifest: Manifest,
+    /// The folder its files were loaded from.
+    pub folder: std::path::PathBuf,
     /// Which weights its matrix products use.
     pub weights: WeightPath,
 }
@@ -170,6 +172,9 @@ struct Version {
 enum Scheduler {
     Encoder(EncoderScheduler),
     Decoder(DecoderScheduler),
+    /// No queue: a tabular classifier answers on the caller's thread (a forward pass costs less
+    /// than a hand-off to another thread would).
+    Direct,
 }
 
 impl Scheduler {
@@ -177,6 +182,7 @@ impl Scheduler {
         match self {
             Scheduler::Encoder(s) => s.stats(),
             Scheduler::Decoder(s) => s.stats(),
+            Scheduler::Direct => SchedulerStats::default(),
         }
     }
 
@@ -184,6 +190,7 @@ impl Scheduler {
         match self {
             Scheduler::Encoder(s) => s.shutdown(grace),
             Scheduler::Decoder(s) => s.shutdown(grace),
+            Scheduler::Direct => true,
         }
     }
 }
@@ -241,6 +248,7 @@ impl Engine {
                 self.inner.prefix_cache.clone(),
                 config,
             )?),
+            Model::Classifier(_) => Scheduler::Direct,
         };
         let version = Arc::new(Version {
             loaded: model,
@@ -600,8 +608,10 @@ impl Engine {
     }
 
     fn infer_on(&self, request: InferRequest, version: &Version) -> Result<InferResponse> {
-        let Input::Embed(texts) = &request.input else {
-            return self.stream_on(request, version)?.finish();
+        let texts = match &request.input {
+            Input::Embed(texts) => texts,
+            Input::Classify(rows) => return self.classify_on(&request, version, rows),
+            Input::Generate { .. } => return self.stream_on(request, version)?.finish(),
         };
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         let e = self.run_embed(&request.model, version, &texts, &request.options)?;
@@ -617,6 +627,52 @@ impl Engine {
         };
         Ok(InferResponse {
             output: Output::Embeddings(e.vectors),
+            meta,
+        })
+    }
+
+    /// A tabular classifier's answers, computed on this thread. Each row must hold every feature
+    /// the manifest names as a finite number (the contract layer is where rows are repaired or
+    /// refused field by field; the engine refuses the whole request).
+    fn classify_on(&self, request: &InferRequest, version: &Version, rows: &[Record]) -> Result<InferResponse> {
+        self.open()?;
+        let Model::Classifier(mlp) = &version.model else {
+            return Err(wrong_task(&request.model, version, "classify"));
+        };
+        if rows.is_empty() {
+            return Err(keel_models::Error::EmptyInput("no rows to classify".into()).into());
+        }
+        let start = Instant::now();
+        let manifest = &version.manifest;
+        let mut values = Vec::with_capacity(manifest.features.len());
+        let mut classes = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            values.clear();
+            for name in &manifest.features {
+                let x = match row.get(name) {
+                    Some(Value::Number(x)) if x.is_finite() => *x,
+                    Some(Value::Number(x)) => {
+                        return Err(Error::InvalidArgument(format!("row {i}: '{name}' is {x}, not a finite number")))
+                    }
+                    Some(_) => return Err(Error::InvalidArgument(format!("row {i}: '{name}' is not a number"))),
+                    None => return Err(Error::InvalidArgument(format!("row {i}: '{name}' is missing"))),
+                };
+                values.push(x as f32);
+            }
+            let probabilities = mlp.probabilities(&values)?;
+            let class = argmax(&probabilities);
+            classes.push(Classification {
+                class,
+                label: manifest.labels[class].clone(),
+                probabilities,
+            });
+        }
+        let mut meta = self.meta_of(request, version);
+        let took = start.elapsed();
+        meta.timings.forward = took;
+        meta.timings.total = took;
+        Ok(InferResponse {
+            output: Output::Classes(classes),
             meta,
         })
     }
@@ -642,7 +698,30 @@ impl Engine {
                 Ok(d.tokenizer.encode(&text)?)
             }
             Model::Encoder(e) => Ok(e.tokenize(&[text])?.remove(0)),
+            Model::Classifier(_) => Err(wrong_task(model, &loaded, "tokenize")),
         }
+    }
+
+    /// How many tokens `text` has under the model's tokenizer, before any cut (an encoder cuts
+    /// texts longer than its maximum; a decoder refuses prompts longer than its context).
+    ///
+    /// # Errors
+    /// An unknown model, a model without a tokenizer.
+    pub fn count_tokens(&self, model: &str, text: &str) -> Result<usize> {
+        let loaded = self.resolve(model)?;
+        match &loaded.model {
+            Model::Encoder(e) => Ok(e.count_tokens(text)?),
+            Model::Decoder(d) => Ok(d.tokenizer.encode(text)?.len()),
+            Model::Classifier(_) => Err(wrong_task(model, &loaded, "tokenize")),
+        }
+    }
+
+    /// The version that `model` (an alias, a version id or a prefix of one) names now.
+    ///
+    /// # Errors
+    /// [`Error::UnknownModel`].
+    pub fn version_of(&self, model: &str) -> Result<VersionId> {
+        Ok(self.resolve(model)?.id.clone())
     }
 
     /// Finds a model by alias, by full version id, or by a unique prefix of at least 8 hex digits.
@@ -700,6 +779,7 @@ fn info_of(m: &Version) -> ModelInfo {
     ModelInfo {
         id: m.id.clone(),
         manifest: m.manifest.clone(),
+        folder: m.folder.clone(),
         weights: m.weights,
     }
 }
@@ -740,6 +820,14 @@ fn shared_prefix(version: &Version, decoder: &Decoder, system: Option<&str>) -> 
     }
     map.insert(key, prefix.clone());
     Some(prefix)
+}
+
+/// The index of the largest value (the first of equals).
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > values[best] { i } else { best })
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

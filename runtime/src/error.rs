@@ -71,6 +71,15 @@ pub enum Error {
     /// A failure inside Keel (a panic in a worker caught and reported, a worker gone).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A production layer around the engine refused the request for a reason of its own (a
+    /// broken data contract): its own error, which `source.downcast_ref` recovers.
+    #[error("{source}")]
+    Refused {
+        /// The class the layer gives it.
+        kind: ErrorKind,
+        /// The layer's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The broad class of an [`Error`]: what a caller (or the C ABI's status code) branches on.
@@ -96,6 +105,9 @@ pub enum ErrorKind {
     /// A production module's store failed or cannot be used (not writable, not a Keel store,
     /// from a newer schema). The engine itself never returns it.
     Storage,
+    /// The input broke the model's data contract (the contract layer refused it). The engine
+    /// itself never returns it.
+    Contract,
 }
 
 impl Error {
@@ -122,6 +134,7 @@ impl Error {
             Error::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
             Error::ShuttingDown(_) => ErrorKind::ShuttingDown,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::Refused { kind, .. } => *kind,
         }
     }
 }

@@ -57,6 +57,8 @@ impl From<String> for RequestId {
 pub enum Input {
     /// Unit-length sentence embeddings of these texts (an encoder).
     Embed(Vec<String>),
+    /// The class of each row of named values (a tabular classifier).
+    Classify(Vec<Record>),
     /// A reply to a prompt, run to its end (a decoder).
     Generate {
         /// The prompt.
@@ -67,13 +69,115 @@ pub enum Input {
 }
 
 impl Input {
-    /// The task's name: "embed" or "generate".
+    /// The task's name: "embed", "classify" or "generate".
     pub fn task(&self) -> &'static str {
         match self {
             Input::Embed(_) => "embed",
+            Input::Classify(_) => "classify",
             Input::Generate { .. } => "generate",
         }
     }
+}
+
+/// One value of a tabular row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A number (an integer is a number too; NaN and infinities are kept as they came).
+    Number(f64),
+    /// Text: a category, a timestamp (RFC 3339), or a number not parsed yet.
+    Text(String),
+    /// Numbers with a shape (a nested list), row-major.
+    Tensor {
+        /// The extent of each dimension.
+        shape: Vec<usize>,
+        /// The values, row-major.
+        values: Vec<f64>,
+    },
+    /// An explicit null (JSON `null`, an empty CSV cell).
+    Null,
+}
+
+impl Value {
+    /// The value of a JSON value: numbers, strings, null, and (nested, rectangular) lists of
+    /// numbers. Booleans are numbers 0 and 1; objects and ragged lists are refused.
+    ///
+    /// ```
+    /// use keel::Value;
+    /// let v = Value::from_json(&serde_json::json!([[1, 2], [3, 4]])).unwrap();
+    /// assert_eq!(v, Value::Tensor { shape: vec![2, 2], values: vec![1.0, 2.0, 3.0, 4.0] });
+    /// ```
+    pub fn from_json(json: &serde_json::Value) -> std::result::Result<Self, String> {
+        use serde_json::Value as J;
+        match json {
+            J::Null => Ok(Value::Null),
+            J::Bool(b) => Ok(Value::Number(f64::from(u8::from(*b)))),
+            J::Number(n) => Ok(Value::Number(n.as_f64().unwrap_or(f64::NAN))),
+            J::String(s) => Ok(Value::Text(s.clone())),
+            J::Array(_) => {
+                let mut shape = Vec::new();
+                let mut at = json;
+                while let J::Array(items) = at {
+                    shape.push(items.len());
+                    match items.first() {
+                        Some(first) => at = first,
+                        None => break,
+                    }
+                }
+                let mut values = Vec::with_capacity(shape.iter().product());
+                flatten(json, &shape, &mut values)?;
+                Ok(Value::Tensor { shape, values })
+            }
+            J::Object(_) => Err("an object is not a value".into()),
+        }
+    }
+
+    /// The value as JSON (a tensor as a nested list; a non-finite number as null).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        fn nest(shape: &[usize], values: &[f64]) -> J {
+            match shape {
+                [] => values.first().map_or(J::Null, |x| serde_json::json!(x)),
+                [_] => J::Array(values.iter().map(|x| serde_json::json!(x)).collect()),
+                [n, rest @ ..] => {
+                    let step = rest.iter().product::<usize>();
+                    J::Array((0..*n).map(|i| nest(rest, &values[i * step..(i + 1) * step])).collect())
+                }
+            }
+        }
+        match self {
+            Value::Number(x) => serde_json::json!(x),
+            Value::Text(s) => J::String(s.clone()),
+            Value::Tensor { shape, values } => nest(shape, values),
+            Value::Null => J::Null,
+        }
+    }
+}
+
+fn flatten(json: &serde_json::Value, shape: &[usize], out: &mut Vec<f64>) -> std::result::Result<(), String> {
+    match (json, shape) {
+        (serde_json::Value::Number(n), []) => {
+            out.push(n.as_f64().unwrap_or(f64::NAN));
+            Ok(())
+        }
+        (serde_json::Value::Array(items), [n, rest @ ..]) if items.len() == *n => {
+            items.iter().try_for_each(|item| flatten(item, rest, out))
+        }
+        _ => Err("a list must be rectangular and hold only numbers".into()),
+    }
+}
+
+/// One row of named values: a tabular model's input.
+pub type Record = BTreeMap<String, Value>;
+
+/// A classifier's answer for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// The most probable class's index in the model's `labels`.
+    pub class: usize,
+    /// Its name.
+    pub label: String,
+    /// Each class's probability, in the order of the model's `labels`.
+    pub probabilities: Vec<f32>,
 }
 
 /// What was computed.
@@ -81,6 +185,8 @@ impl Input {
 pub enum Output {
     /// One unit-length vector per text, in input order.
     Embeddings(Vec<Vec<f32>>),
+    /// One answer per row, in input order.
+    Classes(Vec<Classification>),
     /// A finished generation.
     Completion(Completion),
 }
@@ -90,7 +196,15 @@ impl Output {
     pub fn embeddings(&self) -> Option<&[Vec<f32>]> {
         match self {
             Output::Embeddings(v) => Some(v),
-            Output::Completion(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The answers, for a classification.
+    pub fn classes(&self) -> Option<&[Classification]> {
+        match self {
+            Output::Classes(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -98,7 +212,7 @@ impl Output {
     pub fn completion(&self) -> Option<&Completion> {
         match self {
             Output::Completion(c) => Some(c),
-            Output::Embeddings(_) => None,
+            _ => None,
         }
     }
 }
@@ -130,6 +244,11 @@ impl InferRequest {
     /// Embeddings of `texts` by `model`, with a new id and the default options.
     pub fn embed<S: Into<String>>(model: &str, texts: impl IntoIterator<Item = S>) -> Self {
         Self::new(model, Input::Embed(texts.into_iter().map(Into::into).collect()))
+    }
+
+    /// The classes of `rows` by a tabular `model`, with a new id and the default options.
+    pub fn classify(model: &str, rows: Vec<Record>) -> Self {
+        Self::new(model, Input::Classify(rows))
     }
 
     /// A generation by `model`, with a new id and the default options.

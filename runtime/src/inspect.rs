@@ -93,20 +93,14 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     hyperparameters.push(pair("max tokens", &n));
                 }
             }
-            let file = SafetensorsFile::open(&weights)?;
-            file.names()
-                .into_iter()
-                .filter_map(|name| {
-                    let (dtype, shape) = file.info(&name)?;
-                    let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-                    Some(TensorSummary {
-                        name,
-                        dtype: format!("{dtype:?}"),
-                        shape,
-                        bytes,
-                    })
-                })
-                .collect()
+            safetensors_tensors(&weights)?
+        }
+        Architecture::Mlp => {
+            hyperparameters = vec![
+                pair("features", &source.manifest.features.len()),
+                pair("classes", &source.manifest.labels.join(", ")),
+            ];
+            safetensors_tensors(&weights)?
         }
         Architecture::Llama => {
             let file = GgufFile::open(&weights)?;
@@ -153,6 +147,24 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         hyperparameters,
         tensors,
     })
+}
+
+fn safetensors_tensors(weights: &Path) -> Result<Vec<TensorSummary>> {
+    let file = SafetensorsFile::open(weights)?;
+    Ok(file
+        .names()
+        .into_iter()
+        .filter_map(|name| {
+            let (dtype, shape) = file.info(&name)?;
+            let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            Some(TensorSummary {
+                name,
+                dtype: format!("{dtype:?}"),
+                shape,
+                bytes,
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 #![warn(missing_docs)]
 
 mod cache;
+#[cfg(feature = "contract")]
+pub mod contract;
 mod engine;
 mod error;
 mod generate;
@@ -18,6 +20,8 @@ mod infer;
 mod inspect;
 pub mod manifest;
 mod model;
+#[cfg(feature = "observe")]
+pub mod observe;
 mod request;
 mod scheduler;
 #[cfg(feature = "store")]
@@ -29,7 +33,9 @@ pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream};
-pub use infer::{Infer, InferRequest, InferResponse, Input, Meta, Output, RequestId, Timings};
+pub use infer::{
+    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings, Value,
+};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;

@@ -26,6 +26,8 @@ pub enum Architecture {
     Bert,
     /// Llama decoder (GGUF with its tokenizer): text generation.
     Llama,
+    /// Tabular classifier (safetensors; `features` and `labels` in the manifest).
+    Mlp,
 }
 
 impl fmt::Display for Architecture {
@@ -33,6 +35,7 @@ impl fmt::Display for Architecture {
         f.write_str(match self {
             Architecture::Bert => "bert",
             Architecture::Llama => "llama",
+            Architecture::Mlp => "mlp",
         })
     }
 }
@@ -47,7 +50,7 @@ pub struct FileEntry {
 }
 
 /// A model version's manifest (`keel.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// A human-readable name.
     pub name: String,
@@ -64,8 +67,18 @@ pub struct Manifest {
     /// Longest input in tokens, where the model was trained for less than its positions allow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
+    /// The input fields a tabular model reads, in the order it reads them (mlp).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+    /// The classes' names, in the order of the model's outputs (mlp).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
     /// Every file above, with its sha256.
     pub files: Vec<FileEntry>,
+    /// The production modules' own tables (`[contract]`, `[drift]`, ...), kept as written: the
+    /// engine does not read them, but they are part of the version (its id hashes them).
+    #[serde(flatten)]
+    pub sections: toml::Table,
 }
 
 /// A content-derived model version id: the sha256 of the manifest (which holds every file's sha256).
@@ -121,10 +134,10 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(hex_digest(&hasher.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex_digest(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -167,10 +180,13 @@ impl ModelSource {
                 config: None,
                 tokenizer: None,
                 max_tokens: None,
+                features: Vec::new(),
+                labels: Vec::new(),
                 files: vec![FileEntry {
                     path: weights.to_string(),
                     sha256: sha256_file(path)?,
                 }],
+                sections: toml::Table::new(),
             };
             return Ok(Self { folder, manifest });
         }
@@ -264,7 +280,10 @@ impl ModelSource {
             config: Some("config.json".into()),
             tokenizer: Some("tokenizer.json".into()),
             max_tokens,
+            features: Vec::new(),
+            labels: Vec::new(),
             files,
+            sections: toml::Table::new(),
         };
         Ok(Self {
             folder: folder.to_path_buf(),
@@ -319,7 +338,7 @@ impl ModelSource {
     /// The content-derived id of this version.
     pub fn version_id(&self) -> VersionId {
         let canonical = toml::to_string(&self.manifest).expect("a manifest always serializes");
-        VersionId(hex(&Sha256::digest(canonical.as_bytes())))
+        VersionId(hex_digest(&Sha256::digest(canonical.as_bytes())))
     }
 }
 
@@ -378,8 +397,16 @@ impl Manifest {
             Architecture::Bert if manifest.config.is_none() || manifest.tokenizer.is_none() => {
                 Err(bad("a bert model needs `config` and `tokenizer`".into()))
             }
+            Architecture::Mlp if manifest.features.is_empty() || manifest.labels.len() < 2 => Err(bad(
+                "an mlp model needs `features` (its input fields) and at least two `labels`".into(),
+            )),
             _ => Ok(manifest),
         }
+    }
+
+    /// A production module's table (`[contract]`, `[drift]`), if the manifest has one.
+    pub fn section(&self, name: &str) -> Option<&toml::Table> {
+        self.sections.get(name)?.as_table()
     }
 
     /// The manifest as `keel.toml` text.

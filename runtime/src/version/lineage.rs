@@ -3,7 +3,7 @@
 
 use super::{Error, Result};
 use crate::store::{LineageRow, Retention, Store};
-use crate::{GenerateParams, Input, Output, Sampling, Timings};
+use crate::{GenerateParams, Input, Output, Sampling, Timings, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -106,6 +106,11 @@ pub enum RecordedInput {
         /// The texts.
         texts: Vec<String>,
     },
+    /// Rows to classify.
+    Classify {
+        /// The rows, each field's value as JSON.
+        rows: Vec<BTreeMap<String, serde_json::Value>>,
+    },
     /// A prompt to generate from.
     Generate {
         /// The prompt.
@@ -139,6 +144,12 @@ impl RecordedInput {
     pub fn of(input: &Input) -> Self {
         match input {
             Input::Embed(texts) => RecordedInput::Embed { texts: texts.clone() },
+            Input::Classify(rows) => RecordedInput::Classify {
+                rows: rows
+                    .iter()
+                    .map(|row| row.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+                    .collect(),
+            },
             Input::Generate { prompt, params } => RecordedInput::Generate {
                 prompt: prompt.clone(),
                 max_tokens: params.max_tokens,
@@ -166,6 +177,15 @@ impl RecordedInput {
     pub fn to_input(&self) -> Input {
         match self {
             RecordedInput::Embed { texts } => Input::Embed(texts.clone()),
+            RecordedInput::Classify { rows } => Input::Classify(
+                rows.iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|(k, v)| (k.clone(), Value::from_json(v).unwrap_or(Value::Null)))
+                            .collect()
+                    })
+                    .collect(),
+            ),
             RecordedInput::Generate {
                 prompt,
                 max_tokens,
@@ -209,6 +229,13 @@ pub enum OutputSummary {
         /// The sha256 of every vector's f32 values (little-endian), in order.
         hash: String,
     },
+    /// Classes.
+    Classify {
+        /// Each row's class.
+        classes: Vec<String>,
+        /// Each row's probabilities, in the order of the model's labels.
+        probabilities: Vec<Vec<f32>>,
+    },
     /// A generation.
     Generate {
         /// Tokens in the prompt (after the chat template).
@@ -241,6 +268,10 @@ impl OutputSummary {
                     hash: hex(&h.finalize()),
                 }
             }
+            Output::Classes(classes) => OutputSummary::Classify {
+                classes: classes.iter().map(|c| c.label.clone()).collect(),
+                probabilities: classes.iter().map(|c| c.probabilities.clone()).collect(),
+            },
             Output::Completion(c) => OutputSummary::Generate {
                 prompt_tokens: c.prompt_ids.len(),
                 token_ids: c.token_ids.clone(),
