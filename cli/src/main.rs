@@ -2,6 +2,7 @@
 //! model registry and look its predictions up (`registry`, `lineage`).
 
 mod registry;
+mod tabular;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keel::version::{RegisterOptions, Versioned};
@@ -84,6 +85,61 @@ enum Command {
         /// The prompt.
         prompt: String,
     },
+    /// Classify the rows of a CSV file (a header row of field names) or a JSON-lines file (one
+    /// object per line; `-` reads standard input) with a tabular model, one row at a time: a
+    /// row the contract refuses is reported and the next row goes on.
+    Classify {
+        /// A registered model, `NAME` or `NAME@ALIAS`; or a Keel model folder.
+        #[arg(long)]
+        model: String,
+        /// One JSON object per row: `class`, `probabilities` (by label), `contract` (the
+        /// verdict), or `error` (for a refused row: field, clause, value).
+        #[arg(long)]
+        json: bool,
+        /// Write the Prometheus metrics text here at exit.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// The data: FILE.csv, FILE.jsonl, or - for standard input.
+        data: String,
+    },
+    /// Write a model's reference profile (DIR/profile.json) from a calibration set: the
+    /// distributions that drift is judged against.
+    Profile {
+        /// A Keel model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Rows per drift window, by default.
+        #[arg(long, default_value_t = 50)]
+        window: usize,
+        /// The calibration data: FILE.csv, FILE.jsonl, or -.
+        data: String,
+    },
+    /// Judge data for drift against the model's reference profile, window by window.
+    Drift {
+        /// A Keel model folder with a profile.json (see `keel profile`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Rows per window (default: the profile's).
+        #[arg(long)]
+        window: Option<usize>,
+        /// Print {"windows": [{"index", "state", "signals": {...}}]}.
+        #[arg(long)]
+        json: bool,
+        /// Write the Prometheus metrics text here at exit.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// The data: FILE.csv, FILE.jsonl, or -.
+        data: String,
+    },
+    /// Print the Prometheus metrics text of running DATA (if given) through a model: requests
+    /// by outcome, time per stage, confidence, drift, contract violations, queues, batches.
+    Metrics {
+        /// A Keel model folder (or a registered NAME).
+        #[arg(long)]
+        model: String,
+        /// Rows to classify first: FILE.csv, FILE.jsonl, or -.
+        data: Option<String>,
+    },
     /// Benchmark harness: minilm-throughput, minilm-load, smollm2, cache (a table, or --json;
     /// always writes OUT/SCENARIO.json, and minilm-load's chart OUT/minilm-load.svg).
     Bench(keel_benches::harness::Args),
@@ -152,13 +208,25 @@ pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".keel"))
 }
 
-/// The version layer over an engine on `device`, with the deployment's store.
+/// The layers every prediction goes through, over an engine on `device`: the version layer
+/// (with the deployment's store), then observability, then the contract.
 pub(crate) fn serving(
     device: DeviceKind,
     store: Option<PathBuf>,
 ) -> Result<Versioned, Box<dyn std::error::Error>> {
+    Ok(serving_watched(device, store)?.0)
+}
+
+/// [`serving`], and the observability layer inside it (for its metrics).
+pub(crate) fn serving_watched(
+    device: DeviceKind,
+    store: Option<PathBuf>,
+) -> Result<(Versioned, std::sync::Arc<keel::observe::Observed>), Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
-    Ok(Versioned::open(engine, store_folder(store), Default::default())?)
+    let observed = tabular::watched(&engine, None);
+    let below: std::sync::Arc<dyn keel::Infer> = observed.clone();
+    let served = Versioned::open_layered(engine, below, store_folder(store), Default::default())?;
+    Ok((served, observed))
 }
 
 /// What `--model` names: a registered `NAME[@ALIAS]` as is; a path is registered (under its
@@ -179,7 +247,6 @@ fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, 
     Ok(served.register(&name, path, options)?.to_string())
 }
 
-/// Answers one request through the version layer and says on stderr what answered it.
 /// The request with the routing flags applied.
 fn routed(request: InferRequest, routing: &Routing) -> InferRequest {
     let mut request = request;
@@ -271,6 +338,75 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Inspect { path, manifest, .. } => inspect(&path, manifest),
         Command::Bench(args) => {
             keel_benches::harness::run(&args)?;
+            Ok(())
+        }
+        Command::Classify {
+            model,
+            json,
+            metrics,
+            data,
+        } => {
+            let (served, observed) = serving_watched(device, cli.store)?;
+            let model = address(&served, &model, Weights::Quantized)?;
+            let rows = tabular::read_rows(&data)?;
+            let (ok, failed) = tabular::classify_rows(&served, &model, rows, json)?;
+            served.flush()?;
+            tabular::write_metrics(&observed, metrics.as_deref())?;
+            eprintln!("keel: {ok} rows classified, {failed} refused or unreadable");
+            Ok(())
+        }
+        Command::Profile { model, window, data } => {
+            let engine = Engine::builder().device(device).build()?;
+            let path = tabular::profile(&engine, &model, &data, window)?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Command::Drift {
+            model,
+            window,
+            json,
+            metrics,
+            data,
+        } => {
+            let engine = Engine::builder().device(device).build()?;
+            let id = engine.load(&model)?;
+            let observed = tabular::watched(&engine, window);
+            // The answers are not printed: the windows are (a refused row counts in no window).
+            for row in tabular::read_rows(&data)?.into_iter().flatten() {
+                let _ = keel::Infer::infer(&*observed, InferRequest::classify(id.as_str(), vec![row]));
+            }
+            observed.close_windows();
+            let report = tabular::drift_json(&observed, id.as_str())?;
+            if json {
+                println!("{report}");
+            } else {
+                for w in report["windows"].as_array().into_iter().flatten() {
+                    let worst = w["signals"]
+                        .as_object()
+                        .and_then(|s| {
+                            s.iter().max_by(|a, b| {
+                                let r = |v: &serde_json::Value| v["value"].as_f64().unwrap_or(0.0) / v["alarm"].as_f64().unwrap_or(1.0).max(1e-12);
+                                r(a.1).total_cmp(&r(b.1))
+                            })
+                        })
+                        .map(|(name, v)| format!("{name} = {:.4} (alarm {:.4})", v["value"].as_f64().unwrap_or(0.0), v["alarm"].as_f64().unwrap_or(0.0)))
+                        .unwrap_or_default();
+                    println!("window {:>3}  {:>3} rows  {:<5}  nearest its alarm: {worst}", w["index"], w["count"], w["state"].as_str().unwrap_or(""));
+                }
+            }
+            tabular::write_metrics(&observed, metrics.as_deref())?;
+            Ok(())
+        }
+        Command::Metrics { model, data } => {
+            let (served, observed) = serving_watched(device, cli.store)?;
+            let model = address(&served, &model, Weights::Quantized)?;
+            if let Some(data) = data {
+                for row in tabular::read_rows(&data)?.into_iter().flatten() {
+                    let _ = served.serve(InferRequest::classify(&model, vec![row]));
+                }
+                served.flush()?;
+            }
+            print!("{}", observed.metrics_text());
             Ok(())
         }
         Command::Registry(command) => registry::registry(device, cli.store, command),

@@ -247,6 +247,21 @@ impl Versioned {
         Self::new(engine, store, config)
     }
 
+    /// The layer over a stack of other layers (`below`, whose bottom is `engine`), with the
+    /// embedded store in `folder`.
+    ///
+    /// # Errors
+    /// As [`Versioned::open`].
+    pub fn open_layered(
+        engine: Engine,
+        below: Arc<dyn Infer>,
+        folder: impl AsRef<Path>,
+        config: VersionConfig,
+    ) -> Result<Self> {
+        let store = Arc::new(SqliteStore::open(folder)?);
+        Self::layered(engine, below, store, config)
+    }
+
     /// The layer over `engine` with any store.
     pub fn new(engine: Engine, store: Arc<dyn Store>, config: VersionConfig) -> Result<Self> {
         let below: Arc<dyn Infer> = Arc::new(engine.clone());

@@ -1,0 +1,227 @@
+//! Behaviour metrics in Prometheus (OpenMetrics) text, with the `prometheus-client` crate. What
+//! a request updates is kept in live families; what the engine already counts (queues, batches,
+//! caches) and the contract's violation tally are read at each export, so the request path
+//! pays nothing for them.
+
+use crate::Engine;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// A model version, as metrics name it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModelLabels {
+    pub(crate) model: String,
+    pub(crate) version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) model: String,
+    pub(crate) version: String,
+    pub(crate) task: String,
+    pub(crate) outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StageLabels {
+    pub(crate) model: String,
+    pub(crate) version: String,
+    pub(crate) stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SignalLabels {
+    pub(crate) model: String,
+    pub(crate) version: String,
+    pub(crate) signal: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 10 us to ~20 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 22))
+}
+
+fn unit() -> Histogram {
+    Histogram::new(linear_buckets(0.05, 0.05, 20))
+}
+
+fn rate() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+/// The live metric families.
+pub(crate) struct Families {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) stages: HistogramFamily<StageLabels>,
+    pub(crate) cache_hits: Family<ModelLabels, Counter>,
+    pub(crate) confidence: HistogramFamily<ModelLabels>,
+    pub(crate) tokens_per_second: HistogramFamily<ModelLabels>,
+    pub(crate) drift_value: Family<SignalLabels, Gauge<f64, AtomicU64>>,
+    pub(crate) drift_state: Family<ModelLabels, Gauge>,
+    pub(crate) drift_windows: Family<RequestLabels, Counter>,
+}
+
+/// The registry and its families.
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) families: Families,
+}
+
+impl Metrics {
+    pub(crate) fn new(engine: Engine, violations: Option<Violations>) -> Self {
+        let mut registry = Registry::with_prefix("keel");
+        let families = Families {
+            requests: Family::default(),
+            stages: Family::new_with_constructor(latency),
+            cache_hits: Family::default(),
+            confidence: Family::new_with_constructor(unit),
+            tokens_per_second: Family::new_with_constructor(rate),
+            drift_value: Family::default(),
+            drift_state: Family::default(),
+            drift_windows: Family::default(),
+        };
+        let f = &families;
+        registry.register("requests", "Requests answered, by outcome (ok or the error's class)", f.requests.clone());
+        registry.register(
+            "stage_seconds",
+            "Time per stage of a request: contract, queue, forward, post, total",
+            f.stages.clone(),
+        );
+        registry.register("cache_hits", "Requests answered by the response cache", f.cache_hits.clone());
+        registry.register("confidence", "A classifier's largest class probability", f.confidence.clone());
+        registry.register(
+            "tokens_per_second",
+            "A generation's new tokens per second of its forward passes",
+            f.tokens_per_second.clone(),
+        );
+        registry.register(
+            "drift_signal",
+            "The last finished drift window's statistic per signal",
+            f.drift_value.clone(),
+        );
+        registry.register(
+            "drift_state",
+            "The last finished drift window's state: 0 ok, 1 warn, 2 alarm",
+            f.drift_state.clone(),
+        );
+        registry.register(
+            "drift_windows",
+            "Drift windows finished, by state (in the outcome label)",
+            f.drift_windows.clone(),
+        );
+        registry.register_collector(Box::new(EngineCollector { engine, violations }));
+        Self { registry, families }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the contract layer's tally at export.
+pub(crate) type Violations = Arc<dyn Fn() -> Vec<(String, String, String, u64)> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViolationLabels {
+    field: String,
+    clause: String,
+    action: String,
+}
+
+/// The engine's own counters and the contract's tally, read at each export.
+struct EngineCollector {
+    engine: Engine,
+    violations: Option<Violations>,
+}
+
+impl std::fmt::Debug for EngineCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineCollector")
+    }
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let models = self.engine.models();
+        let stats: Vec<_> = models
+            .iter()
+            .filter_map(|m| Some((labels_of(&m.manifest.name, m.id.as_str()), self.engine.scheduler_stats(m.id.as_str()).ok()?)))
+            .collect();
+        let gauges: [(&str, &str, fn(&crate::SchedulerStats) -> f64); 4] = [
+            ("queue_depth", "Requests queued now", |s| s.queued as f64),
+            ("active_streams", "Decoder sequences decoding now", |s| s.active_streams as f64),
+            ("mean_batch_size", "Sequences per batch (or decoder step), since load", |s| {
+                if s.batches == 0 {
+                    0.0
+                } else {
+                    s.items as f64 / s.batches as f64
+                }
+            }),
+            ("padding_waste", "Share of the tokens run that were padding", |s| s.padding_waste()),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(0.0f64);
+            let mut family = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            for (labels, s) in &stats {
+                ConstGauge::new(value(s)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        let counters: [(&str, &str, fn(&crate::SchedulerStats) -> u64); 3] = [
+            ("batches", "Batches (or decoder steps) run", |s| s.batches),
+            ("batch_items", "Sequences run, summed over batches", |s| s.items),
+            ("shed", "Requests refused because the queue was full", |s| s.overloaded),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            for (labels, s) in &stats {
+                ConstCounter::new(value(s)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        if let Some(cache) = self.engine.response_cache_stats() {
+            let gauge = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "response_cache_lookups",
+                "Response cache lookups, by result",
+                None,
+                gauge.metric_type(),
+            )?;
+            for (result, n) in [("hit", cache.hits), ("miss", cache.misses)] {
+                let labels = [("result", result)];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(tally) = &self.violations {
+            let counter = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "contract_violations",
+                "Inputs that broke a contract clause, by field, clause and action",
+                None,
+                counter.metric_type(),
+            )?;
+            for (field, clause, action, n) in tally() {
+                ConstCounter::new(n).encode(family.encode_family(&ViolationLabels { field, clause, action })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn labels_of(name: &str, version: &str) -> ModelLabels {
+    ModelLabels {
+        model: name.to_string(),
+        version: version.chars().take(12).collect(),
+    }
+}
