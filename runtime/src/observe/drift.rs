@@ -4,7 +4,7 @@
 //! size and a short history of reports, whatever the traffic.
 
 use super::profile::{confidence, cosine_distance, Categorical, Numeric, Profile, ProjectionMatrices};
-use super::stats::{binned_drift, chi_square, chi_square_upper, ks_critical};
+use super::stats::{binned_drift, chi_square, chi_square_upper, ks_critical, Binned};
 use crate::{Input, Output, Record, Value};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -128,23 +128,21 @@ struct Counts {
 #[derive(Debug, Clone)]
 struct NumericCounts {
     bins: Vec<f64>,
-    lo: f64,
-    hi: f64,
+    sums: Vec<f64>,
 }
 
 impl NumericCounts {
     fn new(n: usize) -> Self {
         Self {
             bins: vec![0.0; n],
-            lo: f64::INFINITY,
-            hi: f64::NEG_INFINITY,
+            sums: vec![0.0; n],
         }
     }
     fn add(&mut self, reference: &Numeric, x: f64) {
         if x.is_finite() {
-            self.bins[reference.bins.index(x)] += 1.0;
-            self.lo = self.lo.min(x);
-            self.hi = self.hi.max(x);
+            let i = reference.bins.index(x);
+            self.bins[i] += 1.0;
+            self.sums[i] += x;
         }
     }
     fn total(&self) -> f64 {
@@ -395,9 +393,13 @@ impl DriftMonitor {
             if n < 1.0 {
                 return;
             }
-            let range = (counts.lo <= counts.hi).then_some((counts.lo, counts.hi));
             let reference_counts: Vec<f64> = reference.reference.iter().map(|p| p * m).collect();
-            let d = binned_drift(&reference.bins, &reference_counts, &counts.bins, range);
+            let means: Vec<f64> = counts.sums.iter().zip(&counts.bins).map(|(s, c)| if *c > 0.0 { s / c } else { 0.0 }).collect();
+            let d = binned_drift(
+                &reference.bins,
+                Binned { counts: &reference_counts, means: &reference.means },
+                Binned { counts: &counts.bins, means: &means },
+            );
             let n_eff = n * m / (n + m);
             let dof = reference.bins.len().saturating_sub(1).max(1);
             let chi = |p: f64| chi_square_upper(p, dof) / n_eff;
@@ -455,7 +457,9 @@ impl DriftMonitor {
                     .map(|(s, r)| (s / n - r).powi(2))
                     .sum();
                 let noise = e.spread * (1.0 / n + 1.0 / m);
-                let (warn, alarm) = mmd_thresholds(warn_p, alarm_p);
+                let dof = (e.mmd_dof.floor() as usize).max(1);
+                let threshold = |p: f64| chi_square_upper(p, dof) / dof as f64;
+                let (warn, alarm) = (threshold(warn_p), threshold(alarm_p));
                 signals.insert("embedding.mmd".into(), Signal::judge(gap / noise, warn, alarm));
             }
         }
@@ -467,11 +471,4 @@ impl DriftMonitor {
             signals,
         }
     }
-}
-
-/// Thresholds of the normalized MMD (mean 1 under no drift). Its tail is at most that of a
-/// chi-square with one degree of freedom scaled to mean 1 (all noise in one direction): a
-/// bound, so the real false-alarm rate is lower than asked.
-fn mmd_thresholds(warn_p: f64, alarm_p: f64) -> (f64, f64) {
-    (chi_square_upper(warn_p, 1).max(3.0), chi_square_upper(alarm_p, 1).max(5.0))
 }

@@ -28,6 +28,8 @@ pub struct Numeric {
     pub bins: Bins,
     /// The reference's share in each bin.
     pub reference: Vec<f64>,
+    /// The mean of the reference's values in each bin.
+    pub means: Vec<f64>,
     /// The reference's mean.
     pub mean: f64,
     /// The reference's standard deviation (W1 is reported in units of it).
@@ -47,6 +49,7 @@ impl Numeric {
         let std = (finite.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
         Some(Self {
             reference: counts.iter().map(|c| c / n).collect(),
+            means: bins.means(&finite),
             bins,
             mean,
             std,
@@ -89,6 +92,10 @@ pub struct Embedding {
     /// The reference's mean squared distance of a feature vector to that mean: the scale of
     /// the MMD's noise.
     pub spread: f64,
+    /// How many directions that noise is spread over ((tr S)^2 / tr S^2 of the features'
+    /// covariance S): the normalized MMD is about chi-square with this many degrees of freedom,
+    /// over them.
+    pub mmd_dof: f64,
 }
 
 /// A fixed random projection followed by random Fourier features (an RBF kernel's).
@@ -305,7 +312,7 @@ impl ProfileBuilder {
             .iter()
             .filter_map(|(name, v)| Some((name.clone(), Numeric::of(v)?)))
             .collect();
-        let embedding = (!self.vectors.is_empty()).then(|| embedding_profile(&self.vectors));
+        let embedding = (!self.vectors.is_empty()).then(|| embedding_profile(&self.vectors)).flatten();
         Ok(Profile {
             model: model.to_string(),
             count: self.count,
@@ -342,7 +349,7 @@ pub(crate) fn cosine_distance(v: &[f32], centroid: &[f32]) -> f64 {
     1.0 - v.iter().zip(centroid).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
 }
 
-fn embedding_profile(vectors: &[Vec<f32>]) -> Embedding {
+fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
     let dim = vectors[0].len();
     let mut centroid = vec![0.0f32; dim];
     for v in vectors {
@@ -386,13 +393,26 @@ fn embedding_profile(vectors: &[Vec<f32>]) -> Embedding {
         .map(|f| f.iter().zip(&mean_features).map(|(x, m)| (x - m).powi(2)).sum::<f64>())
         .sum::<f64>()
         / n;
-    Embedding {
+    let mut square = 0.0;
+    for i in 0..FOURIER {
+        for j in 0..FOURIER {
+            let cov = features
+                .iter()
+                .map(|f| (f[i] - mean_features[i]) * (f[j] - mean_features[j]))
+                .sum::<f64>()
+                / n;
+            square += cov * cov;
+        }
+    }
+    let mmd_dof = if square > 0.0 { spread * spread / square } else { 1.0 };
+    Some(Embedding {
         centroid,
-        distance: Numeric::of(&distances).expect("distances are finite"),
+        distance: Numeric::of(&distances)?,
         projection,
         mean_features,
         spread,
-    }
+        mmd_dof,
+    })
 }
 
 impl Profile {
