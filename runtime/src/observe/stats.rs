@@ -149,7 +149,7 @@ fn normal_quantile(p: f64) -> f64 {
 
 /// The chi-square distribution's upper quantile: x with P(X > x) = p for `dof` degrees of
 /// freedom. Exact (through the normal) for 1 degree of freedom; the Wilson-Hilferty
-/// approximation otherwise (against scipy, tests/observe.rs: within 5% below 10 degrees of freedom
+/// approximation otherwise (against scipy, tests/observe.rs: within 6% below 10 degrees of freedom
 /// and 2% from 10 on, to p = 1e-5).
 pub fn chi_square_upper(p: f64, dof: usize) -> f64 {
     let z = normal_upper(p);
