@@ -97,7 +97,8 @@ typedef enum keel_status {
    */
   KEEL_ERR_DEADLINE = 6,
   /**
-   * Reserved, not produced yet: the input or output broke the model's data contract.
+   * The input broke the model's data contract (a field out of range, missing, stale, of the
+   * wrong type): the message names the field, the clause and the value.
    */
   KEEL_ERR_CONTRACT = 7,
   /**
@@ -1311,6 +1312,78 @@ const char *keel_completion_model_id(const struct keel_completion *c);
  * Thread safety: may be called from any thread; a completion must be freed once.
  */
 void keel_completion_free(struct keel_completion *c);
+
+/**
+ * Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
+ * and labels). `rows_json` is one JSON object (field name to value: a number, a string for
+ * categories and timestamps, null) or an array of them, run as one request.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`): `{"request_id", "model", "version", "classes": [{"class", "probabilities":
+ * {label: p}}], "contract": {"contract": sha256, "violations": [{"item", "field", "clause",
+ * "value", "expected", "action"}]} or null}`: the contract's verdict lists the clauses that
+ * were flagged or clamped. On failure `*out_json` is NULL and `*err` (if `err` is not NULL)
+ * holds the error: `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the
+ * message names the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for
+ * NULL arguments, rows that are not JSON objects, a row missing a feature or holding a
+ * non-number where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown
+ * model.
+ *
+ * # Safety
+ * `model` and `rows_json` are NULL or NUL-terminated; `out_json` points to a writable
+ * `keel_string *`; `err` is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_classify(const struct keel_engine *engine,
+                               const char *model,
+                               const char *rows_json,
+                               struct keel_string **out_json,
+                               struct keel_error **err);
+
+/**
+ * The drift state of the version `model` names (a loaded version's id or alias, as
+ * `keel_engine_models` lists them), judged against the `profile.json` beside its manifest
+ * (`keel profile` writes it), as one JSON object: `{"state": "ok"|"warn"|"alarm", "last": the
+ * last finished window or null, "reports": [windows, oldest first]}`; a window is `{"index",
+ * "count", "state", "signals": {name: {"value", "warn", "alarm", "state"}}}`.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_NOT_FOUND` for an unknown model or a model without a profile;
+ * `KEEL_ERR_INVALID_MODEL` for a profile that cannot be read; `KEEL_ERR_INVALID_ARGUMENT` for
+ * NULL arguments.
+ *
+ * # Safety
+ * `model` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_drift_state(const struct keel_engine *engine,
+                                  const char *model,
+                                  struct keel_string **out_json,
+                                  struct keel_error **err);
+
+/**
+ * Everything the engine observed, in Prometheus (OpenMetrics) text format: requests by
+ * outcome, time per stage, confidence, tokens per second, drift signals and states, contract
+ * violations by field and clause, queue depth, batches, cache hits. Serve it on the host's
+ * `/metrics`.
+ *
+ * On success `*out_text` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_text` is NULL and `*err` (if `err` is not NULL) holds
+ * `KEEL_ERR_INVALID_ARGUMENT` (a NULL or stale engine).
+ *
+ * # Safety
+ * `out_text` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_metrics_text(const struct keel_engine *engine,
+                                   struct keel_string **out_text,
+                                   struct keel_error **err);
 
 /**
  * The lineage record of the request `request_id` (from `keel_embeddings_request_id`,

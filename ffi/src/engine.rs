@@ -5,6 +5,8 @@ use crate::handle::{self, Handle};
 use crate::model::{path_of, ModelObject};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
+use keel::contract::Contracted;
+use keel::observe::Observed;
 use keel::version::{VersionConfig, Versioned};
 use keel::{
     CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, SchedulerConfig,
@@ -83,7 +85,9 @@ pub struct keel_engine {
 /// What a `keel_engine` handle stands for.
 pub(crate) struct EngineObject {
     pub(crate) engine: Engine,
-    /// The version layer over `engine`, when the engine was created with a `storage_path`.
+    /// The contract and observability layers over `engine`: every request goes through them.
+    pub(crate) observed: Arc<Observed>,
+    /// The version layer over `observed`, when the engine was created with a `storage_path`.
     versioned: Option<Versioned>,
     /// Serializes loads and frees of models, so that counting handles and unloading agree.
     book: Mutex<ModelBook>,
@@ -114,13 +118,13 @@ impl EngineObject {
     }
 
     /// Answers a request: through the version layer (routing, lineage) when the engine has a
-    /// store, else on the engine itself.
+    /// store, then the observability and contract layers, then the engine.
     pub(crate) fn infer(&self, request: InferRequest) -> Result<InferResponse, Failure> {
         Ok(match &self.versioned {
             // `serve` keeps the layer's own error kinds (an unknown name is NOT_FOUND, a store
             // failure STORAGE).
             Some(versioned) => versioned.serve(request)?,
-            None => self.engine.infer(request)?,
+            None => self.observed.infer(request)?,
         })
     }
 
@@ -211,6 +215,8 @@ pub unsafe extern "C" fn keel_engine_new(
             other => return Err(Failure::invalid(format!("unknown device {other}"))),
         };
         let engine = builder.build()?;
+        let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
+        let observed = Arc::new(Observed::over_contracts(engine.clone(), contracts));
         let versioned = if params.storage_path.is_null() {
             None
         } else {
@@ -220,14 +226,17 @@ pub unsafe extern "C" fn keel_engine_new(
                     "params.storage_path is empty (NULL for no store)",
                 ));
             }
-            Some(Versioned::open(
+            let below: Arc<dyn keel::Infer> = observed.clone();
+            Some(Versioned::open_layered(
                 engine.clone(),
+                below,
                 path_of(folder)?,
                 VersionConfig::default(),
             )?)
         };
         out.set(handle::insert(EngineObject {
             engine,
+            observed,
             versioned,
             book: Mutex::default(),
         }));

@@ -20,7 +20,7 @@
 
 // cbindgen writes include/keel.h in the order of these modules (blank lines keep rustfmt from
 // sorting them): errors, engines, models, request controls, the registry, embeddings,
-// generation, lineage, strings, test hooks.
+// generation, classification and observability, lineage, strings, test hooks.
 pub mod status;
 
 pub mod engine;
@@ -35,6 +35,8 @@ pub mod embed;
 
 pub mod generate;
 
+pub mod observe;
+
 pub mod lineage;
 
 pub mod string;
@@ -46,6 +48,8 @@ pub(crate) mod handle;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_observe;
 #[cfg(test)]
 mod tests_registry;
 

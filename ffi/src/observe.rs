@@ -1,0 +1,173 @@
+//! Tabular classification with its contract verdicts, drift state, and the metrics text.
+//!
+//! Every request of an engine goes through its contract layer (the `[contract]` table of the
+//! version's `keel.toml`) and its observability layer; these calls expose what they found.
+
+use crate::engine::{engine_of, keel_engine};
+use crate::guard::{self, Out};
+use crate::handle;
+use crate::status::keel_status::KEEL_ERR_NOT_FOUND;
+use crate::status::{keel_error, keel_status, Failure};
+use crate::string::{keel_string, StringObject};
+use keel::{InferRequest, Output, Record, Value};
+use std::ffi::c_char;
+
+/// Rows as the C caller gives them: one JSON object, or an array of objects.
+fn rows_of(json: &str) -> Result<Vec<Record>, Failure> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| Failure::invalid(format!("rows_json is not JSON: {e}")))?;
+    let objects = match value {
+        serde_json::Value::Array(items) => items,
+        object @ serde_json::Value::Object(_) => vec![object],
+        _ => return Err(Failure::invalid("rows_json must be a JSON object or an array of objects")),
+    };
+    objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let o = o
+                .as_object()
+                .ok_or_else(|| Failure::invalid(format!("row {i} is not a JSON object")))?;
+            o.iter()
+                .map(|(k, v)| {
+                    let v = Value::from_json(v).map_err(|e| Failure::invalid(format!("row {i}, field '{k}': {e}")))?;
+                    Ok((k.clone(), v))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
+/// and labels). `rows_json` is one JSON object (field name to value: a number, a string for
+/// categories and timestamps, null) or an array of them, run as one request.
+///
+/// On success `*out_json` holds a new string owned by the caller (free it with
+/// `keel_string_free`): `{"request_id", "model", "version", "classes": [{"class", "probabilities":
+/// {label: p}}], "contract": {"contract": sha256, "violations": [{"item", "field", "clause",
+/// "value", "expected", "action"}]} or null}`: the contract's verdict lists the clauses that
+/// were flagged or clamped. On failure `*out_json` is NULL and `*err` (if `err` is not NULL)
+/// holds the error: `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the
+/// message names the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for
+/// NULL arguments, rows that are not JSON objects, a row missing a feature or holding a
+/// non-number where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown
+/// model.
+///
+/// # Safety
+/// `model` and `rows_json` are NULL or NUL-terminated; `out_json` points to a writable
+/// `keel_string *`; `err` is NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_classify(
+    engine: *const keel_engine,
+    model: *const c_char,
+    rows_json: *const c_char,
+    out_json: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let model = guard::c_str(model, "model")?;
+        let rows = rows_of(guard::c_str(rows_json, "rows_json")?)?;
+        let answer = engine.infer(InferRequest::classify(model, rows))?;
+        let Output::Classes(classes) = &answer.output else {
+            return Err(Failure::internal("the model did not answer with classes"));
+        };
+        let labels = match engine.engine.info(answer.meta.version.as_str()) {
+            Ok(info) => info.manifest.labels,
+            Err(_) => classes.iter().map(|c| c.label.clone()).collect(),
+        };
+        let classes: Vec<serde_json::Value> = classes
+            .iter()
+            .map(|c| {
+                let p: serde_json::Map<String, serde_json::Value> = labels
+                    .iter()
+                    .zip(&c.probabilities)
+                    .map(|(l, p)| (l.clone(), serde_json::json!(p)))
+                    .collect();
+                serde_json::json!({"class": c.label, "probabilities": p})
+            })
+            .collect();
+        let contract = answer
+            .meta
+            .annotations
+            .get("contract")
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok());
+        let json = serde_json::json!({
+            "request_id": answer.meta.request_id.as_str(),
+            "model": answer.meta.model,
+            "version": answer.meta.version,
+            "classes": classes,
+            "contract": contract,
+        });
+        out.set(handle::insert(StringObject::json(&json)?));
+        Ok(())
+    })
+}
+
+/// The drift state of the version `model` names (a loaded version's id or alias, as
+/// `keel_engine_models` lists them), judged against the `profile.json` beside its manifest
+/// (`keel profile` writes it), as one JSON object: `{"state": "ok"|"warn"|"alarm", "last": the
+/// last finished window or null, "reports": [windows, oldest first]}`; a window is `{"index",
+/// "count", "state", "signals": {name: {"value", "warn", "alarm", "state"}}}`.
+///
+/// On success `*out_json` holds a new string owned by the caller (free it with
+/// `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+/// the error: `KEEL_ERR_NOT_FOUND` for an unknown model or a model without a profile;
+/// `KEEL_ERR_INVALID_MODEL` for a profile that cannot be read; `KEEL_ERR_INVALID_ARGUMENT` for
+/// NULL arguments.
+///
+/// # Safety
+/// `model` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
+/// NULL or points to a writable `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_drift_state(
+    engine: *const keel_engine,
+    model: *const c_char,
+    out_json: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        let model = guard::c_str(model, "model")?;
+        let state = engine.observed.drift(model)?.ok_or_else(|| Failure {
+            code: KEEL_ERR_NOT_FOUND,
+            message: format!("model '{model}' has no reference profile (profile.json): write one with `keel profile`"),
+        })?;
+        out.set(handle::insert(StringObject::json(&state)?));
+        Ok(())
+    })
+}
+
+/// Everything the engine observed, in Prometheus (OpenMetrics) text format: requests by
+/// outcome, time per stage, confidence, tokens per second, drift signals and states, contract
+/// violations by field and clause, queue depth, batches, cache hits. Serve it on the host's
+/// `/metrics`.
+///
+/// On success `*out_text` holds a new string owned by the caller (free it with
+/// `keel_string_free`). On failure `*out_text` is NULL and `*err` (if `err` is not NULL) holds
+/// `KEEL_ERR_INVALID_ARGUMENT` (a NULL or stale engine).
+///
+/// # Safety
+/// `out_text` points to a writable `keel_string *`; `err` is NULL or points to a writable
+/// `keel_error *`.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_metrics_text(
+    engine: *const keel_engine,
+    out_text: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_text, "out_text", std::ptr::null_mut())?;
+        let engine = engine_of(engine)?;
+        out.set(handle::insert(StringObject::new(engine.observed.metrics_text())));
+        Ok(())
+    })
+}
