@@ -360,6 +360,11 @@ impl DriftMonitor {
         (inner.counts.count > 0).then(|| self.end_window(&mut inner))
     }
 
+    /// How many windows have finished (cheap: no report is copied).
+    pub fn windows(&self) -> u64 {
+        self.lock().index
+    }
+
     /// The last finished window's report (None before the first window ends).
     pub fn last(&self) -> Option<WindowReport> {
         self.lock().last.clone()

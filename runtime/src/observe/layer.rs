@@ -85,6 +85,43 @@ impl Observed {
         self
     }
 
+    /// Judges the version `model` names against `profile` from now on (a profile from
+    /// elsewhere than the `profile.json` beside its manifest), in new windows.
+    ///
+    /// # Errors
+    /// An unknown model.
+    pub fn set_profile(&self, model: &str, profile: Profile) -> Result<()> {
+        let id = self.engine.version_of(model)?;
+        let w = self.watch(model)?;
+        let size = self.window.unwrap_or(WindowSize::Count(profile.window));
+        let monitor = self.monitor(&w.labels.model, profile, size);
+        let replaced = Arc::new(Watched {
+            labels: w.labels.clone(),
+            task: w.task,
+            ok: w.ok.clone(),
+            stages: w.stages.clone(),
+            confidence: w.confidence.clone(),
+            drift: Some(monitor),
+        });
+        self.watched.write().unwrap_or_else(|p| p.into_inner()).insert(id, replaced);
+        Ok(())
+    }
+
+    fn monitor(&self, name: &str, profile: Profile, size: WindowSize) -> DriftMonitor {
+        let config = DriftConfig {
+            window: size,
+            ..DriftConfig::count(1)
+        };
+        let monitor = DriftMonitor::new(Arc::new(profile), config);
+        match &self.on_drift {
+            Some(f) => {
+                let (f, name) = (f.clone(), name.to_string());
+                monitor.on_change(move |r| f(&name, r))
+            }
+            None => monitor,
+        }
+    }
+
     /// Everything observed, in Prometheus (OpenMetrics) text format.
     pub fn metrics_text(&self) -> String {
         self.metrics.text()
@@ -135,15 +172,7 @@ impl Observed {
                     reason,
                 })?;
                 let size = self.window.unwrap_or(WindowSize::Count(profile.window));
-                let config = DriftConfig { window: size, ..DriftConfig::count(1) };
-                let monitor = DriftMonitor::new(Arc::new(profile), config);
-                Some(match &self.on_drift {
-                    Some(f) => {
-                        let (f, name) = (f.clone(), info.manifest.name.clone());
-                        monitor.on_change(move |r| f(&name, r))
-                    }
-                    None => monitor,
-                })
+                Some(self.monitor(&info.manifest.name, profile, size))
             }
             false => None,
         };
@@ -280,10 +309,12 @@ impl Infer for Observed {
                     self.outcome(&w, task, "ok").inc();
                 }
                 if let Some(d) = &w.drift {
-                    let before = d.last().map(|r| r.index);
+                    let before = d.windows();
                     d.observe_output(&a.output);
-                    if let Some(r) = d.last().filter(|r| Some(r.index) != before) {
-                        self.publish(&w.labels, &r);
+                    if d.windows() != before {
+                        if let Some(r) = d.last() {
+                            self.publish(&w.labels, &r);
+                        }
                     }
                 }
             }
