@@ -175,6 +175,9 @@ struct Routing {
     /// The request's id (default: a new time-ordered id).
     #[arg(long)]
     request_id: Option<String>,
+    /// Write the Prometheus metrics text here at exit.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -419,9 +422,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             weights,
             texts,
         } => {
-            let served = serving(device, cli.store)?;
+            let (served, observed) = serving_watched(device, cli.store)?;
             let model = address(&served, &model, weights)?;
+            let metrics = routing.metrics.clone();
             let answer = predict(&served, InferRequest::embed(&model, &texts), routing)?;
+            tabular::write_metrics(&observed, metrics.as_deref())?;
             let Output::Embeddings(vectors_out) = answer.output else {
                 return Err("the model did not answer with embeddings".into());
             };
@@ -469,7 +474,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             json,
             prompt,
         } => {
-            let served = serving(device, cli.store)?;
+            let (served, observed) = serving_watched(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let mut params = if greedy {
                 GenerateParams::greedy()
@@ -481,7 +486,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 params = params.raw();
             }
             let request = routed(InferRequest::generate(&model, &prompt, params), &routing);
+            let input = request.input.clone();
             let mut stream = served.serve_stream(request, routing.retain_input)?;
+            if let Some(meta) = stream.meta() {
+                observed.watch_model(meta.version.as_str())?;
+            }
             if !json {
                 // Streamed as it is made.
                 let mut stdout = std::io::stdout().lock();
@@ -491,7 +500,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 writeln!(stdout)?;
             }
-            let answer = stream.finish()?;
+            let answer = stream.finish();
+            // A stream goes to the engine directly: the observability layer is told after.
+            if let Ok(a) = &answer {
+                observed.observe(a.meta.version.as_str(), &input, Ok(a))?;
+            }
+            tabular::write_metrics(&observed, routing.metrics.as_deref())?;
+            let answer = answer?;
             served.flush()?;
             said(&answer.meta);
             let Output::Completion(done) = answer.output else {

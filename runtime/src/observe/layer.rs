@@ -157,7 +157,20 @@ impl Observed {
         self.watched.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Starts watching the version `model` names now, so that [`Observed::observe`] can
+    /// record its requests by version id after the engine has let go of it (a stream's
+    /// version may be unloaded when it ends).
+    ///
+    /// # Errors
+    /// An unknown model; a profile that cannot be read.
+    pub fn watch_model(&self, model: &str) -> Result<()> {
+        self.watch(model).map(drop)
+    }
+
     fn watch(&self, model: &str) -> Result<Arc<Watched>> {
+        if let Some(w) = VersionId::parse(model).and_then(|id| self.read().get(&id).cloned()) {
+            return Ok(w);
+        }
         let id = self.engine.version_of(model)?;
         if let Some(w) = self.read().get(&id) {
             return Ok(w.clone());
@@ -290,6 +303,48 @@ pub struct DriftState {
     pub reports: Vec<WindowReport>,
 }
 
+impl Observed {
+    /// Watches a request answered elsewhere than through this layer (a streamed generation,
+    /// which goes to the engine directly): its input, its answer or error, as
+    /// [`Infer::infer`] would have.
+    ///
+    /// # Errors
+    /// An unknown model.
+    pub fn observe(&self, model: &str, input: &crate::Input, answer: std::result::Result<&InferResponse, &crate::Error>) -> Result<()> {
+        let w = self.watch(model)?;
+        if let Some(d) = &w.drift {
+            d.observe_input(input);
+        }
+        self.conclude(&w, input.task(), answer);
+        Ok(())
+    }
+
+    fn conclude(&self, w: &Watched, task: &str, answer: std::result::Result<&InferResponse, &crate::Error>) {
+        let a = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.outcome(w, task, error_class(e)).inc();
+                return;
+            }
+        };
+        self.record(w, a);
+        if task == w.task {
+            w.ok.inc();
+        } else {
+            self.outcome(w, task, "ok").inc();
+        }
+        if let Some(d) = &w.drift {
+            let before = d.windows();
+            d.observe_output(&a.output);
+            if d.windows() != before {
+                if let Some(r) = d.last() {
+                    self.publish(&w.labels, &r);
+                }
+            }
+        }
+    }
+}
+
 impl Infer for Observed {
     /// Answers from the layer below, watching the request on the way.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
@@ -300,28 +355,7 @@ impl Infer for Observed {
             d.observe_input(&request.input);
         }
         let answer = self.below.infer(request);
-        match &answer {
-            Ok(a) => {
-                self.record(&w, a);
-                if task == w.task {
-                    w.ok.inc();
-                } else {
-                    self.outcome(&w, task, "ok").inc();
-                }
-                if let Some(d) = &w.drift {
-                    let before = d.windows();
-                    d.observe_output(&a.output);
-                    if d.windows() != before {
-                        if let Some(r) = d.last() {
-                            self.publish(&w.labels, &r);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                self.outcome(&w, task, error_class(e)).inc();
-            }
-        }
+        self.conclude(&w, task, answer.as_ref());
         answer
     }
 }
