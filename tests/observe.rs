@@ -405,4 +405,19 @@ print(len(families), samples, ok[0])
     let fields: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(fields[2].parse::<f64>().unwrap(), 60.0, "60 requests answered ok: {stdout}");
     assert!(fields[0].parse::<usize>().unwrap() >= 10, "{stdout}");
+
+    // The same text on a local port (feature metrics-http), as a Prometheus server scrapes it.
+    let server = keel::observe::MetricsServer::start(Arc::new(observed), "127.0.0.1:0").unwrap();
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(server.address()).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: keel\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let scraped = get("/metrics");
+    assert!(scraped.starts_with("HTTP/1.1 200") || scraped.starts_with("HTTP/1.0 200"), "{scraped}");
+    assert!(scraped.contains("application/openmetrics-text") && scraped.contains("keel_requests_total"), "{scraped}");
+    assert!(get("/other").contains(" 404 "));
 }
