@@ -421,3 +421,57 @@ print(len(families), samples, ok[0])
     assert!(scraped.contains("application/openmetrics-text") && scraped.contains("keel_requests_total"), "{scraped}");
     assert!(get("/other").contains(" 404 "));
 }
+
+#[test]
+fn a_text_contract_on_minilm() {
+    let dir = tempfile::tempdir().unwrap();
+    let contract = "[text]\nnon_empty = \"reject\"\nmax_tokens = 16\nmax_tokens_action = \"flag\"\n";
+    let folder = keel_benches::harness::with_contract(&common::minilm_dir(), contract, &dir.path().join("minilm")).unwrap();
+    let engine = Engine::builder().build().unwrap();
+    let id = engine.load(&folder).unwrap();
+    let layer = Contracted::new(engine.clone(), Arc::new(engine.clone()));
+    let answer = layer.infer(InferRequest::embed(id.as_str(), ["A short text."])).unwrap();
+    assert!(answer.meta.annotations["contract"].contains(r#""violations":[]"#));
+    let long = "word ".repeat(30);
+    let answer = layer.infer(InferRequest::embed(id.as_str(), ["fine", long.as_str()])).unwrap();
+    let verdict: serde_json::Value = serde_json::from_str(&answer.meta.annotations["contract"]).unwrap();
+    let v = &verdict["violations"][0];
+    assert_eq!((v["item"].as_u64(), v["clause"].as_str(), v["action"].as_str()), (Some(1), Some("max_tokens"), Some("flag")));
+    assert_eq!(v["value"], "32 tokens", "30 words and [CLS], [SEP]");
+    let e = layer.infer(InferRequest::embed(id.as_str(), ["ok", "   "])).unwrap_err();
+    assert_eq!((violation(&e).item, violation(&e).clause), (1, Clause::NonEmpty));
+}
+
+#[test]
+fn time_windows_and_the_state_change_callback() {
+    let names = features();
+    let engine = Engine::builder().build().unwrap();
+    let id = engine.load(mlp_dir()).unwrap();
+    let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    let observed = Observed::new(engine.clone(), Arc::new(engine.clone()))
+        .window(WindowSize::Time(std::time::Duration::from_millis(50)))
+        .on_drift_change(move |model, report| seen.lock().unwrap().push((model.to_string(), report.state)));
+    let held = split(0);
+    let send = |values: &[f64], scale: f64| {
+        let mut v = values.to_vec();
+        v[0] *= scale;
+        observed.infer(InferRequest::classify(id.as_str(), vec![record(&names, &v)])).unwrap();
+    };
+    // A time window ends at the first row after 50 ms that finds at least 10 rows in it.
+    for (values, _) in held.iter().take(40) {
+        send(values, 1.0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    send(&held[40].0, 1.0);
+    let state = observed.drift(id.as_str()).unwrap().unwrap();
+    assert_eq!((state.reports.len(), state.state), (1, State::Ok));
+    assert_eq!(state.reports[0].count, 41);
+    assert!(changes.lock().unwrap().is_empty(), "an ok first window is no change");
+    for (values, _) in held.iter().take(40) {
+        send(values, 1.5);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    send(&held[0].0, 1.5);
+    assert_eq!(*changes.lock().unwrap(), [("breast-cancer-mlp".to_string(), State::Alarm)]);
+}
