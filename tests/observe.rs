@@ -18,7 +18,8 @@ fn mlp_dir() -> PathBuf {
 /// The 569 rows of scikit-learn's breast_cancer.csv: 30 values and the target (0 malignant).
 fn cancer_rows() -> Vec<(Vec<f64>, usize)> {
     let path = common::models_dir().join("sklearn/datasets/data/breast_cancer.csv");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup-models.sh", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup-models.sh", path.display()));
     text.lines()
         .skip(1)
         .map(|line| {
@@ -38,12 +39,21 @@ fn features() -> Vec<String> {
 }
 
 fn record(names: &[String], values: &[f64]) -> Record {
-    names.iter().cloned().zip(values.iter().map(|x| Value::Number(*x))).collect()
+    names
+        .iter()
+        .cloned()
+        .zip(values.iter().map(|x| Value::Number(*x)))
+        .collect()
 }
 
 /// The split of train.py: index % 5 == 0 held out, == 1 calibration.
 fn split(part: usize) -> Vec<(Vec<f64>, usize)> {
-    cancer_rows().into_iter().enumerate().filter(|(i, _)| i % 5 == part).map(|(_, r)| r).collect()
+    cancer_rows()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 == part)
+        .map(|(_, r)| r)
+        .collect()
 }
 
 #[test]
@@ -57,12 +67,26 @@ fn mlp_matches_pytorch_on_the_held_out_rows() {
     let data = split(0);
     let mut worst = 0.0f64;
     for (row, (values, _)) in rows.iter().zip(&data) {
-        let golden_values: Vec<f64> = row["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        assert_eq!(&golden_values, values, "the package's CSV is the data set the script trained on");
-        let answer = engine.infer(InferRequest::classify(id.as_str(), vec![record(&names, values)])).unwrap();
+        let golden_values: Vec<f64> = row["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            &golden_values, values,
+            "the package's CSV is the data set the script trained on"
+        );
+        let answer = engine
+            .infer(InferRequest::classify(id.as_str(), vec![record(&names, values)]))
+            .unwrap();
         let c = &answer.output.classes().unwrap()[0];
         assert_eq!(c.label, row["class"].as_str().unwrap());
-        for (p, want) in c.probabilities.iter().zip(row["probabilities"].as_array().unwrap()) {
+        for (p, want) in c
+            .probabilities
+            .iter()
+            .zip(row["probabilities"].as_array().unwrap())
+        {
             worst = worst.max((f64::from(*p) - want.as_f64().unwrap()).abs());
         }
     }
@@ -79,7 +103,12 @@ fn contracted() -> (Engine, Contracted, String) {
 
 fn violation(e: &keel::Error) -> &keel::contract::Violation {
     match e {
-        keel::Error::Refused { source, .. } => &source.downcast_ref::<ContractViolation>().expect("a contract violation").0,
+        keel::Error::Refused { source, .. } => {
+            &source
+                .downcast_ref::<ContractViolation>()
+                .expect("a contract violation")
+                .0
+        }
         other => panic!("not a refusal: {other}"),
     }
 }
@@ -90,9 +119,15 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
     let names = features();
     let held = split(0);
     for (values, _) in &held {
-        let answer = layer.infer(InferRequest::classify(&id, vec![record(&names, values)])).unwrap();
+        let answer = layer
+            .infer(InferRequest::classify(&id, vec![record(&names, values)]))
+            .unwrap();
         let verdict: serde_json::Value = serde_json::from_str(&answer.meta.annotations["contract"]).unwrap();
-        assert_eq!(verdict["violations"], serde_json::json!([]), "a held-out row passes");
+        assert_eq!(
+            verdict["violations"],
+            serde_json::json!([]),
+            "a held-out row passes"
+        );
     }
     let base = record(&names, &held[0].0);
     let with = |field: &str, value: Value| {
@@ -101,37 +136,83 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
         InferRequest::classify(&id, vec![r])
     };
     // `mean ...` out of range: rejected, naming the field, the clause and the value.
-    let e = layer.infer(with("mean radius", Value::Number(400.0))).unwrap_err();
+    let e = layer
+        .infer(with("mean radius", Value::Number(400.0)))
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Contract);
     let v = violation(&e);
-    assert_eq!((v.field.as_str(), v.clause, v.value.as_str()), ("mean radius", Clause::Range, "400"));
+    assert_eq!(
+        (v.field.as_str(), v.clause, v.value.as_str()),
+        ("mean radius", Clause::Range, "400")
+    );
     // `worst ...` out of range: served, flagged.
     let a = layer.infer(with("worst area", Value::Number(1e6))).unwrap();
-    assert!(a.meta.annotations["contract"].contains(r#""field":"worst area","clause":"range","value":"1000000","#));
+    assert!(a.meta.annotations["contract"]
+        .contains(r#""field":"worst area","clause":"range","value":"1000000","#));
     // `... error` out of range: clamped to the range's end, served, recorded.
     let mut clamped = with("area error", Value::Number(1e6));
     let verdict = layer.check(&mut clamped).unwrap();
     assert_eq!(verdict.violations[0].action, Action::Clamp);
-    let Input::Classify(rows) = &clamped.input else { unreachable!() };
-    let Value::Number(x) = rows[0]["area error"] else { panic!() };
+    let Input::Classify(rows) = &clamped.input else {
+        unreachable!()
+    };
+    let Value::Number(x) = rows[0]["area error"] else {
+        panic!()
+    };
     assert!(x < 1e6 && x > 500.0, "clamped to the declared maximum, got {x}");
     // A missing field, text where a number belongs, NaN: rejected.
     let mut missing = base.clone();
     missing.remove("mean texture");
-    assert_eq!(violation(&layer.infer(InferRequest::classify(&id, vec![missing])).unwrap_err()).clause, Clause::Required);
-    assert_eq!(violation(&layer.infer(with("mean area", Value::Text("big".into()))).unwrap_err()).clause, Clause::Type);
-    assert_eq!(violation(&layer.infer(with("mean area", Value::Number(f64::NAN))).unwrap_err()).clause, Clause::NonFinite);
+    assert_eq!(
+        violation(
+            &layer
+                .infer(InferRequest::classify(&id, vec![missing]))
+                .unwrap_err()
+        )
+        .clause,
+        Clause::Required
+    );
+    assert_eq!(
+        violation(
+            &layer
+                .infer(with("mean area", Value::Text("big".into())))
+                .unwrap_err()
+        )
+        .clause,
+        Clause::Type
+    );
+    assert_eq!(
+        violation(
+            &layer
+                .infer(with("mean area", Value::Number(f64::NAN)))
+                .unwrap_err()
+        )
+        .clause,
+        Clause::NonFinite
+    );
     // Freshness: a stale timestamp is refused; a fresh one passes.
-    let stale = layer.infer(with("observed_at", Value::Text("2020-01-01T00:00:00Z".into()))).unwrap_err();
+    let stale = layer
+        .infer(with("observed_at", Value::Text("2020-01-01T00:00:00Z".into())))
+        .unwrap_err();
     assert_eq!(violation(&stale).clause, Clause::Freshness);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    layer.infer(with("observed_at", Value::Number(now - 3600.0))).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    layer
+        .infer(with("observed_at", Value::Number(now - 3600.0)))
+        .unwrap();
     // An unknown site is flagged.
     let a = layer.infer(with("site", Value::Text("clinic-z".into()))).unwrap();
     assert!(a.meta.annotations["contract"].contains(r#""clause":"categories""#));
     // Every violation was counted per field and clause.
     let counts = layer.violations();
-    let count = |f: &str, c: Clause| counts.iter().find(|v| v.field == f && v.clause == c).map_or(0, |v| v.count);
+    let count = |f: &str, c: Clause| {
+        counts
+            .iter()
+            .find(|v| v.field == f && v.clause == c)
+            .map_or(0, |v| v.count)
+    };
     assert_eq!(count("mean radius", Clause::Range), 1);
     assert_eq!(count("worst area", Clause::Range), 1);
     assert_eq!(count("observed_at", Clause::Freshness), 1);
@@ -141,7 +222,9 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
 fn subset(n: usize, k: usize, seed: &mut u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     for i in 0..k {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let j = i + (*seed >> 33) as usize % (n - i);
         idx.swap(i, j);
     }
@@ -155,12 +238,18 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(mlp_dir()).unwrap();
     let profile = Profile::read(&mlp_dir().join("profile.json")).unwrap();
-    assert_eq!(profile.count, 114, "the committed profile is train.py's calibration split");
+    assert_eq!(
+        profile.count, 114,
+        "the committed profile is train.py's calibration split"
+    );
     let window = 50;
     let monitor = |rows: Vec<Record>| {
-        let observed = Observed::new(engine.clone(), Arc::new(engine.clone())).window(WindowSize::Count(window));
+        let observed =
+            Observed::new(engine.clone(), Arc::new(engine.clone())).window(WindowSize::Count(window));
         for r in rows {
-            observed.infer(InferRequest::classify(id.as_str(), vec![r])).unwrap();
+            observed
+                .infer(InferRequest::classify(id.as_str(), vec![r]))
+                .unwrap();
         }
         observed.drift(id.as_str()).unwrap().unwrap().reports
     };
@@ -170,13 +259,25 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
     let mut rows = Vec::new();
     let windows = 400;
     for _ in 0..windows {
-        rows.extend(subset(held.len(), window, &mut seed).into_iter().map(|i| record(&names, &held[i].0)));
+        rows.extend(
+            subset(held.len(), window, &mut seed)
+                .into_iter()
+                .map(|i| record(&names, &held[i].0)),
+        );
     }
     let reports = monitor(rows);
-    assert_eq!(reports.len(), windows.min(256), "the history keeps the newest 256");
+    assert_eq!(
+        reports.len(),
+        windows.min(256),
+        "the history keeps the newest 256"
+    );
     let not_ok = reports.iter().filter(|r| r.state != State::Ok).count();
     eprintln!("held-out: {not_ok} of {} windows not ok", reports.len());
-    assert!(not_ok * 100 <= reports.len(), "false alarm rate over 1%: {not_ok} of {}", reports.len());
+    assert!(
+        not_ok * 100 <= reports.len(),
+        "false alarm rate over 1%: {not_ok} of {}",
+        reports.len()
+    );
 
     // `mean radius` rescaled by 1.5: alarm in the first window.
     let shifted: Vec<Record> = held
@@ -189,7 +290,12 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
         })
         .collect();
     let r = monitor(shifted);
-    assert_eq!(r[0].state, State::Alarm, "{:?}", r[0].signals.iter().max_by(|a, b| a.1.value.total_cmp(&b.1.value)));
+    assert_eq!(
+        r[0].state,
+        State::Alarm,
+        "{:?}",
+        r[0].signals.iter().max_by(|a, b| a.1.value.total_cmp(&b.1.value))
+    );
     // One class only (malignant rows of the whole data set): alarm in the first window.
     let malignant: Vec<Record> = cancer_rows()
         .into_iter()
@@ -205,13 +311,28 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
 #[test]
 fn statistics_agree_with_scipy() {
     let g = common::golden("drift_stats.json");
-    let floats = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
-    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-12 + 1e-9 * b.abs(), "{what}: {a} vs scipy {b}");
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-12 + 1e-9 * b.abs(),
+            "{what}: {a} vs scipy {b}"
+        )
+    };
     for case in g["samples"].as_array().unwrap() {
         let (a, b) = (floats(&case["a"]), floats(&case["b"]));
         let name = case["name"].as_str().unwrap();
         close(stats::ks_statistic(&a, &b), case["ks"].as_f64().unwrap(), name);
-        close(stats::wasserstein_1(&a, &b), case["wasserstein"].as_f64().unwrap(), name);
+        close(
+            stats::wasserstein_1(&a, &b),
+            case["wasserstein"].as_f64().unwrap(),
+            name,
+        );
         if name.starts_with("big") {
             // The binned forms the windows use, with 32 quantile bins of `a`: KS within the
             // largest bin's share (1/32) plus ties; W1 within 2% of a's spread.
@@ -221,24 +342,45 @@ fn statistics_agree_with_scipy() {
             let d = stats::binned_drift(&bins, side(&ca, &ma), side(&cb, &mb));
             let mean = a.iter().sum::<f64>() / a.len() as f64;
             let std = (a.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
-            let (ks, w1) = (case["ks"].as_f64().unwrap(), case["wasserstein"].as_f64().unwrap());
-            eprintln!("{name}: binned ks {:.4} vs {ks:.4}, w1 {:.4} vs {w1:.4}", d.ks, d.wasserstein);
+            let (ks, w1) = (
+                case["ks"].as_f64().unwrap(),
+                case["wasserstein"].as_f64().unwrap(),
+            );
+            eprintln!(
+                "{name}: binned ks {:.4} vs {ks:.4}, w1 {:.4} vs {w1:.4}",
+                d.ks, d.wasserstein
+            );
             assert!((d.ks - ks).abs() <= 0.035, "{name}: binned ks {} vs {ks}", d.ks);
-            assert!((d.wasserstein - w1).abs() <= 0.02 * std, "{name}: binned w1 {} vs {w1}", d.wasserstein);
+            assert!(
+                (d.wasserstein - w1).abs() <= 0.02 * std,
+                "{name}: binned w1 {} vs {w1}",
+                d.wasserstein
+            );
         }
     }
     for d in g["distributions"].as_array().unwrap() {
         let (p, q) = (floats(&d["p"]), floats(&d["q"]));
         close(stats::js_distance(&p, &q), d["js"].as_f64().unwrap(), "js");
         close(stats::psi(&p, &q), d["psi"].as_f64().unwrap(), "psi");
-        close(stats::chi_square(&floats(&d["counts"]), &p), d["chi_square"].as_f64().unwrap(), "chi-square");
+        close(
+            stats::chi_square(&floats(&d["counts"]), &p),
+            d["chi_square"].as_f64().unwrap(),
+            "chi-square",
+        );
     }
     for q in g["chi2_upper"].as_array().unwrap() {
-        let (p, dof, x) = (q["p"].as_f64().unwrap(), q["dof"].as_u64().unwrap() as usize, q["x"].as_f64().unwrap());
+        let (p, dof, x) = (
+            q["p"].as_f64().unwrap(),
+            q["dof"].as_u64().unwrap() as usize,
+            q["x"].as_f64().unwrap(),
+        );
         let ours = stats::chi_square_upper(p, dof);
         // Wilson-Hilferty: within 6% below 10 degrees of freedom, 2% from 10 on, to p = 1e-5.
         let tolerance = if dof >= 10 { 0.02 } else { 0.06 };
-        assert!((ours / x - 1.0).abs() < tolerance, "chi2 upper({p}, {dof}): {ours} vs scipy {x}");
+        assert!(
+            (ours / x - 1.0).abs() < tolerance,
+            "chi2 upper({p}, {dof}): {ours} vs scipy {x}"
+        );
     }
 }
 
@@ -320,7 +462,11 @@ const FINANCE: &[&str] = &[
 fn embedding_drift_tells_domains_apart() {
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(common::minilm_dir()).unwrap();
-    let embed = |texts: &[&str]| engine.infer(InferRequest::embed(id.as_str(), texts.to_vec())).unwrap();
+    let embed = |texts: &[&str]| {
+        engine
+            .infer(InferRequest::embed(id.as_str(), texts.to_vec()))
+            .unwrap()
+    };
     // The reference: the first 28 cooking sentences.
     let (reference, fresh) = COOKING.split_at(28);
     let mut builder = ProfileBuilder::new();
@@ -328,7 +474,8 @@ fn embedding_drift_tells_domains_apart() {
     builder.add(&input, &embed(reference).output, &[]);
     let profile = Arc::new(builder.finish("minilm", 20).unwrap());
     let judge = |texts: &[&str]| {
-        let monitor = keel::observe::DriftMonitor::new(profile.clone(), keel::observe::DriftConfig::count(texts.len()));
+        let monitor =
+            keel::observe::DriftMonitor::new(profile.clone(), keel::observe::DriftConfig::count(texts.len()));
         let answer = embed(texts);
         monitor.observe_input(&Input::Embed(texts.iter().map(|s| s.to_string()).collect()));
         monitor.observe_output(&answer.output);
@@ -346,10 +493,30 @@ fn embedding_drift_tells_domains_apart() {
         )
     };
     eprintln!("same domain: {}; other domain: {}", show(&same), show(&other));
-    assert_eq!(other.signals["embedding.mmd"].state, State::Alarm, "{}", show(&other));
-    assert_eq!(other.signals["embedding.centroid_distance.ks"].state, State::Alarm, "{}", show(&other));
-    assert_ne!(same.signals["embedding.mmd"].state, State::Alarm, "{}", show(&same));
-    assert_ne!(same.signals["embedding.centroid_distance.ks"].state, State::Alarm, "{}", show(&same));
+    assert_eq!(
+        other.signals["embedding.mmd"].state,
+        State::Alarm,
+        "{}",
+        show(&other)
+    );
+    assert_eq!(
+        other.signals["embedding.centroid_distance.ks"].state,
+        State::Alarm,
+        "{}",
+        show(&other)
+    );
+    assert_ne!(
+        same.signals["embedding.mmd"].state,
+        State::Alarm,
+        "{}",
+        show(&same)
+    );
+    assert_ne!(
+        same.signals["embedding.centroid_distance.ks"].state,
+        State::Alarm,
+        "{}",
+        show(&same)
+    );
 }
 
 #[test]
@@ -360,11 +527,15 @@ fn the_metrics_text_parses_with_prometheus_client() {
     let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
     let observed = Observed::over_contracts(engine.clone(), contracts).window(WindowSize::Count(20));
     for (values, _) in split(0).iter().take(60) {
-        observed.infer(InferRequest::classify(id.as_str(), vec![record(&names, values)])).unwrap();
+        observed
+            .infer(InferRequest::classify(id.as_str(), vec![record(&names, values)]))
+            .unwrap();
     }
     let mut bad = record(&names, &split(0)[0].0);
     bad.insert("mean radius".into(), Value::Number(-5.0));
-    assert!(observed.infer(InferRequest::classify(id.as_str(), vec![bad])).is_err());
+    assert!(observed
+        .infer(InferRequest::classify(id.as_str(), vec![bad]))
+        .is_err());
     let text = observed.metrics_text();
     for family in [
         "keel_requests_total",
@@ -401,9 +572,17 @@ print(len(families), samples, ok[0])
         .output()
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "the parser refused the text: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the parser refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let fields: Vec<&str> = stdout.split_whitespace().collect();
-    assert_eq!(fields[2].parse::<f64>().unwrap(), 60.0, "60 requests answered ok: {stdout}");
+    assert_eq!(
+        fields[2].parse::<f64>().unwrap(),
+        60.0,
+        "60 requests answered ok: {stdout}"
+    );
     assert!(fields[0].parse::<usize>().unwrap() >= 10, "{stdout}");
 
     // The same text on a local port (feature metrics-http), as a Prometheus server scrapes it.
@@ -417,8 +596,14 @@ print(len(families), samples, ok[0])
         body
     };
     let scraped = get("/metrics");
-    assert!(scraped.starts_with("HTTP/1.1 200") || scraped.starts_with("HTTP/1.0 200"), "{scraped}");
-    assert!(scraped.contains("application/openmetrics-text") && scraped.contains("keel_requests_total"), "{scraped}");
+    assert!(
+        scraped.starts_with("HTTP/1.1 200") || scraped.starts_with("HTTP/1.0 200"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("application/openmetrics-text") && scraped.contains("keel_requests_total"),
+        "{scraped}"
+    );
     assert!(get("/other").contains(" 404 "));
 }
 
@@ -426,19 +611,30 @@ print(len(families), samples, ok[0])
 fn a_text_contract_on_minilm() {
     let dir = tempfile::tempdir().unwrap();
     let contract = "[text]\nnon_empty = \"reject\"\nmax_tokens = 16\nmax_tokens_action = \"flag\"\n";
-    let folder = keel_benches::harness::with_contract(&common::minilm_dir(), contract, &dir.path().join("minilm")).unwrap();
+    let folder =
+        keel_benches::harness::with_contract(&common::minilm_dir(), contract, &dir.path().join("minilm"))
+            .unwrap();
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(&folder).unwrap();
     let layer = Contracted::new(engine.clone(), Arc::new(engine.clone()));
-    let answer = layer.infer(InferRequest::embed(id.as_str(), ["A short text."])).unwrap();
+    let answer = layer
+        .infer(InferRequest::embed(id.as_str(), ["A short text."]))
+        .unwrap();
     assert!(answer.meta.annotations["contract"].contains(r#""violations":[]"#));
     let long = "word ".repeat(30);
-    let answer = layer.infer(InferRequest::embed(id.as_str(), ["fine", long.as_str()])).unwrap();
+    let answer = layer
+        .infer(InferRequest::embed(id.as_str(), ["fine", long.as_str()]))
+        .unwrap();
     let verdict: serde_json::Value = serde_json::from_str(&answer.meta.annotations["contract"]).unwrap();
     let v = &verdict["violations"][0];
-    assert_eq!((v["item"].as_u64(), v["clause"].as_str(), v["action"].as_str()), (Some(1), Some("max_tokens"), Some("flag")));
+    assert_eq!(
+        (v["item"].as_u64(), v["clause"].as_str(), v["action"].as_str()),
+        (Some(1), Some("max_tokens"), Some("flag"))
+    );
     assert_eq!(v["value"], "32 tokens", "30 words and [CLS], [SEP]");
-    let e = layer.infer(InferRequest::embed(id.as_str(), ["ok", "   "])).unwrap_err();
+    let e = layer
+        .infer(InferRequest::embed(id.as_str(), ["ok", "   "]))
+        .unwrap_err();
     assert_eq!((violation(&e).item, violation(&e).clause), (1, Clause::NonEmpty));
 }
 
@@ -456,7 +652,9 @@ fn time_windows_and_the_state_change_callback() {
     let send = |values: &[f64], scale: f64| {
         let mut v = values.to_vec();
         v[0] *= scale;
-        observed.infer(InferRequest::classify(id.as_str(), vec![record(&names, &v)])).unwrap();
+        observed
+            .infer(InferRequest::classify(id.as_str(), vec![record(&names, &v)]))
+            .unwrap();
     };
     // A time window ends at the first row after 50 ms that finds at least 10 rows in it.
     for (values, _) in held.iter().take(40) {
@@ -467,11 +665,17 @@ fn time_windows_and_the_state_change_callback() {
     let state = observed.drift(id.as_str()).unwrap().unwrap();
     assert_eq!((state.reports.len(), state.state), (1, State::Ok));
     assert_eq!(state.reports[0].count, 41);
-    assert!(changes.lock().unwrap().is_empty(), "an ok first window is no change");
+    assert!(
+        changes.lock().unwrap().is_empty(),
+        "an ok first window is no change"
+    );
     for (values, _) in held.iter().take(40) {
         send(values, 1.5);
     }
     std::thread::sleep(std::time::Duration::from_millis(60));
     send(&held[0].0, 1.5);
-    assert_eq!(*changes.lock().unwrap(), [("breast-cancer-mlp".to_string(), State::Alarm)]);
+    assert_eq!(
+        *changes.lock().unwrap(),
+        [("breast-cancer-mlp".to_string(), State::Alarm)]
+    );
 }

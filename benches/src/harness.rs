@@ -325,14 +325,20 @@ pub fn with_contract(model: &Path, contract: &str, folder: &Path) -> Res<PathBuf
         std::os::unix::fs::symlink(std::fs::canonicalize(model.join(&f.path))?, &link)?;
     }
     let mut manifest = source.manifest;
-    manifest.sections.insert("contract".into(), toml::Value::Table(toml::from_str(contract)?));
+    manifest
+        .sections
+        .insert("contract".into(), toml::Value::Table(toml::from_str(contract)?));
     std::fs::write(folder.join(keel::manifest::MANIFEST_FILE), manifest.to_toml())?;
     Ok(folder.to_path_buf())
 }
 
 /// Paired medians: each full-path run is timed right after a bare one, and the overhead is the
 /// median of their differences (this VM swings more between seconds than between neighbours).
-fn paired(budget: Duration, mut full: impl FnMut() -> Res<()>, mut bare: impl FnMut() -> Res<()>) -> Res<(f64, f64, f64, usize)> {
+fn paired(
+    budget: Duration,
+    mut full: impl FnMut() -> Res<()>,
+    mut bare: impl FnMut() -> Res<()>,
+) -> Res<(f64, f64, f64, usize)> {
     full()?;
     bare()?;
     let (mut with, mut without, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
@@ -370,11 +376,23 @@ fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
     // more to count) and a profile of 64 sentences.
     p.step("minilm");
     let folder = std::env::temp_dir().join(format!("keel-bench-contract-{}", std::process::id()));
-    let minilm = engine.load(with_contract(model, "[text]\nnon_empty = \"reject\"\nmax_tokens = 256\nmax_tokens_action = \"flag\"\n", &folder)?)?;
-    let sentences: Vec<String> = (0..64).map(|i| format!("sentence number {i} of the calibration set, about things")).collect();
+    let minilm = engine.load(with_contract(
+        model,
+        "[text]\nnon_empty = \"reject\"\nmax_tokens = 256\nmax_tokens_action = \"flag\"\n",
+        &folder,
+    )?)?;
+    let sentences: Vec<String> = (0..64)
+        .map(|i| format!("sentence number {i} of the calibration set, about things"))
+        .collect();
     let mut builder = ProfileBuilder::new();
     let input = Input::Embed(sentences.clone());
-    builder.add(&input, &engine.infer(InferRequest::new(minilm.as_str(), input.clone()))?.output, &[]);
+    builder.add(
+        &input,
+        &engine
+            .infer(InferRequest::new(minilm.as_str(), input.clone()))?
+            .output,
+        &[],
+    );
     observed.set_profile(minilm.as_str(), builder.finish("minilm", 50)?)?;
     let text = "hello ".repeat(126);
     let request = || InferRequest::embed(minilm.as_str(), [text.as_str()]);
@@ -395,14 +413,27 @@ fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mlp = engine.load(root.join("examples/models/breast-cancer-mlp"))?;
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/golden/mlp.json"))?)?;
-    let names: Vec<String> = golden["features"].as_array().into_iter().flatten().filter_map(|v| Some(v.as_str()?.to_string())).collect();
+    let names: Vec<String> = golden["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some(v.as_str()?.to_string()))
+        .collect();
     let rows: Vec<keel::Record> = golden["rows"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|r| {
             let values = r["values"].as_array().cloned().unwrap_or_default();
-            names.iter().cloned().zip(values.iter().map(|v| keel::Value::Number(v.as_f64().unwrap_or(0.0)))).collect()
+            names
+                .iter()
+                .cloned()
+                .zip(
+                    values
+                        .iter()
+                        .map(|v| keel::Value::Number(v.as_f64().unwrap_or(0.0))),
+                )
+                .collect()
         })
         .collect();
     let mut i = 0;

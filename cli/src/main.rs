@@ -388,13 +388,27 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         .as_object()
                         .and_then(|s| {
                             s.iter().max_by(|a, b| {
-                                let r = |v: &serde_json::Value| v["value"].as_f64().unwrap_or(0.0) / v["alarm"].as_f64().unwrap_or(1.0).max(1e-12);
+                                let r = |v: &serde_json::Value| {
+                                    v["value"].as_f64().unwrap_or(0.0)
+                                        / v["alarm"].as_f64().unwrap_or(1.0).max(1e-12)
+                                };
                                 r(a.1).total_cmp(&r(b.1))
                             })
                         })
-                        .map(|(name, v)| format!("{name} = {:.4} (alarm {:.4})", v["value"].as_f64().unwrap_or(0.0), v["alarm"].as_f64().unwrap_or(0.0)))
+                        .map(|(name, v)| {
+                            format!(
+                                "{name} = {:.4} (alarm {:.4})",
+                                v["value"].as_f64().unwrap_or(0.0),
+                                v["alarm"].as_f64().unwrap_or(0.0)
+                            )
+                        })
                         .unwrap_or_default();
-                    println!("window {:>3}  {:>3} rows  {:<5}  nearest its alarm: {worst}", w["index"], w["count"], w["state"].as_str().unwrap_or(""));
+                    println!(
+                        "window {:>3}  {:>3} rows  {:<5}  nearest its alarm: {worst}",
+                        w["index"],
+                        w["count"],
+                        w["state"].as_str().unwrap_or("")
+                    );
                 }
             }
             tabular::write_metrics(&observed, metrics.as_deref())?;

@@ -34,12 +34,19 @@ pub(crate) fn read_rows(path: &str) -> Result<Vec<Row>, Failure> {
                     serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
                 object
                     .iter()
-                    .map(|(k, v)| Ok((k.clone(), Value::from_json(v).map_err(|e| format!("field '{k}': {e}"))?)))
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone(),
+                            Value::from_json(v).map_err(|e| format!("field '{k}': {e}"))?,
+                        ))
+                    })
                     .collect()
             })
             .collect());
     }
-    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
     let header: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
     Ok(reader
         .records()
@@ -81,7 +88,11 @@ pub(crate) fn write_metrics(observed: &Observed, path: Option<&Path>) -> Result<
 }
 
 /// One row's answer as `keel classify --json` prints it.
-pub(crate) fn row_json(index: usize, labels: &[String], answer: Result<keel::InferResponse, keel::Error>) -> serde_json::Value {
+pub(crate) fn row_json(
+    index: usize,
+    labels: &[String],
+    answer: Result<keel::InferResponse, keel::Error>,
+) -> serde_json::Value {
     match answer {
         Ok(a) => {
             let Some(c) = a.output.classes().and_then(|c| c.first()) else {
@@ -131,7 +142,11 @@ pub(crate) fn error_json(e: &keel::Error) -> serde_json::Value {
 /// reference profile next to its manifest.
 pub(crate) fn profile(engine: &Engine, folder: &Path, data: &str, window: usize) -> Result<PathBuf, Failure> {
     if !folder.is_dir() {
-        return Err(format!("{}: a profile is written into a model folder; name one", folder.display()).into());
+        return Err(format!(
+            "{}: a profile is written into a model folder; name one",
+            folder.display()
+        )
+        .into());
     }
     let id = engine.load(folder)?;
     let info = engine.info(id.as_str())?;

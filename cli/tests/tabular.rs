@@ -18,7 +18,12 @@ fn golden() -> serde_json::Value {
 fn csv(dir: &Path, name: &str, part: usize, edit: impl Fn(usize, &mut Vec<String>)) -> PathBuf {
     let site = std::env::var_os("KEEL_MODELS_DIR").map_or_else(|| root().join(".models/site"), PathBuf::from);
     let data = std::fs::read_to_string(site.join("sklearn/datasets/data/breast_cancer.csv")).unwrap();
-    let names: Vec<String> = golden()["features"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    let names: Vec<String> = golden()["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect();
     // Names hold no commas, so a plain join is valid CSV.
     let mut out = names.join(",") + "\n";
     let rows = data.lines().skip(1).enumerate().filter(|(i, _)| i % 5 == part);
@@ -33,12 +38,23 @@ fn csv(dir: &Path, name: &str, part: usize, edit: impl Fn(usize, &mut Vec<String
 }
 
 fn keel(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keel")).env("KEEL_STORE", dir.join("store")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .env("KEEL_STORE", dir.join("store"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn lines(out: &Output) -> Vec<serde_json::Value> {
-    assert!(out.status.success(), "keel failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert!(
+        out.status.success(),
+        "keel failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// A copy of the model folder (profile writes into it).
@@ -46,7 +62,11 @@ fn model_copy(dir: &Path) -> PathBuf {
     let copy = dir.join("mlp");
     std::fs::create_dir_all(&copy).unwrap();
     for f in ["keel.toml", "model.safetensors"] {
-        std::fs::copy(root().join("examples/models/breast-cancer-mlp").join(f), copy.join(f)).unwrap();
+        std::fs::copy(
+            root().join("examples/models/breast-cancer-mlp").join(f),
+            copy.join(f),
+        )
+        .unwrap();
     }
     copy
 }
@@ -55,14 +75,25 @@ fn model_copy(dir: &Path) -> PathBuf {
 fn classify_a_file_one_bad_row_never_fails_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = csv(dir.path(), "held.csv", 0, |n, cells| match n {
-        3 => cells[0] = "-1".into(),         // mean radius out of range: refused
-        5 => cells[23] = "1e7".into(),       // worst area out of range: flagged
-        7 => cells[1] = "lots".into(),       // not a number: refused
+        3 => cells[0] = "-1".into(),   // mean radius out of range: refused
+        5 => cells[23] = "1e7".into(), // worst area out of range: flagged
+        7 => cells[1] = "lots".into(), // not a number: refused
         _ => {}
     });
     let metrics = dir.path().join("metrics.txt");
     let model = root().join("examples/models/breast-cancer-mlp");
-    let out = keel(dir.path(), &["classify", "--json", "--metrics", metrics.to_str().unwrap(), "--model", model.to_str().unwrap(), data.to_str().unwrap()]);
+    let out = keel(
+        dir.path(),
+        &[
+            "classify",
+            "--json",
+            "--metrics",
+            metrics.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+        ],
+    );
     let rows = lines(&out);
     assert_eq!(rows.len(), 114);
     let g = golden();
@@ -70,9 +101,15 @@ fn classify_a_file_one_bad_row_never_fails_it() {
         match i {
             3 => {
                 let e = &row["error"];
-                assert_eq!((e["field"].as_str(), e["clause"].as_str(), e["value"].as_str()), (Some("mean radius"), Some("range"), Some("-1")));
+                assert_eq!(
+                    (e["field"].as_str(), e["clause"].as_str(), e["value"].as_str()),
+                    (Some("mean radius"), Some("range"), Some("-1"))
+                );
             }
-            7 => assert_eq!((row["error"]["field"].as_str(), row["error"]["clause"].as_str()), (Some("mean texture"), Some("type"))),
+            7 => assert_eq!(
+                (row["error"]["field"].as_str(), row["error"]["clause"].as_str()),
+                (Some("mean texture"), Some("type"))
+            ),
             _ => {
                 assert_eq!(row["class"], g["rows"][i]["class"], "row {i}");
                 let p = row["probabilities"]["benign"].as_f64().unwrap();
@@ -83,8 +120,15 @@ fn classify_a_file_one_bad_row_never_fails_it() {
         }
     }
     let text = std::fs::read_to_string(&metrics).unwrap();
-    assert!(text.contains(r#"keel_contract_violations_total{field="mean radius",clause="range",action="reject"} 1"#), "{text}");
-    assert!(text.contains(r#"keel_contract_violations_total{field="worst area",clause="range",action="flag"} 1"#));
+    assert!(
+        text.contains(
+            r#"keel_contract_violations_total{field="mean radius",clause="range",action="reject"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"keel_contract_violations_total{field="worst area",clause="range",action="flag"} 1"#)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("112 rows classified, 2 refused"));
 
     // JSON lines on standard input.
@@ -97,14 +141,29 @@ fn classify_a_file_one_bad_row_never_fails_it() {
         .spawn()
         .unwrap();
     let names = g["features"].as_array().unwrap();
-    let row: serde_json::Map<String, serde_json::Value> = names.iter().zip(g["rows"][0]["values"].as_array().unwrap()).map(|(n, v)| (n.as_str().unwrap().into(), v.clone())).collect();
-    writeln!(child.stdin.take().unwrap(), "{}\n{{\"mean radius\": null}}\nnot json", serde_json::Value::Object(row)).unwrap();
+    let row: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(g["rows"][0]["values"].as_array().unwrap())
+        .map(|(n, v)| (n.as_str().unwrap().into(), v.clone()))
+        .collect();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "{}\n{{\"mean radius\": null}}\nnot json",
+        serde_json::Value::Object(row)
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let printed: Vec<&str> = text.lines().collect();
     assert_eq!(printed.len(), 3, "{text}");
-    assert!(printed[0].starts_with(&format!("0\t{}", g["rows"][0]["class"].as_str().unwrap())), "{text}");
-    assert!(printed[1].contains("error") && printed[2].contains("not a JSON object"), "{text}");
+    assert!(
+        printed[0].starts_with(&format!("0\t{}", g["rows"][0]["class"].as_str().unwrap())),
+        "{text}"
+    );
+    assert!(
+        printed[1].contains("error") && printed[2].contains("not a JSON object"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -112,28 +171,69 @@ fn profile_then_drift_windows() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_copy(dir.path());
     let calibration = csv(dir.path(), "calibration.csv", 1, |_, _| {});
-    let out = keel(dir.path(), &["profile", "--model", model.to_str().unwrap(), calibration.to_str().unwrap()]);
+    let out = keel(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            model.to_str().unwrap(),
+            calibration.to_str().unwrap(),
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The committed profile is this command's output on the same split.
-    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("profile.json")).unwrap()).unwrap();
-    let committed: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("examples/models/breast-cancer-mlp/profile.json")).unwrap()).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("profile.json")).unwrap()).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("examples/models/breast-cancer-mlp/profile.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(ours, committed);
 
     let drift = |data: &Path| -> serde_json::Value {
-        let out = keel(dir.path(), &["drift", "--json", "--window", "50", "--model", model.to_str().unwrap(), data.to_str().unwrap()]);
+        let out = keel(
+            dir.path(),
+            &[
+                "drift",
+                "--json",
+                "--window",
+                "50",
+                "--model",
+                model.to_str().unwrap(),
+                data.to_str().unwrap(),
+            ],
+        );
         lines(&out).remove(0)
     };
     let held = drift(&csv(dir.path(), "held.csv", 0, |_, _| {}));
-    let states: Vec<&str> = held["windows"].as_array().unwrap().iter().map(|w| w["state"].as_str().unwrap()).collect();
-    assert_eq!(states, ["ok", "ok", "ok"], "114 rows: two full windows and a last one of 14");
-    let shifted = drift(&csv(dir.path(), "shifted.csv", 0, |_, cells| cells[0] = (cells[0].parse::<f64>().unwrap() * 1.5).to_string()));
+    let states: Vec<&str> = held["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["ok", "ok", "ok"],
+        "114 rows: two full windows and a last one of 14"
+    );
+    let shifted = drift(&csv(dir.path(), "shifted.csv", 0, |_, cells| {
+        cells[0] = (cells[0].parse::<f64>().unwrap() * 1.5).to_string()
+    }));
     let w = &shifted["windows"][0];
     assert_eq!(w["state"], "alarm");
     assert_eq!(w["signals"]["input.mean radius.ks"]["state"], "alarm");
     assert!(w["signals"]["input.mean radius.psi"]["value"].as_f64().unwrap() > 1.0);
 
-    let out = keel(dir.path(), &["metrics", "--model", model.to_str().unwrap(), calibration.to_str().unwrap()]);
+    let out = keel(
+        dir.path(),
+        &[
+            "metrics",
+            "--model",
+            model.to_str().unwrap(),
+            calibration.to_str().unwrap(),
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(r#"task="classify",outcome="ok"} 114"#), "{text}");
     assert!(text.contains("keel_drift_state{") && text.ends_with("# EOF\n"));

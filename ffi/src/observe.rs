@@ -19,7 +19,11 @@ fn rows_of(json: &str) -> Result<Vec<Record>, Failure> {
     let objects = match value {
         serde_json::Value::Array(items) => items,
         object @ serde_json::Value::Object(_) => vec![object],
-        _ => return Err(Failure::invalid("rows_json must be a JSON object or an array of objects")),
+        _ => {
+            return Err(Failure::invalid(
+                "rows_json must be a JSON object or an array of objects",
+            ))
+        }
     };
     objects
         .iter()
@@ -30,7 +34,8 @@ fn rows_of(json: &str) -> Result<Vec<Record>, Failure> {
                 .ok_or_else(|| Failure::invalid(format!("row {i} is not a JSON object")))?;
             o.iter()
                 .map(|(k, v)| {
-                    let v = Value::from_json(v).map_err(|e| Failure::invalid(format!("row {i}, field '{k}': {e}")))?;
+                    let v = Value::from_json(v)
+                        .map_err(|e| Failure::invalid(format!("row {i}, field '{k}': {e}")))?;
                     Ok((k.clone(), v))
                 })
                 .collect()
@@ -137,7 +142,9 @@ pub unsafe extern "C" fn keel_drift_state(
         let model = guard::c_str(model, "model")?;
         let state = engine.observed.drift(model)?.ok_or_else(|| Failure {
             code: KEEL_ERR_NOT_FOUND,
-            message: format!("model '{model}' has no reference profile (profile.json): write one with `keel profile`"),
+            message: format!(
+                "model '{model}' has no reference profile (profile.json): write one with `keel profile`"
+            ),
         })?;
         out.set(handle::insert(StringObject::json(&state)?));
         Ok(())

@@ -15,7 +15,10 @@ fn mlp() -> PathBuf {
 }
 
 fn text(s: *mut keel_string) -> String {
-    let t = unsafe { CStr::from_ptr(keel_string_data(s)) }.to_str().unwrap().to_string();
+    let t = unsafe { CStr::from_ptr(keel_string_data(s)) }
+        .to_str()
+        .unwrap()
+        .to_string();
     keel_string_free(s);
     t
 }
@@ -42,12 +45,15 @@ fn classify_verdicts_drift_and_metrics() {
         keel_classify(engine, id.as_ptr(), c(&rows.to_string()).as_ptr(), out, err)
     };
     let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(mlp().join("../../../tests/golden/mlp.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(mlp().join("../../../tests/golden/mlp.json")).unwrap())
+            .unwrap();
     let mut out = junk();
     ok(|err| classify(&serde_json::Value::Object(row()), &mut out, err));
     let answer: serde_json::Value = serde_json::from_str(&text(out)).unwrap();
     assert_eq!(answer["classes"][0]["class"], golden["rows"][0]["class"]);
-    let p = answer["classes"][0]["probabilities"]["malignant"].as_f64().unwrap();
+    let p = answer["classes"][0]["probabilities"]["malignant"]
+        .as_f64()
+        .unwrap();
     assert!((p - golden["rows"][0]["probabilities"][0].as_f64().unwrap()).abs() < 1e-5);
     assert_eq!(answer["contract"]["violations"], serde_json::json!([]));
 
@@ -63,25 +69,45 @@ fn classify_verdicts_drift_and_metrics() {
     let mut bad = row();
     bad.insert("mean radius".into(), serde_json::json!(-3));
     let mut out = junk();
-    let message = expect(KEEL_ERR_CONTRACT, |err| classify(&serde_json::Value::Object(bad), &mut out, err));
+    let message = expect(KEEL_ERR_CONTRACT, |err| {
+        classify(&serde_json::Value::Object(bad), &mut out, err)
+    });
     assert!(out.is_null());
-    assert!(message.contains("'mean radius'") && message.contains("range") && message.contains("-3"), "{message}");
-    let message = expect(KEEL_ERR_INVALID_ARGUMENT, |err| classify(&serde_json::json!(7), &mut out, err));
+    assert!(
+        message.contains("'mean radius'") && message.contains("range") && message.contains("-3"),
+        "{message}"
+    );
+    let message = expect(KEEL_ERR_INVALID_ARGUMENT, |err| {
+        classify(&serde_json::json!(7), &mut out, err)
+    });
     assert!(message.contains("object"), "{message}");
 
     // Drift: the model's profile is there; no window has finished after three rows.
     let mut state = junk();
     ok(|err| unsafe { keel_drift_state(engine, id.as_ptr(), &mut state, err) });
     let state: serde_json::Value = serde_json::from_str(&text(state)).unwrap();
-    assert_eq!((state["state"].as_str(), state["last"].is_null()), (Some("ok"), true));
+    assert_eq!(
+        (state["state"].as_str(), state["last"].is_null()),
+        (Some("ok"), true)
+    );
     let mut state = junk();
-    expect(KEEL_ERR_NOT_FOUND, |err| unsafe { keel_drift_state(engine, c("nope").as_ptr(), &mut state, err) });
+    expect(KEEL_ERR_NOT_FOUND, |err| unsafe {
+        keel_drift_state(engine, c("nope").as_ptr(), &mut state, err)
+    });
 
     let mut metrics = junk();
     ok(|err| unsafe { keel_metrics_text(engine, &mut metrics, err) });
     let metrics = text(metrics);
-    assert!(metrics.contains("keel_requests_total{") && metrics.contains(r#"outcome="contract_violation""#), "{metrics}");
-    assert!(metrics.contains(r#"keel_contract_violations_total{field="mean radius",clause="range",action="reject"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains("keel_requests_total{") && metrics.contains(r#"outcome="contract_violation""#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"keel_contract_violations_total{field="mean radius",clause="range",action="reject"} 1"#
+        ),
+        "{metrics}"
+    );
     assert!(metrics.ends_with("# EOF\n"));
     keel_model_free(model);
     keel_engine_free(engine);

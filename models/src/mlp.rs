@@ -38,7 +38,11 @@ impl Mlp {
             let (_, shape) = file
                 .info(name)
                 .ok_or_else(|| Error::Weights(format!("{} has no tensor '{name}'", path.display())))?;
-            Ok(file.tensor(name, &shape)?.to_host()?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(file
+                .tensor(name, &shape)?
+                .to_host()?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         let mean = vector("scaler.mean")?;
         let scale = vector("scaler.scale")?;
@@ -73,7 +77,10 @@ impl Mlp {
             inputs = outputs;
         }
         if layers.is_empty() {
-            return Err(Error::Weights(format!("{} has no 'layers.0.weight'", path.display())));
+            return Err(Error::Weights(format!(
+                "{} has no 'layers.0.weight'",
+                path.display()
+            )));
         }
         Ok(Self { mean, scale, layers })
     }

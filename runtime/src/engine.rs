@@ -2,7 +2,9 @@
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, InferStream, TokenStream};
-use crate::infer::{Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Value};
+use crate::infer::{
+    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Value,
+};
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
 use crate::request::Request;
@@ -634,7 +636,12 @@ impl Engine {
     /// A tabular classifier's answers, computed on this thread. Each row must hold every feature
     /// the manifest names as a finite number (the contract layer is where rows are repaired or
     /// refused field by field; the engine refuses the whole request).
-    fn classify_on(&self, request: &InferRequest, version: &Version, rows: &[Record]) -> Result<InferResponse> {
+    fn classify_on(
+        &self,
+        request: &InferRequest,
+        version: &Version,
+        rows: &[Record],
+    ) -> Result<InferResponse> {
         self.open()?;
         let Model::Classifier(mlp) = &version.model else {
             return Err(wrong_task(&request.model, version, "classify"));
@@ -652,9 +659,15 @@ impl Engine {
                 let x = match row.get(name) {
                     Some(Value::Number(x)) if x.is_finite() => *x,
                     Some(Value::Number(x)) => {
-                        return Err(Error::InvalidArgument(format!("row {i}: '{name}' is {x}, not a finite number")))
+                        return Err(Error::InvalidArgument(format!(
+                            "row {i}: '{name}' is {x}, not a finite number"
+                        )))
                     }
-                    Some(_) => return Err(Error::InvalidArgument(format!("row {i}: '{name}' is not a number"))),
+                    Some(_) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "row {i}: '{name}' is not a number"
+                        )))
+                    }
                     None => return Err(Error::InvalidArgument(format!("row {i}: '{name}' is missing"))),
                 };
                 values.push(x as f32);

@@ -140,7 +140,11 @@ impl Value {
                 [_] => J::Array(values.iter().map(|x| serde_json::json!(x)).collect()),
                 [n, rest @ ..] => {
                     let step = rest.iter().product::<usize>();
-                    J::Array((0..*n).map(|i| nest(rest, &values[i * step..(i + 1) * step])).collect())
+                    J::Array(
+                        (0..*n)
+                            .map(|i| nest(rest, &values[i * step..(i + 1) * step]))
+                            .collect(),
+                    )
                 }
             }
         }

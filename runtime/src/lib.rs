@@ -34,7 +34,8 @@ pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream};
 pub use infer::{
-    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings, Value,
+    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings,
+    Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{Caps, Device, DeviceKind};

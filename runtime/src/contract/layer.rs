@@ -69,9 +69,11 @@ impl Contracted {
         }
         let info = self.engine.info(id.as_str())?;
         let contract = match info.manifest.section("contract") {
-            Some(table) => Some(Arc::new(Contract::from_table(table).map_err(|reason| Error::Manifest {
-                path: info.folder.join(crate::manifest::MANIFEST_FILE),
-                reason,
+            Some(table) => Some(Arc::new(Contract::from_table(table).map_err(|reason| {
+                Error::Manifest {
+                    path: info.folder.join(crate::manifest::MANIFEST_FILE),
+                    reason,
+                }
             })?)),
             None => None,
         };
@@ -154,7 +156,10 @@ impl Infer for Contracted {
         let mut answer = self.below.infer(request)?;
         if !verdict.contract.is_empty() {
             let notes = &mut answer.meta.annotations;
-            notes.insert("contract".into(), serde_json::to_string(&verdict).unwrap_or_default());
+            notes.insert(
+                "contract".into(),
+                serde_json::to_string(&verdict).unwrap_or_default(),
+            );
             notes.insert("contract_us".into(), took.as_micros().to_string());
         }
         Ok(answer)

@@ -267,7 +267,11 @@ impl Contract {
                         .as_ref()
                         .map(|s| s.iter().map(|&d| usize::try_from(d).ok()).collect()),
                 },
-                (other, _) => return bad(&format!("type '{other}' is not number, category, timestamp or tensor")),
+                (other, _) => {
+                    return bad(&format!(
+                        "type '{other}' is not number, category, timestamp or tensor"
+                    ))
+                }
             };
             let range = match f.range {
                 Some([lo, hi]) if lo <= hi => Some((lo, hi, f.range_action.unwrap_or(Action::Reject))),
@@ -305,7 +309,9 @@ impl Contract {
         }
         let text = spec.text.map(|t| TextRules {
             non_empty: t.non_empty,
-            max_tokens: t.max_tokens.map(|n| (n, t.max_tokens_action.unwrap_or(Action::Reject))),
+            max_tokens: t
+                .max_tokens
+                .map(|n| (n, t.max_tokens_action.unwrap_or(Action::Reject))),
         });
         let canonical = toml::to_string(table).unwrap_or_default();
         let hash = crate::manifest::hex_digest(&Sha256::digest(canonical.as_bytes()));
@@ -356,9 +362,12 @@ impl Contract {
                         Some(d) if matches!(field.kind, Kind::Number { .. }) => {
                             row.insert(field.name.clone(), Value::Number(d));
                         }
-                        _ if field.required => {
-                            note(Clause::Required, "missing".into(), "a value".into(), Action::Reject)?
-                        }
+                        _ if field.required => note(
+                            Clause::Required,
+                            "missing".into(),
+                            "a value".into(),
+                            Action::Reject,
+                        )?,
                         _ => {}
                     }
                     continue;
@@ -385,7 +394,9 @@ impl Contract {
                     if !x.is_finite() {
                         let got = x.to_string();
                         let repaired = match (field.non_finite, field.range) {
-                            (Action::Clamp, Some((lo, hi, _))) if x.is_infinite() => Some(if *x > 0.0 { hi } else { lo }),
+                            (Action::Clamp, Some((lo, hi, _))) if x.is_infinite() => {
+                                Some(if *x > 0.0 { hi } else { lo })
+                            }
                             (Action::Clamp, _) if x.is_nan() => field.default,
                             _ => None,
                         };
@@ -418,7 +429,12 @@ impl Contract {
                 }
                 Kind::Category => {
                     let Value::Text(t) = value else {
-                        note(Clause::Type, describe(value), "a category (text)".into(), Action::Reject)?;
+                        note(
+                            Clause::Type,
+                            describe(value),
+                            "a category (text)".into(),
+                            Action::Reject,
+                        )?;
                         continue;
                     };
                     if let Some((allowed, action)) = &field.categories {
@@ -437,7 +453,11 @@ impl Contract {
                     if let Some((max_age, action)) = field.max_age {
                         let age = now.duration_since(at).unwrap_or_default();
                         if age > max_age {
-                            let got = format!("{} ({} old)", describe(value), humantime::format_duration(round(age)));
+                            let got = format!(
+                                "{} ({} old)",
+                                describe(value),
+                                humantime::format_duration(round(age))
+                            );
                             let expected = format!("at most {} old", humantime::format_duration(max_age));
                             note(Clause::Freshness, got, expected, action)?;
                         }
@@ -448,12 +468,18 @@ impl Contract {
                         Value::Tensor { shape, values } => (shape.clone(), values.as_slice()),
                         Value::Number(x) => (Vec::new(), std::slice::from_ref(x)),
                         other => {
-                            note(Clause::Type, describe(other), "a tensor (nested lists of numbers)".into(), Action::Reject)?;
+                            note(
+                                Clause::Type,
+                                describe(other),
+                                "a tensor (nested lists of numbers)".into(),
+                                Action::Reject,
+                            )?;
                             continue;
                         }
                     };
                     if let Some(want) = shape {
-                        let fits = want.len() == got.len() && want.iter().zip(&got).all(|(w, g)| w.is_none_or(|w| w == *g));
+                        let fits = want.len() == got.len()
+                            && want.iter().zip(&got).all(|(w, g)| w.is_none_or(|w| w == *g));
                         if !fits {
                             let expected = format!(
                                 "shape [{}]",
@@ -466,12 +492,21 @@ impl Contract {
                         }
                     }
                     if let Some(bad) = values.iter().find(|x| !x.is_finite()) {
-                        let action = if field.non_finite == Action::Flag { Action::Flag } else { Action::Reject };
-                        note(Clause::NonFinite, bad.to_string(), "finite numbers".into(), action)?;
+                        let action = if field.non_finite == Action::Flag {
+                            Action::Flag
+                        } else {
+                            Action::Reject
+                        };
+                        note(
+                            Clause::NonFinite,
+                            bad.to_string(),
+                            "finite numbers".into(),
+                            action,
+                        )?;
                     }
-                    let outside = field
-                        .range
-                        .and_then(|(lo, hi, action)| Some((lo, hi, action, values.iter().find(|x| **x < lo || **x > hi)?)));
+                    let outside = field.range.and_then(|(lo, hi, action)| {
+                        Some((lo, hi, action, values.iter().find(|x| **x < lo || **x > hi)?))
+                    });
                     if let Some((lo, hi, action, x)) = outside {
                         let got = x.to_string();
                         if action == Action::Clamp {
@@ -516,12 +551,22 @@ impl Contract {
         };
         if let Some(action) = rules.non_empty {
             if text.trim().is_empty() {
-                note(Clause::NonEmpty, format!("{text:?}"), "a non-empty text".into(), action)?;
+                note(
+                    Clause::NonEmpty,
+                    format!("{text:?}"),
+                    "a non-empty text".into(),
+                    action,
+                )?;
             }
         }
         if let Some((max, action)) = rules.max_tokens {
             if let Some(n) = tokens(text).filter(|n| *n > max) {
-                note(Clause::MaxTokens, format!("{n} tokens"), format!("at most {max} tokens"), action)?;
+                note(
+                    Clause::MaxTokens,
+                    format!("{n} tokens"),
+                    format!("at most {max} tokens"),
+                    action,
+                )?;
             }
         }
         Ok(())
@@ -581,18 +626,42 @@ mod tests {
         );
         let now = SystemTime::now();
         let mut found = Vec::new();
-        let mut r = row(&[("a", Value::Number(12.0)), ("b", Value::Number(-1.0)), ("c", Value::Text("5".into()))]);
+        let mut r = row(&[
+            ("a", Value::Number(12.0)),
+            ("b", Value::Number(-1.0)),
+            ("c", Value::Text("5".into())),
+        ]);
         c.check_row(0, &mut r, now, &mut found).unwrap();
         assert_eq!(r["a"], Value::Number(10.0), "clamped into range");
         assert_eq!(r["b"], Value::Number(-1.0), "flagged, served as it came");
         assert_eq!(r["c"], Value::Number(5.0), "a number written as text is a number");
-        let clauses: Vec<_> = found.iter().map(|v| (v.field.as_str(), v.clause, v.action)).collect();
-        assert_eq!(clauses, [("a", Clause::Range, Action::Clamp), ("b", Clause::Range, Action::Flag)]);
+        let clauses: Vec<_> = found
+            .iter()
+            .map(|v| (v.field.as_str(), v.clause, v.action))
+            .collect();
+        assert_eq!(
+            clauses,
+            [
+                ("a", Clause::Range, Action::Clamp),
+                ("b", Clause::Range, Action::Flag)
+            ]
+        );
 
-        let mut r = row(&[("a", Value::Number(1.0)), ("b", Value::Number(1.0)), ("c", Value::Number(11.0))]);
+        let mut r = row(&[
+            ("a", Value::Number(1.0)),
+            ("b", Value::Number(1.0)),
+            ("c", Value::Number(11.0)),
+        ]);
         let e = c.check_row(3, &mut r, now, &mut Vec::new()).unwrap_err();
-        assert_eq!((e.0.item, e.0.field.as_str(), e.0.clause), (3, "c", Clause::Range));
-        assert!(e.to_string().contains("field 'c' breaks its range clause (expected [0, 10], got 11)"), "{e}");
+        assert_eq!(
+            (e.0.item, e.0.field.as_str(), e.0.clause),
+            (3, "c", Clause::Range)
+        );
+        assert!(
+            e.to_string()
+                .contains("field 'c' breaks its range clause (expected [0, 10], got 11)"),
+            "{e}"
+        );
 
         let mut r = row(&[("a", Value::Number(1.0)), ("b", Value::Number(1.0))]);
         let e = c.check_row(0, &mut r, now, &mut Vec::new()).unwrap_err();
@@ -653,15 +722,41 @@ mod tests {
         let fresh = row(&[("at", Value::Number(1_800_000_000.0 - 60.0))]);
         c.check_row(0, &mut fresh.clone(), now, &mut Vec::new()).unwrap();
         let stale = row(&[("at", Value::Text("2027-01-15T00:00:00Z".into()))]);
-        let e = c.check_row(0, &mut stale.clone(), now, &mut Vec::new()).unwrap_err();
+        let e = c
+            .check_row(0, &mut stale.clone(), now, &mut Vec::new())
+            .unwrap_err();
         assert_eq!(e.0.clause, Clause::Freshness, "{e}");
         let garbage = row(&[("at", Value::Text("yesterday".into()))]);
-        assert_eq!(c.check_row(0, &mut garbage.clone(), now, &mut Vec::new()).unwrap_err().0.clause, Clause::Type);
+        assert_eq!(
+            c.check_row(0, &mut garbage.clone(), now, &mut Vec::new())
+                .unwrap_err()
+                .0
+                .clause,
+            Clause::Type
+        );
 
-        let ok = row(&[("image", Value::Tensor { shape: vec![2, 7], values: vec![0.0; 14] })]);
+        let ok = row(&[(
+            "image",
+            Value::Tensor {
+                shape: vec![2, 7],
+                values: vec![0.0; 14],
+            },
+        )]);
         c.check_row(0, &mut ok.clone(), now, &mut Vec::new()).unwrap();
-        let wrong = row(&[("image", Value::Tensor { shape: vec![3, 7], values: vec![0.0; 21] })]);
-        assert_eq!(c.check_row(0, &mut wrong.clone(), now, &mut Vec::new()).unwrap_err().0.clause, Clause::Shape);
+        let wrong = row(&[(
+            "image",
+            Value::Tensor {
+                shape: vec![3, 7],
+                values: vec![0.0; 21],
+            },
+        )]);
+        assert_eq!(
+            c.check_row(0, &mut wrong.clone(), now, &mut Vec::new())
+                .unwrap_err()
+                .0
+                .clause,
+            Clause::Shape
+        );
     }
 
     #[test]
@@ -670,8 +765,14 @@ mod tests {
             ("[fields.x]\ntype = \"number\"\nrange = [5.0, 1.0]", "min <= max"),
             ("[fields.x]\ntype = \"nubmer\"", "type 'nubmer'"),
             ("[fields.x]\ntype = \"number\"\nrnage = [0.0, 1.0]", "rnage"),
-            ("[fields.x]\ntype = \"category\"\ncategories = [\"a\"]\ncategories_action = \"clamp\"", "cannot be clamped"),
-            ("[fields.x]\ntype = \"timestamp\"\nmax_age = \"soon\"", "max_age 'soon'"),
+            (
+                "[fields.x]\ntype = \"category\"\ncategories = [\"a\"]\ncategories_action = \"clamp\"",
+                "cannot be clamped",
+            ),
+            (
+                "[fields.x]\ntype = \"timestamp\"\nmax_age = \"soon\"",
+                "max_age 'soon'",
+            ),
         ] {
             let e = Contract::from_table(&toml::from_str(text).unwrap()).unwrap_err();
             assert!(e.contains(says), "{e}");
@@ -682,7 +783,8 @@ mod tests {
     fn texts() {
         let c = contract("[text]\nnon_empty = \"reject\"\nmax_tokens = 4\nmax_tokens_action = \"flag\"");
         let mut found = Vec::new();
-        c.check_text(0, "a b c d e f", |t| Some(t.split(' ').count()), &mut found).unwrap();
+        c.check_text(0, "a b c d e f", |t| Some(t.split(' ').count()), &mut found)
+            .unwrap();
         assert_eq!(found[0].clause, Clause::MaxTokens);
         let e = c.check_text(1, "  ", |_| Some(0), &mut Vec::new()).unwrap_err();
         assert_eq!((e.0.item, e.0.clause), (1, Clause::NonEmpty));

@@ -57,7 +57,12 @@ impl Signal {
         } else {
             State::Ok
         };
-        Self { value, warn, alarm, state }
+        Self {
+            value,
+            warn,
+            alarm,
+            state,
+        }
     }
 }
 
@@ -175,9 +180,21 @@ pub struct DriftMonitor {
 impl DriftMonitor {
     /// A monitor of windows against `profile`.
     pub fn new(profile: Arc<Profile>, config: DriftConfig) -> Self {
-        let numeric: Vec<_> = profile.numeric.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let categorical: Vec<_> = profile.categorical.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let outputs: Vec<_> = profile.outputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let numeric: Vec<_> = profile
+            .numeric
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let categorical: Vec<_> = profile
+            .categorical
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let outputs: Vec<_> = profile
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let matrices = profile.embedding.as_ref().map(|e| e.projection.matrices());
         let mut monitor = Self {
             profile,
@@ -223,10 +240,26 @@ impl DriftMonitor {
     fn fresh_counts(&self) -> Counts {
         let e = self.profile.embedding.as_ref();
         Counts {
-            numeric: self.numeric.iter().map(|(_, n)| NumericCounts::new(n.bins.len())).collect(),
-            categorical: self.categorical.iter().map(|(_, c)| vec![0.0; c.reference.len()]).collect(),
-            classes: self.profile.classes.as_ref().map_or(Vec::new(), |c| vec![0.0; c.reference.len()]),
-            outputs: self.outputs.iter().map(|(_, n)| NumericCounts::new(n.bins.len())).collect(),
+            numeric: self
+                .numeric
+                .iter()
+                .map(|(_, n)| NumericCounts::new(n.bins.len()))
+                .collect(),
+            categorical: self
+                .categorical
+                .iter()
+                .map(|(_, c)| vec![0.0; c.reference.len()])
+                .collect(),
+            classes: self
+                .profile
+                .classes
+                .as_ref()
+                .map_or(Vec::new(), |c| vec![0.0; c.reference.len()]),
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(_, n)| NumericCounts::new(n.bins.len()))
+                .collect(),
             distance: NumericCounts::new(e.map_or(0, |e| e.distance.bins.len())),
             features: vec![0.0; e.map_or(0, |e| e.mean_features.len())],
             count: 0,
@@ -322,7 +355,10 @@ impl DriftMonitor {
 
     /// Counts one answer; a full window is judged, and the callback (if its state changed) is
     /// called outside the lock.
-    fn count_one<'a>(&'a self, mut inner: std::sync::MutexGuard<'a, Inner>) -> std::sync::MutexGuard<'a, Inner> {
+    fn count_one<'a>(
+        &'a self,
+        mut inner: std::sync::MutexGuard<'a, Inner>,
+    ) -> std::sync::MutexGuard<'a, Inner> {
         inner.counts.count += 1;
         let full = match self.config.window {
             WindowSize::Count(n) => inner.counts.count >= n,
@@ -399,11 +435,22 @@ impl DriftMonitor {
                 return;
             }
             let reference_counts: Vec<f64> = reference.reference.iter().map(|p| p * m).collect();
-            let means: Vec<f64> = counts.sums.iter().zip(&counts.bins).map(|(s, c)| if *c > 0.0 { s / c } else { 0.0 }).collect();
+            let means: Vec<f64> = counts
+                .sums
+                .iter()
+                .zip(&counts.bins)
+                .map(|(s, c)| if *c > 0.0 { s / c } else { 0.0 })
+                .collect();
             let d = binned_drift(
                 &reference.bins,
-                Binned { counts: &reference_counts, means: &reference.means },
-                Binned { counts: &counts.bins, means: &means },
+                Binned {
+                    counts: &reference_counts,
+                    means: &reference.means,
+                },
+                Binned {
+                    counts: &counts.bins,
+                    means: &means,
+                },
             );
             let n_eff = n * m / (n + m);
             let dof = reference.bins.len().saturating_sub(1).max(1);
@@ -413,10 +460,20 @@ impl DriftMonitor {
             let stats = [
                 ("psi", d.psi, chi(warn_p), chi(alarm_p)),
                 ("ks", d.ks, ks(warn_p), ks(alarm_p)),
-                ("js", d.js, (chi(warn_p) / 8.0).sqrt(), (chi(alarm_p) / 8.0).sqrt()),
+                (
+                    "js",
+                    d.js,
+                    (chi(warn_p) / 8.0).sqrt(),
+                    (chi(alarm_p) / 8.0).sqrt(),
+                ),
                 // W1 in units of the reference's spread; a CDF gap at the KS threshold held
                 // over two standard deviations.
-                ("wasserstein", d.wasserstein / std, 2.0 * ks(warn_p), 2.0 * ks(alarm_p)),
+                (
+                    "wasserstein",
+                    d.wasserstein / std,
+                    2.0 * ks(warn_p),
+                    2.0 * ks(alarm_p),
+                ),
             ];
             for (stat, value, warn, alarm) in stats {
                 signals.insert(format!("{prefix}.{stat}"), Signal::judge(value, warn, alarm));
@@ -431,7 +488,6 @@ impl DriftMonitor {
         if let Some(e) = &self.profile.embedding {
             numeric("embedding.centroid_distance", &e.distance, &c.distance);
         }
-        drop(numeric);
         let mut categorical = |name: String, reference: &[f64], counts: &[f64]| {
             let n: f64 = counts.iter().sum();
             if n < 1.0 {

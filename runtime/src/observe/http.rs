@@ -30,16 +30,18 @@ impl MetricsServer {
             .name("keel-metrics".into())
             .spawn(move || {
                 for request in serving.incoming_requests() {
-                    let response = if request.url() == "/metrics" && *request.method() == tiny_http::Method::Get {
-                        let header = tiny_http::Header::from_bytes(
-                            "Content-Type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .expect("a valid header");
-                        tiny_http::Response::from_string(observed.metrics_text()).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("only GET /metrics is served here\n").with_status_code(404)
-                    };
+                    let response =
+                        if request.url() == "/metrics" && *request.method() == tiny_http::Method::Get {
+                            let header = tiny_http::Header::from_bytes(
+                                "Content-Type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .expect("a valid header");
+                            tiny_http::Response::from_string(observed.metrics_text()).with_header(header)
+                        } else {
+                            tiny_http::Response::from_string("only GET /metrics is served here\n")
+                                .with_status_code(404)
+                        };
                     // A client gone before its answer is no error of ours.
                     let _ = request.respond(response);
                 }

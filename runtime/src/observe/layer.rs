@@ -56,7 +56,14 @@ impl Observed {
             tally
                 .violations()
                 .into_iter()
-                .map(|v| (v.field, v.clause.as_str().to_string(), v.action.as_str().to_string(), v.count))
+                .map(|v| {
+                    (
+                        v.field,
+                        v.clause.as_str().to_string(),
+                        v.action.as_str().to_string(),
+                        v.count,
+                    )
+                })
                 .collect()
         });
         Self::build(engine, contracts, Some(violations))
@@ -103,7 +110,10 @@ impl Observed {
             confidence: w.confidence.clone(),
             drift: Some(monitor),
         });
-        self.watched.write().unwrap_or_else(|p| p.into_inner()).insert(id, replaced);
+        self.watched
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, replaced);
         Ok(())
     }
 
@@ -267,7 +277,10 @@ impl Observed {
     fn record(&self, w: &Watched, answer: &InferResponse) {
         let meta = &answer.meta;
         let t = &meta.timings;
-        let contract_us = meta.annotations.get("contract_us").and_then(|v| v.parse::<f64>().ok());
+        let contract_us = meta
+            .annotations
+            .get("contract_us")
+            .and_then(|v| v.parse::<f64>().ok());
         if let Some(us) = contract_us {
             w.stages[0].observe(us * 1e-6);
         }
@@ -285,7 +298,11 @@ impl Observed {
             }
             Output::Completion(c) if !t.forward.is_zero() => {
                 let rate = c.token_ids.len() as f64 / t.forward.as_secs_f64();
-                self.metrics.families.tokens_per_second.get_or_create(&w.labels).observe(rate);
+                self.metrics
+                    .families
+                    .tokens_per_second
+                    .get_or_create(&w.labels)
+                    .observe(rate);
             }
             _ => {}
         }
@@ -310,7 +327,12 @@ impl Observed {
     ///
     /// # Errors
     /// An unknown model.
-    pub fn observe(&self, model: &str, input: &crate::Input, answer: std::result::Result<&InferResponse, &crate::Error>) -> Result<()> {
+    pub fn observe(
+        &self,
+        model: &str,
+        input: &crate::Input,
+        answer: std::result::Result<&InferResponse, &crate::Error>,
+    ) -> Result<()> {
         let w = self.watch(model)?;
         if let Some(d) = &w.drift {
             d.observe_input(input);

@@ -90,14 +90,26 @@ impl Metrics {
             drift_windows: Family::default(),
         };
         let f = &families;
-        registry.register("requests", "Requests answered, by outcome (ok or the error's class)", f.requests.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by outcome (ok or the error's class)",
+            f.requests.clone(),
+        );
         registry.register(
             "stage_seconds",
             "Time per stage of a request: contract, queue, forward, post, total",
             f.stages.clone(),
         );
-        registry.register("cache_hits", "Requests answered by the response cache", f.cache_hits.clone());
-        registry.register("confidence", "A classifier's largest class probability", f.confidence.clone());
+        registry.register(
+            "cache_hits",
+            "Requests answered by the response cache",
+            f.cache_hits.clone(),
+        );
+        registry.register(
+            "confidence",
+            "A classifier's largest class probability",
+            f.confidence.clone(),
+        );
         registry.register(
             "tokens_per_second",
             "A generation's new tokens per second of its forward passes",
@@ -130,6 +142,9 @@ impl Metrics {
     }
 }
 
+/// A scheduler figure exported as a metric: name, help, how to read it.
+type Figure<T> = (&'static str, &'static str, fn(&crate::SchedulerStats) -> T);
+
 /// Reads the contract layer's tally at export.
 pub(crate) type Violations = Arc<dyn Fn() -> Vec<(String, String, String, u64)> + Send + Sync>;
 
@@ -157,19 +172,34 @@ impl Collector for EngineCollector {
         let models = self.engine.models();
         let stats: Vec<_> = models
             .iter()
-            .filter_map(|m| Some((labels_of(&m.manifest.name, m.id.as_str()), self.engine.scheduler_stats(m.id.as_str()).ok()?)))
+            .filter_map(|m| {
+                Some((
+                    labels_of(&m.manifest.name, m.id.as_str()),
+                    self.engine.scheduler_stats(m.id.as_str()).ok()?,
+                ))
+            })
             .collect();
-        let gauges: [(&str, &str, fn(&crate::SchedulerStats) -> f64); 4] = [
+        let gauges: [Figure<f64>; 4] = [
             ("queue_depth", "Requests queued now", |s| s.queued as f64),
-            ("active_streams", "Decoder sequences decoding now", |s| s.active_streams as f64),
-            ("mean_batch_size", "Sequences per batch (or decoder step), since load", |s| {
-                if s.batches == 0 {
-                    0.0
-                } else {
-                    s.items as f64 / s.batches as f64
-                }
+            ("active_streams", "Decoder sequences decoding now", |s| {
+                s.active_streams as f64
             }),
-            ("padding_waste", "Share of the tokens run that were padding", |s| s.padding_waste()),
+            (
+                "mean_batch_size",
+                "Sequences per batch (or decoder step), since load",
+                |s| {
+                    if s.batches == 0 {
+                        0.0
+                    } else {
+                        s.items as f64 / s.batches as f64
+                    }
+                },
+            ),
+            (
+                "padding_waste",
+                "Share of the tokens run that were padding",
+                |s| s.padding_waste(),
+            ),
         ];
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(0.0f64);
@@ -178,10 +208,12 @@ impl Collector for EngineCollector {
                 ConstGauge::new(value(s)).encode(family.encode_family(labels)?)?;
             }
         }
-        let counters: [(&str, &str, fn(&crate::SchedulerStats) -> u64); 3] = [
+        let counters: [Figure<u64>; 3] = [
             ("batches", "Batches (or decoder steps) run", |s| s.batches),
             ("batch_items", "Sequences run, summed over batches", |s| s.items),
-            ("shed", "Requests refused because the queue was full", |s| s.overloaded),
+            ("shed", "Requests refused because the queue was full", |s| {
+                s.overloaded
+            }),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(0u64);
@@ -212,7 +244,11 @@ impl Collector for EngineCollector {
                 counter.metric_type(),
             )?;
             for (field, clause, action, n) in tally() {
-                ConstCounter::new(n).encode(family.encode_family(&ViolationLabels { field, clause, action })?)?;
+                ConstCounter::new(n).encode(family.encode_family(&ViolationLabels {
+                    field,
+                    clause,
+                    action,
+                })?)?;
             }
         }
         Ok(())

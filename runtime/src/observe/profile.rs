@@ -126,9 +126,13 @@ impl Projection {
         let mut rng = SplitMix(self.seed);
         let scale = 1.0 / (PROJECTED as f64).sqrt();
         ProjectionMatrices {
-            project: (0..PROJECTED * self.input).map(|_| rng.normal() * scale).collect(),
+            project: (0..PROJECTED * self.input)
+                .map(|_| rng.normal() * scale)
+                .collect(),
             frequencies: (0..FOURIER * PROJECTED).map(|_| rng.normal()).collect(),
-            phases: (0..FOURIER).map(|_| rng.uniform() * std::f64::consts::TAU).collect(),
+            phases: (0..FOURIER)
+                .map(|_| rng.uniform() * std::f64::consts::TAU)
+                .collect(),
         }
     }
 }
@@ -220,7 +224,10 @@ impl ProfileBuilder {
             Input::Classify(rows) => rows.iter().for_each(|r| self.add_row(r)),
             Input::Embed(texts) => {
                 for t in texts {
-                    self.numeric.entry("text_length".into()).or_default().push(t.chars().count() as f64);
+                    self.numeric
+                        .entry("text_length".into())
+                        .or_default()
+                        .push(t.chars().count() as f64);
                     self.count += 1;
                 }
             }
@@ -248,7 +255,11 @@ impl ProfileBuilder {
                 let _ = names;
             }
             Output::Embeddings(vectors) => self.vectors.extend(vectors.iter().cloned()),
-            Output::Completion(c) => self.outputs.entry("length".into()).or_default().push(c.token_ids.len() as f64),
+            Output::Completion(c) => self
+                .outputs
+                .entry("length".into())
+                .or_default()
+                .push(c.token_ids.len() as f64),
         }
     }
 
@@ -259,12 +270,14 @@ impl ProfileBuilder {
                 Value::Number(x) => self.numeric.entry(name.clone()).or_default().push(*x),
                 Value::Text(t) => match t.trim().parse::<f64>() {
                     Ok(x) => self.numeric.entry(name.clone()).or_default().push(x),
-                    Err(_) => *self
-                        .categorical
-                        .entry(name.clone())
-                        .or_default()
-                        .entry(t.clone())
-                        .or_default() += 1,
+                    Err(_) => {
+                        *self
+                            .categorical
+                            .entry(name.clone())
+                            .or_default()
+                            .entry(t.clone())
+                            .or_default() += 1
+                    }
                 },
                 Value::Tensor { .. } | Value::Null => {}
             }
@@ -295,7 +308,13 @@ impl ProfileBuilder {
                 let mut reference: Vec<f64> = counts.values().map(|c| *c as f64 / total).collect();
                 reference.push(0.0);
                 let categories = counts.into_keys().collect();
-                (name, Categorical { categories, reference })
+                (
+                    name,
+                    Categorical {
+                        categories,
+                        reference,
+                    },
+                )
             })
             .collect();
         let classes = self.classes.map(|(names, counts)| {
@@ -312,7 +331,9 @@ impl ProfileBuilder {
             .iter()
             .filter_map(|(name, v)| Some((name.clone(), Numeric::of(v)?)))
             .collect();
-        let embedding = (!self.vectors.is_empty()).then(|| embedding_profile(&self.vectors)).flatten();
+        let embedding = (!self.vectors.is_empty())
+            .then(|| embedding_profile(&self.vectors))
+            .flatten();
         Ok(Profile {
             model: model.to_string(),
             count: self.count,
@@ -341,12 +362,20 @@ pub(crate) fn confidence(c: &Classification) -> [(&'static str, f64); 3] {
             entropy -= p * p.ln();
         }
     }
-    [("max_probability", top[0]), ("margin", top[0] - top[1]), ("entropy", entropy)]
+    [
+        ("max_probability", top[0]),
+        ("margin", top[0] - top[1]),
+        ("entropy", entropy),
+    ]
 }
 
 /// The cosine distance of a unit vector to a unit centroid.
 pub(crate) fn cosine_distance(v: &[f32], centroid: &[f32]) -> f64 {
-    1.0 - v.iter().zip(centroid).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+    1.0 - v
+        .iter()
+        .zip(centroid)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum::<f64>()
 }
 
 fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
@@ -355,7 +384,12 @@ fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
     for v in vectors {
         centroid.iter_mut().zip(v).for_each(|(c, x)| *c += x);
     }
-    let norm = centroid.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let norm = centroid
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     centroid.iter_mut().for_each(|c| *c /= norm);
     let distances: Vec<f64> = vectors.iter().map(|v| cosine_distance(v, &centroid)).collect();
     let mut projection = Projection {
@@ -381,8 +415,15 @@ fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
         }
     }
     pairs.sort_by(f64::total_cmp);
-    projection.bandwidth = pairs.get(pairs.len() / 2).copied().filter(|b| *b > 0.0).unwrap_or(1.0);
-    let features: Vec<Vec<f64>> = projected.iter().map(|p| fourier(p, &m, projection.bandwidth)).collect();
+    projection.bandwidth = pairs
+        .get(pairs.len() / 2)
+        .copied()
+        .filter(|b| *b > 0.0)
+        .unwrap_or(1.0);
+    let features: Vec<Vec<f64>> = projected
+        .iter()
+        .map(|p| fourier(p, &m, projection.bandwidth))
+        .collect();
     let n = features.len() as f64;
     let mut mean_features = vec![0.0; FOURIER];
     for f in &features {
@@ -390,7 +431,12 @@ fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
     }
     let spread = features
         .iter()
-        .map(|f| f.iter().zip(&mean_features).map(|(x, m)| (x - m).powi(2)).sum::<f64>())
+        .map(|f| {
+            f.iter()
+                .zip(&mean_features)
+                .map(|(x, m)| (x - m).powi(2))
+                .sum::<f64>()
+        })
         .sum::<f64>()
         / n;
     let mut square = 0.0;
@@ -404,7 +450,11 @@ fn embedding_profile(vectors: &[Vec<f32>]) -> Option<Embedding> {
             square += cov * cov;
         }
     }
-    let mmd_dof = if square > 0.0 { spread * spread / square } else { 1.0 };
+    let mmd_dof = if square > 0.0 {
+        spread * spread / square
+    } else {
+        1.0
+    };
     Some(Embedding {
         centroid,
         distance: Numeric::of(&distances)?,

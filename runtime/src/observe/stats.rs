@@ -127,13 +127,41 @@ pub fn normal_upper(p: f64) -> f64 {
     -normal_quantile(p.clamp(1e-300, 1.0 - 1e-16))
 }
 
+// Acklam's published coefficients, kept as printed.
+#[allow(clippy::excessive_precision)]
 fn normal_quantile(p: f64) -> f64 {
-    const A: [f64; 6] = [-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.383577518672690e2, -3.066479806614716e1, 2.506628277459239];
-    const B: [f64; 5] = [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
-    const C: [f64; 6] = [-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
-    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
     let tail = |q: f64| {
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
     };
     if p < 0.02425 {
         tail((-2.0 * p.ln()).sqrt())
@@ -184,7 +212,10 @@ impl Bins {
     /// About `bins` bins at the quantiles of `sample` (non-finite values ignored).
     pub fn from_sample(sample: &[f64], bins: usize) -> Self {
         let s = sorted(sample);
-        let (lo, hi) = (s.first().copied().unwrap_or(0.0), s.last().copied().unwrap_or(0.0));
+        let (lo, hi) = (
+            s.first().copied().unwrap_or(0.0),
+            s.last().copied().unwrap_or(0.0),
+        );
         let mut edges: Vec<f64> = (1..bins.max(1))
             .filter_map(|i| s.get(i * s.len() / bins))
             .copied()
@@ -221,7 +252,10 @@ impl Bins {
         for x in sample.iter().filter(|x| x.is_finite()) {
             sums[self.index(*x)] += x;
         }
-        sums.iter().zip(&counts).map(|(s, c)| if *c > 0.0 { s / c } else { 0.0 }).collect()
+        sums.iter()
+            .zip(&counts)
+            .map(|(s, c)| if *c > 0.0 { s / c } else { 0.0 })
+            .collect()
     }
 
     /// The count of `sample` in each bin (non-finite values ignored).
@@ -279,7 +313,12 @@ pub fn binned_drift(bins: &Bins, reference: Binned<'_>, current: Binned<'_>) -> 
         .zip(reference.means)
         .filter(|(w, _)| **w > 0.0)
         .map(|(w, x)| (*x, *w))
-        .chain(c.iter().zip(current.means).filter(|(w, _)| **w > 0.0).map(|(w, x)| (*x, -*w)))
+        .chain(
+            c.iter()
+                .zip(current.means)
+                .filter(|(w, _)| **w > 0.0)
+                .map(|(w, x)| (*x, -*w)),
+        )
         .collect();
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut gap, mut w1) = (0.0, 0.0);
@@ -322,13 +361,18 @@ mod tests {
 
     #[test]
     fn ties_merge_bins_and_no_bin_is_empty() {
-        let sample: Vec<f64> = (0..100).map(|i| if i < 60 { 1.0 } else { f64::from(i) }).collect();
+        let sample: Vec<f64> = (0..100)
+            .map(|i| if i < 60 { 1.0 } else { f64::from(i) })
+            .collect();
         let bins = Bins::from_sample(&sample, 10);
         let counts = bins.counts(&sample);
         assert!(bins.len() < 10);
         assert!(counts.iter().all(|c| *c > 0.0), "{counts:?}");
         let means = bins.means(&sample);
-        let side = Binned { counts: &counts, means: &means };
+        let side = Binned {
+            counts: &counts,
+            means: &means,
+        };
         let d = binned_drift(&bins, side, side);
         assert_eq!((d.psi, d.ks, d.wasserstein), (0.0, 0.0, 0.0));
     }

@@ -19,7 +19,9 @@ pub(crate) mod encoder;
 pub(crate) mod queue;
 
 pub(crate) use decoder::DecoderScheduler;
-pub(crate) use encoder::{clone_error, EncoderScheduler};
+#[cfg(feature = "version")]
+pub(crate) use encoder::clone_error;
+pub(crate) use encoder::EncoderScheduler;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
