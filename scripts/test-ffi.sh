@@ -110,6 +110,10 @@ if ! KEEL_LIBRARY=$target/libkeel.so PYTHONPATH=examples/python \
 fi
 grep -E "keys on the canary|replayed|promoted" "$build/canary_lineage.log"
 
+step "a data contract, drift and metrics from Python: the breast-cancer MLP on its data set"
+KEEL_LIBRARY=$target/libkeel.so PYTHONPATH=examples/python python3 examples/python/classify_drift.py \
+    examples/models/breast-cancer-mlp "$models/sklearn/datasets/data/breast_cancer.csv"
+
 step "a C++ program links an installed Keel through pkg-config (Makefile; CMake where installed)"
 KEEL_NO_BUILD=1 CARGO_TARGET_DIR=${target%/release} bash ffi/install.sh "$build/prefix" > /dev/null
 PKG_CONFIG_PATH=$build/prefix/lib/pkgconfig make -s -C examples/cpp OUT="$build/keel_cpp_example" > /dev/null

@@ -130,6 +130,12 @@ fn classify_a_file_one_bad_row_never_fails_it() {
         text.contains(r#"keel_contract_violations_total{field="worst area",clause="range",action="flag"} 1"#)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("112 rows classified, 2 refused"));
+    // The flagged row's lineage record holds the contract's verdict.
+    let id = rows[5]["request_id"].as_str().unwrap();
+    let record = lines(&keel(dir.path(), &["lineage", "show", "--json", id])).remove(0);
+    assert_eq!(record["contract"]["violations"][0]["field"], "worst area");
+    assert_eq!(record["contract"]["contract"], rows[5]["contract"]["contract"]);
+    assert_eq!(record["output"]["classes"][0], rows[5]["class"]);
 
     // JSON lines on standard input.
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))

@@ -197,6 +197,9 @@ _SIGNATURES = {
     "keel_lineage_recent": (c_int32, [_P, c_size_t, _PP, _PP]),
     "keel_lineage_flush": (c_int32, [_P, _PP]),
     "keel_lineage_replay": (c_int32, [_P, c_char_p, POINTER(c_bool), _PP]),
+    "keel_classify": (c_int32, [_P, c_char_p, c_char_p, _PP, _PP]),
+    "keel_drift_state": (c_int32, [_P, c_char_p, _PP, _PP]),
+    "keel_metrics_text": (c_int32, [_P, _PP, _PP]),
     "keel_string_data": (c_void_p, [_P]),
     "keel_string_len": (c_size_t, [_P]),
     "keel_string_free": (None, [_P]),
@@ -533,6 +536,30 @@ class Engine:
         identical = c_bool()
         _call(lib.keel_lineage_replay, self._handle, _bytes(request_id), byref(identical))
         return identical.value
+
+    # Tabular classification, drift and metrics.
+
+    def classify(self, model, rows):
+        """Classifies rows (a dict of field values, or a list of them) with a tabular model, as one
+        request; returns {"request_id", "classes": [{"class", "probabilities"}], "contract": verdict}.
+        A row that breaks a contract clause whose action is reject raises KeelError with code
+        ERR_CONTRACT, naming the field, the clause and the value (keel_classify)."""
+        out = c_void_p()
+        _call(lib.keel_classify, self._handle, _bytes(model), _bytes(json.dumps(rows)), byref(out))
+        return json.loads(_take_string(out))
+
+    def drift(self, model):
+        """The drift state of a model with a reference profile: {"state", "last", "reports"}
+        (keel_drift_state)."""
+        out = c_void_p()
+        _call(lib.keel_drift_state, self._handle, _bytes(model), byref(out))
+        return json.loads(_take_string(out))
+
+    def metrics(self):
+        """Everything observed, in Prometheus text format (keel_metrics_text)."""
+        out = c_void_p()
+        _call(lib.keel_metrics_text, self._handle, byref(out))
+        return _take_string(out)
 
 
 def live_handles():

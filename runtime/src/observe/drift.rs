@@ -533,3 +533,61 @@ impl DriftMonitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::ProfileBuilder;
+    use crate::{Classification, Input, Output};
+
+    fn row(site: &str, x: f64) -> Input {
+        Input::Classify(vec![[
+            ("site".to_string(), Value::Text(site.into())),
+            ("x".to_string(), Value::Number(x)),
+        ]
+        .into()])
+    }
+
+    fn answer() -> Output {
+        Output::Classes(vec![Classification {
+            class: 0,
+            label: "a".into(),
+            probabilities: vec![0.9, 0.1],
+        }])
+    }
+
+    #[test]
+    fn a_changed_category_mix_alarms_and_the_same_mix_does_not() {
+        let mut b = ProfileBuilder::new();
+        let sites = ["north", "south", "east", "west"];
+        for i in 0..400 {
+            b.add(
+                &row(sites[i % 4], (i % 17) as f64),
+                &answer(),
+                &["a".into(), "b".into()],
+            );
+        }
+        let profile = Arc::new(b.finish("m", 100).unwrap());
+        assert_eq!(profile.categorical["site"].categories.len(), 4);
+        let judge = |site: &dyn Fn(usize) -> &'static str| {
+            let m = DriftMonitor::new(profile.clone(), DriftConfig::count(100));
+            for i in 0..100 {
+                m.observe_input(&row(site(i), (i % 17) as f64));
+                m.observe_output(&answer());
+            }
+            m.last().unwrap().signals["input.site.chi2"]
+        };
+        assert_eq!(judge(&|i| sites[i % 4]).state, State::Ok);
+        // Half the rows from one site, and a site never seen.
+        let shifted = judge(&|i| {
+            if i % 2 == 0 {
+                "north"
+            } else if i % 3 == 0 {
+                "mars"
+            } else {
+                "south"
+            }
+        });
+        assert_eq!(shifted.state, State::Alarm, "{shifted:?}");
+    }
+}

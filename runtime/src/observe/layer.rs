@@ -370,13 +370,30 @@ impl Observed {
 impl Infer for Observed {
     /// Answers from the layer below, watching the request on the way.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
-        let _span = tracing::info_span!("keel.observe").entered();
+        use tracing::field::Empty;
+        // The engine's stages become the span's fields (a subscriber sees where the time went).
+        let span = tracing::info_span!(
+            "keel.observe",
+            request_id = %request.id,
+            queue_us = Empty,
+            forward_us = Empty,
+            post_us = Empty,
+            total_us = Empty
+        );
+        let _entered = span.enter();
         let w = self.watch(&request.model)?;
         let task = request.input.task();
         if let Some(d) = &w.drift {
             d.observe_input(&request.input);
         }
         let answer = self.below.infer(request);
+        if let Ok(a) = &answer {
+            let t = &a.meta.timings;
+            span.record("queue_us", t.queue.as_micros() as u64);
+            span.record("forward_us", t.forward.as_micros() as u64);
+            span.record("post_us", t.post.as_micros() as u64);
+            span.record("total_us", t.total.as_micros() as u64);
+        }
         self.conclude(&w, task, answer.as_ref());
         answer
     }
