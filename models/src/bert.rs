@@ -334,6 +334,16 @@ impl SentenceEncoder {
 
     /// Token ids of each text, with `[CLS]` and `[SEP]`, truncated to [`Self::max_tokens`].
     pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        Ok(self
+            .tokenize_counted(texts)?
+            .into_iter()
+            .map(|(ids, _)| ids)
+            .collect())
+    }
+
+    /// [`SentenceEncoder::tokenize`], with each text's length in tokens before the cut (more
+    /// than [`Self::max_tokens`] means the text was cut).
+    pub fn tokenize_counted(&self, texts: &[&str]) -> Result<Vec<(Vec<u32>, usize)>> {
         texts
             .iter()
             .enumerate()
@@ -346,13 +356,14 @@ impl SentenceEncoder {
                     .encode(*text, true)
                     .map_err(|e| Error::Tokenizer(e.to_string()))?;
                 let mut ids = encoding.get_ids().to_vec();
+                let tokens = ids.len();
                 if ids.len() > self.max_tokens {
                     // Keep [SEP] at the end, as the tokenizer's own truncation would.
                     let sep = ids[ids.len() - 1];
                     ids.truncate(self.max_tokens - 1);
                     ids.push(sep);
                 }
-                Ok(ids)
+                Ok((ids, tokens))
             })
             .collect()
     }

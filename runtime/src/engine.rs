@@ -3,11 +3,12 @@
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{GenerateParams, InferStream, TokenStream};
 use crate::infer::{
-    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Value,
+    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Truncated,
+    Value,
 };
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
-use crate::request::Request;
+use crate::request::{Request, Truncate};
 use crate::scheduler::decoder::GenJob;
 use crate::scheduler::{DecoderScheduler, EncoderScheduler, Ran, SchedulerConfig, SchedulerStats};
 use crate::{Error, Result};
@@ -426,7 +427,25 @@ impl Engine {
             return Err(keel_models::Error::EmptyInput("no texts to embed".into()).into());
         }
         let start = Instant::now();
-        let ids = encoder.tokenize(texts)?;
+        let counted = encoder.tokenize_counted(texts)?;
+        let max = encoder.max_tokens();
+        let truncated: Vec<Truncated> = counted
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, n))| *n > max)
+            .map(|(text, (_, tokens))| Truncated {
+                text,
+                tokens: *tokens,
+                kept: max,
+            })
+            .collect();
+        if let (Some(t), Truncate::Refuse) = (truncated.first(), request.truncate) {
+            return Err(Error::InvalidArgument(format!(
+                "text {} has {} tokens; {} reads at most {}: shorten it, or let it be cut (Truncate::Cut, the default)",
+                t.text, t.tokens, version.manifest.name, max
+            )));
+        }
+        let ids: Vec<Vec<u32>> = counted.into_iter().map(|(ids, _)| ids).collect();
         let prepared = Instant::now();
         let cache = self.inner.response_cache.as_ref().filter(|_| request.use_cache);
         let mut vectors: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
@@ -461,6 +480,7 @@ impl Engine {
         let done = Instant::now();
         Ok(Embedded {
             vectors,
+            truncated,
             ran,
             prepare: prepared - start,
             post: done - computed_at,
@@ -604,6 +624,7 @@ impl Engine {
             backend: self.inner.backend.clone(),
             batch_id: None,
             cache_hit: false,
+            truncated: Vec::new(),
             timings: Timings::default(),
             annotations: Default::default(),
         }
@@ -620,6 +641,7 @@ impl Engine {
         let mut meta = self.meta_of(&request, version);
         meta.batch_id = e.ran.map(|r| r.batch_id);
         meta.cache_hit = e.ran.is_none();
+        meta.truncated = e.truncated;
         meta.timings = Timings {
             prepare: e.prepare,
             queue: e.ran.map(|r| r.queue).unwrap_or_default(),
@@ -781,6 +803,7 @@ impl Infer for Engine {
 /// An embedding's vectors and how they were made.
 struct Embedded {
     vectors: Vec<Vec<f32>>,
+    truncated: Vec<Truncated>,
     /// None: the response cache answered every text.
     ran: Option<Ran>,
     prepare: Duration,

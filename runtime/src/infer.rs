@@ -327,11 +327,25 @@ pub struct Meta {
     pub batch_id: Option<u64>,
     /// Whether the response cache answered (every text of the request).
     pub cache_hit: bool,
+    /// The texts an encoder cut to its maximum number of tokens (see
+    /// [`crate::Request::truncate`]).
+    pub truncated: Vec<Truncated>,
     /// Time per stage.
     pub timings: Timings,
     /// What the layers around the engine added (for instance the version layer's `route`);
     /// the lineage record keeps them.
     pub annotations: BTreeMap<String, String>,
+}
+
+/// A text that was longer than the model reads: only its first `kept` tokens were embedded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncated {
+    /// The text's index in the request.
+    pub text: usize,
+    /// Its length in tokens.
+    pub tokens: usize,
+    /// The tokens embedded (the model's maximum).
+    pub kept: usize,
 }
 
 /// An answer and how it was made.

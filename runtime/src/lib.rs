@@ -35,12 +35,12 @@ pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream};
 pub use infer::{
     Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings,
-    Value,
+    Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};
-pub use request::{Priority, Request};
+pub use request::{Priority, Request, Truncate};
 pub use scheduler::{SchedulerConfig, SchedulerStats};

@@ -35,6 +35,20 @@ pub struct Request {
     pub deadline_at: Option<Instant>,
     /// Whether the response cache may answer (and store) this request (default: true).
     pub use_cache: bool,
+    /// What an encoder does with a text longer than its maximum (default: cut it, and say so
+    /// in [`crate::Meta::truncated`]).
+    pub truncate: Truncate,
+}
+
+/// What an encoder does with a text longer than the model's maximum number of tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Truncate {
+    /// Embed its first tokens (up to the maximum, `[SEP]` kept last), as sentence-transformers
+    /// does; the response lists it in [`crate::Meta::truncated`].
+    #[default]
+    Cut,
+    /// Refuse the request with [`crate::Error::InvalidArgument`] naming the text.
+    Refuse,
 }
 
 impl Default for Request {
@@ -44,6 +58,7 @@ impl Default for Request {
             timeout: None,
             deadline_at: None,
             use_cache: true,
+            truncate: Truncate::Cut,
         }
     }
 }
@@ -64,6 +79,12 @@ impl Request {
     /// With a deadline at an absolute instant.
     pub fn deadline_at(mut self, at: Instant) -> Self {
         self.deadline_at = Some(at);
+        self
+    }
+
+    /// Refuse texts longer than the model's maximum instead of cutting them.
+    pub fn refuse_long_texts(mut self) -> Self {
+        self.truncate = Truncate::Refuse;
         self
     }
 
