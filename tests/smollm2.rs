@@ -233,3 +233,37 @@ fn batched_decode_equals_one_sequence_at_a_time() {
     assert_eq!(alone, together);
     assert_eq!(c0.len(), prompts[0].len() + 12);
 }
+
+#[test]
+fn stop_texts_end_the_reply_where_they_appear() {
+    let engine = Engine::builder().build().unwrap();
+    let id = engine.load(smollm2_gguf()).unwrap().to_string();
+    let greedy = GenerateParams::greedy().max_tokens(40);
+    let prompt = "Name three colours.";
+    let full = engine.generate(&id, prompt, &greedy).unwrap().complete().unwrap();
+    // A stop text from the middle of the reply (and spanning tokens): the reply ends before it.
+    let start = full
+        .text
+        .char_indices()
+        .nth(full.text.chars().count() / 2)
+        .unwrap()
+        .0;
+    let stop: String = full.text[start..].chars().take(4).collect();
+    let at = full.text.find(&stop).unwrap();
+    let mut stream = engine
+        .generate(&id, prompt, &greedy.clone().stop_at(stop.as_str()))
+        .unwrap();
+    let streamed: String = (&mut stream).map(|t| t.unwrap().text).collect();
+    assert_eq!(streamed, full.text[..at], "stop text {stop:?}");
+    assert_eq!(stream.finish_reason(), Some(FinishReason::Stop));
+    // A stop text that never appears, but whose start does: nothing is lost or held back.
+    let never = format!("{}\u{1}never", &full.text[..1]);
+    let same = engine
+        .generate(&id, prompt, &greedy.clone().stop_at(never))
+        .unwrap()
+        .complete()
+        .unwrap();
+    assert_eq!((same.text, same.finish), (full.text, full.finish));
+    let e = engine.generate(&id, prompt, &greedy.stop_at("")).err().unwrap();
+    assert_eq!(e.kind(), keel::ErrorKind::InvalidArgument);
+}

@@ -91,8 +91,21 @@ enum Command {
         /// Print one JSON object with the generated `token_ids` and `text`.
         #[arg(long)]
         json: bool,
+        /// A system turn before the prompt (with the chat template).
+        #[arg(long)]
+        system: Option<String>,
+        /// End the reply where this text appears (not printed); may be given several times.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Read the prompt from this file (`-`: standard input) instead of the command line.
+        #[arg(long, conflicts_with = "prompt")]
+        prompt_file: Option<PathBuf>,
+        /// Threads for the model's matrix products (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// The prompt.
-        prompt: String,
+        #[arg(required_unless_present = "prompt_file")]
+        prompt: Option<String>,
     },
     /// Classify the rows of a CSV file (a header row of field names) or a JSON-lines file (one
     /// object per line; `-` reads standard input) with a tabular model, one row at a time: a
@@ -288,6 +301,36 @@ fn predict(
     Ok(answer)
 }
 
+/// The figures llama-cli prints at the end, on stderr: the prompt's tokens per second (to the
+/// first token: the prefill) and the generated tokens per second after it.
+fn timings(
+    done: &keel::Completion,
+    started: std::time::Instant,
+    first: Option<std::time::Instant>,
+    ended: std::time::Instant,
+) {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let rate = |n: usize, d: std::time::Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            n as f64 / d.as_secs_f64()
+        }
+    };
+    let n = done.token_ids.len();
+    let prompt = done.prompt_ids.len();
+    match first {
+        Some(first) => eprintln!(
+            "keel: prompt {prompt} tokens in {:.1} ms ({:.1} tokens/s, to the first token); generated {n} tokens, {:.1} tokens/s after the first; finish: {}",
+            ms(first - started),
+            rate(prompt, first - started),
+            rate(n.saturating_sub(1), ended - first),
+            done.finish.as_str()
+        ),
+        None => eprintln!("keel: prompt {prompt} tokens; nothing generated; finish: {}", done.finish.as_str()),
+    }
+}
+
 /// A warning on stderr for each text the encoder cut (`first`: the index of the request's first
 /// text in the whole input).
 fn warn_truncated(meta: &keel::Meta, first: usize) {
@@ -382,6 +425,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    if let Command::Generate { threads: Some(n), .. } = &cli.command {
+        // Before the first parallel product builds the thread pool, with no other thread running.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(&1).to_string());
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -579,8 +626,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             top_p,
             seed,
             json,
+            system,
+            stop,
+            prompt_file,
+            threads: _,
             prompt,
         } => {
+            let prompt = match (prompt, prompt_file) {
+                (Some(p), _) => p,
+                (None, Some(f)) if f.as_os_str() == "-" => std::io::read_to_string(std::io::stdin())?,
+                (None, Some(f)) => {
+                    std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?
+                }
+                (None, None) => return Err("give a prompt, or --prompt-file".into()),
+            };
             let (served, observed) = serving_watched(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let mut params = if greedy {
@@ -592,21 +651,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if raw {
                 params = params.raw();
             }
+            if let Some(system) = system {
+                params = params.system_prompt(system);
+            }
+            params.stop = stop;
             let request = routed(InferRequest::generate(&model, &prompt, params), &routing);
             let input = request.input.clone();
             let mut stream = served.serve_stream(request, routing.retain_input)?;
             if let Some(meta) = stream.meta() {
                 observed.watch_model(meta.version.as_str())?;
             }
-            if !json {
-                // Streamed as it is made.
-                let mut stdout = std::io::stdout().lock();
-                for token in &mut stream {
-                    write!(stdout, "{}", token?.text)?;
+            let started = std::time::Instant::now();
+            let mut first_token = None;
+            let mut stdout = std::io::stdout().lock();
+            for token in &mut stream {
+                let token = token?;
+                first_token.get_or_insert_with(std::time::Instant::now);
+                if !json {
+                    // Streamed as it is made.
+                    write!(stdout, "{}", token.text)?;
                     stdout.flush()?;
                 }
+            }
+            if !json {
                 writeln!(stdout)?;
             }
+            let ended = std::time::Instant::now();
             let answer = stream.finish();
             // A stream goes to the engine directly: the observability layer is told after.
             if let Ok(a) = &answer {
@@ -619,6 +689,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let Output::Completion(done) = answer.output else {
                 return Err("the model did not answer with a completion".into());
             };
+            timings(&done, started, first_token, ended);
             if json {
                 let out = serde_json::json!({
                     "token_ids": done.token_ids,

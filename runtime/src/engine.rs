@@ -589,7 +589,7 @@ impl Engine {
             cancel: cancel.clone(),
         };
         scheduler.submit(model, job, request)?;
-        Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel))
+        Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel).stopping_at(params.stop.clone()))
     }
 
     /// A generation on the prediction path: its tokens as they are made, then the response with

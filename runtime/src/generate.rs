@@ -6,6 +6,7 @@ use crate::scheduler::decoder::Event;
 use crate::scheduler::Ran;
 use crate::{Error, Result};
 use keel_models::sampling::Sampling;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -31,6 +32,9 @@ pub struct GenerateParams {
     /// The KV state after the system turn is kept in the prefix cache, so that later prompts
     /// with the same system turn skip running it.
     pub system: Option<String>,
+    /// Texts that end the generation where they appear (not included in the output), as
+    /// llama.cpp's `--reverse-prompt`/`stop` do; the finish reason is then `Stop`.
+    pub stop: Vec<String>,
 }
 
 impl Default for GenerateParams {
@@ -40,6 +44,7 @@ impl Default for GenerateParams {
             sampling: Sampling::Greedy,
             chat: true,
             system: None,
+            stop: Vec::new(),
         }
     }
 }
@@ -75,6 +80,12 @@ impl GenerateParams {
         self
     }
 
+    /// Ending the generation where `text` appears (see [`GenerateParams::stop`]).
+    pub fn stop_at(mut self, text: impl Into<String>) -> Self {
+        self.stop.push(text.into());
+        self
+    }
+
     /// Feed the prompt as is, without the chat template.
     pub fn raw(mut self) -> Self {
         self.chat = false;
@@ -94,6 +105,9 @@ impl GenerateParams {
             if !(top_p > 0.0 && top_p <= 1.0) {
                 return Err(Error::InvalidArgument(format!("top_p {top_p} must be in (0, 1]")));
             }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidArgument("a stop text cannot be empty".into()));
         }
         Ok(())
     }
@@ -166,6 +180,12 @@ pub struct TokenStream {
     text_len: usize,
     finish: Option<FinishReason>,
     ran: Option<Ran>,
+    /// Stop texts; tokens held back because their text may be the start of one, and their
+    /// text; tokens ready to be given out.
+    stop: Vec<String>,
+    held: VecDeque<Token>,
+    held_text: String,
+    ready: VecDeque<Token>,
 }
 
 impl TokenStream {
@@ -190,7 +210,69 @@ impl TokenStream {
             generated: Vec::new(),
             text_len: 0,
             ran: None,
+            stop: Vec::new(),
+            held: VecDeque::new(),
+            held_text: String::new(),
+            ready: VecDeque::new(),
         }
+    }
+
+    /// With stop texts (see [`GenerateParams::stop`]).
+    pub(crate) fn stopping_at(mut self, stop: Vec<String>) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    /// Takes a new token through the stop texts: tokens whose text cannot be the start of a
+    /// stop text go to `ready`; the others wait in `held`. Returns whether a stop text was
+    /// found (its first token is cut before it; the tokens after are dropped).
+    fn screen(&mut self, token: Token) -> bool {
+        self.held_text.push_str(&token.text);
+        self.held.push_back(token);
+        let found = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held_text.find(s.as_str()))
+            .min();
+        // Text that is certainly out: up to the stop text, or before the longest tail that is
+        // the start of one.
+        let safe = found.unwrap_or_else(|| {
+            let keep = self
+                .stop
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len())
+                        .filter(|n| s.is_char_boundary(*n))
+                        .map(move |n| &s[..n])
+                })
+                .filter(|prefix| self.held_text.ends_with(prefix))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            self.held_text.len() - keep
+        });
+        let mut given = 0;
+        while let Some(t) = self.held.front() {
+            if found.is_none() && given + t.text.len() > safe {
+                break;
+            }
+            let mut t = self.held.pop_front().expect("a front token");
+            if given + t.text.len() > safe {
+                t.text.truncate(safe - given);
+            }
+            given += t.text.len();
+            let done = given >= safe && found.is_some();
+            self.ready.push_back(t);
+            if done {
+                break;
+            }
+        }
+        self.held_text.drain(..given.min(self.held_text.len()));
+        if found.is_some() {
+            self.held.clear();
+            self.held_text.clear();
+        }
+        found.is_some()
     }
 
     /// The prompt's token ids.
@@ -251,23 +333,40 @@ impl Iterator for TokenStream {
     type Item = Result<Token>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.finish.is_some() {
-            return None;
-        }
-        let event = self.events.as_ref()?.recv();
-        let failed = |stream: &mut Self, e| {
-            stream.finish = Some(FinishReason::Stop);
-            Some(Err(e))
-        };
-        match event {
-            Ok(Event::Token(id)) => Some(self.token(id)),
-            Ok(Event::Done(reason, ran)) => {
-                self.finish = Some(reason);
-                self.ran = Some(ran);
-                None
+        loop {
+            if let Some(t) = self.ready.pop_front() {
+                return Some(Ok(t));
             }
-            Ok(Event::Failed(e)) => failed(self, e),
-            Err(_) => failed(self, Error::Internal("the scheduler dropped a generation".into())),
+            if self.finish.is_some() {
+                return None;
+            }
+            let event = self.events.as_ref()?.recv();
+            let failed = |stream: &mut Self, e| {
+                stream.finish = Some(FinishReason::Stop);
+                Some(Err(e))
+            };
+            match event {
+                Ok(Event::Token(id)) => match self.token(id) {
+                    Ok(t) if self.stop.is_empty() => return Some(Ok(t)),
+                    Ok(t) => {
+                        if self.screen(t) {
+                            // Ends here: the worker drops the sequence before its next step.
+                            self.finish = Some(FinishReason::Stop);
+                            self.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => return Some(Err(e)),
+                },
+                Ok(Event::Done(reason, ran)) => {
+                    self.finish = Some(reason);
+                    self.ran = Some(ran);
+                    // The end came first: what was held back was no stop text after all.
+                    self.ready.extend(self.held.drain(..));
+                    self.held_text.clear();
+                }
+                Ok(Event::Failed(e)) => return failed(self, e),
+                Err(_) => return failed(self, Error::Internal("the scheduler dropped a generation".into())),
+            }
         }
     }
 }

@@ -123,6 +123,9 @@ pub enum RecordedInput {
         system: Option<String>,
         /// Seeded sampling (None: greedy).
         sampling: Option<RecordedSampling>,
+        /// Stop texts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stop: Vec<String>,
     },
 }
 
@@ -155,6 +158,7 @@ impl RecordedInput {
                 max_tokens: params.max_tokens,
                 chat: params.chat,
                 system: params.system.clone(),
+                stop: params.stop.clone(),
                 sampling: match params.sampling {
                     Sampling::Greedy => None,
                     Sampling::Random {
@@ -192,6 +196,7 @@ impl RecordedInput {
                 chat,
                 system,
                 sampling,
+                stop,
             } => {
                 let mut params = match sampling {
                     None => GenerateParams::greedy(),
@@ -200,6 +205,7 @@ impl RecordedInput {
                 params.max_tokens = *max_tokens;
                 params.chat = *chat;
                 params.system = system.clone();
+                params.stop = stop.clone();
                 Input::Generate {
                     prompt: prompt.clone(),
                     params,
