@@ -125,7 +125,8 @@ enum Command {
         data: String,
     },
     /// Write a model's reference profile (DIR/profile.json) from a calibration set: the
-    /// distributions that drift is judged against.
+    /// distributions that drift is judged against (rows for a tabular model; a `text` column or
+    /// field for an encoder, whose embeddings are profiled).
     Profile {
         /// A Keel model folder.
         #[arg(long)]
@@ -496,10 +497,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let engine = Engine::builder().device(device).build()?;
             let id = engine.load(&model)?;
+            let info = engine.info(id.as_str())?;
             let observed = tabular::watched(&engine, window);
             // The answers are not printed: the windows are (a refused row counts in no window).
             for row in tabular::read_rows(&data)?.into_iter().flatten() {
-                let _ = keel::Infer::infer(&*observed, InferRequest::classify(id.as_str(), vec![row]));
+                if let Some(input) = tabular::input_of(&info, row) {
+                    let _ = keel::Infer::infer(&*observed, InferRequest::new(id.as_str(), input));
+                }
             }
             observed.close_windows();
             let report = tabular::drift_json(&observed, id.as_str())?;

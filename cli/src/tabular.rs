@@ -153,11 +153,10 @@ pub(crate) fn profile(engine: &Engine, folder: &Path, data: &str, window: usize)
     let mut builder = ProfileBuilder::new();
     let mut skipped = 0;
     for row in read_rows(data)? {
-        let Ok(row) = row else {
+        let Some(input) = row.ok().and_then(|r| input_of(&info, r)) else {
             skipped += 1;
             continue;
         };
-        let input = Input::Classify(vec![row]);
         match engine.infer(InferRequest::new(id.as_str(), input.clone())) {
             Ok(a) => builder.add(&input, &a.output, &info.manifest.labels),
             Err(_) => skipped += 1,
@@ -167,9 +166,25 @@ pub(crate) fn profile(engine: &Engine, folder: &Path, data: &str, window: usize)
     let path = folder.join(PROFILE_FILE);
     profile.write(&path)?;
     if skipped > 0 {
-        eprintln!("keel: {skipped} rows could not be read or classified and are not in the profile");
+        eprintln!(
+            "keel: {skipped} rows could not be read or run (a tabular row, or a `text` field for an encoder) \
+             and are not in the profile"
+        );
     }
     Ok(path)
+}
+
+/// The request input of one data row: the row itself for a tabular model, its `text` field for
+/// an encoder (a CSV column or a JSON-lines field named `text`). None: nothing to run.
+pub(crate) fn input_of(info: &keel::ModelInfo, row: Record) -> Option<Input> {
+    match info.manifest.architecture {
+        keel::Architecture::Mlp => Some(Input::Classify(vec![row])),
+        keel::Architecture::Bert => match row.get("text") {
+            Some(Value::Text(t)) => Some(Input::Embed(vec![t.clone()])),
+            _ => None,
+        },
+        keel::Architecture::Llama => None,
+    }
 }
 
 /// Runs every row through `model` on `served` (one request per row, so that one bad row never

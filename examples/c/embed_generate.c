@@ -26,7 +26,9 @@ static const char *const TEXTS[] = {
     "Ünïcödé text, too: 日本語.", /* UTF-8 source */
 };
 #define N_TEXTS (sizeof TEXTS / sizeof TEXTS[0])
-static const char *const PROMPT = "What is the capital of France?";
+/* A question the 135M model answers right on its quantized weights (to "What is the capital of
+ * France?" its Q4_1 greedy reply is "L'Etoile, ...", while f32 says Paris). */
+static const char *const PROMPT = "What is 2+2?";
 #define MAX_TOKENS 32
 
 /* Prints the error of a failed call, frees it, and exits. */

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference values of Keel's drift statistics, computed by scipy on fixed samples. Run by hand
-when the cases change; the JSON it writes is committed (tests/drift.rs reads it).
+when the cases change; the JSON it writes is committed (tests/observe.rs reads it).
 
     python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install numpy scipy
     /tmp/refenv/bin/python tests/golden/make_drift_golden.py
