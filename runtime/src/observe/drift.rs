@@ -590,4 +590,36 @@ mod tests {
         });
         assert_eq!(shifted.state, State::Alarm, "{shifted:?}");
     }
+
+    #[test]
+    fn generation_lengths_drift() {
+        let completion = |n: usize| {
+            Output::Completion(crate::Completion {
+                prompt_ids: vec![1, 2, 3],
+                token_ids: vec![7; n],
+                text: String::new(),
+                finish: crate::FinishReason::Stop,
+            })
+        };
+        let prompt = |i: usize| Input::Generate {
+            prompt: format!("question {i}"),
+            params: crate::GenerateParams::greedy(),
+        };
+        let mut b = ProfileBuilder::new();
+        for i in 0..200 {
+            b.add(&prompt(i), &completion(15 + i % 10), &[]);
+        }
+        let profile = Arc::new(b.finish("m", 40).unwrap());
+        let judge = |lengths: &dyn Fn(usize) -> usize| {
+            let m = DriftMonitor::new(profile.clone(), DriftConfig::count(40));
+            for i in 0..40 {
+                m.observe_input(&prompt(i));
+                m.observe_output(&completion(lengths(i)));
+            }
+            m.last().unwrap().signals["output.length.ks"].state
+        };
+        assert_eq!(judge(&|i| 15 + (i * 7) % 10), State::Ok);
+        // Replies twice as long.
+        assert_eq!(judge(&|i| 30 + i % 20), State::Alarm);
+    }
 }
