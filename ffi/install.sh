@@ -8,7 +8,7 @@ set -euo pipefail
 prefix=${1:?usage: ffi/install.sh PREFIX}
 cd "$(dirname "$0")/.."
 if [[ -z "${KEEL_NO_BUILD:-}" ]]; then
-    cargo build --release -p keel-ffi
+    cargo build --release -p keel-cli -p keel-ffi
 fi
 target=${CARGO_TARGET_DIR:-target}/release
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-models.sh
 models="${KEEL_MODELS_DIR:-$PWD/.models/site}"
-cargo build --release --locked -p keel-cli
+# With libkeel: the same feature resolution as docs/FFI.md's build, so one build serves both.
+cargo build --release --locked -p keel-cli -p keel-ffi
 keel=target/release/keel
 
 echo "== keel embed (all-MiniLM-L6-v2, cpu)"

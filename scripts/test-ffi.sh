@@ -48,7 +48,7 @@ if ((${#missing[@]})); then
 fi
 
 step "build libkeel (cdylib + staticlib) and the Rust reference program"
-cargo build --release --locked -p keel-ffi
+cargo build --release --locked -p keel-cli -p keel-ffi
 cargo build --release --locked -p keel-ffi --example reference
 
 step "include/keel.h is what cbindgen makes of ffi/src"

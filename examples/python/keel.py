@@ -117,7 +117,7 @@ def _find_library():
         return local
     found = ctypes.util.find_library("keel")
     if not found:
-        raise OSError("libkeel not found: build it with `cargo build --release -p keel-ffi` or set KEEL_LIBRARY")
+        raise OSError("libkeel not found: build it with `cargo build --release -p keel-cli -p keel-ffi` or set KEEL_LIBRARY")
     return found
 
 
