@@ -12,7 +12,7 @@ const TEXTS: [&str; 3] = [
     "Keel runs models inside the host process.",
     "Ünïcödé text, too: 日本語.",
 ];
-const PROMPT: &str = "What is the capital of France?";
+const PROMPT: &str = "What is 2+2?";
 const MAX_TOKENS: usize = 32;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
