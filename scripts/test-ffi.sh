@@ -71,7 +71,7 @@ export PKG_CONFIG_PATH=$build/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 cflags="-std=c11 -Wall -Wextra -Werror -O2 -g $(pkg-config --cflags keel)"
 shared="$(pkg-config --libs keel) -Wl,-rpath,$target"
 static="$target/libkeel.a $(pkg-config --static --libs-only-l keel | sed 's/-lkeel//')"
-for example in embed_generate test_misuse threads load_cycles; do
+for example in embed_generate tour test_misuse threads load_cycles; do
     # shellcheck disable=SC2086
     cc $cflags -pthread "examples/c/$example.c" -o "$build/$example" $shared
 done
@@ -96,6 +96,12 @@ for dump in c c_static python; do
     fi
 done
 echo "$(grep -c '^embedding' "$build/rust.dump") embeddings and $(awk '/^completion/ {print $2}' "$build/rust.dump") greedy tokens identical in Rust, C (shared), C (static) and Python"
+
+step "docs/FFI.md's C snippets, as the program examples/c/tour.c, from a root with the default model paths"
+mkdir -p "$build/tour-root/.models"
+ln -sfn "$models" "$build/tour-root/.models/site"
+ln -sfn "$root/examples" "$build/tour-root/examples"
+(cd "$build/tour-root" && "$build/tour" | tail -3)
 
 step "misuse from C and Python: error codes, never a crash"
 "$build/test_misuse" "$minilm" "$gguf"

@@ -13,3 +13,5 @@ cargo check -p keel --no-default-features --release --locked
 cargo test --workspace --release --locked
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh
+# Every snippet of README.md and docs/ runs (or is an excerpt of a program that does), as written.
+python3 scripts/check-docs.py

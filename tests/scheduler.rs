@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use keel::{CacheConfig, Engine, ErrorKind, GenerateParams, Request, SchedulerConfig};
+use keel::{CacheConfig, Completion, Engine, ErrorKind, GenerateParams, Request, SchedulerConfig, Turn};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -394,4 +394,72 @@ fn a_prefix_cache_hit_skips_the_system_prompt_and_changes_no_token() {
         "fed {fed_second} tokens for a {}-token prompt",
         second.prompt_ids.len()
     );
+}
+
+#[test]
+fn a_conversation_is_rendered_turn_by_turn_and_reuses_the_turns_before() {
+    let system = "You are a helpful assistant. Answer in one short sentence.";
+    let turns = [
+        "What is the capital of France?",
+        "What language do people speak there?",
+        "Name a famous building there.",
+    ];
+    let params = GenerateParams::greedy().max_tokens(24).system_prompt(system);
+    // Each turn with the turns before as its history; with the tokens fed for it.
+    let converse = |engine: &Engine, id: &str| -> Vec<(Completion, u64)> {
+        let mut history = Vec::new();
+        let mut replies = Vec::new();
+        for t in turns {
+            let before = engine.scheduler_stats(id).unwrap().tokens;
+            let done = engine
+                .generate(id, t, &params.clone().after(history.clone()))
+                .unwrap()
+                .complete()
+                .unwrap();
+            let fed = engine.scheduler_stats(id).unwrap().tokens - before;
+            history.push(Turn {
+                user: t.into(),
+                assistant: done.text.clone(),
+            });
+            replies.push((done, fed));
+        }
+        replies
+    };
+    let (plain, id) = smollm_engine(CacheConfig::off());
+    let expected = converse(&plain, &id);
+    // The history is the chat template's turns: the conversation written out in ChatML (the
+    // template of SmolLM2) gives the same prompt.
+    let written = format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+        turns[0], expected[0].0.text, turns[1]
+    );
+    assert_eq!(
+        expected[1].0.prompt_ids,
+        plain.tokenize(&id, &written, false).unwrap()
+    );
+    // "There" is the city of the turn before (alone, the question gets "Ashkelon ... Hebrew").
+    assert!(
+        expected[1].0.text.contains("French"),
+        "reply: {:?}",
+        expected[1].0.text
+    );
+    drop(plain);
+
+    let (engine, id) = smollm_engine(CacheConfig::default());
+    let got = converse(&engine, &id);
+    for (turn, ((want, _), (have, _))) in expected.iter().zip(&got).enumerate() {
+        assert_eq!(have.token_ids, want.token_ids, "turn {turn}");
+    }
+    // The third turn ran only the second exchange and its own prompt: the KV state of the
+    // system turn and the first exchange came from the prefix cache.
+    let (third, fed) = &got[2];
+    let second = &got[1].0;
+    let new_tokens = third.prompt_ids.len() - second.prompt_ids.len();
+    let second_user = engine.tokenize(&id, turns[1], false).unwrap().len();
+    assert!(
+        (*fed as usize) <= new_tokens + second_user + 8 + third.token_ids.len(),
+        "fed {fed} tokens for a {}-token prompt",
+        third.prompt_ids.len()
+    );
+    assert!(engine.prefix_cache_stats().unwrap().hits >= 2);
 }

@@ -1,12 +1,14 @@
 //! `keel`: embed, generate and inspect with Keel from the command line; manage a deployment's
 //! model registry and look its predictions up (`registry`, `lineage`).
 
+mod generate;
 mod registry;
 mod tabular;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use generate::Generation;
 use keel::version::{RegisterOptions, Versioned};
-use keel::{DeviceKind, Engine, GenerateParams, InferRequest, Output, WeightPath};
+use keel::{DeviceKind, Engine, InferRequest, Output, WeightPath};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -59,53 +61,27 @@ enum Command {
     },
     /// Generate a reply to a prompt, streaming it as it is made.
     Generate {
-        /// A registered model, `NAME` or `NAME@ALIAS`; or a Keel model folder or a .gguf file.
-        #[arg(long)]
-        model: String,
         #[command(flatten)]
-        routing: Routing,
+        generation: Generation,
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
-        /// Always take the most likely token (otherwise: seeded sampling).
-        #[arg(long)]
-        greedy: bool,
-        /// Most tokens to generate.
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
-        /// Which weights the matrix products use.
-        #[arg(long, value_enum, default_value = "quantized")]
-        weights: Weights,
-        /// Sampling temperature.
-        #[arg(long, default_value_t = 0.7)]
-        temperature: f32,
-        /// Sample among the k most likely tokens (0: all).
-        #[arg(long, default_value_t = 40)]
-        top_k: usize,
-        /// Sample among the most likely tokens holding this much probability.
-        #[arg(long, default_value_t = 0.9)]
-        top_p: f32,
-        /// Seed of the sampler: the same seed gives the same text.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
         /// Print one JSON object with the generated `token_ids` and `text`.
         #[arg(long)]
         json: bool,
-        /// A system turn before the prompt (with the chat template).
-        #[arg(long)]
-        system: Option<String>,
-        /// End the reply where this text appears (not printed); may be given several times.
-        #[arg(long)]
-        stop: Vec<String>,
         /// Read the prompt from this file (`-`: standard input) instead of the command line.
         #[arg(long, conflicts_with = "prompt")]
         prompt_file: Option<PathBuf>,
-        /// Threads for the model's matrix products (default: one per core).
-        #[arg(long)]
-        threads: Option<usize>,
         /// The prompt.
         #[arg(required_unless_present = "prompt_file")]
         prompt: Option<String>,
+    },
+    /// Chat with a decoder: each line of standard input is a turn (a line ending in `\` goes on
+    /// to the next), each reply is streamed; the model sees the whole conversation. `/reset`
+    /// forgets it; `/exit` or the end of the input ends the chat.
+    Chat {
+        #[command(flatten)]
+        generation: Generation,
     },
     /// Classify the rows of a CSV file (a header row of field names) or a JSON-lines file (one
     /// object per line; `-` reads standard input) with a tabular model, one row at a time: a
@@ -302,36 +278,6 @@ fn predict(
     Ok(answer)
 }
 
-/// The figures llama-cli prints at the end, on stderr: the prompt's tokens per second (to the
-/// first token: the prefill) and the generated tokens per second after it.
-fn timings(
-    done: &keel::Completion,
-    started: std::time::Instant,
-    first: Option<std::time::Instant>,
-    ended: std::time::Instant,
-) {
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    let rate = |n: usize, d: std::time::Duration| {
-        if d.is_zero() {
-            0.0
-        } else {
-            n as f64 / d.as_secs_f64()
-        }
-    };
-    let n = done.token_ids.len();
-    let prompt = done.prompt_ids.len();
-    match first {
-        Some(first) => eprintln!(
-            "keel: prompt {prompt} tokens in {:.1} ms ({:.1} tokens/s, to the first token); generated {n} tokens, {:.1} tokens/s after the first; finish: {}",
-            ms(first - started),
-            rate(prompt, first - started),
-            rate(n.saturating_sub(1), ended - first),
-            done.finish.as_str()
-        ),
-        None => eprintln!("keel: prompt {prompt} tokens; nothing generated; finish: {}", done.finish.as_str()),
-    }
-}
-
 /// A warning on stderr for each text the encoder cut (`first`: the index of the request's first
 /// text in the whole input).
 fn warn_truncated(meta: &keel::Meta, first: usize) {
@@ -426,9 +372,12 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    if let Command::Generate { threads: Some(n), .. } = &cli.command {
-        // Before the first parallel product builds the thread pool, with no other thread running.
-        std::env::set_var("RAYON_NUM_THREADS", n.max(&1).to_string());
+    if let Command::Generate { generation, .. } | Command::Chat { generation } = &cli.command {
+        if let Some(n) = generation.threads {
+            // Before the first parallel product builds the thread pool, with no other thread
+            // running.
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -619,21 +568,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Generate {
-            model,
-            routing,
+            generation,
             raw,
-            greedy,
-            max_tokens,
-            weights,
-            temperature,
-            top_k,
-            top_p,
-            seed,
             json,
-            system,
-            stop,
             prompt_file,
-            threads: _,
             prompt,
         } => {
             let prompt = match (prompt, prompt_file) {
@@ -644,67 +582,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 (None, None) => return Err("give a prompt, or --prompt-file".into()),
             };
-            let (served, observed) = serving_watched(device, cli.store)?;
-            let model = address(&served, &model, weights)?;
-            let mut params = if greedy {
-                GenerateParams::greedy()
-            } else {
-                GenerateParams::sampled(temperature, top_k, top_p, seed)
-            };
-            params = params.max_tokens(max_tokens);
-            if raw {
-                params = params.raw();
-            }
-            if let Some(system) = system {
-                params = params.system_prompt(system);
-            }
-            params.stop = stop;
-            let request = routed(InferRequest::generate(&model, &prompt, params), &routing);
-            let input = request.input.clone();
-            let mut stream = served.serve_stream(request, routing.retain_input)?;
-            if let Some(meta) = stream.meta() {
-                observed.watch_model(meta.version.as_str())?;
-            }
-            let started = std::time::Instant::now();
-            let mut first_token = None;
-            let mut stdout = std::io::stdout().lock();
-            for token in &mut stream {
-                let token = token?;
-                first_token.get_or_insert_with(std::time::Instant::now);
-                if !json {
-                    // Streamed as it is made.
-                    write!(stdout, "{}", token.text)?;
-                    stdout.flush()?;
-                }
-            }
-            if !json {
-                writeln!(stdout)?;
-            }
-            let ended = std::time::Instant::now();
-            let answer = stream.finish();
-            // A stream goes to the engine directly: the observability layer is told after.
-            if let Ok(a) = &answer {
-                observed.observe(a.meta.version.as_str(), &input, Ok(a))?;
-            }
-            tabular::write_metrics(&observed, routing.metrics.as_deref())?;
-            let answer = answer?;
-            served.flush()?;
-            said(&answer.meta);
-            let Output::Completion(done) = answer.output else {
-                return Err("the model did not answer with a completion".into());
-            };
-            timings(&done, started, first_token, ended);
-            if json {
-                let out = serde_json::json!({
-                    "token_ids": done.token_ids,
-                    "text": done.text,
-                    "prompt_tokens": done.prompt_ids.len(),
-                    "finish_reason": done.finish.as_str(),
-                });
-                println!("{out}");
-            }
-            Ok(())
+            generate::generate(generation, device, cli.store, prompt, raw, json)
         }
+        Command::Chat { generation } => generate::chat(generation, device, cli.store),
     }
 }
 

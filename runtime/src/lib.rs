@@ -32,7 +32,7 @@ pub mod version;
 pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
-pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream};
+pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream, Turn};
 pub use infer::{
     Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings,
     Truncated, Value,
@@ -44,3 +44,8 @@ pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};
 pub use request::{Priority, Request, Truncate};
 pub use scheduler::{SchedulerConfig, SchedulerStats};
+
+/// README.md's Rust snippets, compiled as doctests (scripts/check-docs.py runs the others).
+#[cfg(all(doctest, feature = "version"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeSnippets;

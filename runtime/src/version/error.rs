@@ -28,6 +28,10 @@ pub enum Error {
         /// The version as given (an id or a prefix of one).
         version: String,
     },
+    /// A version id that no name of the store has registered (loading it into the engine does
+    /// not register it).
+    #[error("version {0} is not registered in the store: register it first (Versioned::register, keel_registry_register, keel registry register)")]
+    Unregistered(String),
     /// The store has no lineage record of this request id.
     #[error("no lineage record of request '{0}'")]
     UnknownRequest(String),
@@ -66,6 +70,7 @@ impl Error {
             Error::UnknownName(_)
             | Error::UnknownAlias { .. }
             | Error::UnknownVersion { .. }
+            | Error::Unregistered(_)
             | Error::UnknownRequest(_)
             | Error::NotReplayable { .. } => ErrorKind::NotFound,
             Error::Tampered { .. } => ErrorKind::InvalidModel,

@@ -3,7 +3,7 @@
 
 use super::{Error, Result};
 use crate::store::{LineageRow, Retention, Store};
-use crate::{GenerateParams, Input, Output, Sampling, Timings, Value};
+use crate::{GenerateParams, Input, Output, Sampling, Timings, Turn, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -126,6 +126,9 @@ pub enum RecordedInput {
         /// Stop texts.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stop: Vec<String>,
+        /// The conversation before the prompt.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        history: Vec<Turn>,
     },
 }
 
@@ -159,6 +162,7 @@ impl RecordedInput {
                 chat: params.chat,
                 system: params.system.clone(),
                 stop: params.stop.clone(),
+                history: params.history.clone(),
                 sampling: match params.sampling {
                     Sampling::Greedy => None,
                     Sampling::Random {
@@ -197,6 +201,7 @@ impl RecordedInput {
                 system,
                 sampling,
                 stop,
+                history,
             } => {
                 let mut params = match sampling {
                     None => GenerateParams::greedy(),
@@ -206,6 +211,7 @@ impl RecordedInput {
                 params.chat = *chat;
                 params.system = system.clone();
                 params.stop = stop.clone();
+                params.history = history.clone();
                 Input::Generate {
                     prompt: prompt.clone(),
                     params,
@@ -625,5 +631,30 @@ mod tests {
         sender.join().unwrap();
         w.flush().unwrap();
         assert_eq!((w.stats().written, w.stats().dropped), (20, 0));
+    }
+
+    #[test]
+    fn a_generation_is_recorded_with_all_it_needs_to_run_again() {
+        let params = GenerateParams::sampled(0.8, 40, 0.95, 7)
+            .max_tokens(12)
+            .system_prompt("Be brief.")
+            .stop_at("\n\n")
+            .after(vec![Turn {
+                user: "My name is Ada.".into(),
+                assistant: "Hello, Ada!".into(),
+            }]);
+        let input = Input::Generate {
+            prompt: "What is my name?".into(),
+            params,
+        };
+        let recorded = RecordedInput::of(&input);
+        let json = serde_json::to_string(&recorded).unwrap();
+        let back: RecordedInput = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_input(), input);
+        // A record from before histories were kept reads as a conversation's first turn.
+        let old =
+            r#"{"task":"generate","prompt":"Hi","max_tokens":4,"chat":true,"system":null,"sampling":null}"#;
+        let old: RecordedInput = serde_json::from_str(old).unwrap();
+        assert!(matches!(old.to_input(), Input::Generate { params, .. } if params.history.is_empty()));
     }
 }

@@ -866,7 +866,7 @@ impl Shared {
                 .versions()?
                 .into_iter()
                 .find(|v| v.id == id)
-                .ok_or_else(|| Error::Engine(crate::Error::UnknownModel(addressed.to_string())))?;
+                .ok_or_else(|| Error::Unregistered(addressed.to_string()))?;
             return Ok(Decision {
                 name: record.name.clone(),
                 slot: self.slot(&record)?,
@@ -1306,9 +1306,10 @@ fn weight_path(name: &str) -> WeightPath {
 fn into_engine_error(e: Error) -> crate::Error {
     match e {
         Error::Engine(e) => e,
-        Error::UnknownName(_) | Error::UnknownAlias { .. } | Error::UnknownVersion { .. } => {
-            crate::Error::UnknownModel(e.to_string())
-        }
+        Error::UnknownName(_)
+        | Error::UnknownAlias { .. }
+        | Error::UnknownVersion { .. }
+        | Error::Unregistered(_) => crate::Error::UnknownModel(e.to_string()),
         Error::InvalidArgument(m) => crate::Error::InvalidArgument(m),
         other => crate::Error::Internal(other.to_string()),
     }
