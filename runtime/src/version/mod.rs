@@ -164,7 +164,17 @@ struct Slot {
 #[derive(Default)]
 struct SlotPool {
     /// Held while loading or unloading, so that a version is never unloaded under a new holder.
-    slots: Mutex<HashMap<VersionId, Weak<Slot>>>,
+    slots: Mutex<HashMap<VersionId, PoolEntry>>,
+}
+
+/// A version the layer holds, for as long as a slot of it lives or is being dropped.
+struct PoolEntry {
+    slot: Weak<Slot>,
+    /// Whether the host had loaded it (see [`Slot::borrowed`]), decided when the layer first
+    /// loaded it. A slot made while the last one is still being dropped takes this over: asked
+    /// again, the engine would say "loaded" (the dropping slot has not unloaded it yet), and
+    /// neither slot would ever unload the version.
+    borrowed: bool,
 }
 
 impl Drop for Slot {
@@ -177,7 +187,10 @@ impl Drop for Slot {
         };
         let mut slots = pool.slots.lock().unwrap_or_else(|p| p.into_inner());
         // A new holder may have taken the version meanwhile (under this lock): leave it loaded.
-        if slots.get(&self.record.id).is_some_and(|w| w.strong_count() > 0) {
+        if slots
+            .get(&self.record.id)
+            .is_some_and(|e| e.slot.strong_count() > 0)
+        {
             return;
         }
         slots.remove(&self.record.id);
@@ -684,9 +697,11 @@ impl Shared {
     /// hashed again: a version whose files changed since registration is refused.
     fn slot(self: &Arc<Self>, record: &VersionRecord) -> Result<Arc<Slot>> {
         let mut slots = self.pool.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = slots.get(&record.id).and_then(Weak::upgrade) {
+        if let Some(slot) = slots.get(&record.id).and_then(|e| e.slot.upgrade()) {
             return Ok(slot);
         }
+        // An entry without a live slot: its last slot is being dropped, waiting for this lock.
+        let dropping = slots.get(&record.id).map(|e| e.borrowed);
         let source = ModelSource::open(&record.path).map_err(|e| match e {
             crate::Error::ChecksumMismatch {
                 path,
@@ -713,7 +728,7 @@ impl Shared {
         }
         let weights = weight_path(&record.weights);
         // A version the host loaded into the engine itself stays loaded after the layer is done.
-        let borrowed = self.engine.info(record.id.as_str()).is_ok();
+        let borrowed = dropping.unwrap_or_else(|| self.engine.info(record.id.as_str()).is_ok());
         let id = self.engine.load_with(&record.path, LoadOptions { weights })?;
         if id != record.id {
             return Err(Error::Tampered {
@@ -736,7 +751,13 @@ impl Shared {
             pool: Arc::downgrade(&self.pool),
             borrowed,
         });
-        slots.insert(record.id.clone(), Arc::downgrade(&slot));
+        slots.insert(
+            record.id.clone(),
+            PoolEntry {
+                slot: Arc::downgrade(&slot),
+                borrowed,
+            },
+        );
         Ok(slot)
     }
 
