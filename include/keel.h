@@ -428,7 +428,8 @@ typedef bool (*keel_token_callback)(void *user_data,
 #define KEEL_DEVICE_WGPU 2
 
 /**
- * An NVIDIA GPU through CUDA. Not compiled into this build yet: KEEL_ERR_NO_DEVICE.
+ * An NVIDIA GPU through CUDA: KEEL_ERR_NO_DEVICE until the CUDA backend runs models, the
+ * message naming what is missing (libcuda.so, libnvrtc.so, libcublas.so, a GPU).
  */
 #define KEEL_DEVICE_CUDA 3
 

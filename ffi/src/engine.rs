@@ -29,7 +29,8 @@ pub const KEEL_DEVICE_CPU: keel_device = 1;
 /// A GPU through wgpu (Vulkan, Metal, DX12); `KEEL_WGPU_ADAPTER` picks an adapter by name.
 /// KEEL_ERR_NO_DEVICE where there is no adapter.
 pub const KEEL_DEVICE_WGPU: keel_device = 2;
-/// An NVIDIA GPU through CUDA. Not compiled into this build yet: KEEL_ERR_NO_DEVICE.
+/// An NVIDIA GPU through CUDA: KEEL_ERR_NO_DEVICE until the CUDA backend runs models, the
+/// message naming what is missing (libcuda.so, libnvrtc.so, libcublas.so, a GPU).
 pub const KEEL_DEVICE_CUDA: keel_device = 3;
 
 /// Options for `keel_engine_new`. Get the defaults from `keel_engine_default_params()` and change

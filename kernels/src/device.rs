@@ -137,17 +137,58 @@ impl Device {
         crate::cpu::alloc::return_free_memory();
     }
 
+    /// The wgpu adapters of this machine, preferred first: "name (backend, type, driver)" (empty:
+    /// none, and `Device::new(DeviceKind::Wgpu)` says how to get one).
+    pub fn wgpu_adapters() -> Vec<String> {
+        crate::wgpu::adapters()
+    }
+
+    /// The instruction-set extensions of this CPU that Keel's kernels use (AVX2, FMA, F16C,
+    /// AVX-512 F/BW/VNNI, AVX-VNNI on x86-64; NEON and dot products on aarch64).
+    pub fn cpu_features() -> Vec<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            macro_rules! detected {
+                ($($f:tt),*) => { vec![$((std::arch::is_x86_feature_detected!($f), $f)),*] };
+            }
+            detected!(
+                "avx2",
+                "fma",
+                "f16c",
+                "avx512f",
+                "avx512bw",
+                "avx512vnni",
+                "avxvnni"
+            )
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            let mut found = vec![];
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                found.push("neon");
+            }
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                found.push("dotprod");
+            }
+            found
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            Vec::new()
+        }
+    }
+
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.
     /// For wgpu, the environment sets the options ([`WgpuOptions::from_env`]).
     pub fn new(kind: DeviceKind) -> Result<Self> {
         match kind {
             DeviceKind::Cpu => Ok(Self::cpu()),
             DeviceKind::Wgpu => Self::wgpu(&WgpuOptions::from_env()),
-            // Its backend lands in its own issue; until then this build has none.
-            DeviceKind::Cuda => Err(Error::NoSuchDevice {
-                kind,
-                reason: format!("the {kind} backend is not compiled into this build of Keel"),
-            }),
+            // Says which is missing: the NVIDIA libraries, a GPU, or the execution path.
+            DeviceKind::Cuda => Err(crate::cuda::unavailable()),
         }
     }
 

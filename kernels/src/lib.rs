@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod cpu;
+pub mod cuda;
 mod decoder;
 mod device;
 mod error;

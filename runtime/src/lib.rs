@@ -38,7 +38,7 @@ pub use infer::{
     Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
-pub use keel_kernels::{Caps, Device, DeviceKind};
+pub use keel_kernels::{cuda, Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};

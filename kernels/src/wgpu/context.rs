@@ -105,6 +105,31 @@ fn rank(kind: wgpu::DeviceType) -> u8 {
     }
 }
 
+/// Every Vulkan, Metal or DX12 adapter of this machine, in the order [`Context::open`] prefers
+/// them: "name (backend, device type, driver)".
+pub fn adapters() -> Vec<String> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::PRIMARY;
+    let instance = wgpu::Instance::new(desc);
+    let mut infos: Vec<wgpu::AdapterInfo> =
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+            .iter()
+            .map(|a| a.get_info())
+            .collect();
+    infos.sort_by_key(|i| rank(i.device_type));
+    infos
+        .into_iter()
+        .map(|i| {
+            format!(
+                "{} ({:?}, {:?}, {} {})",
+                i.name, i.backend, i.device_type, i.driver, i.driver_info
+            )
+            .trim_end()
+            .to_string()
+        })
+        .collect()
+}
+
 impl Context {
     /// Opens the preferred adapter, or the first whose name contains `wanted` (case-insensitive).
     pub fn open(wanted: Option<&str>) -> Result<Self> {

@@ -9,6 +9,7 @@ use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
 use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result, WgpuOptions};
+pub(crate) use context::adapters;
 pub use context::DeviceStats;
 use context::{Context, Shader, Usage};
 use std::fmt;
