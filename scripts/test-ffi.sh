@@ -49,7 +49,7 @@ fi
 
 step "build libkeel (cdylib + staticlib) and the Rust reference program"
 cargo build --release --locked -p keel-cli -p keel-ffi
-cargo build --release --locked -p keel-ffi --example reference
+cargo build --release --locked -p keel-cli --example reference
 
 step "include/keel.h is what cbindgen makes of ffi/src"
 KEEL_HEADER_OUT=$build/keel.h cargo test --release --locked -p keel-ffi --test header -q

@@ -1,7 +1,9 @@
 //! What the Rust API computes for the inputs of `examples/c/embed_generate.c`, written in its dump
 //! format, so that scripts/test-ffi.sh can check that C (and Python) get the same bits.
 //!
-//! `cargo run --release -p keel-ffi --example reference -- MINILM_DIR SMOLLM2_GGUF DUMP_FILE`
+//! `cargo run --release -p keel-cli --example reference -- MINILM_DIR SMOLLM2_GGUF DUMP_FILE` (an example of
+//! the CLI crate, not of keel-ffi: keel-ffi's dev-dependency cbindgen would rebuild the tree with
+//! other features)
 
 use keel::{Engine, FinishReason, GenerateParams};
 use std::fmt::Write as _;
