@@ -105,21 +105,23 @@ fn rank(kind: wgpu::DeviceType) -> u8 {
     }
 }
 
-/// Every Vulkan, Metal or DX12 adapter of this machine, in the order [`Context::open`] prefers
-/// them: "name (backend, device type, driver)".
-pub fn adapters() -> Vec<String> {
+/// Every Vulkan, Metal or DX12 adapter of this machine, the preferred first.
+fn sorted_adapters() -> Vec<wgpu::Adapter> {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = wgpu::Backends::PRIMARY;
     let instance = wgpu::Instance::new(desc);
-    let mut infos: Vec<wgpu::AdapterInfo> =
-        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
-            .iter()
-            .map(|a| a.get_info())
-            .collect();
-    infos.sort_by_key(|i| rank(i.device_type));
-    infos
-        .into_iter()
-        .map(|i| {
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    adapters.sort_by_key(|a| rank(a.get_info().device_type));
+    adapters
+}
+
+/// The adapters in the order [`Context::open`] prefers them: "name (backend, device type,
+/// driver)".
+pub fn adapters() -> Vec<String> {
+    sorted_adapters()
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
             format!(
                 "{} ({:?}, {:?}, {} {})",
                 i.name, i.backend, i.device_type, i.driver, i.driver_info
@@ -133,17 +135,13 @@ pub fn adapters() -> Vec<String> {
 impl Context {
     /// Opens the preferred adapter, or the first whose name contains `wanted` (case-insensitive).
     pub fn open(wanted: Option<&str>) -> Result<Self> {
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-        desc.backends = wgpu::Backends::PRIMARY;
-        let instance = wgpu::Instance::new(desc);
-        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+        let mut adapters = sorted_adapters();
         if adapters.is_empty() {
             return Err(no_device(
                 "no Vulkan, Metal or DX12 adapter found (on Linux without a GPU, install Mesa's \
                  lavapipe: apt install mesa-vulkan-drivers libvulkan1)",
             ));
         }
-        adapters.sort_by_key(|a| rank(a.get_info().device_type));
         let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
         let adapter = match wanted {
             None => adapters.remove(0),
