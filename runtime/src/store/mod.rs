@@ -1,5 +1,5 @@
-//! The store: where a deployment keeps its model registry, alias history and lineage records
-//! (and, in later modules, the review queue and feedback).
+//! The store: where a deployment keeps its model registry, alias history, lineage records, the
+//! review queue and the feedback (reviewers' labels and ground truth).
 //!
 //! [`Store`] is the small trait the production modules talk to; [`SqliteStore`] is its embedded
 //! implementation (one SQLite database in WAL mode inside the deployment's folder). No SQL lives
@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod sqlite;
+pub mod suite;
 
 pub use sqlite::{SqliteStore, DATABASE_FILE, SCHEMA_VERSION};
 
@@ -155,6 +156,146 @@ pub struct Retention {
     pub max_records: Option<u64>,
 }
 
+/// Where a review ticket stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TicketState {
+    /// Waiting for a reviewer (or claimed once, with a lease that has run out).
+    Pending,
+    /// A reviewer holds it until its lease ends.
+    Claimed,
+    /// A reviewer labelled it.
+    Resolved,
+    /// Nobody labelled it in time.
+    Expired,
+}
+
+impl TicketState {
+    /// The state as stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketState::Pending => "pending",
+            TicketState::Claimed => "claimed",
+            TicketState::Resolved => "resolved",
+            TicketState::Expired => "expired",
+        }
+    }
+
+    /// The state named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Claimed, Self::Resolved, Self::Expired]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+/// A prediction to put before a reviewer ([`Store::enqueue_review`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTicket {
+    /// The prediction's request id (one ticket per request).
+    pub request_id: String,
+    /// The model as the caller named it.
+    pub model: String,
+    /// The version that answered.
+    pub version: String,
+    /// `review` (served provisionally or held) or `block` (refused, kept for a reviewer's label).
+    pub decision: String,
+    /// The rules that sent it, as JSON.
+    pub reasons: String,
+    /// The input, as JSON (what the reviewer looks at).
+    pub input: String,
+    /// The model's output, as JSON.
+    pub output: String,
+    /// When (milliseconds since the Unix epoch).
+    pub created_ms: i64,
+}
+
+/// A review ticket as stored (as JSON: every field, `input` and `output` as JSON values).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ticket {
+    /// The ticket id (increasing).
+    pub id: i64,
+    /// What was queued.
+    #[serde(flatten, with = "new_ticket_json")]
+    pub ticket: NewTicket,
+    /// Where it stands.
+    pub state: TicketState,
+    /// Who holds or resolved it.
+    pub reviewer: Option<String>,
+    /// While claimed: when the lease ends (milliseconds since the Unix epoch).
+    pub lease_until_ms: Option<i64>,
+    /// The reviewer's label.
+    pub label: Option<String>,
+    /// The reviewer's comment.
+    pub comment: Option<String>,
+    /// When it was resolved or expired.
+    pub closed_ms: Option<i64>,
+}
+
+mod new_ticket_json {
+    use super::NewTicket;
+    use serde::ser::SerializeMap;
+    pub fn serialize<S: serde::Serializer>(t: &NewTicket, s: S) -> Result<S::Ok, S::Error> {
+        let json = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::String(text.into()));
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("request_id", &t.request_id)?;
+        m.serialize_entry("model", &t.model)?;
+        m.serialize_entry("version", &t.version)?;
+        m.serialize_entry("decision", &t.decision)?;
+        m.serialize_entry("reasons", &json(&t.reasons))?;
+        m.serialize_entry("input", &json(&t.input))?;
+        m.serialize_entry("output", &json(&t.output))?;
+        m.serialize_entry("created_ms", &t.created_ms)?;
+        m.end()
+    }
+}
+
+/// Where a label came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackSource {
+    /// A reviewer resolved the prediction's ticket.
+    Review,
+    /// The true outcome, reported later by the host ([`Store::add_feedback`]).
+    GroundTruth,
+}
+
+impl FeedbackSource {
+    /// The source as stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackSource::Review => "review",
+            FeedbackSource::GroundTruth => "ground_truth",
+        }
+    }
+
+    /// The source named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Review, Self::GroundTruth]
+            .into_iter()
+            .find(|f| f.as_str() == s)
+    }
+}
+
+/// A label for one prediction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Feedback {
+    /// The prediction's request id.
+    pub request_id: String,
+    /// The label.
+    pub label: String,
+    /// Where it came from.
+    pub source: FeedbackSource,
+    /// The reviewer (for a review).
+    pub reviewer: Option<String>,
+    /// The reviewer's comment.
+    pub comment: Option<String>,
+    /// The ticket it resolved (for a review).
+    pub ticket: Option<i64>,
+    /// When (milliseconds since the Unix epoch).
+    pub time_ms: i64,
+}
+
 /// A change of one model name's routes, made atomically by [`Store::update_routes`].
 pub type RouteChange<'a> = dyn FnMut(&mut Routes, &[AliasEvent]) -> std::result::Result<String, String> + 'a;
 
@@ -210,6 +351,77 @@ pub trait Store: Send + Sync {
 
     /// Deletes the records `retention` no longer keeps; returns how many.
     fn prune_lineage(&self, retention: &Retention, now_ms: i64) -> Result<u64>;
+
+    /// Queues a prediction for review; returns its ticket id. A request id already queued keeps
+    /// its one ticket (its id is returned), so a retried enqueue never duplicates it.
+    fn enqueue_review(&self, ticket: &NewTicket) -> Result<i64>;
+
+    /// Tickets in `state` (every state if None), oldest first, at most `limit`. A claimed
+    /// ticket whose lease ended before `now_ms` is pending again.
+    fn tickets(&self, state: Option<TicketState>, limit: usize, now_ms: i64) -> Result<Vec<Ticket>>;
+
+    /// One ticket, as of `now_ms`.
+    fn ticket(&self, id: i64, now_ms: i64) -> Result<Option<Ticket>>;
+
+    /// Gives `reviewer` the oldest pending ticket until `now_ms + lease_ms`; None if none is
+    /// pending. Two reviewers (threads, processes, hosts) never get the same ticket.
+    fn claim_review(&self, reviewer: &str, lease_ms: i64, now_ms: i64) -> Result<Option<Ticket>>;
+
+    /// Resolves a ticket with a label and stores the label as feedback, in one transaction.
+    /// `Ok(Err(message))`: refused (no such ticket, already closed, or claimed by another
+    /// reviewer whose lease runs).
+    fn resolve_review(
+        &self,
+        id: i64,
+        reviewer: &str,
+        label: &str,
+        comment: Option<&str>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Ticket, String>>;
+
+    /// Expires the pending tickets created before `created_before_ms`; returns how many.
+    fn expire_reviews(&self, created_before_ms: i64, now_ms: i64) -> Result<u64>;
+
+    /// Stores a label for a prediction (ground truth that arrived later).
+    fn add_feedback(&self, feedback: &Feedback) -> Result<()>;
+
+    /// Every label, oldest first.
+    fn feedback(&self) -> Result<Vec<Feedback>>;
+}
+
+/// Whether `reviewer` may resolve `ticket` (the rule every store applies).
+fn may_resolve(ticket: &Ticket, reviewer: &str) -> std::result::Result<(), String> {
+    match (ticket.state, ticket.reviewer.as_deref()) {
+        (TicketState::Resolved | TicketState::Expired, _) => Err(format!(
+            "ticket {} is already {}",
+            ticket.id,
+            ticket.state.as_str()
+        )),
+        (TicketState::Claimed, Some(holder)) if holder != reviewer => Err(format!(
+            "ticket {} is claimed by {holder} until their lease ends",
+            ticket.id
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The feedback a resolved ticket leaves.
+fn review_feedback(
+    ticket: &Ticket,
+    reviewer: &str,
+    label: &str,
+    comment: Option<&str>,
+    now_ms: i64,
+) -> Feedback {
+    Feedback {
+        request_id: ticket.ticket.request_id.clone(),
+        label: label.to_string(),
+        source: FeedbackSource::Review,
+        reviewer: Some(reviewer.to_string()),
+        comment: comment.map(str::to_string),
+        ticket: Some(ticket.id),
+        time_ms: now_ms,
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -5,7 +5,8 @@
 //! application's database or one from a newer Keel.
 
 use super::{
-    AliasEvent, CanaryConfig, Error, LineageRow, Result, Retention, RouteChange, Routes, Store, VersionRecord,
+    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, NewTicket, Result, Retention,
+    RouteChange, Routes, Store, Ticket, TicketState, VersionRecord,
 };
 use crate::manifest::{Manifest, VersionId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -44,7 +45,27 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX lineage_by_time ON lineage (time_ms);
      CREATE TABLE routes_version (id INTEGER PRIMARY KEY CHECK (id = 0), version INTEGER NOT NULL);
      INSERT INTO routes_version VALUES (0, 0);",
+    // 2: the review queue and feedback.
+    "CREATE TABLE review (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE,
+        model TEXT NOT NULL, version TEXT NOT NULL, decision TEXT NOT NULL, reasons TEXT NOT NULL,
+        input TEXT NOT NULL, output TEXT NOT NULL, created_ms INTEGER NOT NULL,
+        state TEXT NOT NULL, reviewer TEXT, lease_until_ms INTEGER, label TEXT, comment TEXT,
+        closed_ms INTEGER);
+     CREATE INDEX review_by_state ON review (state, id);
+     CREATE TABLE feedback (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, label TEXT NOT NULL,
+        source TEXT NOT NULL, reviewer TEXT, comment TEXT, ticket INTEGER, time_ms INTEGER NOT NULL);
+     CREATE INDEX feedback_by_request ON feedback (request_id);",
 ];
+
+/// The columns of a ticket, in the order `read_ticket` reads them.
+const TICKET_COLUMNS: &str = "id, request_id, model, version, decision, reasons, input, output, created_ms,
+     state, reviewer, lease_until_ms, label, comment, closed_ms";
+
+/// Returns the claimed tickets whose lease ended to the pending ones.
+const RELEASE_LAPSED: &str = "UPDATE review SET state = 'pending', reviewer = NULL, lease_until_ms = NULL
+     WHERE state = 'claimed' AND lease_until_ms <= ?1";
 
 /// The embedded store. One connection, behind a mutex: writes are batched by their callers (the
 /// lineage writer commits many records per transaction), so one is enough.
@@ -243,6 +264,70 @@ impl SqliteStore {
         })?;
         rows.collect()
     }
+}
+
+fn read_ticket(r: &rusqlite::Row<'_>) -> rusqlite::Result<Ticket> {
+    let state: String = r.get(9)?;
+    Ok(Ticket {
+        id: r.get(0)?,
+        ticket: NewTicket {
+            request_id: r.get(1)?,
+            model: r.get(2)?,
+            version: r.get(3)?,
+            decision: r.get(4)?,
+            reasons: r.get(5)?,
+            input: r.get(6)?,
+            output: r.get(7)?,
+            created_ms: r.get(8)?,
+        },
+        state: TicketState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                9,
+                rusqlite::types::Type::Text,
+                format!("state '{state}'").into(),
+            )
+        })?,
+        reviewer: r.get(10)?,
+        lease_until_ms: r.get(11)?,
+        label: r.get(12)?,
+        comment: r.get(13)?,
+        closed_ms: r.get(14)?,
+    })
+}
+
+fn read_feedback(r: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
+    let source: String = r.get(2)?;
+    Ok(Feedback {
+        request_id: r.get(0)?,
+        label: r.get(1)?,
+        source: FeedbackSource::parse(&source).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                2,
+                rusqlite::types::Type::Text,
+                format!("source '{source}'").into(),
+            )
+        })?,
+        reviewer: r.get(3)?,
+        comment: r.get(4)?,
+        ticket: r.get(5)?,
+        time_ms: r.get(6)?,
+    })
+}
+
+fn insert_feedback(conn: &Connection, f: &Feedback) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT INTO feedback (request_id, label, source, reviewer, comment, ticket, time_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            f.request_id,
+            f.label,
+            f.source.as_str(),
+            f.reviewer,
+            f.comment,
+            f.ticket,
+            f.time_ms
+        ],
+    )
 }
 
 impl Store for SqliteStore {
@@ -479,6 +564,167 @@ impl Store for SqliteStore {
                 .map_err(db)? as u64;
         }
         Ok(pruned)
+    }
+
+    fn enqueue_review(&self, t: &NewTicket) -> Result<i64> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        conn.execute(
+            "INSERT OR IGNORE INTO review
+             (request_id, model, version, decision, reasons, input, output, created_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
+            params![
+                t.request_id,
+                t.model,
+                t.version,
+                t.decision,
+                t.reasons,
+                t.input,
+                t.output,
+                t.created_ms
+            ],
+        )
+        .map_err(db)?;
+        conn.query_row(
+            "SELECT id FROM review WHERE request_id = ?1",
+            [&t.request_id],
+            |r| r.get(0),
+        )
+        .map_err(db)
+    }
+
+    fn tickets(&self, state: Option<TicketState>, limit: usize, now_ms: i64) -> Result<Vec<Ticket>> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        conn.execute(RELEASE_LAPSED, [now_ms]).map_err(db)?;
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {TICKET_COLUMNS} FROM review WHERE ?1 IS NULL OR state = ?1 ORDER BY id LIMIT ?2"
+            ))
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    state.map(TicketState::as_str),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                read_ticket,
+            )
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+
+    fn ticket(&self, id: i64, now_ms: i64) -> Result<Option<Ticket>> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        conn.execute(RELEASE_LAPSED, [now_ms]).map_err(db)?;
+        conn.query_row(
+            &format!("SELECT {TICKET_COLUMNS} FROM review WHERE id = ?1"),
+            [id],
+            read_ticket,
+        )
+        .optional()
+        .map_err(db)
+    }
+
+    fn claim_review(&self, reviewer: &str, lease_ms: i64, now_ms: i64) -> Result<Option<Ticket>> {
+        let mut conn = self.conn();
+        let db = |e| self.db_error(e);
+        // IMMEDIATE: the write lock before the read, so two processes cannot pick the same row.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(RELEASE_LAPSED, [now_ms]).map_err(db)?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM review WHERE state = 'pending' ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some(id) = id else { return Ok(None) };
+        tx.execute(
+            "UPDATE review SET state = 'claimed', reviewer = ?2, lease_until_ms = ?3 WHERE id = ?1",
+            params![id, reviewer, now_ms.saturating_add(lease_ms)],
+        )
+        .map_err(db)?;
+        let ticket = tx
+            .query_row(
+                &format!("SELECT {TICKET_COLUMNS} FROM review WHERE id = ?1"),
+                [id],
+                read_ticket,
+            )
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Some(ticket))
+    }
+
+    fn resolve_review(
+        &self,
+        id: i64,
+        reviewer: &str,
+        label: &str,
+        comment: Option<&str>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Ticket, String>> {
+        let mut conn = self.conn();
+        let db = |e| self.db_error(e);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(RELEASE_LAPSED, [now_ms]).map_err(db)?;
+        let select = format!("SELECT {TICKET_COLUMNS} FROM review WHERE id = ?1");
+        let Some(before) = tx.query_row(&select, [id], read_ticket).optional().map_err(db)? else {
+            return Ok(Err(format!("there is no ticket {id}")));
+        };
+        if let Err(refusal) = super::may_resolve(&before, reviewer) {
+            return Ok(Err(refusal));
+        }
+        tx.execute(
+            "UPDATE review SET state = 'resolved', reviewer = ?2, label = ?3, comment = ?4,
+             lease_until_ms = NULL, closed_ms = ?5 WHERE id = ?1",
+            params![id, reviewer, label, comment, now_ms],
+        )
+        .map_err(db)?;
+        insert_feedback(
+            &tx,
+            &super::review_feedback(&before, reviewer, label, comment, now_ms),
+        )
+        .map_err(db)?;
+        let after = tx.query_row(&select, [id], read_ticket).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Ok(after))
+    }
+
+    fn expire_reviews(&self, created_before_ms: i64, now_ms: i64) -> Result<u64> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        conn.execute(RELEASE_LAPSED, [now_ms]).map_err(db)?;
+        conn.execute(
+            "UPDATE review SET state = 'expired', closed_ms = ?2 WHERE state = 'pending' AND created_ms < ?1",
+            params![created_before_ms, now_ms],
+        )
+        .map(|n| n as u64)
+        .map_err(db)
+    }
+
+    fn add_feedback(&self, feedback: &Feedback) -> Result<()> {
+        insert_feedback(&self.conn(), feedback)
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn feedback(&self) -> Result<Vec<Feedback>> {
+        let conn = self.conn();
+        let db = |e| self.db_error(e);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT request_id, label, source, reviewer, comment, ticket, time_ms FROM feedback ORDER BY seq",
+            )
+            .map_err(db)?;
+        let rows = stmt.query_map([], read_feedback).map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
     }
 }
 
