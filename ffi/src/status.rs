@@ -44,6 +44,11 @@ pub enum keel_status {
     /// The engine's store (registry, lineage) failed or cannot be used: a folder that cannot be
     /// written, a database that is not a Keel store or comes from a newer Keel.
     KEEL_ERR_STORAGE = 10,
+    /// The model's review policy blocked the prediction, or holds it for a human reviewer
+    /// without serving it: the message names the rules and the ticket.
+    KEEL_ERR_REVIEW = 11,
+    /// The caller's cost budget cannot pay for the request (and its policy does not downgrade).
+    KEEL_ERR_BUDGET = 12,
 }
 
 use keel_status::*;
@@ -61,6 +66,8 @@ pub(crate) fn status_of(kind: keel::ErrorKind) -> keel_status {
         keel::ErrorKind::ShuttingDown => KEEL_ERR_SHUTTING_DOWN,
         keel::ErrorKind::Storage => KEEL_ERR_STORAGE,
         keel::ErrorKind::Contract => KEEL_ERR_CONTRACT,
+        keel::ErrorKind::Review => KEEL_ERR_REVIEW,
+        keel::ErrorKind::Budget => KEEL_ERR_BUDGET,
     }
 }
 
@@ -221,6 +228,8 @@ pub extern "C" fn keel_status_name(status: i32) -> *const c_char {
         8 => c"KEEL_ERR_INTERNAL",
         9 => c"KEEL_ERR_SHUTTING_DOWN",
         10 => c"KEEL_ERR_STORAGE",
+        11 => c"KEEL_ERR_REVIEW",
+        12 => c"KEEL_ERR_BUDGET",
         _ => c"KEEL_ERR_UNKNOWN",
     };
     name.as_ptr()

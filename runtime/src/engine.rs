@@ -446,6 +446,7 @@ impl Engine {
             )));
         }
         let ids: Vec<Vec<u32>> = counted.into_iter().map(|(ids, _)| ids).collect();
+        let tokens = ids.iter().map(Vec::len).sum();
         let prepared = Instant::now();
         let cache = self.inner.response_cache.as_ref().filter(|_| request.use_cache);
         let mut vectors: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
@@ -480,6 +481,7 @@ impl Engine {
         let done = Instant::now();
         Ok(Embedded {
             vectors,
+            tokens,
             truncated,
             ran,
             prepare: prepared - start,
@@ -623,6 +625,7 @@ impl Engine {
             batch_id: None,
             cache_hit: false,
             truncated: Vec::new(),
+            tokens: 0,
             timings: Timings::default(),
             annotations: Default::default(),
         }
@@ -640,6 +643,7 @@ impl Engine {
         meta.batch_id = e.ran.map(|r| r.batch_id);
         meta.cache_hit = e.ran.is_none();
         meta.truncated = e.truncated;
+        meta.tokens = e.tokens;
         meta.timings = Timings {
             prepare: e.prepare,
             queue: e.ran.map(|r| r.queue).unwrap_or_default(),
@@ -801,6 +805,8 @@ impl Infer for Engine {
 /// An embedding's vectors and how they were made.
 struct Embedded {
     vectors: Vec<Vec<f32>>,
+    /// Tokens read (every text's, after truncation).
+    tokens: usize,
     truncated: Vec<Truncated>,
     /// None: the response cache answered every text.
     ran: Option<Ran>,

@@ -108,6 +108,11 @@ pub enum ErrorKind {
     /// The input broke the model's data contract (the contract layer refused it). The engine
     /// itself never returns it.
     Contract,
+    /// The review policy blocked the prediction, or holds it for a reviewer (the error names
+    /// the ticket). The engine itself never returns it.
+    Review,
+    /// The caller's cost budget cannot pay for the request. The engine itself never returns it.
+    Budget,
 }
 
 impl Error {

@@ -458,6 +458,7 @@ impl InferStream {
             text: std::mem::take(&mut self.text),
             finish: self.stream.finish_reason().unwrap_or(FinishReason::Length),
         };
+        meta.tokens = completion.prompt_ids.len() + completion.token_ids.len();
         Ok(InferResponse {
             output: Output::Completion(completion),
             meta,

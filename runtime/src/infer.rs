@@ -184,6 +184,47 @@ pub struct Classification {
     pub probabilities: Vec<f32>,
 }
 
+/// How sure a classifier was of one answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Confidence {
+    /// The top class's probability.
+    pub max_probability: f64,
+    /// The top probability minus the second's.
+    pub margin: f64,
+    /// The entropy of the probabilities (nats).
+    pub entropy: f64,
+}
+
+impl Classification {
+    /// How sure the model was.
+    ///
+    /// ```
+    /// let c = keel::Classification { class: 0, label: "a".into(), probabilities: vec![0.75, 0.25] };
+    /// let s = c.confidence();
+    /// assert_eq!((s.max_probability, s.margin), (0.75, 0.5));
+    /// ```
+    pub fn confidence(&self) -> Confidence {
+        let mut top = [0.0f64; 2];
+        let mut entropy = 0.0;
+        for &p in &self.probabilities {
+            let p = f64::from(p);
+            if p > top[0] {
+                top = [p, top[0]];
+            } else if p > top[1] {
+                top[1] = p;
+            }
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+        }
+        Confidence {
+            max_probability: top[0],
+            margin: top[0] - top[1],
+            entropy,
+        }
+    }
+}
+
 /// What was computed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -330,6 +371,9 @@ pub struct Meta {
     /// The texts an encoder cut to its maximum number of tokens (see
     /// [`crate::Request::truncate`]).
     pub truncated: Vec<Truncated>,
+    /// Tokens run: an encoder's input tokens (after truncation; those the response cache
+    /// answered included), a decoder's prompt plus generated tokens, 0 for a tabular model.
+    pub tokens: usize,
     /// Time per stage.
     pub timings: Timings,
     /// What the layers around the engine added (for instance the version layer's `route`);

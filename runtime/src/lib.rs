@@ -13,6 +13,8 @@
 mod cache;
 #[cfg(feature = "contract")]
 pub mod contract;
+#[cfg(feature = "cost")]
+pub mod cost;
 mod engine;
 mod error;
 mod generate;
@@ -23,6 +25,8 @@ mod model;
 #[cfg(feature = "observe")]
 pub mod observe;
 mod request;
+#[cfg(feature = "review")]
+pub mod review;
 mod scheduler;
 #[cfg(feature = "store")]
 pub mod store;
@@ -34,8 +38,8 @@ pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream, Turn};
 pub use infer::{
-    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId, Timings,
-    Truncated, Value,
+    Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId,
+    Timings, Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{cuda, Caps, Device, DeviceKind};

@@ -386,7 +386,7 @@ impl Infer for Observed {
         if let Some(d) = &w.drift {
             d.observe_input(&request.input);
         }
-        let answer = self.below.infer(request);
+        let mut answer = self.below.infer(request);
         if let Ok(a) = &answer {
             let t = &a.meta.timings;
             span.record("queue_us", t.queue.as_micros() as u64);
@@ -395,6 +395,12 @@ impl Infer for Observed {
             span.record("total_us", t.total.as_micros() as u64);
         }
         self.conclude(&w, task, answer.as_ref());
+        // The drift state rides on the answer (the review policy and the lineage read it).
+        if let (Ok(a), Some(d)) = (&mut answer, &w.drift) {
+            a.meta
+                .annotations
+                .insert("drift".into(), d.state().as_str().into());
+        }
         answer
     }
 }
@@ -413,5 +419,7 @@ fn error_class(e: &crate::Error) -> &'static str {
         K::ShuttingDown => "shutting_down",
         K::Storage => "storage",
         K::Contract => "contract_violation",
+        K::Review => "review",
+        K::Budget => "budget",
     }
 }

@@ -349,23 +349,11 @@ impl ProfileBuilder {
 
 /// A prediction's confidence: its largest probability, the margin to the second, the entropy.
 pub(crate) fn confidence(c: &Classification) -> [(&'static str, f64); 3] {
-    let mut top = [0.0f64; 2];
-    let mut entropy = 0.0;
-    for &p in &c.probabilities {
-        let p = f64::from(p);
-        if p > top[0] {
-            top = [p, top[0]];
-        } else if p > top[1] {
-            top[1] = p;
-        }
-        if p > 0.0 {
-            entropy -= p * p.ln();
-        }
-    }
+    let s = c.confidence();
     [
-        ("max_probability", top[0]),
-        ("margin", top[0] - top[1]),
-        ("entropy", entropy),
+        ("max_probability", s.max_probability),
+        ("margin", s.margin),
+        ("entropy", s.entropy),
     ]
 }
 

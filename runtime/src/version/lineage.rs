@@ -510,7 +510,10 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
 mod tests {
     use super::*;
     use crate::manifest::VersionId;
-    use crate::store::{AliasEvent, Result as StoreResult, RouteChange, Routes, VersionRecord};
+    use crate::store::{
+        AliasEvent, Feedback, NewTicket, Result as StoreResult, RouteChange, Routes, Ticket, TicketState,
+        VersionRecord,
+    };
     use std::sync::Condvar;
 
     /// A store whose lineage writes wait at a gate, to fill the writer's buffer.
@@ -576,6 +579,37 @@ mod tests {
         }
         fn prune_lineage(&self, _: &Retention, _: i64) -> StoreResult<u64> {
             Ok(0)
+        }
+        fn enqueue_review(&self, _: &NewTicket) -> StoreResult<i64> {
+            Ok(0)
+        }
+        fn tickets(&self, _: Option<TicketState>, _: usize, _: i64) -> StoreResult<Vec<Ticket>> {
+            Ok(Vec::new())
+        }
+        fn ticket(&self, _: i64, _: i64) -> StoreResult<Option<Ticket>> {
+            Ok(None)
+        }
+        fn claim_review(&self, _: &str, _: i64, _: i64) -> StoreResult<Option<Ticket>> {
+            Ok(None)
+        }
+        fn resolve_review(
+            &self,
+            _: i64,
+            _: &str,
+            _: &str,
+            _: Option<&str>,
+            _: i64,
+        ) -> StoreResult<std::result::Result<Ticket, String>> {
+            Ok(Err("not here".into()))
+        }
+        fn expire_reviews(&self, _: i64, _: i64) -> StoreResult<u64> {
+            Ok(0)
+        }
+        fn add_feedback(&self, _: &Feedback) -> StoreResult<()> {
+            Ok(())
+        }
+        fn feedback(&self) -> StoreResult<Vec<Feedback>> {
+            Ok(Vec::new())
         }
     }
 

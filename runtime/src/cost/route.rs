@@ -1,0 +1,202 @@
+//! Routing between a cheap and a strong model: a confidence cascade, and degradation under load.
+
+use crate::{Engine, Error, Infer, InferRequest, InferResponse, Input, Priority, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A cascade: requests for `name` go to `cheap` first, and to `strong` when the cheap answer is
+/// unsure or the input too complex for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CascadeConfig {
+    /// The name callers address.
+    pub name: String,
+    /// The cheap model (a name the layer below resolves).
+    pub cheap: String,
+    /// The strong model.
+    pub strong: String,
+    /// A classification whose least sure row has a top probability below this escalates.
+    pub min_confidence: f64,
+    /// Inputs longer than this many tokens (estimated as bytes / 4) go to the strong model
+    /// directly; None: no limit.
+    pub max_cheap_tokens: Option<usize>,
+}
+
+/// The cascade layer (see [`CascadeConfig`]). Other model names pass through. The answer says
+/// how it was routed in `meta.annotations["cascade"]` (JSON: `route` cheap or strong,
+/// `reason`, and the cheap answer's `confidence` when it escalated). An escalated request's
+/// strong call has the id `ID.strong` (the cheap call, under the caller's id, is a prediction of
+/// its own in the lineage).
+pub struct Cascade {
+    config: CascadeConfig,
+    below: Arc<dyn Infer>,
+}
+
+impl Cascade {
+    /// The cascade over `below`.
+    pub fn new(config: CascadeConfig, below: Arc<dyn Infer>) -> Self {
+        Self { config, below }
+    }
+}
+
+/// A rough token count of an input, for routing by complexity (about 4 bytes a token).
+fn estimated_tokens(input: &Input) -> usize {
+    match input {
+        Input::Embed(texts) => texts.iter().map(String::len).max().unwrap_or(0) / 4,
+        Input::Classify(_) => 0,
+        Input::Generate { prompt, .. } => prompt.len() / 4,
+    }
+}
+
+fn annotate(answer: &mut InferResponse, key: &str, note: serde_json::Value) {
+    answer.meta.annotations.insert(key.into(), note.to_string());
+}
+
+impl Infer for Cascade {
+    fn infer(&self, mut request: InferRequest) -> Result<InferResponse> {
+        let c = &self.config;
+        if request.model != c.name {
+            return self.below.infer(request);
+        }
+        let tokens = estimated_tokens(&request.input);
+        if let Some(max) = c.max_cheap_tokens.filter(|&m| tokens > m) {
+            request.model = c.strong.clone();
+            let mut answer = self.below.infer(request)?;
+            let reason = format!("complex: ~{tokens} tokens > {max}");
+            annotate(
+                &mut answer,
+                "cascade",
+                serde_json::json!({"route": "strong", "reason": reason}),
+            );
+            return Ok(answer);
+        }
+        let mut strong = request.clone();
+        request.model = c.cheap.clone();
+        let mut cheap = self.below.infer(request)?;
+        let confidence = cheap.output.classes().and_then(|rows| {
+            rows.iter()
+                .map(|r| r.confidence().max_probability)
+                .min_by(f64::total_cmp)
+        });
+        match confidence {
+            Some(p) if p < c.min_confidence => {
+                strong.model = c.strong.clone();
+                strong.id = format!("{}.strong", strong.id).into();
+                let mut answer = self.below.infer(strong)?;
+                let reason = format!("unsure: confidence {p:.4} < {}", c.min_confidence);
+                annotate(
+                    &mut answer,
+                    "cascade",
+                    serde_json::json!({"route": "strong", "reason": reason, "confidence": p}),
+                );
+                Ok(answer)
+            }
+            _ => {
+                let reason = match confidence {
+                    Some(p) => format!("sure: confidence {p:.4} >= {}", c.min_confidence),
+                    None => "no confidence to judge: the cheap answer stands".into(),
+                };
+                annotate(
+                    &mut cheap,
+                    "cascade",
+                    serde_json::json!({"route": "cheap", "reason": reason}),
+                );
+                Ok(cheap)
+            }
+        }
+    }
+}
+
+/// Degradation under load: requests for `name` go to `strong` unless its queue would keep them
+/// past the latency objective; then to `cheap`; and when even the cheap model is that busy,
+/// requests of priority `shed_at` or lower are refused at once
+/// ([`crate::ErrorKind::Overloaded`], the message saying why).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DegradeConfig {
+    /// The name callers address.
+    pub name: String,
+    /// The strong model (a name the engine resolves: its queue is read from the engine).
+    pub strong: String,
+    /// The cheap model.
+    pub cheap: String,
+    /// The latency objective.
+    pub objective: Duration,
+    /// The priority at and below which requests are shed when both models are too busy.
+    pub shed_at: Priority,
+}
+
+/// The degradation layer (see [`DegradeConfig`]). A model's expected latency is the work queued
+/// ahead (requests queued x its mean compute per request, from the engine's scheduler
+/// counters) plus one request's compute. The answer says where it went and why in
+/// `meta.annotations["degrade"]` (JSON: `route`, `reason`, `expected_ms`).
+pub struct Degrade {
+    config: DegradeConfig,
+    engine: Engine,
+    below: Arc<dyn Infer>,
+}
+
+impl Degrade {
+    /// The layer over `below`; queues are read from `engine`.
+    pub fn new(config: DegradeConfig, engine: Engine, below: Arc<dyn Infer>) -> Self {
+        Self {
+            config,
+            engine,
+            below,
+        }
+    }
+
+    /// The latency a request sent to `model` now can expect (None: the model has run nothing
+    /// yet, so there is nothing to judge by).
+    pub fn expected(&self, model: &str) -> Result<Option<Duration>> {
+        let s = self.engine.scheduler_stats(model)?;
+        if s.items == 0 {
+            return Ok(None);
+        }
+        let per_item = s.compute.as_secs_f64() / s.items as f64;
+        Ok(Some(Duration::from_secs_f64(per_item * (s.queued + 1) as f64)))
+    }
+}
+
+impl Infer for Degrade {
+    fn infer(&self, mut request: InferRequest) -> Result<InferResponse> {
+        let c = &self.config;
+        if request.model != c.name {
+            return self.below.infer(request);
+        }
+        let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let strong = self.expected(&c.strong)?;
+        let (route, reason, expected) = if strong.is_none_or(|d| d <= c.objective) {
+            (&c.strong, "within the objective".to_string(), strong)
+        } else {
+            let cheap = self.expected(&c.cheap)?;
+            if cheap.is_some_and(|d| d > c.objective) && request.options.priority <= c.shed_at {
+                return Err(Error::Refused {
+                    kind: crate::ErrorKind::Overloaded,
+                    source: format!(
+                        "'{}' shed this {:?}-priority request: the strong model expects {:.1} ms and the cheap one {:.1} ms, over the {:.1} ms objective",
+                        c.name,
+                        request.options.priority,
+                        ms(strong),
+                        ms(cheap),
+                        ms(Some(c.objective))
+                    )
+                    .into(),
+                });
+            }
+            let reason = format!(
+                "load: the strong model expects {:.1} ms > the {:.1} ms objective",
+                ms(strong),
+                ms(Some(c.objective))
+            );
+            (&c.cheap, reason, cheap)
+        };
+        let to = if route == &c.strong { "strong" } else { "cheap" };
+        request.model = route.clone();
+        let mut answer = self.below.infer(request)?;
+        annotate(
+            &mut answer,
+            "degrade",
+            serde_json::json!({"route": to, "reason": reason, "expected_ms": ms(expected)}),
+        );
+        Ok(answer)
+    }
+}
