@@ -4,57 +4,13 @@
 
 mod common;
 
+use common::cancer::{cancer_rows, features, mlp_dir, record, split};
+
 use keel::contract::{Action, Clause, ContractViolation, Contracted};
 use keel::observe::stats::{self, Bins};
 use keel::observe::{Observed, Profile, ProfileBuilder, State, WindowSize};
 use keel::{Engine, ErrorKind, Infer, InferRequest, Input, Record, Value};
-use std::path::PathBuf;
 use std::sync::Arc;
-
-fn mlp_dir() -> PathBuf {
-    common::workspace().join("examples/models/breast-cancer-mlp")
-}
-
-/// The 569 rows of scikit-learn's breast_cancer.csv: 30 values and the target (0 malignant).
-fn cancer_rows() -> Vec<(Vec<f64>, usize)> {
-    let path = common::models_dir().join("sklearn/datasets/data/breast_cancer.csv");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup-models.sh", path.display()));
-    text.lines()
-        .skip(1)
-        .map(|line| {
-            let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
-            (v[..30].to_vec(), v[30] as usize)
-        })
-        .collect()
-}
-
-fn features() -> Vec<String> {
-    common::golden("mlp.json")["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap().to_string())
-        .collect()
-}
-
-fn record(names: &[String], values: &[f64]) -> Record {
-    names
-        .iter()
-        .cloned()
-        .zip(values.iter().map(|x| Value::Number(*x)))
-        .collect()
-}
-
-/// The split of train.py: index % 5 == 0 held out, == 1 calibration.
-fn split(part: usize) -> Vec<(Vec<f64>, usize)> {
-    cancer_rows()
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % 5 == part)
-        .map(|(_, r)| r)
-        .collect()
-}
 
 #[test]
 fn mlp_matches_pytorch_on_the_held_out_rows() {

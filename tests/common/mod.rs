@@ -59,3 +59,54 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The breast-cancer data and models (examples/models/breast-cancer-*).
+pub mod cancer {
+    use keel::{Record, Value};
+    use std::path::PathBuf;
+
+    pub fn mlp_dir() -> PathBuf {
+        crate::common::workspace().join("examples/models/breast-cancer-mlp")
+    }
+
+    /// The 569 rows of scikit-learn's breast_cancer.csv: 30 values and the target (0 malignant).
+    pub fn cancer_rows() -> Vec<(Vec<f64>, usize)> {
+        let path = crate::common::models_dir().join("sklearn/datasets/data/breast_cancer.csv");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup-models.sh", path.display()));
+        text.lines()
+            .skip(1)
+            .map(|line| {
+                let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+                (v[..30].to_vec(), v[30] as usize)
+            })
+            .collect()
+    }
+
+    pub fn features() -> Vec<String> {
+        crate::common::golden("mlp.json")["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn record(names: &[String], values: &[f64]) -> Record {
+        names
+            .iter()
+            .cloned()
+            .zip(values.iter().map(|x| Value::Number(*x)))
+            .collect()
+    }
+
+    /// The split of train.py: index % 5 == 0 held out, == 1 calibration.
+    pub fn split(part: usize) -> Vec<(Vec<f64>, usize)> {
+        cancer_rows()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 5 == part)
+            .map(|(_, r)| r)
+            .collect()
+    }
+}

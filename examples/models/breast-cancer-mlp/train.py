@@ -132,6 +132,28 @@ lines += [
     'categories = ["clinic-a", "clinic-b", "clinic-c"]',
     'categories_action = "flag"',
 ]
+# Its price (ten times the cheap breast-cancer-linear's) and its review policy: unsure answers
+# and rows the contract flagged go to a reviewer, served provisionally.
+lines += [
+    "",
+    "[cost]",
+    "per_call = 0.01",
+    "",
+    "[review]",
+    "provisional = true",
+    "",
+    "[[review.rules]]",
+    'name = "unsure"',
+    'when = "confidence"',
+    "below = 0.9",
+    'action = "review"',
+    "",
+    "[[review.rules]]",
+    'name = "flagged input"',
+    'when = "contract"',
+    'equals = "flagged"',
+    'action = "review"',
+]
 with open(os.path.join(HERE, "keel.toml"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
