@@ -4,6 +4,7 @@
 mod devices;
 mod generate;
 mod registry;
+mod review;
 mod tabular;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -149,6 +150,26 @@ enum Command {
     /// Lineage records: what answered a prediction and why; replay it.
     #[command(subcommand)]
     Lineage(registry::LineageCommand),
+    /// The review queue: predictions the models' review policies sent to a human.
+    #[command(subcommand)]
+    Review(review::ReviewCommand),
+    /// Report the true label of a prediction (ground truth that arrived later).
+    Feedback {
+        /// The prediction's request id.
+        request_id: String,
+        /// Its true label.
+        #[arg(long)]
+        label: String,
+    },
+    /// What the recorded predictions cost, per model, version and routing key.
+    Cost {
+        /// Only `report` for now.
+        #[arg(value_parser = ["report"])]
+        what: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// What this build and machine offer: the CPU's features, the wgpu adapters, and CUDA (the
     /// driver, NVRTC and cuBLAS found or not), so that a missing device says why.
     Devices {
@@ -219,7 +240,7 @@ pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
 }
 
 /// The layers every prediction goes through, over an engine on `device`: the version layer
-/// (with the deployment's store), then observability, then the contract.
+/// (with the deployment's store), review, cost, observability, then the contract.
 pub(crate) fn serving(
     device: DeviceKind,
     store: Option<PathBuf>,
@@ -234,8 +255,11 @@ pub(crate) fn serving_watched(
 ) -> Result<(Versioned, std::sync::Arc<keel::observe::Observed>), Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
     let observed = tabular::watched(&engine, None);
-    let below: std::sync::Arc<dyn keel::Infer> = observed.clone();
-    let served = Versioned::open_layered(engine, below, store_folder(store), Default::default())?;
+    let store: std::sync::Arc<dyn keel::store::Store> =
+        std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
+    let costed = std::sync::Arc::new(keel::cost::Costed::new(engine.clone(), observed.clone()));
+    let reviewed = std::sync::Arc::new(keel::review::Reviewed::new(engine.clone(), store.clone(), costed));
+    let served = Versioned::layered(engine, reviewed, store, Default::default())?;
     Ok((served, observed))
 }
 
@@ -515,6 +539,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Registry(command) => registry::registry(device, cli.store, command),
         Command::Lineage(command) => registry::lineage(device, cli.store, command),
+        Command::Review(command) => review::review(cli.store, command),
+        Command::Feedback { request_id, label } => review::feedback(cli.store, &request_id, &label),
+        Command::Cost { json, .. } => review::cost_report(cli.store, json),
         Command::Embed {
             model,
             routing,

@@ -306,3 +306,75 @@ fn an_encoder_profiles_and_judges_its_embeddings() {
         .map(|i| format!("Error {i}: the database connection pool is exhausted; retrying in {i} seconds."));
     assert_eq!(drift(&jsonl("other.jsonl", other.collect())), "alarm");
 }
+
+#[test]
+fn review_claim_resolve_export_feedback_and_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = root().join("examples/data/breast-cancer-held-out.csv");
+    let mlp = root().join("examples/models/breast-cancer-mlp");
+    let answers = lines(&keel(
+        dir.path(),
+        &[
+            "classify",
+            "--json",
+            "--model",
+            mlp.to_str().unwrap(),
+            held.to_str().unwrap(),
+        ],
+    ));
+    // The policy queues the answers whose top probability is below 0.9.
+    let unsure = golden()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p.as_f64().unwrap() < 0.9)
+        })
+        .count();
+    let pending = lines(&keel(dir.path(), &["review", "list", "--json"]));
+    let tickets = pending[0].as_array().unwrap();
+    assert_eq!(tickets.len(), unsure, "{}", pending[0]);
+    assert_eq!(tickets[0]["model"], "breast-cancer-mlp");
+    let claimed = &lines(&keel(
+        dir.path(),
+        &["review", "claim", "--reviewer", "ana", "--json"],
+    ))[0];
+    let id = claimed["id"].to_string();
+    let other = keel(
+        dir.path(),
+        &["review", "resolve", &id, "--label", "benign", "--reviewer", "bo"],
+    );
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).contains("claimed by ana"));
+    let resolved = &lines(&keel(
+        dir.path(),
+        &[
+            "review",
+            "resolve",
+            &id,
+            "--label",
+            "benign",
+            "--reviewer",
+            "ana",
+            "--json",
+        ],
+    ))[0];
+    assert_eq!(resolved["state"], "resolved");
+    let request = answers[0]["request_id"].as_str().map(str::to_string);
+    if let Some(request) = request {
+        let ok = keel(dir.path(), &["feedback", &request, "--label", "malignant"]);
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    }
+    let unknown = keel(dir.path(), &["feedback", "no-such-request", "--label", "benign"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no prediction has the request id"));
+    let export = lines(&keel(dir.path(), &["review", "export"]));
+    assert_eq!(export[0]["label"], "benign");
+    assert_eq!(export[0]["reviewer"], "ana");
+    let cost = &lines(&keel(dir.path(), &["cost", "report", "--json"]))[0];
+    assert_eq!(cost[0]["requests"], answers.len());
+    assert!((cost[0]["cost"].as_f64().unwrap() - 0.01 * answers.len() as f64).abs() < 1e-9);
+}

@@ -183,7 +183,12 @@ impl Infer for Reviewed {
                 .store
                 .enqueue_review(&NewTicket {
                     request_id,
-                    model: answer.meta.model.clone(),
+                    // Below the version layer a request names a version id: the ticket
+                    // names the model.
+                    model: self
+                        .engine
+                        .info(answer.meta.version.as_str())
+                        .map_or_else(|_| answer.meta.model.clone(), |i| i.manifest.name),
                     version: answer.meta.version.to_string(),
                     decision: verdict.decision.as_str().into(),
                     reasons: serde_json::to_string(&verdict.reasons).unwrap_or_default(),
