@@ -10,6 +10,10 @@ cargo clippy --workspace --all-targets --release --locked -- -D warnings
 # The core builds without the production modules (and without rusqlite): they wrap it, it never
 # imports them.
 cargo check -p keel --no-default-features --release --locked
+# The fleet store's suite (tests/store.rs) runs on a PostgreSQL server of its own, stopped at exit.
+trap 'bash scripts/setup-postgres.sh stop' EXIT
+KEEL_TEST_POSTGRES=$(bash scripts/setup-postgres.sh)
+export KEEL_TEST_POSTGRES
 cargo test --workspace --release --locked
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh

@@ -2,13 +2,18 @@
 //! review queue and the feedback (reviewers' labels and ground truth).
 //!
 //! [`Store`] is the small trait the production modules talk to; [`SqliteStore`] is its embedded
-//! implementation (one SQLite database in WAL mode inside the deployment's folder). No SQL lives
-//! outside an implementation of the trait, so a fleet can plug a shared server database in.
+//! implementation (one SQLite database in WAL mode inside the deployment's folder), and `PgStore`
+//! (feature `postgres`) the fleet's (one PostgreSQL database shared by many hosts). No SQL lives
+//! outside an implementation of the trait.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 pub mod suite;
 
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
 pub use sqlite::{SqliteStore, DATABASE_FILE, SCHEMA_VERSION};
 
 use crate::manifest::{Manifest, VersionId};

@@ -1,0 +1,985 @@
+//! The fleet store: the same [`Store`] on a PostgreSQL server that many hosts share.
+//!
+//! The tables mirror `sqlite.rs`'s. `keel_schema` holds the schema version; opening applies the
+//! migrations it lacks in one transaction under an advisory lock, so that hosts opening a new
+//! database at once see it whole or not at all. Route changes serialize on a row lock; review
+//! claims take their ticket with `FOR UPDATE SKIP LOCKED`, so claimers never wait on each other.
+//!
+//! A lapsed lease is not written back as "pending" by readers (as SQLite's store does): every
+//! query reads a claimed ticket whose lease ended as pending, and a claim takes it directly. So a
+//! read never takes a row lock, and the only writers of a ticket are the claim, the resolution
+//! and the expiry, which lock the row they change.
+
+use super::{
+    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, NewTicket, Result, Retention,
+    RouteChange, Routes, Store, Ticket, TicketState, VersionRecord,
+};
+use crate::manifest::{Manifest, VersionId};
+use postgres::types::FromSql;
+use postgres::{Client, GenericClient, NoTls, Row};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// The schema version this build writes (the number of migrations).
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The key of the advisory lock that migrations run under ("KEEL" in ASCII).
+const MIGRATION_LOCK: i64 = 0x4B45_454C;
+
+/// Idle connections kept per store: a server's connection slots are shared by the whole fleet,
+/// so a burst of calls does not leave its peak number of connections open.
+const MAX_IDLE: usize = 8;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`. Append only; numbered as
+/// `sqlite.rs`'s, so that the two schemas move together.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, aliases and their history, canary settings, lineage.
+    "CREATE TABLE versions (
+        name TEXT NOT NULL, version_id TEXT NOT NULL, path TEXT NOT NULL, weights TEXT NOT NULL,
+        retain_input BOOLEAN NOT NULL, manifest TEXT NOT NULL, registered_ms BIGINT NOT NULL,
+        PRIMARY KEY (name, version_id));
+     CREATE TABLE aliases (
+        name TEXT NOT NULL, alias TEXT NOT NULL, version_id TEXT NOT NULL,
+        PRIMARY KEY (name, alias));
+     CREATE TABLE canaries (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+     CREATE TABLE alias_history (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name TEXT NOT NULL,
+        alias TEXT NOT NULL, from_version TEXT, to_version TEXT, time_ms BIGINT NOT NULL,
+        reason TEXT NOT NULL);
+     CREATE INDEX alias_history_by_name ON alias_history (name, seq);
+     CREATE TABLE lineage (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
+        time_ms BIGINT NOT NULL, record TEXT NOT NULL);
+     CREATE INDEX lineage_by_request ON lineage (request_id, seq);
+     CREATE INDEX lineage_by_time ON lineage (time_ms);
+     CREATE TABLE routes_version (id INTEGER PRIMARY KEY CHECK (id = 0), version BIGINT NOT NULL);
+     INSERT INTO routes_version VALUES (0, 0);",
+    // 2: the review queue and feedback. `review_open` keeps a claim's search off the closed
+    // tickets, however many there are.
+    "CREATE TABLE review (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
+        model TEXT NOT NULL, version TEXT NOT NULL, decision TEXT NOT NULL, reasons TEXT NOT NULL,
+        input TEXT NOT NULL, output TEXT NOT NULL, created_ms BIGINT NOT NULL,
+        state TEXT NOT NULL, reviewer TEXT, lease_until_ms BIGINT, label TEXT, comment TEXT,
+        closed_ms BIGINT);
+     CREATE INDEX review_by_state ON review (state, id);
+     CREATE INDEX review_open ON review (id) WHERE state IN ('pending', 'claimed');
+     CREATE TABLE feedback (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
+        label TEXT NOT NULL, source TEXT NOT NULL, reviewer TEXT, comment TEXT, ticket BIGINT,
+        time_ms BIGINT NOT NULL);
+     CREATE INDEX feedback_by_request ON feedback (request_id);",
+];
+
+/// The tables the migrations create: a database holding one of them without `keel_schema`
+/// belongs to another application, and is refused rather than written into.
+const TABLES: &[&str] = &[
+    "versions",
+    "aliases",
+    "canaries",
+    "alias_history",
+    "lineage",
+    "routes_version",
+    "review",
+    "feedback",
+];
+
+/// The columns of a ticket, in the order `read_ticket` reads them.
+const TICKET_COLUMNS: &str = "id, request_id, model, version, decision, reasons, input, output, created_ms,
+     state, reviewer, lease_until_ms, label, comment, closed_ms";
+
+/// The columns of a version, in the order `read_version` reads them.
+const VERSION_COLUMNS: &str = "name, version_id, path, weights, retain_input, manifest, registered_ms";
+
+/// The fleet store: one PostgreSQL database shared by every host of a fleet.
+///
+/// Each call takes an idle connection of its own small pool (or opens one), so that threads do
+/// not serialize on one connection; a connection the server closed is dropped, and the next
+/// call opens a new one. The client is synchronous (it blocks the calling thread), so call it
+/// from plain threads, not from inside an async runtime.
+pub struct PgStore {
+    config: postgres::Config,
+    location: String,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl PgStore {
+    /// Connects to the database of `url` (a libpq connection string, such as
+    /// `host=127.0.0.1 port=5433 user=keel dbname=keel`, or a `postgresql://` URL), creating the
+    /// store's tables or applying the migrations they lack.
+    ///
+    /// # Errors
+    /// [`Error::Database`] for a string that is not a connection string; [`Error::NotWritable`]
+    /// if the server cannot be reached or refuses the login; [`Error::NotAStore`] for a database
+    /// holding tables of the store's names that another application made; [`Error::NewerSchema`]
+    /// for a store written by a newer Keel.
+    pub fn connect(url: &str) -> Result<Self> {
+        let config = parse(url)?;
+        let store = Self {
+            location: location(&config),
+            config,
+            idle: Mutex::new(Vec::new()),
+        };
+        store.with(|c| store.migrate(c))?;
+        Ok(store)
+    }
+
+    /// Creates the empty database `name` on the server of `url` (whose role needs the CREATEDB
+    /// privilege), for a new fleet's store or a test run; [`PgStore::connect`] to it then makes
+    /// the store's tables.
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`]'s; [`Error::Database`] if the server refuses (the database exists,
+    /// or the role may not create one).
+    pub fn create_database(url: &str, name: &str) -> Result<()> {
+        admin(url, &format!("CREATE DATABASE {}", quote_identifier(name)))
+    }
+
+    /// Drops the database `name` of the server of `url`, if there is one. Every connection to it
+    /// must have closed: drop the [`PgStore`]s connected to it first.
+    ///
+    /// # Errors
+    /// As [`PgStore::create_database`]'s.
+    pub fn drop_database(url: &str, name: &str) -> Result<()> {
+        admin(
+            url,
+            &format!("DROP DATABASE IF EXISTS {}", quote_identifier(name)),
+        )
+    }
+
+    fn db_error(&self, e: postgres::Error) -> Error {
+        Error::Database {
+            path: PathBuf::from(&self.location),
+            reason: describe(&e),
+        }
+    }
+
+    fn bad_value(&self, what: String) -> Error {
+        Error::Database {
+            path: PathBuf::from(&self.location),
+            reason: what,
+        }
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<Client>> {
+        // The vector is never left half-changed: a panic elsewhere does not spoil it.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a connection of the pool, and gives it back unless it was closed. A call that
+    /// panics drops its connection (and with it any transaction it left open).
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let pooled = std::iter::from_fn(|| self.idle().pop()).find(|c| !c.is_closed());
+        let mut client = match pooled {
+            Some(client) => client,
+            None => self.config.connect(NoTls).map_err(|e| Error::NotWritable {
+                path: PathBuf::from(&self.location),
+                reason: describe(&e),
+            })?,
+        };
+        let out = f(&mut client);
+        if !client.is_closed() {
+            let mut idle = self.idle();
+            if idle.len() < MAX_IDLE {
+                idle.push(client);
+            }
+        }
+        out
+    }
+
+    /// Checks that the database is a Keel store of a schema this build reads, and migrates it.
+    fn migrate(&self, client: &mut Client) -> Result<()> {
+        let db = |e| self.db_error(e);
+        let not_a_store = |reason: String| Error::NotAStore {
+            path: PathBuf::from(&self.location),
+            reason,
+        };
+        let mut tx = client.transaction().map_err(db)?;
+        // Hosts opening a new database at once wait here for each other (until this
+        // transaction ends): the first creates the schema, the others find it whole.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(db)?;
+        let row = tx
+            .query_one("SELECT to_regclass('keel_schema') IS NOT NULL", &[])
+            .map_err(db)?;
+        if !self.get::<bool>(&row, 0)? {
+            let row = tx
+                .query_one(
+                    "SELECT array_agg(table_name::text ORDER BY table_name) FROM information_schema.tables
+                     WHERE table_schema = current_schema() AND table_name::text = ANY($1::text[])",
+                    &[&TABLES],
+                )
+                .map_err(db)?;
+            if let Some(found) = self.get::<Option<Vec<String>>>(&row, 0)? {
+                return Err(not_a_store(format!(
+                    "it has tables named {} but no keel_schema table",
+                    found.join(", ")
+                )));
+            }
+            tx.batch_execute(
+                "CREATE TABLE keel_schema (version BIGINT NOT NULL); INSERT INTO keel_schema VALUES (0);",
+            )
+            .map_err(db)?;
+        }
+        let rows = tx.query("SELECT version FROM keel_schema", &[]).map_err(db)?;
+        let found = match rows.as_slice() {
+            [row] => row
+                .try_get::<_, i64>(0)
+                .map_err(|e| not_a_store(format!("its keel_schema table: {}", describe(&e))))?,
+            _ => {
+                return Err(not_a_store(format!(
+                    "its keel_schema table has {} rows, not one",
+                    rows.len()
+                )))
+            }
+        };
+        if found > SCHEMA_VERSION {
+            return Err(Error::NewerSchema {
+                path: PathBuf::from(&self.location),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+            tx.batch_execute(sql).map_err(db)?;
+            tx.execute("UPDATE keel_schema SET version = $1", &[&(i as i64 + 1)])
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Column `i` of a row, or a database error naming it (never a panic).
+    fn get<'a, T: FromSql<'a>>(&self, row: &'a Row, i: usize) -> Result<T> {
+        row.try_get(i).map_err(|e| self.db_error(e))
+    }
+
+    fn version_id(&self, text: &str) -> Result<VersionId> {
+        VersionId::parse(text).ok_or_else(|| self.bad_value(format!("'{text}' is not a version id")))
+    }
+
+    fn read_version(&self, r: &Row) -> Result<VersionRecord> {
+        let manifest: String = self.get(r, 5)?;
+        let manifest: Manifest = toml::from_str(&manifest)
+            .map_err(|e| self.bad_value(format!("a stored manifest does not parse: {e}")))?;
+        Ok(VersionRecord {
+            name: self.get(r, 0)?,
+            id: self.version_id(self.get(r, 1)?)?,
+            path: PathBuf::from(self.get::<String>(r, 2)?),
+            weights: self.get(r, 3)?,
+            retain_input: self.get(r, 4)?,
+            manifest,
+            registered_ms: self.get(r, 6)?,
+        })
+    }
+
+    fn read_routes(&self, c: &mut impl GenericClient, name: &str) -> Result<Routes> {
+        let db = |e| self.db_error(e);
+        let mut aliases = BTreeMap::new();
+        for r in c
+            .query("SELECT alias, version_id FROM aliases WHERE name = $1", &[&name])
+            .map_err(db)?
+        {
+            aliases.insert(self.get::<String>(&r, 0)?, self.version_id(self.get(&r, 1)?)?);
+        }
+        let canary = match c
+            .query_opt("SELECT config FROM canaries WHERE name = $1", &[&name])
+            .map_err(db)?
+        {
+            Some(r) => Some(
+                serde_json::from_str::<CanaryConfig>(self.get(&r, 0)?)
+                    .map_err(|e| self.bad_value(format!("the canary of {name}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Routes {
+            name: name.to_string(),
+            aliases,
+            canary,
+        })
+    }
+
+    fn read_history(&self, c: &mut impl GenericClient, name: &str) -> Result<Vec<AliasEvent>> {
+        let rows = c
+            .query(
+                "SELECT seq, time_ms, name, alias, from_version, to_version, reason
+                 FROM alias_history WHERE name = $1 ORDER BY seq",
+                &[&name],
+            )
+            .map_err(|e| self.db_error(e))?;
+        let id = |r: &Row, i| -> Result<Option<VersionId>> {
+            self.get::<Option<&str>>(r, i)?
+                .map(|t| self.version_id(t))
+                .transpose()
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(AliasEvent {
+                    seq: self.get(r, 0)?,
+                    time_ms: self.get(r, 1)?,
+                    name: self.get(r, 2)?,
+                    alias: self.get(r, 3)?,
+                    from: id(r, 4)?,
+                    to: id(r, 5)?,
+                    reason: self.get(r, 6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A ticket as stored.
+    fn read_ticket(&self, r: &Row) -> Result<Ticket> {
+        let state: &str = self.get(r, 9)?;
+        Ok(Ticket {
+            id: self.get(r, 0)?,
+            ticket: NewTicket {
+                request_id: self.get(r, 1)?,
+                model: self.get(r, 2)?,
+                version: self.get(r, 3)?,
+                decision: self.get(r, 4)?,
+                reasons: self.get(r, 5)?,
+                input: self.get(r, 6)?,
+                output: self.get(r, 7)?,
+                created_ms: self.get(r, 8)?,
+            },
+            state: TicketState::parse(state)
+                .ok_or_else(|| self.bad_value(format!("a ticket's state is '{state}'")))?,
+            reviewer: self.get(r, 10)?,
+            lease_until_ms: self.get(r, 11)?,
+            label: self.get(r, 12)?,
+            comment: self.get(r, 13)?,
+            closed_ms: self.get(r, 14)?,
+        })
+    }
+
+    /// A ticket as stored, as of `now_ms`: claimed with a lease that ended is pending (what
+    /// SQLite's store writes back before it reads).
+    fn read_ticket_at(&self, r: &Row, now_ms: i64) -> Result<Ticket> {
+        let mut ticket = self.read_ticket(r)?;
+        if ticket.state == TicketState::Claimed && ticket.lease_until_ms.is_some_and(|l| l <= now_ms) {
+            ticket.state = TicketState::Pending;
+            ticket.reviewer = None;
+            ticket.lease_until_ms = None;
+        }
+        Ok(ticket)
+    }
+
+    fn read_lineage(&self, r: &Row) -> Result<LineageRow> {
+        Ok(LineageRow {
+            request_id: self.get(r, 0)?,
+            time_ms: self.get(r, 1)?,
+            record: self.get(r, 2)?,
+        })
+    }
+
+    fn read_feedback(&self, r: &Row) -> Result<Feedback> {
+        let source: &str = self.get(r, 2)?;
+        Ok(Feedback {
+            request_id: self.get(r, 0)?,
+            label: self.get(r, 1)?,
+            source: FeedbackSource::parse(source)
+                .ok_or_else(|| self.bad_value(format!("a label's source is '{source}'")))?,
+            reviewer: self.get(r, 3)?,
+            comment: self.get(r, 4)?,
+            ticket: self.get(r, 5)?,
+            time_ms: self.get(r, 6)?,
+        })
+    }
+}
+
+/// The settings of a connection string, with Keel's defaults where it has none.
+fn parse(url: &str) -> Result<postgres::Config> {
+    let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
+        path: PathBuf::from("postgres"),
+        reason: format!("not a PostgreSQL connection string: {}", describe(&e)),
+    })?;
+    // Without a timeout, a host that drops packets would hang the caller for minutes.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    // So that a fleet's DBA sees whose connections these are (pg_stat_activity).
+    if config.get_application_name().is_none() {
+        config.application_name("keel");
+    }
+    Ok(config)
+}
+
+/// Runs one statement that cannot run in a transaction (CREATE/DROP DATABASE) on its own
+/// connection.
+fn admin(url: &str, sql: &str) -> Result<()> {
+    let config = parse(url)?;
+    let path = || PathBuf::from(location(&config));
+    let mut client = config.connect(NoTls).map_err(|e| Error::NotWritable {
+        path: path(),
+        reason: describe(&e),
+    })?;
+    client.batch_execute(sql).map_err(|e| Error::Database {
+        path: path(),
+        reason: describe(&e),
+    })
+}
+
+/// `name` as a quoted SQL identifier (any text is a valid one, quoted).
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Where the store is, for messages: the connection string without its password.
+fn location(config: &postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    let mut parts = Vec::new();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", hosts.join(",")));
+    }
+    if !ports.is_empty() {
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={user}"));
+    }
+    if let Some(db) = config.get_dbname() {
+        parts.push(format!("dbname={db}"));
+    }
+    format!("postgres {}", parts.join(" "))
+}
+
+/// A client error with its causes (the server's message is the cause of a "db error").
+fn describe(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn insert_feedback(c: &mut impl GenericClient, f: &Feedback) -> std::result::Result<u64, postgres::Error> {
+    c.execute(
+        "INSERT INTO feedback (request_id, label, source, reviewer, comment, ticket, time_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &f.request_id,
+            &f.label,
+            &f.source.as_str(),
+            &f.reviewer,
+            &f.comment,
+            &f.ticket,
+            &f.time_ms,
+        ],
+    )
+}
+
+impl Store for PgStore {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn register(&self, v: &VersionRecord) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    &format!(
+                        "INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT DO NOTHING"
+                    ),
+                    &[
+                        &v.name,
+                        &v.id.as_str(),
+                        &v.path.to_string_lossy(),
+                        &v.weights,
+                        &v.retain_input,
+                        &v.manifest.to_toml(),
+                        &v.registered_ms,
+                    ],
+                )
+                .map_err(|e| self.db_error(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn version(&self, name: &str, id: &VersionId) -> Result<Option<VersionRecord>> {
+        self.with(|c| {
+            c.query_opt(
+                &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE name = $1 AND version_id = $2"),
+                &[&name, &id.as_str()],
+            )
+            .map_err(|e| self.db_error(e))?
+            .map(|r| self.read_version(&r))
+            .transpose()
+        })
+    }
+
+    fn versions(&self) -> Result<Vec<VersionRecord>> {
+        self.with(|c| {
+            // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+            c.query(
+                &format!(
+                    "SELECT {VERSION_COLUMNS} FROM versions
+                     ORDER BY name COLLATE \"C\", registered_ms, version_id COLLATE \"C\""
+                ),
+                &[],
+            )
+            .map_err(|e| self.db_error(e))?
+            .iter()
+            .map(|r| self.read_version(r))
+            .collect()
+        })
+    }
+
+    fn routes(&self, name: &str) -> Result<Routes> {
+        self.with(|c| self.read_routes(c, name))
+    }
+
+    fn update_routes(
+        &self,
+        name: &str,
+        change: &mut RouteChange<'_>,
+    ) -> Result<std::result::Result<(Routes, Vec<AliasEvent>), String>> {
+        self.with(|c| {
+            let db = |e| self.db_error(e);
+            let mut tx = c.transaction().map_err(db)?;
+            // Every route change locks this row first: two hosts changing routes serialize, and
+            // the second reads what the first committed rather than acting on a stale read.
+            tx.execute("SELECT version FROM routes_version FOR UPDATE", &[])
+                .map_err(db)?;
+            let before = self.read_routes(&mut tx, name)?;
+            let history = self.read_history(&mut tx, name)?;
+            let mut after = before.clone();
+            let reason = match change(&mut after, &history) {
+                Ok(reason) => reason,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            let now = super::now_ms();
+            let mut events = Vec::new();
+            let keys: std::collections::BTreeSet<&String> =
+                before.aliases.keys().chain(after.aliases.keys()).collect();
+            for alias in keys {
+                let (from, to) = (before.aliases.get(alias), after.aliases.get(alias));
+                if from == to {
+                    continue;
+                }
+                match to {
+                    Some(to) => tx.execute(
+                        "INSERT INTO aliases (name, alias, version_id) VALUES ($1, $2, $3)
+                         ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
+                        &[&name, alias, &to.as_str()],
+                    ),
+                    None => tx.execute(
+                        "DELETE FROM aliases WHERE name = $1 AND alias = $2",
+                        &[&name, alias],
+                    ),
+                }
+                .map_err(db)?;
+                let row = tx
+                    .query_one(
+                        "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
+                         VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                        &[
+                            &name,
+                            alias,
+                            &from.map(VersionId::as_str),
+                            &to.map(VersionId::as_str),
+                            &now,
+                            &reason,
+                        ],
+                    )
+                    .map_err(db)?;
+                events.push(AliasEvent {
+                    seq: self.get(&row, 0)?,
+                    time_ms: now,
+                    name: name.to_string(),
+                    alias: alias.clone(),
+                    from: from.cloned(),
+                    to: to.cloned(),
+                    reason: reason.clone(),
+                });
+            }
+            if before != after {
+                tx.execute("UPDATE routes_version SET version = version + 1", &[])
+                    .map_err(db)?;
+            }
+            if before.canary != after.canary {
+                match &after.canary {
+                    Some(canary) => {
+                        let config = serde_json::to_string(canary)
+                            .map_err(|e| self.bad_value(format!("the canary of {name}: {e}")))?;
+                        tx.execute(
+                            "INSERT INTO canaries (name, config) VALUES ($1, $2)
+                             ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+                            &[&name, &config],
+                        )
+                    }
+                    None => tx.execute("DELETE FROM canaries WHERE name = $1", &[&name]),
+                }
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(Ok((after, events)))
+        })
+    }
+
+    fn routes_version(&self) -> Result<i64> {
+        self.with(|c| {
+            let row = c
+                .query_one("SELECT version FROM routes_version", &[])
+                .map_err(|e| self.db_error(e))?;
+            self.get(&row, 0)
+        })
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<AliasEvent>> {
+        self.with(|c| self.read_history(c, name))
+    }
+
+    fn append_lineage(&self, rows: &[LineageRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+        let times: Vec<i64> = rows.iter().map(|r| r.time_ms).collect();
+        let records: Vec<&str> = rows.iter().map(|r| r.record.as_str()).collect();
+        self.with(|c| {
+            // One statement (so one round trip, and atomic), the rows numbered in their order.
+            c.execute(
+                "INSERT INTO lineage (request_id, time_ms, record)
+                 SELECT r, t, d FROM UNNEST($1::text[], $2::bigint[], $3::text[])
+                 WITH ORDINALITY AS x (r, t, d, n) ORDER BY n",
+                &[&ids, &times, &records],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+        })
+    }
+
+    fn lineage(&self, request_id: &str) -> Result<Option<LineageRow>> {
+        self.with(|c| {
+            c.query_opt(
+                "SELECT request_id, time_ms, record FROM lineage WHERE request_id = $1
+                 ORDER BY seq DESC LIMIT 1",
+                &[&request_id],
+            )
+            .map_err(|e| self.db_error(e))?
+            .map(|r| self.read_lineage(&r))
+            .transpose()
+        })
+    }
+
+    fn recent_lineage(&self, n: usize) -> Result<Vec<LineageRow>> {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.with(|c| {
+            c.query(
+                "SELECT request_id, time_ms, record FROM lineage ORDER BY seq DESC LIMIT $1",
+                &[&n],
+            )
+            .map_err(|e| self.db_error(e))?
+            .iter()
+            .map(|r| self.read_lineage(r))
+            .collect()
+        })
+    }
+
+    fn lineage_count(&self) -> Result<u64> {
+        self.with(|c| {
+            let row = c
+                .query_one("SELECT count(*) FROM lineage", &[])
+                .map_err(|e| self.db_error(e))?;
+            Ok(self.get::<i64>(&row, 0)?.max(0) as u64)
+        })
+    }
+
+    fn prune_lineage(&self, retention: &Retention, now_ms: i64) -> Result<u64> {
+        self.with(|c| {
+            let db = |e| self.db_error(e);
+            let mut pruned = 0;
+            if let Some(age) = retention.max_age_ms {
+                pruned += c
+                    .execute(
+                        "DELETE FROM lineage WHERE time_ms < $1",
+                        &[&now_ms.saturating_sub(age)],
+                    )
+                    .map_err(db)?;
+            }
+            if let Some(keep) = retention.max_records {
+                pruned += c
+                    .execute(
+                        "DELETE FROM lineage WHERE seq <= (SELECT seq FROM lineage ORDER BY seq DESC
+                         LIMIT 1 OFFSET $1)",
+                        &[&i64::try_from(keep).unwrap_or(i64::MAX)],
+                    )
+                    .map_err(db)?;
+            }
+            Ok(pruned)
+        })
+    }
+
+    fn enqueue_review(&self, t: &NewTicket) -> Result<i64> {
+        self.with(|c| {
+            let db = |e| self.db_error(e);
+            // Two statements, not one: under READ COMMITTED the SELECT sees the ticket that a
+            // concurrent enqueue of the same request committed (the one the INSERT yielded to).
+            c.execute(
+                "INSERT INTO review
+                 (request_id, model, version, decision, reasons, input, output, created_ms, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')
+                 ON CONFLICT (request_id) DO NOTHING",
+                &[
+                    &t.request_id,
+                    &t.model,
+                    &t.version,
+                    &t.decision,
+                    &t.reasons,
+                    &t.input,
+                    &t.output,
+                    &t.created_ms,
+                ],
+            )
+            .map_err(db)?;
+            let row = c
+                .query_one("SELECT id FROM review WHERE request_id = $1", &[&t.request_id])
+                .map_err(db)?;
+            self.get(&row, 0)
+        })
+    }
+
+    fn tickets(&self, state: Option<TicketState>, limit: usize, now_ms: i64) -> Result<Vec<Ticket>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // $1 is the limit; the filters that depend on leases read the time as $2.
+        let (filter, leases) = match state {
+            None => ("TRUE", false),
+            Some(TicketState::Pending) => (
+                "state = 'pending' OR (state = 'claimed' AND lease_until_ms <= $2)",
+                true,
+            ),
+            Some(TicketState::Claimed) => (
+                "state = 'claimed' AND (lease_until_ms IS NULL OR lease_until_ms > $2)",
+                true,
+            ),
+            Some(TicketState::Resolved) => ("state = 'resolved'", false),
+            Some(TicketState::Expired) => ("state = 'expired'", false),
+        };
+        let sql = format!("SELECT {TICKET_COLUMNS} FROM review WHERE {filter} ORDER BY id LIMIT $1");
+        self.with(|c| {
+            let rows = if leases {
+                c.query(&sql, &[&limit, &now_ms])
+            } else {
+                c.query(&sql, &[&limit])
+            }
+            .map_err(|e| self.db_error(e))?;
+            rows.iter().map(|r| self.read_ticket_at(r, now_ms)).collect()
+        })
+    }
+
+    fn ticket(&self, id: i64, now_ms: i64) -> Result<Option<Ticket>> {
+        self.with(|c| {
+            c.query_opt(
+                &format!("SELECT {TICKET_COLUMNS} FROM review WHERE id = $1"),
+                &[&id],
+            )
+            .map_err(|e| self.db_error(e))?
+            .map(|r| self.read_ticket_at(&r, now_ms))
+            .transpose()
+        })
+    }
+
+    fn claim_review(&self, reviewer: &str, lease_ms: i64, now_ms: i64) -> Result<Option<Ticket>> {
+        self.with(|c| {
+            // SKIP LOCKED: a ticket another host is claiming (or resolving) right now is passed
+            // over, not waited for; a row claimed and committed since this statement began is
+            // checked again against the WHERE clause once locked, so it is never taken twice. A
+            // lapsed lease is claimed directly, so there is no separate release to race with.
+            let row = c
+                .query_opt(
+                    &format!(
+                        "WITH next AS (
+                            SELECT id FROM review
+                            WHERE state IN ('pending', 'claimed')
+                              AND (state = 'pending' OR lease_until_ms <= $3)
+                            ORDER BY id LIMIT 1
+                            FOR UPDATE SKIP LOCKED)
+                         UPDATE review SET state = 'claimed', reviewer = $1, lease_until_ms = $2
+                         WHERE id = (SELECT id FROM next)
+                         RETURNING {TICKET_COLUMNS}"
+                    ),
+                    &[&reviewer, &now_ms.saturating_add(lease_ms), &now_ms],
+                )
+                .map_err(|e| self.db_error(e))?;
+            // Read as written, even with a lease of zero (as SQLite's store returns it).
+            row.map(|r| self.read_ticket(&r)).transpose()
+        })
+    }
+
+    fn resolve_review(
+        &self,
+        id: i64,
+        reviewer: &str,
+        label: &str,
+        comment: Option<&str>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Ticket, String>> {
+        self.with(|c| {
+            let db = |e| self.db_error(e);
+            let mut tx = c.transaction().map_err(db)?;
+            // The ticket's row lock, held to the commit: a claim passes over it meanwhile, and a
+            // second resolution of it waits and then finds it resolved.
+            let select = format!("SELECT {TICKET_COLUMNS} FROM review WHERE id = $1 FOR UPDATE");
+            let Some(row) = tx.query_opt(&select, &[&id]).map_err(db)? else {
+                return Ok(Err(format!("there is no ticket {id}")));
+            };
+            let before = self.read_ticket_at(&row, now_ms)?;
+            if let Err(refusal) = super::may_resolve(&before, reviewer) {
+                return Ok(Err(refusal));
+            }
+            let row = tx
+                .query_one(
+                    &format!(
+                        "UPDATE review SET state = 'resolved', reviewer = $2, label = $3, comment = $4,
+                         lease_until_ms = NULL, closed_ms = $5 WHERE id = $1 RETURNING {TICKET_COLUMNS}"
+                    ),
+                    &[&id, &reviewer, &label, &comment, &now_ms],
+                )
+                .map_err(db)?;
+            let after = self.read_ticket(&row)?;
+            insert_feedback(
+                &mut tx,
+                &super::review_feedback(&before, reviewer, label, comment, now_ms),
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(Ok(after))
+        })
+    }
+
+    fn expire_reviews(&self, created_before_ms: i64, now_ms: i64) -> Result<u64> {
+        self.with(|c| {
+            // Pending as of `now_ms` includes a lapsed claim; it expires unclaimed, as SQLite's
+            // store (which releases it first) leaves it.
+            c.execute(
+                "UPDATE review SET state = 'expired', closed_ms = $2, reviewer = NULL, lease_until_ms = NULL
+                 WHERE created_ms < $1 AND state IN ('pending', 'claimed')
+                   AND (state = 'pending' OR lease_until_ms <= $2)",
+                &[&created_before_ms, &now_ms],
+            )
+            .map_err(|e| self.db_error(e))
+        })
+    }
+
+    fn add_feedback(&self, feedback: &Feedback) -> Result<()> {
+        self.with(|c| {
+            insert_feedback(c, feedback)
+                .map(|_| ())
+                .map_err(|e| self.db_error(e))
+        })
+    }
+
+    fn feedback(&self) -> Result<Vec<Feedback>> {
+        self.with(|c| {
+            c.query(
+                "SELECT request_id, label, source, reviewer, comment, ticket, time_ms
+                 FROM feedback ORDER BY seq",
+                &[],
+            )
+            .map_err(|e| self.db_error(e))?
+            .iter()
+            .map(|r| self.read_feedback(r))
+            .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of its own on the server of `KEEL_TEST_POSTGRES`, dropped at the end; None
+    /// (the test is skipped) where that is not set, except in CI.
+    struct Scratch {
+        server: String,
+        name: String,
+    }
+
+    impl Scratch {
+        fn new(tag: &str) -> Option<Self> {
+            let Ok(server) = std::env::var("KEEL_TEST_POSTGRES") else {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "KEEL_TEST_POSTGRES is not set, and CI must run the PostgreSQL store's tests"
+                );
+                return None;
+            };
+            let name = format!("keel_unit_{tag}_{}", std::process::id());
+            PgStore::drop_database(&server, &name).unwrap();
+            PgStore::create_database(&server, &name).unwrap();
+            Some(Self { server, name })
+        }
+
+        fn url(&self) -> String {
+            format!("{} dbname={}", self.server, self.name)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = PgStore::drop_database(&self.server, &self.name);
+        }
+    }
+
+    #[test]
+    fn refuses_foreign_and_newer_databases_and_migrates_its_own() {
+        let Some(db) = Scratch::new("refuse") else { return };
+        let mut other = Client::connect(&db.url(), NoTls).unwrap();
+        // Another application's table of one of the store's names is not written into.
+        other.batch_execute("CREATE TABLE versions (x INT)").unwrap();
+        let e = PgStore::connect(&db.url()).err().unwrap();
+        assert!(matches!(e, Error::NotAStore { .. }), "{e}");
+        other.batch_execute("DROP TABLE versions").unwrap();
+        drop(PgStore::connect(&db.url()).unwrap());
+        // Opening again changes nothing.
+        PgStore::connect(&db.url()).unwrap();
+        // A newer schema is refused.
+        other
+            .execute("UPDATE keel_schema SET version = $1", &[&(SCHEMA_VERSION + 1)])
+            .unwrap();
+        let e = PgStore::connect(&db.url()).err().unwrap();
+        assert!(
+            matches!(e, Error::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hosts_opening_a_new_database_at_once_all_open_it() {
+        let Some(db) = Scratch::new("race") else { return };
+        let url = db.url();
+        std::thread::scope(|s| {
+            let hosts: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| PgStore::connect(&url).map(|_| ())))
+                .collect();
+            for host in hosts {
+                host.join().unwrap().unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn names_a_server_it_cannot_reach_without_the_password() {
+        let e = PgStore::connect("host=127.0.0.1 port=1 user=keel password=secret dbname=keel")
+            .err()
+            .unwrap();
+        let text = e.to_string();
+        assert!(matches!(e, Error::NotWritable { .. }), "{text}");
+        assert!(text.contains("port=1") && !text.contains("secret"), "{text}");
+        let e = PgStore::connect("port=not-a-port").err().unwrap();
+        assert!(matches!(e, Error::Database { .. }), "{e}");
+    }
+}
