@@ -116,6 +116,15 @@ typedef enum keel_status {
    * written, a database that is not a Keel store or comes from a newer Keel.
    */
   KEEL_ERR_STORAGE = 10,
+  /**
+   * The model's review policy blocked the prediction, or holds it for a human reviewer
+   * without serving it: the message names the rules and the ticket.
+   */
+  KEEL_ERR_REVIEW = 11,
+  /**
+   * The caller's cost budget cannot pay for the request (and its policy does not downgrade).
+   */
+  KEEL_ERR_BUDGET = 12,
 } keel_status;
 
 /**
