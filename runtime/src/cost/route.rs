@@ -1,8 +1,9 @@
 //! Routing between a cheap and a strong model: a confidence cascade, and degradation under load.
 
 use crate::{Engine, Error, Infer, InferRequest, InferResponse, Input, Priority, Result};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A cascade: requests for `name` go to `cheap` first, and to `strong` when the cheap answer is
 /// unsure or the input too complex for it.
@@ -126,12 +127,14 @@ pub struct DegradeConfig {
 
 /// The degradation layer (see [`DegradeConfig`]). A model's expected latency is the work queued
 /// ahead (requests queued x its mean compute per request, from the engine's scheduler
-/// counters) plus one request's compute. The answer says where it went and why in
+/// counters) plus one request's compute; a model is too busy when that exceeds half the
+/// objective (the other half is for the batch running and the request's own batch). The answer says where it went and why in
 /// `meta.annotations["degrade"]` (JSON: `route`, `reason`, `expected_ms`).
 pub struct Degrade {
     config: DegradeConfig,
     engine: Engine,
     below: Arc<dyn Infer>,
+    recent: Mutex<HashMap<String, Recent>>,
 }
 
 impl Degrade {
@@ -141,19 +144,45 @@ impl Degrade {
             config,
             engine,
             below,
+            recent: Mutex::default(),
         }
     }
 
     /// The latency a request sent to `model` now can expect (None: the model has run nothing
-    /// yet, so there is nothing to judge by).
+    /// yet, so there is nothing to judge by): the requests queued ahead and its own, at the
+    /// compute per request of the last fifth of a second (under load the cores are shared with
+    /// the other model, so the lifetime mean would be too kind).
     pub fn expected(&self, model: &str) -> Result<Option<Duration>> {
         let s = self.engine.scheduler_stats(model)?;
-        if s.items == 0 {
-            return Ok(None);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let entry = recent.entry(model.to_string()).or_insert(Recent {
+            at: now,
+            compute: s.compute,
+            items: s.items,
+            per_item: None,
+        });
+        let fresh = now.duration_since(entry.at) >= Duration::from_millis(200);
+        if fresh && s.items > entry.items {
+            entry.per_item = Some((s.compute - entry.compute).as_secs_f64() / (s.items - entry.items) as f64);
         }
-        let per_item = s.compute.as_secs_f64() / s.items as f64;
-        Ok(Some(Duration::from_secs_f64(per_item * (s.queued + 1) as f64)))
+        if fresh {
+            (entry.at, entry.compute, entry.items) = (now, s.compute, s.items);
+        }
+        let lifetime = (s.items > 0).then(|| s.compute.as_secs_f64() / s.items as f64);
+        Ok(entry
+            .per_item
+            .or(lifetime)
+            .map(|per_item| Duration::from_secs_f64(per_item * (s.queued + 1) as f64)))
     }
+}
+
+/// A model's compute per request over the last window, and where that window began.
+struct Recent {
+    at: Instant,
+    compute: Duration,
+    items: u64,
+    per_item: Option<f64>,
 }
 
 impl Infer for Degrade {
@@ -163,16 +192,19 @@ impl Infer for Degrade {
             return self.below.infer(request);
         }
         let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        // Half the objective: the estimate counts the work queued ahead, not the batch running
+        // nor the wait for the request's own batch to fill and run.
+        let limit = c.objective / 2;
         let strong = self.expected(&c.strong)?;
-        let (route, reason, expected) = if strong.is_none_or(|d| d <= c.objective) {
+        let (route, reason, expected) = if strong.is_none_or(|d| d <= limit) {
             (&c.strong, "within the objective".to_string(), strong)
         } else {
             let cheap = self.expected(&c.cheap)?;
-            if cheap.is_some_and(|d| d > c.objective) && request.options.priority <= c.shed_at {
+            if cheap.is_some_and(|d| d > limit) && request.options.priority <= c.shed_at {
                 return Err(Error::Refused {
                     kind: crate::ErrorKind::Overloaded,
                     source: format!(
-                        "'{}' shed this {:?}-priority request: the strong model expects {:.1} ms and the cheap one {:.1} ms, over the {:.1} ms objective",
+                        "'{}' shed this {:?}-priority request: the strong model expects {:.1} ms and the cheap one {:.1} ms, over half the {:.1} ms objective",
                         c.name,
                         request.options.priority,
                         ms(strong),
@@ -183,7 +215,7 @@ impl Infer for Degrade {
                 });
             }
             let reason = format!(
-                "load: the strong model expects {:.1} ms > the {:.1} ms objective",
+                "load: the strong model expects {:.1} ms > half the {:.1} ms objective",
                 ms(strong),
                 ms(Some(c.objective))
             );
