@@ -425,3 +425,61 @@ fn degradation_routes_to_the_cheap_model_when_the_objective_is_threatened_and_sh
     let direct = strict.infer(InferRequest::embed(strong.as_str(), ["x"])).unwrap();
     assert!(!direct.meta.annotations.contains_key("degrade"));
 }
+
+#[test]
+fn cache_first_sends_a_request_whose_strong_answer_is_cached_to_the_strong_model() {
+    use keel::{LoadOptions, WeightPath};
+    let engine = Engine::builder().build().unwrap();
+    let minilm = common::minilm_dir();
+    let strong = engine
+        .load_with(
+            &minilm,
+            LoadOptions {
+                weights: WeightPath::F32,
+            },
+        )
+        .unwrap();
+    let cheap = engine
+        .load_with(
+            &minilm,
+            LoadOptions {
+                weights: WeightPath::Int8,
+            },
+        )
+        .unwrap();
+    let costed = Arc::new(Costed::new(engine.clone(), Arc::new(engine.clone())));
+    let cascade = Cascade::new(
+        CascadeConfig {
+            name: "embed".into(),
+            cheap: cheap.to_string(),
+            strong: strong.to_string(),
+            min_confidence: 0.9,
+            max_cheap_tokens: Some(64),
+        },
+        costed,
+    )
+    .cache_first(engine.clone());
+    let ask = |text: &str| {
+        let a = cascade.infer(InferRequest::embed("embed", [text])).unwrap();
+        let note: serde_json::Value = serde_json::from_str(&a.meta.annotations["cascade"]).unwrap();
+        (a, note)
+    };
+    // An embedding has no confidence: the cheap answer stands.
+    let (a, note) = ask("the weather is fine today");
+    assert_eq!((note["route"].as_str(), &a.meta.version), (Some("cheap"), &cheap));
+    // Once the strong model's answer is cached, it is asked first, and the cache answers.
+    engine
+        .embed(strong.as_str(), &["the weather is fine today"])
+        .unwrap();
+    let (a, note) = ask("the weather is fine today");
+    assert_eq!(note["route"], "strong", "{note}");
+    assert!(note["reason"].as_str().unwrap().starts_with("cached"));
+    assert!(a.meta.cache_hit);
+    let cost: serde_json::Value = serde_json::from_str(&a.meta.annotations["cost"]).unwrap();
+    assert_eq!(cost["cost"], 0.0, "a cache hit costs nothing");
+    // A long input goes to the strong model directly.
+    let long = "word ".repeat(100);
+    let (a, note) = ask(&long);
+    assert!(note["reason"].as_str().unwrap().starts_with("complex"), "{note}");
+    assert_eq!(a.meta.version, strong);
+}

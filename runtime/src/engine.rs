@@ -356,6 +356,30 @@ impl Engine {
         Ok(self.resolve(model)?.scheduler.stats())
     }
 
+    /// Whether the response cache holds the answer to every text of `input` for `model` now
+    /// (only embeddings are cached: false for other tasks), so that a router can send the
+    /// request where it costs no compute. Counts no hit or miss and changes no entry's age.
+    ///
+    /// # Errors
+    /// An unknown model; a text the tokenizer refuses.
+    pub fn is_cached(&self, model: &str, input: &Input) -> Result<bool> {
+        let (Input::Embed(texts), Some(cache)) = (input, &self.inner.response_cache) else {
+            return Ok(false);
+        };
+        let version = self.resolve(model)?;
+        let Model::Encoder(encoder) = &version.model else {
+            return Ok(false);
+        };
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        if texts.is_empty() {
+            return Ok(false);
+        }
+        Ok(encoder
+            .tokenize_counted(&texts)?
+            .iter()
+            .all(|(ids, _)| cache.contains(&version.id, ids)))
+    }
+
     /// The response cache's counters (None: it is off).
     pub fn response_cache_stats(&self) -> Option<CacheStats> {
         self.inner.response_cache.as_ref().map(ResponseCache::stats)

@@ -35,6 +35,11 @@ impl ResponseCache {
         self.lock().get(&(version.clone(), ids.to_vec()))
     }
 
+    /// Whether the answer is held, without counting a hit or a miss.
+    pub fn contains(&self, version: &VersionId, ids: &[u32]) -> bool {
+        self.lock().contains(&(version.clone(), ids.to_vec()))
+    }
+
     pub fn insert(&self, version: &VersionId, ids: Vec<u32>, vector: &[f32]) {
         let bytes = OVERHEAD + version.as_str().len() + ids.len() * 4 + vector.len() * 4;
         self.lock()

@@ -22,8 +22,8 @@ pub struct CostLine {
     pub cost: f64,
 }
 
-/// The cost layer: every answered request is priced by its version's `[cost]` table and the
-/// price annotated (`meta.annotations["cost"]`: JSON with `cost`, `key`, and `downgraded_from`
+/// The cost layer: every answered request is priced by its version's `[cost]` table (an answer
+/// of the response cache costs nothing) and the price annotated (`meta.annotations["cost"]`: JSON with `cost`, `key`, and `downgraded_from`
 /// when a budget sent it to a cheaper model); requests with a routing key that has a
 /// [`Budget`] reserve their worst case first, so that concurrent requests can never spend
 /// more than the budget. A version without `[cost]` costs nothing.
@@ -120,7 +120,12 @@ impl Infer for Costed {
         };
         let model = request.model.clone();
         let mut answer = self.below.infer(request)?;
-        let cost = price.cost(answer.meta.tokens, answer.meta.timings.forward);
+        // A response-cache answer ran nothing: it costs nothing.
+        let cost = if answer.meta.cache_hit {
+            0.0
+        } else {
+            price.cost(answer.meta.tokens, answer.meta.timings.forward)
+        };
         reservation.settle(cost);
         let mut note = serde_json::json!({"cost": cost, "key": key});
         if let Some(from) = downgraded_from {

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A cascade: requests for `name` go to `cheap` first, and to `strong` when the cheap answer is
-/// unsure or the input too complex for it.
+/// unsure or the input too complex for it (and, with [`Cascade::cache_first`], straight to
+/// `strong` when its answer is cached).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CascadeConfig {
     /// The name callers address.
@@ -30,12 +31,25 @@ pub struct CascadeConfig {
 pub struct Cascade {
     config: CascadeConfig,
     below: Arc<dyn Infer>,
+    cache_of: Option<Engine>,
 }
 
 impl Cascade {
     /// The cascade over `below`.
     pub fn new(config: CascadeConfig, below: Arc<dyn Infer>) -> Self {
-        Self { config, below }
+        Self {
+            config,
+            below,
+            cache_of: None,
+        }
+    }
+
+    /// Cache first: a request whose strong answer is in `engine`'s response cache goes to the
+    /// strong model (where it costs no compute) without asking the cheap one. The strong model
+    /// must be a name `engine` resolves.
+    pub fn cache_first(mut self, engine: Engine) -> Self {
+        self.cache_of = Some(engine);
+        self
     }
 }
 
@@ -57,6 +71,19 @@ impl Infer for Cascade {
         let c = &self.config;
         if request.model != c.name {
             return self.below.infer(request);
+        }
+        if let Some(engine) = &self.cache_of {
+            if request.options.use_cache && engine.is_cached(&c.strong, &request.input)? {
+                request.model = c.strong.clone();
+                let mut answer = self.below.infer(request)?;
+                let reason = "cached: the strong model's answer is in the response cache";
+                annotate(
+                    &mut answer,
+                    "cascade",
+                    serde_json::json!({"route": "strong", "reason": reason}),
+                );
+                return Ok(answer);
+            }
         }
         let tokens = estimated_tokens(&request.input);
         if let Some(max) = c.max_cheap_tokens.filter(|&m| tokens > m) {
