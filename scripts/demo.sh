@@ -40,5 +40,14 @@ $keel drift --model $mlp $held
 $keel drift --model $mlp examples/data/breast-cancer-rescaled.csv
 
 echo
+echo "== keel review list, keel cost report (the MLP's review policy queues its unsure answers; each answer is priced)"
+$keel review list --limit 3
+$keel cost report
+
+echo
+echo "== keel bench cascade (the cheap logistic regression first, the MLP when it is unsure)"
+$keel bench cascade 2> /dev/null
+
+echo
 echo "== keel lineage list (the store in ${KEEL_STORE:-./.keel}: what answered each prediction)"
 $keel lineage list --last 2
