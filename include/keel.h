@@ -67,15 +67,16 @@ typedef enum keel_status {
   /**
    * The caller's input is wrong: a NULL or stale handle, a NULL pointer, a buffer too short,
    * invalid UTF-8, an empty text, a prompt longer than the context, an out-of-range parameter,
-   * a model used for the wrong task, a registry or lineage call on an engine without a store,
-   * a route change the routes do not allow (a promote with no canary, a rollback with no
-   * earlier production version).
+   * a model used for the wrong task, a registry, lineage, review or feedback call on an engine
+   * without a store, a route change the routes do not allow (a promote with no canary, a
+   * rollback with no earlier production version), a review ticket that may not be resolved
+   * (already closed, or claimed by another reviewer).
    */
   KEEL_ERR_INVALID_ARGUMENT = 1,
   /**
    * A file, model or alias that does not exist; in the store, an unknown model name, alias,
-   * version or request id, or a prediction that cannot be replayed (its input was not kept,
-   * its version's files are gone).
+   * version, request id or review ticket, or a prediction that cannot be replayed (its input
+   * was not kept, its version's files are gone).
    */
   KEEL_ERR_NOT_FOUND = 2,
   /**
@@ -216,11 +217,13 @@ typedef struct keel_engine_params {
   uint32_t threads;
   /**
    * NULL for none; otherwise a folder (created if missing) where the engine keeps its store:
-   * one SQLite database holding the model registry, the alias history and a lineage record
-   * of every prediction made through `keel_infer_embed` / `keel_infer_generate`. With a
-   * store, those calls address models as `NAME` (its `production` alias), `NAME@ALIAS` or a
-   * version id, and the `keel_registry_*` and `keel_lineage_*` calls work (without one they
-   * fail with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
+   * one SQLite database holding the model registry, the alias history, a lineage record
+   * of every prediction made through `keel_infer_embed` / `keel_infer_generate` /
+   * `keel_classify`, the review queue and the feedback. With a store, those calls address
+   * models as `NAME` (its `production` alias), `NAME@ALIAS` or a version id, each version's
+   * `[review]` policy applies (tickets for `keel_review_*`), and the `keel_registry_*`,
+   * `keel_lineage_*`, `keel_review_*` and `keel_feedback` calls work (without one they fail
+   * with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
    * share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
    * the call. Default: NULL.
    *
@@ -1041,7 +1044,10 @@ enum keel_status keel_embed(const struct keel_engine *engine,
  * error: as for `keel_embed`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
  * `info.request_id` or `info.key`; `KEEL_ERR_NOT_FOUND` for an unknown name, alias or version;
  * `KEEL_ERR_INVALID_MODEL` for a registered version whose files changed since it was registered;
- * `KEEL_ERR_STORAGE` when the store fails.
+ * `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_REVIEW` when the version's `[review]`
+ * policy blocks the prediction or holds it for a reviewer (an engine with a store; the message
+ * names the ticket); `KEEL_ERR_BUDGET` when the budget of the routing key (`info.key`, "" for
+ * none) cannot pay for the request and does not downgrade (`keel_budget_set`).
  *
  * # Safety
  * As for `keel_embed`; `info` is NULL or points to a `keel_request_info` whose pointers are NULL
@@ -1326,18 +1332,27 @@ void keel_completion_free(struct keel_completion *c);
 /**
  * Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
  * and labels). `rows_json` is one JSON object (field name to value: a number, a string for
- * categories and timestamps, null) or an array of them, run as one request.
+ * categories and timestamps, null) or an array of them, run as one request, with no routing
+ * key (its budget is that of the key "", see `keel_budget_set`). On an engine with a store,
+ * `model` is addressed as for `keel_infer_embed` (`NAME`, `NAME@ALIAS`, a version id), a
+ * lineage record is written and the version's `[review]` policy applies.
  *
  * On success `*out_json` holds a new string owned by the caller (free it with
  * `keel_string_free`): `{"request_id", "model", "version", "classes": [{"class", "probabilities":
  * {label: p}}], "contract": {"contract": sha256, "violations": [{"item", "field", "clause",
- * "value", "expected", "action"}]} or null}`: the contract's verdict lists the clauses that
- * were flagged or clamped. On failure `*out_json` is NULL and `*err` (if `err` is not NULL)
- * holds the error: `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the
- * message names the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for
- * NULL arguments, rows that are not JSON objects, a row missing a feature or holding a
- * non-number where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown
- * model.
+ * "value", "expected", "action"}]} or null, "review": {"decision": "auto" | "review", "ticket",
+ * "reasons"} or null, "cost": {"cost", "key", "downgraded_from"} or null}`: the contract's
+ * verdict lists the clauses that were flagged or clamped; `review` (null without a store or a
+ * policy) says whether the answer is provisional, waiting in the review queue under `ticket`;
+ * `cost` is the answer's price (`downgraded_from`: the model a budget sent it away from). On
+ * failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the message names
+ * the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for NULL
+ * arguments, rows that are not JSON objects, a row missing a feature or holding a non-number
+ * where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown model;
+ * `KEEL_ERR_REVIEW` when the review policy blocks the prediction or holds it for a reviewer
+ * (the message names the ticket); `KEEL_ERR_BUDGET` when the budget of the key "" cannot pay
+ * for it; `KEEL_ERR_STORAGE` when the store fails.
  *
  * # Safety
  * `model` and `rows_json` are NULL or NUL-terminated; `out_json` points to a writable
@@ -1508,6 +1523,232 @@ enum keel_status keel_lineage_stats(const struct keel_engine *engine,
                                     const char *name,
                                     struct keel_string **out,
                                     struct keel_error **err);
+
+/**
+ * The review tickets in `state` ("pending", "claimed", "resolved", "expired", or NULL for every
+ * state), oldest first, at most `limit` of them (0: no limit), as a JSON array of tickets:
+ * `{"id", "request_id", "model" (the name in the model's manifest), "version", "decision": "review" | "block",
+ * "reasons": [...], "input": {...}, "output": {...}, "created_ms", "state", "reviewer",
+ * "lease_until_ms", "label", "comment", "closed_ms"}` (times in ms since the Unix epoch; fields
+ * may be added later). A claimed ticket whose lease has ended is listed as pending. Every ticket
+ * of the store, also those opened by other engines and processes on it.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, an unknown `state` or an
+ * engine without a store; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `state` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; the listing is a
+ * snapshot.
+ */
+enum keel_status keel_review_list(const struct keel_engine *engine,
+                                  const char *state,
+                                  uint32_t limit,
+                                  struct keel_string **out_json,
+                                  struct keel_error **err);
+
+/**
+ * Gives `reviewer` the oldest pending ticket for `lease_ms` milliseconds: until the lease ends
+ * no other reviewer gets it (two reviewers, in any threads or processes on the store, never get
+ * the same ticket), and only `reviewer` may resolve it; then it is pending again.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`): the claimed ticket as one JSON object (as `keel_review_list` lists them,
+ * in state "claimed"), or `null` when no ticket is pending. On failure `*out_json` is NULL and
+ * `*err` (if `err` is not NULL) holds the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale
+ * arguments, an empty `reviewer`, a `lease_ms` of 0 or an engine without a store;
+ * `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `reviewer` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err`
+ * is NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_review_claim(const struct keel_engine *engine,
+                                   const char *reviewer,
+                                   uint64_t lease_ms,
+                                   struct keel_string **out_json,
+                                   struct keel_error **err);
+
+/**
+ * Resolves the ticket `ticket` with the label `label` (a class of the model) given by
+ * `reviewer`, with an optional `comment` (NULL for none); the label is stored as feedback on the
+ * ticket's prediction (source "review"), in the same transaction. A pending ticket may be
+ * resolved by anyone; a claimed one only by the reviewer holding its lease.
+ *
+ * On success `*out_json` (if `out_json` is not NULL) holds a new string owned by the caller
+ * (free it with `keel_string_free`): the resolved ticket as one JSON object. On failure
+ * `*out_json` is NULL, nothing changed, and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_NOT_FOUND` for a ticket id the store does not have; `KEEL_ERR_INVALID_ARGUMENT` for
+ * a ticket that is already resolved or expired or is claimed by another reviewer whose lease
+ * runs (the message is the store's), for NULL or stale arguments, an empty `reviewer` or
+ * `label`, or an engine without a store; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `reviewer` and `label` are NULL or NUL-terminated; `comment` is NULL or NUL-terminated;
+ * `out_json` is NULL or points to a writable `keel_string *`; `err` is NULL or points to a
+ * writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; of two
+ * resolutions of one ticket, one succeeds and the other is refused.
+ */
+enum keel_status keel_review_resolve(const struct keel_engine *engine,
+                                     int64_t ticket,
+                                     const char *reviewer,
+                                     const char *label,
+                                     const char *comment,
+                                     struct keel_string **out_json,
+                                     struct keel_error **err);
+
+/**
+ * Every label in the store (reviewers' resolutions and ground truth), oldest first, as JSON
+ * lines for retraining: one object per line, `{"request_id", "label", "source": "review" |
+ * "ground_truth", "reviewer", "comment", "time_ms", "model", "version", "input", "prediction"}`
+ * (`input` from the ticket, or from the lineage record when its version keeps inputs; else
+ * null), each line ending in "\n"; the empty string when there is no label.
+ *
+ * On success `*out_jsonl` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_jsonl` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+ * store; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `out_jsonl` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+ */
+enum keel_status keel_review_export(const struct keel_engine *engine,
+                                    struct keel_string **out_jsonl,
+                                    struct keel_error **err);
+
+/**
+ * What the labels say, per version and source, as a JSON array: `{"model", "version", "source":
+ * "ground_truth" | "review", "labelled", "matched", "rate"}`, where `rate` (`matched /
+ * labelled`) is the online accuracy for ground truth and the model/reviewer agreement for
+ * reviews. A label counts for the first row of its request; labels whose prediction is not known
+ * (no ticket, no lineage record) are left out.
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or an engine without a
+ * store; `KEEL_ERR_STORAGE` when the store fails.
+ *
+ * # Safety
+ * `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+ */
+enum keel_status keel_review_stats(const struct keel_engine *engine,
+                                   struct keel_string **out_json,
+                                   struct keel_error **err);
+
+/**
+ * Reports the true label of the prediction `request_id` (ground truth that arrived later): it
+ * is stored as feedback (source "ground_truth") and counts in `keel_review_stats` and
+ * `keel_review_export`. The prediction must be known to the store: a lineage record (a request
+ * answered on this engine before the call is always found) or a review ticket.
+ *
+ * On failure nothing is stored and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 or empty `request_id` or
+ * `label`, or an engine without a store; `KEEL_ERR_NOT_FOUND` for a request id with no lineage
+ * record and no ticket; `KEEL_ERR_STORAGE` when the store fails (or lineage records were lost,
+ * as for `keel_lineage_flush`).
+ *
+ * # Safety
+ * `request_id` and `label` are NULL or NUL-terminated; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_feedback(const struct keel_engine *engine,
+                               const char *request_id,
+                               const char *label,
+                               struct keel_error **err);
+
+/**
+ * Sets (or replaces) the budget of the routing key `key` (`keel_request_info.key`; "" is the
+ * budget of the requests sent without a key, such as every `keel_classify`): its requests may
+ * spend at most `limit` (in the unit of the manifests' `[cost]` tables) per `period_ms`
+ * milliseconds (0: in all, never renewed; the first period starts now). Each request reserves
+ * its worst-case cost before it runs and is charged its actual cost when answered, so that
+ * concurrent requests never spend more than the budget; a failed request is charged nothing.
+ * What the key spent in its current period is kept when its budget is replaced.
+ *
+ * A request the budget cannot pay for is refused with `KEEL_ERR_BUDGET` when `downgrade_to` is
+ * NULL; otherwise it is served by `downgrade_to` instead (a model the engine has loaded: a
+ * version id or an alias of `keel_model_alias`; on an engine with a store, the id of a version
+ * that one of its aliases serves, since names of the registry are resolved above this layer),
+ * if the budget can pay for that, else refused.
+ *
+ * On failure nothing changed and `*err` (if `err` is not NULL) holds the error:
+ * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 `key`, a negative or
+ * non-finite `limit`, or an empty `downgrade_to`; `KEEL_ERR_NOT_FOUND` for a `downgrade_to` the
+ * engine does not have loaded now (if it is unloaded later, the downgraded requests fail with
+ * `KEEL_ERR_NOT_FOUND`).
+ *
+ * # Safety
+ * `key` is NULL or NUL-terminated; `downgrade_to` is NULL or NUL-terminated; `err` is NULL or
+ * points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; requests that
+ * reserved before the call keep their reservation.
+ */
+enum keel_status keel_budget_set(const struct keel_engine *engine,
+                                 const char *key,
+                                 double limit,
+                                 uint64_t period_ms,
+                                 const char *downgrade_to,
+                                 struct keel_error **err);
+
+/**
+ * Where the budget of the routing key `key` stands, as one JSON object: `{"limit", "spent"
+ * (charged in the current period), "reserved" (held by requests running now), "left" (what
+ * can still be reserved)}`, or `null` when the key has no budget (`keel_budget_set`).
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or a non-UTF-8 `key`.
+ *
+ * # Safety
+ * `key` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
+ * NULL or points to a writable `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+ */
+enum keel_status keel_budget_spend(const struct keel_engine *engine,
+                                   const char *key,
+                                   struct keel_string **out_json,
+                                   struct keel_error **err);
+
+/**
+ * What the requests answered on this engine since it was created cost, per model, version and
+ * routing key, as a JSON array: `{"model" (as the requests named it; the manifest's name when
+ * they named the version by its id, as the version layer does), "version", "key" ("" for
+ * none), "requests", "tokens", "cost"}`, by model, version and key. Priced by
+ * each version's `[cost]` table (a version without one costs 0); failed and refused requests
+ * cost nothing. Only this engine's requests: the lineage records in the store keep each
+ * request's price for a report across engines (`keel cost report`).
+ *
+ * On success `*out_json` holds a new string owned by the caller (free it with
+ * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
+ * `KEEL_ERR_INVALID_ARGUMENT` (NULL or stale arguments).
+ *
+ * # Safety
+ * `out_json` points to a writable `keel_string *`; `err` is NULL or points to a writable
+ * `keel_error *`.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine; a snapshot.
+ */
+enum keel_status keel_cost_report(const struct keel_engine *engine,
+                                  struct keel_string **out_json,
+                                  struct keel_error **err);
 
 /**
  * The string's bytes, NUL-terminated (the text itself holds no NUL). Owned by the string, valid

@@ -35,6 +35,7 @@ from ctypes import (
     c_double,
     c_float,
     c_int32,
+    c_int64,
     c_size_t,
     c_uint32,
     c_uint64,
@@ -199,6 +200,15 @@ _SIGNATURES = {
     "keel_lineage_recent": (c_int32, [_P, c_size_t, _PP, _PP]),
     "keel_lineage_flush": (c_int32, [_P, _PP]),
     "keel_lineage_replay": (c_int32, [_P, c_char_p, POINTER(c_bool), _PP]),
+    "keel_review_list": (c_int32, [_P, c_char_p, c_uint32, _PP, _PP]),
+    "keel_review_claim": (c_int32, [_P, c_char_p, c_uint64, _PP, _PP]),
+    "keel_review_resolve": (c_int32, [_P, c_int64, c_char_p, c_char_p, c_char_p, _PP, _PP]),
+    "keel_review_export": (c_int32, [_P, _PP, _PP]),
+    "keel_review_stats": (c_int32, [_P, _PP, _PP]),
+    "keel_feedback": (c_int32, [_P, c_char_p, c_char_p, _PP]),
+    "keel_budget_set": (c_int32, [_P, c_char_p, c_double, c_uint64, c_char_p, _PP]),
+    "keel_budget_spend": (c_int32, [_P, c_char_p, _PP, _PP]),
+    "keel_cost_report": (c_int32, [_P, _PP, _PP]),
     "keel_classify": (c_int32, [_P, c_char_p, c_char_p, _PP, _PP]),
     "keel_drift_state": (c_int32, [_P, c_char_p, _PP, _PP]),
     "keel_metrics_text": (c_int32, [_P, _PP, _PP]),
@@ -342,8 +352,8 @@ class Engine:
 
     Keyword arguments set the fields of keel_engine_params of the same names (max_batch_size,
     queue_capacity, max_streams, response_cache_bytes, ...). storage_path (a folder, str or bytes)
-    gives the engine a store: the registry, lineage and the NAME / NAME@ALIAS addressing of
-    infer_embed and infer_generate."""
+    gives the engine a store: the registry, lineage, the review queue and feedback, and the
+    NAME / NAME@ALIAS addressing of infer_embed, infer_generate and classify."""
 
     def __init__(self, device=DEVICE_CPU, **options):
         params = lib.keel_engine_default_params()
@@ -538,6 +548,62 @@ class Engine:
         identical = c_bool()
         _call(lib.keel_lineage_replay, self._handle, _bytes(request_id), byref(identical))
         return identical.value
+
+    # Review queue and feedback (an engine with a store only); budgets and cost (any engine).
+
+    def review_list(self, state=None, limit=0):
+        """Review tickets in `state` ("pending", "claimed", "resolved", "expired"; None: all), oldest
+        first, at most `limit` (0: all) (keel_review_list)."""
+        out = c_void_p()
+        _call(lib.keel_review_list, self._handle, _optional(state), limit, byref(out))
+        return json.loads(_take_string(out))
+
+    def review_claim(self, reviewer, lease_ms=900_000):
+        """The oldest pending ticket, leased to `reviewer`; None if none is pending."""
+        out = c_void_p()
+        _call(lib.keel_review_claim, self._handle, _bytes(reviewer), lease_ms, byref(out))
+        return json.loads(_take_string(out))
+
+    def review_resolve(self, ticket, reviewer, label, comment=None):
+        """Labels a ticket; returns it resolved. Closed or claimed by another reviewer: KeelError
+        ERR_INVALID_ARGUMENT; unknown: ERR_NOT_FOUND (keel_review_resolve)."""
+        out = c_void_p()
+        _call(lib.keel_review_resolve, self._handle, ticket, _bytes(reviewer), _bytes(label), _optional(comment),
+              byref(out))
+        return json.loads(_take_string(out))
+
+    def review_export(self):
+        """Every label as JSON lines, for retraining (keel_review_export)."""
+        out = c_void_p()
+        _call(lib.keel_review_export, self._handle, byref(out))
+        return _take_string(out)
+
+    def review_stats(self):
+        """Accuracy (ground truth) and reviewer agreement per version (keel_review_stats)."""
+        out = c_void_p()
+        _call(lib.keel_review_stats, self._handle, byref(out))
+        return json.loads(_take_string(out))
+
+    def feedback(self, request_id, label):
+        """Ground truth for the prediction `request_id` (keel_feedback)."""
+        _call(lib.keel_feedback, self._handle, _bytes(request_id), _bytes(label))
+
+    def set_budget(self, key, limit, period_ms=0, downgrade_to=None):
+        """At most `limit` per `period_ms` (0: in all) for the routing key `key` ("" for requests
+        without one); at exhaustion refused with ERR_BUDGET, or served by `downgrade_to`."""
+        _call(lib.keel_budget_set, self._handle, _bytes(key), float(limit), period_ms, _optional(downgrade_to))
+
+    def budget_spend(self, key):
+        """{"limit", "spent", "reserved", "left"} of `key`'s budget, or None (keel_budget_spend)."""
+        out = c_void_p()
+        _call(lib.keel_budget_spend, self._handle, _bytes(key), byref(out))
+        return json.loads(_take_string(out))
+
+    def cost_report(self):
+        """What this engine's answers cost, per model, version and key (keel_cost_report)."""
+        out = c_void_p()
+        _call(lib.keel_cost_report, self._handle, byref(out))
+        return json.loads(_take_string(out))
 
     # Tabular classification, drift and metrics.
 

@@ -156,7 +156,10 @@ pub unsafe extern "C" fn keel_embed(
 /// error: as for `keel_embed`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
 /// `info.request_id` or `info.key`; `KEEL_ERR_NOT_FOUND` for an unknown name, alias or version;
 /// `KEEL_ERR_INVALID_MODEL` for a registered version whose files changed since it was registered;
-/// `KEEL_ERR_STORAGE` when the store fails.
+/// `KEEL_ERR_STORAGE` when the store fails; `KEEL_ERR_REVIEW` when the version's `[review]`
+/// policy blocks the prediction or holds it for a reviewer (an engine with a store; the message
+/// names the ticket); `KEEL_ERR_BUDGET` when the budget of the routing key (`info.key`, "" for
+/// none) cannot pay for the request and does not downgrade (`keel_budget_set`).
 ///
 /// # Safety
 /// As for `keel_embed`; `info` is NULL or points to a `keel_request_info` whose pointers are NULL

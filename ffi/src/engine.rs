@@ -6,7 +6,10 @@ use crate::model::{path_of, ModelObject};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
 use keel::contract::Contracted;
+use keel::cost::Costed;
 use keel::observe::Observed;
+use keel::review::Reviewed;
+use keel::store::{SqliteStore, Store};
 use keel::version::{VersionConfig, Versioned};
 use keel::{
     CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, SchedulerConfig,
@@ -43,11 +46,13 @@ pub struct keel_engine_params {
     /// Reserved, not used yet: compute threads (0: the library's choice). Default: 0.
     pub threads: u32,
     /// NULL for none; otherwise a folder (created if missing) where the engine keeps its store:
-    /// one SQLite database holding the model registry, the alias history and a lineage record
-    /// of every prediction made through `keel_infer_embed` / `keel_infer_generate`. With a
-    /// store, those calls address models as `NAME` (its `production` alias), `NAME@ALIAS` or a
-    /// version id, and the `keel_registry_*` and `keel_lineage_*` calls work (without one they
-    /// fail with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
+    /// one SQLite database holding the model registry, the alias history, a lineage record
+    /// of every prediction made through `keel_infer_embed` / `keel_infer_generate` /
+    /// `keel_classify`, the review queue and the feedback. With a store, those calls address
+    /// models as `NAME` (its `production` alias), `NAME@ALIAS` or a version id, each version's
+    /// `[review]` policy applies (tickets for `keel_review_*`), and the `keel_registry_*`,
+    /// `keel_lineage_*`, `keel_review_*` and `keel_feedback` calls work (without one they fail
+    /// with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
     /// share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
     /// the call. Default: NULL.
     ///
@@ -88,7 +93,10 @@ pub(crate) struct EngineObject {
     pub(crate) engine: Engine,
     /// The contract and observability layers over `engine`: every request goes through them.
     pub(crate) observed: Arc<Observed>,
-    /// The version layer over `observed`, when the engine was created with a `storage_path`.
+    /// The cost layer over `observed` (prices, budgets): every request goes through it.
+    pub(crate) costed: Arc<Costed>,
+    /// The version layer over the review layer over `costed`, when the engine was created with
+    /// a `storage_path`; both share one store.
     versioned: Option<Versioned>,
     /// Serializes loads and frees of models, so that counting handles and unloading agree.
     book: Mutex<ModelBook>,
@@ -118,14 +126,15 @@ impl EngineObject {
             .ok_or_else(|| Failure::invalid("the engine was created without a storage_path"))
     }
 
-    /// Answers a request: through the version layer (routing, lineage) when the engine has a
-    /// store, then the observability and contract layers, then the engine.
+    /// Answers a request: through the version layer (routing, lineage) and the review layer
+    /// when the engine has a store, then the cost, observability and contract layers, then the
+    /// engine.
     pub(crate) fn infer(&self, request: InferRequest) -> Result<InferResponse, Failure> {
         Ok(match &self.versioned {
-            // `serve` keeps the layer's own error kinds (an unknown name is NOT_FOUND, a store
-            // failure STORAGE).
+            // `serve` keeps the layers' own error kinds (an unknown name is NOT_FOUND, a store
+            // failure STORAGE, a held or blocked prediction REVIEW, a budget refusal BUDGET).
             Some(versioned) => versioned.serve(request)?,
-            None => self.observed.infer(request)?,
+            None => self.costed.infer(request)?,
         })
     }
 
@@ -218,6 +227,7 @@ pub unsafe extern "C" fn keel_engine_new(
         let engine = builder.build()?;
         let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
         let observed = Arc::new(Observed::over_contracts(engine.clone(), contracts));
+        let costed = Arc::new(Costed::new(engine.clone(), observed.clone()));
         let versioned = if params.storage_path.is_null() {
             None
         } else {
@@ -227,17 +237,22 @@ pub unsafe extern "C" fn keel_engine_new(
                     "params.storage_path is empty (NULL for no store)",
                 ));
             }
-            let below: Arc<dyn keel::Infer> = observed.clone();
-            Some(Versioned::open_layered(
+            // The stack of the CLI's serving: version > review > cost > observe > contract >
+            // engine, the review queue and the lineage in one store.
+            let store = SqliteStore::open(path_of(folder)?)?;
+            let store: Arc<dyn Store> = Arc::new(store);
+            let reviewed = Arc::new(Reviewed::new(engine.clone(), store.clone(), costed.clone()));
+            Some(Versioned::layered(
                 engine.clone(),
-                below,
-                path_of(folder)?,
+                reviewed,
+                store,
                 VersionConfig::default(),
             )?)
         };
         out.set(handle::insert(EngineObject {
             engine,
             observed,
+            costed,
             versioned,
             book: Mutex::default(),
         }));

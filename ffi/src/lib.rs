@@ -1,7 +1,9 @@
 //! libkeel: Keel's C ABI, for hosts written in C, C++, Python (ctypes) or anything that can call C.
 //!
 //! A thin layer over [`keel::Engine`] and, for an engine with a store, the version layer
-//! [`keel::version::Versioned`] (registry, canary routing, lineage). Its conventions, stated once in `include/keel.h` (which
+//! [`keel::version::Versioned`] (registry, canary routing, lineage) and the review layer
+//! [`keel::review::Reviewed`] (review queue, feedback); every engine has the cost layer
+//! [`keel::cost::Costed`] (prices, budgets). Its conventions, stated once in `include/keel.h` (which
 //! cbindgen generates from the `///` docs in this crate) and kept by every function here:
 //!
 //! - **One wrapper.** Every entry point runs its body through [`guard::call`] (or
@@ -20,7 +22,8 @@
 
 // cbindgen writes include/keel.h in the order of these modules (blank lines keep rustfmt from
 // sorting them): errors, engines, models, request controls, the registry, embeddings,
-// generation, classification and observability, lineage, strings, test hooks.
+// generation, classification and observability, lineage, review and cost, strings, test
+// hooks.
 pub mod status;
 
 pub mod engine;
@@ -39,6 +42,8 @@ pub mod observe;
 
 pub mod lineage;
 
+pub mod review;
+
 pub mod string;
 
 pub mod debug;
@@ -52,6 +57,8 @@ mod tests;
 mod tests_observe;
 #[cfg(test)]
 mod tests_registry;
+#[cfg(test)]
+mod tests_review;
 
 /// The version of the C ABI that this header describes. It grows by one with every change that
 /// breaks a program compiled against an older header. A host should compare it with

@@ -45,18 +45,27 @@ fn rows_of(json: &str) -> Result<Vec<Record>, Failure> {
 
 /// Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
 /// and labels). `rows_json` is one JSON object (field name to value: a number, a string for
-/// categories and timestamps, null) or an array of them, run as one request.
+/// categories and timestamps, null) or an array of them, run as one request, with no routing
+/// key (its budget is that of the key "", see `keel_budget_set`). On an engine with a store,
+/// `model` is addressed as for `keel_infer_embed` (`NAME`, `NAME@ALIAS`, a version id), a
+/// lineage record is written and the version's `[review]` policy applies.
 ///
 /// On success `*out_json` holds a new string owned by the caller (free it with
 /// `keel_string_free`): `{"request_id", "model", "version", "classes": [{"class", "probabilities":
 /// {label: p}}], "contract": {"contract": sha256, "violations": [{"item", "field", "clause",
-/// "value", "expected", "action"}]} or null}`: the contract's verdict lists the clauses that
-/// were flagged or clamped. On failure `*out_json` is NULL and `*err` (if `err` is not NULL)
-/// holds the error: `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the
-/// message names the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for
-/// NULL arguments, rows that are not JSON objects, a row missing a feature or holding a
-/// non-number where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown
-/// model.
+/// "value", "expected", "action"}]} or null, "review": {"decision": "auto" | "review", "ticket",
+/// "reasons"} or null, "cost": {"cost", "key", "downgraded_from"} or null}`: the contract's
+/// verdict lists the clauses that were flagged or clamped; `review` (null without a store or a
+/// policy) says whether the answer is provisional, waiting in the review queue under `ticket`;
+/// `cost` is the answer's price (`downgraded_from`: the model a budget sent it away from). On
+/// failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds the error:
+/// `KEEL_ERR_CONTRACT` when a row breaks a clause whose action is `reject` (the message names
+/// the row, the field, the clause and the value); `KEEL_ERR_INVALID_ARGUMENT` for NULL
+/// arguments, rows that are not JSON objects, a row missing a feature or holding a non-number
+/// where the model has no contract to say more; `KEEL_ERR_NOT_FOUND` for an unknown model;
+/// `KEEL_ERR_REVIEW` when the review policy blocks the prediction or holds it for a reviewer
+/// (the message names the ticket); `KEEL_ERR_BUDGET` when the budget of the key "" cannot pay
+/// for it; `KEEL_ERR_STORAGE` when the store fails.
 ///
 /// # Safety
 /// `model` and `rows_json` are NULL or NUL-terminated; `out_json` points to a writable
@@ -95,17 +104,21 @@ pub unsafe extern "C" fn keel_classify(
                 serde_json::json!({"class": c.label, "probabilities": p})
             })
             .collect();
-        let contract = answer
-            .meta
-            .annotations
-            .get("contract")
-            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok());
+        let note = |layer: &str| {
+            answer
+                .meta
+                .annotations
+                .get(layer)
+                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+        };
         let json = serde_json::json!({
             "request_id": answer.meta.request_id.as_str(),
             "model": answer.meta.model,
             "version": answer.meta.version,
             "classes": classes,
-            "contract": contract,
+            "contract": note("contract"),
+            "review": note("review"),
+            "cost": note("cost"),
         });
         out.set(handle::insert(StringObject::json(&json)?));
         Ok(())

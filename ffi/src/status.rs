@@ -14,13 +14,14 @@ pub enum keel_status {
     KEEL_OK = 0,
     /// The caller's input is wrong: a NULL or stale handle, a NULL pointer, a buffer too short,
     /// invalid UTF-8, an empty text, a prompt longer than the context, an out-of-range parameter,
-    /// a model used for the wrong task, a registry or lineage call on an engine without a store,
-    /// a route change the routes do not allow (a promote with no canary, a rollback with no
-    /// earlier production version).
+    /// a model used for the wrong task, a registry, lineage, review or feedback call on an engine
+    /// without a store, a route change the routes do not allow (a promote with no canary, a
+    /// rollback with no earlier production version), a review ticket that may not be resolved
+    /// (already closed, or claimed by another reviewer).
     KEEL_ERR_INVALID_ARGUMENT = 1,
     /// A file, model or alias that does not exist; in the store, an unknown model name, alias,
-    /// version or request id, or a prediction that cannot be replayed (its input was not kept,
-    /// its version's files are gone).
+    /// version, request id or review ticket, or a prediction that cannot be replayed (its input
+    /// was not kept, its version's files are gone).
     KEEL_ERR_NOT_FOUND = 2,
     /// A model file that exists but is corrupt, truncated, of an unknown architecture, or fails
     /// its checksum; a registered version whose files changed since it was registered.
@@ -115,6 +116,12 @@ impl From<keel::Error> for Failure {
             code: status_of(e.kind()),
             message: e.to_string(),
         }
+    }
+}
+
+impl From<keel::store::Error> for Failure {
+    fn from(e: keel::store::Error) -> Self {
+        keel::version::Error::from(e).into()
     }
 }
 

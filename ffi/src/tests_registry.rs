@@ -19,10 +19,10 @@ use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A folder of its own under the system's temporary folder, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(what: &str) -> Self {
+    pub(crate) fn new(what: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keel-ffi-{what}-{}-{n}", std::process::id()));
@@ -38,7 +38,7 @@ impl Drop for TempDir {
     }
 }
 
-fn store_engine(folder: &Path) -> *mut keel_engine {
+pub(crate) fn store_engine(folder: &Path) -> *mut keel_engine {
     let folder = path(folder);
     let params = keel_engine_params {
         storage_path: folder.as_ptr(),
@@ -50,7 +50,7 @@ fn store_engine(folder: &Path) -> *mut keel_engine {
 }
 
 /// Reads and frees a string.
-fn take_string(s: *mut keel_string) -> String {
+pub(crate) fn take_string(s: *mut keel_string) -> String {
     assert!(!s.is_null());
     let text = unsafe { CStr::from_ptr(keel_string_data(s)) }
         .to_str()
@@ -61,7 +61,7 @@ fn take_string(s: *mut keel_string) -> String {
     text
 }
 
-fn json(s: *mut keel_string) -> serde_json::Value {
+pub(crate) fn json(s: *mut keel_string) -> serde_json::Value {
     serde_json::from_str(&take_string(s)).unwrap()
 }
 
@@ -69,7 +69,7 @@ fn opt_str(p: *const c_char) -> Option<String> {
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_string())
 }
 
-fn register(
+pub(crate) fn register(
     engine: *const keel_engine,
     name: &str,
     model: &Path,
@@ -91,7 +91,7 @@ fn register(
     take_string(id)
 }
 
-fn alias(engine: *const keel_engine, name: &str, alias: &str, version: &str) {
+pub(crate) fn alias(engine: *const keel_engine, name: &str, alias: &str, version: &str) {
     ok(|err| unsafe {
         keel_registry_alias(
             engine,
