@@ -171,6 +171,30 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
     assert_eq!(truth_q.matched as usize, right);
     assert!(truth_q.rate > 0.95, "{truth_q:?}");
 
+    // The metrics text carries the decisions, the queue, the feedback rates and the cost.
+    let observed = Observed::new(engine.clone(), Arc::new(engine.clone()));
+    let (costed, judged) = (s.costed.clone(), reviewed);
+    let judged = Arc::new(judged);
+    let j = judged.clone();
+    observed.add_samples(Arc::new(move || [costed.samples(), j.samples()].concat()));
+    let text = observed.metrics_text();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .to_string()
+    };
+    let value = |l: String| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let cost = value(line("keel_cost_total{model=\""));
+    assert!((cost - 0.01 * (held.len() + 1) as f64).abs() < 1e-9, "{cost}");
+    assert_eq!(value(line("keel_review_pending")), 0.0);
+    let accuracy = text
+        .lines()
+        .find(|l| l.starts_with("keel_feedback_match_rate{model=\"cancer\"") && l.contains("ground_truth"))
+        .map(|l| value(l.to_string()))
+        .unwrap();
+    assert!(accuracy > 0.95, "{accuracy}");
+
     let mut out = Vec::new();
     let lines = review::export(s.store.as_ref(), &mut out).unwrap();
     assert_eq!(lines, held.len() + 1);

@@ -258,7 +258,21 @@ pub(crate) fn serving_watched(
     let store: std::sync::Arc<dyn keel::store::Store> =
         std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
     let costed = std::sync::Arc::new(keel::cost::Costed::new(engine.clone(), observed.clone()));
-    let reviewed = std::sync::Arc::new(keel::review::Reviewed::new(engine.clone(), store.clone(), costed));
+    let reviewed = std::sync::Arc::new(keel::review::Reviewed::new(
+        engine.clone(),
+        store.clone(),
+        costed.clone(),
+    ));
+    // Weak: the layers above hold the observability layer, not the other way round.
+    let (priced, judged) = (
+        std::sync::Arc::downgrade(&costed),
+        std::sync::Arc::downgrade(&reviewed),
+    );
+    observed.add_samples(std::sync::Arc::new(move || {
+        let mut samples = priced.upgrade().map(|c| c.samples()).unwrap_or_default();
+        samples.extend(judged.upgrade().map(|r| r.samples()).unwrap_or_default());
+        samples
+    }));
     let served = Versioned::layered(engine, reviewed, store, Default::default())?;
     Ok((served, observed))
 }

@@ -228,6 +228,11 @@ pub unsafe extern "C" fn keel_engine_new(
         let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
         let observed = Arc::new(Observed::over_contracts(engine.clone(), contracts));
         let costed = Arc::new(Costed::new(engine.clone(), observed.clone()));
+        // Weak: the layers above hold the observability layer, not the other way round.
+        let priced = Arc::downgrade(&costed);
+        observed.add_samples(Arc::new(move || {
+            priced.upgrade().map(|c| c.samples()).unwrap_or_default()
+        }));
         let versioned = if params.storage_path.is_null() {
             None
         } else {
@@ -242,6 +247,10 @@ pub unsafe extern "C" fn keel_engine_new(
             let store = SqliteStore::open(path_of(folder)?)?;
             let store: Arc<dyn Store> = Arc::new(store);
             let reviewed = Arc::new(Reviewed::new(engine.clone(), store.clone(), costed.clone()));
+            let judged = Arc::downgrade(&reviewed);
+            observed.add_samples(Arc::new(move || {
+                judged.upgrade().map(|r| r.samples()).unwrap_or_default()
+            }));
             Some(Versioned::layered(
                 engine.clone(),
                 reviewed,

@@ -59,7 +59,7 @@ fn predicted(versioned: &Versioned, request_id: &str) -> Result<bool, Failure> {
 
 /// The review tickets in `state` ("pending", "claimed", "resolved", "expired", or NULL for every
 /// state), oldest first, at most `limit` of them (0: no limit), as a JSON array of tickets:
-/// `{"id", "request_id", "model" (the name in the model's manifest), "version", "decision": "review" | "block",
+/// `{"id", "request_id", "model" (the name the version is registered under; its manifest's name if it is not registered), "version", "decision": "review" | "block",
 /// "reasons": [...], "input": {...}, "output": {...}, "created_ms", "state", "reviewer",
 /// "lease_until_ms", "label", "comment", "closed_ms"}` (times in ms since the Unix epoch; fields
 /// may be added later). A claimed ticket whose lease has ended is listed as pending. Every ticket

@@ -16,8 +16,11 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
 
-/// The MLP's name in its manifest, which tickets, labels and the cost report give.
+/// The MLP's name in its manifest, which the cost report gives for requests that named the
+/// version by its id.
 const MLP: &str = "breast-cancer-mlp";
+/// The name the tests register the MLP under, which tickets and labels give.
+const NAME: &str = "cancer";
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -184,8 +187,8 @@ fn review_feedback_budgets_and_cost_through_the_c_abi() {
         ids.push(answer["request_id"].as_str().unwrap().to_string());
     }
 
-    // The queue: one pending ticket per unsure row, oldest first, naming the model by its
-    // manifest's name (not the registry name "cancer").
+    // The queue: one pending ticket per unsure row, oldest first, naming the model by the name
+    // it is registered under (as lineage does).
     let pending = list(engine, Some("pending"), 0);
     assert_eq!(pending.len(), queued);
     let queued_ids: Vec<&str> = (0..rows.len())
@@ -200,7 +203,7 @@ fn review_feedback_budgets_and_cost_through_the_c_abi() {
     for t in &pending {
         assert_eq!(
             (t["state"].as_str(), t["model"].as_str(), t["decision"].as_str()),
-            (Some("pending"), Some(MLP), Some("review")),
+            (Some("pending"), Some(NAME), Some("review")),
             "{t}"
         );
         assert!(t["reasons"][0].as_str().unwrap().contains("unsure"), "{t}");
@@ -322,7 +325,7 @@ fn review_feedback_budgets_and_cost_through_the_c_abi() {
             agreement[0]["matched"].as_u64(),
             agreement[0]["model"].as_str()
         ),
-        (Some("review"), Some(1), Some(matched), Some(MLP))
+        (Some("review"), Some(1), Some(matched), Some(NAME))
     );
 
     // Ground truth for every row nobody reviewed: the online accuracy is the golden one.
@@ -643,7 +646,7 @@ fn held_and_blocked_predictions_are_keel_err_review_with_their_ticket() {
         serde_json::from_str(string_of(engine, keel_review_export).lines().next().unwrap()).unwrap();
     assert_eq!(
         (line["source"].as_str(), line["model"].as_str()),
-        (Some("ground_truth"), Some(MLP))
+        (Some("ground_truth"), Some(NAME))
     );
     keel_engine_free(engine);
 }

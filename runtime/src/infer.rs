@@ -283,6 +283,21 @@ pub struct InferRequest {
     pub options: Request,
     /// A routing key (tenant, user, session): the same key is routed the same way.
     pub key: Option<String>,
+    /// Whose request it is: the caller's, or the version layer's own (a shadow copy, a replay),
+    /// which the review and cost layers neither queue nor charge to the caller's budget.
+    pub purpose: Purpose,
+}
+
+/// Why a request runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// A caller's prediction.
+    #[default]
+    Serve,
+    /// A copy of a production request run on the canary in shadow mode (never returned).
+    Shadow,
+    /// A recorded prediction run again to check it (`Versioned::replay`).
+    Replay,
 }
 
 impl InferRequest {
@@ -315,6 +330,7 @@ impl InferRequest {
             input,
             options: Request::default(),
             key: None,
+            purpose: Purpose::Serve,
         }
     }
 

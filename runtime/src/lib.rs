@@ -38,8 +38,8 @@ pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream, Turn};
 pub use infer::{
-    Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, RequestId,
-    Timings, Truncated, Value,
+    Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Purpose, Record,
+    RequestId, Timings, Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{cuda, Caps, Device, DeviceKind};

@@ -150,6 +150,17 @@ impl Budgets {
         })
     }
 
+    /// Every key's spend, by key.
+    pub fn all(&self) -> Vec<(String, Spend)> {
+        let keys: Vec<String> = self.lock().keys().cloned().collect();
+        let mut out: Vec<(String, Spend)> = keys
+            .into_iter()
+            .filter_map(|k| self.spend(&k).map(|s| (k, s)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Holds `worst_case` against the key's budget; a key without a budget always gets a
     /// reservation (of nothing).
     ///
@@ -172,6 +183,11 @@ impl Budgets {
         }
         a.reserved += needed;
         Ok(self.reservation(key, needed))
+    }
+
+    /// A reservation of nothing, charged to no budget.
+    pub(crate) fn unpaid(&self) -> Reservation {
+        self.reservation("", 0)
     }
 
     fn reservation(&self, key: &str, held: u64) -> Reservation {

@@ -106,7 +106,14 @@ impl Infer for Costed {
         let key = request.key.clone().unwrap_or_default();
         let (mut price, worst) = self.worst_case(&request)?;
         let mut downgraded_from = None;
-        let reservation = match self.budgets.reserve(&key, worst) {
+        // The version layer's own runs (shadow copies, replays) are priced but not the caller's
+        // to pay: no budget is asked.
+        let reserved = if request.purpose == crate::Purpose::Serve {
+            self.budgets.reserve(&key, worst)
+        } else {
+            Ok(self.budgets.unpaid())
+        };
+        let reservation = match reserved {
             Ok(r) => r,
             Err(refusal) => match self.budgets.budget(&key).map(|b| b.on_exhausted) {
                 Some(Exhausted::Downgrade(cheaper)) if cheaper != request.model => {
@@ -148,5 +155,46 @@ impl Infer for Costed {
         line.tokens += answer.meta.tokens as u64;
         line.cost += cost;
         Ok(answer)
+    }
+}
+
+#[cfg(feature = "observe")]
+impl Costed {
+    /// The totals as metrics (`keel_cost_total`, `keel_cost_requests_total` by model, version
+    /// and key; `keel_budget_left` by key), for [`crate::observe::Observed::add_samples`].
+    pub fn samples(&self) -> Vec<crate::observe::Sample> {
+        use crate::observe::Sample;
+        let mut out = Vec::new();
+        for line in self.report() {
+            let labels = vec![
+                ("model", line.model.clone()),
+                ("version", line.version.chars().take(12).collect()),
+                ("key", line.key.clone()),
+            ];
+            out.push(Sample {
+                name: "cost",
+                help: "What the answered requests cost, in the manifests' unit",
+                counter: true,
+                labels: labels.clone(),
+                value: line.cost,
+            });
+            out.push(Sample {
+                name: "cost_requests",
+                help: "Requests priced",
+                counter: true,
+                labels,
+                value: line.requests as f64,
+            });
+        }
+        for (key, spend) in self.budgets.all() {
+            out.push(Sample {
+                name: "budget_left",
+                help: "What a key's budget has left this period",
+                counter: false,
+                labels: vec![("key", key)],
+                value: spend.left,
+            });
+        }
+        out
     }
 }

@@ -1,7 +1,9 @@
 //! [`Observed`]: the layer that watches each request's behaviour.
 
 use super::drift::{DriftConfig, DriftMonitor, State, WindowReport, WindowSize};
-use super::metrics::{labels_of, Metrics, ModelLabels, RequestLabels, SignalLabels, StageLabels, Violations};
+use super::metrics::{
+    labels_of, Metrics, ModelLabels, RequestLabels, Samples, SignalLabels, StageLabels, Violations,
+};
 use super::profile::{confidence, Profile, PROFILE_FILE};
 use crate::{Engine, Infer, InferRequest, InferResponse, Output, Result, VersionId};
 use prometheus_client::metrics::counter::Counter;
@@ -135,6 +137,16 @@ impl Observed {
     /// Everything observed, in Prometheus (OpenMetrics) text format.
     pub fn metrics_text(&self) -> String {
         self.metrics.text()
+    }
+
+    /// Adds figures of another layer to the export (read at each export): for instance
+    /// `Costed::samples` and `Reviewed::samples`.
+    pub fn add_samples(&self, source: Samples) {
+        self.metrics
+            .sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(source);
     }
 
     /// The drift monitor of the version `model` names (None: it has no profile).

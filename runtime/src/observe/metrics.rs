@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// A model version, as metrics name it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,10 +70,29 @@ pub(crate) struct Families {
     pub(crate) drift_windows: Family<RequestLabels, Counter>,
 }
 
+/// One figure another layer reports (the cost and review layers' totals), read at each export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The metric's name, without the `keel_` prefix (a counter's without `_total`).
+    pub name: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+    /// A counter (true) or a gauge.
+    pub counter: bool,
+    /// Its labels.
+    pub labels: Vec<(&'static str, String)>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// A source of [`Sample`]s, called at each export.
+pub type Samples = Arc<dyn Fn() -> Vec<Sample> + Send + Sync>;
+
 /// The registry and its families.
 pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) families: Families,
+    pub(crate) sources: Arc<RwLock<Vec<Samples>>>,
 }
 
 impl Metrics {
@@ -130,8 +149,17 @@ impl Metrics {
             "Drift windows finished, by state (in the outcome label)",
             f.drift_windows.clone(),
         );
-        registry.register_collector(Box::new(EngineCollector { engine, violations }));
-        Self { registry, families }
+        let sources = Arc::new(RwLock::new(Vec::new()));
+        registry.register_collector(Box::new(EngineCollector {
+            engine,
+            violations,
+            sources: sources.clone(),
+        }));
+        Self {
+            registry,
+            families,
+            sources,
+        }
     }
 
     pub(crate) fn text(&self) -> String {
@@ -159,6 +187,7 @@ struct ViolationLabels {
 struct EngineCollector {
     engine: Engine,
     violations: Option<Violations>,
+    sources: Arc<RwLock<Vec<Samples>>>,
 }
 
 impl std::fmt::Debug for EngineCollector {
@@ -249,6 +278,28 @@ impl Collector for EngineCollector {
                     clause,
                     action,
                 })?)?;
+            }
+        }
+        let sources: Vec<Samples> = self.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut by_name: std::collections::BTreeMap<&'static str, Vec<Sample>> = Default::default();
+        for sample in sources.iter().flat_map(|f| f()) {
+            by_name.entry(sample.name).or_default().push(sample);
+        }
+        for (name, samples) in by_name {
+            let first = &samples[0];
+            let kind = if first.counter {
+                ConstCounter::new(0.0f64).metric_type()
+            } else {
+                ConstGauge::new(0.0f64).metric_type()
+            };
+            let mut family = encoder.encode_descriptor(name, first.help, None, kind)?;
+            for s in &samples {
+                let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                if s.counter {
+                    ConstCounter::new(s.value).encode(family.encode_family(&labels)?)?;
+                } else {
+                    ConstGauge::new(s.value).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         Ok(())

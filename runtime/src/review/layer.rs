@@ -4,8 +4,8 @@ use super::{Decision, Observation, Policy, Verdict};
 use crate::store::{self, Feedback, FeedbackSource, NewTicket, Store, Ticket, TicketState};
 use crate::version::{OutputSummary, RecordedInput};
 use crate::{Engine, Error, ErrorKind, Infer, InferRequest, InferResponse, Input, Result, VersionId};
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Why the review layer did not serve a prediction.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +59,8 @@ pub struct Reviewed {
     store: Arc<dyn Store>,
     below: Arc<dyn Infer>,
     policies: RwLock<HashMap<VersionId, Option<Arc<Policy>>>>,
+    decisions: Mutex<BTreeMap<(String, Decision), u64>>,
+    names: RwLock<HashMap<VersionId, String>>,
 }
 
 impl Reviewed {
@@ -69,6 +71,8 @@ impl Reviewed {
             store,
             below,
             policies: RwLock::default(),
+            decisions: Mutex::default(),
+            names: RwLock::default(),
         }
     }
 
@@ -100,6 +104,29 @@ impl Reviewed {
         map.retain(|id, _| self.engine.version_of(id.as_str()).is_ok());
         map.insert(id, policy.clone());
         Ok(policy)
+    }
+
+    /// The name a version is registered under in the store (what lineage records), else its
+    /// manifest's name: below the version layer a request names a version id.
+    fn name_of(&self, version: &VersionId, addressed: &str) -> String {
+        if let Some(name) = self.names.read().unwrap_or_else(|p| p.into_inner()).get(version) {
+            return name.clone();
+        }
+        let registered = self
+            .store
+            .versions()
+            .ok()
+            .and_then(|all| all.into_iter().find(|v| &v.id == version).map(|v| v.name));
+        let name = registered.unwrap_or_else(|| {
+            self.engine
+                .info(version.as_str())
+                .map_or_else(|_| addressed.to_string(), |i| i.manifest.name)
+        });
+        self.names
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(version.clone(), name.clone());
+        name
     }
 
     /// Reports the true label of a prediction that arrived later (ground truth).
@@ -151,6 +178,10 @@ pub(super) fn storage(e: store::Error) -> Error {
 impl Infer for Reviewed {
     /// Answers from the layer below, then judges the answer by the version's policy.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        // A shadow copy or a replay is not a prediction anyone acts on: nothing to review.
+        if request.purpose != crate::Purpose::Serve {
+            return self.below.infer(request);
+        }
         let Some(policy) = self.policy_of(&request.model)? else {
             return self.below.infer(request);
         };
@@ -177,6 +208,13 @@ impl Infer for Reviewed {
             drift: notes.get("drift").map(String::as_str),
             cost,
         });
+        let model_name = self.name_of(&answer.meta.version, &answer.meta.model);
+        *self
+            .decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((model_name.clone(), verdict.decision))
+            .or_default() += 1;
         let mut note = serde_json::json!({"decision": verdict.decision.as_str()});
         if verdict.decision != Decision::Auto {
             let ticket = self
@@ -185,10 +223,7 @@ impl Infer for Reviewed {
                     request_id,
                     // Below the version layer a request names a version id: the ticket
                     // names the model.
-                    model: self
-                        .engine
-                        .info(answer.meta.version.as_str())
-                        .map_or_else(|_| answer.meta.model.clone(), |i| i.manifest.name),
+                    model: model_name,
                     version: answer.meta.version.to_string(),
                     decision: verdict.decision.as_str().into(),
                     reasons: serde_json::to_string(&verdict.reasons).unwrap_or_default(),
@@ -210,5 +245,64 @@ impl Infer for Reviewed {
         }
         answer.meta.annotations.insert("review".into(), note.to_string());
         Ok(answer)
+    }
+}
+
+#[cfg(feature = "observe")]
+impl Reviewed {
+    /// Decisions, the pending queue, and the feedback's accuracy and agreement as metrics
+    /// (`keel_review_decisions_total` by model and decision, `keel_review_pending`,
+    /// `keel_feedback_match_rate` and `keel_feedback_labelled` by model, version and source),
+    /// for [`crate::observe::Observed::add_samples`]. The feedback figures are computed from
+    /// the store at each export.
+    pub fn samples(&self) -> Vec<crate::observe::Sample> {
+        use crate::observe::Sample;
+        let mut out: Vec<Sample> = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((model, decision), n)| Sample {
+                name: "review_decisions",
+                help: "Predictions judged by the review policy, by decision",
+                counter: true,
+                labels: vec![("model", model.clone()), ("decision", decision.as_str().into())],
+                value: *n as f64,
+            })
+            .collect();
+        if let Ok(pending) = self
+            .store
+            .tickets(Some(TicketState::Pending), usize::MAX, store::now_ms())
+        {
+            out.push(Sample {
+                name: "review_pending",
+                help: "Tickets waiting for a reviewer",
+                counter: false,
+                labels: Vec::new(),
+                value: pending.len() as f64,
+            });
+        }
+        for q in super::quality(self.store.as_ref()).unwrap_or_default() {
+            let labels = vec![
+                ("model", q.model.clone()),
+                ("version", q.version.chars().take(12).collect()),
+                ("source", q.source.as_str().into()),
+            ];
+            out.push(Sample {
+                name: "feedback_match_rate",
+                help: "Share of labelled predictions whose class was the label: accuracy (ground_truth), agreement (review)",
+                counter: false,
+                labels: labels.clone(),
+                value: q.rate,
+            });
+            out.push(Sample {
+                name: "feedback_labelled",
+                help: "Labelled predictions",
+                counter: false,
+                labels,
+                value: q.labelled as f64,
+            });
+        }
+        out
     }
 }

@@ -580,8 +580,9 @@ impl Versioned {
             Error::Tampered { .. } => not(e.to_string()),
             other => other,
         })?;
-        let request = InferRequest::new(slot.record.id.as_str(), input.to_input())
+        let mut request = InferRequest::new(slot.record.id.as_str(), input.to_input())
             .options(crate::Request::default().no_cache());
+        request.purpose = crate::Purpose::Replay;
         let answer = self.shared.below.infer(request)?;
         drop(slot);
         let replayed = OutputSummary::of(&answer.output);

@@ -222,6 +222,7 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
     let started = Instant::now();
     let mut request = job.request;
     request.model = job.slot.record.id.to_string();
+    request.purpose = crate::Purpose::Shadow;
     let result = shared.below.infer(request.clone());
     request.model = job.addressed;
     let guard = job.guard.as_deref();
