@@ -12,7 +12,7 @@
 //! - `cache`: latency of a response-cache hit against a computed answer.
 //! - `cascade`: the breast-cancer cascade (logistic regression first, the MLP when unsure) at
 //!   several confidence thresholds: share escalated, cost saved, accuracy and agreement kept.
-//! - `overload`: MiniLM f32 (strong) and int8 (cheap) at 1.2x the f32 model's capacity, open
+//! - `overload`: MiniLM f32 (strong) and int8 (cheap) at 1.1x the f32 model's capacity, open
 //!   loop: p50/p99 of always-strong against the degradation layer, and the objective.
 //!
 //! Timings are medians over repeated runs; nothing here is asserted (tests assert behaviour).
@@ -49,7 +49,7 @@ pub enum Scenario {
     /// The breast-cancer cascade: escalated share, cost saved, accuracy kept (run from the
     /// repository root; --model is where scripts/setup-models.sh installed the data set).
     Cascade,
-    /// Degradation under load: MiniLM f32 vs int8 at 1.2x the f32 capacity, p99 against the
+    /// Degradation under load: MiniLM f32 vs int8 at 1.1x the f32 capacity, p99 against the
     /// objective.
     Overload,
 }
