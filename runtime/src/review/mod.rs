@@ -390,6 +390,58 @@ mod tests {
         let v = p.judge(&seen(&rows, Some("alarm")));
         assert_eq!(v.decision, Decision::Block);
         assert_eq!(v.reasons.len(), 3, "{v:?}");
+        // The other signals, each on its own.
+        let rule = |text: &str| policy(&format!("[[review.rules]]\n{text}\naction = \"review\"")).unwrap();
+        let unsure = Output::Classes(vec![class(0.55)]);
+        let judged = |p: &Policy, seen: Observation<'_>| p.judge(&seen).decision;
+        let on = |output| Observation {
+            output: Some(output),
+            ..Default::default()
+        };
+        assert_eq!(
+            judged(&rule("when = \"margin\"\nbelow = 0.2"), on(&unsure)),
+            Decision::Review
+        );
+        assert_eq!(
+            judged(&rule("when = \"margin\"\nbelow = 0.25"), on(&output)),
+            Decision::Review
+        );
+        assert_eq!(
+            judged(&rule("when = \"entropy\"\nabove = 0.6"), on(&unsure)),
+            Decision::Review
+        );
+        let sure = Output::Classes(vec![class(0.99)]);
+        assert_eq!(
+            judged(&rule("when = \"entropy\"\nabove = 0.6"), on(&sure)),
+            Decision::Auto
+        );
+        assert_eq!(
+            judged(&rule("when = \"class\"\nin = [\"a\", \"c\"]"), on(&sure)),
+            Decision::Review
+        );
+        assert_eq!(
+            judged(&rule("when = \"class\"\nequals = \"b\""), on(&sure)),
+            Decision::Auto
+        );
+        let contract = rule("when = \"contract\"\nequals = \"flagged\"");
+        let flagged = |f| Observation {
+            contract_flagged: f,
+            ..Default::default()
+        };
+        assert_eq!(judged(&contract, flagged(true)), Decision::Review);
+        assert_eq!(judged(&contract, flagged(false)), Decision::Auto);
+        let cost = rule("when = \"cost\"\nabove = 0.05");
+        let priced = |c| Observation {
+            cost: Some(c),
+            ..Default::default()
+        };
+        assert_eq!(judged(&cost, priced(0.1)), Decision::Review);
+        assert_eq!(judged(&cost, priced(0.01)), Decision::Auto);
+        assert_eq!(
+            judged(&cost, Observation::default()),
+            Decision::Auto,
+            "unpriced: no cost to judge"
+        );
         let calm = Output::Classes(vec![class(0.99)]);
         let v = p.judge(&Observation {
             rows: &rows[..1],
