@@ -314,8 +314,8 @@ typedef struct keel_request_params {
 } keel_request_params;
 
 /**
- * Who a request is and how to route it, for `keel_infer_embed` and `keel_infer_generate`; pass
- * NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
+ * Who a request is and how to route it, for `keel_infer_embed`, `keel_infer_generate` and
+ * `keel_infer_classify`; pass NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
  * fields you care about. Every pointer is borrowed for the duration of the call.
  */
 typedef struct keel_request_info {
@@ -1333,7 +1333,8 @@ void keel_completion_free(struct keel_completion *c);
  * Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
  * and labels). `rows_json` is one JSON object (field name to value: a number, a string for
  * categories and timestamps, null) or an array of them, run as one request, with no routing
- * key (its budget is that of the key "", see `keel_budget_set`). On an engine with a store,
+ * key (its budget is that of the key "", see `keel_budget_set`; `keel_infer_classify` takes
+ * one). On an engine with a store,
  * `model` is addressed as for `keel_infer_embed` (`NAME`, `NAME@ALIAS`, a version id), a
  * lineage record is written and the version's `[review]` policy applies.
  *
@@ -1365,6 +1366,28 @@ enum keel_status keel_classify(const struct keel_engine *engine,
                                const char *rows_json,
                                struct keel_string **out_json,
                                struct keel_error **err);
+
+/**
+ * `keel_classify` with a request id, a routing key and controls (`keel_request_info`; NULL for
+ * the defaults): the rows are billed to the budget of `info.key` (`keel_budget_set`), and a
+ * canary is chosen by it, as for `keel_infer_embed`. The answer is `keel_classify`'s JSON.
+ *
+ * Errors: as for `keel_classify`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
+ * `info.request_id` or `info.key`; `KEEL_ERR_BUDGET` when the budget of `info.key` cannot pay
+ * for the request (and does not downgrade).
+ *
+ * # Safety
+ * As for `keel_classify`; `info` is NULL or points to a `keel_request_info` whose pointers are
+ * NULL or valid as documented there.
+ *
+ * Thread safety: may be called concurrently with any call on the same engine.
+ */
+enum keel_status keel_infer_classify(const struct keel_engine *engine,
+                                     const char *model,
+                                     const char *rows_json,
+                                     const struct keel_request_info *info,
+                                     struct keel_string **out_json,
+                                     struct keel_error **err);
 
 /**
  * The drift state of the version `model` names (a loaded version's id or alias, as

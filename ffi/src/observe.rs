@@ -6,10 +6,11 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle;
+use crate::request::{infer_request_of, keel_request_info};
 use crate::status::keel_status::KEEL_ERR_NOT_FOUND;
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::{InferRequest, Output, Record, Value};
+use keel::{InferRequest, Input, Output, Record, Value};
 use std::ffi::c_char;
 
 /// Rows as the C caller gives them: one JSON object, or an array of objects.
@@ -46,7 +47,8 @@ fn rows_of(json: &str) -> Result<Vec<Record>, Failure> {
 /// Classifies rows with a tabular model (an `mlp` model folder: `keel.toml` names its features
 /// and labels). `rows_json` is one JSON object (field name to value: a number, a string for
 /// categories and timestamps, null) or an array of them, run as one request, with no routing
-/// key (its budget is that of the key "", see `keel_budget_set`). On an engine with a store,
+/// key (its budget is that of the key "", see `keel_budget_set`; `keel_infer_classify` takes
+/// one). On an engine with a store,
 /// `model` is addressed as for `keel_infer_embed` (`NAME`, `NAME@ALIAS`, a version id), a
 /// lineage record is written and the version's `[review]` policy applies.
 ///
@@ -82,47 +84,93 @@ pub unsafe extern "C" fn keel_classify(
 ) -> keel_status {
     guard::call(err, || {
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
-        let engine = engine_of(engine)?;
         let model = guard::c_str(model, "model")?;
         let rows = rows_of(guard::c_str(rows_json, "rows_json")?)?;
-        let answer = engine.infer(InferRequest::classify(model, rows))?;
-        let Output::Classes(classes) = &answer.output else {
-            return Err(Failure::internal("the model did not answer with classes"));
-        };
-        let labels = match engine.engine.info(answer.meta.version.as_str()) {
-            Ok(info) => info.manifest.labels,
-            Err(_) => classes.iter().map(|c| c.label.clone()).collect(),
-        };
-        let classes: Vec<serde_json::Value> = classes
-            .iter()
-            .map(|c| {
-                let p: serde_json::Map<String, serde_json::Value> = labels
-                    .iter()
-                    .zip(&c.probabilities)
-                    .map(|(l, p)| (l.clone(), serde_json::json!(p)))
-                    .collect();
-                serde_json::json!({"class": c.label, "probabilities": p})
-            })
-            .collect();
-        let note = |layer: &str| {
-            answer
-                .meta
-                .annotations
-                .get(layer)
-                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
-        };
-        let json = serde_json::json!({
-            "request_id": answer.meta.request_id.as_str(),
-            "model": answer.meta.model,
-            "version": answer.meta.version,
-            "classes": classes,
-            "contract": note("contract"),
-            "review": note("review"),
-            "cost": note("cost"),
-        });
-        out.set(handle::insert(StringObject::json(&json)?));
+        out.set(handle::insert(StringObject::json(&classified(
+            engine,
+            InferRequest::classify(model, rows),
+        )?)?));
         Ok(())
     })
+}
+
+/// `keel_classify` with a request id, a routing key and controls (`keel_request_info`; NULL for
+/// the defaults): the rows are billed to the budget of `info.key` (`keel_budget_set`), and a
+/// canary is chosen by it, as for `keel_infer_embed`. The answer is `keel_classify`'s JSON.
+///
+/// Errors: as for `keel_classify`, plus `KEEL_ERR_INVALID_ARGUMENT` for an empty or non-UTF-8
+/// `info.request_id` or `info.key`; `KEEL_ERR_BUDGET` when the budget of `info.key` cannot pay
+/// for the request (and does not downgrade).
+///
+/// # Safety
+/// As for `keel_classify`; `info` is NULL or points to a `keel_request_info` whose pointers are
+/// NULL or valid as documented there.
+///
+/// Thread safety: may be called concurrently with any call on the same engine.
+#[no_mangle]
+pub unsafe extern "C" fn keel_infer_classify(
+    engine: *const keel_engine,
+    model: *const c_char,
+    rows_json: *const c_char,
+    info: *const keel_request_info,
+    out_json: *mut *mut keel_string,
+    err: *mut *mut keel_error,
+) -> keel_status {
+    guard::call(err, || {
+        let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
+        let model = guard::c_str(model, "model")?;
+        let rows = rows_of(guard::c_str(rows_json, "rows_json")?)?;
+        let request = infer_request_of(model, Input::Classify(rows), info)?;
+        out.set(handle::insert(StringObject::json(&classified(engine, request)?)?));
+        Ok(())
+    })
+}
+
+/// Runs a classification through the engine's stack; the answer as `keel_classify` gives it.
+///
+/// # Safety
+/// `engine` is NULL or a pointer from `keel_engine_new`.
+unsafe fn classified(
+    engine: *const keel_engine,
+    request: InferRequest,
+) -> Result<serde_json::Value, Failure> {
+    let engine = engine_of(engine)?;
+    let answer = engine.infer(request)?;
+    let Output::Classes(classes) = &answer.output else {
+        return Err(Failure::internal("the model did not answer with classes"));
+    };
+    let labels = match engine.engine.info(answer.meta.version.as_str()) {
+        Ok(info) => info.manifest.labels,
+        Err(_) => classes.iter().map(|c| c.label.clone()).collect(),
+    };
+    let classes: Vec<serde_json::Value> = classes
+        .iter()
+        .map(|c| {
+            let p: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .zip(&c.probabilities)
+                .map(|(l, p)| (l.clone(), serde_json::json!(p)))
+                .collect();
+            serde_json::json!({"class": c.label, "probabilities": p})
+        })
+        .collect();
+    let note = |layer: &str| {
+        answer
+            .meta
+            .annotations
+            .get(layer)
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+    };
+    let json = serde_json::json!({
+        "request_id": answer.meta.request_id.as_str(),
+        "model": answer.meta.model,
+        "version": answer.meta.version,
+        "classes": classes,
+        "contract": note("contract"),
+        "review": note("review"),
+        "cost": note("cost"),
+    });
+    Ok(json)
 }
 
 /// The drift state of the version `model` names (a loaded version's id or alias, as

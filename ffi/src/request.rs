@@ -73,8 +73,8 @@ pub(crate) unsafe fn request_of(params: *const keel_request_params) -> Result<Re
     Ok(request)
 }
 
-/// Who a request is and how to route it, for `keel_infer_embed` and `keel_infer_generate`; pass
-/// NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
+/// Who a request is and how to route it, for `keel_infer_embed`, `keel_infer_generate` and
+/// `keel_infer_classify`; pass NULL for all the defaults. Get the defaults from `keel_request_default_info()` and set the
 /// fields you care about. Every pointer is borrowed for the duration of the call.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +131,11 @@ pub(crate) unsafe fn infer_request_of(
         request = request.id(id);
     }
     if !info.key.is_null() {
-        request = request.key(guard::c_str(info.key, "info.key")?);
+        let key = guard::c_str(info.key, "info.key")?;
+        if key.is_empty() {
+            return Err(Failure::invalid("info.key is empty (NULL for none)"));
+        }
+        request = request.key(key);
     }
     Ok(request)
 }

@@ -650,3 +650,53 @@ fn held_and_blocked_predictions_are_keel_err_review_with_their_ticket() {
     );
     keel_engine_free(engine);
 }
+
+#[test]
+fn a_routing_key_from_c_has_its_own_budget() {
+    let engine = new_engine();
+    let model = load(engine, &mlp());
+    let id = id_of(model);
+    let rows = held_out();
+    ok(|err| unsafe { keel_budget_set(engine, c"tenant-7".as_ptr(), 0.02, 0, null(), err) });
+    let (key, request_id) = (c("tenant-7"), c("bc-1"));
+    let mut info = crate::request::keel_request_default_info();
+    info.key = key.as_ptr();
+    info.request_id = request_id.as_ptr();
+    let infer = |row: &serde_json::Value, info: &crate::request::keel_request_info| {
+        let mut out = junk();
+        let mut err = junk();
+        let row = c(&row.to_string());
+        let status =
+            unsafe { keel_infer_classify(engine, id.as_ptr(), row.as_ptr(), info, &mut out, &mut err) };
+        if status == KEEL_OK {
+            Ok(json(out))
+        } else {
+            Err(crate::tests::take_error(err).0)
+        }
+    };
+    let first = infer(&rows[0], &info).unwrap();
+    assert_eq!(
+        (first["request_id"].as_str(), first["cost"]["key"].as_str()),
+        (Some("bc-1"), Some("tenant-7"))
+    );
+    info.request_id = null();
+    infer(&rows[1], &info).unwrap();
+    // 0.02 paid for two calls at 0.01: the third of this key is refused, the key "" is not.
+    assert_eq!(infer(&rows[2], &info).unwrap_err(), KEEL_ERR_BUDGET);
+    classify(engine, id.to_str().unwrap(), &rows[2]).unwrap();
+    let spend: serde_json::Value = {
+        let mut out = junk();
+        ok(|err| unsafe { keel_budget_spend(engine, key.as_ptr(), &mut out, err) });
+        json(out)
+    };
+    assert_eq!(
+        (spend["spent"].as_f64(), spend["left"].as_f64()),
+        (Some(0.02), Some(0.0))
+    );
+    // An empty key is refused, not billed to "".
+    let empty = c("");
+    info.key = empty.as_ptr();
+    assert_eq!(infer(&rows[3], &info).unwrap_err(), KEEL_ERR_INVALID_ARGUMENT);
+    keel_model_free(model);
+    keel_engine_free(engine);
+}
