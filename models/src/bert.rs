@@ -227,7 +227,13 @@ impl Bert {
                 context: self.cfg.max_position_embeddings,
             });
         }
-        if tokens <= GROUP_TOKENS {
+        d.run(|| self.forward_groups(ids, lengths))
+    }
+
+    /// `forward` after its checks: groups of sequences through the layers.
+    fn forward_groups(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let d = &self.device;
+        if ids.dims()[0] <= GROUP_TOKENS {
             return self.forward_group(ids, lengths);
         }
         // Whole sequences in groups of at most GROUP_TOKENS tokens (a longer sequence alone).

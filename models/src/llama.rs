@@ -243,7 +243,7 @@ impl Llama {
                 )));
             }
         }
-        let result = self.run(batch);
+        let result = self.device.run(|| self.run(batch));
         for (tokens, cache) in batch.iter_mut() {
             match result {
                 Ok(_) => cache.commit(tokens.len()),
