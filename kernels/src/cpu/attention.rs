@@ -235,6 +235,21 @@ pub(crate) fn causal(
     let total = pos + t;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
+    if t == 1 {
+        // Decode: one query row per head, where gemm's own set-up costs more than the product.
+        let head = |(h, out): (usize, &mut [f32])| {
+            let g = h / group;
+            let mut scores = vec![0.0f32; total];
+            let q = &q[h * head_dim..(h + 1) * head_dim];
+            let (k, v) = (&keys[g * head_dim..], &values[g * head_dim..]);
+            decode_head(q, k, v, kv_width, scale, &mut scores, out);
+        };
+        match total * heads < 1 << 15 {
+            true => out.chunks_exact_mut(head_dim).enumerate().for_each(head),
+            false => out.par_chunks_exact_mut(head_dim).enumerate().for_each(head),
+        }
+        return;
+    }
     let out_ptr = SharedOut::new(out);
     let head_task = |h: usize| {
         let g = h / group;
@@ -279,6 +294,42 @@ pub(crate) fn causal(
         (0..heads).for_each(head_task);
     } else {
         (0..heads).into_par_iter().for_each(head_task);
+    }
+}
+
+multiversion! {
+    /// One query row of one head against `scores.len()` cached tokens: `k` and `v` hold the
+    /// head's keys and values every `stride` values. Writes the context row to `out`. Plain loops
+    /// the compiler vectorizes; 16 running sums for each dot product.
+    fn decode_head(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        for (j, score) in scores.iter_mut().enumerate() {
+            let key = &k[j * stride..j * stride + hd];
+            let mut lanes = [0.0f32; 16];
+            let (qs, ks) = (q.chunks_exact(16), key.chunks_exact(16));
+            let tail: f32 = qs.remainder().iter().zip(ks.remainder()).map(|(a, b)| a * b).sum();
+            for (a, b) in qs.zip(ks) {
+                for l in 0..16 {
+                    lanes[l] += a[l] * b[l];
+                }
+            }
+            *score = lanes.iter().sum::<f32>() + tail;
+        }
+        scaled_softmax(scores, scale);
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (o, &x) in out.iter_mut().zip(&v[j * stride..j * stride + hd]) {
+                *o += p * x;
+            }
+        }
     }
 }
 
