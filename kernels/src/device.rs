@@ -502,7 +502,7 @@ mod tests {
     fn a_cpu_forward_runs_on_a_worker_of_the_kernels_pool() {
         // The caller is the test's own thread, outside rayon's pool.
         assert_eq!(rayon::current_thread_index(), None);
-        let inside = Device::cpu().run(|| rayon::current_thread_index());
+        let inside = Device::cpu().run(rayon::current_thread_index);
         assert!(inside.is_some(), "Device::run left the forward outside the pool");
         // And it hands back what the forward returns.
         assert_eq!(Device::cpu().run(|| 6 * 7), 42);
