@@ -84,14 +84,6 @@ fn args() -> Res<Args> {
     Ok(a)
 }
 
-fn median(v: Vec<f64>) -> f64 {
-    workloads::median(&v)
-}
-
-fn time(warm: usize, reps: usize, f: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
-    workloads::time(warm, reps, f)
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -117,9 +109,9 @@ fn minilm(a: &Args) -> Res<Value> {
         let b32 = workloads::minilm_embed(&engine, &id, 32, a.reps, Duration::ZERO)?;
         let vectors = engine.embed(&id, &SENTENCES)?.vectors;
         let mut entry = json!({
-            "b1_ms": median(b1.clone()) * 1e3,
+            "b1_ms": workloads::median(&b1) * 1e3,
             "b1_ms_samples": b1.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
-            "b32_sentences_per_s": 32.0 / median(b32.clone()),
+            "b32_sentences_per_s": 32.0 / workloads::median(&b32),
             "b32_s_samples": b32,
         });
         if name == "f32" {
@@ -172,7 +164,7 @@ fn smollm2(a: &Args) -> Res<Value> {
     let per_token = weight_bytes_per_token(&gguf);
 
     // Prefill: the whole prompt in one forward on an empty cache.
-    let prefill = time(1, a.reps, || {
+    let prefill = workloads::time(1, a.reps, || -> Res<()> {
         let mut cache = model.new_cache()?;
         model.forward(&prefill_ids, &mut cache)?;
         Ok(())
@@ -200,10 +192,10 @@ fn smollm2(a: &Args) -> Res<Value> {
         "stock_candle": stock,
         "streams": streams,
         "prefill_tokens": prefill_ids.len(),
-        "prefill_tokens_per_s": prefill_ids.len() as f64 / median(prefill.clone()),
+        "prefill_tokens_per_s": prefill_ids.len() as f64 / workloads::median(&prefill),
         "prefill_s_samples": prefill,
         "decode_steps": a.decode_steps,
-        "decode_tokens_per_s": a.decode_steps as f64 / median(decode.clone()),
+        "decode_tokens_per_s": a.decode_steps as f64 / workloads::median(&decode),
         "decode_s_samples": decode,
         "prefill_ids": prefill_ids,
         "decode_prompt_ids": decode_prompt,
@@ -305,7 +297,7 @@ fn batched_decode(a: &Args, model: &Llama, prompts: &[Vec<u32>]) -> Res<Value> {
     Ok(json!({
         "streams": prompts.len(),
         "steps": steps,
-        "aggregate_tokens_per_s": (prompts.len() * steps) as f64 / median(samples.clone()),
+        "aggregate_tokens_per_s": (prompts.len() * steps) as f64 / workloads::median(&samples),
         "s_samples": samples,
         "prompt_ids": prompts,
         "generated_ids": generated,

@@ -3,11 +3,12 @@
 //! candle's own example does) and SmolLM2 through candle-transformers' `quantized_llama`. Run in
 //! the same process and round as Keel's figures, so that Keel's gain is a ratio measured at once.
 
-use super::{cosine, time, Args, Res};
+use super::{cosine, Args, Res};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use keel_benches::workloads::time;
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -31,11 +32,11 @@ pub fn minilm(a: &Args, ids: &[u32], keel_vector: &[f32]) -> Res<Value> {
         let pooled = hidden.mean(1)?;
         Ok(pooled.broadcast_div(&pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
     };
-    let b1 = time(2, 2 * a.reps, || {
+    let b1 = time(2, 2 * a.reps, || -> Res<()> {
         embed(1)?;
         Ok(())
     })?;
-    let b32 = time(1, a.reps.min(3), || {
+    let b32 = time(1, a.reps.min(3), || -> Res<()> {
         embed(32)?;
         Ok(())
     })?;
@@ -57,7 +58,7 @@ pub fn smollm2(a: &Args, prefill_ids: &[u32], prompt: &[u32], steps: usize) -> R
     let mut model = ModelWeights::from_gguf(content, &mut file, &dev)?;
     // Stock candle is slow at prefill (no multi-token quantized path): fewer repetitions.
     let reps = a.reps.min(2);
-    let prefill = time(1, reps, || {
+    let prefill = time(1, reps, || -> Res<()> {
         model.clear_kv_cache();
         model.forward(&Tensor::new(prefill_ids, &dev)?.unsqueeze(0)?, 0)?;
         Ok(())
