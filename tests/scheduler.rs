@@ -322,20 +322,24 @@ fn streams_joining_a_running_batch_get_the_tokens_they_get_alone() {
         .collect();
     drop(alone);
     let (engine, id) = smollm_engine(CacheConfig::off());
-    // Streams start 0, 1, 2, 3 tokens apart: each joins a batch already running.
+    // Each stream starts once the one before it has its first token, so it joins a batch that
+    // is already running (a token count, not a sleep: faster kernels must not let one stream
+    // finish before the next arrives).
+    let mut started = None;
     let threads: Vec<_> = prompts
         .iter()
-        .enumerate()
-        .map(|(i, p)| {
+        .map(|p| {
             let (engine, id, params, p) = (engine.clone(), id.clone(), params.clone(), p.to_string());
+            let (signal, next) = std::sync::mpsc::channel::<()>();
+            let wait = std::mem::replace(&mut started, Some(next));
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(150 * i as u64));
-                engine
-                    .generate(&id, &p, &params)
-                    .unwrap()
-                    .complete()
-                    .unwrap()
-                    .token_ids
+                if let Some(wait) = wait {
+                    let _ = wait.recv();
+                }
+                let mut stream = engine.generate(&id, &p, &params).unwrap();
+                stream.next().unwrap().unwrap();
+                let _ = signal.send(());
+                stream.complete().unwrap().token_ids
             })
         })
         .collect();
