@@ -331,7 +331,7 @@ fn streams_joining_a_running_batch_get_the_tokens_they_get_alone() {
         .map(|p| {
             let (engine, id, params, p) = (engine.clone(), id.clone(), params.clone(), p.to_string());
             let (signal, next) = std::sync::mpsc::channel::<()>();
-            let wait = std::mem::replace(&mut started, Some(next));
+            let wait = started.replace(next);
             std::thread::spawn(move || {
                 if let Some(wait) = wait {
                     let _ = wait.recv();
