@@ -91,7 +91,8 @@ pub struct Args {
     /// Seconds per measured point (load levels, batch sizes).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// The device: cpu or wgpu (`KEEL_WGPU_ADAPTER` picks a wgpu adapter by name).
+    /// The device: cpu, wgpu (`KEEL_WGPU_ADAPTER` picks a wgpu adapter by name) or cuda
+    /// (`KEEL_CUDA_DEVICE` picks a GPU by ordinal).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
 }
@@ -124,6 +125,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "buffers_created": stats.buffers_created,
         "submits": stats.submits,
         "dispatches": stats.dispatches,
+        "reserved_bytes": stats.reserved_bytes,
     });
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let file = args.out.join(format!("{}.json", args.scenario.name()));
@@ -289,9 +291,12 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
         p.step(&format!("batch {batch}"));
         let texts = vec![text.as_str(); batch];
         // Warm-up is in `minilm_embed`; after it, the steady state must create no device buffer.
-        let before = device.stats().buffers_created;
+        // (CUDA allocates from its memory pool per op: there the pool's growth is what counts.)
+        let before = device.stats();
         let through = workloads::minilm_embed(&engine, &id, batch, 3, budget)?;
-        let buffers = device.stats().buffers_created - before;
+        let after = device.stats();
+        let buffers = after.buffers_created - before.buffers_created;
+        let pool_growth = after.reserved_bytes.saturating_sub(before.reserved_bytes);
         // The scheduler's cost: the engine against the bare model, interleaved, so that both
         // see the same machine noise; each run against the bare run right after it (a paired
         // ratio cancels the machine's drift between pairs, which two medians alone do not).
@@ -322,6 +327,7 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
             "scheduler_overhead_pct": overhead * 100.0,
             "runs": through.len(),
             "buffers_created_after_warmup": buffers,
+            "pool_growth_bytes_after_warmup": pool_growth,
         }));
     }
     Ok(

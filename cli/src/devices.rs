@@ -9,7 +9,9 @@ pub(crate) fn devices(json: bool) -> Result<(), Box<dyn std::error::Error>> {
     let adapters = Device::wgpu_adapters();
     let wgpu = Device::new(DeviceKind::Wgpu).map(|d| d.caps());
     let cuda = keel::cuda::probe();
-    let cuda_error = Device::new(DeviceKind::Cuda).err().map(|e| e.to_string());
+    // Opening compiles the kernels (from the disk cache after the first time).
+    let cuda_open = Device::new(DeviceKind::Cuda).map(|d| d.caps().name);
+    let cuda_error = cuda_open.as_ref().err().map(|e| e.to_string());
     if json {
         let out = serde_json::json!({
             "cpu": {"arch": std::env::consts::ARCH, "threads": threads, "features": features},
@@ -20,6 +22,7 @@ pub(crate) fn devices(json: bool) -> Result<(), Box<dyn std::error::Error>> {
             },
             "cuda": {
                 "available": cuda_error.is_none(),
+                "opens": cuda_open.as_ref().ok(),
                 "error": cuda_error,
                 "libraries": cuda.libraries.iter().map(|l| serde_json::json!({"role": l.role, "file": l.file, "found": l.found})).collect::<Vec<_>>(),
                 "driver_version": cuda.driver_version,
@@ -52,7 +55,7 @@ pub(crate) fn devices(json: bool) -> Result<(), Box<dyn std::error::Error>> {
         println!("  adapter: {a}");
     }
     match &cuda_error {
-        None => println!("cuda: available"),
+        None => println!("cuda: opens {}", cuda_open.as_deref().unwrap_or_default()),
         Some(e) => println!("cuda: {e}"),
     }
     for l in &cuda.libraries {

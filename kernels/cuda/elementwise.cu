@@ -1,5 +1,6 @@
-// One thread an output element (a 1-D grid of 256-thread blocks): activations, the residual add,
-// SwiGLU, the embedding gather and mean pooling. Compiled at run time by NVRTC.
+// One thread an output element (a 1-D grid of 256-thread blocks): activations, the bias and
+// activation after a cuBLAS product, the residual add, SwiGLU, the embedding gather, mean pooling
+// and the f16 rounding of a product's input. Compiled at run time by NVRTC.
 
 __device__ float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 __device__ float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -12,6 +13,23 @@ __device__ float activate(float v, unsigned act) {
 extern "C" __global__ void activation(const float *x, float *out, unsigned n, unsigned act) {
     const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = activate(x[i], act);
+}
+
+// y[i] = act(y[i] + bias[i % width]) in place: the epilogue of a cuBLAS product (bias optional).
+extern "C" __global__ void bias_activation(float *y, const float *bias, unsigned n, unsigned width,
+                                           unsigned has_bias, unsigned act) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = activate(y[i] + (has_bias ? bias[i % width] : 0.0f), act);
+}
+
+// out[i] = x[i] rounded to f16 (to nearest even), as raw bits: the input of an f16 cuBLAS product.
+// Inline PTX, so that NVRTC needs no cuda_fp16.h.
+extern "C" __global__ void to_f16(const float *x, unsigned short *out, unsigned n) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
+    out[i] = h;
 }
 
 // out[i] = a[i] + b[i % b_len]: a residual (b_len = n) or a bias broadcast over rows.

@@ -29,31 +29,48 @@ __device__ float block_max(float v) {
     return m;
 }
 
-// out[r, :] = (x[r, :] - mean) / sqrt(var + eps) * gamma + beta (BERT).
-extern "C" __global__ void layer_norm(const float *x, const float *gamma, const float *beta, float *out,
-                                      unsigned cols, float eps) {
-    const float *row = x + (size_t)blockIdx.x * cols;
-    float *dst = out + (size_t)blockIdx.x * cols;
+// out[r, :] = layer_norm(x[r, :] + residual[r, :]) * gamma + beta (BERT: the residual add and the
+// norm in one pass; has_residual = 0 normalizes x alone).
+extern "C" __global__ void add_layer_norm(const float *x, const float *residual, const float *gamma,
+                                          const float *beta, float *out, unsigned cols, unsigned has_residual,
+                                          float eps) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    const float *row = x + base;
+    const float *res = residual + base;
+    float *dst = out + base;
     float s = 0.0f;
-    for (unsigned c = threadIdx.x; c < cols; c += THREADS) s += row[c];
+    for (unsigned c = threadIdx.x; c < cols; c += THREADS) s += row[c] + (has_residual ? res[c] : 0.0f);
     const float mean = block_sum(s) / cols;
     float s2 = 0.0f;
     for (unsigned c = threadIdx.x; c < cols; c += THREADS) {
-        const float d = row[c] - mean;
+        const float d = row[c] + (has_residual ? res[c] : 0.0f) - mean;
         s2 += d * d;
     }
     const float inv = rsqrtf(block_sum(s2) / cols + eps);
-    for (unsigned c = threadIdx.x; c < cols; c += THREADS) dst[c] = (row[c] - mean) * inv * gamma[c] + beta[c];
+    for (unsigned c = threadIdx.x; c < cols; c += THREADS) {
+        const float v = row[c] + (has_residual ? res[c] : 0.0f);
+        dst[c] = (v - mean) * inv * gamma[c] + beta[c];
+    }
 }
 
-// out[r, :] = x[r, :] / sqrt(mean(x^2) + eps) * weight (Llama).
-extern "C" __global__ void rms_norm(const float *x, const float *weight, float *out, unsigned cols, float eps) {
-    const float *row = x + (size_t)blockIdx.x * cols;
-    float *dst = out + (size_t)blockIdx.x * cols;
+// sum[r, :] = x[r, :] + residual[r, :] (written only with has_residual), then
+// out[r, :] = sum[r, :] / sqrt(mean(sum^2) + eps) * weight (Llama: the residual add and the next
+// block's norm in one pass).
+extern "C" __global__ void add_rms_norm(const float *x, const float *residual, const float *weight, float *sum,
+                                        float *out, unsigned cols, unsigned has_residual, float eps) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    const float *row = x + base;
+    const float *res = residual + base;
+    float *dst = out + base;
     float s2 = 0.0f;
-    for (unsigned c = threadIdx.x; c < cols; c += THREADS) s2 += row[c] * row[c];
+    for (unsigned c = threadIdx.x; c < cols; c += THREADS) {
+        const float v = row[c] + (has_residual ? res[c] : 0.0f);
+        if (has_residual) sum[base + c] = v;
+        s2 += v * v;
+    }
     const float inv = rsqrtf(block_sum(s2) / cols + eps);
-    for (unsigned c = threadIdx.x; c < cols; c += THREADS) dst[c] = row[c] * inv * weight[c];
+    for (unsigned c = threadIdx.x; c < cols; c += THREADS)
+        dst[c] = (row[c] + (has_residual ? res[c] : 0.0f)) * inv * weight[c];
 }
 
 // out[r, :] = x[r, :] / max(|x[r, :]|, 1e-12) (sentence embeddings, as sentence-transformers).

@@ -5,7 +5,8 @@
 //   kind 1, Q8_0: w = d * q, q signed 8-bit (8 words a block).
 // scales holds (d, m) a block as f32 (m unused for Q8_0), split from the GGUF blocks at upload.
 // A warp takes one row of w, its lanes striding over the row's blocks, for up to 4 rows of x
-// (blockIdx.y): each block is unpacked once for all of them. Compiled at run time by NVRTC.
+// (blockIdx.y): each block is unpacked once for all of them. `dequantize` writes the f32 values of
+// such a matrix for a cuBLAS product (prefill). Compiled at run time by NVRTC.
 
 #define TOKENS 4
 
@@ -13,6 +14,36 @@ __device__ float activate(float v, unsigned act) {
     if (act == 1u) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     if (act == 2u) return v / (1.0f + expf(-v));
     return v;
+}
+
+// The 32 weights of block `blk` into w.
+__device__ void unpack(const float2 *scales, const unsigned *quants, size_t blk, unsigned kind, float *w) {
+    const float2 dm = scales[blk];
+    if (kind == 0u) {
+        for (int word = 0; word < 4; ++word) {
+            const unsigned q = quants[blk * 4u + word];
+            for (int byte = 0; byte < 4; ++byte) {
+                const unsigned bits = q >> (8 * byte);
+                w[word * 4 + byte] = (float)(bits & 15u) * dm.x + dm.y;
+                w[16 + word * 4 + byte] = (float)((bits >> 4) & 15u) * dm.x + dm.y;
+            }
+        }
+    } else {
+        for (int word = 0; word < 8; ++word) {
+            const unsigned q = quants[blk * 8u + word];
+            for (int byte = 0; byte < 4; ++byte) w[word * 4 + byte] = (float)(signed char)(q >> (8 * byte)) * dm.x;
+        }
+    }
+}
+
+// out[blk * 32 + c] = weight c of block blk, one thread a block.
+extern "C" __global__ void dequantize(const float2 *scales, const unsigned *quants, float *out, unsigned blocks,
+                                      unsigned kind) {
+    const unsigned blk = blockIdx.x * blockDim.x + threadIdx.x;
+    if (blk >= blocks) return;
+    float w[32];
+    unpack(scales, quants, blk, kind, w);
+    for (int c = 0; c < 32; ++c) out[(size_t)blk * 32u + c] = w[c];
 }
 
 extern "C" __global__ void qmatmul(const float *x, const float2 *scales, const unsigned *quants,
@@ -27,25 +58,8 @@ extern "C" __global__ void qmatmul(const float *x, const float2 *scales, const u
     float acc[TOKENS] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (unsigned b = lane; b < blocks; b += 32u) {
         const size_t blk = (size_t)row * blocks + b;
-        const float2 dm = scales[blk];
         float w[32];
-        if (kind == 0u) {
-            for (int word = 0; word < 4; ++word) {
-                const unsigned q = quants[blk * 4u + word];
-                for (int byte = 0; byte < 4; ++byte) {
-                    const unsigned bits = q >> (8 * byte);
-                    w[word * 4 + byte] = (float)(bits & 15u) * dm.x + dm.y;
-                    w[16 + word * 4 + byte] = (float)((bits >> 4) & 15u) * dm.x + dm.y;
-                }
-            }
-        } else {
-            for (int word = 0; word < 8; ++word) {
-                const unsigned q = quants[blk * 8u + word];
-                for (int byte = 0; byte < 4; ++byte) {
-                    w[word * 4 + byte] = (float)(signed char)(q >> (8 * byte)) * dm.x;
-                }
-            }
-        }
+        unpack(scales, quants, blk, kind, w);
         for (unsigned t = 0; t < tokens; ++t) {
             const float *xs = x + (tok0 + t) * k + (size_t)b * 32u;
             float s = 0.0f;

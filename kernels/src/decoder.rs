@@ -1,5 +1,6 @@
 //! State a decoder keeps between steps: rotary tables and the KV cache.
 
+use crate::cuda::{CudaKv, CudaTensor};
 use crate::wgpu::{GpuKv, GpuTensor};
 use crate::{Error, Result};
 use std::sync::OnceLock;
@@ -13,6 +14,8 @@ pub struct Rope {
     pub(crate) sin: Vec<f32>,
     /// The tables uploaded to a wgpu device, on first use there.
     pub(crate) gpu: OnceLock<(GpuTensor, GpuTensor)>,
+    /// The tables uploaded to a CUDA device, on first use there.
+    pub(crate) cuda: OnceLock<(CudaTensor, CudaTensor)>,
 }
 
 impl Rope {
@@ -36,6 +39,7 @@ impl Rope {
             cos,
             sin,
             gpu: OnceLock::new(),
+            cuda: OnceLock::new(),
         }
     }
 
@@ -76,6 +80,7 @@ pub(crate) enum KvStore {
         values: Vec<Vec<f32>>,
     },
     Wgpu(GpuKv),
+    Cuda(CudaKv),
 }
 
 impl Clone for KvCache {
@@ -87,6 +92,10 @@ impl Clone for KvCache {
                 values: values.clone(),
             },
             KvStore::Wgpu(kv) => KvStore::Wgpu(kv.duplicate(self.len * self.width)),
+            KvStore::Cuda(kv) => KvStore::Cuda(
+                kv.duplicate(self.len * self.width)
+                    .expect("device memory for a copy of a KV cache"),
+            ),
         };
         Self {
             store,
@@ -118,6 +127,7 @@ impl KvCache {
         match &self.store {
             KvStore::Host { keys, .. } => keys.len(),
             KvStore::Wgpu(kv) => kv.layers(),
+            KvStore::Cuda(kv) => kv.layers(),
         }
     }
 
@@ -136,6 +146,7 @@ impl KvCache {
         match &self.store {
             KvStore::Host { keys, values } => keys.iter().chain(values).map(|v| v.capacity() * 4).sum(),
             KvStore::Wgpu(kv) => kv.bytes(),
+            KvStore::Cuda(kv) => kv.bytes(),
         }
     }
 

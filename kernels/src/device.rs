@@ -1,3 +1,4 @@
+use crate::cuda::{Cuda, CudaOptions};
 use crate::decoder::{KvCache, Rope};
 use crate::tensor::Repr;
 use crate::wgpu::{DeviceStats, Wgpu};
@@ -113,6 +114,7 @@ pub struct Device {
 enum Backend {
     Cpu(Cpu),
     Wgpu(Wgpu),
+    Cuda(Cuda),
 }
 
 fn host(t: candle_core::Tensor) -> Tensor {
@@ -182,13 +184,13 @@ impl Device {
     }
 
     /// The device of the given kind, or [`Error::NoSuchDevice`] saying why there is none.
-    /// For wgpu, the environment sets the options ([`WgpuOptions::from_env`]).
+    /// For wgpu and CUDA, the environment sets the options ([`WgpuOptions::from_env`],
+    /// [`CudaOptions::from_env`]).
     pub fn new(kind: DeviceKind) -> Result<Self> {
         match kind {
             DeviceKind::Cpu => Ok(Self::cpu()),
             DeviceKind::Wgpu => Self::wgpu(&WgpuOptions::from_env()),
-            // Says which is missing: the NVIDIA libraries, a GPU, or the execution path.
-            DeviceKind::Cuda => Err(crate::cuda::unavailable()),
+            DeviceKind::Cuda => Self::cuda(&CudaOptions::from_env()),
         }
     }
 
@@ -196,6 +198,14 @@ impl Device {
     pub fn wgpu(options: &WgpuOptions) -> Result<Self> {
         Ok(Self {
             backend: Backend::Wgpu(Wgpu::open(options)?),
+        })
+    }
+
+    /// A CUDA GPU opened with `options` (see [`CudaOptions`]), or [`Error::NoSuchDevice`] naming
+    /// what is missing: a library, a driver that answers, or the GPU asked for.
+    pub fn cuda(options: &CudaOptions) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::Cuda(Cuda::open(options)?),
         })
     }
 
@@ -220,6 +230,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.caps(),
             Backend::Wgpu(b) => b.caps(),
+            Backend::Cuda(b) => b.caps(),
         }
     }
 
@@ -228,6 +239,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => Cpu::supports(op),
             Backend::Wgpu(_) => Wgpu::supports(op),
+            Backend::Cuda(_) => Cuda::supports(op),
         }
     }
 
@@ -236,6 +248,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => DeviceStats::default(),
             Backend::Wgpu(b) => b.stats(),
+            Backend::Cuda(b) => b.stats(),
         }
     }
 
@@ -247,7 +260,7 @@ impl Device {
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.backend {
             Backend::Cpu(_) => rayon::scope(|_| f()),
-            Backend::Wgpu(_) => f(),
+            Backend::Wgpu(_) | Backend::Cuda(_) => f(),
         }
     }
 
@@ -256,6 +269,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => Ok(()),
             Backend::Wgpu(b) => b.synchronize(),
+            Backend::Cuda(b) => b.synchronize(),
         }
     }
 
@@ -265,6 +279,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => Ok(host(t.to_host()?)),
             Backend::Wgpu(b) => b.upload(t),
+            Backend::Cuda(b) => b.upload(t),
         }
     }
 
@@ -275,6 +290,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => Ok(layer.clone()),
             Backend::Wgpu(b) => b.upload_linear(layer),
+            Backend::Cuda(b) => b.upload_linear(layer),
         }
     }
 
@@ -288,6 +304,7 @@ impl Device {
                 &candle_core::Device::Cpu,
             )?)),
             Backend::Wgpu(b) => b.tensor_f32(data, dims),
+            Backend::Cuda(b) => b.tensor_f32(data, dims),
         }
     }
 
@@ -301,6 +318,7 @@ impl Device {
                 &candle_core::Device::Cpu,
             )?)),
             Backend::Wgpu(b) => b.tensor_u32(data, dims),
+            Backend::Cuda(b) => b.tensor_u32(data, dims),
         }
     }
 
@@ -309,6 +327,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(_) => Ok(KvCache::new(layers, kv_heads, head_dim)),
             Backend::Wgpu(b) => b.new_kv_cache(layers, kv_heads, head_dim),
+            Backend::Cuda(b) => b.new_kv_cache(layers, kv_heads, head_dim),
         }
     }
 
@@ -317,6 +336,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.linear(x.cpu("linear")?, layer).map(host),
             Backend::Wgpu(b) => b.linear(x, layer),
+            Backend::Cuda(b) => b.linear(x, layer),
         }
     }
 
@@ -341,6 +361,7 @@ impl Device {
                 )
                 .map(host),
             Backend::Wgpu(b) => b.add_layer_norm(x, residual, gamma, beta, eps),
+            Backend::Cuda(b) => b.add_layer_norm(x, residual, gamma, beta, eps),
         }
     }
 
@@ -365,6 +386,7 @@ impl Device {
                 Ok((host(sum), host(normed)))
             }
             Backend::Wgpu(b) => b.add_rms_norm(x, residual, gamma, eps),
+            Backend::Cuda(b) => b.add_rms_norm(x, residual, gamma, eps),
         }
     }
 
@@ -382,6 +404,7 @@ impl Device {
                 .encoder_attention(qkv.cpu("attention")?, lengths, heads)
                 .map(host),
             Backend::Wgpu(b) => b.encoder_attention(qkv, lengths, heads),
+            Backend::Cuda(b) => b.encoder_attention(qkv, lengths, heads),
         }
     }
 
@@ -405,6 +428,7 @@ impl Device {
                 .causal_attention(qkv.cpu("attention")?, heads, kv_heads, rope, cache, layer)
                 .map(host),
             Backend::Wgpu(b) => b.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
+            Backend::Cuda(b) => b.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
         }
     }
 
@@ -414,6 +438,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.swiglu(x.cpu("swiglu")?).map(host),
             Backend::Wgpu(b) => b.swiglu(x),
+            Backend::Cuda(b) => b.swiglu(x),
         }
     }
 
@@ -424,6 +449,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.embedding(table.cpu(OP)?, ids.cpu(OP)?).map(host),
             Backend::Wgpu(b) => b.embedding(table, ids),
+            Backend::Cuda(b) => b.embedding(table, ids),
         }
     }
 
@@ -434,6 +460,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.mean_pool(hidden.cpu(OP)?, lengths).map(host),
             Backend::Wgpu(b) => b.mean_pool(hidden, lengths),
+            Backend::Cuda(b) => b.mean_pool(hidden, lengths),
         }
     }
 
@@ -442,6 +469,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.l2_normalize(x.cpu("l2_normalize")?).map(host),
             Backend::Wgpu(b) => b.l2_normalize(x),
+            Backend::Cuda(b) => b.l2_normalize(x),
         }
     }
 
@@ -450,6 +478,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(d) => d.add(a.cpu("add")?, b.cpu("add")?).map(host),
             Backend::Wgpu(d) => d.add(a, b),
+            Backend::Cuda(d) => d.add(a, b),
         }
     }
 
@@ -458,6 +487,7 @@ impl Device {
         match &self.backend {
             Backend::Cpu(b) => b.rows(x.cpu("rows")?, start, len).map(host),
             Backend::Wgpu(b) => b.rows(x, start, len),
+            Backend::Cuda(b) => b.rows(x, start, len),
         }
     }
 
@@ -472,6 +502,7 @@ impl Device {
                 b.concat_rows(&parts).map(host)
             }
             Backend::Wgpu(b) => b.concat_rows(parts),
+            Backend::Cuda(b) => b.concat_rows(parts),
         }
     }
 }

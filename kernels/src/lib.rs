@@ -1,7 +1,8 @@
 //! Keel's backend layer: the small op set every model needs, behind one [`Device`].
 //!
 //! Models are written once against the methods of [`Device`]; each backend implements them its own
-//! way (the CPU on candle-core tensors today, wgpu and CUDA in their own issues). The op set is
+//! way (the CPU on candle-core tensors and our own GEMMs, wgpu on WGSL shaders, CUDA on cuBLAS and
+//! our kernels compiled by NVRTC). The op set is
 //! chosen at a granularity that lets a backend fuse: [`Linear`] carries its bias and activation,
 //! [`Device::add_layer_norm`] adds the residual and normalizes in one call, and attention
 //! (with rotary embeddings and the KV cache, for decoders) is one op.
@@ -28,6 +29,7 @@ pub use candle_core::DType;
 pub use cpu::gemm::{set_dense_gemm, DenseGemm};
 pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
+pub use cuda::{CudaOptions, CudaQuantMatrix};
 pub use decoder::{KvCache, Rope};
 pub use device::{Caps, Device, DeviceKind, Op, WgpuOptions};
 pub use error::{one_line, Error, Result};

@@ -1,6 +1,7 @@
 use crate::cpu::gemm::PackedF32;
 use crate::cpu::int8::Int8Matrix;
 use crate::cpu::quant::{QuantKind, QuantMatrix};
+use crate::cuda::CudaQuantMatrix;
 use crate::{GpuQuantMatrix, Tensor};
 use candle_core::quantized::{GgmlDType, QTensor};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,8 @@ pub enum Weight {
     Int8(Arc<Int8Matrix>),
     /// A Q4_1 or Q8_0 matrix on a wgpu device ([`crate::Device::upload_linear`]).
     GpuQuantized(Arc<GpuQuantMatrix>),
+    /// A Q4_1 or Q8_0 matrix on a CUDA device ([`crate::Device::upload_linear`]).
+    CudaQuantized(Arc<CudaQuantMatrix>),
 }
 
 impl Weight {
@@ -76,6 +79,7 @@ impl Weight {
                 (d[0], d[d.len() - 1])
             }
             Weight::GpuQuantized(q) => q.dims(),
+            Weight::CudaQuantized(q) => q.dims(),
         }
     }
 
@@ -92,7 +96,7 @@ impl Weight {
             Weight::Quantized(q) => host(q.dequantize(), q.dims()),
             Weight::Ggml(q) => Ok(Weight::Dense(q.dequantize(&q.device())?.into())),
             Weight::Int8(q) => host(q.dequantize(), q.dims()),
-            Weight::GpuQuantized(_) => Err(crate::Error::BadOperands {
+            Weight::GpuQuantized(_) | Weight::CudaQuantized(_) => Err(crate::Error::BadOperands {
                 op: "linear",
                 reason: "a weight on a GPU is dequantized before it is uploaded, not after".into(),
             }),
@@ -228,7 +232,7 @@ impl Linear {
                     .ok_or_else(|| bad("quantized weights differ in format or width"))?;
                 Weight::Quantized(Arc::new(stacked))
             }
-            Weight::Ggml(_) | Weight::Int8(_) | Weight::GpuQuantized(_) => {
+            Weight::Ggml(_) | Weight::Int8(_) | Weight::GpuQuantized(_) | Weight::CudaQuantized(_) => {
                 return Err(bad(
                     "stack weights on the host before quantizing or uploading them",
                 ))

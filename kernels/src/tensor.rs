@@ -1,10 +1,11 @@
 //! [`Tensor`]: values that live on one device.
 
+use crate::cuda::CudaTensor;
 use crate::wgpu::GpuTensor;
 use crate::{DType, DeviceKind, Error, Result};
 
 /// A tensor on one device: a candle tensor in host memory for the CPU backend, a buffer in GPU
-/// memory for wgpu. Model code passes tensors between [`crate::Device`] ops and reads results
+/// memory for wgpu or CUDA. Model code passes tensors between [`crate::Device`] ops and reads results
 /// back with [`Tensor::to_host`]; it never looks inside. Cheap to clone (the storage is shared).
 #[derive(Debug, Clone)]
 pub struct Tensor(pub(crate) Repr);
@@ -13,6 +14,7 @@ pub struct Tensor(pub(crate) Repr);
 pub(crate) enum Repr {
     Cpu(candle_core::Tensor),
     Wgpu(GpuTensor),
+    Cuda(CudaTensor),
 }
 
 impl From<candle_core::Tensor> for Tensor {
@@ -28,6 +30,7 @@ impl Tensor {
         match &self.0 {
             Repr::Cpu(t) => t.dims(),
             Repr::Wgpu(t) => &t.dims,
+            Repr::Cuda(t) => &t.dims,
         }
     }
 
@@ -36,6 +39,7 @@ impl Tensor {
         match &self.0 {
             Repr::Cpu(t) => t.dtype(),
             Repr::Wgpu(t) => t.dtype,
+            Repr::Cuda(t) => t.dtype,
         }
     }
 
@@ -44,6 +48,7 @@ impl Tensor {
         match &self.0 {
             Repr::Cpu(_) => DeviceKind::Cpu,
             Repr::Wgpu(_) => DeviceKind::Wgpu,
+            Repr::Cuda(_) => DeviceKind::Cuda,
         }
     }
 
@@ -52,6 +57,7 @@ impl Tensor {
         match &self.0 {
             Repr::Cpu(t) => Ok(t.clone()),
             Repr::Wgpu(t) => t.to_host(),
+            Repr::Cuda(t) => t.to_host(),
         }
     }
 
@@ -69,7 +75,7 @@ impl Tensor {
     pub(crate) fn cpu(&self, op: &'static str) -> Result<&candle_core::Tensor> {
         match &self.0 {
             Repr::Cpu(t) => Ok(t),
-            Repr::Wgpu(_) => Err(other_device(op, DeviceKind::Wgpu)),
+            _ => Err(other_device(op, self.device_kind())),
         }
     }
 
@@ -77,7 +83,15 @@ impl Tensor {
     pub(crate) fn gpu(&self, op: &'static str) -> Result<&GpuTensor> {
         match &self.0 {
             Repr::Wgpu(t) => Ok(t),
-            Repr::Cpu(_) => Err(other_device(op, DeviceKind::Cpu)),
+            _ => Err(other_device(op, self.device_kind())),
+        }
+    }
+
+    /// The buffer of a CUDA tensor; `op` names the caller in the error otherwise.
+    pub(crate) fn cuda(&self, op: &'static str) -> Result<&CudaTensor> {
+        match &self.0 {
+            Repr::Cuda(t) => Ok(t),
+            _ => Err(other_device(op, self.device_kind())),
         }
     }
 

@@ -180,7 +180,9 @@ impl Cpu {
                 })
             })???,
             Weight::Ggml(w) => read(&QMatMul::QTensor(w.clone()).forward(x)?, <[f32]>::to_vec)?,
-            Weight::GpuQuantized(_) => return Err(bad("linear", "the weight lives on a wgpu device".into())),
+            Weight::GpuQuantized(_) | Weight::CudaQuantized(_) => {
+                return Err(bad("linear", "the weight lives on a GPU".into()))
+            }
         };
         let bias = match &layer.bias {
             Some(b) => read(b.cpu("linear")?, <[f32]>::to_vec)?,

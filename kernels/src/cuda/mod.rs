@@ -1,15 +1,16 @@
-//! The CUDA backend's foundations: finding the NVIDIA libraries at run time, and our kernels
-//! (`kernels/cuda/*.cu`) compiled by NVRTC and cached on disk.
+//! The CUDA backend: finding the NVIDIA libraries at run time, our kernels (`kernels/cuda/*.cu`)
+//! compiled by NVRTC and cached on disk, and the execution path on a GPU ([`backend`]).
 //!
 //! cudarc loads `libcuda`, `libnvrtc` and `libcublas` with `dlopen` when first used (its
 //! `dynamic-loading` feature), so a build needs no CUDA toolkit and a machine without a driver
 //! runs everything else. cudarc panics when a library it reaches for is missing: every path
 //! here checks presence first ([`probe`]) and turns absence into [`Error::NoSuchDevice`] naming
 //! the library.
-//!
-//! Not yet here (the rest of the CUDA issue): the execution path (weights on the device, a
-//! memory pool, streams, the KV cache on the device, cuBLAS GEMM), so [`crate::Device::new`]
-//! with [`DeviceKind::Cuda`] still answers `NoSuchDevice`, saying which of the two is missing.
+
+mod backend;
+
+pub(crate) use backend::{Cuda, CudaKv, CudaTensor};
+pub use backend::{CudaOptions, CudaQuantMatrix};
 
 use crate::{DeviceKind, Error, Result};
 use sha2::{Digest, Sha256};
@@ -23,6 +24,14 @@ pub const SOURCES: [(&str, &str); 5] = [
     ("qmatmul.cu", include_str!("../../cuda/qmatmul.cu")),
     ("rope.cu", include_str!("../../cuda/rope.cu")),
 ];
+
+/// The kernels a source defines, by their `extern "C"` names.
+pub fn entries(source: &str) -> impl Iterator<Item = &str> {
+    source
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+}
 
 /// One of the NVIDIA libraries the backend loads, and whether this machine has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +146,7 @@ pub(crate) fn unavailable() -> Error {
     } else {
         match &p.devices {
             Err(why) => why.clone(),
-            Ok(_) => "this build compiles Keel's CUDA kernels but does not run models on CUDA yet".into(),
+            Ok(gpus) => format!("the driver sees {} GPU(s) but none opened", gpus.len()),
         }
     };
     Error::NoSuchDevice {

@@ -23,12 +23,15 @@ pub(crate) struct Shader {
 /// Counters of the device's resources, to check that the steady state allocates nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceStats {
-    /// GPU buffers created since the device was opened (weights, pool growth, staging).
+    /// GPU buffers created since the device was opened (weights, pool growth, staging; CUDA:
+    /// allocations, which its memory pool serves without the driver once it holds enough).
     pub buffers_created: u64,
-    /// Command submissions.
+    /// Command submissions (CUDA: synchronizations).
     pub submits: u64,
-    /// Compute dispatches recorded.
+    /// Compute dispatches recorded (CUDA: kernel launches and cuBLAS products).
     pub dispatches: u64,
+    /// Bytes the device's memory pool holds (CUDA; zero on wgpu, which counts buffers instead).
+    pub reserved_bytes: u64,
 }
 
 enum Command {
@@ -203,6 +206,7 @@ impl Context {
             buffers_created: self.created.load(Ordering::Relaxed),
             submits: self.submits.load(Ordering::Relaxed),
             dispatches: self.dispatches.load(Ordering::Relaxed),
+            reserved_bytes: 0,
         }
     }
 

@@ -293,6 +293,7 @@ impl Wgpu {
     pub(crate) fn upload(&self, t: &Tensor) -> Result<Tensor> {
         let host = match &t.0 {
             Repr::Wgpu(_) => return Ok(t.clone()),
+            Repr::Cuda(_) => return Err(bad("upload", "the tensor lives on a CUDA device".into())),
             Repr::Cpu(h) => h,
         };
         let dims = host.dims().to_vec();
@@ -321,6 +322,9 @@ impl Wgpu {
             Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
             Weight::Quantized(q) => Weight::GpuQuantized(Arc::new(self.upload_quant(q)?)),
             Weight::GpuQuantized(q) => Weight::GpuQuantized(q.clone()),
+            Weight::CudaQuantized(_) => {
+                return Err(bad("upload_linear", "the weight lives on a CUDA device".into()))
+            }
             // No int8 or other GGML kernels here: their values, dequantized, run as f32.
             other @ (Weight::Int8(_) | Weight::Ggml(_)) => match other.dequantized()? {
                 Weight::Dense(t) => Weight::Dense(host(t.to_vec2()?.concat(), other.dims())?),

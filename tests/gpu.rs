@@ -1,22 +1,114 @@
-//! The real models on the wgpu backend against the CPU backend, through the same model code.
-//! Runs on any Vulkan/Metal/DX12 adapter; on CI that is Mesa's lavapipe (a Vulkan driver on the
-//! CPU, installed by scripts/setup-system.sh).
+//! The real models on a GPU backend against the CPU backend, through the same model code:
+//! MiniLM's embeddings within a cosine of 0.9999 of the CPU's, SmolLM2's greedy tokens the same for
+//! 16 steps, the engine's continuous batching and prefix cache. Each runs on both GPU backends,
+//! as the modules `wgpu::` and `cuda::`.
+//!
+//! wgpu runs on any Vulkan/Metal/DX12 adapter; on CI that is Mesa's lavapipe (a Vulkan driver on
+//! the CPU, installed by scripts/setup-system.sh). CUDA needs an NVIDIA GPU: where there is none,
+//! each `cuda::` test prints why and passes without running (scripts/gpu-check.sh runs them where
+//! there is one).
 
 mod common;
 use common::*;
 use keel::{Engine, GenerateParams, LoadOptions, WeightPath};
-use keel_kernels::{Device, DeviceKind, WgpuOptions};
+use keel_kernels::{CudaOptions, Device, DeviceKind, WgpuOptions};
 use keel_models::llama::Llama;
 use keel_models::sampling::argmax;
 use keel_models::weights::GgufFile;
+
+/// Each test of the suite, run on the backend's device (or skipped where it has none).
+macro_rules! suite {
+    ($($test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                if let Some(device) = device() {
+                    super::$test(&device)
+                }
+            }
+        )*
+        #[test]
+        fn minilm_with_f16_weights_matches_the_cpu() {
+            if let Some(half) = f16_device() {
+                super::minilm_with_f16_weights_matches_the_cpu(&half)
+            }
+        }
+    };
+}
+
+mod wgpu {
+    use super::*;
+
+    fn device() -> Option<Device> {
+        Some(
+            Device::new(DeviceKind::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)"),
+        )
+    }
+
+    fn f16_device() -> Option<Device> {
+        let half = WgpuOptions {
+            f16_weights: true,
+            ..WgpuOptions::default()
+        };
+        Some(Device::wgpu(&half).unwrap())
+    }
+
+    suite!(
+        minilm_embeddings_match_the_cpu,
+        smollm2_greedy_tokens_match_the_cpu,
+        engine_generates_on_the_gpu_with_continuous_batching_and_the_prefix_cache,
+        batched_steps_and_cache_copies_match_one_sequence_at_a_time,
+    );
+
+    #[test]
+    fn steady_state_inference_creates_no_buffers() {
+        super::steady_state_inference_creates_no_buffers(&device().unwrap())
+    }
+}
+
+mod cuda {
+    use super::*;
+
+    /// The GPU, or None after saying why there is none.
+    fn open(options: &CudaOptions) -> Option<Device> {
+        Device::cuda(options)
+            .inspect_err(|e| eprintln!("skipped: {e}"))
+            .ok()
+    }
+
+    fn device() -> Option<Device> {
+        open(&CudaOptions::default())
+    }
+
+    fn f16_device() -> Option<Device> {
+        open(&CudaOptions {
+            f16_weights: true,
+            ..CudaOptions::default()
+        })
+    }
+
+    suite!(
+        minilm_embeddings_match_the_cpu,
+        smollm2_greedy_tokens_match_the_cpu,
+        engine_generates_on_the_gpu_with_continuous_batching_and_the_prefix_cache,
+        batched_steps_and_cache_copies_match_one_sequence_at_a_time,
+    );
+}
 
 /// MiniLM embeddings on the GPU vs the CPU, per sentence (the bound).
 const MIN_COSINE: f32 = 0.9999;
 /// Greedy steps that must agree on each prompt.
 const STEPS: usize = 16;
 
-fn gpu() -> Device {
-    Device::new(DeviceKind::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)")
+/// The golden file's sentences.
+fn sentences() -> Vec<&'static str> {
+    static GOLDEN: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    GOLDEN.get_or_init(|| golden("minilm.json"))["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -25,19 +117,13 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (norm(a) * norm(b))
 }
 
-#[test]
-fn minilm_embeddings_match_the_cpu() {
+fn minilm_embeddings_match_the_cpu(gpu: &Device) {
+    let kind = gpu.caps().kind;
     let cpu = Engine::builder().device(DeviceKind::Cpu).build().unwrap();
-    let gpu = Engine::builder().on(gpu()).build().unwrap();
+    let gpu = Engine::builder().on(gpu.clone()).build().unwrap();
     let (c, g) = (cpu.load(minilm_dir()).unwrap(), gpu.load(minilm_dir()).unwrap());
     assert_eq!(c, g, "the version id is the content's, whatever the device");
-    let golden = golden("minilm.json");
-    let texts: Vec<&str> = golden["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["text"].as_str().unwrap())
-        .collect();
+    let texts = sentences();
     // One at a time and as one padded batch: both must match.
     let batched = gpu.embed(g.as_str(), &texts).unwrap().vectors;
     let mut worst = 1.0f32;
@@ -50,15 +136,18 @@ fn minilm_embeddings_match_the_cpu() {
             worst = worst.min(cos);
         }
     }
-    eprintln!("worst cosine wgpu vs cpu over {} sentences: {worst}", texts.len());
+    eprintln!(
+        "worst cosine {kind} vs cpu over {} sentences: {worst}",
+        texts.len()
+    );
+}
 
-    // With the weights stored as f16 on the device (half the memory), still within the bound.
-    let half = Device::wgpu(&WgpuOptions {
-        f16_weights: true,
-        ..WgpuOptions::default()
-    })
-    .unwrap();
-    let half = Engine::builder().on(half).build().unwrap();
+/// MiniLM with its weights stored as f16 on the device (half the memory), still within the bound.
+fn minilm_with_f16_weights_matches_the_cpu(half: &Device) {
+    let cpu = Engine::builder().device(DeviceKind::Cpu).build().unwrap();
+    let c = cpu.load(minilm_dir()).unwrap();
+    let texts = sentences();
+    let half = Engine::builder().on(half.clone()).build().unwrap();
     let h = half.load(minilm_dir()).unwrap();
     let mut worst = 1.0f32;
     for (text, got) in texts.iter().zip(half.embed(h.as_str(), &texts).unwrap().vectors) {
@@ -69,7 +158,7 @@ fn minilm_embeddings_match_the_cpu() {
         );
         worst = worst.min(cos);
     }
-    eprintln!("worst cosine wgpu with f16 weights vs cpu: {worst}");
+    eprintln!("worst cosine with f16 weights vs cpu: {worst}");
 }
 
 fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
@@ -84,8 +173,7 @@ fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
     out
 }
 
-#[test]
-fn smollm2_greedy_tokens_match_the_cpu() {
+fn smollm2_greedy_tokens_match_the_cpu(gpu: &Device) {
     let gguf = GgufFile::open(&smollm2_gguf()).unwrap();
     let golden = golden("smollm2_greedy.json");
     let prompts: Vec<Vec<u32>> = golden["runs"]
@@ -99,11 +187,11 @@ fn smollm2_greedy_tokens_match_the_cpu() {
     // dequantized weight values in f32 (the CPU's also round activations to 8 bits).
     let cpu = Llama::load(&gguf, WeightPath::F32, &Device::cpu()).unwrap();
     for path in [WeightPath::F32, WeightPath::Quantized] {
-        let model = Llama::load(&gguf, path, &gpu()).unwrap();
+        let model = Llama::load(&gguf, path, gpu).unwrap();
         for prompt in &prompts {
             let want = greedy(&cpu, prompt, STEPS);
             let got = greedy(&model, prompt, STEPS);
-            assert_eq!(got, want, "{path:?} greedy tokens on wgpu vs cpu");
+            assert_eq!(got, want, "{path:?} greedy tokens on the GPU vs cpu");
         }
         // The first step's logits, for the record.
         let want = cpu.forward(&prompts[0], &mut cpu.new_cache().unwrap()).unwrap();
@@ -117,9 +205,8 @@ fn smollm2_greedy_tokens_match_the_cpu() {
     }
 }
 
-#[test]
-fn engine_generates_on_wgpu_with_continuous_batching_and_the_prefix_cache() {
-    let engine = Engine::builder().on(gpu()).build().unwrap();
+fn engine_generates_on_the_gpu_with_continuous_batching_and_the_prefix_cache(gpu: &Device) {
+    let engine = Engine::builder().on(gpu.clone()).build().unwrap();
     let id = engine.load(smollm2_gguf()).unwrap().to_string();
     let cpu = Engine::builder().device(DeviceKind::Cpu).build().unwrap();
     let cpu_id = cpu
@@ -161,35 +248,9 @@ fn engine_generates_on_wgpu_with_continuous_batching_and_the_prefix_cache() {
     assert!(engine.prefix_cache_stats().unwrap().hits > hits);
 }
 
-#[test]
-fn steady_state_inference_creates_no_buffers() {
-    let device = gpu();
-    let engine = Engine::builder().on(device.clone()).build().unwrap();
-    let id = engine.load(minilm_dir()).unwrap().to_string();
-    let texts = [
-        "a sentence to embed",
-        "and another, a little longer than the first one",
-    ];
-    let request = keel::Request::default().no_cache();
-    let first = engine.embed_with(&id, &texts, &request).unwrap().vectors;
-    let before = device.stats();
-    for _ in 0..3 {
-        assert_eq!(engine.embed_with(&id, &texts, &request).unwrap().vectors, first);
-    }
-    let after = device.stats();
-    assert_eq!(
-        after.buffers_created, before.buffers_created,
-        "{before:?} -> {after:?}"
-    );
-    // One submission per forward pass, not one per op.
-    assert_eq!(after.submits - before.submits, 3, "{before:?} -> {after:?}");
-    assert!(after.dispatches - before.dispatches >= 3 * 40);
-}
-
-#[test]
-fn batched_steps_and_cache_copies_match_one_sequence_at_a_time() {
+fn batched_steps_and_cache_copies_match_one_sequence_at_a_time(gpu: &Device) {
     let gguf = GgufFile::open(&smollm2_gguf()).unwrap();
-    let model = Llama::load(&gguf, WeightPath::Quantized, &gpu()).unwrap();
+    let model = Llama::load(&gguf, WeightPath::Quantized, gpu).unwrap();
     let golden = golden("smollm2_greedy.json");
     let prompts: Vec<Vec<u32>> = golden["runs"]
         .as_array()
@@ -217,4 +278,28 @@ fn batched_steps_and_cache_copies_match_one_sequence_at_a_time() {
             .unwrap();
     }
     assert_eq!(alone, together);
+}
+
+fn steady_state_inference_creates_no_buffers(gpu: &Device) {
+    let device = gpu;
+    let engine = Engine::builder().on(device.clone()).build().unwrap();
+    let id = engine.load(minilm_dir()).unwrap().to_string();
+    let texts = [
+        "a sentence to embed",
+        "and another, a little longer than the first one",
+    ];
+    let request = keel::Request::default().no_cache();
+    let first = engine.embed_with(&id, &texts, &request).unwrap().vectors;
+    let before = device.stats();
+    for _ in 0..3 {
+        assert_eq!(engine.embed_with(&id, &texts, &request).unwrap().vectors, first);
+    }
+    let after = device.stats();
+    assert_eq!(
+        after.buffers_created, before.buffers_created,
+        "{before:?} -> {after:?}"
+    );
+    // One submission per forward pass, not one per op.
+    assert_eq!(after.submits - before.submits, 3, "{before:?} -> {after:?}");
+    assert!(after.dispatches - before.dispatches >= 3 * 40);
 }
