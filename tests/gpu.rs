@@ -69,11 +69,17 @@ mod wgpu {
 mod cuda {
     use super::*;
 
-    /// The GPU, or None after saying why there is none.
+    /// The GPU, or None after saying why there is none (in the test's output); with
+    /// `KEEL_REQUIRE_CUDA` set (scripts/gpu-check.sh), no GPU is a failure.
     fn open(options: &CudaOptions) -> Option<Device> {
-        Device::cuda(options)
-            .inspect_err(|e| eprintln!("skipped: {e}"))
-            .ok()
+        match Device::cuda(options) {
+            Ok(d) => Some(d),
+            Err(e) if std::env::var_os("KEEL_REQUIRE_CUDA").is_some() => panic!("{e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
     }
 
     fn device() -> Option<Device> {

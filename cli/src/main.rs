@@ -18,7 +18,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: an embedded inference runtime")]
 struct Cli {
-    /// Device to run on (default: cpu). cuda reports "no such device" until its backend lands.
+    /// Device to run on (default: cpu); cuda needs an NVIDIA GPU, its driver, NVRTC and cuBLAS.
     #[arg(long, global = true, value_parser = device_parser())]
     device: Option<DeviceKind>,
     /// The deployment's store (registry, alias history, lineage). Default: $KEEL_STORE, else

