@@ -15,6 +15,9 @@ trap 'bash scripts/setup-postgres.sh stop' EXIT
 KEEL_TEST_POSTGRES=$(bash scripts/setup-postgres.sh)
 export KEEL_TEST_POSTGRES
 cargo test --workspace --release --locked
+# The CUDA backend has no GPU here: its host code and kernels run on an emulated driver, against
+# the CPU (scripts/gpu-check.sh is the check on a GPU).
+bash scripts/cuda-emulator.sh cargo test --workspace --release --locked --test conformance cuda::
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh
 # Every snippet of README.md and docs/ runs (or is an excerpt of a program that does), as written.
