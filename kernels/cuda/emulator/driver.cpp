@@ -13,7 +13,6 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <ucontext.h>
 #include <vector>
 
 namespace emu {
@@ -23,12 +22,38 @@ thread_local emu_dim3 thread_idx, block_idx, block_dim;
 #include "kernel.h"
 
 // ---- fibers: one block's threads, switching at each barrier ----
+// A switch saves the callee-saved registers on the stack it leaves and the stack pointer in
+// *from, then takes `to`'s (x86-64 System V; ucontext's swapcontext would make a system call
+// each time, and a block's barriers are thousands of switches).
+extern "C" void emu_switch(void **from, void *to);
+asm(R"(
+.text
+.globl emu_switch
+.type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+)");
+
 namespace {
 struct Fiber {
-    ucontext_t ctx;
+    void *sp;
     bool done;
 };
-thread_local ucontext_t scheduler;
+thread_local void *scheduler;
 thread_local std::vector<Fiber> fibers;
 thread_local std::vector<std::vector<char>> stacks;
 thread_local unsigned current;
@@ -38,9 +63,21 @@ thread_local void **running_args;
 thread_local float lanes[1024];
 constexpr size_t STACK = 256 * 1024;
 
-void fiber_entry() {
+[[noreturn]] void fiber_entry() {
     running(running_args);
     fibers[current].done = true;
+    emu_switch(&fibers[current].sp, scheduler);
+    std::abort();  // a finished fiber is never resumed
+}
+
+// A fresh stack whose first switch "returns" into fiber_entry, as if called (16-byte aligned).
+void *fresh_stack(std::vector<char> &stack) {
+    auto top = (uintptr_t)(stack.data() + stack.size()) & ~(uintptr_t)15;
+    void **sp = (void **)top;
+    *--sp = nullptr;                  // fiber_entry's return address: never used
+    *--sp = (void *)&fiber_entry;     // where emu_switch's ret goes
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp, rbx, r12-r15
+    return sp;
 }
 
 void run_block(const Kernel &k, void **args, unsigned threads) {
@@ -55,13 +92,7 @@ void run_block(const Kernel &k, void **args, unsigned threads) {
     while (stacks.size() < threads) stacks.emplace_back(STACK);
     running = k.call;
     running_args = args;
-    for (unsigned t = 0; t < threads; ++t) {
-        getcontext(&fibers[t].ctx);
-        fibers[t].ctx.uc_stack.ss_sp = stacks[t].data();
-        fibers[t].ctx.uc_stack.ss_size = STACK;
-        fibers[t].ctx.uc_link = &scheduler;
-        makecontext(&fibers[t].ctx, fiber_entry, 0);
-    }
+    for (unsigned t = 0; t < threads; ++t) fibers[t].sp = fresh_stack(stacks[t]);
     // Each pass runs every live thread to its next barrier (or its end): a barrier is passed
     // only when all live threads have reached it.
     in_fibers = true;
@@ -71,7 +102,7 @@ void run_block(const Kernel &k, void **args, unsigned threads) {
             if (fibers[t].done) continue;
             current = t;
             emu::thread_idx = {t, 0, 0};
-            swapcontext(&scheduler, &fibers[t].ctx);
+            emu_switch(&scheduler, fibers[t].sp);
             live |= !fibers[t].done;
         }
     }
@@ -85,7 +116,7 @@ void sync() {
         std::fprintf(stderr, "cuda emulator: a kernel marked as not synchronizing called a barrier\n");
         std::abort();
     }
-    swapcontext(&fibers[current].ctx, &scheduler);
+    emu_switch(&fibers[current].sp, scheduler);
 }
 
 float shfl_xor(float v, int lane) {
