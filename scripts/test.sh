@@ -18,6 +18,8 @@ cargo test --workspace --release --locked
 # The CUDA backend has no GPU here: its host code and kernels run on an emulated driver, against
 # the CPU (scripts/gpu-check.sh is the check on a GPU).
 bash scripts/cuda-emulator.sh cargo test --workspace --release --locked --test conformance cuda::
+bash scripts/cuda-emulator.sh cargo test --workspace --release --locked --test gpu cuda::minilm
+bash scripts/cuda-emulator.sh cargo test --workspace --release --locked --lib a_cuda_engine_embeds_like_the_cpu
 # The C ABI: header freshness, C/C++/Python examples, misuse, valgrind, threads, load cycles.
 bash scripts/test-ffi.sh
 # Every snippet of README.md and docs/ runs (or is an excerpt of a program that does), as written.

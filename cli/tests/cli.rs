@@ -167,7 +167,11 @@ fn devices_lists_what_there_is_and_cuda_says_why_it_is_missing() {
     // CI has lavapipe (scripts/setup-system.sh): wgpu opens a software adapter.
     assert_eq!(out["wgpu"]["opens"]["emulated"], true, "{out}");
     let cuda = &out["cuda"];
-    assert_eq!(cuda["available"], false);
+    if cuda["available"] == true {
+        // A GPU machine (or the emulated driver): the device it opened, by name.
+        assert!(cuda["opens"].is_string(), "{cuda}");
+        return;
+    }
     let libraries = cuda["libraries"].as_array().unwrap();
     assert_eq!(libraries.len(), 3);
     for l in libraries.iter().filter(|l| l["found"] == false) {
@@ -212,7 +216,11 @@ fn errors_are_messages_and_exit_codes_not_panics() {
     let out = keel(&["--device", "cuda", "embed", "--model", "/nowhere", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no such device: cuda"), "{err}");
+    // No GPU (CI): no such device; with one, the model's path is what is wrong.
+    assert!(
+        err.contains("no such device: cuda") || err.contains("is not a model"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
 
     let out = keel(&["embed", "--model", "/nowhere", "x"]);
