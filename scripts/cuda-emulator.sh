@@ -5,6 +5,10 @@
 # only hardware shows (timing, the memory model); scripts/gpu-check.sh is the check on a GPU.
 #   bash scripts/cuda-emulator.sh cargo test --release --workspace --test conformance cuda::
 set -euo pipefail
+if [[ "$(uname -m)" != x86_64 ]]; then
+  echo "cuda-emulator: x86-64 only (its fibers switch stacks in x86-64 assembly)" >&2
+  exit 1
+fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/target/cuda-emulator"
 mkdir -p "$out"
