@@ -1,10 +1,11 @@
+use crate::backend::Backend;
 use crate::cuda::{Cuda, CudaOptions};
 use crate::decoder::{KvCache, Rope};
-use crate::tensor::Repr;
 use crate::wgpu::{DeviceStats, Wgpu};
 use crate::{cpu::Cpu, Error, Linear, Result, Tensor};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The kinds of backend Keel knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,35 +38,6 @@ impl FromStr for DeviceKind {
             other => Err(format!("unknown device '{other}' (expected cpu, wgpu or cuda)")),
         }
     }
-}
-
-/// The ops of the backend layer, for capability queries ([`Device::supports`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// [`Device::linear`] with a dense f32 weight.
-    Linear,
-    /// [`Device::linear`] with a block-quantized weight.
-    QuantizedLinear,
-    /// [`Device::add_layer_norm`].
-    AddLayerNorm,
-    /// [`Device::add_rms_norm`].
-    AddRmsNorm,
-    /// [`Device::encoder_attention`].
-    EncoderAttention,
-    /// [`Device::causal_attention`], with rotary embeddings and an in-place KV cache.
-    CausalAttention,
-    /// [`Device::swiglu`].
-    SwiGlu,
-    /// [`Device::embedding`].
-    Embedding,
-    /// [`Device::mean_pool`].
-    MeanPool,
-    /// [`Device::l2_normalize`].
-    L2Normalize,
-    /// [`Device::add`].
-    Add,
-    /// [`Device::rows`] and [`Device::concat_rows`].
-    Rows,
 }
 
 /// What a device is and can do.
@@ -107,18 +79,7 @@ impl WgpuOptions {
 /// A compute device and the op set on it. Cheap to clone; safe to share between threads.
 #[derive(Debug, Clone)]
 pub struct Device {
-    backend: Backend,
-}
-
-#[derive(Debug, Clone)]
-enum Backend {
-    Cpu(Cpu),
-    Wgpu(Wgpu),
-    Cuda(Cuda),
-}
-
-fn host(t: candle_core::Tensor) -> Tensor {
-    Tensor(Repr::Cpu(t))
+    backend: Arc<dyn Backend>,
 }
 
 impl Device {
@@ -128,7 +89,7 @@ impl Device {
     pub fn cpu() -> Self {
         crate::cpu::alloc::keep_buffers_for_reuse();
         Self {
-            backend: Backend::Cpu(Cpu),
+            backend: Arc::new(Cpu),
         }
     }
 
@@ -197,7 +158,7 @@ impl Device {
     /// A wgpu adapter chosen and set up by `options` (see [`WgpuOptions`]).
     pub fn wgpu(options: &WgpuOptions) -> Result<Self> {
         Ok(Self {
-            backend: Backend::Wgpu(Wgpu::open(options)?),
+            backend: Arc::new(Wgpu::open(options)?),
         })
     }
 
@@ -205,7 +166,7 @@ impl Device {
     /// what is missing: a library, a driver that answers, or the GPU asked for.
     pub fn cuda(options: &CudaOptions) -> Result<Self> {
         Ok(Self {
-            backend: Backend::Cuda(Cuda::open(options)?),
+            backend: Arc::new(Cuda::open(options)?),
         })
     }
 
@@ -227,29 +188,12 @@ impl Device {
 
     /// What this device is and can do.
     pub fn caps(&self) -> Caps {
-        match &self.backend {
-            Backend::Cpu(b) => b.caps(),
-            Backend::Wgpu(b) => b.caps(),
-            Backend::Cuda(b) => b.caps(),
-        }
-    }
-
-    /// Whether this device implements `op`.
-    pub fn supports(&self, op: Op) -> bool {
-        match &self.backend {
-            Backend::Cpu(_) => Cpu::supports(op),
-            Backend::Wgpu(_) => Wgpu::supports(op),
-            Backend::Cuda(_) => Cuda::supports(op),
-        }
+        self.backend.caps()
     }
 
     /// Counters of the device's resources (all zero on the CPU, which has no buffers of its own).
     pub fn stats(&self) -> DeviceStats {
-        match &self.backend {
-            Backend::Cpu(_) => DeviceStats::default(),
-            Backend::Wgpu(b) => b.stats(),
-            Backend::Cuda(b) => b.stats(),
-        }
+        self.backend.stats()
     }
 
     /// Runs `f`, a whole forward, where this device's host threads are. On the CPU that is a
@@ -258,86 +202,51 @@ impl Device {
     /// the pool with a wake-up and a sleep each way (measured on SmolLM2 decode, ~150 products
     /// a token: a fifth of its time went to those). Elsewhere `f` runs on the calling thread.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.backend {
-            Backend::Cpu(_) => rayon::scope(|_| f()),
-            Backend::Wgpu(_) | Backend::Cuda(_) => f(),
+        if self.backend.runs_on_pool() {
+            rayon::scope(|_| f())
+        } else {
+            f()
         }
     }
 
     /// Waits until all work queued on the device has finished (a no-op on the CPU).
     pub fn synchronize(&self) -> Result<()> {
-        match &self.backend {
-            Backend::Cpu(_) => Ok(()),
-            Backend::Wgpu(b) => b.synchronize(),
-            Backend::Cuda(b) => b.synchronize(),
-        }
+        self.backend.synchronize()
     }
 
     /// `t` on this device: weights once at load, inputs once per request. On the CPU a host
     /// tensor is used where it lies.
     pub fn upload(&self, t: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(_) => Ok(host(t.to_host()?)),
-            Backend::Wgpu(b) => b.upload(t),
-            Backend::Cuda(b) => b.upload(t),
-        }
+        self.backend.upload(t)
     }
 
     /// A layer with its weight and bias on this device, in the format its kernels take
     /// (block-quantized weights stay quantized; formats a device has no kernel for are
     /// dequantized to f32).
     pub fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
-        match &self.backend {
-            Backend::Cpu(_) => Ok(layer.clone()),
-            Backend::Wgpu(b) => b.upload_linear(layer),
-            Backend::Cuda(b) => b.upload_linear(layer),
-        }
+        self.backend.upload_linear(layer)
     }
 
     /// An f32 tensor of `dims` on this device.
     pub fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
         check_len(data.len(), dims)?;
-        match &self.backend {
-            Backend::Cpu(_) => Ok(host(candle_core::Tensor::from_slice(
-                data,
-                dims,
-                &candle_core::Device::Cpu,
-            )?)),
-            Backend::Wgpu(b) => b.tensor_f32(data, dims),
-            Backend::Cuda(b) => b.tensor_f32(data, dims),
-        }
+        self.backend.tensor_f32(data, dims)
     }
 
     /// A u32 tensor (token ids) of `dims` on this device.
     pub fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
         check_len(data.len(), dims)?;
-        match &self.backend {
-            Backend::Cpu(_) => Ok(host(candle_core::Tensor::from_slice(
-                data,
-                dims,
-                &candle_core::Device::Cpu,
-            )?)),
-            Backend::Wgpu(b) => b.tensor_u32(data, dims),
-            Backend::Cuda(b) => b.tensor_u32(data, dims),
-        }
+        self.backend.tensor_u32(data, dims)
     }
 
     /// An empty KV cache on this device for a decoder of `layers` layers.
     pub fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
-        match &self.backend {
-            Backend::Cpu(_) => Ok(KvCache::new(layers, kv_heads, head_dim)),
-            Backend::Wgpu(b) => b.new_kv_cache(layers, kv_heads, head_dim),
-            Backend::Cuda(b) => b.new_kv_cache(layers, kv_heads, head_dim),
-        }
+        self.backend.new_kv_cache(layers, kv_heads, head_dim)
     }
 
     /// `activation(x W^T + b)` over the last dimension of `x`.
     pub fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b.linear(x.cpu("linear")?, layer).map(host),
-            Backend::Wgpu(b) => b.linear(x, layer),
-            Backend::Cuda(b) => b.linear(x, layer),
-        }
+        self.backend.linear(x, layer)
     }
 
     /// `layer_norm(x + residual) * gamma + beta` over the last dimension.
@@ -349,20 +258,7 @@ impl Device {
         beta: &Tensor,
         eps: f32,
     ) -> Result<Tensor> {
-        const OP: &str = "add_layer_norm";
-        match &self.backend {
-            Backend::Cpu(b) => b
-                .add_layer_norm(
-                    x.cpu(OP)?,
-                    residual.map(|r| r.cpu(OP)).transpose()?,
-                    gamma.cpu(OP)?,
-                    beta.cpu(OP)?,
-                    eps,
-                )
-                .map(host),
-            Backend::Wgpu(b) => b.add_layer_norm(x, residual, gamma, beta, eps),
-            Backend::Cuda(b) => b.add_layer_norm(x, residual, gamma, beta, eps),
-        }
+        self.backend.add_layer_norm(x, residual, gamma, beta, eps)
     }
 
     /// `sum = x + residual` (or `x`), then `(sum, sum / rms(sum) * gamma)` over the last
@@ -374,20 +270,7 @@ impl Device {
         gamma: &Tensor,
         eps: f32,
     ) -> Result<(Tensor, Tensor)> {
-        const OP: &str = "rms_norm";
-        match &self.backend {
-            Backend::Cpu(b) => {
-                let (sum, normed) = b.add_rms_norm(
-                    x.cpu(OP)?,
-                    residual.map(|r| r.cpu(OP)).transpose()?,
-                    gamma.cpu(OP)?,
-                    eps,
-                )?;
-                Ok((host(sum), host(normed)))
-            }
-            Backend::Wgpu(b) => b.add_rms_norm(x, residual, gamma, eps),
-            Backend::Cuda(b) => b.add_rms_norm(x, residual, gamma, eps),
-        }
+        self.backend.add_rms_norm(x, residual, gamma, eps)
     }
 
     /// Bidirectional multi-head attention of an encoder, scaled by `1/sqrt(head_dim)`, over a
@@ -399,13 +282,7 @@ impl Device {
     /// so a sequence's result does not depend on its batch-mates. Returns
     /// `[tokens, heads * head_dim]`.
     pub fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b
-                .encoder_attention(qkv.cpu("attention")?, lengths, heads)
-                .map(host),
-            Backend::Wgpu(b) => b.encoder_attention(qkv, lengths, heads),
-            Backend::Cuda(b) => b.encoder_attention(qkv, lengths, heads),
-        }
+        self.backend.encoder_attention(qkv, lengths, heads)
     }
 
     /// Causal grouped-query self-attention of a decoder layer for `t` new tokens of one sequence.
@@ -423,87 +300,46 @@ impl Device {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b
-                .causal_attention(qkv.cpu("attention")?, heads, kv_heads, rope, cache, layer)
-                .map(host),
-            Backend::Wgpu(b) => b.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
-            Backend::Cuda(b) => b.causal_attention(qkv, heads, kv_heads, rope, cache, layer),
-        }
+        self.backend
+            .causal_attention(qkv, heads, kv_heads, rope, cache, layer)
     }
 
     /// `silu(gate) * up` where the last dimension of `x` is `[gate | up]` (a fused gate/up
     /// projection); the result is half as wide.
     pub fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b.swiglu(x.cpu("swiglu")?).map(host),
-            Backend::Wgpu(b) => b.swiglu(x),
-            Backend::Cuda(b) => b.swiglu(x),
-        }
+        self.backend.swiglu(x)
     }
 
     /// Rows of `table` gathered by `ids` (any shape of u32): the result has shape
     /// `ids.shape() + [table.dim(1)]`.
     pub fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        const OP: &str = "embedding";
-        match &self.backend {
-            Backend::Cpu(b) => b.embedding(table.cpu(OP)?, ids.cpu(OP)?).map(host),
-            Backend::Wgpu(b) => b.embedding(table, ids),
-            Backend::Cuda(b) => b.embedding(table, ids),
-        }
+        self.backend.embedding(table, ids)
     }
 
     /// The mean of each sequence's rows of `hidden` (`[tokens, dim]`, sequences packed back to
     /// back, `lengths[b]` rows each, as for [`Device::encoder_attention`]): `[batch, dim]`.
     pub fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
-        const OP: &str = "mean_pool";
-        match &self.backend {
-            Backend::Cpu(b) => b.mean_pool(hidden.cpu(OP)?, lengths).map(host),
-            Backend::Wgpu(b) => b.mean_pool(hidden, lengths),
-            Backend::Cuda(b) => b.mean_pool(hidden, lengths),
-        }
+        self.backend.mean_pool(hidden, lengths)
     }
 
     /// Each row of `x` divided by its L2 norm (at least 1e-12, like PyTorch's `F.normalize`).
     pub fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b.l2_normalize(x.cpu("l2_normalize")?).map(host),
-            Backend::Wgpu(b) => b.l2_normalize(x),
-            Backend::Cuda(b) => b.l2_normalize(x),
-        }
+        self.backend.l2_normalize(x)
     }
 
     /// `a + b`, with `b` broadcast over the leading dimensions of `a`.
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(d) => d.add(a.cpu("add")?, b.cpu("add")?).map(host),
-            Backend::Wgpu(d) => d.add(a, b),
-            Backend::Cuda(d) => d.add(a, b),
-        }
+        self.backend.add(a, b)
     }
 
     /// Rows `start..start + len` of `x` (along its first dimension).
     pub fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => b.rows(x.cpu("rows")?, start, len).map(host),
-            Backend::Wgpu(b) => b.rows(x, start, len),
-            Backend::Cuda(b) => b.rows(x, start, len),
-        }
+        self.backend.rows(x, start, len)
     }
 
     /// The tensors one after another along the first dimension.
     pub fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
-        match &self.backend {
-            Backend::Cpu(b) => {
-                let parts = parts
-                    .iter()
-                    .map(|p| p.cpu("concat_rows"))
-                    .collect::<Result<Vec<_>>>()?;
-                b.concat_rows(&parts).map(host)
-            }
-            Backend::Wgpu(b) => b.concat_rows(parts),
-            Backend::Cuda(b) => b.concat_rows(parts),
-        }
+        self.backend.concat_rows(parts)
     }
 }
 

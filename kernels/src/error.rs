@@ -11,14 +11,6 @@ pub enum Error {
         /// Why it is not available, in words a user can act on.
         reason: String,
     },
-    /// The backend exists but does not implement this op (see [`crate::Device::supports`]).
-    #[error("the {kind} backend does not support {op}")]
-    Unsupported {
-        /// The backend.
-        kind: DeviceKind,
-        /// The op, by name.
-        op: &'static str,
-    },
     /// Shapes or dtypes that the op cannot take.
     #[error("bad operands for {op}: {reason}")]
     BadOperands {

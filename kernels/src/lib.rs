@@ -16,6 +16,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod backend;
 mod cpu;
 pub mod cuda;
 mod decoder;
@@ -31,7 +32,7 @@ pub use cpu::int8::Int8Matrix;
 pub use cpu::quant::{QuantKind, QuantMatrix};
 pub use cuda::{CudaOptions, CudaQuantMatrix};
 pub use decoder::{KvCache, Rope};
-pub use device::{Caps, Device, DeviceKind, Op, WgpuOptions};
+pub use device::{Caps, Device, DeviceKind, WgpuOptions};
 pub use error::{one_line, Error, Result};
 pub use linear::{Activation, Linear, PackedCache, Weight};
 pub use tensor::Tensor;

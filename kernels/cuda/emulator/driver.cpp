@@ -186,12 +186,33 @@ std::mutex device_lock;  // one "stream": every op runs alone, in call order
 struct Module {
     std::string ptx;
 };
-// The stream-ordered pool: freed blocks are kept by size and handed out again.
-std::multimap<size_t, void *> pool_free;
-std::map<void *, size_t> live;
-uint64_t reserved = 0, used = 0;
-int context_token, stream_token, pool_token;
+// A stream-ordered pool: freed blocks are kept by size and handed out again.
+struct Pool {
+    std::multimap<size_t, void *> free;
+    uint64_t reserved = 0, used = 0;
+};
+Pool default_pool;
+std::map<void *, std::pair<size_t, Pool *>> live;  // every block handed out, and its pool
+int context_token, stream_token;
 void *current_context = nullptr;
+
+CUresult pool_alloc(Pool *pool, CUdeviceptr *p, size_t bytes) {
+    void *block;
+    auto it = pool->free.find(bytes);
+    if (it != pool->free.end()) {
+        block = it->second;
+        pool->free.erase(it);
+    } else {
+        block = std::malloc(bytes ? bytes : 1);
+        if (!block) return 2;  // out of memory
+        pool->reserved += bytes;
+    }
+    std::memset(block, 0xff, bytes);  // NaN bits: a read of what nothing wrote shows
+    live[block] = {bytes, pool};
+    pool->used += bytes;
+    *p = (CUdeviceptr)block;
+    return OK;
+}
 }  // namespace
 
 extern "C" {
@@ -224,31 +245,36 @@ CUresult cuStreamDestroy_v2(void *) { return OK; }
 CUresult cuStreamSynchronize(void *) { return OK; }
 CUresult cuGetErrorString(CUresult, const char **s) { return *s = "emulated driver error", OK; }
 CUresult cuGetErrorName(CUresult, const char **s) { return *s = "CUDA_ERROR_EMULATED", OK; }
-CUresult cuDeviceGetDefaultMemPool(void **pool, int) { return *pool = &pool_token, OK; }
-CUresult cuMemPoolSetAttribute(void *, int, void *) { return OK; }
-CUresult cuMemPoolGetAttribute(void *, int attribute, void *value) {
+CUresult cuDeviceGetDefaultMemPool(void **pool, int) { return *pool = &default_pool, OK; }
+CUresult cuMemPoolCreate(void **pool, const void *) { return *pool = new Pool, OK; }
+CUresult cuMemPoolDestroy(void *pool) {
     std::lock_guard<std::mutex> g(device_lock);
-    *(uint64_t *)value = attribute == 5 /* RESERVED_MEM_CURRENT */ ? reserved : used;
+    auto *p = (Pool *)pool;
+    for (auto &[bytes, block] : p->free) std::free(block);
+    for (auto &[block, owner] : live) {
+        if (owner.second == p) {
+            std::fprintf(stderr, "cuda emulator: pool destroyed with %zu bytes in use\n", owner.first);
+            return INVALID_VALUE;
+        }
+    }
+    if (p != &default_pool) delete p;
+    return OK;
+}
+CUresult cuMemPoolSetAttribute(void *, int, void *) { return OK; }
+CUresult cuMemPoolGetAttribute(void *pool, int attribute, void *value) {
+    std::lock_guard<std::mutex> g(device_lock);
+    const Pool *p = (const Pool *)pool;
+    *(uint64_t *)value = attribute == 5 /* RESERVED_MEM_CURRENT */ ? p->reserved : p->used;
     return OK;
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr *p, size_t bytes, void *) {
     std::lock_guard<std::mutex> g(device_lock);
-    void *block;
-    auto it = pool_free.find(bytes);
-    if (it != pool_free.end()) {
-        block = it->second;
-        pool_free.erase(it);
-    } else {
-        block = std::malloc(bytes ? bytes : 1);
-        if (!block) return 2;  // out of memory
-        reserved += bytes;
-    }
-    std::memset(block, 0xff, bytes);  // NaN bits: a read of what nothing wrote shows
-    live[block] = bytes;
-    used += bytes;
-    *p = (CUdeviceptr)block;
-    return OK;
+    return pool_alloc(&default_pool, p, bytes);
+}
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *p, size_t bytes, void *pool, void *) {
+    std::lock_guard<std::mutex> g(device_lock);
+    return pool_alloc((Pool *)pool, p, bytes);
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, void *) {
     std::lock_guard<std::mutex> g(device_lock);
@@ -257,8 +283,9 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void *) {
         std::fprintf(stderr, "cuda emulator: free of %p, which is not allocated\n", (void *)p);
         return INVALID_VALUE;
     }
-    used -= it->second;
-    pool_free.emplace(it->second, it->first);
+    auto [bytes, pool] = it->second;
+    pool->used -= bytes;
+    pool->free.emplace(bytes, it->first);
     live.erase(it);
     return OK;
 }

@@ -44,6 +44,7 @@ mod multiversion {
 
 pub(crate) mod alloc;
 mod attention;
+mod backend;
 pub(crate) mod gemm;
 pub(crate) mod int8;
 mod math;
@@ -51,7 +52,7 @@ pub(crate) mod quant;
 
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
 use crate::device::packed;
-use crate::{Activation, Caps, DeviceKind, Error, Linear, Op, Result, Weight};
+use crate::{Activation, Error, Linear, Result, Weight};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Storage, Tensor, D};
 
@@ -122,19 +123,6 @@ fn bad(op: &'static str, reason: String) -> Error {
 }
 
 impl Cpu {
-    pub(crate) fn caps(&self) -> Caps {
-        Caps {
-            kind: DeviceKind::Cpu,
-            name: "cpu".into(),
-            quantized_matmul: true,
-            emulated: false,
-        }
-    }
-
-    pub(crate) fn supports(_op: Op) -> bool {
-        true
-    }
-
     pub(crate) fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
         let (out_features, in_features) = layer.weight.dims();
         if x.dim(D::Minus1)? != in_features {

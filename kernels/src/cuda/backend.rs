@@ -1,20 +1,22 @@
 //! The CUDA execution path: the op set on one NVIDIA GPU.
 //!
 //! Everything a device does is queued on one stream, in order, so that no op needs a fence of
-//! its own; reading a result back waits for it. Memory comes from the driver's stream-ordered
-//! pool (`cuMemAllocAsync`), told to keep what is freed (the release threshold is raised to the
-//! maximum), so that a steady state of forwards reuses the same memory without asking the OS.
+//! its own; reading a result back waits for it. Memory comes from a stream-ordered pool of the
+//! device's own (`cuMemAllocFromPoolAsync`), told to keep what is freed (its release threshold is
+//! raised to the maximum), so that a steady state of forwards reuses the same memory without
+//! asking the driver for more.
 //! Dense products go to cuBLAS (f32, or f16 weights with f32 sums), everything else to our
 //! kernels of `kernels/cuda/`, compiled by NVRTC for the device's architecture when it opens.
 
 use super::{cache_dir, compile_cached, unavailable, SOURCES};
+use crate::backend::Backend;
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
 use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
-use crate::{Caps, DType, DeviceKind, DeviceStats, Error, Op, QuantKind, QuantMatrix, Result};
+use crate::{Caps, DType, DeviceKind, DeviceStats, Error, QuantKind, QuantMatrix, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaStream};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::fmt;
@@ -78,18 +80,30 @@ struct Inner {
 unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
-/// Device memory that goes back to the pool, in stream order, when the last tensor using it drops.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last buffer is gone (each holds the device): once its free has run, the pool goes.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+        // SAFETY: the pool was created by this device and nothing allocates from it any more.
+        let _ = unsafe { sys::cuMemPoolDestroy(self.pool) };
+    }
+}
+
+/// Device memory that goes back to the device's pool, in stream order, when the last tensor
+/// using it drops.
 pub(crate) struct CudaBuffer {
-    _slice: CudaSlice<u8>,
     ptr: sys::CUdeviceptr,
-    stream: Arc<CudaStream>,
+    device: Arc<Inner>,
 }
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        // The slice's free is queued on the stream, which needs the context current on this
-        // thread (a tensor can be dropped on any thread).
-        let _ = self.stream.context().bind_to_thread();
+        // A tensor can be dropped on any thread: the free needs the context current there.
+        let _ = self.device.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from the pool on this stream and is freed once, after every op that
+        // used it (they were queued on the same stream before).
+        let _ = unsafe { sys::cuMemFreeAsync(self.ptr, self.device.stream.cu_stream()) };
     }
 }
 
@@ -129,7 +143,7 @@ impl CudaTensor {
     }
 
     pub(crate) fn to_host(&self) -> Result<candle_core::Tensor> {
-        let stream = &self.buf.stream;
+        let stream = &self.buf.device.stream;
         let mut bytes = vec![0u8; self.bytes()];
         if !bytes.is_empty() {
             stream
@@ -300,7 +314,7 @@ impl Cuda {
             .map_err(driver("reading the compute capability"))?;
         let name = ctx.name().map_err(driver("reading the device name"))?;
         let memory = ctx.total_mem().map_err(driver("reading the memory size"))?;
-        let pool = keep_freed_memory(&ctx)?;
+        let pool = create_pool(options.ordinal)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Backend {
             kind: DeviceKind::Cuda,
             message: format!("creating a cuBLAS handle: {e:?}"),
@@ -333,32 +347,6 @@ impl Cuda {
         })
     }
 
-    pub(crate) fn caps(&self) -> Caps {
-        Caps {
-            kind: DeviceKind::Cuda,
-            name: self.inner.name.clone(),
-            quantized_matmul: true,
-            emulated: false,
-        }
-    }
-
-    pub(crate) fn supports(_op: Op) -> bool {
-        true
-    }
-
-    pub(crate) fn stats(&self) -> DeviceStats {
-        let reserved = pool_attribute(
-            self.inner.pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-        );
-        DeviceStats {
-            buffers_created: self.inner.allocations.load(Ordering::Relaxed),
-            submits: self.inner.syncs.load(Ordering::Relaxed),
-            dispatches: self.inner.launches.load(Ordering::Relaxed),
-            reserved_bytes: reserved,
-        }
-    }
-
     fn bind(&self) -> Result<()> {
         self.inner
             .ctx
@@ -366,27 +354,30 @@ impl Cuda {
             .map_err(driver("binding the context"))
     }
 
-    pub(crate) fn synchronize(&self) -> Result<()> {
-        self.inner.syncs.fetch_add(1, Ordering::Relaxed);
-        self.inner.stream.synchronize().map_err(driver("synchronizing"))
-    }
-
     fn alloc(&self, dims: &[usize], dtype: DType) -> Result<CudaTensor> {
         let len: usize = dims.iter().product();
         if len > u32::MAX as usize {
             return Err(bad("tensor", format!("{dims:?} holds more than 2^32 values")));
         }
-        let stream = &self.inner.stream;
-        // SAFETY: every kernel writes its output before anything reads it.
-        let slice = unsafe { stream.alloc::<u8>(len.max(1) * elem_bytes(dtype)) }
-            .map_err(driver("allocating device memory"))?;
+        self.bind()?;
+        let mut ptr = 0;
+        // SAFETY: a valid out-pointer, the device's pool and stream; every kernel writes its
+        // output before anything reads it.
+        unsafe {
+            sys::cuMemAllocFromPoolAsync(
+                &mut ptr,
+                len.max(1) * elem_bytes(dtype),
+                self.inner.pool,
+                self.inner.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(driver("allocating device memory"))?;
         self.inner.allocations.fetch_add(1, Ordering::Relaxed);
-        let (ptr, _) = slice.device_ptr(stream);
         Ok(CudaTensor {
             buf: Arc::new(CudaBuffer {
-                _slice: slice,
                 ptr,
-                stream: stream.clone(),
+                device: self.inner.clone(),
             }),
             dims: dims.to_vec(),
             dtype,
@@ -472,48 +463,6 @@ impl Cuda {
         )
     }
 
-    pub(crate) fn upload(&self, t: &Tensor) -> Result<Tensor> {
-        let host = match &t.0 {
-            Repr::Cuda(_) => return Ok(t.clone()),
-            Repr::Wgpu(_) => return Err(bad("upload", "the tensor lives on a wgpu device".into())),
-            Repr::Cpu(h) => h,
-        };
-        let dims = host.dims().to_vec();
-        let flat = host.flatten_all()?;
-        Ok(wrap(match host.dtype() {
-            DType::U32 => {
-                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
-            }
-            _ => self.upload_bytes(
-                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                &dims,
-                DType::F32,
-            )?,
-        }))
-    }
-
-    pub(crate) fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
-        let weight = match &layer.weight {
-            Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
-            Weight::Quantized(q) => Weight::CudaQuantized(Arc::new(self.upload_quant(q)?)),
-            Weight::CudaQuantized(q) => Weight::CudaQuantized(q.clone()),
-            Weight::GpuQuantized(_) => {
-                return Err(bad("upload_linear", "the weight lives on a wgpu device".into()))
-            }
-            // No int8 or other GGML kernels here: their values, dequantized, run as f32 (or f16).
-            other @ (Weight::Int8(_) | Weight::Ggml(_)) => match other.dequantized()? {
-                Weight::Dense(t) => Weight::Dense(self.upload_dense(&t)?),
-                _ => unreachable!("dequantized() returns a dense weight"),
-            },
-        };
-        Ok(Linear {
-            weight,
-            bias: layer.bias.as_ref().map(|b| self.upload(b)).transpose()?,
-            activation: layer.activation,
-            packed: Default::default(),
-        })
-    }
-
     /// A dense weight in f32, or in f16 with the f16 option.
     fn upload_dense(&self, t: &Tensor) -> Result<Tensor> {
         let host = match &t.0 {
@@ -539,22 +488,6 @@ impl Cuda {
             scales: self.upload_bytes(bytemuck::cast_slice(&scales), &[blocks, 2], DType::F32)?,
             quants: self.upload_bytes(bytemuck::cast_slice(&quants), &[quants.len()], DType::U32)?,
         })
-    }
-
-    pub(crate) fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
-        Ok(wrap(self.upload_bytes(
-            bytemuck::cast_slice(data),
-            dims,
-            DType::F32,
-        )?))
-    }
-
-    pub(crate) fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
-        Ok(wrap(self.upload_bytes(
-            bytemuck::cast_slice(data),
-            dims,
-            DType::U32,
-        )?))
     }
 
     /// `y[m, n] = x[m, k] w[n, k]^T` by cuBLAS: column-major, that is `y^T = w x^T`, with `w`
@@ -633,7 +566,148 @@ impl Cuda {
         })
     }
 
-    pub(crate) fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    fn norm_operands<'a>(
+        op: &'static str,
+        x: &'a Tensor,
+        residual: Option<&'a Tensor>,
+        gamma: &'a Tensor,
+    ) -> Result<(&'a CudaTensor, Option<&'a CudaTensor>, &'a CudaTensor, usize)> {
+        let x = x.cuda(op)?;
+        let width = *x.dims.last().unwrap_or(&0);
+        let residual = residual.map(|r| r.cuda(op)).transpose()?;
+        let gamma = gamma.cuda(op)?;
+        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
+            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
+        }
+        Ok((x, residual, gamma, width))
+    }
+
+    /// Where each sequence of a packed batch starts, and where the last one ends.
+    fn starts(&self, lengths: &[usize]) -> Result<CudaTensor> {
+        let starts: Vec<u32> = std::iter::once(0)
+            .chain(lengths.iter().scan(0, |at, &n| {
+                *at += n;
+                Some(*at)
+            }))
+            .map(|r| r as u32)
+            .collect();
+        self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
+    }
+
+    fn rope_tables(&self, rope: &Rope) -> Result<(CudaTensor, CudaTensor)> {
+        if let Some(tables) = rope.cuda.get() {
+            return Ok(tables.clone());
+        }
+        let upload = |v: &[f32]| self.upload_bytes(bytemuck::cast_slice(v), &[v.len()], DType::F32);
+        let tables = (upload(&rope.cos)?, upload(&rope.sin)?);
+        Ok(rope.cuda.get_or_init(|| tables).clone())
+    }
+
+    /// Makes room in every layer of `kv` for `rows` rows of `width` values, keeping `keep` rows.
+    fn reserve(&self, kv: &mut CudaKv, rows: usize, keep: usize, width: usize) -> Result<()> {
+        if rows <= kv.capacity {
+            return Ok(());
+        }
+        let capacity = rows.max(2 * kv.capacity).max(16);
+        for (k, v) in kv.layers.iter_mut() {
+            for t in [k, v] {
+                let grown = self.alloc(&[capacity, width], DType::F32)?;
+                self.copy(t, 0, &grown, 0, keep * width * 4)?;
+                *t = grown;
+            }
+        }
+        kv.capacity = capacity;
+        Ok(())
+    }
+}
+
+impl Backend for Cuda {
+    fn caps(&self) -> Caps {
+        Caps {
+            kind: DeviceKind::Cuda,
+            name: self.inner.name.clone(),
+            quantized_matmul: true,
+            emulated: false,
+        }
+    }
+
+    fn stats(&self) -> DeviceStats {
+        let reserved = pool_attribute(
+            self.inner.pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        );
+        DeviceStats {
+            buffers_created: self.inner.allocations.load(Ordering::Relaxed),
+            submits: self.inner.syncs.load(Ordering::Relaxed),
+            dispatches: self.inner.launches.load(Ordering::Relaxed),
+            reserved_bytes: reserved,
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner.syncs.fetch_add(1, Ordering::Relaxed);
+        self.inner.stream.synchronize().map_err(driver("synchronizing"))
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        let host = match &t.0 {
+            Repr::Cuda(_) => return Ok(t.clone()),
+            Repr::Wgpu(_) => return Err(bad("upload", "the tensor lives on a wgpu device".into())),
+            Repr::Cpu(h) => h,
+        };
+        let dims = host.dims().to_vec();
+        let flat = host.flatten_all()?;
+        Ok(wrap(match host.dtype() {
+            DType::U32 => {
+                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
+            }
+            _ => self.upload_bytes(
+                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                &dims,
+                DType::F32,
+            )?,
+        }))
+    }
+
+    fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
+        let weight = match &layer.weight {
+            Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
+            Weight::Quantized(q) => Weight::CudaQuantized(Arc::new(self.upload_quant(q)?)),
+            Weight::CudaQuantized(q) => Weight::CudaQuantized(q.clone()),
+            Weight::GpuQuantized(_) => {
+                return Err(bad("upload_linear", "the weight lives on a wgpu device".into()))
+            }
+            // No int8 or other GGML kernels here: their values, dequantized, run as f32 (or f16).
+            other @ (Weight::Int8(_) | Weight::Ggml(_)) => match other.dequantized()? {
+                Weight::Dense(t) => Weight::Dense(self.upload_dense(&t)?),
+                _ => unreachable!("dequantized() returns a dense weight"),
+            },
+        };
+        Ok(Linear {
+            weight,
+            bias: layer.bias.as_ref().map(|b| self.upload(b)).transpose()?,
+            activation: layer.activation,
+            packed: Default::default(),
+        })
+    }
+
+    fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        Ok(wrap(self.upload_bytes(
+            bytemuck::cast_slice(data),
+            dims,
+            DType::F32,
+        )?))
+    }
+
+    fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
+        Ok(wrap(self.upload_bytes(
+            bytemuck::cast_slice(data),
+            dims,
+            DType::U32,
+        )?))
+    }
+
+    fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
         let x = x.cuda("linear")?;
         let (n, k) = layer.weight.dims();
         if x.dims.last() != Some(&k) || k == 0 {
@@ -722,23 +796,7 @@ impl Cuda {
         Ok(wrap(y))
     }
 
-    fn norm_operands<'a>(
-        op: &'static str,
-        x: &'a Tensor,
-        residual: Option<&'a Tensor>,
-        gamma: &'a Tensor,
-    ) -> Result<(&'a CudaTensor, Option<&'a CudaTensor>, &'a CudaTensor, usize)> {
-        let x = x.cuda(op)?;
-        let width = *x.dims.last().unwrap_or(&0);
-        let residual = residual.map(|r| r.cuda(op)).transpose()?;
-        let gamma = gamma.cuda(op)?;
-        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
-            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
-        }
-        Ok((x, residual, gamma, width))
-    }
-
-    pub(crate) fn add_layer_norm(
+    fn add_layer_norm(
         &self,
         x: &Tensor,
         residual: Option<&Tensor>,
@@ -771,7 +829,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn add_rms_norm(
+    fn add_rms_norm(
         &self,
         x_t: &Tensor,
         residual: Option<&Tensor>,
@@ -802,19 +860,7 @@ impl Cuda {
         Ok((sum, wrap(out)))
     }
 
-    /// Where each sequence of a packed batch starts, and where the last one ends.
-    fn starts(&self, lengths: &[usize]) -> Result<CudaTensor> {
-        let starts: Vec<u32> = std::iter::once(0)
-            .chain(lengths.iter().scan(0, |at, &n| {
-                *at += n;
-                Some(*at)
-            }))
-            .map(|r| r as u32)
-            .collect();
-        self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
-    }
-
-    pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
+    fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let qkv = qkv.cuda("attention")?;
         let [tokens, width3] = qkv.dims[..] else {
             return Err(bad(
@@ -860,33 +906,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    fn rope_tables(&self, rope: &Rope) -> Result<(CudaTensor, CudaTensor)> {
-        if let Some(tables) = rope.cuda.get() {
-            return Ok(tables.clone());
-        }
-        let upload = |v: &[f32]| self.upload_bytes(bytemuck::cast_slice(v), &[v.len()], DType::F32);
-        let tables = (upload(&rope.cos)?, upload(&rope.sin)?);
-        Ok(rope.cuda.get_or_init(|| tables).clone())
-    }
-
-    /// Makes room in every layer of `kv` for `rows` rows of `width` values, keeping `keep` rows.
-    fn reserve(&self, kv: &mut CudaKv, rows: usize, keep: usize, width: usize) -> Result<()> {
-        if rows <= kv.capacity {
-            return Ok(());
-        }
-        let capacity = rows.max(2 * kv.capacity).max(16);
-        for (k, v) in kv.layers.iter_mut() {
-            for t in [k, v] {
-                let grown = self.alloc(&[capacity, width], DType::F32)?;
-                self.copy(t, 0, &grown, 0, keep * width * 4)?;
-                *t = grown;
-            }
-        }
-        kv.capacity = capacity;
-        Ok(())
-    }
-
-    pub(crate) fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
+    fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
         let width = kv_heads * head_dim;
         let empty = || self.alloc(&[0, width], DType::F32);
         let layers = (0..layers)
@@ -902,7 +922,7 @@ impl Cuda {
         ))
     }
 
-    pub(crate) fn causal_attention(
+    fn causal_attention(
         &self,
         qkv: &Tensor,
         heads: usize,
@@ -974,7 +994,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.cuda("swiglu")?;
         let width = *x.dims.last().unwrap_or(&0);
         if width % 2 != 0 {
@@ -991,7 +1011,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         let (table, ids) = (table.cuda("embedding")?, ids.cuda("embedding")?);
         let [rows, width] = table.dims[..] else {
             return Err(bad(
@@ -1013,7 +1033,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let hidden = hidden.cuda("mean_pool")?;
         let [tokens, width] = hidden.dims[..] else {
             return Err(bad(
@@ -1038,7 +1058,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.cuda("l2_normalize")?;
         let width = *x.dims.last().unwrap_or(&0);
         if width == 0 {
@@ -1055,7 +1075,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (a, b) = (a.cuda("add")?, b.cuda("add")?);
         // b broadcasts over a's leading dimensions: its shape (without leading 1s) ends a's.
         let trimmed: Vec<usize> = b.dims.iter().copied().skip_while(|&d| d == 1).collect();
@@ -1074,7 +1094,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let x = x.cuda("rows")?;
         if x.dims.is_empty() || start + len > x.dims[0] {
             return Err(bad(
@@ -1090,7 +1110,7 @@ impl Cuda {
         Ok(wrap(out))
     }
 
-    pub(crate) fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
+    fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
         let parts = parts
             .iter()
             .map(|p| p.cuda("concat_rows"))
@@ -1124,25 +1144,29 @@ fn quant_code(kind: QuantKind) -> u32 {
     }
 }
 
-/// The device's stream-ordered memory pool, set to keep freed memory for the next allocation
-/// instead of returning it to the driver at each synchronization (the default).
-fn keep_freed_memory(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+/// A stream-ordered memory pool on GPU `ordinal`, the device's own (so that its counters are
+/// this device's), set to keep freed memory for the next allocation instead of returning it to
+/// the driver at each synchronization (the default).
+fn create_pool(ordinal: usize) -> Result<sys::CUmemoryPool> {
     let mut pool = std::ptr::null_mut();
     let mut keep = u64::MAX;
-    // SAFETY: valid out-pointer and attribute value of the type the attribute takes (u64).
+    // SAFETY: zeroed props are valid (no handle types, no Win32 attributes, no size limit); valid
+    // out-pointer and attribute value of the type the attribute takes (u64).
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+        let mut props: sys::CUmemPoolProps = std::mem::zeroed();
+        props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = ordinal as i32;
+        sys::cuMemPoolCreate(&mut pool, &props).result().and_then(|()| {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
             .result()
-            .and_then(|()| {
-                sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    (&mut keep as *mut u64).cast(),
-                )
-                .result()
-            })
+        })
     }
-    .map_err(driver("setting up the memory pool"))?;
+    .map_err(driver("creating the memory pool"))?;
     Ok(pool)
 }
 

@@ -4,11 +4,12 @@
 
 mod context;
 
+use crate::backend::Backend;
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
 use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
 use crate::tensor::{Repr, Tensor};
-use crate::{Caps, DType, DeviceKind, Error, Op, QuantKind, QuantMatrix, Result, WgpuOptions};
+use crate::{Caps, DType, DeviceKind, Error, QuantKind, QuantMatrix, Result, WgpuOptions};
 pub(crate) use context::adapters;
 pub use context::DeviceStats;
 use context::{Context, Shader, Usage};
@@ -234,30 +235,6 @@ impl Wgpu {
         })
     }
 
-    pub(crate) fn caps(&self) -> Caps {
-        Caps {
-            kind: DeviceKind::Wgpu,
-            name: format!(
-                "{} ({:?}, {:?})",
-                self.ctx.info.name, self.ctx.info.device_type, self.ctx.info.backend
-            ),
-            quantized_matmul: true,
-            emulated: self.ctx.info.device_type == wgpu::DeviceType::Cpu,
-        }
-    }
-
-    pub(crate) fn supports(_op: Op) -> bool {
-        true
-    }
-
-    pub(crate) fn stats(&self) -> DeviceStats {
-        self.ctx.stats()
-    }
-
-    pub(crate) fn synchronize(&self) -> Result<()> {
-        self.ctx.wait()
-    }
-
     fn alloc(&self, dims: &[usize], dtype: DType) -> Result<GpuTensor> {
         let len: usize = dims.iter().product();
         Ok(GpuTensor {
@@ -290,55 +267,6 @@ impl Wgpu {
         Ok(t)
     }
 
-    pub(crate) fn upload(&self, t: &Tensor) -> Result<Tensor> {
-        let host = match &t.0 {
-            Repr::Wgpu(_) => return Ok(t.clone()),
-            Repr::Cuda(_) => return Err(bad("upload", "the tensor lives on a CUDA device".into())),
-            Repr::Cpu(h) => h,
-        };
-        let dims = host.dims().to_vec();
-        let flat = host.flatten_all()?;
-        Ok(wrap(match host.dtype() {
-            DType::U32 => {
-                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
-            }
-            _ => self.upload_bytes(
-                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                &dims,
-                DType::F32,
-            )?,
-        }))
-    }
-
-    pub(crate) fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
-        let host = |t: Vec<f32>, dims: (usize, usize)| -> Result<Tensor> {
-            self.upload(&Tensor::from(candle_core::Tensor::from_vec(
-                t,
-                &[dims.0, dims.1],
-                &candle_core::Device::Cpu,
-            )?))
-        };
-        let weight = match &layer.weight {
-            Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
-            Weight::Quantized(q) => Weight::GpuQuantized(Arc::new(self.upload_quant(q)?)),
-            Weight::GpuQuantized(q) => Weight::GpuQuantized(q.clone()),
-            Weight::CudaQuantized(_) => {
-                return Err(bad("upload_linear", "the weight lives on a CUDA device".into()))
-            }
-            // No int8 or other GGML kernels here: their values, dequantized, run as f32.
-            other @ (Weight::Int8(_) | Weight::Ggml(_)) => match other.dequantized()? {
-                Weight::Dense(t) => Weight::Dense(host(t.to_vec2()?.concat(), other.dims())?),
-                _ => unreachable!("dequantized() returns a dense weight"),
-            },
-        };
-        Ok(Linear {
-            weight,
-            bias: layer.bias.as_ref().map(|b| self.upload(b)).transpose()?,
-            activation: layer.activation,
-            packed: Default::default(),
-        })
-    }
-
     /// A dense weight in f32, or as f16 pairs in u32 words with the f16 option (rows whose
     /// length is a multiple of 4, which the matmul reads as vec4s).
     fn upload_dense(&self, t: &Tensor) -> Result<Tensor> {
@@ -368,7 +296,154 @@ impl Wgpu {
         })
     }
 
-    pub(crate) fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+    fn norm_operands<'a>(
+        op: &'static str,
+        x: &'a Tensor,
+        residual: Option<&'a Tensor>,
+        gamma: &'a Tensor,
+    ) -> Result<(&'a GpuTensor, Option<&'a GpuTensor>, &'a GpuTensor, usize)> {
+        let x = x.gpu(op)?;
+        let width = *x.dims.last().unwrap_or(&0);
+        let residual = residual.map(|r| r.gpu(op)).transpose()?;
+        let gamma = gamma.gpu(op)?;
+        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
+            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
+        }
+        Ok((x, residual, gamma, width))
+    }
+
+    /// Where each sequence of a packed batch starts, and where the last one ends (`batch + 1`
+    /// row indices), on the device.
+    fn starts(&self, lengths: &[usize]) -> Result<GpuTensor> {
+        let starts: Vec<u32> = std::iter::once(0)
+            .chain(lengths.iter().scan(0, |at, &n| {
+                *at += n;
+                Some(*at)
+            }))
+            .map(|r| r as u32)
+            .collect();
+        self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
+    }
+
+    fn rope_tables(&self, rope: &Rope) -> Result<(GpuTensor, GpuTensor)> {
+        if let Some(tables) = rope.gpu.get() {
+            return Ok(tables.clone());
+        }
+        let upload = |v: &[f32]| self.upload_bytes(bytemuck::cast_slice(v), &[v.len()], DType::F32);
+        let tables = (upload(&rope.cos)?, upload(&rope.sin)?);
+        Ok(rope.gpu.get_or_init(|| tables).clone())
+    }
+
+    /// Makes room in every layer of `kv` for `rows` rows of `width` values, keeping `keep` rows.
+    fn reserve(&self, kv: &mut GpuKv, rows: usize, keep: usize, width: usize) -> Result<()> {
+        if rows <= kv.capacity {
+            return Ok(());
+        }
+        let capacity = rows.max(2 * kv.capacity).max(16);
+        for (k, v) in kv.layers.iter_mut() {
+            for t in [k, v] {
+                let grown = self.alloc(&[capacity, width], DType::F32)?;
+                self.ctx
+                    .copy(t.buffer(), 0, grown.buffer(), 0, (keep * width * 4) as u64);
+                *t = grown;
+            }
+        }
+        kv.capacity = capacity;
+        Ok(())
+    }
+
+    /// Runs the elementwise shader's `op` (see `elementwise.wgsl`) into an output of shape `dims`,
+    /// with its operands `[a, b, ids]` (an op binds its first operand where it needs no other).
+    fn elementwise(
+        &self,
+        op: u32,
+        dims: &[usize],
+        (width, b_len): (usize, usize),
+        [a, b, ids]: [&GpuTensor; 3],
+    ) -> Result<Tensor> {
+        let out = self.alloc(dims, DType::F32)?;
+        let n = out.len();
+        self.ctx.dispatch(
+            &ELEMENTWISE,
+            &[op, n as u32, width as u32, b_len as u32],
+            &[a.buffer(), b.buffer(), ids.buffer(), out.buffer()],
+            grid(n.div_ceil(256)),
+        );
+        Ok(wrap(out))
+    }
+}
+
+impl Backend for Wgpu {
+    fn caps(&self) -> Caps {
+        Caps {
+            kind: DeviceKind::Wgpu,
+            name: format!(
+                "{} ({:?}, {:?})",
+                self.ctx.info.name, self.ctx.info.device_type, self.ctx.info.backend
+            ),
+            quantized_matmul: true,
+            emulated: self.ctx.info.device_type == wgpu::DeviceType::Cpu,
+        }
+    }
+
+    fn stats(&self) -> DeviceStats {
+        self.ctx.stats()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.wait()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        let host = match &t.0 {
+            Repr::Wgpu(_) => return Ok(t.clone()),
+            Repr::Cuda(_) => return Err(bad("upload", "the tensor lives on a CUDA device".into())),
+            Repr::Cpu(h) => h,
+        };
+        let dims = host.dims().to_vec();
+        let flat = host.flatten_all()?;
+        Ok(wrap(match host.dtype() {
+            DType::U32 => {
+                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
+            }
+            _ => self.upload_bytes(
+                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                &dims,
+                DType::F32,
+            )?,
+        }))
+    }
+
+    fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
+        let host = |t: Vec<f32>, dims: (usize, usize)| -> Result<Tensor> {
+            self.upload(&Tensor::from(candle_core::Tensor::from_vec(
+                t,
+                &[dims.0, dims.1],
+                &candle_core::Device::Cpu,
+            )?))
+        };
+        let weight = match &layer.weight {
+            Weight::Dense(t) => Weight::Dense(self.upload_dense(t)?),
+            Weight::Quantized(q) => Weight::GpuQuantized(Arc::new(self.upload_quant(q)?)),
+            Weight::GpuQuantized(q) => Weight::GpuQuantized(q.clone()),
+            Weight::CudaQuantized(_) => {
+                return Err(bad("upload_linear", "the weight lives on a CUDA device".into()))
+            }
+            // No int8 or other GGML kernels here: their values, dequantized, run as f32.
+            other @ (Weight::Int8(_) | Weight::Ggml(_)) => match other.dequantized()? {
+                Weight::Dense(t) => Weight::Dense(host(t.to_vec2()?.concat(), other.dims())?),
+                _ => unreachable!("dequantized() returns a dense weight"),
+            },
+        };
+        Ok(Linear {
+            weight,
+            bias: layer.bias.as_ref().map(|b| self.upload(b)).transpose()?,
+            activation: layer.activation,
+            packed: Default::default(),
+        })
+    }
+
+    fn tensor_f32(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
         Ok(wrap(self.upload_bytes(
             bytemuck::cast_slice(data),
             dims,
@@ -376,7 +451,7 @@ impl Wgpu {
         )?))
     }
 
-    pub(crate) fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
+    fn tensor_u32(&self, data: &[u32], dims: &[usize]) -> Result<Tensor> {
         Ok(wrap(self.upload_bytes(
             bytemuck::cast_slice(data),
             dims,
@@ -384,7 +459,7 @@ impl Wgpu {
         )?))
     }
 
-    pub(crate) fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
         let x = x.gpu("linear")?;
         let (n, k) = layer.weight.dims();
         if x.dims.last() != Some(&k) {
@@ -459,23 +534,7 @@ impl Wgpu {
         Ok(wrap(y))
     }
 
-    fn norm_operands<'a>(
-        op: &'static str,
-        x: &'a Tensor,
-        residual: Option<&'a Tensor>,
-        gamma: &'a Tensor,
-    ) -> Result<(&'a GpuTensor, Option<&'a GpuTensor>, &'a GpuTensor, usize)> {
-        let x = x.gpu(op)?;
-        let width = *x.dims.last().unwrap_or(&0);
-        let residual = residual.map(|r| r.gpu(op)).transpose()?;
-        let gamma = gamma.gpu(op)?;
-        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
-            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
-        }
-        Ok((x, residual, gamma, width))
-    }
-
-    pub(crate) fn add_layer_norm(
+    fn add_layer_norm(
         &self,
         x: &Tensor,
         residual: Option<&Tensor>,
@@ -510,7 +569,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    pub(crate) fn add_rms_norm(
+    fn add_rms_norm(
         &self,
         x_t: &Tensor,
         residual: Option<&Tensor>,
@@ -549,7 +608,7 @@ impl Wgpu {
         Ok((sum, wrap(out)))
     }
 
-    pub(crate) fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
+    fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let qkv = qkv.gpu("attention")?;
         let [tokens, width3] = qkv.dims[..] else {
             return Err(bad(
@@ -586,47 +645,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    /// Where each sequence of a packed batch starts, and where the last one ends (`batch + 1`
-    /// row indices), on the device.
-    fn starts(&self, lengths: &[usize]) -> Result<GpuTensor> {
-        let starts: Vec<u32> = std::iter::once(0)
-            .chain(lengths.iter().scan(0, |at, &n| {
-                *at += n;
-                Some(*at)
-            }))
-            .map(|r| r as u32)
-            .collect();
-        self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
-    }
-
-    fn rope_tables(&self, rope: &Rope) -> Result<(GpuTensor, GpuTensor)> {
-        if let Some(tables) = rope.gpu.get() {
-            return Ok(tables.clone());
-        }
-        let upload = |v: &[f32]| self.upload_bytes(bytemuck::cast_slice(v), &[v.len()], DType::F32);
-        let tables = (upload(&rope.cos)?, upload(&rope.sin)?);
-        Ok(rope.gpu.get_or_init(|| tables).clone())
-    }
-
-    /// Makes room in every layer of `kv` for `rows` rows of `width` values, keeping `keep` rows.
-    fn reserve(&self, kv: &mut GpuKv, rows: usize, keep: usize, width: usize) -> Result<()> {
-        if rows <= kv.capacity {
-            return Ok(());
-        }
-        let capacity = rows.max(2 * kv.capacity).max(16);
-        for (k, v) in kv.layers.iter_mut() {
-            for t in [k, v] {
-                let grown = self.alloc(&[capacity, width], DType::F32)?;
-                self.ctx
-                    .copy(t.buffer(), 0, grown.buffer(), 0, (keep * width * 4) as u64);
-                *t = grown;
-            }
-        }
-        kv.capacity = capacity;
-        Ok(())
-    }
-
-    pub(crate) fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
+    fn new_kv_cache(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<KvCache> {
         let width = kv_heads * head_dim;
         let empty = || self.alloc(&[0, width], DType::F32);
         let layers = (0..layers)
@@ -643,7 +662,7 @@ impl Wgpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn causal_attention(
+    fn causal_attention(
         &self,
         qkv: &Tensor,
         heads: usize,
@@ -719,27 +738,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    /// Runs the elementwise shader's `op` (see `elementwise.wgsl`) into an output of shape `dims`,
-    /// with its operands `[a, b, ids]` (an op binds its first operand where it needs no other).
-    fn elementwise(
-        &self,
-        op: u32,
-        dims: &[usize],
-        (width, b_len): (usize, usize),
-        [a, b, ids]: [&GpuTensor; 3],
-    ) -> Result<Tensor> {
-        let out = self.alloc(dims, DType::F32)?;
-        let n = out.len();
-        self.ctx.dispatch(
-            &ELEMENTWISE,
-            &[op, n as u32, width as u32, b_len as u32],
-            &[a.buffer(), b.buffer(), ids.buffer(), out.buffer()],
-            grid(n.div_ceil(256)),
-        );
-        Ok(wrap(out))
-    }
-
-    pub(crate) fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.gpu("swiglu")?;
         let width = *x.dims.last().unwrap_or(&0);
         if width % 2 != 0 {
@@ -750,7 +749,7 @@ impl Wgpu {
         self.elementwise(1, &dims, (width / 2, 1), [x, x, x])
     }
 
-    pub(crate) fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         let (table, ids) = (table.gpu("embedding")?, ids.gpu("embedding")?);
         let [rows, width] = table.dims[..] else {
             return Err(bad(
@@ -766,7 +765,7 @@ impl Wgpu {
         self.elementwise(2, &dims, (width, rows), [table, table, ids])
     }
 
-    pub(crate) fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let hidden = hidden.gpu("mean_pool")?;
         let [tokens, width] = hidden.dims[..] else {
             return Err(bad(
@@ -792,7 +791,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    pub(crate) fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.gpu("l2_normalize")?;
         let width = *x.dims.last().unwrap_or(&0);
         if width == 0 {
@@ -809,7 +808,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    pub(crate) fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (a, b) = (a.gpu("add")?, b.gpu("add")?);
         // b broadcasts over a's leading dimensions: its shape (without leading 1s) ends a's.
         let trimmed: Vec<usize> = b.dims.iter().copied().skip_while(|&d| d == 1).collect();
@@ -822,7 +821,7 @@ impl Wgpu {
         self.elementwise(0, &a.dims, (1, b.len()), [a, b, a])
     }
 
-    pub(crate) fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let x = x.gpu("rows")?;
         let row: usize = x.dims[1..].iter().product();
         if x.dims.is_empty() || start + len > x.dims[0] {
@@ -846,7 +845,7 @@ impl Wgpu {
         Ok(wrap(out))
     }
 
-    pub(crate) fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
+    fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
         let parts = parts
             .iter()
             .map(|p| p.gpu("concat_rows"))
