@@ -304,9 +304,9 @@ impl Cuda {
             }
         };
         let ctx = CudaContext::new(options.ordinal).map_err(no_device("creating a context"))?;
-        // One stream per device: ordering is the stream's, so cudarc's per-buffer events (for
-        // buffers shared between streams) would only cost.
-        // SAFETY: every buffer of this device is used on its one stream.
+        // One stream per device, and buffers of our own (not cudarc's slices): cudarc's event
+        // tracking, for slices shared between streams, would only synchronize needlessly.
+        // SAFETY: no cudarc slice is made; every buffer of this device is used on its one stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
         let (major, minor) = ctx
