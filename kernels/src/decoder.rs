@@ -84,28 +84,33 @@ pub(crate) enum KvStore {
 }
 
 impl Clone for KvCache {
-    /// A copy of the committed tokens (on a GPU, a copy recorded on the device).
+    /// [`KvCache::try_clone`], for host caches and tests: panics where a GPU has no memory left
+    /// for the copy.
     fn clone(&self) -> Self {
+        self.try_clone().expect("device memory for a copy of a KV cache")
+    }
+}
+
+impl KvCache {
+    /// A copy of the committed tokens (on a GPU, a copy made on the device), or the device's
+    /// error when it has no memory left for it.
+    pub fn try_clone(&self) -> Result<Self> {
+        let values = self.len * self.width;
         let store = match &self.store {
             KvStore::Host { keys, values } => KvStore::Host {
                 keys: keys.clone(),
                 values: values.clone(),
             },
-            KvStore::Wgpu(kv) => KvStore::Wgpu(kv.duplicate(self.len * self.width)),
-            KvStore::Cuda(kv) => KvStore::Cuda(
-                kv.duplicate(self.len * self.width)
-                    .expect("device memory for a copy of a KV cache"),
-            ),
+            KvStore::Wgpu(kv) => KvStore::Wgpu(kv.duplicate(values)?),
+            KvStore::Cuda(kv) => KvStore::Cuda(kv.duplicate(values)?),
         };
-        Self {
+        Ok(Self {
             store,
             width: self.width,
             len: self.len,
-        }
+        })
     }
-}
 
-impl KvCache {
     /// An empty cache in host memory (the CPU's) for `layers` layers of `kv_heads * head_dim`
     /// values per token.
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {

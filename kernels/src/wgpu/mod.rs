@@ -176,7 +176,7 @@ impl GpuKv {
     }
 
     /// A copy holding the first `values` floats of every layer.
-    pub(crate) fn duplicate(&self, values: usize) -> GpuKv {
+    pub(crate) fn duplicate(&self, values: usize) -> Result<GpuKv> {
         let wgpu = Wgpu {
             ctx: self.ctx.clone(),
             f16_weights: false,
@@ -185,21 +185,19 @@ impl GpuKv {
             .layers
             .iter()
             .map(|(k, v)| {
-                let copy = |t: &GpuTensor| {
-                    let new = wgpu
-                        .alloc(&t.dims, DType::F32)
-                        .expect("a buffer the size of one that exists");
+                let copy = |t: &GpuTensor| -> Result<GpuTensor> {
+                    let new = wgpu.alloc(&t.dims, DType::F32)?;
                     self.ctx.copy(t.buffer(), 0, new.buffer(), 0, (values * 4) as u64);
-                    new
+                    Ok(new)
                 };
-                (copy(k), copy(v))
+                Ok((copy(k)?, copy(v)?))
             })
-            .collect();
-        GpuKv {
+            .collect::<Result<_>>()?;
+        Ok(GpuKv {
             ctx: self.ctx.clone(),
             layers,
             capacity: self.capacity,
-        }
+        })
     }
 }
 

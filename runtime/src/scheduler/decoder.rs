@@ -182,14 +182,16 @@ enum Outcome {
 impl Seq {
     /// The sequence; None if no KV cache could be made for it (its stream gets the error).
     fn new(job: GenJob, queued: Duration, shared: &Shared, decoder: &Decoder) -> Option<Self> {
-        let (cache, fed) = match shared
+        // A copy of the longest cached prefix (none if the device has no memory for the copy).
+        let copy = shared
             .prefix
             .as_ref()
             .and_then(|p| p.longest(&shared.version, &job.prompt))
-        {
+            .and_then(|kv| kv.try_clone().ok());
+        let (cache, fed) = match copy {
             Some(kv) => {
                 let fed = kv.len();
-                (KvCache::clone(&kv), fed)
+                (kv, fed)
             }
             None => match decoder.llama.new_cache() {
                 Ok(cache) => (cache, 0),
@@ -237,7 +239,10 @@ impl Seq {
             if let (Some(prefix), Some(b)) = (&shared.prefix, self.job.boundary) {
                 let key = &self.job.prompt[..b];
                 if self.fed == b && !prefix.contains(&shared.version, key) {
-                    prefix.insert(&shared.version, key.to_vec(), self.cache.clone());
+                    // Without device memory for the copy, the prefix is simply not kept.
+                    if let Ok(copy) = self.cache.try_clone() {
+                        prefix.insert(&shared.version, key.to_vec(), copy);
+                    }
                 }
             }
             if self.fed < prompt_len {
