@@ -23,6 +23,7 @@ mod decoder;
 mod device;
 mod error;
 mod linear;
+mod shapes;
 mod tensor;
 mod wgpu;
 

@@ -11,8 +11,8 @@
 use super::{cache_dir, compile_cached, unavailable, SOURCES};
 use crate::backend::Backend;
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
-use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
+use crate::shapes::{self, HostValues};
 use crate::tensor::{Repr, Tensor};
 use crate::{Caps, DType, DeviceKind, DeviceStats, Error, QuantKind, QuantMatrix, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -572,25 +572,15 @@ impl Cuda {
         residual: Option<&'a Tensor>,
         gamma: &'a Tensor,
     ) -> Result<(&'a CudaTensor, Option<&'a CudaTensor>, &'a CudaTensor, usize)> {
-        let x = x.cuda(op)?;
-        let width = *x.dims.last().unwrap_or(&0);
+        let (x, gamma) = (x.cuda(op)?, gamma.cuda(op)?);
         let residual = residual.map(|r| r.cuda(op)).transpose()?;
-        let gamma = gamma.cuda(op)?;
-        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
-            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
-        }
+        let width = shapes::norm(op, &x.dims, residual.map(|r| r.dims.as_slice()), &gamma.dims)?;
         Ok((x, residual, gamma, width))
     }
 
     /// Where each sequence of a packed batch starts, and where the last one ends.
     fn starts(&self, lengths: &[usize]) -> Result<CudaTensor> {
-        let starts: Vec<u32> = std::iter::once(0)
-            .chain(lengths.iter().scan(0, |at, &n| {
-                *at += n;
-                Some(*at)
-            }))
-            .map(|r| r as u32)
-            .collect();
+        let starts = shapes::starts(lengths);
         self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
     }
 
@@ -655,18 +645,12 @@ impl Backend for Cuda {
             Repr::Wgpu(_) => return Err(bad("upload", "the tensor lives on a wgpu device".into())),
             Repr::Cpu(h) => h,
         };
-        let dims = host.dims().to_vec();
-        let flat = host.flatten_all()?;
-        Ok(wrap(match host.dtype() {
-            DType::U32 => {
-                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
-            }
-            _ => self.upload_bytes(
-                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                &dims,
-                DType::F32,
-            )?,
-        }))
+        let values = HostValues::of(host)?;
+        Ok(wrap(self.upload_bytes(
+            values.bytes(),
+            host.dims(),
+            values.dtype(),
+        )?))
     }
 
     fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
@@ -862,19 +846,8 @@ impl Backend for Cuda {
 
     fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let qkv = qkv.cuda("attention")?;
-        let [tokens, width3] = qkv.dims[..] else {
-            return Err(bad(
-                "attention",
-                format!("qkv {:?} is not [tokens, 3 * width]", qkv.dims),
-            ));
-        };
-        if heads == 0 || !packed(lengths, tokens) || width3 % (3 * heads) != 0 || width3 / 3 / heads > 256 {
-            return Err(bad(
-                "attention",
-                format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims),
-            ));
-        }
-        let (width, head_dim) = (width3 / 3, width3 / 3 / heads);
+        let (tokens, width, head_dim) = shapes::encoder_attention(&qkv.dims, lengths, heads)?;
+        let width3 = 3 * width;
         let starts = self.starts(lengths)?;
         let out = self.alloc(&[tokens, width], DType::F32)?;
         let longest = lengths.iter().max().copied().unwrap_or(0);
@@ -996,12 +969,8 @@ impl Backend for Cuda {
 
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.cuda("swiglu")?;
-        let width = *x.dims.last().unwrap_or(&0);
-        if width % 2 != 0 {
-            return Err(bad("swiglu", format!("odd width {width}")));
-        }
-        let mut dims = x.dims.clone();
-        *dims.last_mut().expect("has a last dim") = width / 2;
+        let dims = shapes::swiglu(&x.dims)?;
+        let width = 2 * dims.last().expect("swiglu keeps the rank");
         let out = self.alloc(&dims, DType::F32)?;
         self.launch_elements(
             "swiglu",
@@ -1013,17 +982,7 @@ impl Backend for Cuda {
 
     fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         let (table, ids) = (table.cuda("embedding")?, ids.cuda("embedding")?);
-        let [rows, width] = table.dims[..] else {
-            return Err(bad(
-                "embedding",
-                format!("table {:?} is not a matrix", table.dims),
-            ));
-        };
-        if ids.dtype != DType::U32 {
-            return Err(bad("embedding", format!("ids are {:?}, not u32", ids.dtype)));
-        }
-        let mut dims = ids.dims.clone();
-        dims.push(width);
+        let (rows, width, dims) = shapes::embedding(&table.dims, &ids.dims, ids.dtype)?;
         let out = self.alloc(&dims, DType::F32)?;
         self.launch_elements(
             "embedding",
@@ -1035,18 +994,7 @@ impl Backend for Cuda {
 
     fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let hidden = hidden.cuda("mean_pool")?;
-        let [tokens, width] = hidden.dims[..] else {
-            return Err(bad(
-                "mean_pool",
-                format!("hidden {:?} is not [tokens, dim]", hidden.dims),
-            ));
-        };
-        if !packed(lengths, tokens) {
-            return Err(bad(
-                "mean_pool",
-                format!("hidden {:?}, lengths {lengths:?}", hidden.dims),
-            ));
-        }
+        let width = shapes::mean_pool(&hidden.dims, lengths)?;
         let batch = lengths.len();
         let starts = self.starts(lengths)?;
         let out = self.alloc(&[batch, width], DType::F32)?;
@@ -1060,10 +1008,7 @@ impl Backend for Cuda {
 
     fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.cuda("l2_normalize")?;
-        let width = *x.dims.last().unwrap_or(&0);
-        if width == 0 {
-            return Err(bad("l2_normalize", format!("x {:?}", x.dims)));
-        }
+        let width = shapes::l2_normalize(&x.dims)?;
         let out = self.alloc(&x.dims, DType::F32)?;
         let rows = x.len() / width;
         self.launch(
@@ -1077,14 +1022,7 @@ impl Backend for Cuda {
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (a, b) = (a.cuda("add")?, b.cuda("add")?);
-        // b broadcasts over a's leading dimensions: its shape (without leading 1s) ends a's.
-        let trimmed: Vec<usize> = b.dims.iter().copied().skip_while(|&d| d == 1).collect();
-        if b.len() == 0 || !a.dims.ends_with(&trimmed) {
-            return Err(bad(
-                "add",
-                format!("cannot broadcast {:?} onto {:?}", b.dims, a.dims),
-            ));
-        }
+        shapes::broadcast(&a.dims, &b.dims)?;
         let out = self.alloc(&a.dims, DType::F32)?;
         self.launch_elements(
             "add",
@@ -1096,15 +1034,8 @@ impl Backend for Cuda {
 
     fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let x = x.cuda("rows")?;
-        if x.dims.is_empty() || start + len > x.dims[0] {
-            return Err(bad(
-                "rows",
-                format!("rows {start}..{} of {:?}", start + len, x.dims),
-            ));
-        }
+        let dims = shapes::rows(&x.dims, start, len)?;
         let row = x.dims[1..].iter().product::<usize>() * elem_bytes(x.dtype);
-        let mut dims = x.dims.clone();
-        dims[0] = len;
         let out = self.alloc(&dims, x.dtype)?;
         self.copy(x, start * row, &out, 0, len * row)?;
         Ok(wrap(out))
@@ -1115,19 +1046,9 @@ impl Backend for Cuda {
             .iter()
             .map(|p| p.cuda("concat_rows"))
             .collect::<Result<Vec<_>>>()?;
-        let first = parts
-            .first()
-            .ok_or_else(|| bad("concat_rows", "nothing to concatenate".into()))?;
-        if first.dims.is_empty()
-            || parts
-                .iter()
-                .any(|p| p.dims[1..] != first.dims[1..] || p.dtype != first.dtype)
-        {
-            return Err(bad("concat_rows", "parts differ in row shape".into()));
-        }
-        let mut dims = first.dims.clone();
-        dims[0] = parts.iter().map(|p| p.dims[0]).sum();
-        let out = self.alloc(&dims, first.dtype)?;
+        let shapes: Vec<_> = parts.iter().map(|p| (p.dims.as_slice(), p.dtype)).collect();
+        let dims = shapes::concat_rows(&shapes)?;
+        let out = self.alloc(&dims, parts[0].dtype)?;
         let mut at = 0;
         for p in &parts {
             self.copy(p, 0, &out, at, p.bytes())?;

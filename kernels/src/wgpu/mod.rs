@@ -6,8 +6,8 @@ mod context;
 
 use crate::backend::Backend;
 use crate::decoder::{causal_head_dim, KvCache, KvStore, Rope};
-use crate::device::packed;
 use crate::linear::{Activation, Linear, Weight};
+use crate::shapes::{self, HostValues};
 use crate::tensor::{Repr, Tensor};
 use crate::{Caps, DType, DeviceKind, Error, QuantKind, QuantMatrix, Result, WgpuOptions};
 pub(crate) use context::adapters;
@@ -300,26 +300,16 @@ impl Wgpu {
         residual: Option<&'a Tensor>,
         gamma: &'a Tensor,
     ) -> Result<(&'a GpuTensor, Option<&'a GpuTensor>, &'a GpuTensor, usize)> {
-        let x = x.gpu(op)?;
-        let width = *x.dims.last().unwrap_or(&0);
+        let (x, gamma) = (x.gpu(op)?, gamma.gpu(op)?);
         let residual = residual.map(|r| r.gpu(op)).transpose()?;
-        let gamma = gamma.gpu(op)?;
-        if width == 0 || residual.is_some_and(|r| r.dims != x.dims) || gamma.dims != [width] {
-            return Err(bad(op, format!("x {:?}, gamma {:?}", x.dims, gamma.dims)));
-        }
+        let width = shapes::norm(op, &x.dims, residual.map(|r| r.dims.as_slice()), &gamma.dims)?;
         Ok((x, residual, gamma, width))
     }
 
     /// Where each sequence of a packed batch starts, and where the last one ends (`batch + 1`
     /// row indices), on the device.
     fn starts(&self, lengths: &[usize]) -> Result<GpuTensor> {
-        let starts: Vec<u32> = std::iter::once(0)
-            .chain(lengths.iter().scan(0, |at, &n| {
-                *at += n;
-                Some(*at)
-            }))
-            .map(|r| r as u32)
-            .collect();
+        let starts = shapes::starts(lengths);
         self.upload_bytes(bytemuck::cast_slice(&starts), &[starts.len()], DType::U32)
     }
 
@@ -398,18 +388,12 @@ impl Backend for Wgpu {
             Repr::Cuda(_) => return Err(bad("upload", "the tensor lives on a CUDA device".into())),
             Repr::Cpu(h) => h,
         };
-        let dims = host.dims().to_vec();
-        let flat = host.flatten_all()?;
-        Ok(wrap(match host.dtype() {
-            DType::U32 => {
-                self.upload_bytes(bytemuck::cast_slice(&flat.to_vec1::<u32>()?), &dims, DType::U32)?
-            }
-            _ => self.upload_bytes(
-                bytemuck::cast_slice(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                &dims,
-                DType::F32,
-            )?,
-        }))
+        let values = HostValues::of(host)?;
+        Ok(wrap(self.upload_bytes(
+            values.bytes(),
+            host.dims(),
+            values.dtype(),
+        )?))
     }
 
     fn upload_linear(&self, layer: &Linear) -> Result<Linear> {
@@ -608,19 +592,8 @@ impl Backend for Wgpu {
 
     fn encoder_attention(&self, qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         let qkv = qkv.gpu("attention")?;
-        let [tokens, width3] = qkv.dims[..] else {
-            return Err(bad(
-                "attention",
-                format!("qkv {:?} is not [tokens, 3 * width]", qkv.dims),
-            ));
-        };
-        if heads == 0 || !packed(lengths, tokens) || width3 % (3 * heads) != 0 || width3 / 3 / heads > 256 {
-            return Err(bad(
-                "attention",
-                format!("qkv {:?}, lengths {lengths:?}, {heads} heads", qkv.dims),
-            ));
-        }
-        let (width, head_dim) = (width3 / 3, width3 / 3 / heads);
+        let (tokens, width, head_dim) = shapes::encoder_attention(&qkv.dims, lengths, heads)?;
+        let width3 = 3 * width;
         let starts = self.starts(lengths)?;
         let out = self.alloc(&[tokens, width], DType::F32)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -738,45 +711,20 @@ impl Backend for Wgpu {
 
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.gpu("swiglu")?;
-        let width = *x.dims.last().unwrap_or(&0);
-        if width % 2 != 0 {
-            return Err(bad("swiglu", format!("odd width {width}")));
-        }
-        let mut dims = x.dims.clone();
-        *dims.last_mut().expect("has a last dim") = width / 2;
+        let dims = shapes::swiglu(&x.dims)?;
+        let width = 2 * dims.last().expect("swiglu keeps the rank");
         self.elementwise(1, &dims, (width / 2, 1), [x, x, x])
     }
 
     fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         let (table, ids) = (table.gpu("embedding")?, ids.gpu("embedding")?);
-        let [rows, width] = table.dims[..] else {
-            return Err(bad(
-                "embedding",
-                format!("table {:?} is not a matrix", table.dims),
-            ));
-        };
-        if ids.dtype != DType::U32 {
-            return Err(bad("embedding", format!("ids are {:?}, not u32", ids.dtype)));
-        }
-        let mut dims = ids.dims.clone();
-        dims.push(width);
+        let (rows, width, dims) = shapes::embedding(&table.dims, &ids.dims, ids.dtype)?;
         self.elementwise(2, &dims, (width, rows), [table, table, ids])
     }
 
     fn mean_pool(&self, hidden: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let hidden = hidden.gpu("mean_pool")?;
-        let [tokens, width] = hidden.dims[..] else {
-            return Err(bad(
-                "mean_pool",
-                format!("hidden {:?} is not [tokens, dim]", hidden.dims),
-            ));
-        };
-        if !packed(lengths, tokens) {
-            return Err(bad(
-                "mean_pool",
-                format!("hidden {:?}, lengths {lengths:?}", hidden.dims),
-            ));
-        }
+        let width = shapes::mean_pool(&hidden.dims, lengths)?;
         let batch = lengths.len();
         let starts = self.starts(lengths)?;
         let out = self.alloc(&[batch, width], DType::F32)?;
@@ -791,10 +739,7 @@ impl Backend for Wgpu {
 
     fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.gpu("l2_normalize")?;
-        let width = *x.dims.last().unwrap_or(&0);
-        if width == 0 {
-            return Err(bad("l2_normalize", format!("x {:?}", x.dims)));
-        }
+        let width = shapes::l2_normalize(&x.dims)?;
         let out = self.alloc(&x.dims, DType::F32)?;
         let rows = x.len() / width;
         self.ctx.dispatch(
@@ -808,28 +753,14 @@ impl Backend for Wgpu {
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (a, b) = (a.gpu("add")?, b.gpu("add")?);
-        // b broadcasts over a's leading dimensions: its shape (without leading 1s) ends a's.
-        let trimmed: Vec<usize> = b.dims.iter().copied().skip_while(|&d| d == 1).collect();
-        if b.len() == 0 || !a.dims.ends_with(&trimmed) {
-            return Err(bad(
-                "add",
-                format!("cannot broadcast {:?} onto {:?}", b.dims, a.dims),
-            ));
-        }
+        shapes::broadcast(&a.dims, &b.dims)?;
         self.elementwise(0, &a.dims, (1, b.len()), [a, b, a])
     }
 
     fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let x = x.gpu("rows")?;
+        let dims = shapes::rows(&x.dims, start, len)?;
         let row: usize = x.dims[1..].iter().product();
-        if x.dims.is_empty() || start + len > x.dims[0] {
-            return Err(bad(
-                "rows",
-                format!("rows {start}..{} of {:?}", start + len, x.dims),
-            ));
-        }
-        let mut dims = x.dims.clone();
-        dims[0] = len;
         let out = self.alloc(&dims, x.dtype)?;
         // Activations and ids: 4 bytes a value (f16 is for weights, never sliced).
         let size = 4;
@@ -848,19 +779,9 @@ impl Backend for Wgpu {
             .iter()
             .map(|p| p.gpu("concat_rows"))
             .collect::<Result<Vec<_>>>()?;
-        let first = parts
-            .first()
-            .ok_or_else(|| bad("concat_rows", "nothing to concatenate".into()))?;
-        if first.dims.is_empty()
-            || parts
-                .iter()
-                .any(|p| p.dims[1..] != first.dims[1..] || p.dtype != first.dtype)
-        {
-            return Err(bad("concat_rows", "parts differ in row shape".into()));
-        }
-        let mut dims = first.dims.clone();
-        dims[0] = parts.iter().map(|p| p.dims[0]).sum();
-        let out = self.alloc(&dims, first.dtype)?;
+        let shapes: Vec<_> = parts.iter().map(|p| (p.dims.as_slice(), p.dtype)).collect();
+        let dims = shapes::concat_rows(&shapes)?;
+        let out = self.alloc(&dims, parts[0].dtype)?;
         let mut at = 0;
         for p in &parts {
             let bytes = p.bytes() as u64;
