@@ -1,7 +1,7 @@
 //! The Engine: the model versions a host has loaded, and the requests it serves on them.
 
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
-use crate::generate::{GenerateParams, InferStream, TokenStream};
+use crate::generate::{chat, EngineStream, GenerateParams, InferStream, TokenStream};
 use crate::infer::{
     Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Truncated,
     Value,
@@ -15,6 +15,7 @@ use crate::{Error, Result};
 use keel_kernels::{Device, DeviceKind};
 use keel_models::llama::WeightPath;
 use keel_models::tokenizer::Message;
+use crate::target::{ModelVersion, Target};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,8 +165,10 @@ struct Registry {
 
 /// A loaded version and the scheduler that serves it. Dropping the last handle shuts the
 /// scheduler down gracefully (what is queued runs).
-struct Version {
-    loaded: LoadedModel,
+pub(crate) struct Version {
+    pub(crate) loaded: LoadedModel,
+    /// The version as the layers see it (made once, with a weak way back to this).
+    card: Arc<ModelVersion>,
     scheduler: Scheduler,
     /// Decoders: per system prompt, the chat-template tokens that do not depend on the user's
     /// text (where the prefix cache cuts).
@@ -195,6 +198,12 @@ impl Scheduler {
             Scheduler::Decoder(s) => s.shutdown(grace),
             Scheduler::Direct => true,
         }
+    }
+}
+
+impl Version {
+    pub(crate) fn scheduler_stats(&self) -> SchedulerStats {
+        self.scheduler.stats()
     }
 }
 
@@ -253,7 +262,14 @@ impl Engine {
             )?),
             Model::Classifier(_) => Scheduler::Direct,
         };
-        let version = Arc::new(Version {
+        let info = ModelInfo {
+            id: id.clone(),
+            manifest: model.manifest.clone(),
+            folder: model.folder.clone(),
+            weights: model.weights,
+        };
+        let version = Arc::new_cyclic(|me| Version {
+            card: Arc::new(ModelVersion::new(info, me.clone())),
             loaded: model,
             scheduler,
             shared_prefixes: Mutex::default(),
@@ -609,22 +625,12 @@ impl Engine {
             boundary,
             sampling: params.sampling,
             max_tokens: params.max_tokens,
+            logprobs: params.logprobs,
             events,
             cancel: cancel.clone(),
         };
         scheduler.submit(model, job, request)?;
         Ok(TokenStream::new(decoder.clone(), ids, Some(rx), cancel).stopping_at(params.stop.clone()))
-    }
-
-    /// A generation on the prediction path: its tokens as they are made, then the response with
-    /// its metadata ([`InferStream::finish`]). [`Infer::infer`] is this, run to the end.
-    ///
-    /// # Errors
-    /// As [`Engine::generate_with`]; [`Error::InvalidArgument`] for an input that is not a
-    /// generation.
-    pub fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
-        let version = self.resolve(&request.model)?;
-        self.stream_on(request, &version)
     }
 
     fn stream_on(&self, request: InferRequest, version: &Version) -> Result<InferStream> {
@@ -637,7 +643,7 @@ impl Engine {
         };
         let stream = self.start_generation(&request.model, version, prompt, params, &request.options)?;
         let meta = self.meta_of(&request, version);
-        Ok(InferStream::new(stream, meta, start))
+        Ok(EngineStream::start(stream, meta, start))
     }
 
     fn meta_of(&self, request: &InferRequest, version: &Version) -> Meta {
@@ -651,7 +657,8 @@ impl Engine {
             truncated: Vec::new(),
             tokens: 0,
             timings: Timings::default(),
-            annotations: Default::default(),
+            // What the layers above decided travels on with the answer.
+            notes: request.notes.clone(),
         }
     }
 
@@ -817,13 +824,43 @@ impl Engine {
 }
 
 impl Infer for Engine {
-    /// Embeds or generates (to the end) on the named model, and says how: version, backend,
-    /// batch, cache hit, time per stage. [`Engine::embed`] and [`Engine::generate`] take the
-    /// same path without building a request object.
+    /// The loaded version `model` (an alias, a version id or a prefix of one) names now, under
+    /// its manifest's name.
+    fn target(&self, model: &str) -> Result<Target> {
+        let version = self.resolve(model)?;
+        Ok(Target {
+            name: version.manifest.name.clone(),
+            version: version.card.clone(),
+        })
+    }
+
+    /// Embeds, classifies or generates (to the end) on the named model, and says how: version,
+    /// backend, batch, cache hit, time per stage. [`Engine::embed`] and [`Engine::generate`]
+    /// take the same path without building a request object.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
-        let version = self.resolve(&request.model)?;
+        let version = self.resolve(addressed(&request))?;
         self.infer_on(request, &version)
     }
+
+    /// A generation on the prediction path: its tokens as they are made, then the response with
+    /// its metadata ([`InferStream::finish`]). [`Infer::infer`] is this, run to the end.
+    ///
+    /// # Errors
+    /// As [`Engine::generate_with`]; [`Error::InvalidArgument`] for an input that is not a
+    /// generation.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        let version = self.resolve(addressed(&request))?;
+        self.stream_on(request, &version)
+    }
+}
+
+/// The version a request runs on: the one resolved at the top of the stack (an alias moved
+/// since does not change it), else the model as named.
+fn addressed(request: &InferRequest) -> &str {
+    request
+        .target
+        .as_ref()
+        .map_or(request.model.as_str(), |t| t.version.id().as_str())
 }
 
 /// An embedding's vectors and how they were made.
@@ -846,24 +883,6 @@ fn info_of(m: &Version) -> ModelInfo {
         folder: m.folder.clone(),
         weights: m.weights,
     }
-}
-
-/// The conversation the chat template renders: the system turn, the history, the prompt.
-fn chat(params: &GenerateParams, prompt: &str) -> Vec<Message> {
-    let turn = |role: &str, content: &str| Message {
-        role: role.into(),
-        content: content.into(),
-    };
-    let mut messages = Vec::with_capacity(2 + 2 * params.history.len());
-    if let Some(system) = &params.system {
-        messages.push(turn("system", system));
-    }
-    for t in &params.history {
-        messages.push(turn("user", &t.user));
-        messages.push(turn("assistant", &t.assistant));
-    }
-    messages.push(turn("user", prompt));
-    messages
 }
 
 /// The chat-template tokens before the user's text, for this system turn and history: the

@@ -1,11 +1,13 @@
-//! Text generation: parameters, and the stream of tokens a generation yields.
+//! Text generation: parameters, the stream of tokens a generation yields, and the protocol by
+//! which every layer of the stack passes a generation up ([`Generating`], [`InferStream`]).
 
 use crate::infer::{InferResponse, Meta, Output, Timings};
 use crate::model::Decoder;
 use crate::scheduler::decoder::Event;
-use crate::scheduler::Ran;
+use crate::scheduler::{clone_error, Ran};
 use crate::{Error, Result};
 use keel_models::sampling::Sampling;
+use keel_models::tokenizer::Message;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -39,6 +41,10 @@ pub struct GenerateParams {
     /// turn and the prompt. With the prefix cache on, the KV state after it is kept, so that
     /// the next turn runs only the last exchange and its own prompt.
     pub history: Vec<Turn>,
+    /// Give each token's log-probability under the model ([`Token::logprob`],
+    /// [`Completion::logprobs`]): a pass over the logits per token, so off unless asked (a
+    /// review rule over a generation's confidence asks for it).
+    pub logprobs: bool,
 }
 
 /// One finished exchange of a conversation: what the user said and what the model replied.
@@ -59,6 +65,7 @@ impl Default for GenerateParams {
             system: None,
             stop: Vec::new(),
             history: Vec::new(),
+            logprobs: false,
         }
     }
 }
@@ -139,13 +146,15 @@ impl GenerateParams {
 }
 
 /// One generated token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Token {
     /// Its id in the model's vocabulary.
     pub id: u32,
     /// The text it completes. Empty while a multi-byte character spans several tokens: the
     /// character comes with the token that finishes it.
     pub text: String,
+    /// Its log-probability under the model, when [`GenerateParams::logprobs`] asked for it.
+    pub logprob: Option<f32>,
 }
 
 /// Why a generation ended.
@@ -157,10 +166,13 @@ pub enum FinishReason {
     Length,
     /// The context window is full.
     ContextFull,
+    /// The caller let go of the stream before its end.
+    Cancelled,
 }
 
 impl FinishReason {
-    /// The reason as the JSON outputs, C and Python spell it: "stop", "length", "context_full".
+    /// The reason as the JSON outputs, C and Python spell it: "stop", "length",
+    /// "context_full", "cancelled".
     ///
     /// ```
     /// assert_eq!(keel::FinishReason::ContextFull.as_str(), "context_full");
@@ -170,6 +182,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::ContextFull => "context_full",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -185,6 +198,22 @@ pub struct Completion {
     pub text: String,
     /// Why it ended.
     pub finish: FinishReason,
+    /// Each generated token's log-probability, when [`GenerateParams::logprobs`] asked for
+    /// them (else empty).
+    pub logprobs: Vec<f32>,
+}
+
+impl Completion {
+    /// The mean of the tokens' log-probabilities (None: not asked for, or no token).
+    pub fn mean_logprob(&self) -> Option<f64> {
+        let n = self.logprobs.len();
+        (n > 0).then(|| self.logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64)
+    }
+
+    /// The least of the tokens' log-probabilities (None: not asked for, or no token).
+    pub fn min_logprob(&self) -> Option<f64> {
+        self.logprobs.iter().map(|&l| f64::from(l)).reduce(f64::min)
+    }
 }
 
 /// The tokens of one generation, as the model's scheduler makes them.
@@ -202,6 +231,7 @@ pub struct TokenStream {
     events: Option<Receiver<Event>>,
     cancel: Arc<AtomicBool>,
     generated: Vec<u32>,
+    logprobs: Vec<f32>,
     text_len: usize,
     finish: Option<FinishReason>,
     ran: Option<Ran>,
@@ -233,6 +263,7 @@ impl TokenStream {
             events,
             cancel,
             generated: Vec::new(),
+            logprobs: Vec::new(),
             text_len: 0,
             ran: None,
             stop: Vec::new(),
@@ -326,6 +357,7 @@ impl TokenStream {
             token_ids: self.generated.clone(),
             text,
             finish: self.finish.unwrap_or(FinishReason::Length),
+            logprobs: self.logprobs.clone(),
         })
     }
 
@@ -334,13 +366,9 @@ impl TokenStream {
         self.ran
     }
 
-    /// The token ids generated so far.
-    pub(crate) fn generated(&self) -> &[u32] {
-        &self.generated
-    }
-
-    fn token(&mut self, id: u32) -> Result<Token> {
+    fn token(&mut self, id: u32, logprob: Option<f32>) -> Result<Token> {
         self.generated.push(id);
+        self.logprobs.extend(logprob);
         // Decode everything so far and hand out what is new, holding back an unfinished character.
         let all = self.decoder.tokenizer.decode(&self.generated)?;
         let text = if all.ends_with('\u{FFFD}') || all.len() < self.text_len {
@@ -350,7 +378,7 @@ impl TokenStream {
             self.text_len = all.len();
             new
         };
-        Ok(Token { id, text })
+        Ok(Token { id, text, logprob })
     }
 }
 
@@ -371,7 +399,7 @@ impl Iterator for TokenStream {
                 Some(Err(e))
             };
             match event {
-                Ok(Event::Token(id)) => match self.token(id) {
+                Ok(Event::Token(id, logprob)) => match self.token(id, logprob) {
                     Ok(t) if self.stop.is_empty() => return Some(Ok(t)),
                     Ok(t) => {
                         if self.screen(t) {
@@ -403,45 +431,196 @@ impl Drop for TokenStream {
     }
 }
 
-/// A generation on the prediction path ([`crate::Engine::infer_stream`]): its tokens as they are
-/// made, then, from [`InferStream::finish`], the whole response with its metadata. Dropping it
-/// cancels the generation, as dropping a [`TokenStream`] does.
+
+/// The conversation the chat template renders: the system turn, the history, the prompt.
+pub(crate) fn chat(params: &GenerateParams, prompt: &str) -> Vec<Message> {
+    let turn = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut messages = Vec::with_capacity(2 + 2 * params.history.len());
+    if let Some(system) = &params.system {
+        messages.push(turn("system", system));
+    }
+    for t in &params.history {
+        messages.push(turn("user", &t.user));
+        messages.push(turn("assistant", &t.assistant));
+    }
+    messages.push(turn("user", prompt));
+    messages
+}
+
+/// One step of a generation as a layer passes it up: a token, or the end.
+#[derive(Debug)]
+pub enum Step {
+    /// The next token.
+    Token(Token),
+    /// The end: the whole response (the completion, how it was made, what each layer noted),
+    /// or the error that ended the generation.
+    End(Result<InferResponse>),
+}
+
+/// A generation in flight, as one layer of the stack holds it: the engine's stream at the
+/// bottom, and each layer's around the one below (observing tokens, pricing the end, judging
+/// the reply). [`InferStream`] is the handle callers hold.
+pub trait Generating: Send {
+    /// The next token, or the end. Not called again after the end.
+    fn step(&mut self) -> Step;
+
+    /// The caller let go before the end: stop the generation now and return what was made so
+    /// far (finish [`FinishReason::Cancelled`]), so that each layer can settle (charge what
+    /// was generated, count it, record its lineage). Not called after the end.
+    ///
+    /// # Errors
+    /// A layer's own failure to settle.
+    fn cancel(self: Box<Self>) -> Result<InferResponse>;
+}
+
+/// A streamed generation ([`crate::Infer::infer_stream`]): its tokens as they are made, then,
+/// from [`InferStream::finish`], the whole response with its metadata and every layer's notes.
+///
+/// Dropping it before its end cancels the generation (it leaves the batch before the next step
+/// and its KV cache is freed); every layer still settles it (see [`Generating::cancel`]).
+///
+/// ```no_run
+/// use keel::{Engine, GenerateParams, Infer, InferRequest};
+/// let engine = Engine::builder().build()?;
+/// let smol = engine.load("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+/// let mut stream = engine.infer_stream(InferRequest::generate(smol.as_str(), "Hi!", GenerateParams::greedy()))?;
+/// for token in &mut stream {
+///     print!("{}", token?.text);
+/// }
+/// let answer = stream.finish()?;
+/// assert!(answer.output.completion().is_some());
+/// # Ok::<(), keel::Error>(())
+/// ```
 pub struct InferStream {
+    meta: Meta,
+    inner: Option<Box<dyn Generating>>,
+    ended: Option<Result<InferResponse>>,
+}
+
+impl InferStream {
+    /// A stream of `generating`, whose metadata before the end is `meta`.
+    pub fn new(meta: Meta, generating: impl Generating + 'static) -> Self {
+        Self {
+            meta,
+            inner: Some(Box::new(generating)),
+            ended: None,
+        }
+    }
+
+    /// The response's metadata as known before the end: request id, model, version, backend,
+    /// and the notes of the layers that decided before the first token (route, contract).
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The next step (for a layer wrapping this stream): a token, or the end, once.
+    pub fn step(&mut self) -> Step {
+        let Some(inner) = self.inner.as_mut() else {
+            return Step::End(match &self.ended {
+                Some(Err(e)) => Err(clone_error(e)),
+                _ => Err(Error::Internal("a generation was stepped after its end".into())),
+            });
+        };
+        let step = inner.step();
+        if let Step::End(end) = &step {
+            self.inner = None;
+            self.ended = Some(match end {
+                Ok(r) => Ok(r.clone()),
+                Err(e) => Err(clone_error(e)),
+            });
+        }
+        step
+    }
+
+    /// Stops the generation now (if it has not ended) and returns what was made so far, with
+    /// every layer's settlement (finish [`FinishReason::Cancelled`]); after the end, the
+    /// response or its error.
+    ///
+    /// # Errors
+    /// The error that ended the generation, if one did.
+    pub fn cancel(mut self) -> Result<InferResponse> {
+        match self.inner.take() {
+            Some(inner) => inner.cancel(),
+            None => self.ended.take().unwrap_or_else(|| Err(Error::Internal("no generation".into()))),
+        }
+    }
+
+    /// Runs the generation to its end (the tokens not yet iterated included) and returns the
+    /// response: the whole completion, the batch it joined, the time per stage, the notes.
+    ///
+    /// # Errors
+    /// The generation's error (a refusal of a layer, a deadline passed in the queue, a
+    /// shutdown, a backend failure).
+    pub fn finish(mut self) -> Result<InferResponse> {
+        while self.inner.is_some() {
+            self.step();
+        }
+        self.ended
+            .take()
+            .unwrap_or_else(|| Err(Error::Internal("the generation ended without an answer".into())))
+    }
+}
+
+impl Iterator for InferStream {
+    type Item = Result<Token>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.as_ref()?;
+        match self.step() {
+            Step::Token(t) => Some(Ok(t)),
+            Step::End(Ok(_)) => None,
+            Step::End(Err(e)) => Some(Err(e)),
+        }
+    }
+}
+
+impl Drop for InferStream {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            drop(inner.cancel());
+        }
+    }
+}
+
+impl std::fmt::Debug for InferStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferStream")
+            .field("request_id", &self.meta.request_id)
+            .field("ended", &self.inner.is_none())
+            .finish()
+    }
+}
+
+/// The engine's generation on the prediction path: the token stream, then the response.
+pub(crate) struct EngineStream {
     stream: TokenStream,
     text: String,
     meta: Meta,
     start: Instant,
 }
 
-impl InferStream {
-    pub(crate) fn new(stream: TokenStream, meta: Meta, start: Instant) -> Self {
-        let mut meta = meta;
+impl EngineStream {
+    /// The stream of `stream`, started at `start` (its preparation: tokenizing, the template).
+    pub(crate) fn start(stream: TokenStream, mut meta: Meta, start: Instant) -> InferStream {
         meta.timings.prepare = start.elapsed();
-        Self {
+        meta.tokens = stream.prompt_ids().len();
+        let engine = Self {
             stream,
             text: String::new(),
-            meta,
+            meta: meta.clone(),
             start,
-        }
+        };
+        InferStream::new(meta, engine)
     }
 
-    /// The response's metadata as known before the end: request id, model, version, backend.
-    pub fn meta(&self) -> &Meta {
-        &self.meta
-    }
-
-    /// Runs the generation to its end (the tokens not yet iterated included) and returns the
-    /// response: the whole completion, the batch it joined and the time per stage.
-    ///
-    /// # Errors
-    /// The generation's error (a deadline passed in the queue, a shutdown, a backend failure).
-    pub fn finish(mut self) -> Result<InferResponse> {
-        for token in &mut self {
-            token?;
-        }
+    /// The response: what was generated and how, as the stream ended with `finish`.
+    fn response(&mut self, finish: FinishReason) -> InferResponse {
         let ran = self.stream.ran();
         let total = self.start.elapsed();
-        let mut meta = self.meta;
+        let mut meta = self.meta.clone();
         let (queue, forward) = ran.map(|r| (r.queue, r.forward)).unwrap_or_default();
         meta.batch_id = ran.map(|r| r.batch_id);
         meta.timings = Timings {
@@ -453,27 +632,101 @@ impl InferStream {
             ..meta.timings
         };
         let completion = Completion {
-            prompt_ids: self.stream.prompt_ids().to_vec(),
-            token_ids: self.stream.generated().to_vec(),
+            prompt_ids: self.stream.prompt.clone(),
+            token_ids: self.stream.generated.clone(),
             text: std::mem::take(&mut self.text),
-            finish: self.stream.finish_reason().unwrap_or(FinishReason::Length),
+            finish,
+            logprobs: std::mem::take(&mut self.stream.logprobs),
         };
         meta.tokens = completion.prompt_ids.len() + completion.token_ids.len();
-        Ok(InferResponse {
+        InferResponse {
             output: Output::Completion(completion),
             meta,
-        })
+        }
     }
 }
 
-impl Iterator for InferStream {
-    type Item = Result<Token>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let token = self.stream.next()?;
-        if let Ok(t) = &token {
-            self.text.push_str(&t.text);
+impl Generating for EngineStream {
+    fn step(&mut self) -> Step {
+        match self.stream.next() {
+            Some(Ok(t)) => {
+                self.text.push_str(&t.text);
+                Step::Token(t)
+            }
+            Some(Err(e)) => Step::End(Err(e)),
+            None => {
+                let finish = self.stream.finish_reason().unwrap_or(FinishReason::Length);
+                Step::End(Ok(self.response(finish)))
+            }
         }
-        Some(token)
+    }
+
+    fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
+        // The worker drops the sequence before its next step (and its KV cache with it).
+        self.stream.cancel.store(true, Ordering::Relaxed);
+        Ok(self.response(FinishReason::Cancelled))
+    }
+}
+
+/// A generation already run to its end, given out again: its tokens, then its end. For a layer
+/// that must see the whole reply before letting any of it out (a review policy that may hold
+/// it, a cascade that may escalate).
+pub struct Replayed {
+    tokens: std::collections::VecDeque<Token>,
+    end: Option<Result<InferResponse>>,
+}
+
+impl Replayed {
+    /// Runs `stream` to its end, keeping its tokens.
+    pub fn run(mut stream: InferStream) -> Self {
+        let mut tokens = std::collections::VecDeque::new();
+        loop {
+            match stream.step() {
+                Step::Token(t) => tokens.push_back(t),
+                Step::End(end) => {
+                    return Self {
+                        tokens,
+                        end: Some(end),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The end: the response, or the error that ended the generation.
+    pub fn end(&self) -> Option<&Result<InferResponse>> {
+        self.end.as_ref()
+    }
+
+    /// Replaces the end by what `f` makes of it (a note added, a refusal): an end that is then
+    /// an error gives out none of the tokens.
+    pub fn map_end(&mut self, f: impl FnOnce(Result<InferResponse>) -> Result<InferResponse>) {
+        if let Some(end) = self.end.take() {
+            let end = f(end);
+            if end.is_err() {
+                self.tokens.clear();
+            }
+            self.end = Some(end);
+        }
+    }
+}
+
+impl Generating for Replayed {
+    fn step(&mut self) -> Step {
+        match self.tokens.pop_front() {
+            Some(t) => Step::Token(t),
+            None => Step::End(
+                self.end
+                    .take()
+                    .unwrap_or_else(|| Err(Error::Internal("a replay was stepped after its end".into()))),
+            ),
+        }
+    }
+
+    /// The generation has run: what it made is its answer.
+    fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
+        self.end
+            .take()
+            .unwrap_or_else(|| Err(Error::Internal("a replay was cancelled after its end".into())))
     }
 }

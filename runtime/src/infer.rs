@@ -1,11 +1,14 @@
-//! The one prediction path: every task (embed, generate) is an [`InferRequest`] answered by an
-//! [`InferResponse`] that says how it was made. The production modules are layers that implement
-//! [`Infer`] around an inner [`Infer`] (the [`crate::Engine`] at the bottom), reading and
-//! annotating requests and responses on the way.
+//! The one prediction path: every task (embed, classify, generate) is an [`InferRequest`]
+//! answered by an [`InferResponse`] that says how it was made, whole ([`Infer::infer`]) or
+//! streamed token by token ([`Infer::infer_stream`]). The production modules are layers that
+//! implement [`Infer`] around the one below them (the [`crate::Engine`] at the bottom), reading
+//! the request's [`Target`] and adding typed [`Notes`] on the way.
 
-use crate::generate::{Completion, GenerateParams};
+use crate::generate::{Completion, GenerateParams, InferStream};
 use crate::manifest::VersionId;
+use crate::notes::Notes;
 use crate::request::Request;
+use crate::target::Target;
 use crate::Result;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -286,6 +289,12 @@ pub struct InferRequest {
     /// Whose request it is: the caller's, or the version layer's own (a shadow copy, a replay),
     /// which the review and cost layers neither queue nor charge to the caller's budget.
     pub purpose: Purpose,
+    /// The model version it goes to, resolved once at the top of the stack (the version layer,
+    /// or the stack itself); None until then.
+    pub target: Option<Target>,
+    /// What the layers above noted for the layers below (a route, a contract verdict); the
+    /// engine copies them onto the answer.
+    pub notes: Notes,
 }
 
 /// Why a request runs.
@@ -331,6 +340,8 @@ impl InferRequest {
             options: Request::default(),
             key: None,
             purpose: Purpose::Serve,
+            target: None,
+            notes: Notes::default(),
         }
     }
 
@@ -350,6 +361,20 @@ impl InferRequest {
     pub fn options(mut self, options: Request) -> Self {
         self.options = options;
         self
+    }
+
+    /// The version the request goes to.
+    ///
+    /// # Errors
+    /// [`crate::Error::Internal`] if nothing above resolved it (a layer used outside a
+    /// [`crate::stack::Stack`] with no version layer over it).
+    pub fn target(&self) -> Result<&Target> {
+        self.target.as_ref().ok_or_else(|| {
+            crate::Error::Internal(format!(
+                "request {} reached a layer before its model '{}' was resolved: build the layers with keel::stack::Stack",
+                self.id, self.model
+            ))
+        })
     }
 }
 
@@ -392,9 +417,9 @@ pub struct Meta {
     pub tokens: usize,
     /// Time per stage.
     pub timings: Timings,
-    /// What the layers around the engine added (for instance the version layer's `route`);
-    /// the lineage record keeps them.
-    pub annotations: BTreeMap<String, String>,
+    /// What the layers noted (the version layer's route, the contract's verdict, the price,
+    /// the review decision), typed; the lineage record keeps each as JSON by its key.
+    pub notes: Notes,
 }
 
 /// A text that was longer than the model reads: only its first `kept` tokens were embedded.
@@ -417,11 +442,27 @@ pub struct InferResponse {
     pub meta: Meta,
 }
 
-/// A service that answers predictions: the engine, and each production layer around it.
+/// A service that answers predictions: the engine, and each production layer around the one
+/// below it (a layer knows only that one).
 pub trait Infer: Send + Sync {
+    /// The version a request for `model` would go to now, without running anything (a name's
+    /// production version; a router reads its queue from it).
+    ///
+    /// # Errors
+    /// An unknown model.
+    fn target(&self, model: &str) -> Result<Target>;
+
     /// Answers one request.
     ///
     /// # Errors
     /// The engine's errors ([`crate::Error`]); a layer may refuse a request for its own reasons.
     fn infer(&self, request: InferRequest) -> Result<InferResponse>;
+
+    /// Starts a generation and streams its tokens; every layer sees it as it does a whole
+    /// request (checked, priced, observed, judged, recorded), token by token.
+    ///
+    /// # Errors
+    /// As [`Infer::infer`] for what is known before the first token; an input that is not a
+    /// generation.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream>;
 }

@@ -22,21 +22,27 @@ mod infer;
 mod inspect;
 pub mod manifest;
 mod model;
+mod notes;
 #[cfg(feature = "observe")]
 pub mod observe;
 mod request;
 #[cfg(feature = "review")]
 pub mod review;
 mod scheduler;
+pub mod stack;
 #[cfg(feature = "store")]
 pub mod store;
+mod target;
 #[cfg(feature = "version")]
 pub mod version;
 
 pub use cache::{CacheConfig, CacheStats};
 pub use engine::{Embeddings, Engine, EngineBuilder, LoadOptions, ModelInfo};
 pub use error::{Error, ErrorKind, Result};
-pub use generate::{Completion, FinishReason, GenerateParams, InferStream, Token, TokenStream, Turn};
+pub use generate::{
+    Completion, FinishReason, GenerateParams, Generating, InferStream, Replayed, Step, Token, TokenStream,
+    Turn,
+};
 pub use infer::{
     Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Purpose, Record,
     RequestId, Timings, Truncated, Value,
@@ -46,6 +52,8 @@ pub use keel_kernels::{cuda, Caps, Device, DeviceKind};
 pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};
+pub use notes::{Note, Notes};
+pub use target::{ModelVersion, Target};
 pub use request::{Priority, Request, Truncate};
 pub use scheduler::{SchedulerConfig, SchedulerStats};
 

@@ -1,9 +1,11 @@
 //! [`Contracted`]: the layer that checks each request against its version's contract.
 
 use super::{Action, Clause, Contract, ContractViolation, Verdict, Violation};
-use crate::{Engine, Error, ErrorKind, Infer, InferRequest, InferResponse, Input, Result, VersionId};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use crate::{
+    Error, ErrorKind, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Result, Target,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 /// How often a field broke a clause, and what was done.
@@ -22,65 +24,52 @@ pub struct ViolationCount {
 type Tally = BTreeMap<(String, Clause, Action), u64>;
 
 /// The contract layer: each request's inputs are checked against the contract in its version's
-/// manifest (read once per version); broken clauses refuse, flag or repair as declared. Served
-/// responses carry the verdict in `meta.annotations["contract"]` (JSON, which the lineage record
-/// keeps) and the check's time in `annotations["contract_us"]`. A version without a
-/// `[contract]` table passes everything through untouched.
+/// manifest (read once per version); broken clauses refuse, flag or repair as declared. The
+/// [`Verdict`] is noted on the request, so that it travels with the answer (review reads it,
+/// lineage keeps it). A version without a `[contract]` table passes everything through untouched.
+/// Generations are checked before their first token: the prompt by the text rules, the
+/// conversation (system turn, history, prompt) by the chat rules.
 ///
 /// ```no_run
-/// use keel::contract::Contracted;
-/// use keel::{Engine, InferRequest, Record, Value};
-/// use std::sync::Arc;
+/// use keel::stack::Stack;
+/// use keel::{Engine, InferRequest, Infer, Record, Value};
 /// let engine = Engine::builder().build()?;
 /// let mlp = engine.load("examples/models/breast-cancer-mlp")?;
-/// let layer = Contracted::new(engine.clone(), Arc::new(engine.clone()));
+/// let stack = Stack::builder(engine).contract().build()?;
 /// let row: Record = [("mean radius".to_string(), Value::Number(99.0))].into();
-/// let refused = layer.check(&mut InferRequest::classify(mlp.as_str(), vec![row]));
+/// let refused = stack.infer(InferRequest::classify(mlp.as_str(), vec![row]));
 /// assert_eq!(refused.unwrap_err().kind(), keel::ErrorKind::Contract);
 /// # Ok::<(), keel::Error>(())
 /// ```
 pub struct Contracted {
-    engine: Engine,
     below: Arc<dyn Infer>,
-    contracts: RwLock<HashMap<VersionId, Option<Arc<Contract>>>>,
-    tally: Mutex<Tally>,
+    tally: Arc<Mutex<Tally>>,
 }
 
 impl Contracted {
-    /// The layer over `below` (the engine itself, or the layers over it); versions are looked
-    /// up in `engine`.
-    pub fn new(engine: Engine, below: Arc<dyn Infer>) -> Self {
+    /// The layer over `below` (the engine itself, or the layers over it).
+    pub fn new(below: Arc<dyn Infer>) -> Self {
         Self {
-            engine,
             below,
-            contracts: RwLock::default(),
-            tally: Mutex::default(),
+            tally: Arc::default(),
         }
     }
 
-    /// The contract of the version `model` names now, if its manifest has one.
+    /// The contract of a version, if its manifest has one (read once per version).
     ///
     /// # Errors
-    /// An unknown model; a `[contract]` table that cannot be read (an error naming the field).
-    pub fn contract_of(&self, model: &str) -> Result<Option<Arc<Contract>>> {
-        let id = self.engine.version_of(model)?;
-        if let Some(c) = self.contracts.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
-            return Ok(c.clone());
-        }
-        let info = self.engine.info(id.as_str())?;
-        let contract = match info.manifest.section("contract") {
-            Some(table) => Some(Arc::new(Contract::from_table(table).map_err(|reason| {
-                Error::Manifest {
+    /// A `[contract]` table that cannot be read (an error naming the field).
+    pub fn contract_of(version: &ModelVersion) -> Result<Option<Arc<Contract>>> {
+        let declared = version.derived(|info| match info.manifest.section("contract") {
+            Some(table) => Contract::from_table(table)
+                .map(|c| Some(Arc::new(c)))
+                .map_err(|reason| Error::Manifest {
                     path: info.folder.join(crate::manifest::MANIFEST_FILE),
                     reason,
-                }
-            })?)),
-            None => None,
-        };
-        let mut map = self.contracts.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|id, _| self.engine.version_of(id.as_str()).is_ok());
-        map.insert(id, contract.clone());
-        Ok(contract)
+                }),
+            None => Ok(None),
+        })?;
+        Ok(declared.as_ref().clone())
     }
 
     /// Checks (and, where a clause says `clamp`, repairs) the request's inputs, counts what
@@ -88,12 +77,16 @@ impl Contracted {
     ///
     /// # Errors
     /// [`ErrorKind::Contract`] for the first clause with action `reject` that an input broke
-    /// (its source is a [`ContractViolation`]: field, clause, value); an unknown model.
+    /// (its source is a [`ContractViolation`]: field, clause, value); a request whose model was
+    /// not resolved.
     pub fn check(&self, request: &mut InferRequest) -> Result<Verdict> {
-        let Some(contract) = self.contract_of(&request.model)? else {
+        let started = Instant::now();
+        let version = request.target()?.version.clone();
+        let Some(contract) = Self::contract_of(&version)? else {
             return Ok(Verdict::default());
         };
         let mut found = Vec::new();
+        let count = |t: &str| version.count_tokens(t).ok();
         let checked = match &mut request.input {
             Input::Classify(rows) => {
                 let now = SystemTime::now();
@@ -101,40 +94,88 @@ impl Contracted {
                     .enumerate()
                     .try_for_each(|(i, row)| contract.check_row(i, row, now, &mut found))
             }
-            Input::Embed(texts) => texts.iter().enumerate().try_for_each(|(i, text)| {
-                let count = |t: &str| self.engine.count_tokens(&request.model, t).ok();
-                contract.check_text(i, text, count, &mut found)
-            }),
-            Input::Generate { prompt, .. } => {
-                let count = |t: &str| self.engine.count_tokens(&request.model, t).ok();
-                contract.check_text(0, prompt, count, &mut found)
+            Input::Embed(texts) => texts
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, text)| contract.check_text(i, text, count, &mut found)),
+            Input::Generate { prompt, params } => {
+                let mut roles = Vec::with_capacity(2 + 2 * params.history.len());
+                if params.chat {
+                    roles.extend(params.system.as_ref().map(|_| "system"));
+                    roles.extend(params.history.iter().flat_map(|_| ["user", "assistant"]));
+                }
+                roles.push("user");
+                let total = || version.prompt_tokens(prompt, params).ok();
+                contract
+                    .check_text(0, prompt, count, &mut found)
+                    .and_then(|()| contract.check_chat(&roles, total, &mut found))
             }
         };
         let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-        let mut count = |v: &Violation| *tally.entry((v.field.clone(), v.clause, v.action)).or_default() += 1;
-        found.iter().for_each(&mut count);
+        let mut counted = |v: &Violation| *tally.entry((v.field.clone(), v.clause, v.action)).or_default() += 1;
+        found.iter().for_each(&mut counted);
         if let Err(refused) = checked {
-            count(&refused.0);
+            counted(&refused.0);
             return Err(refused.into());
         }
         Ok(Verdict {
             contract: contract.hash().to_string(),
             violations: found,
+            took: started.elapsed(),
         })
     }
 
     /// How often each field broke each clause, since the layer started.
     pub fn violations(&self) -> Vec<ViolationCount> {
-        let tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-        tally
-            .iter()
-            .map(|((field, clause, action), count)| ViolationCount {
-                field: field.clone(),
-                clause: *clause,
-                action: *action,
-                count: *count,
-            })
-            .collect()
+        tally_of(&self.tally)
+    }
+
+    /// Checks the request and notes the verdict on it.
+    fn checked(&self, mut request: InferRequest) -> Result<InferRequest> {
+        let verdict = tracing::info_span!("keel.contract").in_scope(|| self.check(&mut request))?;
+        if !verdict.contract.is_empty() {
+            request.notes.insert(verdict);
+        }
+        Ok(request)
+    }
+}
+
+fn tally_of(tally: &Mutex<Tally>) -> Vec<ViolationCount> {
+    let tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+    tally
+        .iter()
+        .map(|((field, clause, action), count)| ViolationCount {
+            field: field.clone(),
+            clause: *clause,
+            action: *action,
+            count: *count,
+        })
+        .collect()
+}
+
+#[cfg(feature = "observe")]
+impl Contracted {
+    /// Registers the violation tally (`keel_contract_violations_total` by field, clause and
+    /// action, read at each export) in the stack's metrics.
+    pub fn register(&self, metrics: &mut crate::observe::MetricsBuilder) {
+        use crate::observe::Sample;
+        let tally = self.tally.clone();
+        metrics.samples(move || {
+            tally_of(&tally)
+                .into_iter()
+                .map(|v| Sample {
+                    name: "contract_violations",
+                    help: "Inputs that broke a contract clause, by field, clause and action",
+                    counter: true,
+                    labels: vec![
+                        ("field", v.field),
+                        ("clause", v.clause.as_str().into()),
+                        ("action", v.action.as_str().into()),
+                    ],
+                    value: v.count as f64,
+                })
+                .collect()
+        });
     }
 }
 
@@ -148,20 +189,17 @@ impl From<ContractViolation> for Error {
 }
 
 impl Infer for Contracted {
-    /// Checks the request, then answers it from the layer below, with the verdict annotated.
-    fn infer(&self, mut request: InferRequest) -> Result<InferResponse> {
-        let started = Instant::now();
-        let verdict = tracing::info_span!("keel.contract").in_scope(|| self.check(&mut request))?;
-        let took = started.elapsed();
-        let mut answer = self.below.infer(request)?;
-        if !verdict.contract.is_empty() {
-            let notes = &mut answer.meta.annotations;
-            notes.insert(
-                "contract".into(),
-                serde_json::to_string(&verdict).unwrap_or_default(),
-            );
-            notes.insert("contract_us".into(), took.as_micros().to_string());
-        }
-        Ok(answer)
+    fn target(&self, model: &str) -> Result<Target> {
+        self.below.target(model)
+    }
+
+    /// Checks the request, then answers it from the layer below.
+    fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        self.below.infer(self.checked(request)?)
+    }
+
+    /// Checks the prompt and the conversation, then streams from the layer below.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        self.below.infer_stream(self.checked(request)?)
     }
 }

@@ -22,10 +22,18 @@
 //! categories = ["clinic-a", "clinic-b"]
 //! categories_action = "flag"
 //!
-//! [contract.text]            # encoders and decoders
+//! [contract.text]            # encoders and decoders: each text, a generation's prompt
 //! non_empty = "reject"
 //! max_tokens = 256
 //! max_tokens_action = "flag" # clamp: served cut to max_tokens (the encoder cuts), recorded
+//!
+//! [contract.chat]            # decoders: the conversation a generation runs
+//! max_messages = 16          # system turn, history and prompt, each a message
+//! max_messages_action = "reject"
+//! roles = ["user", "assistant"]  # a system turn here is refused
+//! roles_action = "reject"
+//! max_total_tokens = 1024    # the whole conversation after the chat template
+//! max_total_tokens_action = "reject"
 //! ```
 //!
 //! [`Contracted`] is the layer that applies a version's contract on the request path.
@@ -88,6 +96,12 @@ pub enum Clause {
     NonEmpty,
     /// A text longer than the maximum number of tokens.
     MaxTokens,
+    /// A conversation with more messages than allowed.
+    Messages,
+    /// A message of a role not allowed.
+    Roles,
+    /// A conversation longer, in tokens after the chat template, than allowed.
+    TotalTokens,
 }
 
 impl Clause {
@@ -104,6 +118,9 @@ impl Clause {
             Clause::Freshness => "freshness",
             Clause::NonEmpty => "non_empty",
             Clause::MaxTokens => "max_tokens",
+            Clause::Messages => "max_messages",
+            Clause::Roles => "roles",
+            Clause::TotalTokens => "max_total_tokens",
         }
     }
 }
@@ -147,13 +164,27 @@ impl fmt::Display for ContractViolation {
 impl std::error::Error for ContractViolation {}
 
 /// A request's verdict: the clauses its inputs broke (flagged or repaired; a refused request has
-/// none, it has an error). Empty when every input passed.
+/// none, it has an error). Empty when every input passed. The contract layer notes it on the
+/// request, so that it travels with the answer (the review policy reads it, lineage keeps it).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Verdict {
     /// The contract's hash (see [`Contract::hash`]).
     pub contract: String,
     /// The broken clauses.
     pub violations: Vec<Violation>,
+    /// How long the check took (the `contract` stage of the metrics).
+    #[serde(skip)]
+    pub took: Duration,
+}
+
+impl crate::Note for Verdict {
+    fn key(&self) -> &'static str {
+        "contract"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
 }
 
 impl Verdict {
@@ -191,11 +222,19 @@ struct TextRules {
     max_tokens: Option<(usize, Action)>,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+struct ChatRules {
+    max_messages: Option<(usize, Action)>,
+    roles: Option<(Vec<String>, Action)>,
+    max_total_tokens: Option<(usize, Action)>,
+}
+
 /// A version's contract, read from its manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Contract {
     fields: Vec<Field>,
     text: Option<TextRules>,
+    chat: Option<ChatRules>,
     hash: String,
 }
 
@@ -235,10 +274,22 @@ struct TextSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ChatSpec {
+    max_messages: Option<usize>,
+    max_messages_action: Option<Action>,
+    roles: Option<Vec<String>>,
+    roles_action: Option<Action>,
+    max_total_tokens: Option<usize>,
+    max_total_tokens_action: Option<Action>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ContractSpec {
     #[serde(default)]
     fields: BTreeMap<String, FieldSpec>,
     text: Option<TextSpec>,
+    chat: Option<ChatSpec>,
 }
 
 impl Contract {
@@ -313,9 +364,87 @@ impl Contract {
                 .max_tokens
                 .map(|n| (n, t.max_tokens_action.unwrap_or(Action::Reject))),
         });
+        let chat = match spec.chat {
+            Some(c) => {
+                // A conversation cannot be repaired: only reject or flag.
+                fn rule<T>(v: Option<T>, action: Option<Action>) -> std::result::Result<Option<(T, Action)>, String> {
+                    match (v, action.unwrap_or(Action::Reject)) {
+                        (Some(_), Action::Clamp) => {
+                            Err("[contract.chat]: a conversation cannot be clamped: use reject or flag".into())
+                        }
+                        (v, a) => Ok(v.map(|v| (v, a))),
+                    }
+                }
+                Some(ChatRules {
+                    max_messages: rule(c.max_messages, c.max_messages_action)?,
+                    roles: rule(c.roles, c.roles_action)?,
+                    max_total_tokens: rule(c.max_total_tokens, c.max_total_tokens_action)?,
+                })
+            }
+            None => None,
+        };
         let canonical = toml::to_string(table).unwrap_or_default();
         let hash = crate::manifest::hex_digest(&Sha256::digest(canonical.as_bytes()));
-        Ok(Self { fields, text, hash })
+        Ok(Self {
+            fields,
+            text,
+            chat,
+            hash,
+        })
+    }
+
+    /// Checks a generation's conversation: the roles of its messages (`system` for the system
+    /// turn, `user` and `assistant` for each exchange of the history, `user` for the prompt),
+    /// their number, and its length in tokens after the chat template (`total_tokens`, called
+    /// only if the contract limits it).
+    ///
+    /// # Errors
+    /// The first clause with action `reject` that the conversation broke.
+    pub fn check_chat(
+        &self,
+        roles: &[&str],
+        total_tokens: impl FnOnce() -> Option<usize>,
+        found: &mut Vec<Violation>,
+    ) -> std::result::Result<(), ContractViolation> {
+        let Some(rules) = &self.chat else { return Ok(()) };
+        let mut note = |clause: Clause, value: String, expected: String, action: Action| {
+            let v = Violation {
+                item: 0,
+                field: "messages".into(),
+                clause,
+                value,
+                expected,
+                action,
+            };
+            if action == Action::Reject {
+                return Err(ContractViolation(v));
+            }
+            found.push(v);
+            Ok(())
+        };
+        if let Some((allowed, action)) = &rules.roles {
+            if let Some(role) = roles.iter().find(|r| !allowed.iter().any(|a| a == *r)) {
+                let expected = format!("roles {}", allowed.join(", "));
+                note(Clause::Roles, format!("a {role} message"), expected, *action)?;
+            }
+        }
+        if let Some((max, action)) = rules.max_messages {
+            if roles.len() > max {
+                let got = format!("{} messages", roles.len());
+                note(Clause::Messages, got, format!("at most {max} messages"), action)?;
+            }
+        }
+        if let Some((max, action)) = rules.max_total_tokens {
+            if let Some(n) = total_tokens().filter(|n| *n > max) {
+                note(
+                    Clause::TotalTokens,
+                    format!("{n} tokens"),
+                    format!("at most {max} tokens in all"),
+                    action,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The sha256 of the contract's table: which contract judged an input, in lineage.
@@ -788,5 +917,26 @@ mod tests {
         assert_eq!(found[0].clause, Clause::MaxTokens);
         let e = c.check_text(1, "  ", |_| Some(0), &mut Vec::new()).unwrap_err();
         assert_eq!((e.0.item, e.0.clause), (1, Clause::NonEmpty));
+    }
+
+    #[test]
+    fn conversations() {
+        let c = contract(
+            "[chat]\nroles = [\"user\", \"assistant\"]\nmax_messages = 3\nmax_messages_action = \"flag\"\nmax_total_tokens = 10",
+        );
+        let e = c
+            .check_chat(&["system", "user"], || Some(5), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!((e.0.clause, e.0.value.as_str()), (Clause::Roles, "a system message"));
+        let mut found = Vec::new();
+        c.check_chat(&["user", "assistant", "user", "assistant", "user"], || Some(9), &mut found)
+            .unwrap();
+        assert_eq!(found[0].clause, Clause::Messages);
+        let e = c.check_chat(&["user"], || Some(11), &mut Vec::new()).unwrap_err();
+        assert_eq!(e.0.clause, Clause::TotalTokens);
+        let clamp = Contract::from_table(
+            &toml::from_str("[chat]\nroles = [\"user\"]\nroles_action = \"clamp\"").unwrap(),
+        );
+        assert!(clamp.unwrap_err().contains("cannot be clamped"));
     }
 }

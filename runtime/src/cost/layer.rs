@@ -1,14 +1,19 @@
 //! [`Costed`]: the layer that prices every request and enforces the budgets.
 
+use super::budget::Reservation;
 use super::{Budget, Budgets, CostModel, Exhausted, Spend};
-use crate::{Engine, Error, Infer, InferRequest, InferResponse, Result, VersionId};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use crate::{
+    Error, Generating, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Note, Result, Step,
+    Target,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What one (model, version, key) has cost so far in this process.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CostLine {
-    /// The model as requests named it.
+    /// The model's name.
     pub model: String,
     /// The version that answered.
     pub version: String,
@@ -22,30 +27,64 @@ pub struct CostLine {
     pub cost: f64,
 }
 
+/// What a request cost: noted on its answer (lineage keeps it; the review policy's `cost`
+/// signal reads it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Price {
+    /// The cost, in the manifest's unit.
+    pub cost: f64,
+    /// The routing key charged ("" for none).
+    pub key: String,
+    /// The tokens priced (a generation's prompt and completion).
+    pub tokens: usize,
+    /// The model the caller asked for, when its budget sent the request to a cheaper one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgraded_from: Option<String>,
+}
+
+impl Note for Price {
+    fn key(&self) -> &'static str {
+        "cost"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+type Totals = Arc<Mutex<BTreeMap<(String, String, String), CostLine>>>;
+
 /// The cost layer: every answered request is priced by its version's `[cost]` table (an answer
-/// of the response cache costs nothing) and the price annotated (`meta.annotations["cost"]`: JSON with `cost`, `key`, and `downgraded_from`
-/// when a budget sent it to a cheaper model); requests with a routing key that has a
-/// [`Budget`] reserve their worst case first, so that concurrent requests can never spend
-/// more than the budget. A version without `[cost]` costs nothing.
+/// of the response cache costs nothing; a generation is priced per token, its prompt and what
+/// it generated) and the [`Price`] noted on the answer; requests with a routing key that has a
+/// [`Budget`] reserve their worst case first (a generation: its prompt and `max_tokens`), so
+/// that concurrent requests can never spend more than the budget. A stream is charged what it
+/// ran when it ends, fails or is cancelled. A version without `[cost]` costs nothing.
 ///
 /// Put it under the version and review layers (lineage keeps the price; review rules read it).
 pub struct Costed {
-    engine: Engine,
     below: Arc<dyn Infer>,
     budgets: Budgets,
-    prices: RwLock<HashMap<VersionId, CostModel>>,
-    totals: Mutex<BTreeMap<(String, String, String), CostLine>>,
+    totals: Totals,
+}
+
+/// What a request admitted by its budget will be charged by.
+struct Charge {
+    price: CostModel,
+    reservation: Reservation,
+    key: String,
+    name: String,
+    downgraded_from: Option<String>,
+    totals: Totals,
 }
 
 impl Costed {
-    /// The layer over `below`; versions are looked up in `engine`.
-    pub fn new(engine: Engine, below: Arc<dyn Infer>) -> Self {
+    /// The layer over `below`.
+    pub fn new(below: Arc<dyn Infer>) -> Self {
         Self {
-            engine,
             below,
             budgets: Budgets::default(),
-            prices: RwLock::default(),
-            totals: Mutex::default(),
+            totals: Arc::default(),
         }
     }
 
@@ -61,50 +100,45 @@ impl Costed {
 
     /// What every (model, version, key) has cost in this process.
     pub fn report(&self) -> Vec<CostLine> {
-        self.totals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        report(&self.totals)
     }
 
-    /// The price list of the version `model` names now.
+    /// The price list of a version (read once per version).
     ///
     /// # Errors
-    /// An unknown model; a `[cost]` table that cannot be read.
-    pub fn price_of(&self, model: &str) -> Result<CostModel> {
-        let id = self.engine.version_of(model)?;
-        if let Some(p) = self.prices.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
-            return Ok(*p);
-        }
-        let info = self.engine.info(id.as_str())?;
-        let price = match info.manifest.section("cost") {
+    /// A `[cost]` table that cannot be read.
+    pub fn price_of(version: &ModelVersion) -> Result<CostModel> {
+        let price = version.derived(|info| match info.manifest.section("cost") {
             Some(table) => CostModel::from_table(table).map_err(|reason| Error::Manifest {
                 path: info.folder.join(crate::manifest::MANIFEST_FILE),
                 reason,
-            })?,
-            None => CostModel::default(),
+            }),
+            None => Ok(CostModel::default()),
+        })?;
+        Ok(*price)
+    }
+
+    /// The request's price list and the most it can cost: a generation's prompt counted
+    /// exactly (after the chat template) plus its `max_tokens`; other inputs estimated from
+    /// their bytes.
+    fn worst_case(request: &InferRequest) -> Result<(CostModel, f64)> {
+        let version = &request.target()?.version;
+        let price = Self::price_of(version)?;
+        let worst = match &request.input {
+            Input::Generate { prompt, params } => match version.prompt_tokens(prompt, params) {
+                Ok(n) => price.worst_case_of(n + params.max_tokens),
+                Err(_) => price.worst_case(&request.input, None),
+            },
+            input => price.worst_case(input, version.manifest().max_tokens),
         };
-        let mut map = self.prices.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|id, _| self.engine.version_of(id.as_str()).is_ok());
-        map.insert(id, price);
-        Ok(price)
+        Ok((price, worst))
     }
 
-    fn worst_case(&self, request: &InferRequest) -> Result<(CostModel, f64)> {
-        let price = self.price_of(&request.model)?;
-        let max_tokens = self.engine.info(&request.model)?.manifest.max_tokens;
-        Ok((price, price.worst_case(&request.input, max_tokens)))
-    }
-}
-
-impl Infer for Costed {
-    /// Reserves the request's worst case against its key's budget (downgrading or refusing as
-    /// the budget says when it cannot pay), answers it from the layer below, and charges it.
-    fn infer(&self, mut request: InferRequest) -> Result<InferResponse> {
+    /// Reserves the request's worst case against its key's budget, downgrading it to a cheaper
+    /// model or refusing it as the budget says when it cannot pay.
+    fn admit(&self, mut request: InferRequest) -> Result<(InferRequest, Charge)> {
         let key = request.key.clone().unwrap_or_default();
-        let (mut price, worst) = self.worst_case(&request)?;
+        let (mut price, worst) = Self::worst_case(&request)?;
         let mut downgraded_from = None;
         // The version layer's own runs (shadow copies, replays) are priced but not the caller's
         // to pay: no budget is asked.
@@ -117,84 +151,191 @@ impl Infer for Costed {
             Ok(r) => r,
             Err(refusal) => match self.budgets.budget(&key).map(|b| b.on_exhausted) {
                 Some(Exhausted::Downgrade(cheaper)) if cheaper != request.model => {
-                    downgraded_from = Some(std::mem::replace(&mut request.model, cheaper));
-                    let (cheap_price, cheap_worst) = self.worst_case(&request)?;
+                    let target = self.below.target(&cheaper)?;
+                    request.model = target.version.id().to_string();
+                    downgraded_from = request.target.replace(target).map(|t| t.name);
+                    let (cheap_price, cheap_worst) = Self::worst_case(&request)?;
                     price = cheap_price;
                     self.budgets.reserve(&key, cheap_worst).map_err(Error::from)?
                 }
                 _ => return Err(refusal.into()),
             },
         };
-        let model = request.model.clone();
-        let mut answer = self.below.infer(request)?;
-        // A response-cache answer ran nothing: it costs nothing.
-        let cost = if answer.meta.cache_hit {
+        let charge = Charge {
+            price,
+            reservation,
+            key,
+            name: request.target()?.name.clone(),
+            downgraded_from,
+            totals: self.totals.clone(),
+        };
+        Ok((request, charge))
+    }
+}
+
+impl Charge {
+    /// Charges what `tokens` tokens and `forward` of compute cost (nothing for an answer of
+    /// the response cache) and returns the price.
+    fn settle(self, tokens: usize, forward: Duration, cache_hit: bool, version: &str) -> Price {
+        let cost = if cache_hit {
             0.0
         } else {
-            price.cost(answer.meta.tokens, answer.meta.timings.forward)
+            self.price.cost(tokens, forward)
         };
-        reservation.settle(cost);
-        let mut note = serde_json::json!({"cost": cost, "key": key});
-        if let Some(from) = downgraded_from {
-            note["downgraded_from"] = from.into();
-        }
-        answer.meta.annotations.insert("cost".into(), note.to_string());
-        let version = answer.meta.version.to_string();
+        self.reservation.settle(cost);
         let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let line = totals
-            .entry((model.clone(), version.clone(), key.clone()))
+            .entry((self.name.clone(), version.to_string(), self.key.clone()))
             .or_insert_with(|| CostLine {
-                model,
-                version,
-                key,
+                model: self.name,
+                version: version.to_string(),
+                key: self.key.clone(),
                 requests: 0,
                 tokens: 0,
                 cost: 0.0,
             });
         line.requests += 1;
-        line.tokens += answer.meta.tokens as u64;
+        line.tokens += tokens as u64;
         line.cost += cost;
-        Ok(answer)
+        Price {
+            cost,
+            key: self.key,
+            tokens,
+            downgraded_from: self.downgraded_from,
+        }
+    }
+
+    /// Charges an answer and notes its price on it.
+    fn answer(self, mut answer: InferResponse) -> InferResponse {
+        let m = &answer.meta;
+        let price = self.settle(m.tokens, m.timings.forward, m.cache_hit, &m.version.to_string());
+        answer.meta.notes.insert(price);
+        answer
+    }
+}
+
+fn report(totals: &Totals) -> Vec<CostLine> {
+    totals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect()
+}
+
+impl Infer for Costed {
+    fn target(&self, model: &str) -> Result<Target> {
+        self.below.target(model)
+    }
+
+    /// Reserves the request's worst case against its key's budget (downgrading or refusing as
+    /// the budget says when it cannot pay), answers it from the layer below, and charges it.
+    /// A request that fails is charged nothing.
+    fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let (request, charge) = self.admit(request)?;
+        Ok(charge.answer(self.below.infer(request)?))
+    }
+
+    /// Reserves the generation's worst case (its prompt and `max_tokens`) before its first
+    /// token, and charges what it ran when it ends, fails or is cancelled.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        let (request, charge) = self.admit(request)?;
+        let inner = self.below.infer_stream(request)?;
+        let meta = inner.meta().clone();
+        Ok(InferStream::new(
+            meta.clone(),
+            Charging {
+                prompt_tokens: meta.tokens,
+                version: meta.version.to_string(),
+                generated: 0,
+                charge: Some(charge),
+                inner,
+            },
+        ))
+    }
+}
+
+/// A generation as the cost layer charges it.
+struct Charging {
+    inner: InferStream,
+    charge: Option<Charge>,
+    prompt_tokens: usize,
+    generated: usize,
+    version: String,
+}
+
+impl Generating for Charging {
+    fn step(&mut self) -> Step {
+        match self.inner.step() {
+            Step::Token(t) => {
+                self.generated += 1;
+                Step::Token(t)
+            }
+            Step::End(end) => {
+                let Some(charge) = self.charge.take() else {
+                    return Step::End(end);
+                };
+                Step::End(match end {
+                    Ok(answer) => Ok(charge.answer(answer)),
+                    Err(e) => {
+                        // A failure after tokens were made is charged what was made.
+                        charge.settle(self.prompt_tokens + self.generated, Duration::ZERO, false, &self.version);
+                        Err(e)
+                    }
+                })
+            }
+        }
+    }
+
+    fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
+        let partial = self.inner.cancel()?;
+        Ok(match self.charge.take() {
+            Some(charge) => charge.answer(partial),
+            None => partial,
+        })
     }
 }
 
 #[cfg(feature = "observe")]
 impl Costed {
-    /// The totals as metrics (`keel_cost_total`, `keel_cost_requests_total` by model, version
-    /// and key; `keel_budget_left` by key), for [`crate::observe::Observed::add_samples`].
-    pub fn samples(&self) -> Vec<crate::observe::Sample> {
+    /// Registers the totals (`keel_cost_total`, `keel_cost_requests_total` by model, version
+    /// and key; `keel_budget_left` by key; read at each export) in the stack's metrics.
+    pub fn register(&self, metrics: &mut crate::observe::MetricsBuilder) {
         use crate::observe::Sample;
-        let mut out = Vec::new();
-        for line in self.report() {
-            let labels = vec![
-                ("model", line.model.clone()),
-                ("version", line.version.chars().take(12).collect()),
-                ("key", line.key.clone()),
-            ];
-            out.push(Sample {
-                name: "cost",
-                help: "What the answered requests cost, in the manifests' unit",
-                counter: true,
-                labels: labels.clone(),
-                value: line.cost,
-            });
-            out.push(Sample {
-                name: "cost_requests",
-                help: "Requests priced",
-                counter: true,
-                labels,
-                value: line.requests as f64,
-            });
-        }
-        for (key, spend) in self.budgets.all() {
-            out.push(Sample {
-                name: "budget_left",
-                help: "What a key's budget has left this period",
-                counter: false,
-                labels: vec![("key", key)],
-                value: spend.left,
-            });
-        }
-        out
+        let (totals, budgets) = (self.totals.clone(), self.budgets.clone());
+        metrics.samples(move || {
+            let mut out = Vec::new();
+            for line in report(&totals) {
+                let labels = vec![
+                    ("model", line.model.clone()),
+                    ("version", line.version.chars().take(12).collect()),
+                    ("key", line.key.clone()),
+                ];
+                out.push(Sample {
+                    name: "cost",
+                    help: "What the answered requests cost, in the manifests' unit",
+                    counter: true,
+                    labels: labels.clone(),
+                    value: line.cost,
+                });
+                out.push(Sample {
+                    name: "cost_requests",
+                    help: "Requests priced",
+                    counter: true,
+                    labels,
+                    value: line.requests as f64,
+                });
+            }
+            for (key, spend) in budgets.all() {
+                out.push(Sample {
+                    name: "budget_left",
+                    help: "What a key's budget has left this period",
+                    counter: false,
+                    labels: vec![("key", key)],
+                    value: spend.left,
+                });
+            }
+            out
+        });
     }
 }

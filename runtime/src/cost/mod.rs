@@ -11,8 +11,8 @@
 //! max_ms = 2000
 //! ```
 //!
-//! [`Costed`] prices every request (`meta.annotations["cost"]`, kept by lineage) and enforces
-//! [`Budget`]s per routing key. [`Cascade`] tries a cheap model first and escalates when it is
+//! [`Costed`] prices every request (a [`Price`] noted on the answer, kept by lineage; a
+//! generation per token, prompt and completion) and enforces [`Budget`]s per routing key. [`Cascade`] tries a cheap model first and escalates when it is
 //! unsure; [`Degrade`] sends traffic to the cheap model (or sheds low priority) when the strong
 //! one's queue would break the latency objective.
 #![forbid(unsafe_code)]
@@ -22,8 +22,8 @@ mod layer;
 mod route;
 
 pub use budget::{Budget, BudgetError, Budgets, Exhausted, Spend};
-pub use layer::{CostLine, Costed};
-pub use route::{Cascade, CascadeConfig, Degrade, DegradeConfig};
+pub use layer::{CostLine, Costed, Price};
+pub use route::{Cascade, CascadeConfig, Degrade, DegradeConfig, Routed};
 
 use crate::Input;
 use std::time::Duration;
@@ -93,6 +93,7 @@ impl CostModel {
     /// The most a request can cost, known before it runs: a text has at most one token per
     /// byte (byte-level tokenizers) plus a few special ones, capped at `max_tokens` per text
     /// for an encoder; a generation adds its `max_tokens`; compute is billed up to `max_ms`.
+    /// (The cost layer counts a generation's prompt exactly: [`CostModel::worst_case_of`].)
     pub fn worst_case(&self, input: &Input, max_tokens: Option<usize>) -> f64 {
         const SPECIAL: usize = 32; // chat template and special tokens around a text
         let cap = |n: usize| max_tokens.map_or(n, |m| n.min(m));
@@ -109,6 +110,17 @@ impl CostModel {
                 prompt.len() + history + system + SPECIAL + params.max_tokens
             }
         };
+        self.worst_case_of(tokens)
+    }
+
+    /// The most a request that runs at most `tokens` tokens can cost.
+    ///
+    /// ```
+    /// use keel::cost::CostModel;
+    /// let price = CostModel { per_call: 0.5, per_1k_tokens: 1.0, per_ms: 0.0, max_ms: 0.0 };
+    /// assert_eq!(price.worst_case_of(2000), 2.5);
+    /// ```
+    pub fn worst_case_of(&self, tokens: usize) -> f64 {
         self.per_call + self.per_1k_tokens * tokens as f64 / 1e3 + self.per_ms * self.max_ms
     }
 }

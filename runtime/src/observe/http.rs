@@ -1,7 +1,7 @@
 //! The metrics text on a local HTTP port, for a Prometheus server to scrape (feature
 //! `metrics-http`): one thread, `GET /metrics`, nothing else.
 
-use super::Observed;
+use super::Metrics;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -13,11 +13,12 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Serves `observed`'s metrics on `address` (e.g. "127.0.0.1:9464"; port 0 picks a free one).
+    /// Serves `metrics` (a stack's: [`crate::stack::Stack::metrics`]) on `address` (e.g.
+    /// "127.0.0.1:9464"; port 0 picks a free one).
     ///
     /// # Errors
     /// An address that cannot be bound, as [`crate::Error::InvalidArgument`].
-    pub fn start(observed: Arc<Observed>, address: &str) -> crate::Result<Self> {
+    pub fn start(metrics: Arc<Metrics>, address: &str) -> crate::Result<Self> {
         let server = tiny_http::Server::http(address)
             .map_err(|e| crate::Error::InvalidArgument(format!("cannot serve metrics on {address}: {e}")))?;
         let server = Arc::new(server);
@@ -37,7 +38,7 @@ impl MetricsServer {
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
                             .expect("a valid header");
-                            tiny_http::Response::from_string(observed.metrics_text()).with_header(header)
+                            tiny_http::Response::from_string(metrics.text()).with_header(header)
                         } else {
                             tiny_http::Response::from_string("only GET /metrics is served here\n")
                                 .with_status_code(404)

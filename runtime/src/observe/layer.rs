@@ -2,30 +2,34 @@
 
 use super::drift::{DriftConfig, DriftMonitor, State, WindowReport, WindowSize};
 use super::metrics::{
-    labels_of, Metrics, ModelLabels, RequestLabels, Samples, SignalLabels, StageLabels, Violations,
+    labels_of, Families, FinishLabels, MetricsBuilder, ModelLabels, RequestLabels, SignalLabels, StageLabels,
 };
 use super::profile::{confidence, Profile, PROFILE_FILE};
-use crate::{Engine, Infer, InferRequest, InferResponse, Output, Result, VersionId};
+use crate::{
+    Generating, Infer, InferRequest, InferResponse, InferStream, Note, Output, Result, Step, Target, VersionId,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 /// A drift callback: the model's name and the report of a window whose state changed.
 pub type DriftCallback = Arc<dyn Fn(&str, &WindowReport) + Send + Sync>;
 
 /// The observability layer: per request, outcome counts, time per stage (`contract`, `queue`,
-/// `forward`, `post`, `total`), cache hits, confidence, tokens/s; per model version with a
-/// reference profile (`profile.json` beside its manifest), drift windows over its inputs and
-/// outputs. [`Observed::metrics_text`] exports it all in Prometheus text, with the engine's
-/// queue, batch and cache counters read at export.
+/// `forward`, `post`, `total`), cache hits, confidence; per generation, the time to its first
+/// token and between tokens, tokens/s, tokens generated, its length and finish reason; per
+/// model version with a reference profile (`profile.json` beside its manifest), drift windows
+/// over its inputs and outputs (a generation's length among them), whose state is noted on
+/// each answer. Its families are registered in the stack's one registry
+/// ([`crate::stack::Stack::metrics_text`]).
 ///
 /// Put it above the contract layer (it then counts refusals as outcomes, and sees inputs as
 /// they came, before a contract repaired them).
 pub struct Observed {
-    engine: Engine,
     below: Arc<dyn Infer>,
-    metrics: Metrics,
+    families: Arc<Families>,
     window: Option<WindowSize>,
     on_drift: Option<DriftCallback>,
     watched: RwLock<HashMap<VersionId, Arc<Watched>>>,
@@ -44,42 +48,33 @@ struct Watched {
 
 const STAGES: [&str; 5] = ["contract", "queue", "forward", "post", "total"];
 
+/// The drift state of the answering version when it answered: noted on the answer (the review
+/// policy's `drift` signal reads it; lineage keeps it).
+impl Note for State {
+    fn key(&self) -> &'static str {
+        "drift"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.as_str().into()
+    }
+}
+
 impl Observed {
-    /// The layer over `below`; versions are looked up in `engine`.
-    pub fn new(engine: Engine, below: Arc<dyn Infer>) -> Self {
-        Self::build(engine, below, None)
-    }
-
-    /// The layer over a contract layer, whose violation tally it exports too.
-    #[cfg(feature = "contract")]
-    pub fn over_contracts(engine: Engine, contracts: Arc<crate::contract::Contracted>) -> Self {
-        let tally = contracts.clone();
-        let violations: Violations = Arc::new(move || {
-            tally
-                .violations()
-                .into_iter()
-                .map(|v| {
-                    (
-                        v.field,
-                        v.clause.as_str().to_string(),
-                        v.action.as_str().to_string(),
-                        v.count,
-                    )
-                })
-                .collect()
-        });
-        Self::build(engine, contracts, Some(violations))
-    }
-
-    fn build(engine: Engine, below: Arc<dyn Infer>, violations: Option<Violations>) -> Self {
+    /// The layer over `below`.
+    pub fn new(below: Arc<dyn Infer>) -> Self {
         Self {
-            metrics: Metrics::new(engine.clone(), violations),
-            engine,
             below,
+            families: Arc::new(Families::new()),
             window: None,
             on_drift: None,
             watched: RwLock::default(),
         }
+    }
+
+    /// Registers the layer's families in the stack's metrics.
+    pub fn register(&self, metrics: &mut MetricsBuilder) {
+        self.families.register(metrics.registry());
     }
 
     /// Drift windows of this size, whatever the profiles say.
@@ -94,14 +89,14 @@ impl Observed {
         self
     }
 
-    /// Judges the version `model` names against `profile` from now on (a profile from
+    /// Judges the version `model` names now against `profile` from now on (a profile from
     /// elsewhere than the `profile.json` beside its manifest), in new windows.
     ///
     /// # Errors
     /// An unknown model.
     pub fn set_profile(&self, model: &str, profile: Profile) -> Result<()> {
-        let id = self.engine.version_of(model)?;
-        let w = self.watch(model)?;
+        let target = self.below.target(model)?;
+        let w = self.watch(&target)?;
         let size = self.window.unwrap_or(WindowSize::Count(profile.window));
         let monitor = self.monitor(&w.labels.model, profile, size);
         let replaced = Arc::new(Watched {
@@ -115,7 +110,7 @@ impl Observed {
         self.watched
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, replaced);
+            .insert(target.version.id().clone(), replaced);
         Ok(())
     }
 
@@ -134,27 +129,12 @@ impl Observed {
         }
     }
 
-    /// Everything observed, in Prometheus (OpenMetrics) text format.
-    pub fn metrics_text(&self) -> String {
-        self.metrics.text()
-    }
-
-    /// Adds figures of another layer to the export (read at each export): for instance
-    /// `Costed::samples` and `Reviewed::samples`.
-    pub fn add_samples(&self, source: Samples) {
-        self.metrics
-            .sources
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(source);
-    }
-
     /// The drift monitor of the version `model` names (None: it has no profile).
     ///
     /// # Errors
-    /// An unknown model.
+    /// An unknown model; a profile that cannot be read.
     pub fn drift(&self, model: &str) -> Result<Option<DriftState>> {
-        let w = self.watch(model)?;
+        let w = self.watch(&self.below.target(model)?)?;
         Ok(w.drift.as_ref().map(|d| DriftState {
             state: d.state(),
             last: d.last(),
@@ -169,7 +149,7 @@ impl Observed {
         for w in watched {
             if let Some(d) = &w.drift {
                 if let Some(r) = d.close_window() {
-                    self.publish(&w.labels, &r);
+                    publish(&self.families, &w.labels, &r);
                 }
             }
         }
@@ -179,26 +159,13 @@ impl Observed {
         self.watched.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts watching the version `model` names now, so that [`Observed::observe`] can
-    /// record its requests by version id after the engine has let go of it (a stream's
-    /// version may be unloaded when it ends).
-    ///
-    /// # Errors
-    /// An unknown model; a profile that cannot be read.
-    pub fn watch_model(&self, model: &str) -> Result<()> {
-        self.watch(model).map(drop)
-    }
-
-    fn watch(&self, model: &str) -> Result<Arc<Watched>> {
-        if let Some(w) = VersionId::parse(model).and_then(|id| self.read().get(&id).cloned()) {
-            return Ok(w);
-        }
-        let id = self.engine.version_of(model)?;
-        if let Some(w) = self.read().get(&id) {
+    /// The handles and monitor of a version, made at its first request.
+    fn watch(&self, target: &Target) -> Result<Arc<Watched>> {
+        let info = target.version.info();
+        if let Some(w) = self.read().get(&info.id) {
             return Ok(w.clone());
         }
-        let info = self.engine.info(id.as_str())?;
-        let labels = labels_of(&info.manifest.name, id.as_str());
+        let labels = labels_of(&target.name, info.id.as_str());
         let profile_path = info.folder.join(PROFILE_FILE);
         let drift = match profile_path.is_file() {
             true => {
@@ -207,11 +174,11 @@ impl Observed {
                     reason,
                 })?;
                 let size = self.window.unwrap_or(WindowSize::Count(profile.window));
-                Some(self.monitor(&info.manifest.name, profile, size))
+                Some(self.monitor(&target.name, profile, size))
             }
             false => None,
         };
-        let f = &self.metrics.families;
+        let f = &self.families;
         let stage = |s: &str| {
             f.stages
                 .get_or_create(&StageLabels {
@@ -226,15 +193,7 @@ impl Observed {
             crate::Architecture::Llama => "generate",
             crate::Architecture::Mlp => "classify",
         };
-        let ok = f
-            .requests
-            .get_or_create(&RequestLabels {
-                model: labels.model.clone(),
-                version: labels.version.clone(),
-                task: task.into(),
-                outcome: "ok".into(),
-            })
-            .clone();
+        let ok = outcome(f, &labels, task, "ok");
         let watched = Arc::new(Watched {
             task,
             ok,
@@ -244,81 +203,141 @@ impl Observed {
             drift,
         });
         let mut map = self.watched.write().unwrap_or_else(|p| p.into_inner());
-        Ok(map.entry(id).or_insert(watched).clone())
+        Ok(map.entry(info.id.clone()).or_insert(watched).clone())
     }
 
-    fn outcome(&self, w: &Watched, task: &str, outcome: &str) -> Counter {
-        self.metrics
-            .families
-            .requests
-            .get_or_create(&RequestLabels {
-                model: w.labels.model.clone(),
-                version: w.labels.version.clone(),
-                task: task.into(),
-                outcome: outcome.into(),
-            })
-            .clone()
-    }
-
-    fn publish(&self, labels: &ModelLabels, report: &WindowReport) {
-        let f = &self.metrics.families;
-        for (signal, s) in &report.signals {
-            f.drift_value
-                .get_or_create(&SignalLabels {
-                    model: labels.model.clone(),
-                    version: labels.version.clone(),
-                    signal: signal.clone(),
-                })
-                .set(s.value);
+    /// The request's version watched, its input counted, its span opened.
+    fn start(&self, request: &InferRequest) -> Result<Arc<Watched>> {
+        let w = self.watch(request.target()?)?;
+        if let Some(d) = &w.drift {
+            d.observe_input(&request.input);
         }
-        f.drift_state.get_or_create(labels).set(match report.state {
-            State::Ok => 0,
-            State::Warn => 1,
-            State::Alarm => 2,
-        });
-        f.drift_windows
-            .get_or_create(&RequestLabels {
+        Ok(w)
+    }
+}
+
+fn outcome(f: &Families, labels: &ModelLabels, task: &str, outcome: &str) -> Counter {
+    f.requests
+        .get_or_create(&RequestLabels {
+            model: labels.model.clone(),
+            version: labels.version.clone(),
+            task: task.into(),
+            outcome: outcome.into(),
+        })
+        .clone()
+}
+
+fn publish(f: &Families, labels: &ModelLabels, report: &WindowReport) {
+    for (signal, s) in &report.signals {
+        f.drift_value
+            .get_or_create(&SignalLabels {
                 model: labels.model.clone(),
                 version: labels.version.clone(),
-                task: "drift".into(),
-                outcome: report.state.as_str().into(),
+                signal: signal.clone(),
             })
-            .inc();
+            .set(s.value);
+    }
+    f.drift_state.get_or_create(labels).set(match report.state {
+        State::Ok => 0,
+        State::Warn => 1,
+        State::Alarm => 2,
+    });
+    f.drift_windows
+        .get_or_create(&RequestLabels {
+            model: labels.model.clone(),
+            version: labels.version.clone(),
+            task: "drift".into(),
+            outcome: report.state.as_str().into(),
+        })
+        .inc();
+}
+
+impl Watched {
+    /// Counts an answer (or its error) and notes the drift state on it.
+    fn conclude(&self, f: &Families, task: &str, answer: Result<InferResponse>) -> Result<InferResponse> {
+        let mut a = answer.map_err(|e| self.refused(f, task, e))?;
+        self.record(f, &a);
+        let cancelled = a
+            .output
+            .completion()
+            .is_some_and(|c| c.finish == crate::FinishReason::Cancelled);
+        match (cancelled, task == self.task) {
+            (true, _) => outcome(f, &self.labels, task, "cancelled").inc(),
+            (false, true) => self.ok.inc(),
+            (false, false) => outcome(f, &self.labels, task, "ok").inc(),
+        };
+        if let Some(d) = &self.drift {
+            if !cancelled {
+                let before = d.windows();
+                d.observe_output(&a.output);
+                if d.windows() != before {
+                    if let Some(r) = d.last() {
+                        publish(f, &self.labels, &r);
+                    }
+                }
+            }
+            a.meta.notes.insert(d.state());
+        }
+        Ok(a)
     }
 
-    fn record(&self, w: &Watched, answer: &InferResponse) {
+    /// Counts a refusal or a failure by its class.
+    fn refused(&self, f: &Families, task: &str, e: crate::Error) -> crate::Error {
+        outcome(f, &self.labels, task, error_class(&e)).inc();
+        e
+    }
+
+    fn record(&self, f: &Families, answer: &InferResponse) {
         let meta = &answer.meta;
         let t = &meta.timings;
-        let contract_us = meta
-            .annotations
-            .get("contract_us")
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(us) = contract_us {
-            w.stages[0].observe(us * 1e-6);
+        if let Some(verdict) = contract_time(meta) {
+            self.stages[0].observe(verdict);
         }
-        for (h, d) in w.stages[1..].iter().zip([t.queue, t.forward, t.post, t.total]) {
+        for (h, d) in self.stages[1..].iter().zip([t.queue, t.forward, t.post, t.total]) {
             h.observe(d.as_secs_f64());
         }
         if meta.cache_hit {
-            self.metrics.families.cache_hits.get_or_create(&w.labels).inc();
+            f.cache_hits.get_or_create(&self.labels).inc();
         }
         match &answer.output {
             Output::Classes(classes) => {
                 for c in classes {
-                    w.confidence.observe(confidence(c)[0].1);
+                    self.confidence.observe(confidence(c)[0].1);
                 }
             }
-            Output::Completion(c) if !t.forward.is_zero() => {
-                let rate = c.token_ids.len() as f64 / t.forward.as_secs_f64();
-                self.metrics
-                    .families
-                    .tokens_per_second
-                    .get_or_create(&w.labels)
-                    .observe(rate);
+            Output::Completion(c) => {
+                if !t.forward.is_zero() {
+                    let rate = c.token_ids.len() as f64 / t.forward.as_secs_f64();
+                    f.tokens_per_second.get_or_create(&self.labels).observe(rate);
+                }
+                f.generated.get_or_create(&self.labels).inc_by(c.token_ids.len() as u64);
+                f.finishes
+                    .get_or_create(&FinishLabels {
+                        model: self.labels.model.clone(),
+                        version: self.labels.version.clone(),
+                        reason: c.finish.as_str().into(),
+                    })
+                    .inc();
+                if c.finish != crate::FinishReason::Cancelled {
+                    f.lengths.get_or_create(&self.labels).observe(c.token_ids.len() as f64);
+                }
             }
-            _ => {}
+            Output::Embeddings(_) => {}
         }
     }
+}
+
+/// The contract check's time, in seconds, if a contract judged the request.
+#[cfg(feature = "contract")]
+fn contract_time(meta: &crate::Meta) -> Option<f64> {
+    meta.notes
+        .get::<crate::contract::Verdict>()
+        .map(|v| v.took.as_secs_f64())
+}
+
+#[cfg(not(feature = "contract"))]
+fn contract_time(_: &crate::Meta) -> Option<f64> {
+    None
 }
 
 /// A version's drift state.
@@ -332,54 +351,11 @@ pub struct DriftState {
     pub reports: Vec<WindowReport>,
 }
 
-impl Observed {
-    /// Watches a request answered elsewhere than through this layer (a streamed generation,
-    /// which goes to the engine directly): its input, its answer or error, as
-    /// [`Infer::infer`] would have.
-    ///
-    /// # Errors
-    /// An unknown model.
-    pub fn observe(
-        &self,
-        model: &str,
-        input: &crate::Input,
-        answer: std::result::Result<&InferResponse, &crate::Error>,
-    ) -> Result<()> {
-        let w = self.watch(model)?;
-        if let Some(d) = &w.drift {
-            d.observe_input(input);
-        }
-        self.conclude(&w, input.task(), answer);
-        Ok(())
-    }
-
-    fn conclude(&self, w: &Watched, task: &str, answer: std::result::Result<&InferResponse, &crate::Error>) {
-        let a = match answer {
-            Ok(a) => a,
-            Err(e) => {
-                self.outcome(w, task, error_class(e)).inc();
-                return;
-            }
-        };
-        self.record(w, a);
-        if task == w.task {
-            w.ok.inc();
-        } else {
-            self.outcome(w, task, "ok").inc();
-        }
-        if let Some(d) = &w.drift {
-            let before = d.windows();
-            d.observe_output(&a.output);
-            if d.windows() != before {
-                if let Some(r) = d.last() {
-                    self.publish(&w.labels, &r);
-                }
-            }
-        }
-    }
-}
-
 impl Infer for Observed {
+    fn target(&self, model: &str) -> Result<Target> {
+        self.below.target(model)
+    }
+
     /// Answers from the layer below, watching the request on the way.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
         use tracing::field::Empty;
@@ -393,12 +369,9 @@ impl Infer for Observed {
             total_us = Empty
         );
         let _entered = span.enter();
-        let w = self.watch(&request.model)?;
+        let w = self.start(&request)?;
         let task = request.input.task();
-        if let Some(d) = &w.drift {
-            d.observe_input(&request.input);
-        }
-        let mut answer = self.below.infer(request);
+        let answer = self.below.infer(request);
         if let Ok(a) = &answer {
             let t = &a.meta.timings;
             span.record("queue_us", t.queue.as_micros() as u64);
@@ -406,14 +379,64 @@ impl Infer for Observed {
             span.record("post_us", t.post.as_micros() as u64);
             span.record("total_us", t.total.as_micros() as u64);
         }
-        self.conclude(&w, task, answer.as_ref());
-        // The drift state rides on the answer (the review policy and the lineage read it).
-        if let (Ok(a), Some(d)) = (&mut answer, &w.drift) {
-            a.meta
-                .annotations
-                .insert("drift".into(), d.state().as_str().into());
+        w.conclude(&self.families, task, answer)
+    }
+
+    /// Streams from the layer below, timing each token: the first from the start, each next
+    /// from the one before.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        let w = self.start(&request)?;
+        let task = request.input.task();
+        let started = Instant::now();
+        let inner = self
+            .below
+            .infer_stream(request)
+            .map_err(|e| w.refused(&self.families, task, e))?;
+        let f = &self.families;
+        let watching = Watching {
+            first_token: f.first_token.get_or_create(&w.labels).clone(),
+            between_tokens: f.between_tokens.get_or_create(&w.labels).clone(),
+            families: self.families.clone(),
+            watched: w,
+            last: None,
+            started,
+            inner,
+        };
+        Ok(InferStream::new(watching.inner.meta().clone(), watching))
+    }
+}
+
+/// A generation as the observability layer watches it.
+struct Watching {
+    inner: InferStream,
+    families: Arc<Families>,
+    watched: Arc<Watched>,
+    first_token: Histogram,
+    between_tokens: Histogram,
+    started: Instant,
+    /// When the last token came (None: none yet).
+    last: Option<Instant>,
+}
+
+impl Generating for Watching {
+    fn step(&mut self) -> Step {
+        match self.inner.step() {
+            Step::Token(t) => {
+                let now = Instant::now();
+                match self.last {
+                    None => self.first_token.observe((now - self.started).as_secs_f64()),
+                    Some(last) => self.between_tokens.observe((now - last).as_secs_f64()),
+                }
+                self.last = Some(now);
+                Step::Token(t)
+            }
+            Step::End(answer) => Step::End(self.watched.conclude(&self.families, "generate", answer)),
         }
-        answer
+    }
+
+    fn cancel(self: Box<Self>) -> Result<InferResponse> {
+        let partial = self.inner.cancel();
+        self.watched.conclude(&self.families, "generate", partial)
     }
 }
 

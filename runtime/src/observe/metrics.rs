@@ -1,7 +1,8 @@
-//! Behaviour metrics in Prometheus (OpenMetrics) text, with the `prometheus-client` crate. What
-//! a request updates is kept in live families; what the engine already counts (queues, batches,
-//! caches) and the contract's violation tally are read at each export, so the request path
-//! pays nothing for them.
+//! Behaviour metrics in Prometheus (OpenMetrics) text, with the `prometheus-client` crate: one
+//! registry per stack, which every layer registers into while the stack is built
+//! ([`MetricsBuilder`]). What a request updates is kept in live families; what is counted
+//! elsewhere (the engine's queues, batches and caches, a layer's totals) is read at each export,
+//! so the request path pays nothing for it.
 
 use crate::Engine;
 use prometheus_client::collector::Collector;
@@ -12,7 +13,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// A model version, as metrics name it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,60 +59,61 @@ fn rate() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
 }
 
-/// The live metric families.
+fn length() -> Histogram {
+    // 1 to 4,096 tokens.
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct FinishLabels {
+    pub(crate) model: String,
+    pub(crate) version: String,
+    pub(crate) reason: String,
+}
+
+/// The observability layer's live metric families.
 pub(crate) struct Families {
     pub(crate) requests: Family<RequestLabels, Counter>,
     pub(crate) stages: HistogramFamily<StageLabels>,
     pub(crate) cache_hits: Family<ModelLabels, Counter>,
     pub(crate) confidence: HistogramFamily<ModelLabels>,
     pub(crate) tokens_per_second: HistogramFamily<ModelLabels>,
+    pub(crate) first_token: HistogramFamily<ModelLabels>,
+    pub(crate) between_tokens: HistogramFamily<ModelLabels>,
+    pub(crate) generated: Family<ModelLabels, Counter>,
+    pub(crate) lengths: HistogramFamily<ModelLabels>,
+    pub(crate) finishes: Family<FinishLabels, Counter>,
     pub(crate) drift_value: Family<SignalLabels, Gauge<f64, AtomicU64>>,
     pub(crate) drift_state: Family<ModelLabels, Gauge>,
     pub(crate) drift_windows: Family<RequestLabels, Counter>,
 }
 
-/// One figure another layer reports (the cost and review layers' totals), read at each export.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// The metric's name, without the `keel_` prefix (a counter's without `_total`).
-    pub name: &'static str,
-    /// Its help text.
-    pub help: &'static str,
-    /// A counter (true) or a gauge.
-    pub counter: bool,
-    /// Its labels.
-    pub labels: Vec<(&'static str, String)>,
-    /// Its value.
-    pub value: f64,
-}
 
-/// A source of [`Sample`]s, called at each export.
-pub type Samples = Arc<dyn Fn() -> Vec<Sample> + Send + Sync>;
 
-/// The registry and its families.
-pub(crate) struct Metrics {
-    registry: Registry,
-    pub(crate) families: Families,
-    pub(crate) sources: Arc<RwLock<Vec<Samples>>>,
-}
-
-impl Metrics {
-    pub(crate) fn new(engine: Engine, violations: Option<Violations>) -> Self {
-        let mut registry = Registry::with_prefix("keel");
-        let families = Families {
+impl Families {
+    pub(crate) fn new() -> Self {
+        Self {
             requests: Family::default(),
             stages: Family::new_with_constructor(latency),
             cache_hits: Family::default(),
             confidence: Family::new_with_constructor(unit),
             tokens_per_second: Family::new_with_constructor(rate),
+            first_token: Family::new_with_constructor(latency),
+            between_tokens: Family::new_with_constructor(latency),
+            generated: Family::default(),
+            lengths: Family::new_with_constructor(length),
+            finishes: Family::default(),
             drift_value: Family::default(),
             drift_state: Family::default(),
             drift_windows: Family::default(),
-        };
-        let f = &families;
+        }
+    }
+
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        let f = self;
         registry.register(
             "requests",
-            "Requests answered, by outcome (ok or the error's class)",
+            "Requests answered, by outcome (ok, cancelled, or the error's class)",
             f.requests.clone(),
         );
         registry.register(
@@ -135,6 +137,31 @@ impl Metrics {
             f.tokens_per_second.clone(),
         );
         registry.register(
+            "time_to_first_token_seconds",
+            "From a generation's start to its first token, one observation per stream",
+            f.first_token.clone(),
+        );
+        registry.register(
+            "time_between_tokens_seconds",
+            "Between a generation's successive tokens",
+            f.between_tokens.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated (cancelled generations included)",
+            f.generated.clone(),
+        );
+        registry.register(
+            "generated_length_tokens",
+            "Tokens per finished generation",
+            f.lengths.clone(),
+        );
+        registry.register(
+            "finish_reasons",
+            "Generations ended, by reason: stop, length, context_full, cancelled",
+            f.finishes.clone(),
+        );
+        registry.register(
             "drift_signal",
             "The last finished drift window's statistic per signal",
             f.drift_value.clone(),
@@ -149,20 +176,75 @@ impl Metrics {
             "Drift windows finished, by state (in the outcome label)",
             f.drift_windows.clone(),
         );
-        let sources = Arc::new(RwLock::new(Vec::new()));
-        registry.register_collector(Box::new(EngineCollector {
-            engine,
-            violations,
-            sources: sources.clone(),
-        }));
+    }
+}
+
+/// One figure a layer reports (the cost and review layers' totals), read at each export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The metric's name, without the `keel_` prefix (a counter's without `_total`).
+    pub name: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+    /// A counter (true) or a gauge.
+    pub counter: bool,
+    /// Its labels.
+    pub labels: Vec<(&'static str, String)>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// A source of [`Sample`]s, called at each export.
+pub type Samples = Arc<dyn Fn() -> Vec<Sample> + Send + Sync>;
+
+/// A stack's metrics registry while the stack is built: the engine's counters and each layer's
+/// families and figures are registered into it, then it is finished into [`Metrics`].
+pub struct MetricsBuilder {
+    registry: Registry,
+    sources: Vec<Samples>,
+}
+
+impl MetricsBuilder {
+    /// A registry (names prefixed `keel_`) that exports `engine`'s queue, batch and cache
+    /// counters.
+    pub fn new(engine: Engine) -> Self {
+        let mut registry = Registry::with_prefix("keel");
+        registry.register_collector(Box::new(EngineCollector { engine }));
         Self {
             registry,
-            families,
-            sources,
+            sources: Vec::new(),
         }
     }
 
-    pub(crate) fn text(&self) -> String {
+    /// The registry, for live families.
+    pub(crate) fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Figures read at each export.
+    pub fn samples(&mut self, source: impl Fn() -> Vec<Sample> + Send + Sync + 'static) {
+        self.sources.push(Arc::new(source));
+    }
+
+    /// The finished registry.
+    pub fn finish(mut self) -> Metrics {
+        self.registry.register_collector(Box::new(SampleCollector {
+            sources: self.sources,
+        }));
+        Metrics {
+            registry: self.registry,
+        }
+    }
+}
+
+/// A stack's metrics: everything its layers observe, in Prometheus (OpenMetrics) text.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// Everything, in Prometheus (OpenMetrics) text format.
+    pub fn text(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -170,24 +252,18 @@ impl Metrics {
     }
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
 /// A scheduler figure exported as a metric: name, help, how to read it.
 type Figure<T> = (&'static str, &'static str, fn(&crate::SchedulerStats) -> T);
 
-/// Reads the contract layer's tally at export.
-pub(crate) type Violations = Arc<dyn Fn() -> Vec<(String, String, String, u64)> + Send + Sync>;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ViolationLabels {
-    field: String,
-    clause: String,
-    action: String,
-}
-
-/// The engine's own counters and the contract's tally, read at each export.
+/// The engine's own counters, read at each export.
 struct EngineCollector {
     engine: Engine,
-    violations: Option<Violations>,
-    sources: Arc<RwLock<Vec<Samples>>>,
 }
 
 impl std::fmt::Debug for EngineCollector {
@@ -264,23 +340,24 @@ impl Collector for EngineCollector {
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
-        if let Some(tally) = &self.violations {
-            let counter = ConstCounter::new(0u64);
-            let mut family = encoder.encode_descriptor(
-                "contract_violations",
-                "Inputs that broke a contract clause, by field, clause and action",
-                None,
-                counter.metric_type(),
-            )?;
-            for (field, clause, action, n) in tally() {
-                ConstCounter::new(n).encode(family.encode_family(&ViolationLabels {
-                    field,
-                    clause,
-                    action,
-                })?)?;
-            }
-        }
-        let sources: Vec<Samples> = self.sources.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(())
+    }
+}
+
+/// The layers' figures, read at each export.
+struct SampleCollector {
+    sources: Vec<Samples>,
+}
+
+impl std::fmt::Debug for SampleCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SampleCollector")
+    }
+}
+
+impl Collector for SampleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sources = &self.sources;
         let mut by_name: std::collections::BTreeMap<&'static str, Vec<Sample>> = Default::default();
         for sample in sources.iter().flat_map(|f| f()) {
             by_name.entry(sample.name).or_default().push(sample);

@@ -20,5 +20,5 @@ pub use drift::{DriftConfig, DriftMonitor, OnChange, Signal, State, WindowReport
 #[cfg(feature = "metrics-http")]
 pub use http::MetricsServer;
 pub use layer::{DriftCallback, DriftState, Observed};
-pub use metrics::{Sample, Samples};
+pub use metrics::{Metrics, MetricsBuilder, Sample, Samples};
 pub use profile::{Categorical, Embedding, Numeric, Profile, ProfileBuilder, Projection, BINS, PROFILE_FILE};

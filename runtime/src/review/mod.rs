@@ -3,8 +3,9 @@
 //! become feedback: online accuracy, model/reviewer agreement, and labelled examples to retrain on.
 //!
 //! The policy is the manifest's `[review]` table: rules over the output (confidence, margin,
-//! entropy, predicted class), the input's fields, the contract's flags, the drift state and the
-//! cost, each leading to `auto`, `review` or `block`. The strictest matching rule decides.
+//! entropy, predicted class; for a generation its text, length, finish reason and token
+//! log-probabilities), the input's fields, the contract's flags, the drift state and the cost,
+//! each leading to `auto`, `review` or `block`. The strictest matching rule decides.
 //!
 //! ```toml
 //! [review]
@@ -21,7 +22,19 @@
 //! when = "input.mean radius" # a field of the row
 //! above = 40.0
 //! action = "block"
+//! [[review.rules]]
+//! when = "text"              # a generation's reply
+//! matches = "(?i)refund|lawsuit"
+//! action = "review"
+//! [[review.rules]]
+//! when = "mean_logprob"      # also min_logprob, length (tokens), finish ("stop", "length", ...)
+//! below = -2.5
+//! action = "review"
 //! ```
+//!
+//! A generation is judged when it ends. Under a policy that may refuse it (a `block` rule, or
+//! `review` rules with `provisional = false`) its tokens are held until then: a held or blocked
+//! reply streams nothing; otherwise it streams as it is made and its answer carries the ticket.
 //!
 //! [`Reviewed`] is the layer that applies it; [`quality`] and [`export`] read the feedback.
 #![forbid(unsafe_code)]
@@ -29,7 +42,7 @@
 mod layer;
 mod quality;
 
-pub use layer::{ReviewError, Reviewed};
+pub use layer::{Judgement, ReviewError, Reviewed};
 pub use quality::{export, quality, Quality};
 
 use crate::{Classification, Output, Record, Value};
@@ -77,6 +90,33 @@ pub enum Signal {
     Drift,
     /// The request's cost (from the cost layer below).
     Cost,
+    /// A generation's text (tested with `matches`, a regular expression).
+    Text,
+    /// A generation's length in tokens.
+    Length,
+    /// Why a generation ended: `stop`, `length`, `context_full`.
+    Finish,
+    /// The mean of a generation's token log-probabilities (its confidence).
+    MeanLogprob,
+    /// The least of a generation's token log-probabilities.
+    MinLogprob,
+}
+
+impl Signal {
+    /// Whether the signal needs the generation's token log-probabilities.
+    fn needs_logprobs(&self) -> bool {
+        matches!(self, Signal::MeanLogprob | Signal::MinLogprob)
+    }
+}
+
+/// A regular expression of a rule (compared by its text).
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
 }
 
 /// When a rule matches.
@@ -88,6 +128,8 @@ pub enum Test {
     Above(f64),
     /// A text (or a number's text) equal to one of these.
     In(Vec<String>),
+    /// A text in which this regular expression finds a match.
+    Matches(Pattern),
 }
 
 /// One rule: a signal, a test, an action.
@@ -138,6 +180,19 @@ pub struct Verdict {
 }
 
 impl Policy {
+    /// Whether the policy can refuse a generation (a `block` rule, or `review` rules that hold):
+    /// then its tokens are held until it is judged.
+    pub fn may_refuse(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.action == Decision::Block || (r.action == Decision::Review && !self.provisional))
+    }
+
+    /// Whether a rule reads the generation's token log-probabilities (they are then asked for).
+    pub fn needs_logprobs(&self) -> bool {
+        self.rules.iter().any(|r| r.signal.needs_logprobs())
+    }
+
     /// The policy of a manifest's `[review]` table.
     ///
     /// # Errors
@@ -197,11 +252,16 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
         "contract" => Signal::Contract,
         "drift" => Signal::Drift,
         "cost" => Signal::Cost,
+        "text" => Signal::Text,
+        "length" => Signal::Length,
+        "finish" => Signal::Finish,
+        "mean_logprob" => Signal::MeanLogprob,
+        "min_logprob" => Signal::MinLogprob,
         other => match other.strip_prefix("input.") {
             Some(field) if !field.is_empty() => Signal::Input(field.to_string()),
             _ => {
                 return Err(format!(
-                    "unknown signal '{other}' (confidence, margin, entropy, class, input.FIELD, contract, drift, cost)"
+                    "unknown signal '{other}' (confidence, margin, entropy, class, input.FIELD, contract, drift, cost, text, length, finish, mean_logprob, min_logprob)"
                 ))
             }
         },
@@ -228,24 +288,48 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
         (Some(_), Some(_)) => return Err("give `equals` or `in`, not both".into()),
         (None, None) => None,
     };
-    let (test, written) = match (below, above, set) {
-        (Some(x), None, None) => (Test::Below(x), format!("{when} below {x}")),
-        (None, Some(x), None) => (Test::Above(x), format!("{when} above {x}")),
-        (None, None, Some(set)) => {
+    let pattern = match r.get("matches") {
+        None => None,
+        Some(toml::Value::String(p)) => Some(Pattern(
+            regex::Regex::new(p).map_err(|e| format!("`matches` is not a regular expression: {e}"))?,
+        )),
+        Some(_) => return Err("`matches` must be a text (a regular expression)".into()),
+    };
+    let (test, written) = match (below, above, set, pattern) {
+        (Some(x), None, None, None) => (Test::Below(x), format!("{when} below {x}")),
+        (None, Some(x), None, None) => (Test::Above(x), format!("{when} above {x}")),
+        (None, None, Some(set), None) => {
             let written = format!("{when} in [{}]", set.join(", "));
             (Test::In(set), written)
         }
-        _ => return Err("give exactly one of `below`, `above`, `equals`, `in`".into()),
+        (None, None, None, Some(p)) => {
+            let written = format!("{when} matches /{}/", p.0.as_str());
+            (Test::Matches(p), written)
+        }
+        _ => return Err("give exactly one of `below`, `above`, `equals`, `in`, `matches`".into()),
     };
     let numeric = matches!(
         signal,
-        Signal::Confidence | Signal::Margin | Signal::Entropy | Signal::Cost
+        Signal::Confidence
+            | Signal::Margin
+            | Signal::Entropy
+            | Signal::Cost
+            | Signal::Length
+            | Signal::MeanLogprob
+            | Signal::MinLogprob
     );
-    if numeric && matches!(test, Test::In(_)) {
+    if numeric && matches!(test, Test::In(_) | Test::Matches(_)) {
         return Err(format!("{when} is a number: compare it with `below` or `above`"));
     }
-    if matches!(signal, Signal::Class | Signal::Contract | Signal::Drift) && !matches!(test, Test::In(_)) {
+    if matches!(signal, Signal::Class | Signal::Contract | Signal::Drift | Signal::Finish)
+        && !matches!(test, Test::In(_))
+    {
         return Err(format!("{when} is a text: compare it with `equals` or `in`"));
+    }
+    if matches!(signal, Signal::Text) != matches!(test, Test::Matches(_)) {
+        return Err(format!(
+            "`matches` tests a generation's text: `when = \"text\"` takes it, and only it ({when})"
+        ));
     }
     let action = match r.get("action").and_then(toml::Value::as_str) {
         Some("auto") => Decision::Auto,
@@ -280,6 +364,7 @@ impl Test {
             (Test::Above(x), Seen::Number(v)) if v > x => Some(format!("{v:.4} > {x}")),
             (Test::In(set), Seen::Text(t)) if set.contains(t) => Some(format!("'{t}'")),
             (Test::In(set), Seen::Number(v)) if set.contains(&v.to_string()) => Some(format!("{v}")),
+            (Test::Matches(p), Seen::Text(t)) => p.0.find(t).map(|m| format!("'{}'", m.as_str())),
             _ => None,
         }
     }
@@ -288,6 +373,7 @@ impl Test {
 /// The values of a signal in an observation: per row for rows and classes, once otherwise.
 fn values(signal: &Signal, seen: &Observation<'_>) -> Vec<(Option<usize>, Seen)> {
     let classes: &[Classification] = seen.output.and_then(Output::classes).unwrap_or(&[]);
+    let completion = seen.output.and_then(Output::completion);
     let per_class = |f: &dyn Fn(&Classification) -> Seen| -> Vec<(Option<usize>, Seen)> {
         classes.iter().enumerate().map(|(i, c)| (Some(i), f(c))).collect()
     };
@@ -316,6 +402,25 @@ fn values(signal: &Signal, seen: &Observation<'_>) -> Vec<(Option<usize>, Seen)>
             .into_iter()
             .collect(),
         Signal::Cost => seen.cost.map(|c| (None, Seen::Number(c))).into_iter().collect(),
+        Signal::Text => completion.map(|c| (None, Seen::Text(c.text.clone()))).into_iter().collect(),
+        Signal::Length => completion
+            .map(|c| (None, Seen::Number(c.token_ids.len() as f64)))
+            .into_iter()
+            .collect(),
+        Signal::Finish => completion
+            .map(|c| (None, Seen::Text(c.finish.as_str().into())))
+            .into_iter()
+            .collect(),
+        Signal::MeanLogprob => completion
+            .and_then(crate::Completion::mean_logprob)
+            .map(|l| (None, Seen::Number(l)))
+            .into_iter()
+            .collect(),
+        Signal::MinLogprob => completion
+            .and_then(crate::Completion::min_logprob)
+            .map(|l| (None, Seen::Number(l)))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -449,5 +554,51 @@ mod tests {
             ..Default::default()
         });
         assert_eq!((v.decision, v.reasons.len()), (Decision::Auto, 0));
+    }
+
+    #[test]
+    fn generations_are_judged_by_text_length_finish_and_logprobs() {
+        let reply = Output::Completion(crate::Completion {
+            prompt_ids: vec![1, 2],
+            token_ids: vec![5, 6, 7],
+            text: "We will refund you.".into(),
+            finish: crate::FinishReason::Length,
+            logprobs: vec![-0.5, -4.0, -0.5],
+        });
+        let on = Observation {
+            output: Some(&reply),
+            ..Default::default()
+        };
+        let rule = |text: &str| policy(&format!("[[review.rules]]\n{text}\naction = \"review\"")).unwrap();
+        let v = rule("when = \"text\"\nmatches = \"(?i)REFUND|lawsuit\"").judge(&on);
+        assert_eq!(v.reasons, ["text matches /(?i)REFUND|lawsuit/: 'refund'"]);
+        for (text, decision) in [
+            ("when = \"text\"\nmatches = \"lawsuit\"", Decision::Auto),
+            ("when = \"length\"\nabove = 2", Decision::Review),
+            ("when = \"length\"\nabove = 3", Decision::Auto),
+            ("when = \"finish\"\nequals = \"length\"", Decision::Review),
+            ("when = \"finish\"\nequals = \"stop\"", Decision::Auto),
+            ("when = \"mean_logprob\"\nbelow = -1.5", Decision::Review),
+            ("when = \"mean_logprob\"\nbelow = -2.0", Decision::Auto),
+            ("when = \"min_logprob\"\nbelow = -3.0", Decision::Review),
+        ] {
+            assert_eq!(rule(text).judge(&on).decision, decision, "{text}");
+        }
+        assert!(rule("when = \"min_logprob\"\nbelow = -3.0").needs_logprobs());
+        assert!(!rule("when = \"length\"\nabove = 3").needs_logprobs());
+        for (text, expected) in [
+            ("when = \"text\"\nmatches = \"(\"", "not a regular expression"),
+            ("when = \"class\"\nmatches = \"a\"", "only it"),
+            ("when = \"length\"\nmatches = \"a\"", "is a number"),
+            ("when = \"finish\"\nbelow = 1", "is a text"),
+        ] {
+            let e = policy(&format!("[[review.rules]]\n{text}\naction = \"review\"")).unwrap_err();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        // A policy that may refuse holds a generation's tokens; a provisional one streams them.
+        let holds = |text: &str| policy(text).unwrap().may_refuse();
+        assert!(!holds("[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"review\""));
+        assert!(holds("[review]\nprovisional = false\n[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"review\""));
+        assert!(holds("[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"block\""));
     }
 }

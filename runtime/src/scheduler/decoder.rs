@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 /// What a generation's stream receives.
 pub(crate) enum Event {
-    Token(u32),
+    /// A token, with its log-probability when the job asked for it.
+    Token(u32, Option<f32>),
     Done(FinishReason, Ran),
     Failed(Error),
 }
@@ -36,6 +37,8 @@ pub(crate) struct GenJob {
     pub boundary: Option<usize>,
     pub sampling: Sampling,
     pub max_tokens: usize,
+    /// Send each token's log-probability under the model (a pass over the logits per token).
+    pub logprobs: bool,
     pub events: Sender<Event>,
     pub cancel: Arc<AtomicBool>,
 }
@@ -261,7 +264,8 @@ impl Seq {
             let _ = self.job.events.send(Event::Done(FinishReason::Stop, self.ran));
             return Outcome::Finished;
         }
-        if self.job.events.send(Event::Token(id)).is_err() {
+        let logprob = self.job.logprobs.then(|| log_probability(logits, id));
+        if self.job.events.send(Event::Token(id, logprob)).is_err() {
             // The stream is gone: cancelled.
             return Outcome::Cancelled;
         }
@@ -284,6 +288,14 @@ impl Seq {
             }
         }
     }
+}
+
+/// The log-probability of token `id` under the softmax of `logits` (the model's own
+/// distribution, before any temperature): a generation's confidence, token by token.
+fn log_probability(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits[id as usize] - max - sum.ln()
 }
 
 fn stopped(shared: &Shared) -> Event {

@@ -19,7 +19,6 @@ pub(crate) mod encoder;
 pub(crate) mod queue;
 
 pub(crate) use decoder::DecoderScheduler;
-#[cfg(feature = "version")]
 pub(crate) use encoder::clone_error;
 pub(crate) use encoder::EncoderScheduler;
 

@@ -65,8 +65,10 @@ pub struct LineageRecord {
     pub review: Option<serde_json::Value>,
     /// Filled by the cost module.
     pub cost: Option<serde_json::Value>,
-    /// What other layers annotated the response with.
-    pub annotations: BTreeMap<String, String>,
+    /// What the other layers noted (the drift state, a cascade's or a degradation's route), by
+    /// key. (Records written before notes were typed hold their `annotations` here.)
+    #[serde(default, alias = "annotations")]
+    pub notes: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Time per stage, in microseconds.
@@ -254,7 +256,7 @@ pub enum OutputSummary {
         prompt_tokens: usize,
         /// The generated token ids.
         token_ids: Vec<u32>,
-        /// Why it ended: "stop", "length", "context_full".
+        /// Why it ended: "stop", "length", "context_full", "cancelled".
         finish_reason: String,
     },
 }

@@ -6,7 +6,9 @@
 //! flight for `shadow_idle_gap`), so that on a small machine it does not take the cores from
 //! production; one that finds no idle time within `shadow_max_wait` is dropped as stale.
 
-use super::{divergence, GuardState, Shared, Slot, Versioned};
+use super::guard::GuardState;
+use super::slots::Slot;
+use super::{Shared, Versioned};
 use crate::{InferRequest, Output};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -222,6 +224,7 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
     let started = Instant::now();
     let mut request = job.request;
     request.model = job.slot.record.id.to_string();
+    request.target = Some(job.slot.target());
     request.purpose = crate::Purpose::Shadow;
     let result = shared.below.infer(request.clone());
     request.model = job.addressed;
@@ -246,7 +249,6 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
                     "shadow",
                     reason,
                     Some((request.id.as_str(), d)),
-                    false,
                     started,
                 );
             }
@@ -266,5 +268,37 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
             };
             let _ = layer.abort_canary(&job.name, &format!("guard: {why}"));
         }
+    }
+}
+/// Output divergence: 1 - the least cosine over the texts, or the share of differing tokens.
+fn divergence(a: &Output, b: &Output) -> f64 {
+    match (a, b) {
+        (Output::Embeddings(x), Output::Embeddings(y)) => {
+            let least = x
+                .iter()
+                .zip(y)
+                .map(|(u, v)| {
+                    let dot: f64 = u.iter().zip(v).map(|(p, q)| f64::from(*p) * f64::from(*q)).sum();
+                    let nu: f64 = u.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+                    let nv: f64 = v.iter().map(|q| f64::from(*q).powi(2)).sum::<f64>().sqrt();
+                    dot / (nu * nv).max(f64::MIN_POSITIVE)
+                })
+                .fold(1.0, f64::min);
+            (1.0 - least).max(0.0)
+        }
+        (Output::Completion(x), Output::Completion(y)) => {
+            let n = x.token_ids.len().max(y.token_ids.len());
+            if n == 0 {
+                return 0.0;
+            }
+            let same = x
+                .token_ids
+                .iter()
+                .zip(&y.token_ids)
+                .filter(|(p, q)| p == q)
+                .count();
+            1.0 - same as f64 / n as f64
+        }
+        _ => 1.0,
     }
 }

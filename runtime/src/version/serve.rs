@@ -1,0 +1,246 @@
+//! Serving: each request is routed, answered by the layers below (whole or streamed), fed to
+//! the canary's guard, copied to the shadow, and recorded in lineage.
+
+use super::lineage::{LineageRecord, OutputSummary, RecordedInput, StageTimes};
+use super::routes::Decision;
+use super::shadow::{InFlight, ShadowJob};
+use super::slots::Slot;
+use super::{Shared, Versioned, CANARY};
+use crate::store::LineageRow;
+use crate::{
+    FinishReason, Generating, Infer, InferRequest, InferResponse, InferStream, Note, Output, Result, Step,
+    Target,
+};
+use std::time::Instant;
+
+/// The route a request took (`production`, `canary`, an alias, `direct`) and why: noted on the
+/// request for the layers below, and so on its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The route.
+    pub route: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Note for Route {
+    fn key(&self) -> &'static str {
+        "route"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"route": self.route, "reason": self.reason})
+    }
+}
+
+/// Noted on a request: keep its input in its lineage record whatever its version's retention
+/// setting, so that it can be replayed (`keel --retain-input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainInput;
+
+impl Note for RetainInput {
+    fn key(&self) -> &'static str {
+        "retain_input"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        true.into()
+    }
+}
+
+impl Infer for Versioned {
+    /// The version a request for `model` goes to now (`NAME`, `NAME@ALIAS`, a version id; a
+    /// canary split draws as for a request without a key).
+    fn target(&self, model: &str) -> Result<Target> {
+        Ok(self.shared.decide(model, None)?.slot.target())
+    }
+
+    /// Routes the request (`NAME`, `NAME@ALIAS` or a version id), answers it on the version
+    /// chosen, queues shadow copies, feeds the canary guard, and records its lineage. The answer
+    /// carries the [`Route`]; `meta.model` is the model's name.
+    fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let _busy = self.shared.traffic.begin();
+        let started = Instant::now();
+        let d = self.shared.decide(&request.model, request.key.as_deref())?;
+        let result = self.shared.below.infer(routed(&request, &d));
+        self.shared.conclude(&d, &request, result, started)
+    }
+
+    /// [`Infer::infer`], streamed: routed the same way, recorded when the generation ends (or
+    /// is cancelled: its record says so and holds what was generated); shadow copies run then.
+    fn infer_stream(&self, request: InferRequest) -> Result<InferStream> {
+        let busy = self.shared.traffic.begin();
+        let started = Instant::now();
+        let d = self.shared.decide(&request.model, request.key.as_deref())?;
+        let inner = match self.shared.below.infer_stream(routed(&request, &d)) {
+            Ok(inner) => inner,
+            Err(e) => {
+                if let Some(guard) = &d.guard {
+                    guard.observe(d.route == CANARY, false, started.elapsed());
+                }
+                return Err(e);
+            }
+        };
+        let mut meta = inner.meta().clone();
+        meta.model = d.name.clone();
+        Ok(InferStream::new(
+            meta,
+            Served {
+                inner,
+                layer: self.clone(),
+                request,
+                decision: d,
+                started,
+                _busy: busy,
+            },
+        ))
+    }
+}
+
+/// The request as the layers below see it: addressed to the version chosen, with its route.
+fn routed(request: &InferRequest, d: &Decision) -> InferRequest {
+    let mut routed = request.clone();
+    routed.model = d.slot.record.id.to_string();
+    routed.target = Some(d.slot.target());
+    routed.notes.insert(Route {
+        route: d.route.clone(),
+        reason: d.reason.clone(),
+    });
+    routed
+}
+
+/// A generation served by the version layer. It holds the version it was routed to until it
+/// ends.
+struct Served {
+    inner: InferStream,
+    layer: Versioned,
+    request: InferRequest,
+    decision: Decision,
+    started: Instant,
+    /// Production traffic in flight until the stream ends (shadow copies wait).
+    _busy: InFlight,
+}
+
+impl Generating for Served {
+    fn step(&mut self) -> Step {
+        match self.inner.step() {
+            Step::Token(t) => Step::Token(t),
+            Step::End(result) => Step::End(self.layer.shared.conclude(
+                &self.decision,
+                &self.request,
+                result,
+                self.started,
+            )),
+        }
+    }
+
+    fn cancel(self: Box<Self>) -> Result<InferResponse> {
+        let partial = self.inner.cancel();
+        self.layer
+            .shared
+            .conclude(&self.decision, &self.request, partial, self.started)
+    }
+}
+
+impl Shared {
+    /// After an answer: the guard's figures, the model's name on the answer, the lineage record,
+    /// a shadow copy, and a rollback if the guard tripped.
+    pub(super) fn conclude(
+        self: &std::sync::Arc<Self>,
+        d: &Decision,
+        request: &InferRequest,
+        result: Result<InferResponse>,
+        started: Instant,
+    ) -> Result<InferResponse> {
+        if let Some(guard) = &d.guard {
+            guard.observe(d.route == CANARY, result.is_ok(), started.elapsed());
+        }
+        let mut answer = result?;
+        answer.meta.model = d.name.clone();
+        self.record(request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started);
+        let cancelled = matches!(&answer.output, Output::Completion(c) if c.finish == FinishReason::Cancelled);
+        let other = match (&d.shadow, &d.compare) {
+            _ if cancelled => None,
+            (Some(canary), _) => Some((canary, true)),
+            (None, Some(production)) => Some((production, false)),
+            (None, None) => None,
+        };
+        if let Some((slot, recorded)) = other {
+            self.shadow.offer(ShadowJob {
+                request: request.clone(),
+                addressed: request.model.clone(),
+                original: answer.output.clone(),
+                slot: slot.clone(),
+                name: d.name.clone(),
+                guard: d.guard.clone(),
+                recorded,
+                queued: Instant::now(),
+            });
+        }
+        if let Some(guard) = &d.guard {
+            if let Some(why) = guard.tripped() {
+                let layer = Versioned { shared: self.clone() };
+                let _ = layer.abort_canary(&d.name, &format!("guard: {why}"));
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The lineage record of an answer: what answered and why, and every layer's notes (the
+    /// contract's verdict, the price and the review decision in fields of their own).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn record(
+        &self,
+        request: &InferRequest,
+        answer: &InferResponse,
+        slot: &Slot,
+        name: &str,
+        route: &str,
+        reason: &str,
+        shadow_of: Option<(&str, f64)>,
+        started: Instant,
+    ) {
+        let recorded = RecordedInput::of(&request.input);
+        let meta = &answer.meta;
+        let retain = request.notes.get::<RetainInput>().is_some();
+        let mut notes = meta.notes.to_json();
+        for said_elsewhere in ["route", "retain_input"] {
+            notes.remove(said_elsewhere);
+        }
+        let record = LineageRecord {
+            request_id: match shadow_of {
+                Some((of, _)) => format!("{of}.shadow"),
+                None => request.id.to_string(),
+            },
+            time: crate::store::now_ms(),
+            key: request.key.clone(),
+            model: name.to_string(),
+            addressed: request.model.clone(),
+            version: slot.record.id.to_string(),
+            weights: slot.record.weights.clone(),
+            files: slot.identity.files.clone(),
+            manifest_hash: slot.identity.manifest_hash.clone(),
+            keel_version: env!("CARGO_PKG_VERSION").to_string(),
+            backend: meta.backend.clone(),
+            batch_id: meta.batch_id,
+            cache_hit: meta.cache_hit,
+            route: route.to_string(),
+            route_reason: reason.to_string(),
+            shadow_of: shadow_of.map(|(of, _)| of.to_string()),
+            divergence: shadow_of.map(|(_, d)| d),
+            input_hash: recorded.hash(),
+            input: (retain || slot.record.retain_input).then_some(recorded),
+            output: OutputSummary::of(&answer.output),
+            timings_us: StageTimes::of(&meta.timings, started.elapsed()),
+            contract: notes.remove("contract"),
+            review: notes.remove("review"),
+            cost: notes.remove("cost"),
+            notes,
+        };
+        self.lineage.submit(LineageRow {
+            request_id: record.request_id.clone(),
+            time_ms: record.time,
+            record: serde_json::to_string(&record).unwrap_or_default(),
+        });
+    }
+}
