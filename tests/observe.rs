@@ -6,9 +6,10 @@ mod common;
 
 use common::cancer::{cancer_rows, features, mlp_dir, record, split};
 
-use keel::contract::{Action, Clause, ContractViolation, Contracted};
+use keel::contract::{Action, Clause, ContractViolation, Verdict};
 use keel::observe::stats::{self, Bins};
-use keel::observe::{Observed, Profile, ProfileBuilder, State, WindowSize};
+use keel::observe::{Profile, ProfileBuilder, State, WindowSize};
+use keel::stack::{ObserveConfig, Stack};
 use keel::{Engine, ErrorKind, Infer, InferRequest, Input, Record, Value};
 use std::sync::Arc;
 
@@ -50,11 +51,25 @@ fn mlp_matches_pytorch_on_the_held_out_rows() {
     assert!(worst < 1e-5, "largest probability difference {worst}");
 }
 
-fn contracted() -> (Engine, Contracted, String) {
+fn contracted() -> (Engine, Stack, String) {
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(mlp_dir()).unwrap();
-    let layer = Contracted::new(engine.clone(), Arc::new(engine.clone()));
+    let layer = Stack::builder(engine.clone()).contract().build().unwrap();
     (engine, layer, id.to_string())
+}
+
+/// The contract's verdict on an answer.
+fn verdict(answer: &keel::InferResponse) -> &Verdict {
+    answer.meta.notes.get::<Verdict>().expect("a contract verdict")
+}
+
+/// A stack with the observability layer, windows of `window`.
+fn observing(engine: &Engine, window: WindowSize) -> Stack {
+    let config = ObserveConfig {
+        window: Some(window),
+        on_drift: None,
+    };
+    Stack::builder(engine.clone()).observe_with(config).build().unwrap()
 }
 
 fn violation(e: &keel::Error) -> &keel::contract::Violation {
@@ -78,12 +93,7 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
         let answer = layer
             .infer(InferRequest::classify(&id, vec![record(&names, values)]))
             .unwrap();
-        let verdict: serde_json::Value = serde_json::from_str(&answer.meta.annotations["contract"]).unwrap();
-        assert_eq!(
-            verdict["violations"],
-            serde_json::json!([]),
-            "a held-out row passes"
-        );
+        assert!(verdict(&answer).passed(), "a held-out row passes");
     }
     let base = record(&names, &held[0].0);
     let with = |field: &str, value: Value| {
@@ -103,12 +113,16 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
     );
     // `worst ...` out of range: served, flagged.
     let a = layer.infer(with("worst area", Value::Number(1e6))).unwrap();
-    assert!(a.meta.annotations["contract"]
-        .contains(r#""field":"worst area","clause":"range","value":"1000000","#));
+    let v = &verdict(&a).violations[0];
+    assert_eq!(
+        (v.field.as_str(), v.clause, v.value.as_str(), v.action),
+        ("worst area", Clause::Range, "1000000", Action::Flag)
+    );
     // `... error` out of range: clamped to the range's end, served, recorded.
     let mut clamped = with("area error", Value::Number(1e6));
-    let verdict = layer.check(&mut clamped).unwrap();
-    assert_eq!(verdict.violations[0].action, Action::Clamp);
+    clamped.target = Some(layer.target(&id).unwrap());
+    let checked = layer.contracted().unwrap().check(&mut clamped).unwrap();
+    assert_eq!(checked.violations[0].action, Action::Clamp);
     let Input::Classify(rows) = &clamped.input else {
         unreachable!()
     };
@@ -160,9 +174,9 @@ fn the_contract_passes_real_rows_and_acts_per_clause() {
         .unwrap();
     // An unknown site is flagged.
     let a = layer.infer(with("site", Value::Text("clinic-z".into()))).unwrap();
-    assert!(a.meta.annotations["contract"].contains(r#""clause":"categories""#));
+    assert_eq!(verdict(&a).violations[0].clause, Clause::Categories);
     // Every violation was counted per field and clause.
-    let counts = layer.violations();
+    let counts = layer.contracted().unwrap().violations();
     let count = |f: &str, c: Clause| {
         counts
             .iter()
@@ -200,14 +214,13 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
     );
     let window = 50;
     let monitor = |rows: Vec<Record>| {
-        let observed =
-            Observed::new(engine.clone(), Arc::new(engine.clone())).window(WindowSize::Count(window));
+        let observed = observing(&engine, WindowSize::Count(window));
         for r in rows {
             observed
                 .infer(InferRequest::classify(id.as_str(), vec![r]))
                 .unwrap();
         }
-        observed.drift(id.as_str()).unwrap().unwrap().reports
+        observed.observed().unwrap().drift(id.as_str()).unwrap().unwrap().reports
     };
     let held = split(0);
     // 1,000 windows of the held-out rows (50 of the 114, drawn without replacement each time),
@@ -491,8 +504,15 @@ fn the_metrics_text_parses_with_prometheus_client() {
     let names = features();
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(mlp_dir()).unwrap();
-    let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
-    let observed = Observed::over_contracts(engine.clone(), contracts).window(WindowSize::Count(20));
+    let config = ObserveConfig {
+        window: Some(WindowSize::Count(20)),
+        on_drift: None,
+    };
+    let observed = Stack::builder(engine.clone())
+        .contract()
+        .observe_with(config)
+        .build()
+        .unwrap();
     for (values, _) in split(0).iter().take(60) {
         observed
             .infer(InferRequest::classify(id.as_str(), vec![record(&names, values)]))
@@ -553,7 +573,7 @@ print(len(families), samples, ok[0])
     assert!(fields[0].parse::<usize>().unwrap() >= 10, "{stdout}");
 
     // The same text on a local port (feature metrics-http), as a Prometheus server scrapes it.
-    let server = keel::observe::MetricsServer::start(Arc::new(observed), "127.0.0.1:0").unwrap();
+    let server = keel::observe::MetricsServer::start(observed.metrics(), "127.0.0.1:0").unwrap();
     let get = |path: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(server.address()).unwrap();
@@ -583,17 +603,17 @@ fn a_text_contract_on_minilm() {
             .unwrap();
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(&folder).unwrap();
-    let layer = Contracted::new(engine.clone(), Arc::new(engine.clone()));
+    let layer = Stack::builder(engine.clone()).contract().build().unwrap();
     let answer = layer
         .infer(InferRequest::embed(id.as_str(), ["A short text."]))
         .unwrap();
-    assert!(answer.meta.annotations["contract"].contains(r#""violations":[]"#));
+    assert!(verdict(&answer).passed());
     let long = "word ".repeat(30);
     let answer = layer
         .infer(InferRequest::embed(id.as_str(), ["fine", long.as_str()]))
         .unwrap();
-    let verdict: serde_json::Value = serde_json::from_str(&answer.meta.annotations["contract"]).unwrap();
-    let v = &verdict["violations"][0];
+    let noted = answer.meta.notes.to_json();
+    let v = &noted["contract"]["violations"][0];
     assert_eq!(
         (v["item"].as_u64(), v["clause"].as_str(), v["action"].as_str()),
         (Some(1), Some("max_tokens"), Some("flag"))
@@ -612,9 +632,13 @@ fn time_windows_and_the_state_change_callback() {
     let id = engine.load(mlp_dir()).unwrap();
     let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = changes.clone();
-    let observed = Observed::new(engine.clone(), Arc::new(engine.clone()))
-        .window(WindowSize::Time(std::time::Duration::from_millis(50)))
-        .on_drift_change(move |model, report| seen.lock().unwrap().push((model.to_string(), report.state)));
+    let config = ObserveConfig {
+        window: Some(WindowSize::Time(std::time::Duration::from_millis(50))),
+        on_drift: Some(Arc::new(move |model: &str, report: &keel::observe::WindowReport| {
+            seen.lock().unwrap().push((model.to_string(), report.state))
+        })),
+    };
+    let observed = Stack::builder(engine.clone()).observe_with(config).build().unwrap();
     let held = split(0);
     let send = |values: &[f64], scale: f64| {
         let mut v = values.to_vec();
@@ -629,7 +653,7 @@ fn time_windows_and_the_state_change_callback() {
     }
     std::thread::sleep(std::time::Duration::from_millis(60));
     send(&held[40].0, 1.0);
-    let state = observed.drift(id.as_str()).unwrap().unwrap();
+    let state = observed.observed().unwrap().drift(id.as_str()).unwrap().unwrap();
     assert_eq!((state.reports.len(), state.state), (1, State::Ok));
     assert_eq!(state.reports[0].count, 41);
     assert!(

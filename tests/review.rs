@@ -5,13 +5,12 @@
 mod common;
 
 use common::cancer::{features, mlp_dir, record, split};
-use keel::contract::Contracted;
-use keel::cost::{Budget, Cascade, CascadeConfig, Costed, Exhausted};
-use keel::observe::Observed;
-use keel::review::{self, ReviewError, Reviewed};
+use keel::cost::{Budget, CascadeConfig, Exhausted, Routed};
+use keel::review::{self, ReviewError};
+use keel::stack::Stack;
 use keel::store::{FeedbackSource, SqliteStore, Store, TicketState};
-use keel::version::{RegisterOptions, VersionConfig, Versioned};
-use keel::{Engine, ErrorKind, Infer, InferRequest};
+use keel::version::{RegisterOptions, Versioned};
+use keel::{Engine, ErrorKind, Infer, InferRequest, InferResponse};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,26 +19,35 @@ fn linear_dir() -> PathBuf {
 }
 
 /// The layers a deployment stacks, top to bottom: version (lineage), review, cost, observe,
-/// contract, engine.
-struct Stack {
-    served: Versioned,
-    costed: Arc<Costed>,
+/// contract, engine; and its store.
+struct Deployment {
+    stack: Stack,
     store: Arc<dyn Store>,
 }
 
-fn stack(engine: &Engine, folder: &Path) -> Stack {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(folder).unwrap());
-    let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
-    let observed = Arc::new(Observed::over_contracts(engine.clone(), contracts));
-    let costed = Arc::new(Costed::new(engine.clone(), observed));
-    let reviewed = Arc::new(Reviewed::new(engine.clone(), store.clone(), costed.clone()));
-    let served =
-        Versioned::layered(engine.clone(), reviewed, store.clone(), VersionConfig::default()).unwrap();
-    Stack {
-        served,
-        costed,
-        store,
+impl Deployment {
+    fn served(&self) -> &Versioned {
+        self.stack.versioned().unwrap()
     }
+
+    fn costed(&self) -> &keel::cost::Costed {
+        self.stack.costed().unwrap()
+    }
+}
+
+fn stack(engine: &Engine, folder: &Path) -> Deployment {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(folder).unwrap());
+    let stack = Stack::builder(engine.clone())
+        .store(store.clone())
+        .all_layers()
+        .build()
+        .unwrap();
+    Deployment { stack, store }
+}
+
+/// What a layer noted on an answer, as JSON (null if nothing).
+fn note(answer: &InferResponse, key: &str) -> serde_json::Value {
+    answer.meta.notes.to_json().get(key).cloned().unwrap_or_default()
 }
 
 fn register(served: &Versioned, name: &str, dir: &Path) {
@@ -86,7 +94,7 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::builder().build().unwrap();
     let s = stack(&engine, &dir.path().join("store"));
-    register(&s.served, "cancer", &mlp_dir());
+    register(s.served(), "cancer", &mlp_dir());
     let names = features();
     let held = split(0);
     let golden = common::golden("mlp.json");
@@ -103,16 +111,15 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
     let mut ids = Vec::new();
     for (i, (values, _)) in held.iter().enumerate() {
         let answer = s
-            .served
+            .stack
             .infer(InferRequest::classify("cancer", vec![record(&names, values)]).id(format!("row-{i}")))
             .unwrap();
-        let note: serde_json::Value = serde_json::from_str(&answer.meta.annotations["review"]).unwrap();
+        let judged = note(&answer, "review");
         let expected = if unsure[i] { "review" } else { "auto" };
-        assert_eq!(note["decision"], expected, "row {i}: {note}");
+        assert_eq!(judged["decision"], expected, "row {i}: {judged}");
         ids.push(answer.meta.request_id.to_string());
         // Each answer is priced at the MLP's per_call.
-        let cost: serde_json::Value = serde_json::from_str(&answer.meta.annotations["cost"]).unwrap();
-        assert_eq!(cost["cost"], 0.01);
+        assert_eq!(note(&answer, "cost")["cost"], 0.01);
     }
     let queued = unsure.iter().filter(|u| **u).count();
     assert!(queued >= 1, "the held-out rows have unsure answers to review");
@@ -120,14 +127,14 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
     let mut flagged = record(&names, &held[0].0);
     flagged.insert("worst area".into(), keel::Value::Number(1e6));
     let answer = s
-        .served
+        .stack
         .infer(InferRequest::classify("cancer", vec![flagged]).id("flagged"))
         .unwrap();
-    let note: serde_json::Value = serde_json::from_str(&answer.meta.annotations["review"]).unwrap();
-    assert_eq!(note["decision"], "review");
+    let judged = note(&answer, "review");
+    assert_eq!(judged["decision"], "review");
     assert!(
-        note["reasons"][0].as_str().unwrap().contains("flagged input"),
-        "{note}"
+        judged["reasons"][0].as_str().unwrap().contains("flagged input"),
+        "{judged}"
     );
     let pending = s
         .store
@@ -154,8 +161,8 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
             .unwrap()
             .unwrap();
     }
-    s.served.flush().unwrap();
-    let reviewed = Reviewed::new(engine.clone(), s.store.clone(), Arc::new(engine.clone()));
+    s.stack.flush().unwrap();
+    let reviewed = s.stack.reviewed().unwrap();
     for (i, id) in ids.iter().enumerate().filter(|(i, _)| !unsure[*i]) {
         reviewed.feedback(id, truth(i)).unwrap();
     }
@@ -172,12 +179,7 @@ fn the_policy_queues_what_it_should_and_labels_become_accuracy_and_an_export() {
     assert!(truth_q.rate > 0.95, "{truth_q:?}");
 
     // The metrics text carries the decisions, the queue, the feedback rates and the cost.
-    let observed = Observed::new(engine.clone(), Arc::new(engine.clone()));
-    let (costed, judged) = (s.costed.clone(), reviewed);
-    let judged = Arc::new(judged);
-    let j = judged.clone();
-    observed.add_samples(Arc::new(move || [costed.samples(), j.samples()].concat()));
-    let text = observed.metrics_text();
+    let text = s.stack.metrics_text();
     let line = |prefix: &str| {
         text.lines()
             .find(|l| l.starts_with(prefix))
@@ -215,14 +217,14 @@ fn block_and_held_decisions_refuse_with_their_ticket() {
 [[review.rules]]\nname = \"large\"\nwhen = \"input.mean radius\"\nabove = 20\naction = \"block\"
 [[review.rules]]\nwhen = \"class\"\nequals = \"malignant\"\naction = \"review\"
 [[review.rules]]\nwhen = \"cost\"\nabove = 0.5\naction = \"block\"\n";
-    register(&s.served, "cancer", &mlp_with(rules, dir.path()));
+    register(s.served(), "cancer", &mlp_with(rules, dir.path()));
     let names = features();
     let held = split(0);
     let golden = common::golden("mlp.json");
     let (mut blocked, mut held_back, mut served) = (0, 0, 0);
     for (i, (values, _)) in held.iter().enumerate() {
         match s
-            .served
+            .stack
             .infer(InferRequest::classify("cancer", vec![record(&names, values)]))
         {
             Ok(a) => {
@@ -276,7 +278,7 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     let names = features();
     let row = record(&names, &split(0)[0].0);
     // 0.55 pays for exactly 55 MLP calls at 0.01.
-    s.costed.set_budget(
+    s.costed().set_budget(
         "tenant",
         Budget {
             limit: 0.55,
@@ -287,8 +289,8 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     let results: Vec<Result<keel::InferResponse, keel::Error>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..64)
             .map(|_| {
-                let (costed, row, mlp) = (&s.costed, row.clone(), mlp.as_str());
-                scope.spawn(move || costed.infer(InferRequest::classify(mlp, vec![row]).key("tenant")))
+                let (stack, row, mlp) = (&s.stack, row.clone(), mlp.as_str());
+                scope.spawn(move || stack.infer(InferRequest::classify(mlp, vec![row]).key("tenant")))
             })
             .collect();
         workers.into_iter().map(|w| w.join().unwrap()).collect()
@@ -298,12 +300,12 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     for r in results.iter().filter_map(|r| r.as_ref().err()) {
         assert_eq!(r.kind(), ErrorKind::Budget, "{r}");
     }
-    let spend = s.costed.spend("tenant").unwrap();
+    let spend = s.costed().spend("tenant").unwrap();
     assert!(spend.spent <= 0.55 + 1e-12 && spend.reserved == 0.0, "{spend:?}");
 
     // Downgrade: 3 MLP calls fit in 0.035; the 4th goes to the cheap model (0.001), which
     // the last 0.005 pays for 5 times; then refused.
-    s.costed.set_budget(
+    s.costed().set_budget(
         "small",
         Budget {
             limit: 0.035,
@@ -314,12 +316,11 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     let mut routes = Vec::new();
     for _ in 0..10 {
         match s
-            .costed
+            .stack
             .infer(InferRequest::classify(mlp.as_str(), vec![row.clone()]).key("small"))
         {
             Ok(a) => {
-                let note: serde_json::Value = serde_json::from_str(&a.meta.annotations["cost"]).unwrap();
-                routes.push(if note["downgraded_from"].is_string() {
+                routes.push(if note(&a, "cost")["downgraded_from"].is_string() {
                     "cheap"
                 } else {
                     "strong"
@@ -342,32 +343,32 @@ fn the_cascade_escalates_the_unsure_answers_and_keeps_the_strong_models_accuracy
     let engine = Engine::builder().build().unwrap();
     let mlp = engine.load(mlp_dir()).unwrap();
     let linear = engine.load(linear_dir()).unwrap();
-    let costed = Arc::new(Costed::new(engine.clone(), Arc::new(engine.clone())));
-    let cascade = Cascade::new(
-        CascadeConfig {
-            name: "cancer".into(),
-            cheap: linear.to_string(),
-            strong: mlp.to_string(),
-            min_confidence: 0.95,
-            max_cheap_tokens: None,
-        },
-        costed.clone(),
-    );
+    let config = CascadeConfig {
+        name: "cancer".into(),
+        cheap: linear.to_string(),
+        strong: mlp.to_string(),
+        min_confidence: 0.95,
+        max_cheap_tokens: None,
+    };
+    let cascade = Stack::builder(engine.clone())
+        .cost()
+        .cascade(config, false)
+        .build()
+        .unwrap();
     let names = features();
     let held = split(0);
     let (mut escalated, mut right, mut strong_right) = (0, 0, 0);
     for (values, target) in &held {
         let req = InferRequest::classify("cancer", vec![record(&names, values)]);
         let answer = cascade.infer(req).unwrap();
-        let note: serde_json::Value = serde_json::from_str(&answer.meta.annotations["cascade"]).unwrap();
-        escalated += usize::from(note["route"] == "strong");
+        escalated += usize::from(answer.meta.notes.get::<Routed>().unwrap().route == "strong");
         right += usize::from(answer.output.classes().unwrap()[0].class == *target);
         let strong = engine
             .infer(InferRequest::classify(mlp.as_str(), vec![record(&names, values)]))
             .unwrap();
         strong_right += usize::from(strong.output.classes().unwrap()[0].class == *target);
     }
-    let cost: f64 = costed.report().iter().map(|l| l.cost).sum();
+    let cost: f64 = cascade.costed().unwrap().report().iter().map(|l| l.cost).sum();
     let always_strong = 0.01 * held.len() as f64;
     eprintln!(
         "cascade: {escalated} of {} escalated, cost {cost:.3} vs {always_strong:.3}, accuracy {right} vs {strong_right}",
@@ -388,7 +389,7 @@ fn the_cascade_escalates_the_unsure_answers_and_keeps_the_strong_models_accuracy
 
 #[test]
 fn degradation_routes_to_the_cheap_model_when_the_objective_is_threatened_and_sheds_low_priority() {
-    use keel::cost::{Degrade, DegradeConfig};
+    use keel::cost::DegradeConfig;
     use keel::{LoadOptions, Priority, Request, WeightPath};
     let engine = Engine::builder().build().unwrap();
     let minilm = common::minilm_dir();
@@ -409,25 +410,23 @@ fn degradation_routes_to_the_cheap_model_when_the_objective_is_threatened_and_sh
         )
         .unwrap();
     let degrade = |objective| {
-        Degrade::new(
-            DegradeConfig {
+        Stack::builder(engine.clone())
+            .degrade(DegradeConfig {
                 name: "embed".into(),
                 strong: strong.to_string(),
                 cheap: cheap.to_string(),
+                cheap_max_tokens: None,
                 objective,
                 shed_at: Priority::Low,
-            },
-            engine.clone(),
-            Arc::new(engine.clone()),
-        )
+            })
+            .build()
+            .unwrap()
     };
-    let ask = |layer: &Degrade, priority| {
+    let ask = |layer: &Stack, priority| {
         let options = Request::default().priority(priority).no_cache();
         layer.infer(InferRequest::embed("embed", ["a sentence to embed"]).options(options))
     };
-    let route = |a: &keel::InferResponse| -> serde_json::Value {
-        serde_json::from_str(&a.meta.annotations["degrade"]).unwrap()
-    };
+    let route = |a: &keel::InferResponse| -> serde_json::Value { note(a, "routed") };
     // Before either model has run there is nothing to judge by: the strong model answers.
     let generous = degrade(std::time::Duration::from_secs(3600));
     let first = ask(&generous, Priority::Normal).unwrap();
@@ -447,7 +446,7 @@ fn degradation_routes_to_the_cheap_model_when_the_objective_is_threatened_and_sh
     assert!(shed.to_string().contains("shed"), "{shed}");
     // Other names pass through untouched.
     let direct = strict.infer(InferRequest::embed(strong.as_str(), ["x"])).unwrap();
-    assert!(!direct.meta.annotations.contains_key("degrade"));
+    assert!(direct.meta.notes.get::<Routed>().is_none());
 }
 
 #[test]
@@ -471,22 +470,22 @@ fn cache_first_sends_a_request_whose_strong_answer_is_cached_to_the_strong_model
             },
         )
         .unwrap();
-    let costed = Arc::new(Costed::new(engine.clone(), Arc::new(engine.clone())));
-    let cascade = Cascade::new(
-        CascadeConfig {
-            name: "embed".into(),
-            cheap: cheap.to_string(),
-            strong: strong.to_string(),
-            min_confidence: 0.9,
-            max_cheap_tokens: Some(64),
-        },
-        costed,
-    )
-    .cache_first(engine.clone());
+    let config = CascadeConfig {
+        name: "embed".into(),
+        cheap: cheap.to_string(),
+        strong: strong.to_string(),
+        min_confidence: 0.9,
+        max_cheap_tokens: Some(64),
+    };
+    let cascade = Stack::builder(engine.clone())
+        .cost()
+        .cascade(config, true)
+        .build()
+        .unwrap();
     let ask = |text: &str| {
         let a = cascade.infer(InferRequest::embed("embed", [text])).unwrap();
-        let note: serde_json::Value = serde_json::from_str(&a.meta.annotations["cascade"]).unwrap();
-        (a, note)
+        let routed = note(&a, "routed");
+        (a, routed)
     };
     // An embedding has no confidence: the cheap answer stands.
     let (a, note) = ask("the weather is fine today");
@@ -499,8 +498,7 @@ fn cache_first_sends_a_request_whose_strong_answer_is_cached_to_the_strong_model
     assert_eq!(note["route"], "strong", "{note}");
     assert!(note["reason"].as_str().unwrap().starts_with("cached"));
     assert!(a.meta.cache_hit);
-    let cost: serde_json::Value = serde_json::from_str(&a.meta.annotations["cost"]).unwrap();
-    assert_eq!(cost["cost"], 0.0, "a cache hit costs nothing");
+    assert_eq!(a.meta.notes.get::<keel::cost::Price>().unwrap().cost, 0.0, "a cache hit costs nothing");
     // A long input goes to the strong model directly.
     let long = "word ".repeat(100);
     let (a, note) = ask(&long);

@@ -5,8 +5,8 @@
 mod common;
 
 use keel::store::{CanaryConfig, Guard, SqliteStore, Store};
-use keel::version::{bucket_of, Error, RegisterOptions, VersionConfig, Versioned};
-use keel::{Engine, ErrorKind, GenerateParams, InferRequest, Output, VersionId, WeightPath};
+use keel::version::{bucket_of, Error, RegisterOptions, Route, VersionConfig, Versioned};
+use keel::{Engine, ErrorKind, GenerateParams, Infer, InferRequest, Output, VersionId, WeightPath};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -105,7 +105,7 @@ fn canary_split_is_sticky_by_key_across_processes() {
         };
         for _ in 0..2 {
             let a = s
-                .serve(InferRequest::embed("embed", ["sticky"]).key(&key))
+                .infer(InferRequest::embed("embed", ["sticky"]).key(&key))
                 .unwrap();
             assert_eq!(&a.meta.version, expect, "key {key}");
         }
@@ -134,9 +134,9 @@ fn shadow_output_is_never_returned_and_a_full_shadow_queue_drops() {
             std::thread::spawn(move || {
                 for i in 0..20 {
                     let text = format!("thread {t} sentence {i}");
-                    let a = s.serve(InferRequest::embed("embed", [text])).unwrap();
+                    let a = s.infer(InferRequest::embed("embed", [text])).unwrap();
                     assert_eq!(a.meta.version, f32, "a shadow answer was returned");
-                    assert_eq!(a.meta.annotations["route"], "production");
+                    assert_eq!(a.meta.notes.get::<Route>().unwrap().route, "production");
                 }
             })
         })
@@ -177,7 +177,7 @@ fn hot_swap_promote_and_rollback_under_load_lose_nothing() {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let text = format!("thread {t} request {i}");
-                    let a = s.serve(InferRequest::embed("embed", [text])).unwrap();
+                    let a = s.infer(InferRequest::embed("embed", [text])).unwrap();
                     answered
                         .lock()
                         .unwrap()
@@ -289,7 +289,7 @@ fn memory_child() {
     let cycle = |i: usize| {
         let v = if i.is_multiple_of(2) { &int8 } else { &f32 };
         s.set_alias("embed", "production", v.as_str(), "cycle").unwrap();
-        s.serve(InferRequest::embed("embed", ["memory"])).unwrap();
+        s.infer(InferRequest::embed("embed", ["memory"])).unwrap();
         s.release("embed");
         assert!(s.engine().models().is_empty());
     };
@@ -321,7 +321,7 @@ fn guard_rolls_back_a_divergent_canary_and_keeps_a_close_one() {
         };
         s.canary("embed", int8.as_str(), guarded, "test").unwrap();
         for i in 0..30 {
-            s.serve(InferRequest::embed("embed", [format!("guard sentence {i}")]))
+            s.infer(InferRequest::embed("embed", [format!("guard sentence {i}")]))
                 .unwrap();
             s.drain_shadow();
         }
@@ -332,8 +332,8 @@ fn guard_rolls_back_a_divergent_canary_and_keeps_a_close_one() {
             assert!(!routes.aliases.contains_key("canary"), "{routes:?}");
             assert!(last.reason.contains("guard: divergence"), "{}", last.reason);
             // Requests after the rollback go to production.
-            let a = s.serve(InferRequest::embed("embed", ["after"])).unwrap();
-            assert_eq!(a.meta.annotations["route"], "production");
+            let a = s.infer(InferRequest::embed("embed", ["after"])).unwrap();
+            assert_eq!(a.meta.notes.get::<Route>().unwrap().route, "production");
         } else {
             assert_eq!(routes.aliases.get("canary"), Some(&int8));
             let report = s.guard_report("embed").unwrap();
@@ -360,7 +360,7 @@ fn durability_child() {
         let ids: Vec<String> = (0..8)
             .map(|i| {
                 let r = InferRequest::embed("embed", [format!("batch {batch} text {i}")]);
-                s.serve(r).unwrap().meta.request_id.to_string()
+                s.infer(r).unwrap().meta.request_id.to_string()
             })
             .collect();
         s.flush().unwrap();
@@ -440,7 +440,7 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
     for model in ["embed", "embed@int8"] {
         let texts = ["A man is playing a guitar.", "Replay must give the same bits."];
         ids.push(
-            s.serve(InferRequest::embed(model, texts))
+            s.infer(InferRequest::embed(model, texts))
                 .unwrap()
                 .meta
                 .request_id,
@@ -449,7 +449,7 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
     let params = GenerateParams::greedy().max_tokens(16);
     let prompt = "What is the capital of France?";
     let chat = s
-        .serve(InferRequest::generate("chat", prompt, params.clone()))
+        .infer(InferRequest::generate("chat", prompt, params.clone()))
         .unwrap();
     let Output::Completion(c) = &chat.output else {
         panic!("not a completion")
@@ -457,13 +457,13 @@ fn replay_reproduces_minilm_f32_int8_and_smollm2_greedy_exactly() {
     assert!(!c.token_ids.is_empty());
     // Streamed through the layer: the same tokens as they are made, and a record at the end.
     let mut stream = s
-        .serve_stream(InferRequest::generate("chat", prompt, params), true)
+        .infer_stream(InferRequest::generate("chat", prompt, params))
         .unwrap();
     let streamed: Vec<u32> = (&mut stream).map(|t| t.unwrap().id).collect();
     let answer = stream.finish().unwrap();
     assert_eq!(streamed, c.token_ids);
     assert_eq!(answer.output, chat.output);
-    assert_eq!(answer.meta.annotations["route"], "production");
+    assert_eq!(answer.meta.notes.get::<Route>().unwrap().route, "production");
     ids.push(answer.meta.request_id);
     ids.push(chat.meta.request_id);
     s.flush().unwrap();
@@ -495,11 +495,11 @@ fn bad_input_gives_typed_errors() {
     );
     let (f32, int8) = two_versions(&s);
     assert_eq!(
-        kind(s.serve(InferRequest::embed("nope", ["x"])).unwrap_err()),
+        s.infer(InferRequest::embed("nope", ["x"])).unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
-        kind(s.serve(InferRequest::embed("embed@staging", ["x"])).unwrap_err()),
+        s.infer(InferRequest::embed("embed@staging", ["x"])).unwrap_err().kind(),
         ErrorKind::NotFound
     );
     let unknown = "ab".repeat(32);
@@ -531,7 +531,7 @@ fn bad_input_gives_typed_errors() {
         .unwrap();
     s.set_alias("plain", "production", plain.as_str(), "x").unwrap();
     let id = s
-        .serve(InferRequest::embed("plain", ["x"]))
+        .infer(InferRequest::embed("plain", ["x"]))
         .unwrap()
         .meta
         .request_id;
@@ -597,7 +597,7 @@ fn many_threads_many_keys_every_request_recorded_once() {
             std::thread::spawn(move || {
                 for i in 0..10 {
                     let r = InferRequest::embed("embed", [format!("{t}/{i}")]).key(format!("k{t}"));
-                    let a = s.serve(r).unwrap();
+                    let a = s.infer(r).unwrap();
                     assert!(a.meta.batch_id.is_some());
                     count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -627,7 +627,7 @@ fn a_promote_by_another_process_reaches_a_running_server() {
     let (f32, int8) = two_versions(&server);
     let ask = || {
         server
-            .serve(InferRequest::embed("embed", ["who answers?"]))
+            .infer(InferRequest::embed("embed", ["who answers?"]))
             .unwrap()
             .meta
             .version
@@ -666,7 +666,7 @@ fn retention_prunes_old_records_in_the_background() {
     let mut last = None;
     for i in 0..60 {
         last = Some(
-            s.serve(InferRequest::embed("embed", [format!("retention {i}")]))
+            s.infer(InferRequest::embed("embed", [format!("retention {i}")]))
                 .unwrap()
                 .meta
                 .request_id,
@@ -696,7 +696,7 @@ fn a_version_the_host_loaded_itself_stays_loaded() {
         .unwrap();
     assert_eq!(v, own);
     s.set_alias("embed", "production", v.as_str(), "test").unwrap();
-    s.serve(InferRequest::embed("embed", ["shared"])).unwrap();
+    s.infer(InferRequest::embed("embed", ["shared"])).unwrap();
     s.release("embed");
     engine.embed(own.as_str(), &["still loaded"]).unwrap();
 }

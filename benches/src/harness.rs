@@ -384,19 +384,15 @@ fn paired(
 }
 
 fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
-    use keel::contract::Contracted;
-    use keel::observe::{Observed, ProfileBuilder};
+    use keel::observe::ProfileBuilder;
+    use keel::stack::Stack;
     use keel::{Infer, InferRequest, Input};
     let engine = Engine::builder()
         .on(device.clone())
         .caches(CacheConfig::off())
         .scheduler(SchedulerConfig::default().max_queue_delay(Duration::ZERO))
         .build()?;
-    let layers = |engine: &Engine| {
-        let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
-        Observed::over_contracts(engine.clone(), contracts)
-    };
-    let observed = layers(&engine);
+    let observed = Stack::builder(engine.clone()).contract().observe().build()?;
     // MiniLM with a text contract (non-empty, at most 256 tokens: each text is tokenized once
     // more to count) and a profile of 64 sentences.
     p.step("minilm");
@@ -418,7 +414,9 @@ fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
             .output,
         &[],
     );
-    observed.set_profile(minilm.as_str(), builder.finish("minilm", 50)?)?;
+    if let Some(o) = observed.observed() {
+        o.set_profile(minilm.as_str(), builder.finish("minilm", 50)?)?;
+    }
     let text = "hello ".repeat(126);
     let request = || InferRequest::embed(minilm.as_str(), [text.as_str()]);
     let (with, without, gap, runs) = paired(
@@ -469,8 +467,8 @@ fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
     // Many rows per timed call, so that the clock's resolution does not count; the requests
     // are built before the clock starts.
     let per_call = 200;
-    let contract_only = Contracted::new(engine.clone(), Arc::new(engine.clone()));
-    let observe_only = Observed::new(engine.clone(), Arc::new(engine.clone()));
+    let contract_only = Stack::builder(engine.clone()).contract().build()?;
+    let observe_only = Stack::builder(engine.clone()).observe().build()?;
     let stacks: [&dyn Infer; 4] = [&engine, &observed, &contract_only, &observe_only];
     let mut time = |which: usize| -> Res<f64> {
         let requests: Vec<InferRequest> = (0..per_call).map(|_| next()).collect();
@@ -515,7 +513,7 @@ fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
 
 fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
     use keel::version::{RegisterOptions, VersionConfig, Versioned};
-    use keel::InferRequest;
+    use keel::{Infer, InferRequest};
     let engine = Engine::builder()
         .on(device.clone())
         .caches(CacheConfig::off())
@@ -538,7 +536,7 @@ fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
         let texts = vec![text.as_str(); batch];
         let full = || {
             served
-                .serve(InferRequest::embed("embed", texts.iter().copied()))
+                .infer(InferRequest::embed("embed", texts.iter().copied()))
                 .map_err(|e| e.to_string())
         };
         full()?;
@@ -585,7 +583,7 @@ fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
         for _ in 0..n {
             let t = Instant::now();
             served
-                .serve(InferRequest::embed("embed", single))
+                .infer(InferRequest::embed("embed", single))
                 .map_err(|e| e.to_string())?;
             v.push(t.elapsed().as_secs_f64() * 1e3);
             std::thread::sleep(Duration::from_millis(20));
@@ -610,7 +608,7 @@ fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progres
     for _ in 0..n {
         let t = Instant::now();
         served
-            .serve(InferRequest::embed("embed", single))
+            .infer(InferRequest::embed("embed", single))
             .map_err(|e| e.to_string())?;
         closed.push(t.elapsed().as_secs_f64() * 1e3);
     }

@@ -5,7 +5,7 @@
 //! the CLI crate, not of keel-ffi: keel-ffi's dev-dependency cbindgen would rebuild the tree with
 //! other features)
 
-use keel::{Engine, FinishReason, GenerateParams};
+use keel::{Engine, GenerateParams};
 use std::fmt::Write as _;
 
 /// The inputs: the same in examples/c/embed_generate.c and examples/python/embed_generate.py.
@@ -38,11 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let decoder = engine.load(smollm2)?;
     let params = GenerateParams::greedy().max_tokens(MAX_TOKENS);
     let completion = engine.generate(decoder.as_str(), PROMPT, &params)?.complete()?;
-    let finish = match completion.finish {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::ContextFull => "context_full",
-    };
+    let finish = completion.finish.as_str();
     writeln!(out, "completion {} {finish}", completion.token_ids.len())?;
     out.push_str("tokens");
     for id in &completion.token_ids {

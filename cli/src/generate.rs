@@ -1,13 +1,11 @@
 //! `keel generate` (one prompt) and `keel chat` (a conversation, one line a turn): the same
 //! flags, the same path through the version layer, one reply at a time streamed to stdout.
 
-use crate::{address, routed, said, serving_watched, tabular, Routing, Weights};
-use keel::observe::Observed;
-use keel::version::Versioned;
-use keel::{Completion, DeviceKind, ErrorKind, FinishReason, GenerateParams, InferRequest, Output, Turn};
+use crate::{address, routed, said, serving, tabular, Routing, Weights};
+use keel::stack::Stack;
+use keel::{Completion, DeviceKind, ErrorKind, FinishReason, GenerateParams, Infer, InferRequest, Output, Turn};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The flags `generate` and `chat` share: the model, how its tokens are chosen, the turns.
@@ -64,10 +62,9 @@ impl Generation {
     }
 }
 
-/// A model to generate with, behind the version and observability layers.
+/// A model to generate with, behind the stack's layers.
 struct Session {
-    served: Versioned,
-    observed: Arc<Observed>,
+    served: Stack,
     model: String,
     routing: Routing,
 }
@@ -79,11 +76,10 @@ impl Session {
         store: Option<PathBuf>,
     ) -> Result<(Self, GenerateParams), Box<dyn std::error::Error>> {
         let params = g.params();
-        let (served, observed) = serving_watched(device, store)?;
+        let served = serving(device, store)?;
         let model = address(&served, &g.model, g.weights)?;
         let session = Self {
             served,
-            observed,
             model,
             routing: g.routing,
         };
@@ -99,12 +95,8 @@ impl Session {
         quiet: bool,
     ) -> Result<Replied, Box<dyn std::error::Error>> {
         let request = routed(InferRequest::generate(&self.model, prompt, params), &self.routing);
-        let input = request.input.clone();
-        let mut stream = self.served.serve_stream(request, self.routing.retain_input)?;
-        if let Some(meta) = stream.meta() {
-            self.observed.watch_model(meta.version.as_str())?;
-        }
         let started = Instant::now();
+        let mut stream = self.served.infer_stream(request)?;
         let mut first = None;
         let mut stdout = std::io::stdout().lock();
         for token in &mut stream {
@@ -119,12 +111,7 @@ impl Session {
             writeln!(stdout)?;
         }
         let ended = Instant::now();
-        let answer = stream.finish();
-        // A stream goes to the engine directly: the observability layer is told after.
-        if let Ok(a) = &answer {
-            self.observed.observe(a.meta.version.as_str(), &input, Ok(a))?;
-        }
-        let answer = answer?;
+        let answer = stream.finish()?;
         self.served.flush()?;
         let Output::Completion(done) = answer.output else {
             return Err("the model did not answer with a completion".into());
@@ -140,7 +127,7 @@ impl Session {
 
     /// Writes the metrics text where `--metrics` says, if it does.
     fn write_metrics(&self) -> Result<(), Box<dyn std::error::Error>> {
-        tabular::write_metrics(&self.observed, self.routing.metrics.as_deref())
+        tabular::write_metrics(&self.served, self.routing.metrics.as_deref())
     }
 }
 
@@ -288,7 +275,7 @@ pub(crate) fn chat(
 
 /// Whether the engine refused the request's input (in a chat: too long a conversation).
 fn refused_input(e: &(dyn std::error::Error + 'static)) -> bool {
-    e.downcast_ref::<keel::version::Error>()
+    e.downcast_ref::<keel::Error>()
         .is_some_and(|e| e.kind() == ErrorKind::InvalidArgument)
 }
 

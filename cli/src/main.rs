@@ -9,8 +9,9 @@ mod tabular;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use generate::Generation;
-use keel::version::{RegisterOptions, Versioned};
-use keel::{DeviceKind, Engine, InferRequest, Output, WeightPath};
+use keel::stack::Stack;
+use keel::version::{RegisterOptions, RetainInput, Versioned};
+use keel::{DeviceKind, Engine, Infer, InferRequest, Output, WeightPath};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -239,47 +240,22 @@ pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".keel"))
 }
 
-/// The layers every prediction goes through, over an engine on `device`: the version layer
+/// The stack every prediction goes through, over an engine on `device`: the version layer
 /// (with the deployment's store), review, cost, observability, then the contract.
-pub(crate) fn serving(
-    device: DeviceKind,
-    store: Option<PathBuf>,
-) -> Result<Versioned, Box<dyn std::error::Error>> {
-    Ok(serving_watched(device, store)?.0)
+pub(crate) fn serving(device: DeviceKind, store: Option<PathBuf>) -> Result<Stack, Box<dyn std::error::Error>> {
+    let engine = Engine::builder().device(device).build()?;
+    let store = std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
+    Ok(Stack::builder(engine).store(store).all_layers().build()?)
 }
 
-/// [`serving`], and the observability layer inside it (for its metrics).
-pub(crate) fn serving_watched(
-    device: DeviceKind,
-    store: Option<PathBuf>,
-) -> Result<(Versioned, std::sync::Arc<keel::observe::Observed>), Box<dyn std::error::Error>> {
-    let engine = Engine::builder().device(device).build()?;
-    let observed = tabular::watched(&engine, None);
-    let store: std::sync::Arc<dyn keel::store::Store> =
-        std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
-    let costed = std::sync::Arc::new(keel::cost::Costed::new(engine.clone(), observed.clone()));
-    let reviewed = std::sync::Arc::new(keel::review::Reviewed::new(
-        engine.clone(),
-        store.clone(),
-        costed.clone(),
-    ));
-    // Weak: the layers above hold the observability layer, not the other way round.
-    let (priced, judged) = (
-        std::sync::Arc::downgrade(&costed),
-        std::sync::Arc::downgrade(&reviewed),
-    );
-    observed.add_samples(std::sync::Arc::new(move || {
-        let mut samples = priced.upgrade().map(|c| c.samples()).unwrap_or_default();
-        samples.extend(judged.upgrade().map(|r| r.samples()).unwrap_or_default());
-        samples
-    }));
-    let served = Versioned::layered(engine, reviewed, store, Default::default())?;
-    Ok((served, observed))
+/// The version layer of a serving stack: the registry, aliases, lineage.
+pub(crate) fn registry_of(stack: &Stack) -> Result<&Versioned, Box<dyn std::error::Error>> {
+    Ok(stack.versioned().ok_or("the stack has no version layer")?)
 }
 
 /// What `--model` names: a registered `NAME[@ALIAS]` as is; a path is registered (under its
 /// manifest's name; a no-op if it is already) and addressed by its version id.
-fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, Box<dyn std::error::Error>> {
+fn address(served: &Stack, model: &str, weights: Weights) -> Result<String, Box<dyn std::error::Error>> {
     let path = Path::new(model);
     // A name has no '/': anything else is a path, and a missing one says so.
     let looks_like_path = model.contains('/') || model.ends_with(".gguf");
@@ -292,7 +268,7 @@ fn address(served: &Versioned, model: &str, weights: Weights) -> Result<String, 
         weights: weights.into(),
         retain_input: false,
     };
-    Ok(served.register(&name, path, options)?.to_string())
+    Ok(registry_of(served)?.register(&name, path, options)?.to_string())
 }
 
 /// The request with the routing flags applied.
@@ -304,21 +280,19 @@ fn routed(request: InferRequest, routing: &Routing) -> InferRequest {
     if let Some(id) = &routing.request_id {
         request = request.id(id.clone());
     }
+    if routing.retain_input {
+        request.notes.insert(RetainInput);
+    }
     request
 }
 
-/// Answers one request through the version layer and says on stderr what answered it.
+/// Answers one request through the stack and says on stderr what answered it.
 fn predict(
-    served: &Versioned,
+    served: &Stack,
     request: InferRequest,
     routing: Routing,
 ) -> Result<keel::InferResponse, Box<dyn std::error::Error>> {
-    let request = routed(request, &routing);
-    let answer = if routing.retain_input {
-        served.serve_retaining(request)?
-    } else {
-        served.serve(request)?
-    };
+    let answer = served.infer(routed(request, &routing))?;
     served.flush()?;
     said(&answer.meta);
     Ok(answer)
@@ -339,7 +313,7 @@ fn warn_truncated(meta: &keel::Meta, first: usize) {
 
 /// `keel embed --input`: the texts of a file (or stdin) in requests of 32, one JSON line per text.
 fn embed_corpus(
-    served: &Versioned,
+    served: &Stack,
     model: &str,
     input: &str,
     options: keel::Request,
@@ -373,7 +347,7 @@ fn embed_corpus(
     let mut done = 0;
     for chunk in texts.chunks(32) {
         let answer =
-            served.serve(InferRequest::embed(model, chunk.iter().cloned()).options(options.clone()))?;
+            served.infer(InferRequest::embed(model, chunk.iter().cloned()).options(options.clone()))?;
         warn_truncated(&answer.meta, done);
         for v in answer.output.embeddings().unwrap_or_default() {
             writeln!(out, "{}", serde_json::json!({"index": done, "embedding": v}))?;
@@ -397,7 +371,9 @@ fn said(m: &keel::Meta) {
         "keel: request {} answered by {} ({}, version {})",
         m.request_id,
         m.model,
-        m.annotations.get("route").map_or("direct", String::as_str),
+        m.notes
+            .get::<keel::version::Route>()
+            .map_or("direct", |r| r.route.as_str()),
         &m.version.as_str()[..12]
     );
 }
@@ -471,12 +447,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             metrics,
             data,
         } => {
-            let (served, observed) = serving_watched(device, cli.store)?;
+            let served = serving(device, cli.store)?;
             let model = address(&served, &model, Weights::Quantized)?;
             let rows = tabular::read_rows(&data)?;
             let (ok, failed) = tabular::classify_rows(&served, &model, rows, json)?;
             served.flush()?;
-            tabular::write_metrics(&observed, metrics.as_deref())?;
+            tabular::write_metrics(&served, metrics.as_deref())?;
             eprintln!("keel: {ok} rows classified, {failed} refused or unreadable");
             Ok(())
         }
@@ -496,14 +472,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let engine = Engine::builder().device(device).build()?;
             let id = engine.load(&model)?;
             let info = engine.info(id.as_str())?;
-            let observed = tabular::watched(&engine, window);
+            let observed = tabular::watched(&engine, window)?;
             // The answers are not printed: the windows are (a refused row counts in no window).
             for row in tabular::read_rows(&data)?.into_iter().flatten() {
                 if let Some(input) = tabular::input_of(&info, row) {
-                    let _ = keel::Infer::infer(&*observed, InferRequest::new(id.as_str(), input));
+                    let _ = observed.infer(InferRequest::new(id.as_str(), input));
                 }
             }
-            observed.close_windows();
+            if let Some(o) = observed.observed() {
+                o.close_windows();
+            }
             let report = tabular::drift_json(&observed, id.as_str())?;
             if json {
                 println!("{report}");
@@ -540,15 +518,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Metrics { model, data } => {
-            let (served, observed) = serving_watched(device, cli.store)?;
+            let served = serving(device, cli.store)?;
             let model = address(&served, &model, Weights::Quantized)?;
             if let Some(data) = data {
                 for row in tabular::read_rows(&data)?.into_iter().flatten() {
-                    let _ = served.serve(InferRequest::classify(&model, vec![row]));
+                    let _ = served.infer(InferRequest::classify(&model, vec![row]));
                 }
                 served.flush()?;
             }
-            print!("{}", observed.metrics_text());
+            print!("{}", served.metrics_text());
             Ok(())
         }
         Command::Registry(command) => registry::registry(device, cli.store, command),
@@ -566,7 +544,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             input,
             texts,
         } => {
-            let (served, observed) = serving_watched(device, cli.store)?;
+            let served = serving(device, cli.store)?;
             let model = address(&served, &model, weights)?;
             let metrics = routing.metrics.clone();
             let options = if no_truncate {
@@ -576,7 +554,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             if let Some(input) = input {
                 embed_corpus(&served, &model, &input, options)?;
-                tabular::write_metrics(&observed, metrics.as_deref())?;
+                tabular::write_metrics(&served, metrics.as_deref())?;
                 return Ok(());
             }
             let answer = predict(
@@ -584,7 +562,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 InferRequest::embed(&model, &texts).options(options),
                 routing,
             )?;
-            tabular::write_metrics(&observed, metrics.as_deref())?;
+            tabular::write_metrics(&served, metrics.as_deref())?;
             warn_truncated(&answer.meta, 0);
             let Output::Embeddings(vectors_out) = answer.output else {
                 return Err("the model did not answer with embeddings".into());

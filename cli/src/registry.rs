@@ -1,6 +1,6 @@
 //! `keel registry ...` and `keel lineage ...`: the deployment's versions, aliases and lineage.
 
-use crate::{serving, Weights};
+use crate::{registry_of, serving, Weights};
 use clap::Subcommand;
 use keel::store::{AliasEvent, CanaryConfig, Guard};
 use keel::version::{LineageRecord, RegisterOptions, Versioned};
@@ -169,7 +169,8 @@ fn print_events(events: &[AliasEvent], json: bool) -> Result<()> {
 }
 
 pub(crate) fn registry(device: DeviceKind, store: Option<PathBuf>, command: RegistryCommand) -> Result<()> {
-    let served = serving(device, store)?;
+    let stack = serving(device, store)?;
+    let served = registry_of(&stack)?;
     match command {
         RegistryCommand::Register {
             path,
@@ -197,7 +198,7 @@ pub(crate) fn registry(device: DeviceKind, store: Option<PathBuf>, command: Regi
                 println!("{id}");
             }
         }
-        RegistryCommand::List { json } => list(&served, json)?,
+        RegistryCommand::List { json } => list(served, json)?,
         RegistryCommand::Alias {
             name,
             alias,
@@ -283,7 +284,8 @@ fn summary(r: &LineageRecord) -> String {
 }
 
 pub(crate) fn lineage(device: DeviceKind, store: Option<PathBuf>, command: LineageCommand) -> Result<()> {
-    let served = serving(device, store)?;
+    let stack = serving(device, store)?;
+    let served = registry_of(&stack)?;
     match command {
         LineageCommand::List { last, json } => {
             let records = served.recent(last)?;

@@ -1,12 +1,12 @@
 //! `keel classify`, `keel profile`, `keel drift`, `keel metrics`: tabular data through the
 //! contract and observability layers.
 
-use keel::contract::{ContractViolation, Contracted};
-use keel::observe::{Observed, ProfileBuilder, WindowSize, PROFILE_FILE};
-use keel::{Engine, Infer, InferRequest, Input, Record, Value};
+use keel::contract::{ContractViolation, Verdict};
+use keel::observe::{ProfileBuilder, WindowSize, PROFILE_FILE};
+use keel::stack::{ObserveConfig, Stack};
+use keel::{Engine, Infer, InferRequest, Input, Note, Record, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 type Failure = Box<dyn std::error::Error>;
 
@@ -68,21 +68,22 @@ pub(crate) fn read_rows(path: &str) -> Result<Vec<Row>, Failure> {
         .collect())
 }
 
-/// The contract and observability layers over an engine: what every predicting command runs
-/// through (the version layer goes on top).
-pub(crate) fn watched(engine: &Engine, window: Option<usize>) -> Arc<Observed> {
-    let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
-    let mut observed = Observed::over_contracts(engine.clone(), contracts);
-    if let Some(n) = window {
-        observed = observed.window(WindowSize::Count(n.max(1)));
-    }
-    Arc::new(observed)
+/// The contract and observability layers over an engine, with no store (`keel drift`).
+pub(crate) fn watched(engine: &Engine, window: Option<usize>) -> Result<Stack, Failure> {
+    let config = ObserveConfig {
+        window: window.map(|n| WindowSize::Count(n.max(1))),
+        on_drift: None,
+    };
+    Ok(Stack::builder(engine.clone())
+        .contract()
+        .observe_with(config)
+        .build()?)
 }
 
 /// Writes the metrics text to `path` (at the end of a command).
-pub(crate) fn write_metrics(observed: &Observed, path: Option<&Path>) -> Result<(), Failure> {
+pub(crate) fn write_metrics(stack: &Stack, path: Option<&Path>) -> Result<(), Failure> {
     if let Some(path) = path {
-        std::fs::write(path, observed.metrics_text()).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, stack.metrics_text()).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -105,10 +106,9 @@ pub(crate) fn row_json(
                 .collect();
             let contract = a
                 .meta
-                .annotations
-                .get("contract")
-                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
-                .unwrap_or(serde_json::Value::Null);
+                .notes
+                .get::<Verdict>()
+                .map_or(serde_json::Value::Null, Note::to_json);
             serde_json::json!({
                 "row": index,
                 "request_id": a.meta.request_id.as_str(),
@@ -190,7 +190,7 @@ pub(crate) fn input_of(info: &keel::ModelInfo, row: Record) -> Option<Input> {
 /// Runs every row through `model` on `served` (one request per row, so that one bad row never
 /// fails the file), printing each answer.
 pub(crate) fn classify_rows(
-    served: &keel::version::Versioned,
+    served: &Stack,
     model: &str,
     rows: Vec<Row>,
     json: bool,
@@ -214,7 +214,11 @@ pub(crate) fn classify_rows(
                     Some(l) => l.clone(),
                     None => {
                         // The registry's record: a version may be unloaded once its request ends.
-                        let record = served.versions()?.into_iter().find(|r| r.id == v);
+                        let record = crate::registry_of(served)
+                            .map_err(|e| e.to_string())?
+                            .versions()?
+                            .into_iter()
+                            .find(|r| r.id == v);
                         let l = record.map(|r| r.manifest.labels).unwrap_or_default();
                         labels.insert(v, l.clone());
                         l
@@ -227,11 +231,7 @@ pub(crate) fn classify_rows(
             match answer {
                 Ok(a) => {
                     let c = &a.output.classes().unwrap_or_default()[0];
-                    let flagged = a
-                        .meta
-                        .annotations
-                        .get("contract")
-                        .is_some_and(|v| v.contains("\"violations\":[{"));
+                    let flagged = a.meta.notes.get::<Verdict>().is_some_and(|v| !v.passed());
                     let note = if flagged { "  (contract: flagged)" } else { "" };
                     writeln!(out, "{i}\t{}\t{:.4}{note}", c.label, c.probabilities[c.class])?;
                 }
@@ -243,8 +243,10 @@ pub(crate) fn classify_rows(
 }
 
 /// The output of `keel drift --json`: every window's report.
-pub(crate) fn drift_json(observed: &Observed, model: &str) -> Result<serde_json::Value, Failure> {
-    let state = observed
+pub(crate) fn drift_json(stack: &Stack, model: &str) -> Result<serde_json::Value, Failure> {
+    let state = stack
+        .observed()
+        .ok_or("the stack does not observe")?
         .drift(model)?
         .ok_or("the model has no reference profile: write one with `keel profile`")?;
     Ok(serde_json::json!({ "windows": state.reports }))

@@ -3,10 +3,10 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
-use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of};
+use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of, route_of};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::c_string;
-use keel::{Input, Output};
+use keel::{InferRequest, InferResponse, Input, Output};
 use std::ffi::{c_char, CStr, CString};
 
 /// The embeddings of a batch of texts, returned by `keel_embed` and `keel_infer_embed`: `count`
@@ -24,9 +24,8 @@ pub(crate) struct EmbeddingsObject {
     /// Row-major: vector `i` is `data[i * dim..(i + 1) * dim]`.
     data: Vec<f32>,
     version: CString,
-    /// Set by `keel_infer_embed`.
     request_id: Option<CString>,
-    /// Set by `keel_infer_embed` on an engine with a store.
+    /// Set on an engine with a store.
     route: Option<CString>,
 }
 
@@ -66,7 +65,7 @@ unsafe fn texts_of<'a>(
         .collect()
 }
 
-/// Runs the embedding of a call.
+/// Runs the embedding of a call through the engine's stack.
 ///
 /// # Safety
 /// As documented on `keel_embed`.
@@ -77,17 +76,37 @@ unsafe fn embed(
     lengths: *const usize,
     n_texts: usize,
     request: *const keel_request_params,
-) -> Result<keel::Embeddings, Failure> {
+) -> Result<EmbeddingsObject, Failure> {
     let engine = engine_of(engine)?;
     let model = guard::c_str(model, "model")?;
     let texts = texts_of(texts, lengths, n_texts)?;
-    let request = request_of(request)?;
-    Ok(engine.engine.embed_with(model, &texts, &request)?)
+    let request = InferRequest::embed(model, texts).options(request_of(request)?);
+    embeddings_of(engine.infer(request)?)
 }
 
-/// Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
-/// `keel_embeddings` result. It goes straight to the engine, also on an engine with a store (no
-/// `NAME` routing, no lineage): `keel_infer_embed` takes the version layer.
+/// The result object of an embedding's answer.
+fn embeddings_of(answer: InferResponse) -> Result<EmbeddingsObject, Failure> {
+    let Output::Embeddings(vectors) = answer.output else {
+        return Err(Failure::internal(
+            "an embedding request was answered with another output",
+        ));
+    };
+    let meta = answer.meta;
+    Ok(EmbeddingsObject {
+        count: vectors.len(),
+        dim: vectors.first().map_or(0, Vec::len),
+        data: vectors.concat(),
+        version: c_string(meta.version.as_str()),
+        request_id: Some(c_string(meta.request_id.as_str())),
+        route: route_of(&meta),
+    })
+}
+
+/// Embeds `n_texts` texts with the encoder `model` into a new `keel_embeddings` result, through
+/// the engine's layers as `keel_infer_embed` does (contract, metrics, price; with a store,
+/// `NAME` routing, review and a lineage record), with a generated request id and no routing
+/// key. `model` is a version id or an alias of `keel_model_alias`, or, on an engine with a
+/// store, a registered `NAME` or `NAME@ALIAS`.
 ///
 /// `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
 /// NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
@@ -123,16 +142,7 @@ pub unsafe extern "C" fn keel_embed(
 ) -> keel_status {
     guard::call(err, || {
         let out = Out::clear(out, "out", std::ptr::null_mut())?;
-        let embeddings = embed(engine, model, texts, lengths, n_texts, request)?;
-        let dim = embeddings.vectors.first().map_or(0, Vec::len);
-        out.set(handle::insert(EmbeddingsObject {
-            count: embeddings.vectors.len(),
-            dim,
-            data: embeddings.vectors.concat(),
-            version: CString::new(embeddings.version.to_string()).unwrap_or_default(),
-            request_id: None,
-            route: None,
-        }));
+        out.set(handle::insert(embed(engine, model, texts, lengths, n_texts, request)?));
         Ok(())
     })
 }
@@ -186,22 +196,7 @@ pub unsafe extern "C" fn keel_infer_embed(
         let texts = texts_of(texts, lengths, n_texts)?;
         let input = Input::Embed(texts.into_iter().map(str::to_string).collect());
         let request = infer_request_of(model, input, info)?;
-        let answer = engine.infer(request)?;
-        let Output::Embeddings(vectors) = answer.output else {
-            return Err(Failure::internal(
-                "an embedding request was answered with a completion",
-            ));
-        };
-        let meta = answer.meta;
-        let dim = vectors.first().map_or(0, Vec::len);
-        out.set(handle::insert(EmbeddingsObject {
-            count: vectors.len(),
-            dim,
-            data: vectors.concat(),
-            version: c_string(meta.version.as_str()),
-            request_id: Some(c_string(meta.request_id.as_str())),
-            route: meta.annotations.get("route").map(|r| c_string(r)),
-        }));
+        out.set(handle::insert(embeddings_of(engine.infer(request)?)?));
         Ok(())
     })
 }
@@ -245,8 +240,8 @@ pub unsafe extern "C" fn keel_embed_into(
             )));
         }
         let embeddings = embed(engine, model, texts, lengths, n_texts, request)?;
-        let dim = embeddings.vectors.first().map_or(0, Vec::len);
-        let needed = dim * embeddings.vectors.len();
+        let dim = embeddings.dim;
+        let needed = dim * embeddings.count;
         if out_len < needed {
             if let Some(out_dim) = out_dim {
                 out_dim.set(dim);
@@ -255,10 +250,7 @@ pub unsafe extern "C" fn keel_embed_into(
                 "out_len is {out_len} floats, but {n_texts} embeddings of dimension {dim} need {needed}"
             )));
         }
-        let out = std::slice::from_raw_parts_mut(out, needed);
-        for (row, vector) in out.chunks_exact_mut(dim.max(1)).zip(&embeddings.vectors) {
-            row.copy_from_slice(vector);
-        }
+        std::slice::from_raw_parts_mut(out, needed).copy_from_slice(&embeddings.data);
         if let Some(out_dim) = out_dim {
             out_dim.set(dim);
         }
@@ -329,8 +321,7 @@ pub extern "C" fn keel_embeddings_model_id(emb: *const keel_embeddings) -> *cons
 
 /// The id of the request that computed the vectors (the caller's `info.request_id`, or the one
 /// the library made): the key of its lineage record. Owned by `emb`, valid until
-/// `keel_embeddings_free(emb)`; NULL for a result of `keel_embed` (which has no request id), or if
-/// `emb` is NULL or not a live `keel_embeddings`.
+/// `keel_embeddings_free(emb)`; NULL if `emb` is NULL or not a live `keel_embeddings`.
 ///
 /// Thread safety: may be called from any thread.
 #[no_mangle]
@@ -342,9 +333,8 @@ pub extern "C" fn keel_embeddings_request_id(emb: *const keel_embeddings) -> *co
 
 /// The route the version layer chose for the request: "production", "canary", the alias the
 /// caller named (`NAME@ALIAS`), or "direct" (a version id). Owned by `emb`, valid until
-/// `keel_embeddings_free(emb)`; NULL for a result computed without a store (by `keel_embed`, or
-/// by `keel_infer_embed` on an engine without a `storage_path`), or if `emb` is NULL or not a live
-/// `keel_embeddings`.
+/// `keel_embeddings_free(emb)`; NULL for a result computed on an engine without a
+/// `storage_path`, or if `emb` is NULL or not a live `keel_embeddings`.
 ///
 /// Thread safety: may be called from any thread.
 #[no_mangle]

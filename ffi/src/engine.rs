@@ -5,15 +5,14 @@ use crate::handle::{self, Handle};
 use crate::model::{path_of, ModelObject};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::contract::Contracted;
 use keel::cost::Costed;
 use keel::observe::Observed;
-use keel::review::Reviewed;
-use keel::store::{SqliteStore, Store};
-use keel::version::{VersionConfig, Versioned};
+use keel::stack::Stack;
+use keel::store::SqliteStore;
+use keel::version::Versioned;
 use keel::{
-    CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, SchedulerConfig,
-    VersionId,
+    CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, InferStream,
+    SchedulerConfig, VersionId,
 };
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, CStr};
@@ -91,13 +90,9 @@ pub struct keel_engine {
 /// What a `keel_engine` handle stands for.
 pub(crate) struct EngineObject {
     pub(crate) engine: Engine,
-    /// The contract and observability layers over `engine`: every request goes through them.
-    pub(crate) observed: Arc<Observed>,
-    /// The cost layer over `observed` (prices, budgets): every request goes through it.
-    pub(crate) costed: Arc<Costed>,
-    /// The version layer over the review layer over `costed`, when the engine was created with
-    /// a `storage_path`; both share one store.
-    versioned: Option<Versioned>,
+    /// Every layer over `engine` (contract, observe, cost; with a `storage_path`, review and
+    /// versions on one store): every inference call goes through it.
+    pub(crate) stack: Stack,
     /// Serializes loads and frees of models, so that counting handles and unloading agree.
     book: Mutex<ModelBook>,
 }
@@ -121,21 +116,36 @@ impl Handle for EngineObject {
 impl EngineObject {
     /// The version layer, or the error of an engine created without a store.
     pub(crate) fn store(&self) -> Result<&Versioned, Failure> {
-        self.versioned
-            .as_ref()
+        self.stack
+            .versioned()
             .ok_or_else(|| Failure::invalid("the engine was created without a storage_path"))
     }
 
-    /// Answers a request: through the version layer (routing, lineage) and the review layer
-    /// when the engine has a store, then the cost, observability and contract layers, then the
-    /// engine.
+    /// The observability layer (every engine has one).
+    pub(crate) fn observed(&self) -> Result<&Observed, Failure> {
+        self.stack
+            .observed()
+            .ok_or_else(|| Failure::internal("the engine has no observability layer"))
+    }
+
+    /// The cost layer (every engine has one).
+    pub(crate) fn costed(&self) -> Result<&Costed, Failure> {
+        self.stack
+            .costed()
+            .ok_or_else(|| Failure::internal("the engine has no cost layer"))
+    }
+
+    /// Answers a request through the stack: with a store the version layer (routing, lineage)
+    /// and the review layer, then the cost, observability and contract layers, then the engine.
+    /// The layers' own error kinds are kept (an unknown name is NOT_FOUND, a store failure
+    /// STORAGE, a held or blocked prediction REVIEW, a budget refusal BUDGET).
     pub(crate) fn infer(&self, request: InferRequest) -> Result<InferResponse, Failure> {
-        Ok(match &self.versioned {
-            // `serve` keeps the layers' own error kinds (an unknown name is NOT_FOUND, a store
-            // failure STORAGE, a held or blocked prediction REVIEW, a budget refusal BUDGET).
-            Some(versioned) => versioned.serve(request)?,
-            None => self.costed.infer(request)?,
-        })
+        Ok(self.stack.infer(request)?)
+    }
+
+    /// Starts a generation through the stack.
+    pub(crate) fn infer_stream(&self, request: InferRequest) -> Result<InferStream, Failure> {
+        Ok(self.stack.infer_stream(request)?)
     }
 
     pub(crate) fn book(&self) -> MutexGuard<'_, ModelBook> {
@@ -225,16 +235,9 @@ pub unsafe extern "C" fn keel_engine_new(
             other => return Err(Failure::invalid(format!("unknown device {other}"))),
         };
         let engine = builder.build()?;
-        let contracts = Arc::new(Contracted::new(engine.clone(), Arc::new(engine.clone())));
-        let observed = Arc::new(Observed::over_contracts(engine.clone(), contracts));
-        let costed = Arc::new(Costed::new(engine.clone(), observed.clone()));
-        // Weak: the layers above hold the observability layer, not the other way round.
-        let priced = Arc::downgrade(&costed);
-        observed.add_samples(Arc::new(move || {
-            priced.upgrade().map(|c| c.samples()).unwrap_or_default()
-        }));
-        let versioned = if params.storage_path.is_null() {
-            None
+        let stack = Stack::builder(engine.clone());
+        let stack = if params.storage_path.is_null() {
+            stack
         } else {
             let folder = CStr::from_ptr(params.storage_path).to_bytes();
             if folder.is_empty() {
@@ -242,27 +245,13 @@ pub unsafe extern "C" fn keel_engine_new(
                     "params.storage_path is empty (NULL for no store)",
                 ));
             }
-            // The stack of the CLI's serving: version > review > cost > observe > contract >
-            // engine, the review queue and the lineage in one store.
-            let store = SqliteStore::open(path_of(folder)?)?;
-            let store: Arc<dyn Store> = Arc::new(store);
-            let reviewed = Arc::new(Reviewed::new(engine.clone(), store.clone(), costed.clone()));
-            let judged = Arc::downgrade(&reviewed);
-            observed.add_samples(Arc::new(move || {
-                judged.upgrade().map(|r| r.samples()).unwrap_or_default()
-            }));
-            Some(Versioned::layered(
-                engine.clone(),
-                reviewed,
-                store,
-                VersionConfig::default(),
-            )?)
+            // The review queue and the lineage in one store, as the CLI's.
+            stack.store(Arc::new(SqliteStore::open(path_of(folder)?)?))
         };
+        let stack = stack.all_layers().build()?;
         out.set(handle::insert(EngineObject {
             engine,
-            observed,
-            costed,
-            versioned,
+            stack,
             book: Mutex::default(),
         }));
         Ok(())

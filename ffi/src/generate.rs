@@ -3,10 +3,10 @@
 use crate::engine::{engine_of, keel_engine};
 use crate::guard::{self, Out};
 use crate::handle::{self, Handle};
-use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of};
+use crate::request::{infer_request_of, keel_request_info, keel_request_params, request_of, route_of};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::c_string;
-use keel::{FinishReason, GenerateParams, Input, Output};
+use keel::{FinishReason, GenerateParams, InferRequest, Input, Output};
 use std::ffi::{c_char, c_void, CString};
 
 /// How to generate. Get the defaults from `keel_generate_default_params()` and change the fields
@@ -68,7 +68,7 @@ pub enum keel_finish_reason {
 use keel_finish_reason::*;
 
 /// A finished generation, returned by `keel_generate` and `keel_infer_generate`: the generated
-/// text and token ids, why it ended, and (from `keel_infer_generate`) how it was made. Free it
+/// text and token ids, why it ended, and how it was made. Free it
 /// with `keel_completion_free`. Immutable: may be read from any number of threads at once.
 pub struct keel_completion {
     _opaque: [u8; 0],
@@ -81,11 +81,9 @@ pub(crate) struct CompletionObject {
     tokens: Vec<u32>,
     prompt_tokens: usize,
     finish: keel_finish_reason,
-    /// Set by `keel_infer_generate`.
     request_id: Option<CString>,
-    /// Set by `keel_infer_generate` on an engine with a store.
+    /// Set on an engine with a store.
     route: Option<CString>,
-    /// Set by `keel_infer_generate`.
     version: Option<CString>,
 }
 
@@ -135,9 +133,12 @@ unsafe fn params_of(p: &keel_generate_params) -> Result<GenerateParams, Failure>
     Ok(params)
 }
 
-/// Generates a reply to `prompt` with the decoder `model` (a version id or an alias). It goes
-/// straight to the engine, also on an engine with a store (no `NAME` routing, no lineage):
-/// `keel_infer_generate` takes the version layer.
+/// Generates a reply to `prompt` with the decoder `model`, streamed through the engine's layers
+/// as `keel_infer_generate`'s reply is (contract, metrics, price per token; with a store, `NAME`
+/// routing, review and a lineage record), with a generated request id and no routing key.
+/// `model` is a version id or an alias of `keel_model_alias`, or, on an engine with a store, a
+/// registered `NAME` or `NAME@ALIAS`. A generation its callback cancels is charged, counted
+/// and recorded with what it generated.
 ///
 /// Each token is passed to `on_token` (if not NULL) as soon as it is made; the callback can stop
 /// the generation. When `out` is not NULL, `*out` receives the whole completion at the end (also
@@ -189,17 +190,13 @@ pub unsafe extern "C" fn keel_generate(
             .unwrap_or_else(|| keel_generate_default_params());
         let params = params_of(&params)?;
         let request = request_of(request)?;
-        let mut stream = engine.engine.generate_with(model, prompt, &params, &request)?;
-        let prompt_tokens = stream.prompt_ids().len();
-        let mut text = String::new();
-        let mut tokens = Vec::new();
+        let request = InferRequest::generate(model, prompt, params).options(request);
+        let mut stream = engine.infer_stream(request)?;
         let mut cancelled = false;
         // One buffer for the callback's NUL-terminated token text, reused for every token.
         let mut token_text = Vec::new();
         for token in &mut stream {
             let token = token?;
-            tokens.push(token.id);
-            text.push_str(&token.text);
             if let Some(on_token) = on_token {
                 token_text.clear();
                 token_text.extend_from_slice(token.text.as_bytes());
@@ -211,28 +208,38 @@ pub unsafe extern "C" fn keel_generate(
                 }
             }
         }
-        let finish = match (cancelled, stream.finish_reason()) {
-            (true, _) => KEEL_FINISH_CANCELLED,
-            (false, Some(FinishReason::Stop)) => KEEL_FINISH_STOP,
-            (false, Some(FinishReason::ContextFull)) => KEEL_FINISH_CONTEXT_FULL,
-            (false, Some(FinishReason::Length) | None) => KEEL_FINISH_LENGTH,
-        };
-        // Cancelling is dropping: it frees the generation's KV cache now.
-        drop(stream);
+        // Cancelling frees the generation's KV cache now; every layer settles it.
+        let answer = if cancelled { stream.cancel() } else { stream.finish() }?;
         if let Some(out) = out {
-            let mut text = text.into_bytes();
-            text.push(0);
-            out.set(handle::insert(CompletionObject {
-                text,
-                tokens,
-                prompt_tokens,
-                finish,
-                request_id: None,
-                route: None,
-                version: None,
-            }));
+            out.set(handle::insert(completion_of(answer)?));
         }
         Ok(())
+    })
+}
+
+/// The result object of a generation's answer.
+fn completion_of(answer: keel::InferResponse) -> Result<CompletionObject, Failure> {
+    let Output::Completion(completion) = answer.output else {
+        return Err(Failure::internal(
+            "a generation request was answered with another output",
+        ));
+    };
+    let meta = answer.meta;
+    let mut text = completion.text.into_bytes();
+    text.push(0);
+    Ok(CompletionObject {
+        text,
+        tokens: completion.token_ids,
+        prompt_tokens: completion.prompt_ids.len(),
+        finish: match completion.finish {
+            FinishReason::Stop => KEEL_FINISH_STOP,
+            FinishReason::Length => KEEL_FINISH_LENGTH,
+            FinishReason::ContextFull => KEEL_FINISH_CONTEXT_FULL,
+            FinishReason::Cancelled => KEEL_FINISH_CANCELLED,
+        },
+        request_id: Some(c_string(meta.request_id.as_str())),
+        route: route_of(&meta),
+        version: Some(c_string(meta.version.as_str())),
     })
 }
 
@@ -282,28 +289,7 @@ pub unsafe extern "C" fn keel_infer_generate(
             params: params_of(&params)?,
         };
         let request = infer_request_of(model, input, info)?;
-        let answer = engine.infer(request)?;
-        let Output::Completion(completion) = answer.output else {
-            return Err(Failure::internal(
-                "a generation request was answered with embeddings",
-            ));
-        };
-        let meta = answer.meta;
-        let mut text = completion.text.into_bytes();
-        text.push(0);
-        out.set(handle::insert(CompletionObject {
-            text,
-            tokens: completion.token_ids,
-            prompt_tokens: completion.prompt_ids.len(),
-            finish: match completion.finish {
-                FinishReason::Stop => KEEL_FINISH_STOP,
-                FinishReason::Length => KEEL_FINISH_LENGTH,
-                FinishReason::ContextFull => KEEL_FINISH_CONTEXT_FULL,
-            },
-            request_id: Some(c_string(meta.request_id.as_str())),
-            route: meta.annotations.get("route").map(|r| c_string(r)),
-            version: Some(c_string(meta.version.as_str())),
-        }));
+        out.set(handle::insert(completion_of(engine.infer(request)?)?));
         Ok(())
     })
 }
@@ -378,8 +364,7 @@ pub extern "C" fn keel_completion_finish_reason(c: *const keel_completion) -> ke
 
 /// The id of the request that made the completion (the caller's `info.request_id`, or the one
 /// the library made): the key of its lineage record. Owned by `c`, valid until
-/// `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or not
-/// a live `keel_completion`.
+/// `keel_completion_free(c)`; NULL if `c` is NULL or not a live `keel_completion`.
 ///
 /// Thread safety: may be called from any thread.
 #[no_mangle]
@@ -391,8 +376,8 @@ pub extern "C" fn keel_completion_request_id(c: *const keel_completion) -> *cons
 
 /// The route the version layer chose ("production", "canary", the alias named, "direct"), as
 /// for `keel_embeddings_route`. Owned by `c`, valid until `keel_completion_free(c)`; NULL for a
-/// completion made without a store (by `keel_generate`, or on an engine without a
-/// `storage_path`), or if `c` is NULL or not a live `keel_completion`.
+/// completion made on an engine without a `storage_path`, or if `c` is NULL or not a live
+/// `keel_completion`.
 ///
 /// Thread safety: may be called from any thread.
 #[no_mangle]
@@ -403,8 +388,7 @@ pub extern "C" fn keel_completion_route(c: *const keel_completion) -> *const c_c
 }
 
 /// The version id of the model that made the completion (64 hex digits). Owned by `c`, valid
-/// until `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or
-/// not a live `keel_completion`.
+/// until `keel_completion_free(c)`; NULL if `c` is NULL or not a live `keel_completion`.
 ///
 /// Thread safety: may be called from any thread.
 #[no_mangle]

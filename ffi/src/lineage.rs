@@ -32,8 +32,9 @@ fn flushed<T>(store: &Versioned, lookup: impl Fn() -> Result<T, Error>) -> Resul
 /// sha256), `manifest_hash`, `keel_version`, `backend`, `batch_id`, `cache_hit`, `route`
 /// ("production", "canary", an alias, "direct"), `route_reason`, `shadow_of` and `divergence`
 /// (for a shadow run, whose id is the original's followed by ".shadow"), `input_hash`, `input`
-/// (when the version keeps inputs), `output` (a summary), `timings_us` (per stage) and
-/// `annotations`. Fields may be added later. A request answered before the call is always
+/// (when the version keeps inputs), `output` (a summary), `timings_us` (per stage), `contract`
+/// (the verdict), `cost` (the price), `review` (the decision and ticket) and `notes` (what the
+/// other layers noted: the drift state, a router's choice). Fields may be added later. A request answered before the call is always
 /// found (the call flushes the lineage writer when needed).
 ///
 /// On success `*out_json` holds a new string owned by the caller (free it with

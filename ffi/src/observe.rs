@@ -143,6 +143,7 @@ unsafe fn classified(
         Ok(info) => info.manifest.labels,
         Err(_) => classes.iter().map(|c| c.label.clone()).collect(),
     };
+    let notes = answer.meta.notes.to_json();
     let classes: Vec<serde_json::Value> = classes
         .iter()
         .map(|c| {
@@ -154,13 +155,7 @@ unsafe fn classified(
             serde_json::json!({"class": c.label, "probabilities": p})
         })
         .collect();
-    let note = |layer: &str| {
-        answer
-            .meta
-            .annotations
-            .get(layer)
-            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
-    };
+    let note = |layer: &str| notes.get(layer).cloned();
     let json = serde_json::json!({
         "request_id": answer.meta.request_id.as_str(),
         "model": answer.meta.model,
@@ -201,7 +196,7 @@ pub unsafe extern "C" fn keel_drift_state(
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
         let model = guard::c_str(model, "model")?;
-        let state = engine.observed.drift(model)?.ok_or_else(|| Failure {
+        let state = engine.observed()?.drift(model)?.ok_or_else(|| Failure {
             code: KEEL_ERR_NOT_FOUND,
             message: format!(
                 "model '{model}' has no reference profile (profile.json): write one with `keel profile`"
@@ -213,9 +208,10 @@ pub unsafe extern "C" fn keel_drift_state(
 }
 
 /// Everything the engine observed, in Prometheus (OpenMetrics) text format: requests by
-/// outcome, time per stage, confidence, tokens per second, drift signals and states, contract
-/// violations by field and clause, queue depth, batches, cache hits. Serve it on the host's
-/// `/metrics`.
+/// outcome, time per stage, confidence, tokens per second, time to the first token and between
+/// tokens, tokens generated and finish reasons, drift signals and states, contract violations
+/// by field and clause, cost and budgets, review decisions, queue depth, batches, cache hits.
+/// Serve it on the host's `/metrics`.
 ///
 /// On success `*out_text` holds a new string owned by the caller (free it with
 /// `keel_string_free`). On failure `*out_text` is NULL and `*err` (if `err` is not NULL) holds
@@ -235,7 +231,7 @@ pub unsafe extern "C" fn keel_metrics_text(
     guard::call(err, || {
         let out = Out::clear(out_text, "out_text", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
-        out.set(handle::insert(StringObject::new(engine.observed.metrics_text())));
+        out.set(handle::insert(StringObject::new(engine.stack.metrics_text())));
         Ok(())
     })
 }

@@ -139,3 +139,11 @@ pub(crate) unsafe fn infer_request_of(
     }
     Ok(request)
 }
+
+/// The route an answer took (`production`, `canary`, an alias, `direct`), on an engine with a
+/// store.
+pub(crate) fn route_of(meta: &keel::Meta) -> Option<std::ffi::CString> {
+    meta.notes
+        .get::<keel::version::Route>()
+        .map(|r| crate::string::c_string(&r.route))
+}

@@ -377,7 +377,7 @@ pub unsafe extern "C" fn keel_budget_set(
             period: (period_ms > 0).then(|| Duration::from_millis(period_ms)),
             on_exhausted,
         };
-        engine.costed.set_budget(key, budget);
+        engine.costed()?.set_budget(key, budget);
         Ok(())
     })
 }
@@ -406,7 +406,7 @@ pub unsafe extern "C" fn keel_budget_spend(
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
         let key = guard::c_str(key, "key")?;
-        out.set(handle::insert(StringObject::json(&engine.costed.spend(key))?));
+        out.set(handle::insert(StringObject::json(&engine.costed()?.spend(key))?));
         Ok(())
     })
 }
@@ -437,13 +437,7 @@ pub unsafe extern "C" fn keel_cost_report(
     guard::call(err, || {
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
-        let mut lines = engine.costed.report();
-        for line in lines.iter_mut().filter(|l| l.model == l.version) {
-            if let Ok(info) = engine.engine.info(&line.version) {
-                line.model = info.manifest.name;
-            }
-        }
-        out.set(handle::insert(StringObject::json(&lines)?));
+        out.set(handle::insert(StringObject::json(&engine.costed()?.report())?));
         Ok(())
     })
 }

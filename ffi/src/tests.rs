@@ -641,6 +641,7 @@ fn greedy_generation_equals_the_rust_api() {
         keel::FinishReason::Stop => keel_finish_reason::KEEL_FINISH_STOP,
         keel::FinishReason::Length => keel_finish_reason::KEEL_FINISH_LENGTH,
         keel::FinishReason::ContextFull => keel_finish_reason::KEEL_FINISH_CONTEXT_FULL,
+        keel::FinishReason::Cancelled => keel_finish_reason::KEEL_FINISH_CANCELLED,
     };
     assert_eq!(keel_completion_finish_reason(completion), finish);
     keel_completion_free(completion);

@@ -3,14 +3,14 @@
 //! int8 at an arrival rate the f32 model cannot keep up with.
 
 use super::{corpus, percentile, Progress, Res};
-use keel::cost::{Cascade, CascadeConfig, Costed, Degrade, DegradeConfig};
+use keel::cost::{CascadeConfig, Costed, DegradeConfig, Routed};
+use keel::stack::Stack;
 use keel::{
     CacheConfig, Engine, Infer, InferRequest, LoadOptions, Priority, Record, Value as Cell, WeightPath,
 };
 use keel_kernels::Device;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// scikit-learn's breast-cancer rows of index % 5 == 0 (held out by both models' training).
@@ -90,40 +90,32 @@ pub(super) fn cascade(device: &Device, models: &Path, p: &Progress) -> Res<Value
     let accuracy = |classes: &[usize]| {
         classes.iter().zip(&rows).filter(|(c, (_, t))| *c == t).count() as f64 / rows.len() as f64
     };
-    let priced = Costed::new(engine.clone(), Arc::new(engine.clone()));
-    let (strong_price, cheap_price) = (
-        priced.price_of(strong.as_str())?,
-        priced.price_of(cheap.as_str())?,
-    );
+    let price_of = |model: &str| -> Res<_> { Ok(Costed::price_of(&engine.target(model)?.version)?) };
+    let (strong_price, cheap_price) = (price_of(strong.as_str())?, price_of(cheap.as_str())?);
     let always_strong = strong_price.per_call * rows.len() as f64;
     let mut results = Vec::new();
     for threshold in [0.8, 0.9, 0.95, 0.99] {
         p.step(&format!("cascade at confidence {threshold}"));
-        let costed = Arc::new(Costed::new(engine.clone(), Arc::new(engine.clone())));
-        let cascade = Cascade::new(
-            CascadeConfig {
-                name: "cancer".into(),
-                cheap: cheap.to_string(),
-                strong: strong.to_string(),
-                min_confidence: threshold,
-                max_cheap_tokens: None,
-            },
-            costed.clone(),
-        );
+        let config = CascadeConfig {
+            name: "cancer".into(),
+            cheap: cheap.to_string(),
+            strong: strong.to_string(),
+            min_confidence: threshold,
+            max_cheap_tokens: None,
+        };
+        let cascade = Stack::builder(engine.clone())
+            .cost()
+            .cascade(config, false)
+            .build()?;
         let (mut escalated, mut right, mut agree) = (0, 0, 0);
         for (i, (row, target)) in rows.iter().enumerate() {
             let a = cascade.infer(InferRequest::classify("cancer", vec![row.clone()]))?;
-            escalated += usize::from(
-                a.meta
-                    .annotations
-                    .get("cascade")
-                    .is_some_and(|n| n.contains("\"strong\"")),
-            );
+            escalated += usize::from(a.meta.notes.get::<Routed>().is_some_and(|r| r.route == "strong"));
             let class = a.output.classes().map_or(usize::MAX, |c| c[0].class);
             right += usize::from(class == *target);
             agree += usize::from(class == strong_classes[i]);
         }
-        let cost: f64 = costed.report().iter().map(|l| l.cost).sum();
+        let cost: f64 = cascade.costed().map_or(0.0, |c| c.report().iter().map(|l| l.cost).sum());
         results.push(json!({
             "min_confidence": threshold,
             "escalated_share": escalated as f64 / rows.len() as f64,
@@ -196,12 +188,9 @@ fn open_loop(
                             .options(keel::Request::default().priority(priority));
                         let answer = service.infer(request);
                         let ms = due.elapsed().as_secs_f64() * 1e3;
-                        let cheap = answer.ok().map(|a| {
-                            a.meta
-                                .annotations
-                                .get("degrade")
-                                .is_some_and(|n| n.contains("\"cheap\""))
-                        });
+                        let cheap = answer
+                            .ok()
+                            .map(|a| a.meta.notes.get::<Routed>().is_some_and(|r| r.route == "cheap"));
                         out.push((ms, cheap));
                     }
                     out
@@ -260,17 +249,16 @@ pub(super) fn overload(device: &Device, model: &Path, budget: Duration, p: &Prog
     let cheap_capacity = capacity(&engine, cheap.as_str(), &texts, 32, budget / 2);
     let objective = OBJECTIVE;
     let rate = strong_capacity * 1.1;
-    let degrade = Degrade::new(
-        DegradeConfig {
+    let degrade = Stack::builder(engine.clone())
+        .degrade(DegradeConfig {
             name: "embed".into(),
             strong: strong.to_string(),
             cheap: cheap.to_string(),
+            cheap_max_tokens: None,
             objective,
             shed_at: Priority::Low,
-        },
-        engine.clone(),
-        Arc::new(engine.clone()),
-    );
+        })
+        .build()?;
     let mut rows = Vec::new();
     for (label, name, service) in [
         ("always strong", strong.as_str(), &engine as &dyn Infer),

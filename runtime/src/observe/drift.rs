@@ -599,6 +599,7 @@ mod tests {
                 token_ids: vec![7; n],
                 text: String::new(),
                 finish: crate::FinishReason::Stop,
+                logprobs: Vec::new(),
             })
         };
         let prompt = |i: usize| Input::Generate {
