@@ -451,6 +451,9 @@ pub(crate) fn chat(params: &GenerateParams, prompt: &str) -> Vec<Message> {
 }
 
 /// One step of a generation as a layer passes it up: a token, or the end.
+// The end is moved a few times per stream (once per layer), a token a few hundred bytes a
+// second: not worth a box per stream.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Step {
     /// The next token.

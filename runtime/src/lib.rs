@@ -9,6 +9,8 @@
 //! architectures). The production modules of later issues wrap the engine's request path; the
 //! engine knows nothing of them.
 #![warn(missing_docs)]
+// The kernels below hold every unsafe line; the engine and the production layers need none.
+#![forbid(unsafe_code)]
 
 mod cache;
 #[cfg(feature = "contract")]

@@ -30,7 +30,6 @@
 //! # let _ = answer;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![forbid(unsafe_code)]
 
 #[cfg(feature = "contract")]
 use crate::contract::Contracted;

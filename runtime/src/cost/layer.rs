@@ -208,7 +208,7 @@ impl Charge {
     /// Charges an answer and notes its price on it.
     fn answer(self, mut answer: InferResponse) -> InferResponse {
         let m = &answer.meta;
-        let price = self.settle(m.tokens, m.timings.forward, m.cache_hit, &m.version.to_string());
+        let price = self.settle(m.tokens, m.timings.forward, m.cache_hit, m.version.as_ref());
         answer.meta.notes.insert(price);
         answer
     }

@@ -15,7 +15,6 @@
 //! generation per token, prompt and completion) and enforces [`Budget`]s per routing key. [`Cascade`] tries a cheap model first and escalates when it is
 //! unsure; [`Degrade`] sends traffic to the cheap model (or sheds low priority) when the strong
 //! one's queue would break the latency objective.
-#![forbid(unsafe_code)]
 
 mod budget;
 mod layer;

@@ -37,7 +37,6 @@
 //! reply streams nothing; otherwise it streams as it is made and its answer carries the ticket.
 //!
 //! [`Reviewed`] is the layer that applies it; [`quality`] and [`export`] read the feedback.
-#![forbid(unsafe_code)]
 
 mod layer;
 mod quality;

@@ -5,7 +5,6 @@
 //! implementation (one SQLite database in WAL mode inside the deployment's folder), and `PgStore`
 //! (feature `postgres`) the fleet's (one PostgreSQL database shared by many hosts). No SQL lives
 //! outside an implementation of the trait.
-#![forbid(unsafe_code)]
 
 #[cfg(feature = "postgres")]
 mod postgres;
