@@ -69,7 +69,10 @@ fn observing(engine: &Engine, window: WindowSize) -> Stack {
         window: Some(window),
         on_drift: None,
     };
-    Stack::builder(engine.clone()).observe_with(config).build().unwrap()
+    Stack::builder(engine.clone())
+        .observe_with(config)
+        .build()
+        .unwrap()
 }
 
 fn violation(e: &keel::Error) -> &keel::contract::Violation {
@@ -220,7 +223,13 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
                 .infer(InferRequest::classify(id.as_str(), vec![r]))
                 .unwrap();
         }
-        observed.observed().unwrap().drift(id.as_str()).unwrap().unwrap().reports
+        observed
+            .observed()
+            .unwrap()
+            .drift(id.as_str())
+            .unwrap()
+            .unwrap()
+            .reports
     };
     let held = split(0);
     // 1,000 windows of the held-out rows (50 of the 114, drawn without replacement each time),
@@ -597,9 +606,9 @@ print(len(families), samples, ok[0])
 #[test]
 fn a_text_contract_on_minilm() {
     let dir = tempfile::tempdir().unwrap();
-    let contract = "[text]\nnon_empty = \"reject\"\nmax_tokens = 16\nmax_tokens_action = \"flag\"\n";
+    let contract = "[contract.text]\nnon_empty = \"reject\"\nmax_tokens = 16\nmax_tokens_action = \"flag\"\n";
     let folder =
-        keel_benches::harness::with_contract(&common::minilm_dir(), contract, &dir.path().join("minilm"))
+        keel_benches::harness::with_tables(&common::minilm_dir(), contract, &dir.path().join("minilm"))
             .unwrap();
     let engine = Engine::builder().build().unwrap();
     let id = engine.load(&folder).unwrap();
@@ -634,11 +643,16 @@ fn time_windows_and_the_state_change_callback() {
     let seen = changes.clone();
     let config = ObserveConfig {
         window: Some(WindowSize::Time(std::time::Duration::from_millis(50))),
-        on_drift: Some(Arc::new(move |model: &str, report: &keel::observe::WindowReport| {
-            seen.lock().unwrap().push((model.to_string(), report.state))
-        })),
+        on_drift: Some(Arc::new(
+            move |model: &str, report: &keel::observe::WindowReport| {
+                seen.lock().unwrap().push((model.to_string(), report.state))
+            },
+        )),
     };
-    let observed = Stack::builder(engine.clone()).observe_with(config).build().unwrap();
+    let observed = Stack::builder(engine.clone())
+        .observe_with(config)
+        .build()
+        .unwrap();
     let held = split(0);
     let send = |values: &[f64], scale: f64| {
         let mut v = values.to_vec();

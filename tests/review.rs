@@ -498,7 +498,11 @@ fn cache_first_sends_a_request_whose_strong_answer_is_cached_to_the_strong_model
     assert_eq!(note["route"], "strong", "{note}");
     assert!(note["reason"].as_str().unwrap().starts_with("cached"));
     assert!(a.meta.cache_hit);
-    assert_eq!(a.meta.notes.get::<keel::cost::Price>().unwrap().cost, 0.0, "a cache hit costs nothing");
+    assert_eq!(
+        a.meta.notes.get::<keel::cost::Price>().unwrap().cost,
+        0.0,
+        "a cache hit costs nothing"
+    );
     // A long input goes to the strong model directly.
     let long = "word ".repeat(100);
     let (a, note) = ask(&long);

@@ -499,7 +499,9 @@ fn bad_input_gives_typed_errors() {
         ErrorKind::NotFound
     );
     assert_eq!(
-        s.infer(InferRequest::embed("embed@staging", ["x"])).unwrap_err().kind(),
+        s.infer(InferRequest::embed("embed@staging", ["x"]))
+            .unwrap_err()
+            .kind(),
         ErrorKind::NotFound
     );
     let unknown = "ab".repeat(32);

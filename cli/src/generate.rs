@@ -3,7 +3,9 @@
 
 use crate::{address, routed, said, serving, tabular, Routing, Weights};
 use keel::stack::Stack;
-use keel::{Completion, DeviceKind, ErrorKind, FinishReason, GenerateParams, Infer, InferRequest, Output, Turn};
+use keel::{
+    Completion, DeviceKind, ErrorKind, FinishReason, GenerateParams, Infer, InferRequest, Output, Turn,
+};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;

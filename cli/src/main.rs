@@ -242,7 +242,10 @@ pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
 
 /// The stack every prediction goes through, over an engine on `device`: the version layer
 /// (with the deployment's store), review, cost, observability, then the contract.
-pub(crate) fn serving(device: DeviceKind, store: Option<PathBuf>) -> Result<Stack, Box<dyn std::error::Error>> {
+pub(crate) fn serving(
+    device: DeviceKind,
+    store: Option<PathBuf>,
+) -> Result<Stack, Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
     let store = std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
     Ok(Stack::builder(engine).store(store).all_layers().build()?)

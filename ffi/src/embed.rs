@@ -142,7 +142,9 @@ pub unsafe extern "C" fn keel_embed(
 ) -> keel_status {
     guard::call(err, || {
         let out = Out::clear(out, "out", std::ptr::null_mut())?;
-        out.set(handle::insert(embed(engine, model, texts, lengths, n_texts, request)?));
+        out.set(handle::insert(embed(
+            engine, model, texts, lengths, n_texts, request,
+        )?));
         Ok(())
     })
 }

@@ -209,7 +209,11 @@ pub unsafe extern "C" fn keel_generate(
             }
         }
         // Cancelling frees the generation's KV cache now; every layer settles it.
-        let answer = if cancelled { stream.cancel() } else { stream.finish() }?;
+        let answer = if cancelled {
+            stream.cancel()
+        } else {
+            stream.finish()
+        }?;
         if let Some(out) = out {
             out.set(handle::insert(completion_of(answer)?));
         }

@@ -56,6 +56,8 @@ mod tests;
 #[cfg(test)]
 mod tests_observe;
 #[cfg(test)]
+mod tests_parity;
+#[cfg(test)]
 mod tests_registry;
 #[cfg(test)]
 mod tests_review;

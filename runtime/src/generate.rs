@@ -431,7 +431,6 @@ impl Drop for TokenStream {
     }
 }
 
-
 /// The conversation the chat template renders: the system turn, the history, the prompt.
 pub(crate) fn chat(params: &GenerateParams, prompt: &str) -> Vec<Message> {
     let turn = |role: &str, content: &str| Message {
@@ -547,7 +546,10 @@ impl InferStream {
     pub fn cancel(mut self) -> Result<InferResponse> {
         match self.inner.take() {
             Some(inner) => inner.cancel(),
-            None => self.ended.take().unwrap_or_else(|| Err(Error::Internal("no generation".into()))),
+            None => self
+                .ended
+                .take()
+                .unwrap_or_else(|| Err(Error::Internal("no generation".into()))),
         }
     }
 

@@ -55,9 +55,9 @@ pub use keel_models::llama::WeightPath;
 pub use keel_models::sampling::Sampling;
 pub use manifest::{Architecture, Manifest, VersionId};
 pub use notes::{Note, Notes};
-pub use target::{ModelVersion, Target};
 pub use request::{Priority, Request, Truncate};
 pub use scheduler::{SchedulerConfig, SchedulerStats};
+pub use target::{ModelVersion, Target};
 
 /// README.md's Rust snippets, compiled as doctests (scripts/check-docs.py runs the others).
 #[cfg(all(doctest, feature = "version"))]

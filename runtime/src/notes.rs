@@ -44,13 +44,16 @@ impl Notes {
 
     /// The note of type `T`, if there is one.
     pub fn get<T: Note>(&self) -> Option<&T> {
-        self.0.iter().find_map(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>())
+        self.0
+            .iter()
+            .find_map(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>())
     }
 
     /// Takes `others`' notes, replacing those of the same types.
     pub fn extend(&mut self, others: &Notes) {
         for n in &others.0 {
-            self.0.retain(|mine| mine.as_ref().type_id() != n.as_ref().type_id());
+            self.0
+                .retain(|mine| mine.as_ref().type_id() != n.as_ref().type_id());
             self.0.push(n.clone());
         }
     }

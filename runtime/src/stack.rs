@@ -215,7 +215,9 @@ impl StackBuilder {
         #[cfg(feature = "version")]
         let needs_store = |layer: &str| {
             self.store.clone().ok_or_else(|| {
-                crate::Error::InvalidArgument(format!("the {layer} layer needs a store (StackBuilder::store)"))
+                crate::Error::InvalidArgument(format!(
+                    "the {layer} layer needs a store (StackBuilder::store)"
+                ))
             })
         };
         #[cfg(feature = "review")]

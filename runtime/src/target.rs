@@ -101,7 +101,10 @@ impl ModelVersion {
     ///
     /// # Errors
     /// `make`'s.
-    pub fn derived<T, E>(&self, make: impl FnOnce(&ModelInfo) -> std::result::Result<T, E>) -> std::result::Result<Arc<T>, E>
+    pub fn derived<T, E>(
+        &self,
+        make: impl FnOnce(&ModelInfo) -> std::result::Result<T, E>,
+    ) -> std::result::Result<Arc<T>, E>
     where
         T: Send + Sync + 'static,
     {

@@ -113,3 +113,34 @@ pub mod cancer {
             .collect()
     }
 }
+
+/// The metrics text parsed by Python's prometheus_client (installed by scripts/setup-models.sh),
+/// a real Prometheus parser: every sample's value summed over its label sets, by sample name
+/// (`keel_requests_total`, `keel_stage_seconds_count`, ...). Panics if the parser refuses it.
+pub fn prometheus(text: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, text).unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+sums = {}
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        sums[s.name] = sums.get(s.name, 0.0) + s.value
+print(json.dumps(sums))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&file)
+        .env("PYTHONPATH", models_dir())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the parser refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -115,7 +115,9 @@ pub(super) fn cascade(device: &Device, models: &Path, p: &Progress) -> Res<Value
             right += usize::from(class == *target);
             agree += usize::from(class == strong_classes[i]);
         }
-        let cost: f64 = cascade.costed().map_or(0.0, |c| c.report().iter().map(|l| l.cost).sum());
+        let cost: f64 = cascade
+            .costed()
+            .map_or(0.0, |c| c.report().iter().map(|l| l.cost).sum());
         results.push(json!({
             "min_confidence": threshold,
             "escalated_share": escalated as f64 / rows.len() as f64,

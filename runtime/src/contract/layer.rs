@@ -112,7 +112,8 @@ impl Contracted {
             }
         };
         let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-        let mut counted = |v: &Violation| *tally.entry((v.field.clone(), v.clause, v.action)).or_default() += 1;
+        let mut counted =
+            |v: &Violation| *tally.entry((v.field.clone(), v.clause, v.action)).or_default() += 1;
         found.iter().for_each(&mut counted);
         if let Err(refused) = checked {
             counted(&refused.0);

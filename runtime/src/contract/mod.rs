@@ -367,11 +367,14 @@ impl Contract {
         let chat = match spec.chat {
             Some(c) => {
                 // A conversation cannot be repaired: only reject or flag.
-                fn rule<T>(v: Option<T>, action: Option<Action>) -> std::result::Result<Option<(T, Action)>, String> {
+                fn rule<T>(
+                    v: Option<T>,
+                    action: Option<Action>,
+                ) -> std::result::Result<Option<(T, Action)>, String> {
                     match (v, action.unwrap_or(Action::Reject)) {
-                        (Some(_), Action::Clamp) => {
-                            Err("[contract.chat]: a conversation cannot be clamped: use reject or flag".into())
-                        }
+                        (Some(_), Action::Clamp) => Err(
+                            "[contract.chat]: a conversation cannot be clamped: use reject or flag".into(),
+                        ),
                         (v, a) => Ok(v.map(|v| (v, a))),
                     }
                 }
@@ -927,10 +930,17 @@ mod tests {
         let e = c
             .check_chat(&["system", "user"], || Some(5), &mut Vec::new())
             .unwrap_err();
-        assert_eq!((e.0.clause, e.0.value.as_str()), (Clause::Roles, "a system message"));
+        assert_eq!(
+            (e.0.clause, e.0.value.as_str()),
+            (Clause::Roles, "a system message")
+        );
         let mut found = Vec::new();
-        c.check_chat(&["user", "assistant", "user", "assistant", "user"], || Some(9), &mut found)
-            .unwrap();
+        c.check_chat(
+            &["user", "assistant", "user", "assistant", "user"],
+            || Some(9),
+            &mut found,
+        )
+        .unwrap();
         assert_eq!(found[0].clause, Clause::Messages);
         let e = c.check_chat(&["user"], || Some(11), &mut Vec::new()).unwrap_err();
         assert_eq!(e.0.clause, Clause::TotalTokens);

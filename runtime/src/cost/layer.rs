@@ -3,8 +3,8 @@
 use super::budget::Reservation;
 use super::{Budget, Budgets, CostModel, Exhausted, Spend};
 use crate::{
-    Error, Generating, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Note, Result, Step,
-    Target,
+    Error, Generating, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Note, Result,
+    Step, Target,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -279,7 +279,12 @@ impl Generating for Charging {
                     Ok(answer) => Ok(charge.answer(answer)),
                     Err(e) => {
                         // A failure after tokens were made is charged what was made.
-                        charge.settle(self.prompt_tokens + self.generated, Duration::ZERO, false, &self.version);
+                        charge.settle(
+                            self.prompt_tokens + self.generated,
+                            Duration::ZERO,
+                            false,
+                            &self.version,
+                        );
                         Err(e)
                     }
                 })

@@ -131,7 +131,9 @@ impl Cascade {
         strong.model = c.strong.clone();
         strong.id = format!("{}.strong", strong.id).into();
         let reason = format!("unsure: confidence {confidence:.4} < {}", c.min_confidence);
-        strong.notes.insert(Self::routed("strong", reason, Some(confidence)));
+        strong
+            .notes
+            .insert(Self::routed("strong", reason, Some(confidence)));
         strong
     }
 

@@ -6,7 +6,8 @@ use super::metrics::{
 };
 use super::profile::{confidence, Profile, PROFILE_FILE};
 use crate::{
-    Generating, Infer, InferRequest, InferResponse, InferStream, Note, Output, Result, Step, Target, VersionId,
+    Generating, Infer, InferRequest, InferResponse, InferStream, Note, Output, Result, Step, Target,
+    VersionId,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -310,7 +311,9 @@ impl Watched {
                     let rate = c.token_ids.len() as f64 / t.forward.as_secs_f64();
                     f.tokens_per_second.get_or_create(&self.labels).observe(rate);
                 }
-                f.generated.get_or_create(&self.labels).inc_by(c.token_ids.len() as u64);
+                f.generated
+                    .get_or_create(&self.labels)
+                    .inc_by(c.token_ids.len() as u64);
                 f.finishes
                     .get_or_create(&FinishLabels {
                         model: self.labels.model.clone(),
@@ -319,7 +322,9 @@ impl Watched {
                     })
                     .inc();
                 if c.finish != crate::FinishReason::Cancelled {
-                    f.lengths.get_or_create(&self.labels).observe(c.token_ids.len() as f64);
+                    f.lengths
+                        .get_or_create(&self.labels)
+                        .observe(c.token_ids.len() as f64);
                 }
             }
             Output::Embeddings(_) => {}

@@ -88,8 +88,6 @@ pub(crate) struct Families {
     pub(crate) drift_windows: Family<RequestLabels, Counter>,
 }
 
-
-
 impl Families {
     pub(crate) fn new() -> Self {
         Self {

@@ -238,9 +238,19 @@ impl Pending {
                 .map_err(storage)?;
             let reasons = verdict.reasons.clone();
             match verdict.decision {
-                Decision::Block => return Err(ReviewError::Blocked { ticket: queued, reasons }.into()),
+                Decision::Block => {
+                    return Err(ReviewError::Blocked {
+                        ticket: queued,
+                        reasons,
+                    }
+                    .into())
+                }
                 Decision::Review if !self.policy.provisional => {
-                    return Err(ReviewError::Held { ticket: queued, reasons }.into())
+                    return Err(ReviewError::Held {
+                        ticket: queued,
+                        reasons,
+                    }
+                    .into())
                 }
                 _ => ticket = Some(queued),
             }

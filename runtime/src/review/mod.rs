@@ -289,9 +289,11 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
     };
     let pattern = match r.get("matches") {
         None => None,
-        Some(toml::Value::String(p)) => Some(Pattern(
-            regex::Regex::new(p).map_err(|e| format!("`matches` is not a regular expression: {e}"))?,
-        )),
+        Some(toml::Value::String(p)) => {
+            Some(Pattern(regex::Regex::new(p).map_err(|e| {
+                format!("`matches` is not a regular expression: {e}")
+            })?))
+        }
         Some(_) => return Err("`matches` must be a text (a regular expression)".into()),
     };
     let (test, written) = match (below, above, set, pattern) {
@@ -320,8 +322,10 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
     if numeric && matches!(test, Test::In(_) | Test::Matches(_)) {
         return Err(format!("{when} is a number: compare it with `below` or `above`"));
     }
-    if matches!(signal, Signal::Class | Signal::Contract | Signal::Drift | Signal::Finish)
-        && !matches!(test, Test::In(_))
+    if matches!(
+        signal,
+        Signal::Class | Signal::Contract | Signal::Drift | Signal::Finish
+    ) && !matches!(test, Test::In(_))
     {
         return Err(format!("{when} is a text: compare it with `equals` or `in`"));
     }
@@ -401,7 +405,10 @@ fn values(signal: &Signal, seen: &Observation<'_>) -> Vec<(Option<usize>, Seen)>
             .into_iter()
             .collect(),
         Signal::Cost => seen.cost.map(|c| (None, Seen::Number(c))).into_iter().collect(),
-        Signal::Text => completion.map(|c| (None, Seen::Text(c.text.clone()))).into_iter().collect(),
+        Signal::Text => completion
+            .map(|c| (None, Seen::Text(c.text.clone())))
+            .into_iter()
+            .collect(),
         Signal::Length => completion
             .map(|c| (None, Seen::Number(c.token_ids.len() as f64)))
             .into_iter()
@@ -596,8 +603,12 @@ mod tests {
         }
         // A policy that may refuse holds a generation's tokens; a provisional one streams them.
         let holds = |text: &str| policy(text).unwrap().may_refuse();
-        assert!(!holds("[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"review\""));
+        assert!(!holds(
+            "[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"review\""
+        ));
         assert!(holds("[review]\nprovisional = false\n[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"review\""));
-        assert!(holds("[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"block\""));
+        assert!(holds(
+            "[[review.rules]]\nwhen = \"length\"\nabove = 3\naction = \"block\""
+        ));
     }
 }

@@ -49,7 +49,7 @@ pub use serve::{RetainInput, Route};
 pub use shadow::ShadowStats;
 
 use crate::manifest::{ModelSource, VersionId};
-use crate::store::{LineageRow, Retention, Routes, SqliteStore, Store, VersionRecord, AliasEvent};
+use crate::store::{AliasEvent, LineageRow, Retention, Routes, SqliteStore, Store, VersionRecord};
 use crate::{Engine, Infer, InferRequest, WeightPath};
 use lineage::Writer;
 use routes::Live;

@@ -203,7 +203,10 @@ impl Shared {
             return match registered {
                 Some(record) => Ok(direct(self.slot(&record)?, "addressed by version id")),
                 None => match self.below.target(addressed) {
-                    Ok(t) => Ok(direct(Arc::new(self.hosted(t)), "loaded by the host, unregistered")),
+                    Ok(t) => Ok(direct(
+                        Arc::new(self.hosted(t)),
+                        "loaded by the host, unregistered",
+                    )),
                     Err(_) => Err(Error::Unregistered(addressed.to_string())),
                 },
             };
@@ -217,7 +220,10 @@ impl Shared {
             // Not a registered name: an alias the host set on the engine itself.
             Err(Error::UnknownName(unknown)) if alias.is_none() => {
                 return match self.below.target(addressed) {
-                    Ok(t) => Ok(direct(Arc::new(self.hosted(t)), "an alias of the engine, unregistered")),
+                    Ok(t) => Ok(direct(
+                        Arc::new(self.hosted(t)),
+                        "an alias of the engine, unregistered",
+                    )),
                     Err(_) => Err(Error::UnknownName(unknown)),
                 }
             }
@@ -314,4 +320,3 @@ pub fn bucket_of(name: &str, key: &str) -> u32 {
     let n = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
     (n % u64::from(BUCKETS)) as u32
 }
-

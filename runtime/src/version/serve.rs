@@ -157,8 +157,11 @@ impl Shared {
         }
         let mut answer = result?;
         answer.meta.model = d.name.clone();
-        self.record(request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started);
-        let cancelled = matches!(&answer.output, Output::Completion(c) if c.finish == FinishReason::Cancelled);
+        self.record(
+            request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
+        );
+        let cancelled =
+            matches!(&answer.output, Output::Completion(c) if c.finish == FinishReason::Cancelled);
         let other = match (&d.shadow, &d.compare) {
             _ if cancelled => None,
             (Some(canary), _) => Some((canary, true)),

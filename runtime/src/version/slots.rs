@@ -3,9 +3,9 @@
 //! go, so that an alias move never fails or re-routes a request.
 
 use super::{lineage, weight_path, weights_name, Error, Result, Shared};
+use crate::manifest::ModelSource;
 use crate::store::VersionRecord;
 use crate::{Engine, Infer, LoadOptions, ModelVersion, Target, VersionId};
-use crate::manifest::ModelSource;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -179,7 +179,6 @@ impl Shared {
         );
         Ok(slot)
     }
-
 }
 
 /// A version's identity, kept with the version (computed once, whoever asks first).
