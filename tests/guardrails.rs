@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The tables a deployment adds to SmolLM2's manifest: prompts of at most 24 tokens, a price
-/// per token, and a rule that holds any reply naming France or Paris for a reviewer.
+/// per token, and a rule that holds any reply mentioning dragons for a reviewer. (The model's
+/// greedy replies: to "Write one sentence about a dragon." it says "The dragon, a majestic
+/// creature..."; the other prompts here get replies without one.)
 const TABLES: &str = r#"
 [contract.text]
 max_tokens = 24
@@ -28,16 +30,21 @@ per_1k_tokens = 1.0
 provisional = false
 
 [[review.rules]]
-name = "names France"
+name = "mentions dragons"
 when = "text"
-matches = "(?i)\\b(france|paris)\\b"
+matches = "(?i)\\bdragons?\\b"
 action = "review"
 "#;
 
 /// A deployment in `dir`: a store, every layer, and the model folder registered as `chat`.
 fn deployment(dir: &Path) -> (Stack, Arc<dyn Store>) {
+    deployment_with(dir, TABLES)
+}
+
+/// [`deployment`] with other tables.
+fn deployment_with(dir: &Path, tables: &str) -> (Stack, Arc<dyn Store>) {
     let folder =
-        keel_benches::harness::with_tables(&common::smollm2_gguf(), TABLES, &dir.join("chat")).unwrap();
+        keel_benches::harness::with_tables(&common::smollm2_gguf(), tables, &dir.join("chat")).unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.join("store")).unwrap());
     let engine = keel::Engine::builder().build().unwrap();
     let stack = Stack::builder(engine)
@@ -86,7 +93,7 @@ fn a_prompt_over_max_tokens_is_refused_naming_the_clause_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (stack, _) = deployment(dir.path());
     let long =
-        "Tell me everything you know about the long history of the sea and its ships and its storms, please.";
+        "Please tell me, in as much detail as you possibly can, everything that you happen to know about the long and winding history of the sea, its many ships, its sailors and its storms.";
     for streamed in [true, false] {
         let request = InferRequest::generate("chat", long, greedy(8));
         let e = match streamed {
@@ -107,12 +114,14 @@ fn a_prompt_over_max_tokens_is_refused_naming_the_clause_and_counted() {
         ),
         2.0
     );
-    assert_eq!(
-        sample(&text, "keel_requests_total{model=\"chat\""),
-        2.0,
-        "both refusals counted as outcomes:\n{text}"
-    );
-    assert!(text.contains("outcome=\"contract_violation\""));
+    let refused = text
+        .lines()
+        .find(|l| {
+            l.starts_with("keel_requests_total{model=\"chat\"")
+                && l.contains("outcome=\"contract_violation\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(refused, Some(2.0), "both refusals counted as outcomes:\n{text}");
 }
 
 #[test]
@@ -122,7 +131,7 @@ fn a_stream_is_priced_per_token_recorded_and_timed() {
     let mut answers = Vec::new();
     for prompt in [
         "Name a colour.",
-        "Write one sentence about a dragon.",
+        "Describe the sea in one sentence.",
         "Count to five.",
     ] {
         let mut stream = stack
@@ -186,7 +195,7 @@ fn thirty_two_streams_never_overspend_one_budget_and_refusals_start_at_exhaustio
     let (stack, _) = deployment(dir.path());
     // Every stream runs to its max_tokens (the reply is longer), so each costs exactly what it
     // reserved: (prompt + 8) tokens.
-    let prompt = "Write a long story about a dragon who learns to sing.";
+    let prompt = "Write a long story about a cat who learns to sing.";
     let probe = stack
         .infer(InferRequest::generate("chat", prompt, greedy(8)))
         .unwrap();
@@ -237,7 +246,10 @@ fn thirty_two_streams_never_overspend_one_budget_and_refusals_start_at_exhaustio
 #[test]
 fn a_cancelled_stream_is_charged_what_it_generated_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let (stack, _) = deployment(dir.path());
+    // Provisional review: replies stream as they are made (a policy that may hold a reply runs
+    // it to its end before giving any of it out, and then has nothing left to cancel).
+    let provisional = TABLES.replace("provisional = false", "provisional = true");
+    let (stack, _) = deployment_with(dir.path(), &provisional);
     let costed = stack.costed().unwrap();
     costed.set_budget(
         "c",
@@ -247,7 +259,7 @@ fn a_cancelled_stream_is_charged_what_it_generated_and_recorded() {
             on_exhausted: Exhausted::Reject,
         },
     );
-    let request = InferRequest::generate("chat", "Write a long story about a dragon.", greedy(64))
+    let request = InferRequest::generate("chat", "Write a long story about a ship.", greedy(64))
         .key("c")
         .id("cancelled-1");
     let mut stream = stack.infer_stream(request).unwrap();
@@ -291,7 +303,8 @@ fn a_cancelled_stream_is_charged_what_it_generated_and_recorded() {
 fn a_regex_rule_holds_a_reply_and_its_ticket_is_queued() {
     let dir = tempfile::tempdir().unwrap();
     let (stack, store) = deployment(dir.path());
-    let request = InferRequest::generate("chat", "What is the capital of France?", greedy(16)).id("held-1");
+    let request =
+        InferRequest::generate("chat", "Write one sentence about a dragon.", greedy(16)).id("held-1");
     let mut stream = stack.infer_stream(request).unwrap();
     // Held: not one token is given out; the stream ends with the refusal naming the ticket.
     let first = stream.next().unwrap();
@@ -300,7 +313,7 @@ fn a_regex_rule_holds_a_reply_and_its_ticket_is_queued() {
     let ReviewError::Held { ticket, reasons } = refusal::<ReviewError>(&e) else {
         panic!("{e}")
     };
-    assert!(reasons[0].starts_with("names France: "), "{reasons:?}");
+    assert!(reasons[0].starts_with("mentions dragons: "), "{reasons:?}");
     assert!(stream.next().is_none());
     let pending = store
         .tickets(Some(TicketState::Pending), 10, keel::store::now_ms())
@@ -313,14 +326,14 @@ fn a_regex_rule_holds_a_reply_and_its_ticket_is_queued() {
         ("chat", "review")
     );
     let input: serde_json::Value = serde_json::from_str(&t.ticket.input).unwrap();
-    assert_eq!(input["prompt"], "What is the capital of France?");
+    assert_eq!(input["prompt"], "Write one sentence about a dragon.");
     let output: serde_json::Value = serde_json::from_str(&t.ticket.output).unwrap();
     assert!(output["token_ids"].as_array().is_some_and(|ids| !ids.is_empty()));
     // The same prompt answered whole is held the same way.
     let e = stack
         .infer(InferRequest::generate(
             "chat",
-            "What is the capital of France?",
+            "Write one sentence about a dragon.",
             greedy(16),
         ))
         .unwrap_err();

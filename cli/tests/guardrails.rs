@@ -72,9 +72,9 @@ per_1k_tokens = 1.0
 provisional = false
 
 [[review.rules]]
-name = "names France"
+name = "mentions dragons"
 when = "text"
-matches = "(?i)\\b(france|paris)\\b"
+matches = "(?i)\\bdragons?\\b"
 action = "review"
 "#;
 
@@ -117,7 +117,7 @@ fn a_generation_from_the_command_line_is_priced_checked_and_held_for_review() {
     assert_eq!(rows[0]["requests"], 1);
     // A prompt over the contract's max_tokens is refused, naming the clause.
     let long =
-        "Tell me everything you know about the long history of the sea and its ships and its storms, please.";
+        "Please tell me, in as much detail as you possibly can, everything that you happen to know about the long and winding history of the sea, its many ships, its sailors and its storms.";
     let refused = keel(&store, &[&args[..], &[long]].concat());
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
@@ -127,7 +127,7 @@ fn a_generation_from_the_command_line_is_priced_checked_and_held_for_review() {
         &store,
         &[
             &args[..],
-            &["--request-id", "held-1", "What is the capital of France?"],
+            &["--request-id", "held-1", "Write one sentence about a dragon."],
         ]
         .concat(),
     );
@@ -146,7 +146,7 @@ fn a_generation_from_the_command_line_is_priced_checked_and_held_for_review() {
         .find(|t| t["request_id"] == "held-1")
         .unwrap_or_else(|| panic!("no ticket of held-1 in {tickets}"));
     assert!(
-        held_ticket["reasons"].to_string().contains("names France"),
+        held_ticket["reasons"].to_string().contains("mentions dragons"),
         "{held_ticket}"
     );
 }

@@ -215,7 +215,13 @@ pub unsafe extern "C" fn keel_generate(
             stream.finish()
         }?;
         if let Some(out) = out {
-            out.set(handle::insert(completion_of(answer)?));
+            let mut completion = completion_of(answer)?;
+            if cancelled {
+                // As the callback said, whatever the layers had already run (a reply a review
+                // policy holds runs to its end before its first token is given out).
+                completion.finish = KEEL_FINISH_CANCELLED;
+            }
+            out.set(handle::insert(completion));
         }
         Ok(())
     })
