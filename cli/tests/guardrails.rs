@@ -169,30 +169,32 @@ fn every_command_leaves_a_lineage_record_a_price_and_a_metrics_observation() {
     let rows = workspace().join("examples/data/breast-cancer-held-out.csv");
     let (mlp, rows) = (mlp.to_str().unwrap(), rows.to_str().unwrap());
     let metrics = |name: &str| dir.path().join(format!("{name}.prom"));
+    // A path given to --model is registered under its manifest's name.
+    let name = |path: &str| keel::inspect(Path::new(path)).unwrap().manifest.name;
     struct Row {
         path: &'static str,
-        model: &'static str,
+        model: String,
         task: &'static str,
     }
     let table = [
         Row {
             path: "embed",
-            model: "all-MiniLM-L6-v2",
+            model: name(&minilm),
             task: "embed",
         },
         Row {
             path: "generate",
-            model: "SmolLM2-135M-Instruct",
+            model: name(&smol),
             task: "generate",
         },
         Row {
             path: "chat",
-            model: "SmolLM2-135M-Instruct",
+            model: name(&smol),
             task: "generate",
         },
         Row {
             path: "classify",
-            model: "breast-cancer-mlp",
+            model: name(mlp),
             task: "classify",
         },
     ];
@@ -249,7 +251,7 @@ fn every_command_leaves_a_lineage_record_a_price_and_a_metrics_observation() {
             assert_eq!(record["model"], row.model, "{}: {record}", row.path);
             let cost = record["cost"]["cost"].as_f64();
             assert!(
-                cost.is_some_and(|c| c >= 0.5),
+                cost.is_some_and(|c| c > 0.0),
                 "{}: no price in {record}",
                 row.path
             );
