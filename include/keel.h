@@ -152,7 +152,7 @@ typedef enum keel_finish_reason {
 
 /**
  * A finished generation, returned by `keel_generate` and `keel_infer_generate`: the generated
- * text and token ids, why it ended, and (from `keel_infer_generate`) how it was made. Free it
+ * text and token ids, why it ended, and how it was made. Free it
  * with `keel_completion_free`. Immutable: may be read from any number of threads at once.
  */
 typedef struct keel_completion keel_completion;
@@ -989,9 +989,11 @@ enum keel_status keel_registry_history(const struct keel_engine *engine,
                                        struct keel_error **err);
 
 /**
- * Embeds `n_texts` texts with the encoder `model` (a version id or an alias) into a new
- * `keel_embeddings` result. It goes straight to the engine, also on an engine with a store (no
- * `NAME` routing, no lineage): `keel_infer_embed` takes the version layer.
+ * Embeds `n_texts` texts with the encoder `model` into a new `keel_embeddings` result, through
+ * the engine's layers as `keel_infer_embed` does (contract, metrics, price; with a store,
+ * `NAME` routing, review and a lineage record), with a generated request id and no routing
+ * key. `model` is a version id or an alias of `keel_model_alias`, or, on an engine with a
+ * store, a registered `NAME` or `NAME@ALIAS`.
  *
  * `texts` holds `n_texts` pointers to UTF-8 text. If `lengths` is NULL each text is
  * NUL-terminated; otherwise `lengths[i]` is the length in bytes of `texts[i]` (which then need not
@@ -1137,8 +1139,7 @@ const char *keel_embeddings_model_id(const struct keel_embeddings *emb);
 /**
  * The id of the request that computed the vectors (the caller's `info.request_id`, or the one
  * the library made): the key of its lineage record. Owned by `emb`, valid until
- * `keel_embeddings_free(emb)`; NULL for a result of `keel_embed` (which has no request id), or if
- * `emb` is NULL or not a live `keel_embeddings`.
+ * `keel_embeddings_free(emb)`; NULL if `emb` is NULL or not a live `keel_embeddings`.
  *
  * Thread safety: may be called from any thread.
  */
@@ -1147,9 +1148,8 @@ const char *keel_embeddings_request_id(const struct keel_embeddings *emb);
 /**
  * The route the version layer chose for the request: "production", "canary", the alias the
  * caller named (`NAME@ALIAS`), or "direct" (a version id). Owned by `emb`, valid until
- * `keel_embeddings_free(emb)`; NULL for a result computed without a store (by `keel_embed`, or
- * by `keel_infer_embed` on an engine without a `storage_path`), or if `emb` is NULL or not a live
- * `keel_embeddings`.
+ * `keel_embeddings_free(emb)`; NULL for a result computed on an engine without a
+ * `storage_path`, or if `emb` is NULL or not a live `keel_embeddings`.
  *
  * Thread safety: may be called from any thread.
  */
@@ -1171,9 +1171,12 @@ void keel_embeddings_free(struct keel_embeddings *emb);
 struct keel_generate_params keel_generate_default_params(void);
 
 /**
- * Generates a reply to `prompt` with the decoder `model` (a version id or an alias). It goes
- * straight to the engine, also on an engine with a store (no `NAME` routing, no lineage):
- * `keel_infer_generate` takes the version layer.
+ * Generates a reply to `prompt` with the decoder `model`, streamed through the engine's layers
+ * as `keel_infer_generate`'s reply is (contract, metrics, price per token; with a store, `NAME`
+ * routing, review and a lineage record), with a generated request id and no routing key.
+ * `model` is a version id or an alias of `keel_model_alias`, or, on an engine with a store, a
+ * registered `NAME` or `NAME@ALIAS`. A generation its callback cancels is charged, counted
+ * and recorded with what it generated.
  *
  * Each token is passed to `on_token` (if not NULL) as soon as it is made; the callback can stop
  * the generation. When `out` is not NULL, `*out` receives the whole completion at the end (also
@@ -1295,8 +1298,7 @@ enum keel_finish_reason keel_completion_finish_reason(const struct keel_completi
 /**
  * The id of the request that made the completion (the caller's `info.request_id`, or the one
  * the library made): the key of its lineage record. Owned by `c`, valid until
- * `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or not
- * a live `keel_completion`.
+ * `keel_completion_free(c)`; NULL if `c` is NULL or not a live `keel_completion`.
  *
  * Thread safety: may be called from any thread.
  */
@@ -1305,8 +1307,8 @@ const char *keel_completion_request_id(const struct keel_completion *c);
 /**
  * The route the version layer chose ("production", "canary", the alias named, "direct"), as
  * for `keel_embeddings_route`. Owned by `c`, valid until `keel_completion_free(c)`; NULL for a
- * completion made without a store (by `keel_generate`, or on an engine without a
- * `storage_path`), or if `c` is NULL or not a live `keel_completion`.
+ * completion made on an engine without a `storage_path`, or if `c` is NULL or not a live
+ * `keel_completion`.
  *
  * Thread safety: may be called from any thread.
  */
@@ -1314,8 +1316,7 @@ const char *keel_completion_route(const struct keel_completion *c);
 
 /**
  * The version id of the model that made the completion (64 hex digits). Owned by `c`, valid
- * until `keel_completion_free(c)`; NULL for a completion of `keel_generate`, or if `c` is NULL or
- * not a live `keel_completion`.
+ * until `keel_completion_free(c)`; NULL if `c` is NULL or not a live `keel_completion`.
  *
  * Thread safety: may be called from any thread.
  */
@@ -1415,9 +1416,10 @@ enum keel_status keel_drift_state(const struct keel_engine *engine,
 
 /**
  * Everything the engine observed, in Prometheus (OpenMetrics) text format: requests by
- * outcome, time per stage, confidence, tokens per second, drift signals and states, contract
- * violations by field and clause, queue depth, batches, cache hits. Serve it on the host's
- * `/metrics`.
+ * outcome, time per stage, confidence, tokens per second, time to the first token and between
+ * tokens, tokens generated and finish reasons, drift signals and states, contract violations
+ * by field and clause, cost and budgets, review decisions, queue depth, batches, cache hits.
+ * Serve it on the host's `/metrics`.
  *
  * On success `*out_text` holds a new string owned by the caller (free it with
  * `keel_string_free`). On failure `*out_text` is NULL and `*err` (if `err` is not NULL) holds
@@ -1441,8 +1443,9 @@ enum keel_status keel_metrics_text(const struct keel_engine *engine,
  * sha256), `manifest_hash`, `keel_version`, `backend`, `batch_id`, `cache_hit`, `route`
  * ("production", "canary", an alias, "direct"), `route_reason`, `shadow_of` and `divergence`
  * (for a shadow run, whose id is the original's followed by ".shadow"), `input_hash`, `input`
- * (when the version keeps inputs), `output` (a summary), `timings_us` (per stage) and
- * `annotations`. Fields may be added later. A request answered before the call is always
+ * (when the version keeps inputs), `output` (a summary), `timings_us` (per stage), `contract`
+ * (the verdict), `cost` (the price), `review` (the decision and ticket) and `notes` (what the
+ * other layers noted: the drift state, a router's choice). Fields may be added later. A request answered before the call is always
  * found (the call flushes the lineage writer when needed).
  *
  * On success `*out_json` holds a new string owned by the caller (free it with
