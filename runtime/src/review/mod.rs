@@ -319,6 +319,11 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
             | Signal::MeanLogprob
             | Signal::MinLogprob
     );
+    if !numeric && matches!(signal, Signal::Text) != matches!(test, Test::Matches(_)) {
+        return Err(format!(
+            "`matches` tests a generation's text: `when = \"text\"` takes it, and only it ({when})"
+        ));
+    }
     if numeric && matches!(test, Test::In(_) | Test::Matches(_)) {
         return Err(format!("{when} is a number: compare it with `below` or `above`"));
     }
@@ -328,11 +333,6 @@ fn rule(r: &toml::Table) -> Result<Rule, String> {
     ) && !matches!(test, Test::In(_))
     {
         return Err(format!("{when} is a text: compare it with `equals` or `in`"));
-    }
-    if matches!(signal, Signal::Text) != matches!(test, Test::Matches(_)) {
-        return Err(format!(
-            "`matches` tests a generation's text: `when = \"text\"` takes it, and only it ({when})"
-        ));
     }
     let action = match r.get("action").and_then(toml::Value::as_str) {
         Some("auto") => Decision::Auto,
