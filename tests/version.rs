@@ -4,7 +4,7 @@
 
 mod common;
 
-use keel::store::{CanaryConfig, Guard, SqliteStore, Store};
+use keel::store::{CanaryConfig, Guard, LineageStore, SqliteStore};
 use keel::version::{bucket_of, Error, RegisterOptions, Route, VersionConfig, Versioned};
 use keel::{Engine, ErrorKind, GenerateParams, Infer, InferRequest, Output, VersionId, WeightPath};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `keel review ...`, `keel feedback` and `keel cost report`: the review queue, labels and what
 //! predictions cost, read from the deployment's store.
 
-use keel::store::{now_ms, SqliteStore, Store, Ticket, TicketState};
+use keel::store::{now_ms, LineageStore, ReviewStore, SqliteStore, Store, Ticket, TicketState};
 use keel::version::LineageRecord;
 use serde_json::json;
 use std::collections::BTreeMap;

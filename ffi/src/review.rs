@@ -412,9 +412,9 @@ pub unsafe extern "C" fn keel_budget_spend(
 }
 
 /// What the requests answered on this engine since it was created cost, per model, version and
-/// routing key, as a JSON array: `{"model" (as the requests named it; the manifest's name when
-/// they named the version by its id, as the version layer does), "version", "key" ("" for
-/// none), "requests", "tokens", "cost"}`, by model, version and key. Priced by
+/// routing key, as a JSON array: `{"model" (the name the version is registered under; the
+/// manifest's name for a version the host loaded itself), "version", "key" ("" for none),
+/// "requests", "tokens", "cost"}`, by model, version and key. Priced by
 /// each version's `[cost]` table (a version without one costs 0); failed and refused requests
 /// cost nothing. Only this engine's requests: the lineage records in the store keep each
 /// request's price for a report across engines (`keel cost report`).

@@ -440,10 +440,13 @@ fn generation_through_the_version_layer_equals_keel_generate() {
     );
     assert_eq!(opt_str(keel_completion_text(plain)).unwrap(), text);
     assert_eq!(keel_completion_prompt_token_count(plain), prompt_tokens);
-    // keel_generate's completions carry no request metadata.
-    assert!(keel_completion_request_id(plain).is_null());
-    assert!(keel_completion_route(plain).is_null());
-    assert!(keel_completion_model_id(plain).is_null());
+    // keel_generate goes through the same layers: its completion says how it was made.
+    assert!(!keel_completion_request_id(plain).is_null());
+    assert_eq!(opt_str(keel_completion_route(plain)).as_deref(), Some("direct"));
+    assert_eq!(
+        opt_str(keel_completion_model_id(plain)).as_deref(),
+        Some(version.as_str())
+    );
     keel_completion_free(plain);
 
     let record = show(engine, "gen-1");
@@ -485,7 +488,8 @@ fn without_a_store_infer_goes_to_the_engine_and_registry_calls_are_refused() {
             err,
         )
     });
-    assert!(keel_embeddings_request_id(emb).is_null() && keel_embeddings_route(emb).is_null());
+    // Without a store: a request id, no route.
+    assert!(!keel_embeddings_request_id(emb).is_null() && keel_embeddings_route(emb).is_null());
     keel_embeddings_free(emb);
     // Accessors on NULL and stale handles.
     assert!(keel_embeddings_request_id(null()).is_null());

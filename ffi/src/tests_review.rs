@@ -16,10 +16,10 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
 
-/// The MLP's name in its manifest, which the cost report gives for requests that named the
-/// version by its id.
+/// The MLP's name in its manifest, which the cost report gives for a version the host loaded
+/// itself (no registered name).
 const MLP: &str = "breast-cancer-mlp";
-/// The name the tests register the MLP under, which tickets and labels give.
+/// The name the tests register the MLP under, which tickets, labels and the cost report give.
 const NAME: &str = "cancer";
 
 fn workspace() -> PathBuf {
@@ -356,7 +356,7 @@ fn review_feedback_budgets_and_cost_through_the_c_abi() {
         });
     }
 
-    // The cost report: 0.01 per answered request, under the manifest's name and the key "".
+    // The cost report: 0.01 per answered request, under the registered name and the key "".
     let report: serde_json::Value = serde_json::from_str(&string_of(engine, keel_cost_report)).unwrap();
     assert_eq!(report.as_array().unwrap().len(), 1, "{report}");
     let line = &report[0];
@@ -368,7 +368,7 @@ fn review_feedback_budgets_and_cost_through_the_c_abi() {
             line["requests"].as_u64()
         ),
         (
-            Some(MLP),
+            Some(NAME),
             Some(version.as_str()),
             Some(""),
             Some(rows.len() as u64)

@@ -303,14 +303,18 @@ pub struct Feedback {
 /// A change of one model name's routes, made atomically by [`Store::update_routes`].
 pub type RouteChange<'a> = dyn FnMut(&mut Routes, &[AliasEvent]) -> std::result::Result<String, String> + 'a;
 
-/// Where a deployment's registry, alias history and lineage live.
+/// Where a deployment's registry, lineage and review queue live: one store holds all three
+/// (each a trait of its own, for the layer that uses it).
 ///
 /// Every method is safe to call from many threads (and, for [`SqliteStore`], from many processes
-/// on the same folder).
-pub trait Store: Send + Sync {
+/// on the same folder; for [`PgStore`], from many hosts).
+pub trait Store: RegistryStore + LineageStore + ReviewStore {
     /// Where the store is, for messages.
     fn location(&self) -> String;
+}
 
+/// The model registry: versions, and each name's routes (aliases, canary) with their history.
+pub trait RegistryStore: Send + Sync {
     /// Records a version; returns false (and changes nothing) if that name already has it.
     fn register(&self, version: &VersionRecord) -> Result<bool>;
 
@@ -340,7 +344,10 @@ pub trait Store: Send + Sync {
 
     /// A name's alias moves, oldest first.
     fn history(&self, name: &str) -> Result<Vec<AliasEvent>>;
+}
 
+/// The lineage of every prediction.
+pub trait LineageStore: Send + Sync {
     /// Appends lineage records in one transaction: once this returns, they are durable.
     fn append_lineage(&self, rows: &[LineageRow]) -> Result<()>;
 
@@ -355,7 +362,10 @@ pub trait Store: Send + Sync {
 
     /// Deletes the records `retention` no longer keeps; returns how many.
     fn prune_lineage(&self, retention: &Retention, now_ms: i64) -> Result<u64>;
+}
 
+/// The review queue, and the labels (reviewers' and ground truth) stored as feedback.
+pub trait ReviewStore: Send + Sync {
     /// Queues a prediction for review; returns its ticket id. A request id already queued keeps
     /// its one ticket (its id is returned), so a retried enqueue never duplicates it.
     fn enqueue_review(&self, ticket: &NewTicket) -> Result<i64>;
@@ -391,6 +401,60 @@ pub trait Store: Send + Sync {
 
     /// Every label, oldest first.
     fn feedback(&self) -> Result<Vec<Feedback>>;
+}
+
+/// The writes of a route change, in a transaction of a store's own: what [`write_change`]
+/// drives, so that the change itself is worked out once for every store.
+pub(crate) trait RouteWrites {
+    /// Points `alias` of `name` at `to`, or removes it.
+    fn set_alias(&mut self, name: &str, alias: &str, to: Option<&VersionId>) -> Result<()>;
+    /// Appends one move to the alias history; returns its sequence number.
+    fn record_move(&mut self, name: &str, event: &AliasEvent) -> Result<i64>;
+    /// Marks the routes changed (for the other processes polling them).
+    fn bump_routes_version(&mut self) -> Result<()>;
+    /// Sets or clears the canary settings of `name`.
+    fn set_canary(&mut self, name: &str, canary: Option<&CanaryConfig>) -> Result<()>;
+}
+
+/// Writes a route change (the routes `before` it and `after` it) through `w`: every alias that
+/// moved, each move in the history with the time and `reason`, the canary settings, the routes'
+/// version. Returns the moves recorded.
+pub(crate) fn write_change(
+    w: &mut impl RouteWrites,
+    name: &str,
+    before: &Routes,
+    after: &Routes,
+    reason: &str,
+) -> Result<Vec<AliasEvent>> {
+    let now = now_ms();
+    let aliases: std::collections::BTreeSet<&String> =
+        before.aliases.keys().chain(after.aliases.keys()).collect();
+    let mut events = Vec::new();
+    for alias in aliases {
+        let (from, to) = (before.aliases.get(alias), after.aliases.get(alias));
+        if from == to {
+            continue;
+        }
+        w.set_alias(name, alias, to)?;
+        let mut event = AliasEvent {
+            seq: 0,
+            time_ms: now,
+            name: name.to_string(),
+            alias: alias.clone(),
+            from: from.cloned(),
+            to: to.cloned(),
+            reason: reason.to_string(),
+        };
+        event.seq = w.record_move(name, &event)?;
+        events.push(event);
+    }
+    if before != after {
+        w.bump_routes_version()?;
+    }
+    if before.canary != after.canary {
+        w.set_canary(name, after.canary.as_ref())?;
+    }
+    Ok(events)
 }
 
 /// Whether `reviewer` may resolve `ticket` (the rule every store applies).

@@ -11,8 +11,9 @@
 //! and the expiry, which lock the row they change.
 
 use super::{
-    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, NewTicket, Result, Retention,
-    RouteChange, Routes, Store, Ticket, TicketState, VersionRecord,
+    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, LineageStore, NewTicket,
+    RegistryStore, Result, Retention, ReviewStore, RouteChange, Routes, Store, Ticket, TicketState,
+    VersionRecord,
 };
 use crate::manifest::{Manifest, VersionId};
 use postgres::types::FromSql;
@@ -484,7 +485,9 @@ impl Store for PgStore {
     fn location(&self) -> String {
         self.location.clone()
     }
+}
 
+impl RegistryStore for PgStore {
     fn register(&self, v: &VersionRecord) -> Result<bool> {
         self.with(|c| {
             let n = c
@@ -560,70 +563,16 @@ impl Store for PgStore {
                 Ok(reason) => reason,
                 Err(refusal) => return Ok(Err(refusal)),
             };
-            let now = super::now_ms();
-            let mut events = Vec::new();
-            let keys: std::collections::BTreeSet<&String> =
-                before.aliases.keys().chain(after.aliases.keys()).collect();
-            for alias in keys {
-                let (from, to) = (before.aliases.get(alias), after.aliases.get(alias));
-                if from == to {
-                    continue;
-                }
-                match to {
-                    Some(to) => tx.execute(
-                        "INSERT INTO aliases (name, alias, version_id) VALUES ($1, $2, $3)
-                         ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
-                        &[&name, alias, &to.as_str()],
-                    ),
-                    None => tx.execute(
-                        "DELETE FROM aliases WHERE name = $1 AND alias = $2",
-                        &[&name, alias],
-                    ),
-                }
-                .map_err(db)?;
-                let row = tx
-                    .query_one(
-                        "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
-                         VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
-                        &[
-                            &name,
-                            alias,
-                            &from.map(VersionId::as_str),
-                            &to.map(VersionId::as_str),
-                            &now,
-                            &reason,
-                        ],
-                    )
-                    .map_err(db)?;
-                events.push(AliasEvent {
-                    seq: self.get(&row, 0)?,
-                    time_ms: now,
-                    name: name.to_string(),
-                    alias: alias.clone(),
-                    from: from.cloned(),
-                    to: to.cloned(),
-                    reason: reason.clone(),
-                });
-            }
-            if before != after {
-                tx.execute("UPDATE routes_version SET version = version + 1", &[])
-                    .map_err(db)?;
-            }
-            if before.canary != after.canary {
-                match &after.canary {
-                    Some(canary) => {
-                        let config = serde_json::to_string(canary)
-                            .map_err(|e| self.bad_value(format!("the canary of {name}: {e}")))?;
-                        tx.execute(
-                            "INSERT INTO canaries (name, config) VALUES ($1, $2)
-                             ON CONFLICT (name) DO UPDATE SET config = excluded.config",
-                            &[&name, &config],
-                        )
-                    }
-                    None => tx.execute("DELETE FROM canaries WHERE name = $1", &[&name]),
-                }
-                .map_err(db)?;
-            }
+            let events = super::write_change(
+                &mut Writes {
+                    store: self,
+                    tx: &mut tx,
+                },
+                name,
+                &before,
+                &after,
+                &reason,
+            )?;
             tx.commit().map_err(db)?;
             Ok(Ok((after, events)))
         })
@@ -641,7 +590,76 @@ impl Store for PgStore {
     fn history(&self, name: &str) -> Result<Vec<AliasEvent>> {
         self.with(|c| self.read_history(c, name))
     }
+}
 
+/// A route change's writes in one PostgreSQL transaction.
+struct Writes<'a, 'b> {
+    store: &'a PgStore,
+    tx: &'a mut postgres::Transaction<'b>,
+}
+
+impl super::RouteWrites for Writes<'_, '_> {
+    fn set_alias(&mut self, name: &str, alias: &str, to: Option<&VersionId>) -> Result<()> {
+        match to {
+            Some(to) => self.tx.execute(
+                "INSERT INTO aliases (name, alias, version_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
+                &[&name, &alias, &to.as_str()],
+            ),
+            None => self.tx.execute(
+                "DELETE FROM aliases WHERE name = $1 AND alias = $2",
+                &[&name, &alias],
+            ),
+        }
+        .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+
+    fn record_move(&mut self, name: &str, e: &AliasEvent) -> Result<i64> {
+        let row = self
+            .tx
+            .query_one(
+                "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                &[
+                    &name,
+                    &e.alias,
+                    &e.from.as_ref().map(VersionId::as_str),
+                    &e.to.as_ref().map(VersionId::as_str),
+                    &e.time_ms,
+                    &e.reason,
+                ],
+            )
+            .map_err(|e| self.store.db_error(e))?;
+        self.store.get(&row, 0)
+    }
+
+    fn bump_routes_version(&mut self) -> Result<()> {
+        self.tx
+            .execute("UPDATE routes_version SET version = version + 1", &[])
+            .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+
+    fn set_canary(&mut self, name: &str, canary: Option<&CanaryConfig>) -> Result<()> {
+        match canary {
+            Some(canary) => {
+                let config = serde_json::to_string(canary)
+                    .map_err(|e| self.store.bad_value(format!("the canary of {name}: {e}")))?;
+                self.tx.execute(
+                    "INSERT INTO canaries (name, config) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+                    &[&name, &config],
+                )
+            }
+            None => self.tx.execute("DELETE FROM canaries WHERE name = $1", &[&name]),
+        }
+        .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+}
+
+impl LineageStore for PgStore {
     fn append_lineage(&self, rows: &[LineageRow]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -722,7 +740,9 @@ impl Store for PgStore {
             Ok(pruned)
         })
     }
+}
 
+impl ReviewStore for PgStore {
     fn enqueue_review(&self, t: &NewTicket) -> Result<i64> {
         self.with(|c| {
             let db = |e| self.db_error(e);

@@ -5,8 +5,9 @@
 //! application's database or one from a newer Keel.
 
 use super::{
-    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, NewTicket, Result, Retention,
-    RouteChange, Routes, Store, Ticket, TicketState, VersionRecord,
+    AliasEvent, CanaryConfig, Error, Feedback, FeedbackSource, LineageRow, LineageStore, NewTicket,
+    RegistryStore, Result, Retention, ReviewStore, RouteChange, Routes, Store, Ticket, TicketState,
+    VersionRecord,
 };
 use crate::manifest::{Manifest, VersionId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -334,7 +335,9 @@ impl Store for SqliteStore {
     fn location(&self) -> String {
         self.path.display().to_string()
     }
+}
 
+impl RegistryStore for SqliteStore {
     fn register(&self, v: &VersionRecord) -> Result<bool> {
         let conn = self.conn();
         let n = conn
@@ -407,65 +410,13 @@ impl Store for SqliteStore {
             Ok(reason) => reason,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        let now = super::now_ms();
-        let mut events = Vec::new();
-        let keys: std::collections::BTreeSet<&String> =
-            before.aliases.keys().chain(after.aliases.keys()).collect();
-        for alias in keys {
-            let (from, to) = (before.aliases.get(alias), after.aliases.get(alias));
-            if from == to {
-                continue;
-            }
-            match to {
-                Some(to) => tx.execute(
-                    "INSERT INTO aliases (name, alias, version_id) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
-                    params![name, alias, to.as_str()],
-                ),
-                None => tx.execute(
-                    "DELETE FROM aliases WHERE name = ?1 AND alias = ?2",
-                    params![name, alias],
-                ),
-            }
-            .map_err(db)?;
-            tx.execute(
-                "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    name,
-                    alias,
-                    from.map(VersionId::as_str),
-                    to.map(VersionId::as_str),
-                    now,
-                    reason
-                ],
-            )
-            .map_err(db)?;
-            events.push(AliasEvent {
-                seq: tx.last_insert_rowid(),
-                time_ms: now,
-                name: name.to_string(),
-                alias: alias.clone(),
-                from: from.cloned(),
-                to: to.cloned(),
-                reason: reason.clone(),
-            });
-        }
-        if before != after {
-            tx.execute("UPDATE routes_version SET version = version + 1", [])
-                .map_err(db)?;
-        }
-        if before.canary != after.canary {
-            match &after.canary {
-                Some(c) => tx.execute(
-                    "INSERT INTO canaries (name, config) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET config = excluded.config",
-                    params![name, serde_json::to_string(c).unwrap_or_default()],
-                ),
-                None => tx.execute("DELETE FROM canaries WHERE name = ?1", [name]),
-            }
-            .map_err(db)?;
-        }
+        let events = super::write_change(
+            &mut Writes { store: self, tx: &tx },
+            name,
+            &before,
+            &after,
+            &reason,
+        )?;
         tx.commit().map_err(db)?;
         Ok(Ok((after, events)))
     }
@@ -480,7 +431,71 @@ impl Store for SqliteStore {
         let conn = self.conn();
         self.read_history(&conn, name).map_err(|e| self.db_error(e))
     }
+}
 
+/// A route change's writes in one SQLite transaction.
+struct Writes<'a> {
+    store: &'a SqliteStore,
+    tx: &'a rusqlite::Transaction<'a>,
+}
+
+impl super::RouteWrites for Writes<'_> {
+    fn set_alias(&mut self, name: &str, alias: &str, to: Option<&VersionId>) -> Result<()> {
+        match to {
+            Some(to) => self.tx.execute(
+                "INSERT INTO aliases (name, alias, version_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name, alias) DO UPDATE SET version_id = excluded.version_id",
+                params![name, alias, to.as_str()],
+            ),
+            None => self.tx.execute(
+                "DELETE FROM aliases WHERE name = ?1 AND alias = ?2",
+                params![name, alias],
+            ),
+        }
+        .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+
+    fn record_move(&mut self, name: &str, e: &AliasEvent) -> Result<i64> {
+        self.tx
+            .execute(
+                "INSERT INTO alias_history (name, alias, from_version, to_version, time_ms, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    name,
+                    e.alias,
+                    e.from.as_ref().map(VersionId::as_str),
+                    e.to.as_ref().map(VersionId::as_str),
+                    e.time_ms,
+                    e.reason
+                ],
+            )
+            .map_err(|e| self.store.db_error(e))?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    fn bump_routes_version(&mut self) -> Result<()> {
+        self.tx
+            .execute("UPDATE routes_version SET version = version + 1", [])
+            .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+
+    fn set_canary(&mut self, name: &str, canary: Option<&CanaryConfig>) -> Result<()> {
+        match canary {
+            Some(c) => self.tx.execute(
+                "INSERT INTO canaries (name, config) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+                params![name, serde_json::to_string(c).unwrap_or_default()],
+            ),
+            None => self.tx.execute("DELETE FROM canaries WHERE name = ?1", [name]),
+        }
+        .map_err(|e| self.store.db_error(e))?;
+        Ok(())
+    }
+}
+
+impl LineageStore for SqliteStore {
     fn append_lineage(&self, rows: &[LineageRow]) -> Result<()> {
         let mut conn = self.conn();
         let db = |e| self.db_error(e);
@@ -565,7 +580,9 @@ impl Store for SqliteStore {
         }
         Ok(pruned)
     }
+}
 
+impl ReviewStore for SqliteStore {
     fn enqueue_review(&self, t: &NewTicket) -> Result<i64> {
         let conn = self.conn();
         let db = |e| self.db_error(e);

@@ -513,8 +513,8 @@ mod tests {
     use super::*;
     use crate::manifest::VersionId;
     use crate::store::{
-        AliasEvent, Feedback, NewTicket, Result as StoreResult, RouteChange, Routes, Ticket, TicketState,
-        VersionRecord,
+        AliasEvent, Feedback, LineageStore, NewTicket, RegistryStore, Result as StoreResult, ReviewStore,
+        RouteChange, Routes, Ticket, TicketState, VersionRecord,
     };
     use std::sync::Condvar;
 
@@ -537,6 +537,9 @@ mod tests {
         fn location(&self) -> String {
             "gated".into()
         }
+    }
+
+    impl RegistryStore for Gated {
         fn register(&self, _: &VersionRecord) -> StoreResult<bool> {
             Ok(false)
         }
@@ -562,6 +565,9 @@ mod tests {
         fn history(&self, _: &str) -> StoreResult<Vec<AliasEvent>> {
             Ok(Vec::new())
         }
+    }
+
+    impl LineageStore for Gated {
         fn append_lineage(&self, rows: &[LineageRow]) -> StoreResult<()> {
             let mut closed = self.closed.lock().unwrap();
             while *closed {
@@ -582,6 +588,9 @@ mod tests {
         fn prune_lineage(&self, _: &Retention, _: i64) -> StoreResult<u64> {
             Ok(0)
         }
+    }
+
+    impl ReviewStore for Gated {
         fn enqueue_review(&self, _: &NewTicket) -> StoreResult<i64> {
             Ok(0)
         }
