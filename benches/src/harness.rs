@@ -584,7 +584,6 @@ struct LoadPoint {
     p99_ms: f64,
     requests: usize,
     mean_batch: f64,
-    padding_waste: f64,
     mean_batch_compute_ms: f64,
 }
 
@@ -638,15 +637,12 @@ fn load_point(
         .map(|(_, ms)| ms)
         .collect();
     let batches = (after.batches - before.batches).max(1);
-    let tokens = after.tokens - before.tokens;
-    let padding = after.padding_tokens - before.padding_tokens;
     LoadPoint {
         throughput: all.len() as f64 / (to - from).as_secs_f64(),
         p50_ms: percentile(&mut all, 0.5),
         p99_ms: percentile(&mut all, 0.99),
         requests: all.len(),
         mean_batch: (after.items - before.items) as f64 / batches as f64,
-        padding_waste: padding as f64 / (tokens + padding).max(1) as f64,
         mean_batch_compute_ms: (after.compute - before.compute).as_secs_f64() * 1e3 / batches as f64,
     }
 }
@@ -686,7 +682,7 @@ fn minilm_load(device: &Device, model: &Path, budget: Duration, p: &Progress, ou
             row[name] = json!({
                 "sentences_per_s": pt.throughput, "p50_ms": pt.p50_ms, "p99_ms": pt.p99_ms,
                 "requests": pt.requests, "mean_batch": pt.mean_batch,
-                "padding_waste": pt.padding_waste, "mean_batch_compute_ms": pt.mean_batch_compute_ms,
+                "mean_batch_compute_ms": pt.mean_batch_compute_ms,
             });
         }
         let ratio = row["scheduler"]["sentences_per_s"].as_f64().unwrap_or(0.0)
@@ -1016,13 +1012,12 @@ fn print_table(s: Scenario, r: &Value) {
         }
         Scenario::MinilmLoad => {
             println!(
-                "{:>7} | {:>22} {:>8} {:>8} {:>6} {:>6} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
+                "{:>7} | {:>22} {:>8} {:>8} {:>6} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
                 "clients",
                 "scheduler sentences/s",
                 "p50 ms",
                 "p99 ms",
                 "batch",
-                "pad %",
                 "one-at-a-time sent./s",
                 "p50 ms",
                 "p99 ms",
@@ -1032,13 +1027,12 @@ fn print_table(s: Scenario, r: &Value) {
             for x in rows {
                 let (a, b) = (&x["scheduler"], &x["one_at_a_time"]);
                 println!(
-                    "{:>7} | {:>22} {:>8} {:>8} {:>6} {:>6.1} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
+                    "{:>7} | {:>22} {:>8} {:>8} {:>6} | {:>22} {:>8} {:>8} | {:>6} {:>8}",
                     x["clients"],
                     f(&a["sentences_per_s"]),
                     f(&a["p50_ms"]),
                     f(&a["p99_ms"]),
                     f(&a["mean_batch"]),
-                    a["padding_waste"].as_f64().unwrap_or(0.0) * 100.0,
                     f(&b["sentences_per_s"]),
                     f(&b["p50_ms"]),
                     f(&b["p99_ms"]),

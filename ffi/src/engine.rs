@@ -402,7 +402,7 @@ fn cache_json(stats: Option<CacheStats>) -> serde_json::Value {
 /// The engine's counters as a JSON object: `{"scheduler": {...} | null, "response_cache": {...} |
 /// null, "prefix_cache": {...} | null}`. `"scheduler"` holds the counters of `model`'s scheduler
 /// (`accepted`, `completed`, `failed`, `overloaded`, `expired`, `shut_down`, `cancelled`,
-/// `queued`, `batches`, `items`, `tokens`, `padding_tokens`, `compute_ms`, `queue_wait_ms`,
+/// `queued`, `batches`, `items`, `tokens`, `compute_ms`, `queue_wait_ms`,
 /// `active_streams`, `kv_bytes`), or null when `model` is NULL; a cache that is off is null.
 ///
 /// `model` (a version id or an alias) may be NULL. On success `*out` holds a new string owned by
@@ -442,7 +442,6 @@ pub unsafe extern "C" fn keel_engine_stats(
                 "batches": s.batches,
                 "items": s.items,
                 "tokens": s.tokens,
-                "padding_tokens": s.padding_tokens,
                 "compute_ms": ms(s.compute),
                 "queue_wait_ms": ms(s.queue_wait),
                 "active_streams": s.active_streams,

@@ -282,7 +282,7 @@ impl Collector for EngineCollector {
                 ))
             })
             .collect();
-        let gauges: [Figure<f64>; 4] = [
+        let gauges: [Figure<f64>; 3] = [
             ("queue_depth", "Requests queued now", |s| s.queued as f64),
             ("active_streams", "Decoder sequences decoding now", |s| {
                 s.active_streams as f64
@@ -297,11 +297,6 @@ impl Collector for EngineCollector {
                         s.items as f64 / s.batches as f64
                     }
                 },
-            ),
-            (
-                "padding_waste",
-                "Share of the tokens run that were padding",
-                |s| s.padding_waste(),
             ),
         ];
         for (name, help, value) in gauges {

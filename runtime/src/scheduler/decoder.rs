@@ -5,7 +5,7 @@
 //! run in chunks (`prefill_chunk`), so a new prompt delays the others by at most one chunk.
 
 use super::encoder::clone_error;
-use super::queue::{BatchQueue, Entry, Meta, Next, Policy};
+use super::queue::{BatchQueue, Entry, Next, Policy};
 use super::{guarded, next_batch_id, Counters, Ran, SchedulerConfig, SchedulerStats};
 use crate::cache::PrefixCache;
 use crate::generate::FinishReason;
@@ -101,29 +101,9 @@ impl DecoderScheduler {
     }
 
     pub fn submit(&self, model: &str, job: GenJob, request: &Request) -> Result<()> {
-        let now = Instant::now();
-        let c = &self.shared.counters;
-        let deadline = request.deadline_from(now);
-        if deadline.is_some_and(|d| d <= now) {
-            Counters::add(&c.expired, 1);
-            return Err(Error::DeadlineExceeded {
-                waited: Duration::ZERO,
-            });
-        }
-        let meta = Meta {
-            priority: request.priority,
-            deadline,
-            enqueued: now,
-            tokens: job.prompt.len(),
-            items: 1,
-        };
-        match self.shared.queue.push(job, meta) {
-            Ok(_) => {
-                Counters::add(&c.accepted, 1);
-                Ok(())
-            }
-            Err((why, _)) => Err(c.refused(&why, model, self.shared.queue.capacity())),
-        }
+        let s = &self.shared;
+        let size = (job.prompt.len(), 1);
+        super::submit(&s.queue, &s.counters, model, job, size, request).map(drop)
     }
 
     pub fn stats(&self) -> SchedulerStats {

@@ -1,7 +1,7 @@
 //! Dynamic batching for encoders: single requests from many threads become padded batches of
 //! similar-length sequences.
 
-use super::queue::{BatchQueue, Meta, Next, Policy};
+use super::queue::{BatchQueue, Next, Policy};
 use super::{guarded, next_batch_id, Counters, Ran, SchedulerConfig, SchedulerStats};
 use crate::request::Request;
 use crate::{Error, Result};
@@ -82,36 +82,17 @@ impl EncoderScheduler {
     }
 
     pub fn submit(&self, model: &str, ids: Vec<Vec<u32>>, request: &Request) -> Result<Pending> {
-        let now = Instant::now();
-        let deadline = request.deadline_from(now);
-        if deadline.is_some_and(|d| d <= now) {
-            Counters::add(&self.shared.counters.expired, 1);
-            return Err(Error::DeadlineExceeded {
-                waited: Duration::ZERO,
-            });
-        }
-        let meta = Meta {
-            priority: request.priority,
-            deadline,
-            enqueued: now,
-            tokens: ids.iter().map(Vec::len).max().unwrap_or(0),
-            items: ids.len(),
-        };
+        let size = (ids.iter().map(Vec::len).max().unwrap_or(0), ids.len());
         let (reply, rx) = sync_channel(1);
-        let c = &self.shared.counters;
-        match self.shared.queue.push(Job { ids, reply }, meta) {
-            Ok(id) => {
-                Counters::add(&c.accepted, 1);
-                Ok(Pending {
-                    shared: self.shared.clone(),
-                    id,
-                    rx,
-                    submitted: now,
-                    deadline,
-                })
-            }
-            Err((why, _)) => Err(c.refused(&why, model, self.shared.queue.capacity())),
-        }
+        let s = &self.shared;
+        let queued = super::submit(&s.queue, &s.counters, model, Job { ids, reply }, size, request)?;
+        Ok(Pending {
+            shared: s.clone(),
+            id: queued.id,
+            rx,
+            submitted: queued.at,
+            deadline: queued.deadline,
+        })
     }
 
     pub fn stats(&self) -> SchedulerStats {

@@ -180,11 +180,9 @@ pub struct SchedulerStats {
     pub batches: u64,
     /// Sequences run, summed over batches (`items / batches` is the mean batch size).
     pub items: u64,
-    /// Real tokens run (encoder: sum of sequence lengths; decoder: tokens fed).
+    /// Tokens run (encoder: sum of sequence lengths, each batch run packed, without padding;
+    /// decoder: tokens fed).
     pub tokens: u64,
-    /// Padding tokens run. Zero for Keel's encoders, which run each batch packed (every
-    /// sequence's tokens back to back): the figure shows that no compute goes to padding.
-    pub padding_tokens: u64,
     /// Time spent in the model's forward passes.
     pub compute: Duration,
     /// Time requests spent queued, summed.
@@ -196,16 +194,6 @@ pub struct SchedulerStats {
 }
 
 impl SchedulerStats {
-    /// Share of the tokens run that were padding.
-    pub fn padding_waste(&self) -> f64 {
-        let all = self.tokens + self.padding_tokens;
-        if all == 0 {
-            0.0
-        } else {
-            self.padding_tokens as f64 / all as f64
-        }
-    }
-
     /// Mean sequences per batch (or per decoder step).
     pub fn mean_batch(&self) -> f64 {
         if self.batches == 0 {
@@ -274,12 +262,59 @@ impl Counters {
             batches: g(&self.batches),
             items: g(&self.items),
             tokens: g(&self.tokens),
-            padding_tokens: 0,
             compute: Duration::from_nanos(g(&self.compute_ns)),
             queue_wait: Duration::from_nanos(g(&self.queue_wait_ns)),
             active_streams: g(&self.active_streams),
             kv_bytes: g(&self.kv_bytes),
         }
+    }
+}
+
+/// When a request was queued, and until when it may wait.
+pub(crate) struct Queued {
+    /// Its id in the queue.
+    pub id: u64,
+    pub at: std::time::Instant,
+    pub deadline: Option<std::time::Instant>,
+}
+
+/// Queues `item` (`items` sequences, the longest of `tokens` tokens) with the request's
+/// priority and deadline: the one admission of both schedulers. A deadline already passed is
+/// refused without queueing; a full or closed queue refuses at once, counted and said in the
+/// caller's words.
+pub(crate) fn submit<T>(
+    queue: &queue::BatchQueue<T>,
+    counters: &Counters,
+    model: &str,
+    item: T,
+    (tokens, items): (usize, usize),
+    request: &crate::Request,
+) -> crate::Result<Queued> {
+    let now = std::time::Instant::now();
+    let deadline = request.deadline_from(now);
+    if deadline.is_some_and(|d| d <= now) {
+        Counters::add(&counters.expired, 1);
+        return Err(crate::Error::DeadlineExceeded {
+            waited: Duration::ZERO,
+        });
+    }
+    let meta = queue::Meta {
+        priority: request.priority,
+        deadline,
+        enqueued: now,
+        tokens,
+        items,
+    };
+    match queue.push(item, meta) {
+        Ok(id) => {
+            Counters::add(&counters.accepted, 1);
+            Ok(Queued {
+                id,
+                at: now,
+                deadline,
+            })
+        }
+        Err((why, _)) => Err(counters.refused(&why, model, queue.capacity())),
     }
 }
 
