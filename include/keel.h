@@ -638,7 +638,7 @@ enum keel_status keel_engine_models(const struct keel_engine *engine,
  * The engine's counters as a JSON object: `{"scheduler": {...} | null, "response_cache": {...} |
  * null, "prefix_cache": {...} | null}`. `"scheduler"` holds the counters of `model`'s scheduler
  * (`accepted`, `completed`, `failed`, `overloaded`, `expired`, `shut_down`, `cancelled`,
- * `queued`, `batches`, `items`, `tokens`, `padding_tokens`, `compute_ms`, `queue_wait_ms`,
+ * `queued`, `batches`, `items`, `tokens`, `compute_ms`, `queue_wait_ms`,
  * `active_streams`, `kv_bytes`), or null when `model` is NULL; a cache that is off is null.
  *
  * `model` (a version id or an alias) may be NULL. On success `*out` holds a new string owned by
@@ -1755,9 +1755,9 @@ enum keel_status keel_budget_spend(const struct keel_engine *engine,
 
 /**
  * What the requests answered on this engine since it was created cost, per model, version and
- * routing key, as a JSON array: `{"model" (as the requests named it; the manifest's name when
- * they named the version by its id, as the version layer does), "version", "key" ("" for
- * none), "requests", "tokens", "cost"}`, by model, version and key. Priced by
+ * routing key, as a JSON array: `{"model" (the name the version is registered under; the
+ * manifest's name for a version the host loaded itself), "version", "key" ("" for none),
+ * "requests", "tokens", "cost"}`, by model, version and key. Priced by
  * each version's `[cost]` table (a version without one costs 0); failed and refused requests
  * cost nothing. Only this engine's requests: the lineage records in the store keep each
  * request's price for a report across engines (`keel cost report`).
