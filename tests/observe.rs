@@ -226,7 +226,7 @@ fn drift_stays_ok_on_held_out_data_and_alarms_on_real_shifts() {
         observed
             .observed()
             .unwrap()
-            .drift(id.as_str())
+            .drift(&observed.target(id.as_str()).unwrap())
             .unwrap()
             .unwrap()
             .reports
@@ -667,7 +667,12 @@ fn time_windows_and_the_state_change_callback() {
     }
     std::thread::sleep(std::time::Duration::from_millis(60));
     send(&held[40].0, 1.0);
-    let state = observed.observed().unwrap().drift(id.as_str()).unwrap().unwrap();
+    let state = observed
+        .observed()
+        .unwrap()
+        .drift(&observed.target(id.as_str()).unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!((state.reports.len(), state.state), (1, State::Ok));
     assert_eq!(state.reports[0].count, 41);
     assert!(

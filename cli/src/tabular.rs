@@ -247,7 +247,7 @@ pub(crate) fn drift_json(stack: &Stack, model: &str) -> Result<serde_json::Value
     let state = stack
         .observed()
         .ok_or("the stack does not observe")?
-        .drift(model)?
+        .drift(&stack.target(model)?)?
         .ok_or("the model has no reference profile: write one with `keel profile`")?;
     Ok(serde_json::json!({ "windows": state.reports }))
 }

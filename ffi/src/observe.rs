@@ -10,7 +10,7 @@ use crate::request::{infer_request_of, keel_request_info};
 use crate::status::keel_status::KEEL_ERR_NOT_FOUND;
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
-use keel::{InferRequest, Input, Output, Record, Value};
+use keel::{Infer, InferRequest, Input, Output, Record, Value};
 use std::ffi::c_char;
 
 /// Rows as the C caller gives them: one JSON object, or an array of objects.
@@ -196,12 +196,15 @@ pub unsafe extern "C" fn keel_drift_state(
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
         let model = guard::c_str(model, "model")?;
-        let state = engine.observed()?.drift(model)?.ok_or_else(|| Failure {
-            code: KEEL_ERR_NOT_FOUND,
-            message: format!(
-                "model '{model}' has no reference profile (profile.json): write one with `keel profile`"
-            ),
-        })?;
+        let state = engine
+            .observed()?
+            .drift(&engine.stack.target(model)?)?
+            .ok_or_else(|| Failure {
+                code: KEEL_ERR_NOT_FOUND,
+                message: format!(
+                    "model '{model}' has no reference profile (profile.json): write one with `keel profile`"
+                ),
+            })?;
         out.set(handle::insert(StringObject::json(&state)?));
         Ok(())
     })

@@ -353,25 +353,35 @@ impl SentenceEncoder {
         texts
             .iter()
             .enumerate()
-            .map(|(i, text)| {
-                if text.trim().is_empty() {
-                    return Err(Error::EmptyInput(format!("text {i} is empty")));
-                }
-                let encoding = self
-                    .tokenizer
-                    .encode(*text, true)
-                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
-                let mut ids = encoding.get_ids().to_vec();
-                let tokens = ids.len();
-                if ids.len() > self.max_tokens {
-                    // Keep [SEP] at the end, as the tokenizer's own truncation would.
-                    let sep = ids[ids.len() - 1];
-                    ids.truncate(self.max_tokens - 1);
-                    ids.push(sep);
-                }
-                Ok((ids, tokens))
-            })
+            .map(|(i, text)| Ok(self.cut(self.encode(i, text)?)))
             .collect()
+    }
+
+    /// The token ids of text number `i` of a batch, with `[CLS]` and `[SEP]`, before any cut.
+    ///
+    /// # Errors
+    /// An empty (or all-whitespace) text; the tokenizer's errors.
+    pub fn encode(&self, i: usize, text: &str) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(Error::EmptyInput(format!("text {i} is empty")));
+        }
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids cut to [`Self::max_tokens`] (keeping `[SEP]` at the end, as the tokenizer's own
+    /// truncation would), and their number before the cut.
+    pub fn cut(&self, mut ids: Vec<u32>) -> (Vec<u32>, usize) {
+        let tokens = ids.len();
+        if ids.len() > self.max_tokens {
+            let sep = ids[ids.len() - 1];
+            ids.truncate(self.max_tokens - 1);
+            ids.push(sep);
+        }
+        (ids, tokens)
     }
 
     /// How many tokens `text` has before any cut (the special tokens included): more than

@@ -3,8 +3,8 @@
 use crate::cache::{CacheConfig, CacheStats, PrefixCache, ResponseCache};
 use crate::generate::{chat, EngineStream, GenerateParams, InferStream, TokenStream};
 use crate::infer::{
-    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, Truncated,
-    Value,
+    Classification, Infer, InferRequest, InferResponse, Input, Meta, Output, Record, Timings, TokenIds,
+    Truncated, Value,
 };
 use crate::manifest::{Manifest, ModelSource, VersionId};
 use crate::model::{Decoder, LoadedModel, Model};
@@ -443,7 +443,7 @@ impl Engine {
     /// [`Engine::shutdown`].
     pub fn embed_with(&self, model: &str, texts: &[&str], request: &Request) -> Result<Embeddings> {
         let version = self.resolve(model)?;
-        let vectors = self.run_embed(model, &version, texts, request)?.vectors;
+        let vectors = self.run_embed(model, &version, texts, None, request)?.vectors;
         Ok(Embeddings {
             version: version.id.clone(),
             vectors,
@@ -456,6 +456,7 @@ impl Engine {
         model: &str,
         version: &Version,
         texts: &[&str],
+        tokenized: Option<Vec<Vec<u32>>>,
         request: &Request,
     ) -> Result<Embedded> {
         self.open()?;
@@ -467,7 +468,10 @@ impl Engine {
             return Err(keel_models::Error::EmptyInput("no texts to embed".into()).into());
         }
         let start = Instant::now();
-        let counted = encoder.tokenize_counted(texts)?;
+        let counted = match tokenized.filter(|ids| ids.len() == texts.len()) {
+            Some(ids) => ids.into_iter().map(|ids| encoder.cut(ids)).collect(),
+            None => encoder.tokenize_counted(texts)?,
+        };
         let max = encoder.max_tokens();
         let truncated: Vec<Truncated> = counted
             .iter()
@@ -662,14 +666,21 @@ impl Engine {
         }
     }
 
-    fn infer_on(&self, request: InferRequest, version: &Version) -> Result<InferResponse> {
+    fn infer_on(&self, mut request: InferRequest, version: &Version) -> Result<InferResponse> {
+        // Token ids a layer above already computed for these texts, with this version.
+        let tokenized = request
+            .notes
+            .take::<TokenIds>()
+            .map(Arc::unwrap_or_clone)
+            .filter(|t| t.version == version.id)
+            .map(|t| t.ids);
         let texts = match &request.input {
             Input::Embed(texts) => texts,
             Input::Classify(rows) => return self.classify_on(&request, version, rows),
             Input::Generate { .. } => return self.stream_on(request, version)?.finish(),
         };
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let e = self.run_embed(&request.model, version, &texts, &request.options)?;
+        let e = self.run_embed(&request.model, version, &texts, tokenized, &request.options)?;
         let mut meta = self.meta_of(&request, version);
         meta.batch_id = e.ran.map(|r| r.batch_id);
         meta.cache_hit = e.ran.is_none();

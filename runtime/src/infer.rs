@@ -378,6 +378,28 @@ impl InferRequest {
     }
 }
 
+/// The token ids of an embedding's texts (each with its special tokens, before any cut), which a
+/// layer above the engine already computed (the contract layer counts them): noted on the
+/// request, so that the engine does not tokenize the texts again. The engine takes it off the
+/// request (it is not on the answer) and uses it only if it is for the version that answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIds {
+    /// The version whose tokenizer made them.
+    pub version: VersionId,
+    /// One sequence per text, in order.
+    pub ids: Vec<Vec<u32>>,
+}
+
+impl crate::Note for TokenIds {
+    fn key(&self) -> &'static str {
+        "token_ids"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!(self.ids.iter().map(Vec::len).collect::<Vec<_>>())
+    }
+}
+
 /// Where a request's time went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timings {

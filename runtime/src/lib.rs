@@ -47,7 +47,7 @@ pub use generate::{
 };
 pub use infer::{
     Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Purpose, Record,
-    RequestId, Timings, Truncated, Value,
+    RequestId, Timings, TokenIds, Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{cuda, Caps, Device, DeviceKind};

@@ -49,6 +49,13 @@ impl Notes {
             .find_map(|n| (n.as_ref() as &dyn Any).downcast_ref::<T>())
     }
 
+    /// Removes the note of type `T` and returns it.
+    pub fn take<T: Note>(&mut self) -> Option<Arc<T>> {
+        let at = self.0.iter().position(|n| is::<T>(n.as_ref()))?;
+        let note: Arc<dyn Any + Send + Sync> = self.0.remove(at);
+        note.downcast::<T>().ok()
+    }
+
     /// Takes `others`' notes, replacing those of the same types.
     pub fn extend(&mut self, others: &Notes) {
         for n in &others.0 {

@@ -65,6 +65,23 @@ impl ModelVersion {
         }
     }
 
+    /// The token ids of `text` under the model's tokenizer, with its special tokens, before any
+    /// cut (an encoder's: what [`crate::TokenIds`] hands down to the engine).
+    ///
+    /// # Errors
+    /// A model without a tokenizer; an empty text (an encoder's); a version unloaded meanwhile.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let v = self.loaded()?;
+        match &v.loaded.model {
+            Model::Encoder(e) => Ok(e.encode(0, text)?),
+            Model::Decoder(d) => Ok(d.tokenizer.encode(text)?),
+            Model::Classifier(_) => Err(Error::InvalidArgument(format!(
+                "model '{}' has no tokenizer",
+                self.info.manifest.name
+            ))),
+        }
+    }
+
     /// How many tokens a generation's prompt runs: after the chat template (system turn,
     /// history and prompt) unless `params.chat` is off. What [`crate::Completion::prompt_ids`]
     /// will hold.

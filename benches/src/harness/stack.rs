@@ -94,7 +94,7 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
         &[],
     );
     if let Some(o) = stack.observed() {
-        o.set_profile("embed", builder.finish("minilm", 50)?)?;
+        o.set_profile(&stack.target("embed")?, builder.finish("minilm", 50)?)?;
     }
     let text = "hello ".repeat(126);
     let (with, without, gap, runs) = paired(
@@ -150,7 +150,7 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
     // built before the clock starts.
     let per_call = 200;
     let mut i = 0;
-    let mut time = |full: bool| -> Res<f64> {
+    let mut time = |full: bool| -> Res<(f64, f64)> {
         let requests: Vec<InferRequest> = (0..per_call)
             .map(|_| {
                 i = (i + 1) % rows.len();
@@ -158,19 +158,20 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
                 InferRequest::classify(model, vec![rows[i].clone()])
             })
             .collect();
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), thread_cpu());
         for r in requests {
             // A row the review policy holds is an answer too (its ticket is queued).
             let _ = if full { stack.infer(r) } else { engine.infer(r) };
         }
-        Ok(t.elapsed().as_secs_f64())
+        Ok((t.elapsed().as_secs_f64(), thread_cpu() - cpu))
     };
-    let (mut full, mut bare, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut full, mut bare, mut gaps, mut cpu_gaps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     while full.len() < 20 || start.elapsed() < budget {
-        let b = time(false)?;
-        let f = time(true)?;
+        let (b, b_cpu) = time(false)?;
+        let (f, f_cpu) = time(true)?;
         gaps.push(f - b);
+        cpu_gaps.push(f_cpu - b_cpu);
         full.push(f);
         bare.push(b);
     }
@@ -179,6 +180,7 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
         "full_stack_us": median(&mut full) / per * 1e6,
         "bare_engine_us": median(&mut bare) / per * 1e6,
         "overhead_us": median(&mut gaps) / per * 1e6,
+        "caller_cpu_overhead_us": median(&mut cpu_gaps) / per * 1e6,
         "runs": full.len(),
         "rows_per_run": per_call,
     });
@@ -194,6 +196,18 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
         "lineage_dropped": lineage.dropped,
         "note": "full stack = version (routing, lineage) + review + cost + observe + contract, each model with its manifest's tables; overhead = median of paired differences (ratios for decode), the full stack timed right after the bare engine",
     }))
+}
+
+/// The calling thread's CPU time, in seconds: what the layers cost the caller, whatever the
+/// lineage writer's thread does meanwhile.
+fn thread_cpu() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// Decode tokens per second of a 64-token greedy stream, through the stack and bare, in pairs.

@@ -3,6 +3,7 @@
 use super::{Action, Clause, Contract, ContractViolation, Verdict, Violation};
 use crate::{
     Error, ErrorKind, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Result, Target,
+    TokenIds,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -94,10 +95,26 @@ impl Contracted {
                     .enumerate()
                     .try_for_each(|(i, row)| contract.check_row(i, row, now, &mut found))
             }
-            Input::Embed(texts) => texts
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, text)| contract.check_text(i, text, count, &mut found)),
+            Input::Embed(texts) => {
+                // The ids counted are handed down: the engine does not tokenize the texts again.
+                let mut ids = Vec::new();
+                let checked = texts.iter().enumerate().try_for_each(|(i, text)| {
+                    let encode = |t: &str| {
+                        let e = version.encode(t).ok()?;
+                        let n = e.len();
+                        ids.push(e);
+                        Some(n)
+                    };
+                    contract.check_text(i, text, encode, &mut found)
+                });
+                if ids.len() == texts.len() {
+                    request.notes.insert(TokenIds {
+                        version: version.id().clone(),
+                        ids,
+                    });
+                }
+                checked
+            }
             Input::Generate { prompt, params } => {
                 let mut roles = Vec::with_capacity(2 + 2 * params.history.len());
                 if params.chat {

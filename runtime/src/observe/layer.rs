@@ -90,14 +90,14 @@ impl Observed {
         self
     }
 
-    /// Judges the version `model` names now against `profile` from now on (a profile from
-    /// elsewhere than the `profile.json` beside its manifest), in new windows.
+    /// Judges `target`'s version (`Stack::target(model)` resolves a model as a request would)
+    /// against `profile` from now on (a profile from elsewhere than the `profile.json` beside
+    /// its manifest), in new windows.
     ///
     /// # Errors
-    /// An unknown model.
-    pub fn set_profile(&self, model: &str, profile: Profile) -> Result<()> {
-        let target = self.below.target(model)?;
-        let w = self.watch(&target)?;
+    /// A `profile.json` beside the manifest that cannot be read.
+    pub fn set_profile(&self, target: &Target, profile: Profile) -> Result<()> {
+        let w = self.watch(target)?;
         let size = self.window.unwrap_or(WindowSize::Count(profile.window));
         let monitor = self.monitor(&w.labels.model, profile, size);
         let replaced = Arc::new(Watched {
@@ -130,12 +130,12 @@ impl Observed {
         }
     }
 
-    /// The drift monitor of the version `model` names (None: it has no profile).
+    /// The drift state of `target`'s version (None: it has no profile).
     ///
     /// # Errors
-    /// An unknown model; a profile that cannot be read.
-    pub fn drift(&self, model: &str) -> Result<Option<DriftState>> {
-        let w = self.watch(&self.below.target(model)?)?;
+    /// A profile that cannot be read.
+    pub fn drift(&self, target: &Target) -> Result<Option<DriftState>> {
+        let w = self.watch(target)?;
         Ok(w.drift.as_ref().map(|d| DriftState {
             state: d.state(),
             last: d.last(),

@@ -94,8 +94,8 @@ pub struct Reviewed {
 struct Pending {
     policy: Arc<Policy>,
     request_id: String,
-    recorded: RecordedInput,
-    rows: Vec<Record>,
+    /// The input as it came (a ticket records it; `input.FIELD` rules read its rows).
+    input: Input,
     name: String,
     store: Arc<dyn Store>,
     decisions: Decisions,
@@ -168,11 +168,7 @@ impl Reviewed {
         }
         Ok(Some(Pending {
             request_id: request.id.to_string(),
-            recorded: RecordedInput::of(&request.input),
-            rows: match &request.input {
-                Input::Classify(rows) => rows.clone(),
-                _ => Vec::new(),
-            },
+            input: request.input.clone(),
             name,
             policy,
             store: self.store.clone(),
@@ -208,8 +204,12 @@ impl Pending {
     fn judge(self, answer: Result<InferResponse>) -> Result<InferResponse> {
         let mut answer = answer?;
         let (contract_flagged, drift, cost) = signals(&answer.meta.notes);
+        let rows: &[Record] = match &self.input {
+            Input::Classify(rows) => rows,
+            _ => &[],
+        };
         let verdict = self.policy.judge(&Observation {
-            rows: &self.rows,
+            rows,
             output: Some(&answer.output),
             contract_flagged,
             drift,
@@ -231,7 +231,7 @@ impl Pending {
                     version: answer.meta.version.to_string(),
                     decision: verdict.decision.as_str().into(),
                     reasons: serde_json::to_string(&verdict.reasons).unwrap_or_default(),
-                    input: serde_json::to_string(&self.recorded).unwrap_or_default(),
+                    input: serde_json::to_string(&RecordedInput::of(&self.input)).unwrap_or_default(),
                     output: serde_json::to_string(&OutputSummary::of(&answer.output)).unwrap_or_default(),
                     created_ms: store::now_ms(),
                 })

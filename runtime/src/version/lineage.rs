@@ -325,8 +325,13 @@ pub struct LineageStats {
     pub pruned: u64,
 }
 
+/// A record to write, made on the writer's thread: what a request's thread hands over is moved
+/// (its input, a copy of the output, the notes), and the hashing and JSON happen off the request
+/// path.
+pub(crate) type Pending = Box<dyn FnOnce() -> LineageRow + Send>;
+
 enum Msg {
-    Record(LineageRow),
+    Record(Pending),
     /// Answered once everything sent before it is committed.
     Flush(SyncSender<Option<String>>),
 }
@@ -384,7 +389,7 @@ impl Writer {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn submit(&self, row: LineageRow) {
+    pub fn submit(&self, row: Pending) {
         let Some(tx) = self.sender() else {
             Counters::bump(&self.counters.dropped);
             return;
@@ -472,7 +477,7 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
         // Take what is buffered, up to a batch; a flush marker ends the batch.
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(r) => batch.push(r),
+                Msg::Record(make) => batch.push(make()),
                 Msg::Flush(done) => {
                     flushes.push(done);
                     break;
@@ -632,6 +637,10 @@ mod tests {
         }
     }
 
+    fn pending(row: LineageRow) -> Pending {
+        Box::new(move || row)
+    }
+
     fn writer(store: &Arc<Gated>, overflow: Overflow) -> Writer {
         let store: Arc<dyn Store> = store.clone();
         Writer::start(store, 4, overflow, Retention::default(), Duration::from_secs(10)).unwrap()
@@ -644,11 +653,11 @@ mod tests {
         let store = Arc::new(Gated::default());
         store.set(true);
         let w = writer(&store, Overflow::Drop);
-        w.submit(row(0));
+        w.submit(pending(row(0)));
         // The writer has taken it and waits at the store: the buffer holds 4 of the next 19.
         std::thread::sleep(Duration::from_millis(50));
         for i in 1..20 {
-            w.submit(row(i));
+            w.submit(pending(row(i)));
         }
         store.set(false);
         w.flush().unwrap();
@@ -661,11 +670,11 @@ mod tests {
         let store = Arc::new(Gated::default());
         store.set(true);
         let w = Arc::new(writer(&store, Overflow::Block));
-        w.submit(row(0));
+        w.submit(pending(row(0)));
         std::thread::sleep(Duration::from_millis(50));
         let sender = {
             let w = w.clone();
-            std::thread::spawn(move || (1..20).for_each(|i| w.submit(row(i))))
+            std::thread::spawn(move || (1..20).for_each(|i| w.submit(pending(row(i)))))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(

@@ -63,7 +63,7 @@ impl Infer for Versioned {
         let started = Instant::now();
         let d = self.shared.decide(&request.model, request.key.as_deref())?;
         let result = self.shared.below.infer(routed(&request, &d));
-        self.shared.conclude(&d, &request, result, started)
+        self.shared.conclude(&d, request, result, started)
     }
 
     /// [`Infer::infer`], streamed: routed the same way, recorded when the generation ends (or
@@ -88,7 +88,7 @@ impl Infer for Versioned {
             Served {
                 inner,
                 layer: self.clone(),
-                request,
+                request: Some(request),
                 decision: d,
                 started,
                 _busy: busy,
@@ -114,7 +114,8 @@ fn routed(request: &InferRequest, d: &Decision) -> InferRequest {
 struct Served {
     inner: InferStream,
     layer: Versioned,
-    request: InferRequest,
+    /// Until the end, when the lineage record takes it.
+    request: Option<InferRequest>,
     decision: Decision,
     started: Instant,
     /// Production traffic in flight until the stream ends (shadow copies wait).
@@ -123,22 +124,29 @@ struct Served {
 
 impl Generating for Served {
     fn step(&mut self) -> Step {
-        match self.inner.step() {
-            Step::Token(t) => Step::Token(t),
-            Step::End(result) => Step::End(self.layer.shared.conclude(
+        match (self.inner.step(), self.request.take()) {
+            (Step::End(result), Some(request)) => Step::End(self.layer.shared.conclude(
                 &self.decision,
-                &self.request,
+                request,
                 result,
                 self.started,
             )),
+            (step, request) => {
+                self.request = request;
+                step
+            }
         }
     }
 
-    fn cancel(self: Box<Self>) -> Result<InferResponse> {
+    fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
         let partial = self.inner.cancel();
-        self.layer
-            .shared
-            .conclude(&self.decision, &self.request, partial, self.started)
+        match self.request.take() {
+            Some(request) => self
+                .layer
+                .shared
+                .conclude(&self.decision, request, partial, self.started),
+            None => partial,
+        }
     }
 }
 
@@ -148,7 +156,7 @@ impl Shared {
     pub(super) fn conclude(
         self: &std::sync::Arc<Self>,
         d: &Decision,
-        request: &InferRequest,
+        request: InferRequest,
         result: Result<InferResponse>,
         started: Instant,
     ) -> Result<InferResponse> {
@@ -157,9 +165,6 @@ impl Shared {
         }
         let mut answer = result?;
         answer.meta.model = d.name.clone();
-        self.record(
-            request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
-        );
         let cancelled =
             matches!(&answer.output, Output::Completion(c) if c.finish == FinishReason::Cancelled);
         let other = match (&d.shadow, &d.compare) {
@@ -180,6 +185,9 @@ impl Shared {
                 queued: Instant::now(),
             });
         }
+        self.record(
+            request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
+        );
         if let Some(guard) = &d.guard {
             if let Some(why) = guard.tripped() {
                 let layer = Versioned { shared: self.clone() };
@@ -190,11 +198,13 @@ impl Shared {
     }
 
     /// The lineage record of an answer: what answered and why, and every layer's notes (the
-    /// contract's verdict, the price and the review decision in fields of their own).
+    /// contract's verdict, the price and the review decision in fields of their own). The
+    /// request's thread hands over the request and a copy of the output; the record is made
+    /// (the input hashed, the output summed up, the JSON written) on the writer's thread.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record(
         &self,
-        request: &InferRequest,
+        request: InferRequest,
         answer: &InferResponse,
         slot: &Slot,
         name: &str,
@@ -203,47 +213,57 @@ impl Shared {
         shadow_of: Option<(&str, f64)>,
         started: Instant,
     ) {
-        let recorded = RecordedInput::of(&request.input);
         let meta = &answer.meta;
-        let retain = request.notes.get::<RetainInput>().is_some();
-        let mut notes = meta.notes.to_json();
-        for said_elsewhere in ["route", "retain_input"] {
-            notes.remove(said_elsewhere);
-        }
-        let record = LineageRecord {
-            request_id: match shadow_of {
-                Some((of, _)) => format!("{of}.shadow"),
-                None => request.id.to_string(),
-            },
-            time: crate::store::now_ms(),
-            key: request.key.clone(),
-            model: name.to_string(),
-            addressed: request.model.clone(),
-            version: slot.record.id.to_string(),
-            weights: slot.record.weights.clone(),
-            files: slot.identity.files.clone(),
-            manifest_hash: slot.identity.manifest_hash.clone(),
-            keel_version: env!("CARGO_PKG_VERSION").to_string(),
-            backend: meta.backend.clone(),
-            batch_id: meta.batch_id,
-            cache_hit: meta.cache_hit,
-            route: route.to_string(),
-            route_reason: reason.to_string(),
-            shadow_of: shadow_of.map(|(of, _)| of.to_string()),
-            divergence: shadow_of.map(|(_, d)| d),
-            input_hash: recorded.hash(),
-            input: (retain || slot.record.retain_input).then_some(recorded),
-            output: OutputSummary::of(&answer.output),
-            timings_us: StageTimes::of(&meta.timings, started.elapsed()),
-            contract: notes.remove("contract"),
-            review: notes.remove("review"),
-            cost: notes.remove("cost"),
-            notes,
+        let retain = request.notes.get::<RetainInput>().is_some() || slot.record.retain_input;
+        let (output, notes, identity) = (answer.output.clone(), meta.notes.clone(), slot.identity.clone());
+        let request_id = match shadow_of {
+            Some((of, _)) => format!("{of}.shadow"),
+            None => request.id.to_string(),
         };
-        self.lineage.submit(LineageRow {
-            request_id: record.request_id.clone(),
-            time_ms: record.time,
-            record: serde_json::to_string(&record).unwrap_or_default(),
-        });
+        let time = crate::store::now_ms();
+        let timings_us = StageTimes::of(&meta.timings, started.elapsed());
+        let (version, weights) = (slot.record.id.to_string(), slot.record.weights.clone());
+        let (backend, batch_id, cache_hit) = (meta.backend.clone(), meta.batch_id, meta.cache_hit);
+        let (model, route, route_reason) = (name.to_string(), route.to_string(), reason.to_string());
+        let shadow_of = shadow_of.map(|(of, d)| (of.to_string(), d));
+        self.lineage.submit(Box::new(move || {
+            let recorded = RecordedInput::of(&request.input);
+            let mut notes = notes.to_json();
+            for said_elsewhere in ["route", "retain_input"] {
+                notes.remove(said_elsewhere);
+            }
+            let record = LineageRecord {
+                request_id,
+                time,
+                key: request.key,
+                model,
+                addressed: request.model,
+                version,
+                weights,
+                files: identity.files.clone(),
+                manifest_hash: identity.manifest_hash.clone(),
+                keel_version: env!("CARGO_PKG_VERSION").to_string(),
+                backend,
+                batch_id,
+                cache_hit,
+                route,
+                route_reason,
+                divergence: shadow_of.as_ref().map(|(_, d)| *d),
+                shadow_of: shadow_of.map(|(of, _)| of),
+                input_hash: recorded.hash(),
+                input: retain.then_some(recorded),
+                output: OutputSummary::of(&output),
+                timings_us,
+                contract: notes.remove("contract"),
+                review: notes.remove("review"),
+                cost: notes.remove("cost"),
+                notes,
+            };
+            LineageRow {
+                request_id: record.request_id.clone(),
+                time_ms: record.time,
+                record: serde_json::to_string(&record).unwrap_or_default(),
+            }
+        }));
     }
 }

@@ -242,7 +242,7 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
             if job.recorded {
                 let reason = "shadow copy of a production request";
                 shared.record(
-                    &request,
+                    request.clone(),
                     &answer,
                     &job.slot,
                     &job.name,
