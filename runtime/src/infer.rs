@@ -357,6 +357,12 @@ impl InferRequest {
         self
     }
 
+    /// With a routing key or none.
+    pub fn with_key(mut self, key: Option<String>) -> Self {
+        self.key = key;
+        self
+    }
+
     /// With these controls.
     pub fn options(mut self, options: Request) -> Self {
         self.options = options;
@@ -397,6 +403,22 @@ impl crate::Note for TokenIds {
 
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!(self.ids.iter().map(Vec::len).collect::<Vec<_>>())
+    }
+}
+
+/// The input as the caller sent it, before any layer repaired it: copied once at the top of the
+/// stack and shared, rather than copied by each layer that keeps it (lineage hashes it, a review
+/// ticket shows it). Not recorded: its JSON is null.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received(pub std::sync::Arc<Input>);
+
+impl crate::Note for Received {
+    fn key(&self) -> &'static str {
+        "received"
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Null
     }
 }
 

@@ -46,8 +46,8 @@ pub use generate::{
     Turn,
 };
 pub use infer::{
-    Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Purpose, Record,
-    RequestId, Timings, TokenIds, Truncated, Value,
+    Classification, Confidence, Infer, InferRequest, InferResponse, Input, Meta, Output, Purpose, Received,
+    Record, RequestId, Timings, TokenIds, Truncated, Value,
 };
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use keel_kernels::{cuda, Caps, Device, DeviceKind};

@@ -75,9 +75,13 @@ impl Notes {
         self.0.is_empty()
     }
 
-    /// Every note's JSON, by key.
+    /// Every note's JSON, by key (a note whose JSON is null is not told: it is for the layers
+    /// only).
     pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.iter().map(|n| (n.key().to_string(), n.to_json())).collect()
+        self.iter()
+            .map(|n| (n.key().to_string(), n.to_json()))
+            .filter(|(_, v)| !v.is_null())
+            .collect()
     }
 }
 

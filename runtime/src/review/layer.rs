@@ -5,7 +5,7 @@ use crate::store::{self, Feedback, FeedbackSource, NewTicket, Store, Ticket, Tic
 use crate::version::{OutputSummary, RecordedInput};
 use crate::{
     Error, ErrorKind, Generating, Infer, InferRequest, InferResponse, InferStream, Input, ModelVersion, Note,
-    Notes, Record, Replayed, Result, Step, Target,
+    Notes, Received, Record, Replayed, Result, Step, Target,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -94,8 +94,9 @@ pub struct Reviewed {
 struct Pending {
     policy: Arc<Policy>,
     request_id: String,
-    /// The input as it came (a ticket records it; `input.FIELD` rules read its rows).
-    input: Input,
+    /// The input as it came (a ticket records it; `input.FIELD` rules read its rows): the
+    /// stack's shared copy when the layer above made one.
+    input: Arc<Input>,
     name: String,
     store: Arc<dyn Store>,
     decisions: Decisions,
@@ -168,7 +169,10 @@ impl Reviewed {
         }
         Ok(Some(Pending {
             request_id: request.id.to_string(),
-            input: request.input.clone(),
+            input: match request.notes.get::<Received>() {
+                Some(Received(input)) => input.clone(),
+                None => Arc::new(request.input.clone()),
+            },
             name,
             policy,
             store: self.store.clone(),
@@ -204,7 +208,7 @@ impl Pending {
     fn judge(self, answer: Result<InferResponse>) -> Result<InferResponse> {
         let mut answer = answer?;
         let (contract_flagged, drift, cost) = signals(&answer.meta.notes);
-        let rows: &[Record] = match &self.input {
+        let rows: &[Record] = match self.input.as_ref() {
             Input::Classify(rows) => rows,
             _ => &[],
         };

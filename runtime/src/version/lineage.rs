@@ -226,6 +226,49 @@ impl RecordedInput {
     pub fn hash(&self) -> String {
         hex(&Sha256::digest(serde_json::to_vec(self).unwrap_or_default()))
     }
+
+    /// [`RecordedInput::hash`] of the record of `input`, without making the record: the same
+    /// JSON is written straight into the hash (a tabular row's fields are not copied).
+    pub fn hash_of(input: &Input) -> String {
+        struct Hashing(Sha256);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.update(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Hashing(Sha256::new());
+        let written = match input {
+            Input::Classify(rows) => serde_json::to_writer(&mut h, &RowsView(rows)),
+            other => serde_json::to_writer(&mut h, &RecordedInput::of(other)),
+        };
+        match written {
+            Ok(()) => hex(&h.0.finalize()),
+            Err(_) => RecordedInput::of(input).hash(),
+        }
+    }
+}
+
+/// A tabular input serialized as its [`RecordedInput::Classify`] record is, borrowing the rows.
+struct RowsView<'a>(&'a [crate::Record]);
+
+impl Serialize for RowsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct Row<'a>(&'a crate::Record);
+        impl Serialize for Row<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v.to_json())))
+            }
+        }
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("task", "classify")?;
+        m.serialize_entry("rows", &self.0.iter().map(Row).collect::<Vec<_>>())?;
+        m.end()
+    }
 }
 
 /// A summary of an output: enough to tell whether a replay gave the same answer.
@@ -522,6 +565,38 @@ mod tests {
         RouteChange, Routes, Ticket, TicketState, VersionRecord,
     };
     use std::sync::Condvar;
+
+    #[test]
+    fn an_input_hashed_without_its_record_has_its_records_hash() {
+        let row: crate::Record = [
+            ("b radius".to_string(), Value::Number(1.5)),
+            ("a site".to_string(), Value::Text("clinic \"a\"".into())),
+            ("nan".to_string(), Value::Number(f64::NAN)),
+            ("none".to_string(), Value::Null),
+            (
+                "t".to_string(),
+                Value::Tensor {
+                    shape: vec![2, 1],
+                    values: vec![1.0, -2.5],
+                },
+            ),
+        ]
+        .into();
+        for input in [
+            Input::Classify(vec![row.clone(), crate::Record::new(), row]),
+            Input::Embed(vec!["a text".into(), "ünïcode".into()]),
+            Input::Generate {
+                prompt: "hi".into(),
+                params: GenerateParams::sampled(0.7, 40, 0.9, 7).stop_at("."),
+            },
+        ] {
+            assert_eq!(
+                RecordedInput::hash_of(&input),
+                RecordedInput::of(&input).hash(),
+                "{input:?}"
+            );
+        }
+    }
 
     /// A store whose lineage writes wait at a gate, to fill the writer's buffer.
     #[derive(Default)]

@@ -8,9 +8,10 @@ use super::slots::Slot;
 use super::{Shared, Versioned, CANARY};
 use crate::store::LineageRow;
 use crate::{
-    FinishReason, Generating, Infer, InferRequest, InferResponse, InferStream, Note, Output, Result, Step,
-    Target,
+    FinishReason, Generating, Infer, InferRequest, InferResponse, InferStream, Input, Note, Output, Received,
+    RequestId, Result, Step, Target,
 };
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The route a request took (`production`, `canary`, an alias, `direct`) and why: noted on the
@@ -62,8 +63,9 @@ impl Infer for Versioned {
         let _busy = self.shared.traffic.begin();
         let started = Instant::now();
         let d = self.shared.decide(&request.model, request.key.as_deref())?;
-        let result = self.shared.below.infer(routed(&request, &d));
-        self.shared.conclude(&d, request, result, started)
+        let (request, asked) = routed(request, &d);
+        let result = self.shared.below.infer(request);
+        self.shared.conclude(&d, asked, result, started)
     }
 
     /// [`Infer::infer`], streamed: routed the same way, recorded when the generation ends (or
@@ -72,7 +74,8 @@ impl Infer for Versioned {
         let busy = self.shared.traffic.begin();
         let started = Instant::now();
         let d = self.shared.decide(&request.model, request.key.as_deref())?;
-        let inner = match self.shared.below.infer_stream(routed(&request, &d)) {
+        let (request, asked) = routed(request, &d);
+        let inner = match self.shared.below.infer_stream(request) {
             Ok(inner) => inner,
             Err(e) => {
                 if let Some(guard) = &d.guard {
@@ -88,7 +91,7 @@ impl Infer for Versioned {
             Served {
                 inner,
                 layer: self.clone(),
-                request: Some(request),
+                asked: Some(asked),
                 decision: d,
                 started,
                 _busy: busy,
@@ -97,16 +100,53 @@ impl Infer for Versioned {
     }
 }
 
-/// The request as the layers below see it: addressed to the version chosen, with its route.
-fn routed(request: &InferRequest, d: &Decision) -> InferRequest {
-    let mut routed = request.clone();
-    routed.model = d.slot.record.id.to_string();
-    routed.target = Some(d.slot.target());
-    routed.notes.insert(Route {
+/// What the version layer keeps of a request while the layers below answer it: what its lineage
+/// record and a shadow copy need. The input is the one copy the stack makes, shared with the
+/// layers below ([`Received`]): a layer below may repair the request's own.
+pub(super) struct Asked {
+    pub id: RequestId,
+    pub key: Option<String>,
+    /// The model as the caller named it.
+    pub model: String,
+    pub options: crate::Request,
+    pub retain: bool,
+    pub input: Arc<Input>,
+}
+
+impl Asked {
+    pub(super) fn of(request: &InferRequest, input: Arc<Input>) -> Self {
+        Self {
+            id: request.id.clone(),
+            key: request.key.clone(),
+            model: request.model.clone(),
+            options: request.options.clone(),
+            retain: request.notes.get::<RetainInput>().is_some(),
+            input,
+        }
+    }
+
+    /// The request again (a shadow copy of it).
+    pub(super) fn request(&self) -> InferRequest {
+        InferRequest::new(&self.model, (*self.input).clone())
+            .id(self.id.clone())
+            .options(self.options.clone())
+            .with_key(self.key.clone())
+    }
+}
+
+/// The request as the layers below see it (addressed to the version chosen, with its route and
+/// the input as received), and what this layer keeps of it.
+fn routed(mut request: InferRequest, d: &Decision) -> (InferRequest, Asked) {
+    let received = Arc::new(request.input.clone());
+    let asked = Asked::of(&request, received.clone());
+    request.model = d.slot.record.id.to_string();
+    request.target = Some(d.slot.target());
+    request.notes.insert(Route {
         route: d.route.clone(),
         reason: d.reason.clone(),
     });
-    routed
+    request.notes.insert(Received(received));
+    (request, asked)
 }
 
 /// A generation served by the version layer. It holds the version it was routed to until it
@@ -115,7 +155,7 @@ struct Served {
     inner: InferStream,
     layer: Versioned,
     /// Until the end, when the lineage record takes it.
-    request: Option<InferRequest>,
+    asked: Option<Asked>,
     decision: Decision,
     started: Instant,
     /// Production traffic in flight until the stream ends (shadow copies wait).
@@ -124,15 +164,15 @@ struct Served {
 
 impl Generating for Served {
     fn step(&mut self) -> Step {
-        match (self.inner.step(), self.request.take()) {
-            (Step::End(result), Some(request)) => Step::End(self.layer.shared.conclude(
+        match (self.inner.step(), self.asked.take()) {
+            (Step::End(result), Some(asked)) => Step::End(self.layer.shared.conclude(
                 &self.decision,
-                request,
+                asked,
                 result,
                 self.started,
             )),
-            (step, request) => {
-                self.request = request;
+            (step, asked) => {
+                self.asked = asked;
                 step
             }
         }
@@ -140,11 +180,11 @@ impl Generating for Served {
 
     fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
         let partial = self.inner.cancel();
-        match self.request.take() {
-            Some(request) => self
+        match self.asked.take() {
+            Some(asked) => self
                 .layer
                 .shared
-                .conclude(&self.decision, request, partial, self.started),
+                .conclude(&self.decision, asked, partial, self.started),
             None => partial,
         }
     }
@@ -156,7 +196,7 @@ impl Shared {
     pub(super) fn conclude(
         self: &std::sync::Arc<Self>,
         d: &Decision,
-        request: InferRequest,
+        asked: Asked,
         result: Result<InferResponse>,
         started: Instant,
     ) -> Result<InferResponse> {
@@ -175,8 +215,8 @@ impl Shared {
         };
         if let Some((slot, recorded)) = other {
             self.shadow.offer(ShadowJob {
-                request: request.clone(),
-                addressed: request.model.clone(),
+                request: asked.request(),
+                addressed: asked.model.clone(),
                 original: answer.output.clone(),
                 slot: slot.clone(),
                 name: d.name.clone(),
@@ -186,7 +226,7 @@ impl Shared {
             });
         }
         self.record(
-            request, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
+            asked, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
         );
         if let Some(guard) = &d.guard {
             if let Some(why) = guard.tripped() {
@@ -204,7 +244,7 @@ impl Shared {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record(
         &self,
-        request: InferRequest,
+        asked: Asked,
         answer: &InferResponse,
         slot: &Slot,
         name: &str,
@@ -214,11 +254,11 @@ impl Shared {
         started: Instant,
     ) {
         let meta = &answer.meta;
-        let retain = request.notes.get::<RetainInput>().is_some() || slot.record.retain_input;
+        let retain = asked.retain || slot.record.retain_input;
         let (output, notes, identity) = (answer.output.clone(), meta.notes.clone(), slot.identity.clone());
         let request_id = match shadow_of {
             Some((of, _)) => format!("{of}.shadow"),
-            None => request.id.to_string(),
+            None => asked.id.to_string(),
         };
         let time = crate::store::now_ms();
         let timings_us = StageTimes::of(&meta.timings, started.elapsed());
@@ -227,7 +267,12 @@ impl Shared {
         let (model, route, route_reason) = (name.to_string(), route.to_string(), reason.to_string());
         let shadow_of = shadow_of.map(|(of, d)| (of.to_string(), d));
         self.lineage.submit(Box::new(move || {
-            let recorded = RecordedInput::of(&request.input);
+            // Only a retained input is copied into the record; else its hash is written from it.
+            let recorded = retain.then(|| RecordedInput::of(&asked.input));
+            let input_hash = match &recorded {
+                Some(r) => r.hash(),
+                None => RecordedInput::hash_of(&asked.input),
+            };
             let mut notes = notes.to_json();
             for said_elsewhere in ["route", "retain_input"] {
                 notes.remove(said_elsewhere);
@@ -235,9 +280,9 @@ impl Shared {
             let record = LineageRecord {
                 request_id,
                 time,
-                key: request.key,
+                key: asked.key,
                 model,
-                addressed: request.model,
+                addressed: asked.model,
                 version,
                 weights,
                 files: identity.files.clone(),
@@ -250,8 +295,8 @@ impl Shared {
                 route_reason,
                 divergence: shadow_of.as_ref().map(|(_, d)| *d),
                 shadow_of: shadow_of.map(|(of, _)| of),
-                input_hash: recorded.hash(),
-                input: retain.then_some(recorded),
+                input_hash,
+                input: recorded,
                 output: OutputSummary::of(&output),
                 timings_us,
                 contract: notes.remove("contract"),

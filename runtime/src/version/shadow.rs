@@ -241,8 +241,9 @@ fn run_one(shared: &Arc<Shared>, job: ShadowJob, c: &Counters) {
             }
             if job.recorded {
                 let reason = "shadow copy of a production request";
+                let input = std::sync::Arc::new(request.input.clone());
                 shared.record(
-                    request.clone(),
+                    super::serve::Asked::of(&request, input),
                     &answer,
                     &job.slot,
                     &job.name,
