@@ -1392,7 +1392,8 @@ enum keel_status keel_infer_classify(const struct keel_engine *engine,
 
 /**
  * The drift state of the version `model` names (a loaded version's id or alias, as
- * `keel_engine_models` lists them), judged against the `profile.json` beside its manifest
+ * `keel_engine_models` lists them; on an engine with a store also `NAME` or `NAME@ALIAS`:
+ * the version a request would go to now), judged against the `profile.json` beside its manifest
  * (`keel profile` writes it), as one JSON object: `{"state": "ok"|"warn"|"alarm", "last": the
  * last finished window or null, "reports": [windows, oldest first]}`; a window is `{"index",
  * "count", "state", "signals": {name: {"value", "warn", "alarm", "state"}}}`.

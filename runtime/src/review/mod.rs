@@ -60,7 +60,7 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The decision as written in the manifest and the annotations.
+    /// The decision as written in the manifest and in the answer's notes.
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Auto => "auto",
