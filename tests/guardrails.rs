@@ -18,23 +18,7 @@ use std::sync::Arc;
 /// per token, and a rule that holds any reply mentioning dragons for a reviewer. (The model's
 /// greedy replies: to "Write one sentence about a dragon." it says "The dragon, a majestic
 /// creature..."; the other prompts here get replies without one.)
-const TABLES: &str = r#"
-[contract.text]
-max_tokens = 24
-max_tokens_action = "reject"
-
-[cost]
-per_1k_tokens = 1.0
-
-[review]
-provisional = false
-
-[[review.rules]]
-name = "mentions dragons"
-when = "text"
-matches = "(?i)\\bdragons?\\b"
-action = "review"
-"#;
+const TABLES: &str = include_str!("guardrails.toml");
 
 /// A deployment in `dir`: a store, every layer, and the model folder registered as `chat`.
 fn deployment(dir: &Path) -> (Stack, Arc<dyn Store>) {

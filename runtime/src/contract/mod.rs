@@ -142,6 +142,17 @@ pub struct Violation {
     pub action: Action,
 }
 
+impl Violation {
+    /// Refuses the input (a clause with action `reject`), or records the violation in `found`.
+    fn noted(self, found: &mut Vec<Violation>) -> std::result::Result<(), ContractViolation> {
+        if self.action == Action::Reject {
+            return Err(ContractViolation(self));
+        }
+        found.push(self);
+        Ok(())
+    }
+}
+
 /// The error of a refused request: the first clause with action `reject` that an input broke.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContractViolation(pub Violation);
@@ -411,19 +422,15 @@ impl Contract {
     ) -> std::result::Result<(), ContractViolation> {
         let Some(rules) = &self.chat else { return Ok(()) };
         let mut note = |clause: Clause, value: String, expected: String, action: Action| {
-            let v = Violation {
+            Violation {
                 item: 0,
                 field: "messages".into(),
                 clause,
                 value,
                 expected,
                 action,
-            };
-            if action == Action::Reject {
-                return Err(ContractViolation(v));
             }
-            found.push(v);
-            Ok(())
+            .noted(found)
         };
         if let Some((allowed, action)) = &rules.roles {
             if let Some(role) = roles.iter().find(|r| !allowed.iter().any(|a| a == *r)) {
@@ -474,19 +481,15 @@ impl Contract {
     ) -> std::result::Result<(), ContractViolation> {
         for field in &self.fields {
             let mut note = |clause: Clause, value: String, expected: String, action: Action| {
-                let v = Violation {
+                Violation {
                     item,
                     field: field.name.clone(),
                     clause,
                     value,
                     expected,
                     action,
-                };
-                if action == Action::Reject {
-                    return Err(ContractViolation(v));
                 }
-                found.push(v);
-                Ok(())
+                .noted(found)
             };
             let value = match row.get_mut(&field.name) {
                 Some(Value::Null) | None => {
@@ -667,19 +670,15 @@ impl Contract {
     ) -> std::result::Result<(), ContractViolation> {
         let Some(rules) = &self.text else { return Ok(()) };
         let mut note = |clause: Clause, value: String, expected: String, action: Action| {
-            let v = Violation {
+            Violation {
                 item,
                 field: "text".into(),
                 clause,
                 value,
                 expected,
                 action,
-            };
-            if action == Action::Reject {
-                return Err(ContractViolation(v));
             }
-            found.push(v);
-            Ok(())
+            .noted(found)
         };
         if let Some(action) = rules.non_empty {
             if text.trim().is_empty() {
