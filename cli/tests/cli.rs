@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::models;
+use common::{keel_in, models};
 use std::process::{Command, Output};
 
 fn keel(args: &[&str]) -> Output {
@@ -267,15 +267,6 @@ fn wgpu_generates_like_the_cpu() {
             .clone()
     };
     assert_eq!(run("wgpu"), run("cpu"));
-}
-
-fn keel_in(store: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

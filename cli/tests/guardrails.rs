@@ -5,21 +5,12 @@
 
 mod common;
 
-use common::models;
+use common::{keel_in as keel, models};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn keel(store: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn stdin_keel(store: &Path, args: &[&str], input: &str) -> Output {

@@ -1,6 +1,7 @@
 //! Shared by the command's tests: where the installed models are.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// The folder `scripts/setup-models.sh` installed the model packages into.
 pub fn models() -> PathBuf {
@@ -13,4 +14,14 @@ pub fn models() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// `keel --store STORE ARGS...`, run to its end.
+pub fn keel_in(store: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
 }
