@@ -329,3 +329,156 @@ fn a_regex_rule_holds_a_reply_and_its_ticket_is_queued() {
     assert!(fine.next().unwrap().is_ok());
     let _: Output = fine.finish().unwrap().output;
 }
+
+#[test]
+fn the_chat_rules_check_the_conversation_before_the_first_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stack, _) = deployment(dir.path());
+    // A system turn: its role is not allowed.
+    let params = greedy(4).system_prompt("You are terse.");
+    let e = stack
+        .infer_stream(InferRequest::generate("chat", "Name a colour.", params))
+        .map(drop)
+        .unwrap_err();
+    let ContractViolation(v) = refusal::<ContractViolation>(&e);
+    assert_eq!(
+        (v.field.as_str(), v.clause, v.value.as_str()),
+        ("messages", Clause::Roles, "a system message")
+    );
+    // Two exchanges before the prompt: 5 messages, over 4: served, flagged, recorded.
+    let history = vec![
+        keel::Turn {
+            user: "Hello.".into(),
+            assistant: "Hello!".into(),
+        },
+        keel::Turn {
+            user: "Name a colour.".into(),
+            assistant: "Blue.".into(),
+        },
+    ];
+    let params = greedy(4).after(history);
+    let answer = stack
+        .infer_stream(InferRequest::generate("chat", "Another one.", params))
+        .unwrap()
+        .finish()
+        .unwrap();
+    let verdict = answer.meta.notes.get::<keel::contract::Verdict>().unwrap();
+    assert_eq!(verdict.violations.len(), 1, "{verdict:?}");
+    assert_eq!(verdict.violations[0].clause, Clause::Messages);
+    assert_eq!(verdict.violations[0].value, "5 messages");
+    let text = stack.metrics_text();
+    assert!(
+        text.contains(
+            "keel_contract_violations_total{field=\"messages\",clause=\"roles\",action=\"reject\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn under_load_a_chat_goes_to_the_cheaper_version_and_a_cascade_escalates_an_unsure_reply() {
+    use keel::cost::{CascadeConfig, DegradeConfig, Routed};
+    use keel::{Priority, WeightPath};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("store")).unwrap());
+    let engine = keel::Engine::builder().build().unwrap();
+    let strict = DegradeConfig {
+        name: "assistant".into(),
+        strong: "smol-f32".into(),
+        cheap: "smol".into(),
+        cheap_max_tokens: Some(3),
+        // An objective no model meets: every request goes the cheap way (normal priority is
+        // never shed here).
+        objective: std::time::Duration::from_nanos(1),
+        shed_at: Priority::Low,
+    };
+    let cascade = |min_confidence: f64| CascadeConfig {
+        name: "answer".into(),
+        cheap: "smol".into(),
+        strong: "smol-f32".into(),
+        min_confidence,
+        max_cheap_tokens: None,
+    };
+    let stack = Stack::builder(engine)
+        .store(store)
+        .all_layers()
+        .degrade(strict)
+        .cascade(cascade(0.0), false)
+        .build()
+        .unwrap();
+    let served = stack.versioned().unwrap();
+    for (name, weights) in [("smol", WeightPath::Quantized), ("smol-f32", WeightPath::F32)] {
+        let options = RegisterOptions {
+            weights,
+            retain_input: false,
+        };
+        let id = served.register(name, common::smollm2_gguf(), options).unwrap();
+        served.set_alias(name, "production", id.as_str(), "test").unwrap();
+    }
+    // Both versions have run once: their compute per request is known.
+    for name in ["smol", "smol-f32"] {
+        stack
+            .infer(InferRequest::generate(name, "Name a colour.", greedy(2)))
+            .unwrap();
+    }
+    let request = InferRequest::generate("assistant", "Count to twenty.", greedy(12)).id("degraded-1");
+    let mut stream = stack.infer_stream(request).unwrap();
+    let n = (&mut stream).count();
+    let answer = stream.finish().unwrap();
+    let routed = answer.meta.notes.get::<Routed>().unwrap();
+    assert_eq!(
+        (routed.route, routed.max_tokens),
+        ("cheap", Some(3)),
+        "{routed:?}"
+    );
+    assert!(routed.reason.starts_with("load:"), "{routed:?}");
+    assert_eq!(n, 3, "cut to the cheap way's max_tokens");
+    assert_eq!(answer.meta.model, "smol");
+    stack.flush().unwrap();
+    let record = served.explain("degraded-1").unwrap();
+    assert_eq!(record.model, "smol");
+    assert_eq!(record.notes["routed"]["route"], "cheap");
+    assert_eq!(record.notes["routed"]["by"], "degrade");
+
+    // The cascade: a reply whose tokens' mean probability is under the threshold escalates.
+    let sure = Stack::builder(stack.engine().clone())
+        .store(served.store().clone())
+        .all_layers()
+        .cascade(cascade(0.0), false)
+        .build()
+        .unwrap();
+    let unsure = Stack::builder(stack.engine().clone())
+        .store(served.store().clone())
+        .all_layers()
+        .cascade(cascade(1.0), false)
+        .build()
+        .unwrap();
+    let ask = |stack: &Stack| {
+        let request = InferRequest::generate("answer", "Name a colour.", greedy(6));
+        let mut stream = stack.infer_stream(request).unwrap();
+        let tokens: Vec<u32> = (&mut stream).map(|t| t.unwrap().id).collect();
+        let answer = stream.finish().unwrap();
+        assert_eq!(
+            tokens,
+            completion(&answer).token_ids,
+            "the tokens given out are the answer's"
+        );
+        answer
+    };
+    let kept = ask(&sure);
+    let routed = kept.meta.notes.get::<Routed>().unwrap();
+    assert_eq!(
+        (routed.route, kept.meta.model.as_str()),
+        ("cheap", "smol"),
+        "{routed:?}"
+    );
+    let escalated = ask(&unsure);
+    let routed = escalated.meta.notes.get::<Routed>().unwrap();
+    assert_eq!(
+        (routed.route, escalated.meta.model.as_str()),
+        ("strong", "smol-f32"),
+        "{routed:?}"
+    );
+    let confidence = routed.confidence.unwrap();
+    assert!(confidence > 0.0 && confidence < 1.0, "{routed:?}");
+}
