@@ -230,23 +230,13 @@ impl RecordedInput {
     /// [`RecordedInput::hash`] of the record of `input`, without making the record: the same
     /// JSON is written straight into the hash (a tabular row's fields are not copied).
     pub fn hash_of(input: &Input) -> String {
-        struct Hashing(Sha256);
-        impl std::io::Write for Hashing {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.update(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut h = Hashing(Sha256::new());
-        let written = match input {
-            Input::Classify(rows) => serde_json::to_writer(&mut h, &RowsView(rows)),
-            other => serde_json::to_writer(&mut h, &RecordedInput::of(other)),
+        // Written whole, then hashed once: many small updates of the hash cost more.
+        let json = match input {
+            Input::Classify(rows) => serde_json::to_vec(&RowsView(rows)),
+            other => serde_json::to_vec(&RecordedInput::of(other)),
         };
-        match written {
-            Ok(()) => hex(&h.0.finalize()),
+        match json {
+            Ok(json) => hex(&Sha256::digest(json)),
             Err(_) => RecordedInput::of(input).hash(),
         }
     }
