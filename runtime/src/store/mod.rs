@@ -308,7 +308,7 @@ pub type RouteChange<'a> = dyn FnMut(&mut Routes, &[AliasEvent]) -> std::result:
 ///
 /// Every method is safe to call from many threads (and, for [`SqliteStore`], from many processes
 /// on the same folder; for [`PgStore`], from many hosts).
-pub trait Store: RegistryStore + LineageStore + ReviewStore {
+pub trait Store: RegistryStore + LineageStore + ReviewStore + KeyStore {
     /// Where the store is, for messages.
     fn location(&self) -> String;
 }
@@ -401,6 +401,51 @@ pub trait ReviewStore: Send + Sync {
 
     /// Every label, oldest first.
     fn feedback(&self) -> Result<Vec<Feedback>>;
+}
+
+/// An API key of a server (`keel keys`): who may do what, and for which tenant. Only the
+/// sha256 of its secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Its name (unique in the store).
+    pub name: String,
+    /// The sha256 of its secret, lower-case hex.
+    pub hash: String,
+    /// What it may do: `infer`, `review`, `admin`.
+    pub scopes: Vec<String>,
+    /// The routing key its requests carry (budgets and canary stickiness follow it).
+    pub tenant: Option<String>,
+    /// When it was made (milliseconds since the Unix epoch).
+    pub created_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<i64>,
+}
+
+/// The API keys of the servers on a store.
+pub trait KeyStore: Send + Sync {
+    /// Adds a key. `Ok(Err(message))`: refused (its name is taken).
+    fn add_key(&self, key: &ApiKey) -> Result<std::result::Result<(), String>>;
+
+    /// Every key, revoked ones included, by name.
+    fn keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// The key whose secret has this sha256 (revoked or not).
+    fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
+
+    /// Revokes the key of this name; returns whether it existed and was not revoked yet.
+    fn revoke_key(&self, name: &str, now_ms: i64) -> Result<bool>;
+}
+
+/// A key's scopes as the store keeps them.
+fn scopes_text(scopes: &[String]) -> String {
+    scopes.join(",")
+}
+
+fn scopes_of(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The writes of a route change, in a transaction of a store's own: what [`write_change`]

@@ -72,6 +72,10 @@ const MIGRATIONS: &[&str] = &[
         label TEXT NOT NULL, source TEXT NOT NULL, reviewer TEXT, comment TEXT, ticket BIGINT,
         time_ms BIGINT NOT NULL);
      CREATE INDEX feedback_by_request ON feedback (request_id);",
+    // 3: the API keys of `keel serve`.
+    "CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, tenant TEXT,
+        created_ms BIGINT NOT NULL, revoked_ms BIGINT);",
 ];
 
 /// The tables the migrations create: a database holding one of them without `keel_schema`
@@ -85,6 +89,7 @@ const TABLES: &[&str] = &[
     "routes_version",
     "review",
     "feedback",
+    "api_keys",
 ];
 
 /// The columns of a ticket, in the order `read_ticket` reads them.
@@ -656,6 +661,80 @@ impl super::RouteWrites for Writes<'_, '_> {
         }
         .map_err(|e| self.store.db_error(e))?;
         Ok(())
+    }
+}
+
+impl super::KeyStore for PgStore {
+    fn add_key(&self, key: &super::ApiKey) -> Result<std::result::Result<(), String>> {
+        self.with(|c| {
+            let added = c
+                .execute(
+                    "INSERT INTO api_keys (name, hash, scopes, tenant, created_ms, revoked_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[
+                        &key.name,
+                        &key.hash,
+                        &super::scopes_text(&key.scopes),
+                        &key.tenant,
+                        &key.created_ms,
+                        &key.revoked_ms,
+                    ],
+                )
+                .map_err(|e| self.db_error(e))?;
+            Ok(match added {
+                0 => Err(format!("a key named '{}' exists already", key.name)),
+                _ => Ok(()),
+            })
+        })
+    }
+
+    fn keys(&self) -> Result<Vec<super::ApiKey>> {
+        self.with(|c| {
+            let rows = c
+                .query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"), &[])
+                .map_err(|e| self.db_error(e))?;
+            rows.iter().map(|r| self.read_key(r)).collect()
+        })
+    }
+
+    fn key_by_hash(&self, hash: &str) -> Result<Option<super::ApiKey>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1"),
+                    &[&hash],
+                )
+                .map_err(|e| self.db_error(e))?;
+            row.map(|r| self.read_key(&r)).transpose()
+        })
+    }
+
+    fn revoke_key(&self, name: &str, now_ms: i64) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE api_keys SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL",
+                    &[&name, &now_ms],
+                )
+                .map_err(|e| self.db_error(e))?;
+            Ok(n > 0)
+        })
+    }
+}
+
+/// The columns of a key, in the order `read_key` reads them.
+const KEY_COLUMNS: &str = "name, hash, scopes, tenant, created_ms, revoked_ms";
+
+impl PgStore {
+    fn read_key(&self, row: &Row) -> Result<super::ApiKey> {
+        Ok(super::ApiKey {
+            name: self.get(row, 0)?,
+            hash: self.get(row, 1)?,
+            scopes: super::scopes_of(&self.get::<String>(row, 2)?),
+            tenant: self.get(row, 3)?,
+            created_ms: self.get(row, 4)?,
+            revoked_ms: self.get(row, 5)?,
+        })
     }
 }
 

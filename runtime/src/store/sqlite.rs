@@ -58,6 +58,10 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, label TEXT NOT NULL,
         source TEXT NOT NULL, reviewer TEXT, comment TEXT, ticket INTEGER, time_ms INTEGER NOT NULL);
      CREATE INDEX feedback_by_request ON feedback (request_id);",
+    // 3: the API keys of `keel serve`.
+    "CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, tenant TEXT,
+        created_ms INTEGER NOT NULL, revoked_ms INTEGER);",
 ];
 
 /// The columns of a ticket, in the order `read_ticket` reads them.
@@ -493,6 +497,74 @@ impl super::RouteWrites for Writes<'_> {
         .map_err(|e| self.store.db_error(e))?;
         Ok(())
     }
+}
+
+impl super::KeyStore for SqliteStore {
+    fn add_key(&self, key: &super::ApiKey) -> Result<std::result::Result<(), String>> {
+        let conn = self.conn();
+        let added = conn.execute(
+            "INSERT INTO api_keys (name, hash, scopes, tenant, created_ms, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+            params![
+                key.name,
+                key.hash,
+                super::scopes_text(&key.scopes),
+                key.tenant,
+                key.created_ms,
+                key.revoked_ms
+            ],
+        );
+        match added.map_err(|e| self.db_error(e))? {
+            0 => Ok(Err(format!("a key named '{}' exists already", key.name))),
+            _ => Ok(Ok(())),
+        }
+    }
+
+    fn keys(&self) -> Result<Vec<super::ApiKey>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"))
+            .map_err(|e| self.db_error(e))?;
+        let rows = stmt.query_map([], read_key).map_err(|e| self.db_error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn key_by_hash(&self, hash: &str) -> Result<Option<super::ApiKey>> {
+        let conn = self.conn();
+        conn.query_row(
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ?1"),
+            [hash],
+            read_key,
+        )
+        .optional()
+        .map_err(|e| self.db_error(e))
+    }
+
+    fn revoke_key(&self, name: &str, now_ms: i64) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE api_keys SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                params![name, now_ms],
+            )
+            .map_err(|e| self.db_error(e))?;
+        Ok(n > 0)
+    }
+}
+
+/// The columns of a key, in the order `read_key` reads them.
+const KEY_COLUMNS: &str = "name, hash, scopes, tenant, created_ms, revoked_ms";
+
+fn read_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<super::ApiKey> {
+    Ok(super::ApiKey {
+        name: row.get(0)?,
+        hash: row.get(1)?,
+        scopes: super::scopes_of(&row.get::<_, String>(2)?),
+        tenant: row.get(3)?,
+        created_ms: row.get(4)?,
+        revoked_ms: row.get(5)?,
+    })
 }
 
 impl LineageStore for SqliteStore {

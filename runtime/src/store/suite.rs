@@ -18,6 +18,7 @@ pub fn run(open: &Open<'_>) {
     registry_and_routes(store.as_ref());
     lineage(store.as_ref());
     review_queue(store.as_ref());
+    api_keys(store.as_ref());
     claims_never_collide(open);
     survives_a_restart(store, open);
 }
@@ -256,6 +257,35 @@ fn review_queue(store: &dyn Store) {
 
 /// Eight reviewers, each on a connection of its own, claim 64 tickets at once: each ticket goes
 /// to exactly one of them.
+fn api_keys(store: &dyn Store) {
+    let key = |name: &str, hash: &str| super::ApiKey {
+        name: name.into(),
+        hash: hash.into(),
+        scopes: vec!["infer".into(), "review".into()],
+        tenant: Some("tenant-7".into()),
+        created_ms: 1,
+        revoked_ms: None,
+    };
+    store.add_key(&key("app", "aa")).unwrap().unwrap();
+    store.add_key(&key("ops", "bb")).unwrap().unwrap();
+    assert!(store
+        .add_key(&key("app", "cc"))
+        .unwrap()
+        .unwrap_err()
+        .contains("exists"));
+    assert_eq!(store.key_by_hash("aa").unwrap(), Some(key("app", "aa")));
+    assert_eq!(store.key_by_hash("zz").unwrap(), None);
+    assert!(store.revoke_key("app", 5).unwrap());
+    assert!(!store.revoke_key("app", 6).unwrap(), "revoked once");
+    assert!(!store.revoke_key("nobody", 6).unwrap());
+    let keys = store.keys().unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+        ["app", "ops"]
+    );
+    assert_eq!((keys[0].revoked_ms, keys[1].revoked_ms), (Some(5), None));
+}
+
 fn claims_never_collide(open: &Open<'_>) {
     let store = open();
     let ids: HashSet<i64> = (0..64)

@@ -603,6 +603,21 @@ mod tests {
         }
     }
 
+    impl crate::store::KeyStore for Gated {
+        fn add_key(&self, _: &crate::store::ApiKey) -> StoreResult<std::result::Result<(), String>> {
+            Ok(Ok(()))
+        }
+        fn keys(&self) -> StoreResult<Vec<crate::store::ApiKey>> {
+            Ok(Vec::new())
+        }
+        fn key_by_hash(&self, _: &str) -> StoreResult<Option<crate::store::ApiKey>> {
+            Ok(None)
+        }
+        fn revoke_key(&self, _: &str, _: i64) -> StoreResult<bool> {
+            Ok(false)
+        }
+    }
+
     impl Store for Gated {
         fn location(&self) -> String {
             "gated".into()
