@@ -1,0 +1,313 @@
+//! `keel serve`: the same layer stack a host links in ([`keel::stack::Stack`]), over HTTP.
+//!
+//! Two protocols on one listener, HTTP/1.1 and HTTP/2: OpenAI's (`/v1/embeddings`,
+//! `/v1/chat/completions`, `/v1/completions`, `/v1/models`) and KServe's Open Inference
+//! Protocol v2 (`/v2/...`), plus `/health` and `/metrics`. Every answer carries its guardrails
+//! (request id, version, route, price, review decision) in headers and in a `keel` object of its
+//! body; every refusal is a status code with its typed reason ([`wire`]). Once the store holds an
+//! API key, every request but the health probes needs one ([`auth`]).
+//!
+//! A Rust host mounts [`Server::router`] in its own axum app, or runs [`Server::serve`]; the
+//! `keel serve` command runs [`run`].
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod auth;
+mod body;
+mod kserve;
+mod openai;
+pub mod wire;
+
+use axum::extract::State;
+use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use keel::stack::Stack;
+use keel::Infer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wire::ApiError;
+
+/// The server's limits.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The largest request body taken (bytes); a larger one is answered 413.
+    pub body_limit: usize,
+    /// The most tokens a generation may ask for (`max_tokens`); more is answered 400.
+    pub max_tokens: usize,
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: usize,
+    /// On shutdown, how long streams in flight may go on before they are cut (each still
+    /// settled: charged, counted, recorded).
+    pub stream_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 2 << 20,
+            max_tokens: 4096,
+            default_max_tokens: 256,
+            stream_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An HTTP server over a stack. Cheap to clone (clones share it).
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    stack: Arc<Stack>,
+    config: ServeConfig,
+    keys: auth::Keys,
+    /// Set on shutdown once the streams' grace is over: streams in flight end at their next token.
+    cutting: AtomicBool,
+}
+
+impl Server {
+    /// A server over `stack`. Its API keys are the stack's store's (a stack without a version
+    /// layer has no store, hence no keys: every request is let in).
+    pub fn new(stack: Stack, config: ServeConfig) -> Self {
+        let store = stack.versioned().map(|v| v.store().clone());
+        Self {
+            shared: Arc::new(Shared {
+                stack: Arc::new(stack),
+                config,
+                keys: auth::Keys::new(store),
+                cutting: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The stack it serves.
+    pub fn stack(&self) -> &Stack {
+        &self.shared.stack
+    }
+
+    /// Its limits.
+    pub fn config(&self) -> &ServeConfig {
+        &self.shared.config
+    }
+
+    /// Whether streams in flight must end now (shutdown, past the grace).
+    fn cutting(&self) -> bool {
+        self.shared.cutting.load(Ordering::Relaxed)
+    }
+
+    /// Every route: OpenAI's, KServe v2's, `/health`, `/metrics`; each behind the key check of
+    /// its scope, the health probes open.
+    pub fn router(&self) -> Router {
+        let open = Router::new()
+            .route("/health", get(health))
+            .merge(kserve::health());
+        let infer = Router::new()
+            .merge(openai::routes())
+            .merge(kserve::routes())
+            .route_layer(from_fn_with_state(self.gate(auth::Scope::Infer), auth::check));
+        let any_key = Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(from_fn_with_state(self.gate(auth::Scope::Any), auth::check));
+        open.merge(infer)
+            .merge(any_key)
+            .fallback(not_found)
+            .layer(axum::extract::DefaultBodyLimit::max(
+                self.shared.config.body_limit,
+            ))
+            .layer(axum::middleware::from_fn(auth::request_id))
+            .with_state(self.clone())
+    }
+
+    /// The key check of a group of routes that need `scope`.
+    fn gate(&self, scope: auth::Scope) -> auth::Gate {
+        auth::Gate {
+            server: self.clone(),
+            scope,
+        }
+    }
+
+    /// Loads the version each name's `production` alias points at, so that the first requests
+    /// do not wait for it (and `/v2/health/ready` says so).
+    ///
+    /// # Errors
+    /// A version that does not load.
+    pub fn preload(&self) -> keel::Result<()> {
+        for name in self.production_names()? {
+            self.shared.stack.target(&name)?;
+        }
+        Ok(())
+    }
+
+    /// The registered names with a `production` alias.
+    fn production_names(&self) -> keel::Result<Vec<String>> {
+        let Some(versioned) = self.shared.stack.versioned() else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = versioned
+            .catalog()?
+            .into_iter()
+            .filter(|e| e.aliases.iter().any(|a| a == keel::version::PRODUCTION))
+            .map(|e| e.name)
+            .collect();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Whether every production alias's version is loaded.
+    fn ready(&self) -> keel::Result<bool> {
+        let Some(versioned) = self.shared.stack.versioned() else {
+            return Ok(true);
+        };
+        let loaded: Vec<keel::VersionId> = self
+            .shared
+            .stack
+            .engine()
+            .models()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        for name in self.production_names()? {
+            let routes = versioned.routes(&name)?;
+            if let Some(id) = routes.aliases.get(keel::version::PRODUCTION) {
+                if !loaded.contains(id) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then stops accepting, lets requests in
+    /// flight finish (streams for [`ServeConfig::stream_grace`], then cut at their next
+    /// token), and flushes the stack (lineage, review queue) so that nothing answered is lost.
+    ///
+    /// # Errors
+    /// The listener's; the stack's flush.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping_tx.send(true);
+        };
+        let grace = self.shared.config.stream_grace;
+        let cutter = {
+            let server = self.clone();
+            tokio::spawn(async move {
+                if stopping_rx.wait_for(|s| *s).await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                    tracing::info!("shutdown: the streams' grace is over; cutting those in flight");
+                    server.shared.cutting.store(true, Ordering::Relaxed);
+                }
+            })
+        };
+        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app).with_graceful_shutdown(signal).await?;
+        cutter.abort();
+        let stack = self.shared.stack.clone();
+        tokio::task::spawn_blocking(move || stack.flush()).await??;
+        tracing::info!("shutdown: every answer recorded");
+        Ok(())
+    }
+}
+
+/// What `keel serve` runs: where to listen, the stack, the limits.
+pub struct RunOptions {
+    /// The address to listen on.
+    pub listen: SocketAddr,
+    /// Listen beyond the loopback interface though the store holds no API key (anyone who can
+    /// reach the port may then use every route).
+    pub allow_open: bool,
+    /// The limits.
+    pub config: ServeConfig,
+}
+
+/// Serves `stack` until SIGTERM or Ctrl-C, on a runtime of its own (what `keel serve` runs).
+/// Refuses to listen beyond the loopback interface with no API key in the store unless told to.
+///
+/// # Errors
+/// The address taken; an open server refused; a version that does not load; the flush at the end.
+pub fn run(stack: Stack, options: RunOptions) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let server = Server::new(stack, options.config);
+    if !options.listen.ip().is_loopback() && !options.allow_open && !server.shared.keys.any()? {
+        return Err(format!(
+            "refusing to serve {} with no API key: anyone who reaches it could use it. Create one (keel keys create --name NAME --scope infer), listen on 127.0.0.1, or pass --allow-open",
+            options.listen
+        )
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(options.listen).await?;
+        let preloading = server.clone();
+        tokio::task::spawn_blocking(move || preloading.preload()).await??;
+        // The one line a script waits for (the port, when asked for port 0).
+        println!("keel serve: listening on http://{}", listener.local_addr()?);
+        server.serve(listener, terminated()).await
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn terminated() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown: stopped accepting; finishing the requests in flight");
+}
+
+/// `GET /health`: the process answers (a liveness probe).
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: the stack's metrics, Prometheus text.
+async fn metrics(State(server): State<Server>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        server.shared.stack.metrics_text(),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "route_not_found",
+        format!("no route {}", uri.path()),
+    )
+}
+
+/// Runs `f` on the blocking pool (the stack's calls wait on the scheduler): a panic in it is a
+/// 500, never the server's end.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))
+}
