@@ -5,6 +5,7 @@ mod devices;
 mod generate;
 mod registry;
 mod review;
+mod serve;
 mod tabular;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -171,6 +172,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the stack over HTTP: OpenAI's routes (/v1/embeddings, /v1/chat/completions,
+    /// /v1/completions, /v1/models), KServe v2 (/v2/...), /health and /metrics.
+    Serve(serve::ServeArgs),
+    /// API keys of `keel serve`: create (the secret is printed once), list, revoke.
+    #[command(subcommand)]
+    Keys(serve::KeysCommand),
     /// What this build and machine offer: the CPU's features, the wgpu adapters, and CUDA (the
     /// driver, NVRTC and cuBLAS found or not), so that a missing device says why.
     Devices {
@@ -619,6 +626,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Chat { generation } => generate::chat(generation, device, cli.store),
         Command::Devices { json } => devices::devices(json),
+        Command::Serve(args) => serve::serve(args, device, cli.store),
+        Command::Keys(command) => serve::keys(command, cli.store),
     }
 }
 

@@ -125,7 +125,7 @@ pub fn new_key(name: &str, scopes: &[String], tenant: Option<String>) -> Result<
         hash: hash_of(&secret),
         scopes: scopes.to_vec(),
         tenant,
-        created_ms: now_ms(),
+        created_ms: keel::store::now_ms(),
         revoked_ms: None,
     };
     Ok((secret, key))
@@ -134,13 +134,6 @@ pub fn new_key(name: &str, scopes: &[String], tenant: Option<String>) -> Result<
 /// The sha256 of a secret, lower-case hex: what the store keeps.
 pub fn hash_of(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -46,6 +46,49 @@ pub struct ServeConfig {
     pub stream_grace: Duration,
 }
 
+/// `keel serve --config FILE`: the limits, each optional.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    body_limit: Option<usize>,
+    max_tokens: Option<usize>,
+    default_max_tokens: Option<usize>,
+    stream_grace_s: Option<f64>,
+}
+
+impl ServeConfig {
+    /// The limits of a TOML text (`body_limit`, `max_tokens`, `default_max_tokens`,
+    /// `stream_grace_s`), the defaults for those it does not set.
+    ///
+    /// ```
+    /// let c = keel_serve::ServeConfig::from_toml("max_tokens = 64\nstream_grace_s = 2.5").unwrap();
+    /// assert_eq!((c.max_tokens, c.stream_grace.as_millis()), (64, 2500));
+    /// ```
+    ///
+    /// # Errors
+    /// Not TOML, an unknown key, a value out of range.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut c = Self::default();
+        c.body_limit = file.body_limit.unwrap_or(c.body_limit);
+        c.max_tokens = file.max_tokens.unwrap_or(c.max_tokens);
+        c.default_max_tokens = file
+            .default_max_tokens
+            .unwrap_or(c.default_max_tokens.min(c.max_tokens));
+        if let Some(s) = file.stream_grace_s {
+            c.stream_grace =
+                Duration::try_from_secs_f64(s).map_err(|e| format!("stream_grace_s {s}: {e}"))?;
+        }
+        if c.max_tokens == 0 || c.default_max_tokens == 0 || c.default_max_tokens > c.max_tokens {
+            return Err(format!(
+                "need 0 < default_max_tokens ({}) <= max_tokens ({})",
+                c.default_max_tokens, c.max_tokens
+            ));
+        }
+        Ok(c)
+    }
+}
+
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {

@@ -42,7 +42,7 @@ impl ApiError {
             message: message.into(),
             kind,
             code,
-            detail: Value::Null,
+            detail: json!({}),
             retry_after: None,
         }
     }
@@ -96,7 +96,7 @@ impl From<keel::Error> for ApiError {
             keel::Error::Refused { source, .. } => Some(source.as_ref()),
             _ => None,
         };
-        let mut api = match e.kind() {
+        let api = match e.kind() {
             ErrorKind::InvalidArgument => Self::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -198,9 +198,6 @@ impl From<keel::Error> for ApiError {
             ),
             ErrorKind::Internal => Self::internal(message),
         };
-        if api.detail.is_null() {
-            api.detail = json!({});
-        }
         api
     }
 }
