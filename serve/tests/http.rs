@@ -709,3 +709,82 @@ fn a_shutdown_cuts_streams_at_its_bound_and_loses_no_record() {
     // It no longer accepts connections.
     assert!(agent().get(format!("{}/health", run.url)).call().is_err());
 }
+
+/// Where scripts/setup-models.sh installed the Python clients (the `openai` package).
+fn clients() -> PathBuf {
+    let dir = std::env::var_os("KEEL_CLIENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".models/clients"));
+    assert!(
+        dir.join("openai").is_dir(),
+        "the openai package is not in {}: run scripts/setup-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn the_openai_python_package_is_a_client() {
+    let run = start(ServeConfig::default());
+    let infer = run.key("python", &["infer"], None);
+    let reviewer = run.key("reviewer", &["review"], None);
+    let out = std::process::Command::new("python3")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
+        .args([run.url.as_str(), infer.as_str(), reviewer.as_str()])
+        .env("PYTHONPATH", clients())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Embeddings: decoded from base64 by the package, the engine's vectors bit for bit.
+    let stack = run.server.stack();
+    let texts = ["The quick brown fox jumps over the lazy dog.", "A cat sleeps."];
+    let expected = stack.infer(InferRequest::embed("minilm", texts)).unwrap();
+    let vectors = expected.output.embeddings().unwrap();
+    for (i, v) in vectors.iter().enumerate() {
+        assert_eq!(&floats(&got["embeddings"][i]), v, "text {i}");
+    }
+    assert_eq!(got["embedding_tokens"], expected.meta.tokens);
+    // The golden vector of the first text, from PyTorch.
+    let golden = golden("minilm.json");
+    let diff = max_abs_diff(
+        &floats(&got["embeddings"][0]),
+        &floats(&golden["sentences"][0]["embedding"]),
+    );
+    assert!(diff < GOLDEN_TOLERANCE, "{diff}");
+    // Chat: whole and streamed, the stack's greedy reply.
+    let reply = stack
+        .infer(InferRequest::generate(
+            "chat",
+            "Describe the sea in one sentence.",
+            GenerateParams::greedy().max_tokens(16),
+        ))
+        .unwrap();
+    let reply = reply.output.completion().unwrap();
+    assert_eq!(got["chat"]["text"], reply.text);
+    assert_eq!(got["chat"]["completion_tokens"], reply.token_ids.len());
+    assert_eq!(got["stream"]["text"], reply.text);
+    assert_eq!(got["stream"]["completion_tokens"], reply.token_ids.len());
+    let models: Vec<&str> = got["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(
+        models.contains(&"chat") && models.contains(&"minilm@production"),
+        "{models:?}"
+    );
+    // Each refusal raised the package's own exception class.
+    let errors = &got["errors"];
+    assert_eq!(
+        errors["unknown_model"],
+        json!({"class": "NotFoundError", "status": 404, "code": "model_not_found"})
+    );
+    assert_eq!(errors["wrong_key"]["class"], "AuthenticationError");
+    assert_eq!(errors["out_of_scope"]["class"], "PermissionDeniedError");
+    assert_eq!(
+        errors["contract"],
+        json!({"class": "UnprocessableEntityError", "status": 422, "code": "contract_violation"})
+    );
+}
