@@ -332,7 +332,7 @@ async fn metrics(State(server): State<Server>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         server.shared.stack.metrics_text(),
     )

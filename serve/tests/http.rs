@@ -788,3 +788,33 @@ fn the_openai_python_package_is_a_client() {
         json!({"class": "UnprocessableEntityError", "status": 422, "code": "contract_violation"})
     );
 }
+
+/// The metrics text parsed by prometheus_client's OpenMetrics parser (installed by
+/// scripts/setup-models.sh): each sample's value summed over its label sets, by name.
+fn prometheus(text: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, text).unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+sums = {}
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        sums[s.name] = sums.get(s.name, 0.0) + s.value
+print(json.dumps(sums))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&file)
+        .env("PYTHONPATH", models())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
