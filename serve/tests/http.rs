@@ -620,11 +620,13 @@ fn keys_gate_every_route_but_the_probes() {
     assert_eq!(get(&run, "/metrics", None).status, 401);
     let metrics = get(&run, "/metrics", Some(&reviewer));
     assert_eq!(metrics.status, 200);
-    assert!(
-        metrics.text.contains("keel_requests_total{model=\"minilm\""),
-        "{}",
-        metrics.text
-    );
+    assert!(metrics
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    // Prometheus' own parser (prometheus_client's) reads it; two embeddings were answered.
+    let sums = prometheus(&metrics.text);
+    assert_eq!(sums["keel_requests_total"], 2.0, "{sums}");
     // Revoked: refused within a second.
     assert!(run.store.revoke_key("app", keel::store::now_ms()).unwrap());
     std::thread::sleep(Duration::from_millis(1100));
