@@ -166,27 +166,13 @@ pub(crate) fn review(store: Option<PathBuf>, command: ReviewCommand) -> Result<(
 /// `keel feedback REQUEST_ID --label L`: ground truth for a prediction.
 pub(crate) fn feedback(store: Option<PathBuf>, request_id: &str, label: &str) -> Result<()> {
     let store = open(store)?;
-    if store.lineage(request_id)?.is_none()
-        && store
-            .tickets(None, usize::MAX, now_ms())?
-            .iter()
-            .all(|t| t.ticket.request_id != request_id)
-    {
+    if !keel::review::add_ground_truth(&store, request_id, label)? {
         return Err(format!(
             "no prediction has the request id '{request_id}' in {}",
             store.location()
         )
         .into());
     }
-    store.add_feedback(&keel::store::Feedback {
-        request_id: request_id.to_string(),
-        label: label.to_string(),
-        source: keel::store::FeedbackSource::GroundTruth,
-        reviewer: None,
-        comment: None,
-        ticket: None,
-        time_ms: now_ms(),
-    })?;
     println!("stored: {request_id} is '{label}'");
     Ok(())
 }

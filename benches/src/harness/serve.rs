@@ -88,7 +88,8 @@ static SENT: AtomicUsize = AtomicUsize::new(0);
 /// A text no earlier request sent (so that no response cache answers it), of varied length.
 fn text(n: usize) -> String {
     const WORDS: [&str; 12] = [
-        "the", "server", "answers", "every", "request", "with", "a", "vector", "of", "its", "meaning", "today",
+        "the", "server", "answers", "every", "request", "with", "a", "vector", "of", "its", "meaning",
+        "today",
     ];
     let len = 8 + n % 24;
     let mut s: Vec<&str> = (0..len).map(|i| WORDS[(n * 7 + i * 5) % WORDS.len()]).collect();
@@ -154,7 +155,10 @@ fn chat_once(agent: &ureq::Agent, t: &Target, n: usize, max_tokens: usize) -> Re
         if chunk.get("error").is_some() {
             return Err(data.to_string());
         }
-        if chunk["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+        if chunk["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
             ttft.get_or_insert_with(|| start.elapsed().as_secs_f64() * 1e3);
             tokens_at.push(Instant::now());
         }
@@ -265,7 +269,10 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
     }
     let server = keel_serve::Server::new(stack, keel_serve::ServeConfig::default());
     server.preload()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -314,7 +321,10 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
     }
     let results = load(&target, budget, p);
     let _ = stop.send(());
-    running.join().map_err(|_| "the server's thread panicked")?.map_err(|e| e.to_string())?;
+    running
+        .join()
+        .map_err(|_| "the server's thread panicked")?
+        .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(json!({
         "url": url,

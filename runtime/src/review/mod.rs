@@ -42,7 +42,7 @@ mod layer;
 mod quality;
 
 pub use layer::{Judgement, ReviewError, Reviewed};
-pub use quality::{export, quality, Quality};
+pub use quality::{add_ground_truth, export, quality, Quality};
 
 use crate::{Classification, Output, Record, Value};
 use serde::Serialize;

@@ -78,6 +78,37 @@ fn labelled(store: &dyn Store) -> Result<Vec<Labelled>> {
     Ok(out)
 }
 
+/// Stores `label` as the ground truth of the prediction `request_id` (feedback: the online
+/// accuracy of [`quality`], a row of [`export`]). Returns `false`, storing nothing, when no
+/// prediction has that id (neither a lineage record nor a review ticket): a label for nothing
+/// would count for no version.
+///
+/// # Errors
+/// [`crate::ErrorKind::Storage`] if the store fails.
+pub fn add_ground_truth(store: &dyn Store, request_id: &str, label: &str) -> Result<bool> {
+    let now = store::now_ms();
+    let known = store.lineage(request_id).map_err(storage)?.is_some()
+        || store
+            .tickets(None, usize::MAX, now)
+            .map_err(storage)?
+            .iter()
+            .any(|t| t.ticket.request_id == request_id);
+    if known {
+        store
+            .add_feedback(&store::Feedback {
+                request_id: request_id.to_string(),
+                label: label.to_string(),
+                source: FeedbackSource::GroundTruth,
+                reviewer: None,
+                comment: None,
+                ticket: None,
+                time_ms: now,
+            })
+            .map_err(storage)?;
+    }
+    Ok(known)
+}
+
 /// Accuracy (ground truth) and agreement (reviewers) per version, from every label in the store
 /// whose prediction is known (a ticket, or a lineage record).
 ///
