@@ -21,6 +21,12 @@ pub(crate) struct ServeArgs {
     /// Listen beyond the loopback interface though the store holds no API key.
     #[arg(long)]
     allow_open: bool,
+    /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -71,6 +77,7 @@ pub(crate) fn serve(args: ServeArgs, device: DeviceKind, store: Option<PathBuf>)
         listen: args.listen,
         allow_open: args.allow_open,
         config,
+        tls: args.tls_cert.zip(args.tls_key),
     };
     keel_serve::run(stack, options).map_err(|e| e.to_string().into())
 }

@@ -17,6 +17,7 @@ pub mod auth;
 mod body;
 mod kserve;
 mod openai;
+pub mod tls;
 pub mod wire;
 
 use axum::extract::State;
@@ -28,6 +29,7 @@ use keel::stack::Stack;
 use keel::Infer;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,17 +235,22 @@ impl Server {
         Ok(true)
     }
 
-    /// Serves on `listener` until `shutdown` resolves; then stops accepting, lets requests in
+    /// Serves on `listener` (a `tokio::net::TcpListener`, or a [`tls::TlsListener`] for HTTPS)
+    /// until `shutdown` resolves; then stops accepting, lets requests in
     /// flight finish (streams for [`ServeConfig::stream_grace`], then cut at their next
     /// token), and flushes the stack (lineage, review queue) so that nothing answered is lost.
     ///
     /// # Errors
     /// The listener's; the stack's flush.
-    pub async fn serve(
+    pub async fn serve<L>(
         self,
-        listener: tokio::net::TcpListener,
+        listener: L,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        L: axum::serve::Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;
@@ -260,7 +267,7 @@ impl Server {
                 }
             })
         };
-        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        let app = self.router().into_make_service();
         axum::serve(listener, app).with_graceful_shutdown(signal).await?;
         cutter.abort();
         let stack = self.shared.stack.clone();
@@ -279,6 +286,8 @@ pub struct RunOptions {
     pub allow_open: bool,
     /// The limits.
     pub config: ServeConfig,
+    /// TLS: the certificate chain's and the private key's PEM files (`None`: plain HTTP).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Serves `stack` until SIGTERM or Ctrl-C, on a runtime of its own (what `keel serve` runs).
@@ -295,14 +304,28 @@ pub fn run(stack: Stack, options: RunOptions) -> Result<(), Box<dyn std::error::
         )
         .into());
     }
+    let tls = match &options.tls {
+        Some((cert, key)) => Some(tls::config(cert, key)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(options.listen).await?;
         let preloading = server.clone();
         tokio::task::spawn_blocking(move || preloading.preload()).await??;
-        // The one line a script waits for (the port, when asked for port 0).
-        println!("keel serve: listening on http://{}", listener.local_addr()?);
-        server.serve(listener, terminated()).await
+        let address = listener.local_addr()?;
+        match tls {
+            Some(config) => {
+                let listener = tls::TlsListener::new(listener, config)?;
+                // The one line a script waits for (the port, when asked for port 0).
+                println!("keel serve: listening on https://{address}");
+                server.serve(listener, terminated()).await
+            }
+            None => {
+                println!("keel serve: listening on http://{address}");
+                server.serve(listener, terminated()).await
+            }
+        }
     })
 }
 

@@ -60,6 +60,11 @@ fn start(config: ServeConfig) -> Running {
 
 /// [`start`] with other tables for `chat`.
 fn start_with(config: ServeConfig, tables: &str) -> Running {
+    start_on(config, tables, None)
+}
+
+/// [`start_with`], over TLS when given its configuration.
+fn start_on(config: ServeConfig, tables: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("store")).unwrap());
     let engine = keel::Engine::builder().build().unwrap();
@@ -97,14 +102,24 @@ fn start_with(config: ServeConfig, tables: &str) -> Running {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = server.clone();
     let done = std::thread::spawn(move || {
+        let stopped = async {
+            let _ = stopped.await;
+        };
         runtime
-            .block_on(serving.serve(listener, async {
-                let _ = stopped.await;
-            }))
+            .block_on(async move {
+                match tls {
+                    Some(config) => {
+                        let listener = keel_serve::tls::TlsListener::new(listener, config)?;
+                        serving.serve(listener, stopped).await
+                    }
+                    None => serving.serve(listener, stopped).await,
+                }
+            })
             .map_err(|e| e.to_string())
     });
     Running {
@@ -894,6 +909,95 @@ fn the_registry_lineage_cost_and_review_are_administered_over_http() {
     let expired = post(&run, "/review/expire", Some(&bob), &json!({"older_than_s": 0}));
     assert_eq!(expired.status, 200, "{}", expired.text);
     assert!(expired.json()["expired"].as_u64().is_some());
+}
+
+/// `curl ARGS...`: its exit code and what it printed.
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn https_with_a_certificate_speaks_http2_and_http1_and_refuses_the_rest() {
+    // A self-signed certificate for 127.0.0.1, made by openssl as an operator would.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // Bad files are clear errors naming the file.
+    let missing = keel_serve::tls::config(&dir.path().join("nope.pem"), &key).unwrap_err();
+    assert!(missing.contains("nope.pem"), "{missing}");
+    let swapped = keel_serve::tls::config(&key, &key).unwrap_err();
+    assert!(swapped.contains("key.pem"), "{swapped}");
+    let tables = std::fs::read_to_string(workspace().join("tests/guardrails.toml")).unwrap();
+    let run = start_on(
+        ServeConfig::default(),
+        &tables,
+        Some(keel_serve::tls::config(&cert, &key).unwrap()),
+    );
+    // A client that connects and never speaks holds up no one.
+    let silent = std::net::TcpStream::connect(run.url.trim_start_matches("https://")).unwrap();
+    let cacert = cert.to_str().unwrap();
+    let embeddings = format!("{}/v1/embeddings", run.url);
+    let body = r#"{"model": "minilm", "input": "over TLS"}"#;
+    for (version, expected) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let (code, out) = curl(&[
+            "--cacert",
+            cacert,
+            version,
+            "-w",
+            "\n%{http_version} %{http_code}",
+            "-d",
+            body,
+            &embeddings,
+        ]);
+        assert_eq!(code, 0, "{version}: {out}");
+        let (json, tail) = out.rsplit_once('\n').unwrap();
+        assert_eq!(tail, format!("{expected} 200"), "{version}");
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    }
+    // Unverified (curl does not know the certificate: 60) and plain HTTP (answered with a TLS
+    // alert, which curl takes for HTTP/0.9 and refuses: 1) get nothing, and the server goes on.
+    assert_eq!(curl(&[&format!("{}/health", run.url)]).0, 60);
+    let (plain, out) = curl(&[&format!("{}/health", run.url.replace("https://", "http://"))]);
+    assert!(
+        plain != 0 && !out.contains("ok"),
+        "plain HTTP: curl exit {plain}: {out}"
+    );
+    let (code, out) = curl(&["--cacert", cacert, &format!("{}/health", run.url)]);
+    assert_eq!((code, out.as_str()), (0, r#"{"status":"ok"}"#));
+    drop(silent);
 }
 
 #[test]
