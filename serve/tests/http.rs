@@ -60,14 +60,18 @@ fn start(config: ServeConfig) -> Running {
 
 /// [`start`] with other tables for `chat`.
 fn start_with(config: ServeConfig, tables: &str) -> Running {
-    start_on(config, tables, None)
+    start_on(config, tables, keel::Engine::builder().build().unwrap(), None)
 }
 
-/// [`start_with`], over TLS when given its configuration.
-fn start_on(config: ServeConfig, tables: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
+/// [`start_with`] on `engine`, over TLS when given its configuration.
+fn start_on(
+    config: ServeConfig,
+    tables: &str,
+    engine: keel::Engine,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("store")).unwrap());
-    let engine = keel::Engine::builder().build().unwrap();
     let stack = Stack::builder(engine)
         .store(store.clone())
         .all_layers()
@@ -963,6 +967,7 @@ fn https_with_a_certificate_speaks_http2_and_http1_and_refuses_the_rest() {
     let run = start_on(
         ServeConfig::default(),
         &tables,
+        keel::Engine::builder().build().unwrap(),
         Some(keel_serve::tls::config(&cert, &key).unwrap()),
     );
     // A client that connects and never speaks holds up no one.
@@ -998,6 +1003,75 @@ fn https_with_a_certificate_speaks_http2_and_http1_and_refuses_the_rest() {
     let (code, out) = curl(&["--cacert", cacert, &format!("{}/health", run.url)]);
     assert_eq!((code, out.as_str()), (0, r#"{"status":"ok"}"#));
     drop(silent);
+}
+
+#[test]
+fn a_full_queue_is_429_with_retry_after_and_a_missed_deadline_504() {
+    // One stream decodes at a time and one more may wait: a third is refused.
+    let engine = keel::Engine::builder()
+        .scheduler(keel::SchedulerConfig::default().max_streams(1).queue_capacity(1))
+        .build()
+        .unwrap();
+    // No review rules: a stream that a reviewer must see whole would hold every token to its end.
+    let run = start_on(ServeConfig::default(), "", engine, None);
+    let chat = |max_tokens: usize, stream: bool| {
+        let content = if stream {
+            "Tell me about the sea."
+        } else {
+            "Name a colour."
+        };
+        json!({"model": "chat", "messages": [{"role": "user", "content": content}],
+               "max_tokens": max_tokens, "stream": stream})
+    };
+    // A long stream, running once its first event is here.
+    let running = agent()
+        .post(format!("{}/v1/chat/completions", run.url))
+        .send_json(chat(1000, true))
+        .unwrap();
+    let mut running = std::io::BufReader::new(running.into_body().into_reader()).lines();
+    assert!(running.next().unwrap().unwrap().starts_with("data: "));
+    // Behind it, a request that must start within 100 ms: 504 once they are up.
+    let started = std::time::Instant::now();
+    let mut r = agent()
+        .post(format!("{}/v1/chat/completions", run.url))
+        .header("x-keel-deadline-ms", "100")
+        .send_json(chat(4, false))
+        .unwrap();
+    let (status, text) = (r.status().as_u16(), r.body_mut().read_to_string().unwrap());
+    assert_eq!(status, 504, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["code"],
+        "deadline_exceeded",
+        "{text}"
+    );
+    // One waiting (in a thread), then one more: the queue is full.
+    let url = run.url.clone();
+    let waiting = std::thread::spawn(move || {
+        send(
+            "POST",
+            &format!("{url}/v1/chat/completions"),
+            None,
+            Some(chat(2, false).to_string().as_bytes()),
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let full = post(&run, "/v1/chat/completions", None, &chat(2, false));
+    assert_eq!(full.status, 429, "{}", full.text);
+    assert_eq!(full.header("retry-after"), Some("1"));
+    assert_eq!(full.json()["error"]["code"], "overloaded", "{}", full.text);
+    // The long stream let go (the client leaves): the waiting one is answered.
+    drop(running);
+    assert_eq!(waiting.join().unwrap(), 200);
+    assert_eq!(
+        post(&run, "/v1/chat/completions", None, &chat(2, false)).status,
+        200
+    );
 }
 
 #[test]
