@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the tests need: a Vulkan loader and Mesa's lavapipe, a Vulkan driver that runs
 # on the CPU, so that the wgpu backend has a real device on machines without a GPU; curl and
-# openssl, the serve tests' HTTPS client and the certificate they make.
+# openssl, the serve tests' HTTPS client and the certificate they make; Prometheus, the server
+# that scrapes `keel serve` in those tests (Debian's package; its service is not started).
 # Installed with apt-get (as root, or with sudo) only when missing.
 set -euo pipefail
 missing=()
@@ -10,6 +11,7 @@ ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
     missing+=(mesa-vulkan-drivers)
 command -v curl > /dev/null || missing+=(curl)
 command -v openssl > /dev/null || missing+=(openssl)
+command -v prometheus > /dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]} (the tests' system packages)"
     sudo=""

@@ -1074,6 +1074,87 @@ fn a_full_queue_is_429_with_retry_after_and_a_missed_deadline_504() {
     );
 }
 
+/// A free port of 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_prometheus_server_scrapes_metrics_with_its_key() {
+    let run = start(ServeConfig::default());
+    let key = run.key("prometheus", &["review"], None);
+    let app = run.key("app", &["infer"], None);
+    for text in ["one", "two", "three"] {
+        let a = post(
+            &run,
+            "/v1/embeddings",
+            Some(&app),
+            &json!({"model": "minilm", "input": text}),
+        );
+        assert_eq!(a.status, 200);
+    }
+    // Prometheus (Debian's package, scripts/setup-system.sh) scraping every second with the key.
+    let dir = tempfile::tempdir().unwrap();
+    let target = run.url.trim_start_matches("http://");
+    let config = format!(
+        "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\n\
+         scrape_configs:\n\
+         - job_name: keel\n  authorization: {{type: Bearer, credentials: '{key}'}}\n  static_configs: [{{targets: ['{target}']}}]\n\
+         - job_name: keel-no-key\n  static_configs: [{{targets: ['{target}']}}]\n"
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut prometheus = std::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .expect("prometheus (scripts/setup-system.sh installs it)");
+    let query = |q: &str| -> Value {
+        let a = send("GET", &format!("http://{web}/api/v1/query?query={q}"), None, None);
+        serde_json::from_str(&a.text).unwrap_or(Value::Null)
+    };
+    let value = |v: &Value, job: &str| -> Option<f64> {
+        v["data"]["result"]
+            .as_array()?
+            .iter()
+            .find(|r| r["metric"]["job"] == job)?["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut up, mut requests) = (Value::Null, Value::Null);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        up = query("up");
+        requests = query("sum%20by%20(job)%20(keel_requests_total)");
+        if value(&up, "keel-no-key").is_some() && value(&requests, "keel").is_some() {
+            break;
+        }
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    // Scraped and parsed by Prometheus: up, and the three embeddings counted; without the key,
+    // down (401).
+    assert_eq!(value(&up, "keel"), Some(1.0), "{up}\n{log}");
+    assert_eq!(value(&requests, "keel"), Some(3.0), "{requests}\n{log}");
+    assert_eq!(value(&up, "keel-no-key"), Some(0.0), "{up}");
+}
+
 #[test]
 fn a_shutdown_cuts_streams_at_its_bound_and_loses_no_record() {
     let config = ServeConfig {
