@@ -100,38 +100,5 @@ done
 say "keel serve's own cost: HTTP against the same embeddings in-process"
 "$keel" bench serve --seconds "$seconds" --out "$out/overhead" >/dev/null
 
-"$py" - "$out" "$rounds" "$(cat "$llama/cmake-args")" <<'PY'
-import json, statistics, sys
-out, rounds, cmake = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-rows = {}
-for r in range(1, rounds + 1):
-    for server, files in (("keel serve", [f"keel-{r}"]), ("llama-server", [f"llama-embed-{r}", f"llama-chat-{r}"])):
-        for f in files:
-            for x in json.load(open(f"{out}/{f}.json"))["results"]:
-                rows.setdefault((x["task"], x["clients"], server), []).append(x)
-def med(xs, k):
-    v = [x[k] for x in xs if x[k] is not None]
-    return statistics.median(v) if v else None
-table = []
-for (task, clients, server), xs in sorted(rows.items()):
-    table.append({
-        "task": task, "clients": clients, "server": server, "rounds": len(xs),
-        "errors": sum(x["errors"] for x in xs),
-        "requests_per_s": med(xs, "requests_per_s"), "tokens_per_s": med(xs, "tokens_per_s"),
-        "latency_p99_ms": med(xs, "latency_p99_ms"), "ttft_p99_ms": med(xs, "ttft_p99_ms"),
-    })
-overhead = json.load(open(f"{out}/overhead/serve.json"))["overhead"]
-result = {"rounds": rounds, "llama_cmake_args": cmake, "results": table, "overhead": overhead}
-json.dump(result, open(f"{out}/serve-compare.json", "w"), indent=1)
-print("| task | clients | server | req/s | tokens/s | p99 ms | TTFT p99 ms | errors |")
-print("|---|---|---|---|---|---|---|---|")
-fmt = lambda v: "-" if v is None else f"{v:.1f}"
-for t in table:
-    print(f"| {t['task']} | {t['clients']} | {t['server']} | {fmt(t['requests_per_s'])} | "
-          f"{fmt(t['tokens_per_s']) if t['task'] == 'chat' else '-'} | {fmt(t['latency_p99_ms'])} | "
-          f"{fmt(t['ttft_p99_ms'])} | {t['errors']} |")
-print(f"\nkeel serve at 32 clients: {overhead['ratio_median']:.3f}x the same embeddings made "
-      f"in-process by 32 threads (median of 3 pairs)")
-print(f"(medians of {rounds} rounds; written to {out}/serve-compare.json)")
-PY
+"$py" scripts/compare/serve_summary.py "$out" "$rounds" "$(cat "$llama/cmake-args")"
 say "done in $(($(date +%s) - start)) s"

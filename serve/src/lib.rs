@@ -235,7 +235,8 @@ impl Server {
         Ok(true)
     }
 
-    /// Serves on `listener` (a `tokio::net::TcpListener`, or a [`tls::TlsListener`] for HTTPS)
+    /// Serves on `listener` (a `tokio::net::TcpListener`, better through [`no_delay`], or a
+    /// [`tls::TlsListener`] for HTTPS)
     /// until `shutdown` resolves; then stops accepting, lets requests in
     /// flight finish (streams for [`ServeConfig::stream_grace`], then cut at their next
     /// token), and flushes the stack (lineage, review queue) so that nothing answered is lost.
@@ -323,8 +324,19 @@ pub fn run(stack: Stack, options: RunOptions) -> Result<(), Box<dyn std::error::
             }
             None => {
                 println!("keel serve: listening on http://{address}");
-                server.serve(listener, terminated()).await
+                server.serve(no_delay(listener), terminated()).await
             }
+        }
+    })
+}
+
+/// `listener` with `TCP_NODELAY` on each connection, as [`run`] serves: a stream's events go out
+/// as they are made, not held back by Nagle's algorithm until the client acknowledges the last.
+pub fn no_delay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("TCP_NODELAY: {e}");
         }
     })
 }

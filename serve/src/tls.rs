@@ -70,6 +70,10 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // As `no_delay`: stream events are not held back for the last one's ACK.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::warn!("TCP_NODELAY: {e}");
+                }
                 let (acceptor, send) = (acceptor.clone(), send.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

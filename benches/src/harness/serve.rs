@@ -278,7 +278,7 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = server.clone();
     let running = std::thread::spawn(move || {
-        runtime.block_on(serving.serve(listener, async {
+        runtime.block_on(serving.serve(keel_serve::no_delay(listener), async {
             let _ = stopped.await;
         }))
     });
