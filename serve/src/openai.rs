@@ -135,28 +135,55 @@ async fn embeddings(
             )));
         }
     }
-    let data: Vec<Value> = vectors
+    // Serialized from the f32s themselves (no JSON tree of f64s between): each component in
+    // its shortest form that reads back as the same f32.
+    let data: Vec<EmbeddingItem> = vectors
         .iter()
         .enumerate()
-        .map(|(index, v)| {
-            let embedding = if base64 {
+        .map(|(index, v)| EmbeddingItem {
+            object: "embedding",
+            index,
+            embedding: if base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+                Embedding::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
-                json!(v)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+                Embedding::Floats(v)
+            },
         })
         .collect();
     let tokens = answer.meta.tokens;
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": body.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "keel": keel_object(&answer.meta),
-    });
+    let body = EmbeddingsAnswer {
+        object: "list",
+        data,
+        model: &body.model,
+        usage: json!({"prompt_tokens": tokens, "total_tokens": tokens}),
+        keel: keel_object(&answer.meta),
+    };
     Ok((keel_headers(&answer.meta), axum::Json(body)).into_response())
+}
+
+/// `/v1/embeddings`' answer.
+#[derive(serde::Serialize)]
+struct EmbeddingsAnswer<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingItem<'a>>,
+    model: &'a str,
+    usage: Value,
+    keel: Value,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingItem<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Embedding<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
 }
 
 /// The generation fields common to both routes.
