@@ -1179,11 +1179,17 @@ fn print_table(s: Scenario, r: &Value) {
             }
             let o = &r["overhead"];
             if !o.is_null() {
+                let list = |v: &Value| -> String {
+                    let xs: Vec<String> = v.as_array().into_iter().flatten().map(f).collect();
+                    xs.join(", ")
+                };
                 println!(
-                    "the server's own cost: embeddings over HTTP at {}x the same made in-process by 32 threads (median of 3 pairs; HTTP {} req/s, in-process {} req/s)",
+                    "the server's own cost: embeddings over HTTP at {}x the same made in-process by 32 threads (median of 3 pairs; HTTP {} req/s, mean batch {}; in-process {} req/s, mean batch {})",
                     f(&o["ratio_median"]),
-                    o["http_requests_per_s"],
-                    o["in_process_requests_per_s"]
+                    list(&o["http_requests_per_s"]),
+                    list(&o["http_mean_batch"]),
+                    list(&o["in_process_requests_per_s"]),
+                    list(&o["in_process_mean_batch"])
                 );
             }
         }

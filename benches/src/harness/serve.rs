@@ -291,11 +291,15 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
     // Paired: the in-process run beside the server's, three times; the median ratio.
     let mut ratios = Vec::new();
     let (mut http_rps, mut local_rps) = (Vec::new(), Vec::new());
+    let (mut http_batch, mut local_batch) = (Vec::new(), Vec::new());
     for round in 0..3 {
         p.step(&format!("embeddings over HTTP, 32 clients ({}/3)", round + 1));
         let t = Arc::new(target.clone());
+        let before = batches(&server);
         let http = closed_loop(32, budget, move |a, n| embed_once(a, &t, n)).json("embeddings", 32);
+        http_batch.push(mean_batch(before, batches(&server)));
         p.step(&format!("embeddings in-process, 32 threads ({}/3)", round + 1));
+        let before = batches(&server);
         let stack = server.clone();
         let local = closed_loop(32, budget, move |_, n| {
             let start = Instant::now();
@@ -311,6 +315,7 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
             })
         })
         .json("embeddings", 32);
+        local_batch.push(mean_batch(before, batches(&server)));
         let (h, l) = (
             http["requests_per_s"].as_f64().unwrap_or(0.0),
             local["requests_per_s"].as_f64().unwrap_or(0.0),
@@ -332,7 +337,26 @@ pub(super) fn serve(models: &Path, target: Option<Target>, budget: Duration, p: 
         "overhead": {
             "http_requests_per_s": http_rps,
             "in_process_requests_per_s": local_rps,
+            "http_mean_batch": http_batch,
+            "in_process_mean_batch": local_batch,
             "ratio_median": median(&mut ratios),
         },
     }))
+}
+
+/// The engine's (batches, items) so far, from the stack's metrics.
+fn batches(server: &keel_serve::Server) -> (f64, f64) {
+    let text = server.stack().metrics_text();
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (sum("keel_batches_total"), sum("keel_batch_items_total"))
+}
+
+/// The mean batch size between two readings of [`batches`].
+fn mean_batch(before: (f64, f64), after: (f64, f64)) -> f64 {
+    (after.1 - before.1) / (after.0 - before.0).max(1.0)
 }

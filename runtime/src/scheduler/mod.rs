@@ -3,7 +3,8 @@
 //!
 //! - Encoders ([`EncoderScheduler`]): dynamic batching. Callers on any thread submit single
 //!   requests; a worker takes a batch once it is full, once its oldest request has waited
-//!   `max_queue_delay`, or (adaptive delay) once the callers of the recent batches are back, runs
+//!   `max_queue_delay` with the worker free, or (adaptive delay) once the callers of the recent
+//!   batches are back, runs
 //!   it as one packed forward pass (no padding), and answers each caller.
 //! - Decoders ([`DecoderScheduler`]): continuous batching. One worker runs one step at a time for
 //!   every active sequence together; a new stream joins at the next step, a finished or cancelled
@@ -54,7 +55,8 @@ pub(crate) fn next_batch_id() -> u64 {
 pub struct SchedulerConfig {
     /// Encoders: most sequences in one batch.
     pub max_batch_size: usize,
-    /// Encoders: longest a batch waits to fill after its oldest request is queued.
+    /// Encoders: longest a batch waits to fill after its oldest request is queued and a worker
+    /// is free to run it.
     pub max_queue_delay: Duration,
     /// Encoders: a batch also leaves as soon as it holds as many sequences as the most callers
     /// seen over the last 4 batches (a batch's sequences plus those it left queued; on by

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct Policy {
     /// Most items (sequences) in one batch.
     pub max_batch: usize,
-    /// Longest a batch waits to fill once its oldest request is queued.
+    /// Longest a batch waits to fill once its oldest request is queued and a worker is free
+    /// for it (a request that waited for a busy worker has not waited for its batch).
     pub max_delay: Duration,
     /// Batch sizes to prefer (ascending): a batch reaching the largest is sent at once; a batch
     /// smaller than `max_batch` is cut down to the largest preferred size it holds.
@@ -195,6 +196,11 @@ impl<T> BatchQueue<T> {
     /// priority order (possibly nothing). `None`: the queue is closed and empty.
     pub fn next(&self, limit: usize, block: bool) -> Option<Next<T>> {
         let limit = limit.max(1);
+        // The worker is free from now: the batch's wait counts from here at the earliest, so
+        // that under load (callers queued while the last batch ran) the callers that batch
+        // just answered may come back and join; else the load splits into two cohorts that
+        // alternate in half-size batches.
+        let free_since = Instant::now();
         let mut st = self.lock();
         loop {
             let now = Instant::now();
@@ -216,7 +222,7 @@ impl<T> BatchQueue<T> {
                 continue;
             }
             let expected = st.recent.iter().copied().max().unwrap_or(1);
-            let plan = self.plan(&st.entries, now, limit, expected);
+            let plan = self.plan(&st.entries, now, free_since, limit, expected);
             if plan.ready || !block || st.closed {
                 let mut picked = plan.picked;
                 // Remove from the highest index down so that swap_remove keeps the others valid.
@@ -248,7 +254,14 @@ impl<T> BatchQueue<T> {
 
     /// Which entries the next batch would hold, and whether it should leave now (`expected`:
     /// items the adaptive policy waits for).
-    fn plan(&self, entries: &[Entry<T>], now: Instant, limit: usize, expected: usize) -> Plan {
+    fn plan(
+        &self,
+        entries: &[Entry<T>],
+        now: Instant,
+        free_since: Instant,
+        limit: usize,
+        expected: usize,
+    ) -> Plan {
         let p = &self.policy;
         let head = (0..entries.len())
             .max_by_key(|&i| order_key(&entries[i], now, p.starvation_bound))
@@ -273,7 +286,8 @@ impl<T> BatchQueue<T> {
             }
         }
         let full = items >= limit || p.preferred.last().is_some_and(|&largest| items >= largest);
-        let overdue = now.duration_since(oldest) >= p.max_delay;
+        let waiting_since = oldest.max(free_since);
+        let overdue = now.duration_since(waiting_since) >= p.max_delay;
         // Under steady load the same callers come back batch after batch: once they are all
         // here, waiting longer only delays them; and a lone caller never waits.
         let expected_here = p.adaptive && items >= expected.min(limit);
@@ -289,7 +303,7 @@ impl<T> BatchQueue<T> {
         Plan {
             picked,
             ready,
-            wake_at: oldest + p.max_delay,
+            wake_at: waiting_since + p.max_delay,
         }
     }
 }
