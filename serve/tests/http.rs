@@ -657,9 +657,16 @@ fn keys_gate_every_route_but_the_probes() {
         .header("content-type")
         .unwrap()
         .starts_with("application/openmetrics-text"));
-    // Prometheus' own parser (prometheus_client's) reads it; two embeddings were answered.
-    let sums = prometheus(&metrics.text);
-    assert_eq!(sums["keel_requests_total"], 2.0, "{sums}");
+    // Two embeddings were answered (a_prometheus_server_scrapes_metrics_with_its_key has a
+    // real Prometheus server read the same route).
+    assert!(
+        metrics
+            .text
+            .lines()
+            .any(|l| l.starts_with("keel_requests_total{") && l.ends_with(" 2")),
+        "{}",
+        metrics.text
+    );
     // Revoked: refused within a second.
     assert!(run.store.revoke_key("app", keel::store::now_ms()).unwrap());
     std::thread::sleep(Duration::from_millis(1100));
@@ -1299,34 +1306,4 @@ fn the_openai_python_package_is_a_client() {
         errors["contract"],
         json!({"class": "UnprocessableEntityError", "status": 422, "code": "contract_violation"})
     );
-}
-
-/// The metrics text parsed by prometheus_client's OpenMetrics parser (installed by
-/// scripts/setup-models.sh): each sample's value summed over its label sets, by name.
-fn prometheus(text: &str) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("metrics.txt");
-    std::fs::write(&file, text).unwrap();
-    let script = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-sums = {}
-for family in text_string_to_metric_families(open(sys.argv[1]).read()):
-    for s in family.samples:
-        sums[s.name] = sums.get(s.name, 0.0) + s.value
-print(json.dumps(sums))
-"#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .env("PYTHONPATH", models())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the parser refused it: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
