@@ -16,8 +16,7 @@ use crate::status::keel_status::{KEEL_ERR_INVALID_ARGUMENT, KEEL_ERR_NOT_FOUND};
 use crate::status::{keel_error, keel_status, Failure};
 use crate::string::{keel_string, StringObject};
 use keel::cost::{Budget, Exhausted};
-use keel::store::{now_ms, Feedback, FeedbackSource, Store, TicketState};
-use keel::version::Versioned;
+use keel::store::{now_ms, Store, TicketState};
 use std::ffi::c_char;
 use std::time::Duration;
 
@@ -37,24 +36,6 @@ unsafe fn non_empty<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, Failu
         return Err(Failure::invalid(format!("{what} is empty")));
     }
     Ok(s)
-}
-
-/// Whether the store knows a prediction of `request_id`: a lineage record (the lineage writer
-/// flushed first when it is not there yet) or a review ticket (a blocked or held prediction has
-/// no lineage record).
-fn predicted(versioned: &Versioned, request_id: &str) -> Result<bool, Failure> {
-    let store = versioned.store();
-    if store.lineage(request_id)?.is_some() {
-        return Ok(true);
-    }
-    versioned.flush()?;
-    if store.lineage(request_id)?.is_some() {
-        return Ok(true);
-    }
-    Ok(store
-        .tickets(None, usize::MAX, now_ms())?
-        .iter()
-        .any(|t| t.ticket.request_id == request_id))
 }
 
 /// The review tickets in `state` ("pending", "claimed", "resolved", "expired", or NULL for every
@@ -299,8 +280,10 @@ pub unsafe extern "C" fn keel_feedback(
         let request_id = non_empty(request_id, "request_id")?;
         let label = non_empty(label, "label")?;
         let versioned = engine.store()?;
+        // A prediction answered a moment ago may still be on its way to the store.
+        versioned.flush()?;
         let store = versioned.store();
-        if !predicted(versioned, request_id)? {
+        if !keel::review::add_ground_truth(&**store, request_id, label)? {
             return Err(Failure {
                 code: KEEL_ERR_NOT_FOUND,
                 message: format!(
@@ -309,15 +292,6 @@ pub unsafe extern "C" fn keel_feedback(
                 ),
             });
         }
-        store.add_feedback(&Feedback {
-            request_id: request_id.to_string(),
-            label: label.to_string(),
-            source: FeedbackSource::GroundTruth,
-            reviewer: None,
-            comment: None,
-            ticket: None,
-            time_ms: now_ms(),
-        })?;
         Ok(())
     })
 }

@@ -84,7 +84,8 @@ fn labelled(store: &dyn Store) -> Result<Vec<Labelled>> {
 /// would count for no version.
 ///
 /// # Errors
-/// [`crate::ErrorKind::Storage`] if the store fails.
+/// [`crate::Error::InvalidArgument`] for an empty id or label; [`crate::ErrorKind::Storage`] if
+/// the store fails.
 pub fn add_ground_truth(store: &dyn Store, request_id: &str, label: &str) -> Result<bool> {
     let now = store::now_ms();
     let known = store.lineage(request_id).map_err(storage)?.is_some()
@@ -94,17 +95,7 @@ pub fn add_ground_truth(store: &dyn Store, request_id: &str, label: &str) -> Res
             .iter()
             .any(|t| t.ticket.request_id == request_id);
     if known {
-        store
-            .add_feedback(&store::Feedback {
-                request_id: request_id.to_string(),
-                label: label.to_string(),
-                source: FeedbackSource::GroundTruth,
-                reviewer: None,
-                comment: None,
-                ticket: None,
-                time_ms: now,
-            })
-            .map_err(storage)?;
+        super::layer::feedback(store, request_id, label)?;
     }
     Ok(known)
 }
