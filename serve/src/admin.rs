@@ -62,6 +62,13 @@ fn versioned(server: &Server) -> Result<&Versioned, ApiError> {
     })
 }
 
+fn costed(server: &Server) -> Result<&keel::cost::Costed, ApiError> {
+    server
+        .stack()
+        .costed()
+        .ok_or_else(|| ApiError::bad_request("this server's stack has no cost layer"))
+}
+
 fn store(server: &Server) -> Result<std::sync::Arc<dyn Store>, ApiError> {
     Ok(versioned(server)?.store().clone())
 }
@@ -265,10 +272,7 @@ async fn replay(State(server): State<Server>, Path(id): Path<String>) -> Result<
 /// `GET /admin/cost`: what every (model, version, key) has cost in this process, and where
 /// each budget stands.
 async fn cost(State(server): State<Server>) -> Result<Response, ApiError> {
-    let costed = server
-        .stack()
-        .costed()
-        .ok_or_else(|| ApiError::bad_request("this server's stack has no cost layer"))?;
+    let costed = costed(&server)?;
     let lines = costed.report();
     let mut keys: Vec<String> = lines
         .iter()
@@ -311,10 +315,7 @@ async fn set_budget(
                 .ok_or_else(|| ApiError::bad_request("`period_s` must be a number of seconds > 0"))?,
         ),
     };
-    let costed = server
-        .stack()
-        .costed()
-        .ok_or_else(|| ApiError::bad_request("this server's stack has no cost layer"))?;
+    let costed = costed(&server)?;
     let on_exhausted = b.downgrade_to.map_or(Exhausted::Reject, Exhausted::Downgrade);
     costed.set_budget(
         &key,
