@@ -7,7 +7,6 @@ use keel::{
     Completion, DeviceKind, ErrorKind, FinishReason, GenerateParams, Infer, InferRequest, Output, Turn,
 };
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// The flags `generate` and `chat` share: the model, how its tokens are chosen, the turns.
@@ -75,7 +74,7 @@ impl Session {
     fn open(
         g: Generation,
         device: DeviceKind,
-        store: Option<PathBuf>,
+        store: Option<String>,
     ) -> Result<(Self, GenerateParams), Box<dyn std::error::Error>> {
         let params = g.params();
         let served = serving(device, store)?;
@@ -173,7 +172,7 @@ impl Replied {
 pub(crate) fn generate(
     g: Generation,
     device: DeviceKind,
-    store: Option<PathBuf>,
+    store: Option<String>,
     prompt: String,
     raw: bool,
     json: bool,
@@ -207,7 +206,7 @@ pub(crate) fn generate(
 pub(crate) fn chat(
     g: Generation,
     device: DeviceKind,
-    store: Option<PathBuf>,
+    store: Option<String>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if g.routing.request_id.is_some() {
         return Err("each turn of a chat is a request of its own: --request-id does not apply".into());

@@ -23,10 +23,11 @@ struct Cli {
     /// Device to run on (default: cpu); cuda needs an NVIDIA GPU, its driver, NVRTC and cuBLAS.
     #[arg(long, global = true, value_parser = device_parser())]
     device: Option<DeviceKind>,
-    /// The deployment's store (registry, alias history, lineage). Default: $KEEL_STORE, else
-    /// ./.keel.
+    /// The deployment's store (registry, alias history, lineage, review queue, keys): a folder,
+    /// or a fleet's PostgreSQL database, `postgres://USER@HOST:PORT/DB`. Default: $KEEL_STORE,
+    /// else ./.keel.
     #[arg(long, global = true)]
-    store: Option<PathBuf>,
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -236,26 +237,22 @@ impl From<Weights> for WeightPath {
     }
 }
 
-/// The store folder: `--store`, else $KEEL_STORE, else ./.keel.
-pub(crate) fn store_folder(store: Option<PathBuf>) -> PathBuf {
-    store
-        .or_else(|| {
-            std::env::var_os("KEEL_STORE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from(".keel"))
+/// The deployment's store: `--store`, else $KEEL_STORE, else the folder ./.keel.
+pub(crate) fn open_store(store: Option<String>) -> Result<std::sync::Arc<dyn keel::store::Store>, keel::store::Error> {
+    let location = store
+        .or_else(|| std::env::var("KEEL_STORE").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| ".keel".to_string());
+    keel::store::open(&location)
 }
 
 /// The stack every prediction goes through, over an engine on `device`: the version layer
 /// (with the deployment's store), review, cost, observability, then the contract.
 pub(crate) fn serving(
     device: DeviceKind,
-    store: Option<PathBuf>,
+    store: Option<String>,
 ) -> Result<Stack, Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
-    let store = std::sync::Arc::new(keel::store::SqliteStore::open(store_folder(store))?);
-    Ok(Stack::builder(engine).store(store).all_layers().build()?)
+    Ok(Stack::builder(engine).store(open_store(store)?).all_layers().build()?)
 }
 
 /// The version layer of a serving stack: the registry, aliases, lineage.

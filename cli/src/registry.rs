@@ -168,7 +168,7 @@ fn print_events(events: &[AliasEvent], json: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn registry(device: DeviceKind, store: Option<PathBuf>, command: RegistryCommand) -> Result<()> {
+pub(crate) fn registry(device: DeviceKind, store: Option<String>, command: RegistryCommand) -> Result<()> {
     let stack = serving(device, store)?;
     let served = registry_of(&stack)?;
     match command {
@@ -283,7 +283,7 @@ fn summary(r: &LineageRecord) -> String {
     )
 }
 
-pub(crate) fn lineage(device: DeviceKind, store: Option<PathBuf>, command: LineageCommand) -> Result<()> {
+pub(crate) fn lineage(device: DeviceKind, store: Option<String>, command: LineageCommand) -> Result<()> {
     let stack = serving(device, store)?;
     let served = registry_of(&stack)?;
     match command {

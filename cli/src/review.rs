@@ -1,11 +1,10 @@
 //! `keel review ...`, `keel feedback` and `keel cost report`: the review queue, labels and what
 //! predictions cost, read from the deployment's store.
 
-use keel::store::{now_ms, LineageStore, ReviewStore, SqliteStore, Store, Ticket, TicketState};
+use keel::store::{now_ms, Store, Ticket, TicketState};
 use keel::version::LineageRecord;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -68,8 +67,8 @@ pub(crate) enum ReviewCommand {
     },
 }
 
-fn open(store: Option<PathBuf>) -> Result<SqliteStore> {
-    Ok(SqliteStore::open(crate::store_folder(store))?)
+fn open(store: Option<String>) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(crate::open_store(store)?)
 }
 
 fn print_ticket(t: &Ticket, json: bool) {
@@ -89,7 +88,7 @@ fn print_ticket(t: &Ticket, json: bool) {
     }
 }
 
-pub(crate) fn review(store: Option<PathBuf>, command: ReviewCommand) -> Result<()> {
+pub(crate) fn review(store: Option<String>, command: ReviewCommand) -> Result<()> {
     let store = open(store)?;
     match command {
         ReviewCommand::List { state, limit, json } => {
@@ -137,10 +136,10 @@ pub(crate) fn review(store: Option<PathBuf>, command: ReviewCommand) -> Result<(
         }
         ReviewCommand::Export => {
             let mut out = std::io::stdout().lock();
-            keel::review::export(&store, &mut out)?;
+            keel::review::export(store.as_ref(), &mut out)?;
         }
         ReviewCommand::Stats { json } => {
-            let quality = keel::review::quality(&store)?;
+            let quality = keel::review::quality(store.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&quality)?);
             }
@@ -164,9 +163,9 @@ pub(crate) fn review(store: Option<PathBuf>, command: ReviewCommand) -> Result<(
 }
 
 /// `keel feedback REQUEST_ID --label L`: ground truth for a prediction.
-pub(crate) fn feedback(store: Option<PathBuf>, request_id: &str, label: &str) -> Result<()> {
+pub(crate) fn feedback(store: Option<String>, request_id: &str, label: &str) -> Result<()> {
     let store = open(store)?;
-    if !keel::review::add_ground_truth(&store, request_id, label)? {
+    if !keel::review::add_ground_truth(store.as_ref(), request_id, label)? {
         return Err(format!(
             "no prediction has the request id '{request_id}' in {}",
             store.location()
@@ -178,7 +177,7 @@ pub(crate) fn feedback(store: Option<PathBuf>, request_id: &str, label: &str) ->
 }
 
 /// `keel cost report`: what the recorded predictions cost, per model, version and key.
-pub(crate) fn cost_report(store: Option<PathBuf>, json: bool) -> Result<()> {
+pub(crate) fn cost_report(store: Option<String>, json: bool) -> Result<()> {
     let store = open(store)?;
     let n = usize::try_from(store.lineage_count()?).unwrap_or(usize::MAX);
     let mut lines: BTreeMap<(String, String, String), (u64, f64)> = BTreeMap::new();

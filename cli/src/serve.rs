@@ -1,6 +1,6 @@
 //! `keel serve` (the stack over HTTP) and `keel keys` (who may call it).
 
-use keel::store::{KeyStore, SqliteStore};
+
 use keel::DeviceKind;
 use keel_serve::{RunOptions, ServeConfig};
 use std::net::SocketAddr;
@@ -57,7 +57,7 @@ pub(crate) enum KeysCommand {
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
-pub(crate) fn serve(args: ServeArgs, device: DeviceKind, store: Option<PathBuf>) -> Result<()> {
+pub(crate) fn serve(args: ServeArgs, device: DeviceKind, store: Option<String>) -> Result<()> {
     let config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -83,8 +83,8 @@ pub(crate) fn serve(args: ServeArgs, device: DeviceKind, store: Option<PathBuf>)
 }
 
 /// `keel keys ...`.
-pub(crate) fn keys(command: KeysCommand, store: Option<PathBuf>) -> Result<()> {
-    let store = SqliteStore::open(crate::store_folder(store))?;
+pub(crate) fn keys(command: KeysCommand, store: Option<String>) -> Result<()> {
+    let store = crate::open_store(store)?;
     match command {
         KeysCommand::Create { name, scope, tenant } => {
             let (secret, key) = keel_serve::auth::new_key(&name, &scope, tenant)?;

@@ -8,7 +8,6 @@ use crate::string::{keel_string, StringObject};
 use keel::cost::Costed;
 use keel::observe::Observed;
 use keel::stack::Stack;
-use keel::store::SqliteStore;
 use keel::version::Versioned;
 use keel::{
     CacheConfig, CacheStats, DeviceKind, Engine, Infer, InferRequest, InferResponse, InferStream,
@@ -54,6 +53,11 @@ pub struct keel_engine_params {
     /// with `KEEL_ERR_INVALID_ARGUMENT`). Several engines, also in other processes, may
     /// share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
     /// the call. Default: NULL.
+    ///
+    /// Or a fleet's PostgreSQL database, `postgres://USER@HOST:PORT/DB`, shared by engines on
+    /// many hosts: the same tables, plus the budgets (`keel_budget_set` holds across every
+    /// engine on it), and every answer returns only once its lineage record is committed
+    /// (`KEEL_ERR_STORAGE` when it cannot be).
     ///
     /// The version layer loads and unloads the versions it serves itself: do not also load one
     /// of them through `keel_model_load` on the same engine (freeing the last handle would
@@ -239,14 +243,15 @@ pub unsafe extern "C" fn keel_engine_new(
         let stack = if params.storage_path.is_null() {
             stack
         } else {
-            let folder = CStr::from_ptr(params.storage_path).to_bytes();
-            if folder.is_empty() {
+            let location = CStr::from_ptr(params.storage_path).to_bytes();
+            if location.is_empty() {
                 return Err(Failure::invalid(
                     "params.storage_path is empty (NULL for no store)",
                 ));
             }
-            // The review queue and the lineage in one store, as the CLI's.
-            stack.store(Arc::new(SqliteStore::open(path_of(folder)?)?))
+            // The review queue and the lineage in one store, as the CLI's: a folder, or a
+            // fleet's `postgres://` database.
+            stack.store(keel::store::open(path_of(location)?)?)
         };
         let stack = stack.all_layers().build()?;
         out.set(handle::insert(EngineObject {

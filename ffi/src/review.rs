@@ -314,7 +314,8 @@ pub unsafe extern "C" fn keel_feedback(
 /// `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 `key`, a negative or
 /// non-finite `limit`, or an empty `downgrade_to`; `KEEL_ERR_NOT_FOUND` for a `downgrade_to` the
 /// engine does not have loaded now (if it is unloaded later, the downgraded requests fail with
-/// `KEEL_ERR_NOT_FOUND`).
+/// `KEEL_ERR_NOT_FOUND`); `KEEL_ERR_STORAGE` when a fleet's store (a `postgres://`
+/// `storage_path`, which keeps the budgets of every host on it) cannot record it.
 ///
 /// # Safety
 /// `key` is NULL or NUL-terminated; `downgrade_to` is NULL or NUL-terminated; `err` is NULL or
@@ -351,7 +352,7 @@ pub unsafe extern "C" fn keel_budget_set(
             period: (period_ms > 0).then(|| Duration::from_millis(period_ms)),
             on_exhausted,
         };
-        engine.costed()?.set_budget(key, budget);
+        engine.costed()?.set_budget(key, budget)?;
         Ok(())
     })
 }
@@ -362,7 +363,8 @@ pub unsafe extern "C" fn keel_budget_set(
 ///
 /// On success `*out_json` holds a new string owned by the caller (free it with
 /// `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
-/// the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or a non-UTF-8 `key`.
+/// the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or a non-UTF-8 `key`;
+/// `KEEL_ERR_STORAGE` when a fleet's store (which keeps its budgets) cannot be read.
 ///
 /// # Safety
 /// `key` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is
@@ -380,7 +382,7 @@ pub unsafe extern "C" fn keel_budget_spend(
         let out = Out::clear(out_json, "out_json", std::ptr::null_mut())?;
         let engine = engine_of(engine)?;
         let key = guard::c_str(key, "key")?;
-        out.set(handle::insert(StringObject::json(&engine.costed()?.spend(key))?));
+        out.set(handle::insert(StringObject::json(&engine.costed()?.spend(key)?)?));
         Ok(())
     })
 }

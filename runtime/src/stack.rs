@@ -206,7 +206,15 @@ impl StackBuilder {
         });
         #[cfg(feature = "cost")]
         let costed = self.cost.then(|| {
-            let layer = Arc::new(Costed::new(below.clone()));
+            // A fleet's replicas keep budgets in the store they share; one process, in memory.
+            #[cfg(feature = "store")]
+            let layer = match self.store.clone().filter(|s| s.is_shared()) {
+                Some(store) => Costed::with_stored_budgets(below.clone(), store),
+                None => Costed::new(below.clone()),
+            };
+            #[cfg(not(feature = "store"))]
+            let layer = Costed::new(below.clone());
+            let layer = Arc::new(layer);
             #[cfg(feature = "observe")]
             layer.register(&mut metrics);
             below = layer.clone();

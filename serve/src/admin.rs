@@ -270,20 +270,14 @@ async fn replay(State(server): State<Server>, Path(id): Path<String>) -> Result<
 }
 
 /// `GET /admin/cost`: what every (model, version, key) has cost in this process, and where
-/// each budget stands.
+/// every budget stands (fleet-wide on a shared store).
 async fn cost(State(server): State<Server>) -> Result<Response, ApiError> {
     let costed = costed(&server)?;
     let lines = costed.report();
-    let mut keys: Vec<String> = lines
-        .iter()
-        .map(|l| l.key.clone())
-        .filter(|k| !k.is_empty())
-        .collect();
-    keys.sort();
-    keys.dedup();
-    let budgets: serde_json::Map<String, Value> = keys
+    let budgets: serde_json::Map<String, Value> = costed
+        .budgets()?
         .into_iter()
-        .filter_map(|k| costed.spend(&k).map(|s| (k, json!(s))))
+        .map(|(k, s)| (k, json!(s)))
         .collect();
     Ok(ok(json!({"lines": lines, "budgets": budgets})))
 }
@@ -324,8 +318,8 @@ async fn set_budget(
             period,
             on_exhausted,
         },
-    );
-    Ok(ok(json!({"key": key, "spend": costed.spend(&key)})))
+    )?;
+    Ok(ok(json!({"key": key, "spend": costed.spend(&key)?})))
 }
 
 #[derive(Deserialize)]

@@ -76,7 +76,7 @@ async fn live() -> impl IntoResponse {
     axum::Json(json!({"live": true}))
 }
 
-/// Ready when every production alias's version is loaded.
+/// Ready when the store answers and every production alias's version is loaded.
 async fn ready(State(server): State<Server>) -> Result<Response, V2> {
     let ready = blocking(move || server.ready()).await??;
     let status = if ready {

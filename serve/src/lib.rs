@@ -211,11 +211,15 @@ impl Server {
         Ok(names)
     }
 
-    /// Whether every production alias's version is loaded.
+    /// Whether the store answers and every production alias's version is loaded.
     fn ready(&self) -> keel::Result<bool> {
         let Some(versioned) = self.shared.stack.versioned() else {
             return Ok(true);
         };
+        // A replica that cannot reach its store cannot record what it answers: not ready.
+        if versioned.store().routes_version().is_err() {
+            return Ok(false);
+        }
         let loaded: Vec<keel::VersionId> = self
             .shared
             .stack

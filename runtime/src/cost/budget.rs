@@ -1,6 +1,12 @@
 //! Budgets per routing key, never overspent: a request reserves its worst-case cost before it
 //! runs and is charged its actual cost (never more than the reservation) when it is answered.
+//!
+//! The ledger is this process's (a few additions under one lock), or the store's when processes
+//! share one (a fleet's replicas on PostgreSQL): then each reservation is one atomic update of
+//! the key's row in the database, and a budget holds across every replica.
 
+#[cfg(feature = "store")]
+use crate::store::{BudgetRow, BudgetStore, Reserved, Store};
 use crate::{Error, ErrorKind};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +17,7 @@ use std::time::{Duration, Instant};
 const SCALE: f64 = 1e9;
 
 fn units(x: f64) -> u64 {
-    (x * SCALE).round().clamp(0.0, u64::MAX as f64) as u64
+    (x * SCALE).round().clamp(0.0, i64::MAX as f64) as u64
 }
 
 fn amount(u: u64) -> f64 {
@@ -64,6 +70,8 @@ pub struct BudgetError {
     pub left: f64,
     /// The budget's limit.
     pub limit: f64,
+    /// What the budget says to do now.
+    pub on_exhausted: Exhausted,
 }
 
 impl From<BudgetError> for Error {
@@ -95,94 +103,206 @@ impl Account {
     fn left(&self) -> u64 {
         units(self.budget.limit).saturating_sub(self.spent + self.reserved)
     }
+
+    fn spend(&self) -> Spend {
+        Spend {
+            limit: self.budget.limit,
+            spent: amount(self.spent),
+            reserved: amount(self.reserved),
+            left: amount(self.left()),
+        }
+    }
 }
 
-/// The budgets of every key, behind one lock (a reservation is a few additions under it).
-#[derive(Default, Clone)]
+/// Where the accounts are.
+#[derive(Clone)]
+enum Ledger {
+    /// In this process, behind one lock (a reservation is a few additions under it).
+    Local(Arc<Mutex<HashMap<String, Account>>>),
+    /// In the store the processes share.
+    #[cfg(feature = "store")]
+    Stored(Arc<dyn BudgetStore>),
+}
+
+/// The budgets of every key.
+#[derive(Clone)]
 pub struct Budgets {
-    accounts: Arc<Mutex<HashMap<String, Account>>>,
+    ledger: Ledger,
+}
+
+impl Default for Budgets {
+    /// This process's budgets.
+    fn default() -> Self {
+        Self {
+            ledger: Ledger::Local(Arc::default()),
+        }
+    }
 }
 
 /// A worst-case cost held against a key's budget until the request is answered. Dropped
 /// without [`Reservation::settle`] (the request failed), it is released and nothing is charged.
 pub struct Reservation {
-    accounts: Arc<Mutex<HashMap<String, Account>>>,
+    ledger: Ledger,
     key: String,
     held: u64,
 }
 
+#[cfg(feature = "store")]
+impl From<&BudgetRow> for Spend {
+    fn from(row: &BudgetRow) -> Self {
+        let a = |x: i64| amount(x.max(0) as u64);
+        Spend {
+            limit: a(row.limit),
+            spent: a(row.spent),
+            reserved: a(row.reserved),
+            left: a(row.left()),
+        }
+    }
+}
+
+#[cfg(feature = "store")]
+fn budget_of(row: &BudgetRow) -> Budget {
+    Budget {
+        limit: amount(row.limit.max(0) as u64),
+        period: row.period_ms.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        on_exhausted: row
+            .downgrade_to
+            .clone()
+            .map_or(Exhausted::Reject, Exhausted::Downgrade),
+    }
+}
+
 impl Budgets {
+    /// The budgets kept in `store`, shared by every process on it (each reservation is one
+    /// update of the key's row).
+    #[cfg(feature = "store")]
+    pub fn stored(store: Arc<dyn Store>) -> Self {
+        Self {
+            ledger: Ledger::Stored(store),
+        }
+    }
+
     /// Sets (or replaces) a key's budget; what it spent in its current period is kept.
-    pub fn set(&self, key: &str, budget: Budget) {
-        let mut accounts = self.lock();
-        let now = Instant::now();
-        match accounts.get_mut(key) {
-            Some(a) => a.budget = budget,
-            None => {
-                accounts.insert(
-                    key.to_string(),
-                    Account {
-                        budget,
-                        period_start: now,
-                        spent: 0,
-                        reserved: 0,
-                    },
-                );
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn set(&self, key: &str, budget: Budget) -> crate::Result<()> {
+        match &self.ledger {
+            Ledger::Local(accounts) => {
+                let mut accounts = lock(accounts);
+                match accounts.get_mut(key) {
+                    Some(a) => a.budget = budget,
+                    None => {
+                        accounts.insert(
+                            key.to_string(),
+                            Account {
+                                budget,
+                                period_start: Instant::now(),
+                                spent: 0,
+                                reserved: 0,
+                            },
+                        );
+                    }
+                }
+                Ok(())
+            }
+            #[cfg(feature = "store")]
+            Ledger::Stored(store) => {
+                let period_ms = budget.period.map(|p| p.as_millis().min(i64::MAX as u128) as i64);
+                let downgrade_to = match &budget.on_exhausted {
+                    Exhausted::Reject => None,
+                    Exhausted::Downgrade(model) => Some(model.as_str()),
+                };
+                let limit = units(budget.limit) as i64;
+                let now = crate::store::now_ms();
+                Ok(store.set_budget(key, limit, period_ms, downgrade_to, now)?)
             }
         }
     }
 
-    /// A key's budget, if it has one.
-    pub fn budget(&self, key: &str) -> Option<Budget> {
-        self.lock().get(key).map(|a| a.budget.clone())
-    }
-
     /// Where a key's budget stands (None: it has no budget).
-    pub fn spend(&self, key: &str) -> Option<Spend> {
-        let mut accounts = self.lock();
-        let a = accounts.get_mut(key)?;
-        a.roll(Instant::now());
-        Some(Spend {
-            limit: a.budget.limit,
-            spent: amount(a.spent),
-            reserved: amount(a.reserved),
-            left: amount(a.left()),
-        })
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn spend(&self, key: &str) -> crate::Result<Option<Spend>> {
+        Ok(self.all_of(Some(key))?.into_iter().next().map(|(_, s)| s))
     }
 
     /// Every key's spend, by key.
-    pub fn all(&self) -> Vec<(String, Spend)> {
-        let keys: Vec<String> = self.lock().keys().cloned().collect();
-        let mut out: Vec<(String, Spend)> = keys
-            .into_iter()
-            .filter_map(|k| self.spend(&k).map(|s| (k, s)))
-            .collect();
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn all(&self) -> crate::Result<Vec<(String, Spend)>> {
+        self.all_of(None)
+    }
+
+    fn all_of(&self, key: Option<&str>) -> crate::Result<Vec<(String, Spend)>> {
+        let mut out: Vec<(String, Spend)> = match &self.ledger {
+            Ledger::Local(accounts) => {
+                let now = Instant::now();
+                lock(accounts)
+                    .iter_mut()
+                    .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
+                    .map(|(k, a)| {
+                        a.roll(now);
+                        (k.clone(), a.spend())
+                    })
+                    .collect()
+            }
+            #[cfg(feature = "store")]
+            Ledger::Stored(store) => {
+                let now = crate::store::now_ms();
+                store
+                    .budget_rows(key)?
+                    .into_iter()
+                    .map(|row| {
+                        let row = row.rolled(now);
+                        (row.key.clone(), Spend::from(&row))
+                    })
+                    .collect()
+            }
+        };
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        Ok(out)
     }
 
     /// Holds `worst_case` against the key's budget; a key without a budget always gets a
-    /// reservation (of nothing).
+    /// reservation (of nothing). The inner error: what is left this period is less than
+    /// `worst_case` (nothing is held).
     ///
     /// # Errors
-    /// [`BudgetError`] if what is left this period is less than `worst_case`.
-    pub fn reserve(&self, key: &str, worst_case: f64) -> Result<Reservation, BudgetError> {
-        let mut accounts = self.lock();
-        let Some(a) = accounts.get_mut(key) else {
-            return Ok(self.reservation(key, 0));
-        };
-        a.roll(Instant::now());
+    /// The store's, for stored budgets (nothing is held).
+    pub fn reserve(&self, key: &str, worst_case: f64) -> crate::Result<Result<Reservation, BudgetError>> {
         let needed = units(worst_case);
-        if needed > a.left() {
-            return Err(BudgetError {
-                key: key.to_string(),
-                needed: worst_case,
-                left: amount(a.left()),
-                limit: a.budget.limit,
-            });
+        let refusal = |left: u64, budget: &Budget| BudgetError {
+            key: key.to_string(),
+            needed: worst_case,
+            left: amount(left),
+            limit: budget.limit,
+            on_exhausted: budget.on_exhausted.clone(),
+        };
+        match &self.ledger {
+            Ledger::Local(accounts) => {
+                let mut accounts = lock(accounts);
+                let Some(a) = accounts.get_mut(key) else {
+                    return Ok(Ok(self.reservation(key, 0)));
+                };
+                a.roll(Instant::now());
+                if needed > a.left() {
+                    return Ok(Err(refusal(a.left(), &a.budget)));
+                }
+                a.reserved += needed;
+                Ok(Ok(self.reservation(key, needed)))
+            }
+            #[cfg(feature = "store")]
+            Ledger::Stored(store) => {
+                match store.reserve_budget(key, needed as i64, crate::store::now_ms())? {
+                    Reserved::NoBudget => Ok(Ok(self.reservation(key, 0))),
+                    Reserved::Held => Ok(Ok(self.reservation(key, needed))),
+                    Reserved::Short(row) => Ok(Err(refusal(row.left() as u64, &budget_of(&row)))),
+                }
+            }
         }
-        a.reserved += needed;
-        Ok(self.reservation(key, needed))
     }
 
     /// A reservation of nothing, charged to no budget.
@@ -192,40 +312,51 @@ impl Budgets {
 
     fn reservation(&self, key: &str, held: u64) -> Reservation {
         Reservation {
-            accounts: self.accounts.clone(),
+            ledger: self.ledger.clone(),
             key: key.to_string(),
             held,
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
-        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn lock(accounts: &Mutex<HashMap<String, Account>>) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
+    accounts.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Reservation {
     /// Charges the actual cost (at most what was reserved) and releases the rest.
-    pub fn settle(mut self, actual: f64) {
+    ///
+    /// # Errors
+    /// The store's, for stored budgets: then the whole reservation stays held (the budget is
+    /// never overspent; it may admit less until the store is back and the period renews).
+    pub fn settle(mut self, actual: f64) -> crate::Result<()> {
         let charged = units(actual).min(self.held);
-        self.release(charged);
+        self.release(charged)
     }
 
-    fn release(&mut self, charged: u64) {
+    fn release(&mut self, charged: u64) -> crate::Result<()> {
         let held = std::mem::take(&mut self.held);
         if held == 0 {
-            return;
+            return Ok(());
         }
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = accounts.get_mut(&self.key) {
-            a.reserved = a.reserved.saturating_sub(held);
-            a.spent += charged;
+        match &self.ledger {
+            Ledger::Local(accounts) => {
+                if let Some(a) = lock(accounts).get_mut(&self.key) {
+                    a.reserved = a.reserved.saturating_sub(held);
+                    a.spent += charged;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "store")]
+            Ledger::Stored(store) => Ok(store.release_budget(&self.key, held as i64, charged as i64)?),
         }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.release(0);
+        // A failed request's release that the store refuses stays held: never overspent.
+        let _ = self.release(0);
     }
 }
 
@@ -241,24 +372,25 @@ mod tests {
             period: Some(Duration::from_millis(200)),
             on_exhausted: Exhausted::Reject,
         };
-        budgets.set("t", budget);
+        budgets.set("t", budget).unwrap();
+        let reserve = |x: f64| budgets.reserve("t", x).unwrap();
         for i in 0..10 {
-            budgets
-                .reserve("t", 0.1)
+            reserve(0.1)
                 .unwrap_or_else(|e| panic!("call {i}: {e}"))
-                .settle(0.1);
+                .settle(0.1)
+                .unwrap();
         }
-        let e = budgets.reserve("t", 0.1).err().unwrap();
+        let e = reserve(0.1).err().unwrap();
         assert_eq!(e.left, 0.0);
-        assert_eq!(budgets.spend("t").unwrap().spent, 1.0);
+        assert_eq!(budgets.spend("t").unwrap().unwrap().spent, 1.0);
         // A failed request (a dropped reservation) is charged nothing.
         std::thread::sleep(Duration::from_millis(210));
-        drop(budgets.reserve("t", 0.5).unwrap());
-        let r = budgets.reserve("t", 0.6).unwrap();
-        assert!(budgets.reserve("t", 0.5).is_err(), "0.6 of 1.0 is held");
-        r.settle(0.2);
-        assert_eq!(budgets.spend("t").unwrap().left, 0.8);
+        drop(reserve(0.5).unwrap());
+        let r = reserve(0.6).unwrap();
+        assert!(reserve(0.5).is_err(), "0.6 of 1.0 is held");
+        r.settle(0.2).unwrap();
+        assert_eq!(budgets.spend("t").unwrap().unwrap().left, 0.8);
         // A key without a budget is never refused.
-        assert!(budgets.reserve("other", 1e9).is_ok());
+        assert!(budgets.reserve("other", 1e9).unwrap().is_ok());
     }
 }

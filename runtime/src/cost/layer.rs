@@ -88,14 +88,38 @@ impl Costed {
         }
     }
 
+    /// The layer over `below`, with the budgets of `store` (shared by every process on it)
+    /// rather than this process's.
+    #[cfg(feature = "store")]
+    pub fn with_stored_budgets(below: Arc<dyn Infer>, store: Arc<dyn crate::store::Store>) -> Self {
+        Self {
+            budgets: Budgets::stored(store),
+            ..Self::new(below)
+        }
+    }
+
     /// Sets a routing key's budget.
-    pub fn set_budget(&self, key: &str, budget: Budget) {
-        self.budgets.set(key, budget);
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn set_budget(&self, key: &str, budget: Budget) -> Result<()> {
+        self.budgets.set(key, budget)
     }
 
     /// Where a key's budget stands.
-    pub fn spend(&self, key: &str) -> Option<Spend> {
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn spend(&self, key: &str) -> Result<Option<Spend>> {
         self.budgets.spend(key)
+    }
+
+    /// Every key's budget and where it stands, by key.
+    ///
+    /// # Errors
+    /// The store's, for stored budgets.
+    pub fn budgets(&self) -> Result<Vec<(String, Spend)>> {
+        self.budgets.all()
     }
 
     /// What every (model, version, key) has cost in this process.
@@ -143,20 +167,20 @@ impl Costed {
         // The version layer's own runs (shadow copies, replays) are priced but not the caller's
         // to pay: no budget is asked.
         let reserved = if request.purpose == crate::Purpose::Serve {
-            self.budgets.reserve(&key, worst)
+            self.budgets.reserve(&key, worst)?
         } else {
             Ok(self.budgets.unpaid())
         };
         let reservation = match reserved {
             Ok(r) => r,
-            Err(refusal) => match self.budgets.budget(&key).map(|b| b.on_exhausted) {
-                Some(Exhausted::Downgrade(cheaper)) if cheaper != request.model => {
-                    let target = self.below.target(&cheaper)?;
+            Err(refusal) => match &refusal.on_exhausted {
+                Exhausted::Downgrade(cheaper) if *cheaper != request.model => {
+                    let target = self.below.target(cheaper)?;
                     request.model = target.version.id().to_string();
                     downgraded_from = request.target.replace(target).map(|t| t.name);
                     let (cheap_price, cheap_worst) = Self::worst_case(&request)?;
                     price = cheap_price;
-                    self.budgets.reserve(&key, cheap_worst).map_err(Error::from)?
+                    self.budgets.reserve(&key, cheap_worst)??
                 }
                 _ => return Err(refusal.into()),
             },
@@ -176,13 +200,13 @@ impl Costed {
 impl Charge {
     /// Charges what `tokens` tokens and `forward` of compute cost (nothing for an answer of
     /// the response cache) and returns the price.
-    fn settle(self, tokens: usize, forward: Duration, cache_hit: bool, version: &str) -> Price {
+    fn settle(self, tokens: usize, forward: Duration, cache_hit: bool, version: &str) -> Result<Price> {
         let cost = if cache_hit {
             0.0
         } else {
             self.price.cost(tokens, forward)
         };
-        self.reservation.settle(cost);
+        self.reservation.settle(cost)?;
         let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let line = totals
             .entry((self.name.clone(), version.to_string(), self.key.clone()))
@@ -197,20 +221,21 @@ impl Charge {
         line.requests += 1;
         line.tokens += tokens as u64;
         line.cost += cost;
-        Price {
+        Ok(Price {
             cost,
             key: self.key,
             tokens,
             downgraded_from: self.downgraded_from,
-        }
+        })
     }
 
-    /// Charges an answer and notes its price on it.
-    fn answer(self, mut answer: InferResponse) -> InferResponse {
+    /// Charges an answer and notes its price on it; an answer whose charge the store cannot
+    /// record is refused ([`crate::ErrorKind::Storage`]).
+    fn answer(self, mut answer: InferResponse) -> Result<InferResponse> {
         let m = &answer.meta;
-        let price = self.settle(m.tokens, m.timings.forward, m.cache_hit, m.version.as_ref());
+        let price = self.settle(m.tokens, m.timings.forward, m.cache_hit, m.version.as_ref())?;
         answer.meta.notes.insert(price);
-        answer
+        Ok(answer)
     }
 }
 
@@ -233,7 +258,7 @@ impl Infer for Costed {
     /// A request that fails is charged nothing.
     fn infer(&self, request: InferRequest) -> Result<InferResponse> {
         let (request, charge) = self.admit(request)?;
-        Ok(charge.answer(self.below.infer(request)?))
+        charge.answer(self.below.infer(request)?)
     }
 
     /// Reserves the generation's worst case (its prompt and `max_tokens`) before its first
@@ -276,10 +301,10 @@ impl Generating for Charging {
                     return Step::End(end);
                 };
                 Step::End(match end {
-                    Ok(answer) => Ok(charge.answer(answer)),
+                    Ok(answer) => charge.answer(answer),
                     Err(e) => {
                         // A failure after tokens were made is charged what was made.
-                        charge.settle(
+                        let _ = charge.settle(
                             self.prompt_tokens + self.generated,
                             Duration::ZERO,
                             false,
@@ -295,7 +320,7 @@ impl Generating for Charging {
     fn cancel(mut self: Box<Self>) -> Result<InferResponse> {
         let partial = self.inner.cancel()?;
         Ok(match self.charge.take() {
-            Some(charge) => charge.answer(partial),
+            Some(charge) => charge.answer(partial)?,
             None => partial,
         })
     }
@@ -331,7 +356,8 @@ impl Costed {
                     value: line.requests as f64,
                 });
             }
-            for (key, spend) in budgets.all() {
+            // A store that cannot be read leaves the gauge out of this scrape.
+            for (key, spend) in budgets.all().unwrap_or_default() {
                 out.push(Sample {
                     name: "budget_left",
                     help: "What a key's budget has left this period",

@@ -63,6 +63,17 @@ pub enum Error {
 /// The result type of stores.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// A store's failure on the prediction path (a budget or a lineage record it cannot write):
+/// [`crate::ErrorKind::Storage`], the store's error kept whole.
+impl From<Error> for crate::Error {
+    fn from(e: Error) -> Self {
+        crate::Error::Refused {
+            kind: crate::ErrorKind::Storage,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// A registered model version: immutable once registered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionRecord {
@@ -308,9 +319,52 @@ pub type RouteChange<'a> = dyn FnMut(&mut Routes, &[AliasEvent]) -> std::result:
 ///
 /// Every method is safe to call from many threads (and, for [`SqliteStore`], from many processes
 /// on the same folder; for [`PgStore`], from many hosts).
-pub trait Store: RegistryStore + LineageStore + ReviewStore + KeyStore {
+pub trait Store: RegistryStore + LineageStore + ReviewStore + KeyStore + BudgetStore {
     /// Where the store is, for messages.
     fn location(&self) -> String;
+
+    /// Whether hosts of a fleet share this store (and may die at any moment): then budgets are
+    /// kept in it rather than in each process, and every answer waits until its lineage record
+    /// is committed. False for the embedded store, whose process keeps the fast paths.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Blocks until the routes may have changed in another process (a promote, a rollback, a
+    /// canary's guard), or until `timeout`; returns whether a change was announced. A store
+    /// that cannot announce changes just waits (its callers poll [`RegistryStore::routes_version`]
+    /// after each wait).
+    ///
+    /// # Errors
+    /// The store's connection failed (the caller waits and polls as without announcements).
+    fn wait_routes_change(&self, timeout: std::time::Duration) -> Result<bool> {
+        std::thread::sleep(timeout);
+        Ok(false)
+    }
+}
+
+/// Opens the store at `location`: a `postgres://` (or `postgresql://`) URL names a fleet's
+/// `PgStore` (feature `postgres`), anything else the folder of an embedded [`SqliteStore`].
+/// The one way the CLI, the C ABI and the server open a store.
+///
+/// # Errors
+/// As [`SqliteStore::open`]'s or `PgStore::connect`'s; [`Error::Database`] for a PostgreSQL URL
+/// in a build without the `postgres` feature.
+pub fn open(location: impl AsRef<std::ffi::OsStr>) -> Result<std::sync::Arc<dyn Store>> {
+    let location = location.as_ref();
+    let url = location
+        .to_str()
+        .filter(|l| l.starts_with("postgres://") || l.starts_with("postgresql://"));
+    if let Some(_url) = url {
+        #[cfg(feature = "postgres")]
+        return Ok(std::sync::Arc::new(PgStore::connect(_url)?));
+        #[cfg(not(feature = "postgres"))]
+        return Err(Error::Database {
+            path: PathBuf::from("postgres"),
+            reason: "this Keel was built without PostgreSQL support (feature `postgres`)".into(),
+        });
+    }
+    Ok(std::sync::Arc::new(SqliteStore::open(location)?))
 }
 
 /// The model registry: versions, and each name's routes (aliases, canary) with their history.
@@ -434,6 +488,81 @@ pub trait KeyStore: Send + Sync {
 
     /// Revokes the key of this name; returns whether it existed and was not revoked yet.
     fn revoke_key(&self, name: &str, now_ms: i64) -> Result<bool>;
+}
+
+/// A routing key's budget as a store keeps it. Amounts are in billionths of the manifests' unit,
+/// as integers, so that sums are exact (a budget of 10 calls at 0.1 admits exactly 10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetRow {
+    /// The routing key.
+    pub key: String,
+    /// The most the key may spend per period.
+    pub limit: i64,
+    /// The period (milliseconds), starting when the budget was first set; None: one period.
+    pub period_ms: Option<i64>,
+    /// The cheaper model that serves the key at exhaustion; None: refused.
+    pub downgrade_to: Option<String>,
+    /// When the current period started (milliseconds since the Unix epoch).
+    pub period_start_ms: i64,
+    /// Charged in the current period.
+    pub spent: i64,
+    /// Held by requests running now (in any process sharing the store).
+    pub reserved: i64,
+}
+
+impl BudgetRow {
+    /// The row as of `now_ms`: a period that ended is renewed (nothing spent in it yet).
+    pub fn rolled(mut self, now_ms: i64) -> Self {
+        if let Some(period) = self.period_ms.filter(|p| *p > 0) {
+            if now_ms - self.period_start_ms >= period {
+                self.period_start_ms += (now_ms - self.period_start_ms) / period * period;
+                self.spent = 0;
+            }
+        }
+        self
+    }
+
+    /// What is left to reserve.
+    pub fn left(&self) -> i64 {
+        (self.limit - self.spent - self.reserved).max(0)
+    }
+}
+
+/// What [`BudgetStore::reserve_budget`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// The key has no budget: nothing was held.
+    NoBudget,
+    /// The amount is held against the key's budget.
+    Held,
+    /// The budget cannot pay: nothing was held; where it stood.
+    Short(BudgetRow),
+}
+
+/// Budgets kept in the store, for the processes that share it (a fleet's replicas): each
+/// reservation is one atomic update of the key's row, so that concurrent requests through any
+/// replica never spend more than the budget.
+pub trait BudgetStore: Send + Sync {
+    /// Sets (or replaces) a key's limit, period and downgrade; what it spent in its current
+    /// period is kept (a new budget's period starts at `now_ms`).
+    fn set_budget(
+        &self,
+        key: &str,
+        limit: i64,
+        period_ms: Option<i64>,
+        downgrade_to: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()>;
+
+    /// The budget of `key` (every budget if None), by key, as stored (see [`BudgetRow::rolled`]).
+    fn budget_rows(&self, key: Option<&str>) -> Result<Vec<BudgetRow>>;
+
+    /// Holds `amount` against the key's budget if what is left as of `now_ms` can pay for it,
+    /// in one atomic step.
+    fn reserve_budget(&self, key: &str, amount: i64, now_ms: i64) -> Result<Reserved>;
+
+    /// Releases `held` (a reservation's amount) and charges `charged` (at most `held`).
+    fn release_budget(&self, key: &str, held: i64, charged: i64) -> Result<()>;
 }
 
 /// A key's scopes as the store keeps them.

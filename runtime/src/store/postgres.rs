@@ -16,6 +16,7 @@ use super::{
     VersionRecord,
 };
 use crate::manifest::{Manifest, VersionId};
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::FromSql;
 use postgres::{Client, GenericClient, NoTls, Row};
 use std::collections::BTreeMap;
@@ -28,6 +29,9 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The key of the advisory lock that migrations run under ("KEEL" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4B45_454C;
+
+/// The channel a route change is announced on (NOTIFY), for the other hosts' routes.
+const ROUTES_CHANNEL: &str = "keel_routes";
 
 /// Idle connections kept per store: a server's connection slots are shared by the whole fleet,
 /// so a burst of calls does not leave its peak number of connections open.
@@ -76,6 +80,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE api_keys (
         name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, tenant TEXT,
         created_ms BIGINT NOT NULL, revoked_ms BIGINT);",
+    // 4: budgets kept fleet-wide (amounts in billionths of a unit).
+    "CREATE TABLE budgets (
+        key TEXT PRIMARY KEY, limit_units BIGINT NOT NULL, period_ms BIGINT, downgrade_to TEXT,
+        period_start_ms BIGINT NOT NULL, spent BIGINT NOT NULL, reserved BIGINT NOT NULL);",
 ];
 
 /// The tables the migrations create: a database holding one of them without `keel_schema`
@@ -90,6 +98,7 @@ const TABLES: &[&str] = &[
     "review",
     "feedback",
     "api_keys",
+    "budgets",
 ];
 
 /// The columns of a ticket, in the order `read_ticket` reads them.
@@ -109,6 +118,8 @@ pub struct PgStore {
     config: postgres::Config,
     location: String,
     idle: Mutex<Vec<Client>>,
+    /// The connection that waits for route changes ([`Store::wait_routes_change`]).
+    listener: Mutex<Option<Client>>,
 }
 
 impl PgStore {
@@ -127,6 +138,7 @@ impl PgStore {
             location: location(&config),
             config,
             idle: Mutex::new(Vec::new()),
+            listener: Mutex::new(None),
         };
         store.with(|c| store.migrate(c))?;
         Ok(store)
@@ -176,16 +188,22 @@ impl PgStore {
 
     /// Runs `f` on a connection of the pool, and gives it back unless it was closed. A call that
     /// panics drops its connection (and with it any transaction it left open).
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    ///
+    /// A pooled connection may have been cut since it was last used (the server restarted):
+    /// that is known only when a call on it fails, so a call that fails because its pooled
+    /// connection closed is run once more, on a new connection.
+    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         let pooled = std::iter::from_fn(|| self.idle().pop()).find(|c| !c.is_closed());
+        let reused = pooled.is_some();
         let mut client = match pooled {
             Some(client) => client,
-            None => self.config.connect(NoTls).map_err(|e| Error::NotWritable {
-                path: PathBuf::from(&self.location),
-                reason: describe(&e),
-            })?,
+            None => self.new_connection()?,
         };
-        let out = f(&mut client);
+        let mut out = f(&mut client);
+        if out.is_err() && reused && client.is_closed() {
+            client = self.new_connection()?;
+            out = f(&mut client);
+        }
         if !client.is_closed() {
             let mut idle = self.idle();
             if idle.len() < MAX_IDLE {
@@ -193,6 +211,13 @@ impl PgStore {
             }
         }
         out
+    }
+
+    fn new_connection(&self) -> Result<Client> {
+        self.config.connect(NoTls).map_err(|e| Error::NotWritable {
+            path: PathBuf::from(&self.location),
+            reason: describe(&e),
+        })
     }
 
     /// Checks that the database is a Keel store of a schema this build reads, and migrates it.
@@ -490,6 +515,42 @@ impl Store for PgStore {
     fn location(&self) -> String {
         self.location.clone()
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    /// Waits on a connection of its own that LISTENs to the routes' channel: a route change
+    /// NOTIFYs it when its transaction commits, on whichever host made it.
+    fn wait_routes_change(&self, timeout: Duration) -> Result<bool> {
+        let mut listener = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        if listener.as_ref().is_none_or(Client::is_closed) {
+            let mut client = self.new_connection()?;
+            client
+                .batch_execute(&format!("LISTEN {ROUTES_CHANNEL}"))
+                .map_err(|e| self.db_error(e))?;
+            *listener = Some(client);
+        }
+        let Some(client) = listener.as_mut() else {
+            return Ok(false);
+        };
+        let first = client
+            .notifications()
+            .timeout_iter(timeout)
+            .next()
+            .map(|n| n.is_some());
+        let announced = match first {
+            Ok(announced) => announced,
+            Err(e) => {
+                let e = self.db_error(e);
+                *listener = None;
+                return Err(e);
+            }
+        };
+        // Several changes at once are one reload.
+        while let Ok(Some(_)) = client.notifications().iter().next() {}
+        Ok(announced)
+    }
 }
 
 impl RegistryStore for PgStore {
@@ -641,7 +702,9 @@ impl super::RouteWrites for Writes<'_, '_> {
 
     fn bump_routes_version(&mut self) -> Result<()> {
         self.tx
-            .execute("UPDATE routes_version SET version = version + 1", &[])
+            .batch_execute(&format!(
+                "UPDATE routes_version SET version = version + 1; NOTIFY {ROUTES_CHANNEL}"
+            ))
             .map_err(|e| self.store.db_error(e))?;
         Ok(())
     }
@@ -661,6 +724,105 @@ impl super::RouteWrites for Writes<'_, '_> {
         }
         .map_err(|e| self.store.db_error(e))?;
         Ok(())
+    }
+}
+
+/// The columns of a budget, in the order `read_budget` reads them.
+const BUDGET_COLUMNS: &str = "key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved";
+
+/// Whether the budget row's period has ended as of `$3` (then it is renewed first).
+const PERIOD_ENDED: &str = "(period_ms > 0 AND $3 - period_start_ms >= period_ms)";
+
+impl super::BudgetStore for PgStore {
+    fn set_budget(
+        &self,
+        key: &str,
+        limit: i64,
+        period_ms: Option<i64>,
+        downgrade_to: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO budgets (key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved)
+                 VALUES ($1, $2, $3, $4, $5, 0, 0)
+                 ON CONFLICT (key) DO UPDATE SET limit_units = excluded.limit_units,
+                    period_ms = excluded.period_ms, downgrade_to = excluded.downgrade_to",
+                &[&key, &limit, &period_ms, &downgrade_to, &now_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+        })
+    }
+
+    fn budget_rows(&self, key: Option<&str>) -> Result<Vec<super::BudgetRow>> {
+        self.with(|c| {
+            let rows = c
+                .query(
+                    &format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE $1::TEXT IS NULL OR key = $1 ORDER BY key"),
+                    &[&key],
+                )
+                .map_err(|e| self.db_error(e))?;
+            rows.iter().map(|r| self.read_budget(r, 0)).collect()
+        })
+    }
+
+    fn reserve_budget(&self, key: &str, amount: i64, now_ms: i64) -> Result<super::Reserved> {
+        // One statement, one round trip: the update renews an ended period and holds the amount
+        // only if what is left pays for it. Concurrent updates of the row queue on its lock, and
+        // each re-checks its condition on the row as the one before left it. The select reads
+        // the row as it was before (for the refusal's message).
+        let sql = format!(
+            "WITH held AS (
+                UPDATE budgets SET
+                    period_start_ms = CASE WHEN {PERIOD_ENDED}
+                        THEN period_start_ms + ($3 - period_start_ms) / period_ms * period_ms
+                        ELSE period_start_ms END,
+                    spent = CASE WHEN {PERIOD_ENDED} THEN 0 ELSE spent END,
+                    reserved = reserved + $2
+                WHERE key = $1
+                  AND limit_units - reserved - CASE WHEN {PERIOD_ENDED} THEN 0 ELSE spent END >= $2
+                RETURNING key)
+             SELECT (SELECT count(*) FROM held), {BUDGET_COLUMNS} FROM budgets WHERE key = $1"
+        );
+        self.with(|c| {
+            let row = c
+                .query_opt(&sql, &[&key, &amount, &now_ms])
+                .map_err(|e| self.db_error(e))?;
+            Ok(match row {
+                None => super::Reserved::NoBudget,
+                Some(r) if r.get::<_, i64>(0) > 0 => super::Reserved::Held,
+                Some(r) => super::Reserved::Short(self.read_budget(&r, 1)?.rolled(now_ms)),
+            })
+        })
+    }
+
+    fn release_budget(&self, key: &str, held: i64, charged: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE budgets SET reserved = GREATEST(reserved - $2, 0), spent = spent + $3
+                 WHERE key = $1",
+                &[&key, &held, &charged.min(held)],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+        })
+    }
+}
+
+impl PgStore {
+    /// A budget of BUDGET_COLUMNS, from column `first` on.
+    fn read_budget(&self, row: &Row, first: usize) -> Result<super::BudgetRow> {
+        let get = |i: usize| first + i;
+        Ok(super::BudgetRow {
+            key: self.get(row, get(0))?,
+            limit: self.get(row, get(1))?,
+            period_ms: self.get(row, get(2))?,
+            downgrade_to: self.get(row, get(3))?,
+            period_start_ms: self.get(row, get(4))?,
+            spent: self.get(row, get(5))?,
+            reserved: self.get(row, get(6))?,
+        })
     }
 }
 

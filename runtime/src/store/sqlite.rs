@@ -62,6 +62,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE api_keys (
         name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL, tenant TEXT,
         created_ms INTEGER NOT NULL, revoked_ms INTEGER);",
+    // 4: budgets kept in the store (amounts in billionths of a unit), for the processes sharing it.
+    "CREATE TABLE budgets (
+        key TEXT PRIMARY KEY, limit_units INTEGER NOT NULL, period_ms INTEGER, downgrade_to TEXT,
+        period_start_ms INTEGER NOT NULL, spent INTEGER NOT NULL, reserved INTEGER NOT NULL);",
 ];
 
 /// The columns of a ticket, in the order `read_ticket` reads them.
@@ -496,6 +500,102 @@ impl super::RouteWrites for Writes<'_> {
         }
         .map_err(|e| self.store.db_error(e))?;
         Ok(())
+    }
+}
+
+/// The columns of a budget, in the order `read_budget` reads them.
+const BUDGET_COLUMNS: &str = "key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved";
+
+fn read_budget(row: &rusqlite::Row<'_>) -> rusqlite::Result<super::BudgetRow> {
+    Ok(super::BudgetRow {
+        key: row.get(0)?,
+        limit: row.get(1)?,
+        period_ms: row.get(2)?,
+        downgrade_to: row.get(3)?,
+        period_start_ms: row.get(4)?,
+        spent: row.get(5)?,
+        reserved: row.get(6)?,
+    })
+}
+
+impl super::BudgetStore for SqliteStore {
+    fn set_budget(
+        &self,
+        key: &str,
+        limit: i64,
+        period_ms: Option<i64>,
+        downgrade_to: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO budgets (key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, 0)
+                 ON CONFLICT (key) DO UPDATE SET limit_units = excluded.limit_units,
+                    period_ms = excluded.period_ms, downgrade_to = excluded.downgrade_to",
+                params![key, limit, period_ms, downgrade_to, now_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn budget_rows(&self, key: Option<&str>) -> Result<Vec<super::BudgetRow>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {BUDGET_COLUMNS} FROM budgets WHERE ?1 IS NULL OR key = ?1 ORDER BY key"
+            ))
+            .map_err(|e| self.db_error(e))?;
+        let rows = stmt.query_map([key], read_budget).map_err(|e| self.db_error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn reserve_budget(&self, key: &str, amount: i64, now_ms: i64) -> Result<super::Reserved> {
+        // One update renews an ended period and holds the amount only if what is left pays for
+        // it: SQLite runs one writer at a time, so the check and the hold are one step.
+        let ended = "(period_ms > 0 AND ?3 - period_start_ms >= period_ms)";
+        let conn = self.conn();
+        let held = conn
+            .execute(
+                &format!(
+                    "UPDATE budgets SET
+                        period_start_ms = CASE WHEN {ended}
+                            THEN period_start_ms + (?3 - period_start_ms) / period_ms * period_ms
+                            ELSE period_start_ms END,
+                        spent = CASE WHEN {ended} THEN 0 ELSE spent END,
+                        reserved = reserved + ?2
+                     WHERE key = ?1
+                       AND limit_units - reserved - CASE WHEN {ended} THEN 0 ELSE spent END >= ?2"
+                ),
+                params![key, amount, now_ms],
+            )
+            .map_err(|e| self.db_error(e))?;
+        if held > 0 {
+            return Ok(super::Reserved::Held);
+        }
+        let row = conn
+            .query_row(
+                &format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE key = ?1"),
+                [key],
+                read_budget,
+            )
+            .optional()
+            .map_err(|e| self.db_error(e))?;
+        Ok(match row {
+            None => super::Reserved::NoBudget,
+            Some(row) => super::Reserved::Short(row.rolled(now_ms)),
+        })
+    }
+
+    fn release_budget(&self, key: &str, held: i64, charged: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE budgets SET reserved = MAX(reserved - ?2, 0), spent = spent + ?3 WHERE key = ?1",
+                params![key, held, charged.min(held)],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
     }
 }
 

@@ -4,7 +4,9 @@
 //! [`run`] takes a function that opens the store under test: a fresh, empty store on the first
 //! call, and the same store again on later calls (a restart, or a second host of a fleet).
 
-use super::{Feedback, FeedbackSource, LineageRow, NewTicket, Retention, Store, TicketState, VersionRecord};
+use super::{
+    Feedback, FeedbackSource, LineageRow, NewTicket, Reserved, Retention, Store, TicketState, VersionRecord,
+};
 use crate::manifest::{Architecture, Manifest, VersionId};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,7 +21,9 @@ pub fn run(open: &Open<'_>) {
     lineage(store.as_ref());
     review_queue(store.as_ref());
     api_keys(store.as_ref());
+    budgets(store.as_ref());
     claims_never_collide(open);
+    budgets_are_never_overspent(open);
     survives_a_restart(store, open);
 }
 
@@ -315,6 +319,58 @@ fn claims_never_collide(open: &Open<'_>) {
     let unique: HashSet<i64> = claimed.iter().copied().collect();
     assert_eq!(claimed.len(), unique.len(), "review: a ticket was claimed twice");
     assert_eq!(unique, ids, "review: every ticket was claimed once");
+}
+
+fn budgets(store: &dyn Store) {
+    assert_eq!(
+        store.reserve_budget("nobody", 5, 0).unwrap(),
+        Reserved::NoBudget,
+        "budgets: a key without one is not held"
+    );
+    // 10 per period of 1000 ms, from t = 0.
+    store.set_budget("k", 10, Some(1000), None, 0).unwrap();
+    assert_eq!(store.reserve_budget("k", 6, 10).unwrap(), Reserved::Held);
+    let Reserved::Short(row) = store.reserve_budget("k", 5, 20).unwrap() else {
+        panic!("budgets: 6 of 10 held, 5 more must be refused");
+    };
+    assert_eq!((row.limit, row.reserved, row.left()), (10, 6, 4));
+    store.release_budget("k", 6, 3).unwrap();
+    let row = &store.budget_rows(Some("k")).unwrap()[0];
+    assert_eq!((row.spent, row.reserved), (3, 0), "budgets: charged 3, released the rest");
+    // Replaced: the new limit and downgrade apply, what was spent stays.
+    store.set_budget("k", 8, Some(1000), Some("cheap"), 500).unwrap();
+    let row = &store.budget_rows(Some("k")).unwrap()[0];
+    assert_eq!((row.limit, row.spent, row.period_start_ms), (8, 3, 0));
+    assert_eq!(row.downgrade_to.as_deref(), Some("cheap"));
+    assert!(matches!(store.reserve_budget("k", 6, 600).unwrap(), Reserved::Short(_)));
+    // The next period (t = 2500 is in the one starting at 2000) starts with nothing spent.
+    assert_eq!(store.reserve_budget("k", 8, 2500).unwrap(), Reserved::Held);
+    let row = &store.budget_rows(Some("k")).unwrap()[0];
+    assert_eq!((row.period_start_ms, row.spent, row.reserved), (2000, 0, 8));
+    store.release_budget("k", 8, 8).unwrap();
+    assert_eq!(store.budget_rows(None).unwrap().len(), 1);
+}
+
+/// Many hosts reserving at once against one budget: exactly what it pays for is held.
+fn budgets_are_never_overspent(open: &Open<'_>) {
+    open().set_budget("shared", 100, None, None, 0).unwrap();
+    let hosts: Vec<_> = (0..8).map(|_| open()).collect();
+    let held: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = hosts
+            .iter()
+            .map(|store| {
+                s.spawn(move || {
+                    (0..40)
+                        .filter(|_| store.reserve_budget("shared", 3, 1).unwrap() == Reserved::Held)
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(held, 33, "budgets: 100 pays for exactly 33 holds of 3");
+    let row = &open().budget_rows(Some("shared")).unwrap()[0];
+    assert_eq!((row.reserved, row.left()), (99, 1));
 }
 
 /// What was written is there after the store is opened again.

@@ -363,10 +363,38 @@ pub struct LineageStats {
 /// path.
 pub(crate) type Pending = Box<dyn FnOnce() -> LineageRow + Send>;
 
+/// Answered with None once what it waits for is committed, or with why it was not.
+type Done = SyncSender<Option<String>>;
+
 enum Msg {
-    Record(Pending),
+    /// A record, and who waits for its commit (a durable writer's request).
+    Record(Pending, Option<Done>),
     /// Answered once everything sent before it is committed.
-    Flush(SyncSender<Option<String>>),
+    Flush(Done),
+}
+
+/// A record's commit, waited for by the request that made it (a durable writer's).
+pub(crate) struct Commit(Receiver<Option<String>>);
+
+impl Commit {
+    /// Waits until the record is committed.
+    ///
+    /// # Errors
+    /// The store failed to write it (or the writer stopped): the record is lost.
+    pub fn wait(self) -> Result<()> {
+        match self.0.recv() {
+            Ok(None) => Ok(()),
+            Ok(Some(failure)) => Err(lost(&failure)),
+            Err(_) => Err(lost("the lineage writer stopped")),
+        }
+    }
+}
+
+fn lost(failure: &str) -> Error {
+    Error::Store(crate::store::Error::Database {
+        path: "lineage".into(),
+        reason: format!("lineage records were lost: {failure}"),
+    })
 }
 
 #[derive(Default)]
@@ -382,6 +410,9 @@ struct Counters {
 pub(crate) struct Writer {
     tx: Mutex<Option<SyncSender<Msg>>>,
     overflow: Overflow,
+    /// Each record's request waits for its commit (a store that hosts share: a host may die at
+    /// any moment, and an answer must not outlive its record).
+    durable: bool,
     counters: Arc<Counters>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -397,6 +428,7 @@ impl Writer {
         retention: Retention,
         prune_every: Duration,
     ) -> Result<Self> {
+        let durable = store.is_shared();
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(Counters::default());
         let thread = {
@@ -412,7 +444,9 @@ impl Writer {
         };
         Ok(Self {
             tx: Mutex::new(Some(tx)),
-            overflow,
+            // A durable record is never dropped: its request waits for room.
+            overflow: if durable { Overflow::Block } else { overflow },
+            durable,
             counters,
             thread: Mutex::new(Some(thread)),
         })
@@ -422,14 +456,23 @@ impl Writer {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn submit(&self, row: Pending) {
+    /// Hands a record over. A durable writer returns its [`Commit`] to wait for; a record
+    /// dropped (a full buffer with [`Overflow::Drop`], or a stopped writer) is counted.
+    pub fn submit(&self, row: Pending) -> Option<Commit> {
         let Some(tx) = self.sender() else {
             Counters::bump(&self.counters.dropped);
-            return;
+            return self.durable.then(|| Commit(sync_channel(1).1));
+        };
+        let (done, commit) = match self.durable {
+            true => {
+                let (done, wait) = sync_channel(1);
+                (Some(done), Some(Commit(wait)))
+            }
+            false => (None, None),
         };
         let sent = match self.overflow {
-            Overflow::Block => tx.send(Msg::Record(row)).is_ok(),
-            Overflow::Drop => match tx.try_send(Msg::Record(row)) {
+            Overflow::Block => tx.send(Msg::Record(row, done)).is_ok(),
+            Overflow::Drop => match tx.try_send(Msg::Record(row, done)) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
             },
@@ -437,6 +480,7 @@ impl Writer {
         if !sent {
             Counters::bump(&self.counters.dropped);
         }
+        commit
     }
 
     /// Waits until every record submitted before the call is committed.
@@ -449,10 +493,7 @@ impl Writer {
         tx.send(Msg::Flush(done)).map_err(|_| gone())?;
         match wait.recv().map_err(|_| gone())? {
             None => Ok(()),
-            Some(failure) => Err(Error::Store(crate::store::Error::Database {
-                path: "lineage".into(),
-                reason: format!("lineage records were lost: {failure}"),
-            })),
+            Some(failure) => Err(lost(&failure)),
         }
     }
 
@@ -490,6 +531,7 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
     let mut last_prune = Instant::now();
     let mut failure: Option<String> = None;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut waiting: Vec<Done> = Vec::new();
     let mut flushes = Vec::new();
     loop {
         // Without retention the thread sleeps until a record comes; with it, it also wakes to
@@ -510,7 +552,10 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
         // Take what is buffered, up to a batch; a flush marker ends the batch.
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(make) => batch.push(make()),
+                Msg::Record(make, done) => {
+                    batch.push(make());
+                    waiting.extend(done);
+                }
                 Msg::Flush(done) => {
                     flushes.push(done);
                     break;
@@ -522,15 +567,22 @@ fn write_loop(store: &dyn Store, rx: &Receiver<Msg>, c: &Counters, retention: Re
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            match store.append_lineage(&batch) {
+            // One transaction for what came in while the last one committed: the requests
+            // waiting on their records share it (group commit).
+            let outcome = match store.append_lineage(&batch) {
                 Ok(()) => {
                     c.written.fetch_add(batch.len() as u64, Relaxed);
                     Counters::bump(&c.transactions);
+                    None
                 }
                 Err(e) => {
                     c.failed.fetch_add(batch.len() as u64, Relaxed);
                     failure = Some(e.to_string());
+                    failure.clone()
                 }
+            };
+            for done in waiting.drain(..) {
+                let _ = done.send(outcome.clone());
             }
             batch.clear();
         }

@@ -57,9 +57,8 @@ use shadow::{Pacing, ShadowQueue, Traffic};
 use slots::SlotPool;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The alias that `NAME` means.
 pub const PRODUCTION: &str = "production";
@@ -85,7 +84,9 @@ pub struct VersionConfig {
     /// A copy that finds no idle time within this long is dropped (counted as stale).
     pub shadow_max_wait: Duration,
     /// How often the store is asked whether another process changed the routes (a promote or
-    /// rollback from `keel registry`); None: never (only this process's changes apply).
+    /// rollback from `keel registry`, another replica's canary), at the latest: a store that
+    /// announces changes (PostgreSQL) has them served at once. None: never (only this
+    /// process's changes apply).
     pub refresh: Option<Duration>,
 }
 
@@ -173,13 +174,6 @@ pub(crate) struct Shared {
     lineage: Writer,
     shadow: ShadowQueue,
     traffic: Arc<Traffic>,
-    refresh: Option<Duration>,
-    /// When the routes were last polled (ms since `epoch`), the version seen, and whether a
-    /// refresh is running.
-    epoch: Instant,
-    polled_ms: AtomicU64,
-    routes_seen: AtomicI64,
-    refreshing: AtomicBool,
 }
 
 impl Versioned {
@@ -211,7 +205,6 @@ impl Versioned {
             config.retention,
             config.prune_every,
         )?;
-        let routes_version = store.routes_version()?;
         let pacing = Pacing {
             traffic: Arc::default(),
             idle_gap: config.shadow_idle_gap,
@@ -227,12 +220,10 @@ impl Versioned {
             lineage,
             traffic: pacing.traffic.clone(),
             shadow: ShadowQueue::new(config.shadow_queue, weak.clone(), pacing),
-            refresh: config.refresh,
-            epoch: Instant::now(),
-            polled_ms: AtomicU64::new(0),
-            routes_seen: AtomicI64::new(routes_version),
-            refreshing: AtomicBool::new(false),
         });
+        if let Some(every) = config.refresh {
+            shared.watch_routes(every)?;
+        }
         Ok(Self { shared })
     }
 

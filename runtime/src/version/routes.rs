@@ -9,8 +9,8 @@ use crate::store::{Routes, VersionRecord};
 use crate::VersionId;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The routes of one name, with their versions loaded.
 pub(super) struct Live {
@@ -102,7 +102,6 @@ impl Shared {
 
     /// The routes of `name` in this process, loading them from the store at first use.
     fn live(self: &Arc<Self>, name: &str) -> Result<Arc<Live>> {
-        self.poll();
         if let Some(live) = self.read_live().get(name) {
             return Ok(live.clone());
         }
@@ -127,39 +126,32 @@ impl Shared {
         Ok(live)
     }
 
-    /// At most once per `refresh` period (one thread at a time): if another process changed the
-    /// routes, serve the new ones. The reload runs on a thread of its own, so that no request
-    /// waits for a version to load; requests keep the old routes until it is done.
-    fn poll(self: &Arc<Self>) {
-        let Some(every) = self.refresh else { return };
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last = self.polled_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < every.as_millis() as u64
-            || self
-                .polled_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        let Ok(version) = self.store.routes_version() else {
-            return;
-        };
-        if version == self.routes_seen.load(Ordering::Relaxed) || self.refreshing.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let shared = self.clone();
-        let spawned = std::thread::Builder::new()
+    /// Starts the thread that serves the routes other processes set: it waits for the store to
+    /// announce a change (PostgreSQL's NOTIFY, on whichever host made it) or for `every` to
+    /// pass (the poll, for a store that does not announce or a missed announcement), then
+    /// reloads the names whose routes moved. Requests keep the old routes until the new
+    /// versions are loaded, so no request waits for a load. The thread ends once the layer is
+    /// dropped (within `every`).
+    pub(super) fn watch_routes(self: &Arc<Self>, every: Duration) -> Result<()> {
+        let (weak, store) = (Arc::downgrade(self), self.store.clone());
+        let mut seen = self.store.routes_version()?;
+        std::thread::Builder::new()
             .name("keel-routes".into())
-            .spawn(move || {
-                shared.routes_seen.store(version, Ordering::Relaxed);
-                shared.reload_changed();
-                shared.refreshing.store(false, Ordering::Release);
-            });
-        if spawned.is_err() {
-            self.refreshing.store(false, Ordering::Release);
-        }
+            .spawn(move || loop {
+                if store.wait_routes_change(every).is_err() {
+                    // The store is unreachable: try again after a poll period, not in a spin.
+                    std::thread::sleep(every);
+                }
+                let Some(shared) = weak.upgrade() else { return };
+                if let Ok(version) = store.routes_version() {
+                    if version != seen {
+                        seen = version;
+                        shared.reload_changed();
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| Error::Engine(crate::Error::Internal(format!("cannot start the routes watcher: {e}"))))
     }
 
     /// Rebuilds the routes of every served name whose stored routes differ from this process's.

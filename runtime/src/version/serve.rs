@@ -225,7 +225,7 @@ impl Shared {
                 queued: Instant::now(),
             });
         }
-        self.record(
+        let commit = self.record(
             asked, &answer, &d.slot, &d.name, &d.route, &d.reason, None, started,
         );
         if let Some(guard) = &d.guard {
@@ -234,6 +234,10 @@ impl Shared {
                 let _ = layer.abort_canary(&d.name, &format!("guard: {why}"));
             }
         }
+        // On a store that hosts share, an answer is given only once its record is committed.
+        if let Some(commit) = commit {
+            commit.wait()?;
+        }
         Ok(answer)
     }
 
@@ -241,6 +245,7 @@ impl Shared {
     /// contract's verdict, the price and the review decision in fields of their own). The
     /// request's thread hands over the request and a copy of the output; the record is made
     /// (the input hashed, the output summed up, the JSON written) on the writer's thread.
+    /// Returns the record's commit to wait for, when the writer is durable.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record(
         &self,
@@ -252,7 +257,7 @@ impl Shared {
         reason: &str,
         shadow_of: Option<(&str, f64)>,
         started: Instant,
-    ) {
+    ) -> Option<super::lineage::Commit> {
         let meta = &answer.meta;
         let retain = asked.retain || slot.record.retain_input;
         let (output, notes, identity) = (answer.output.clone(), meta.notes.clone(), slot.identity.clone());
@@ -309,6 +314,6 @@ impl Shared {
                 time_ms: record.time,
                 record: serde_json::to_string(&record).unwrap_or_default(),
             }
-        }));
+        }))
     }
 }
