@@ -2,7 +2,9 @@
 # System packages the tests need: a Vulkan loader and Mesa's lavapipe, a Vulkan driver that runs
 # on the CPU, so that the wgpu backend has a real device on machines without a GPU; curl and
 # openssl, the serve tests' HTTPS client and the certificate they make; Prometheus, the server
-# that scrapes `keel serve` in those tests (Debian's package; its service is not started).
+# that scrapes `keel serve` in those tests (Debian's package; its service is not started);
+# haproxy, the load balancer in front of a fleet's replicas (scripts/fleet.sh; docs/FLEET.md;
+# its service is not started either: fleet.sh runs it as a background process).
 # Installed with apt-get (as root, or with sudo) only when missing.
 set -euo pipefail
 missing=()
@@ -12,6 +14,7 @@ ldconfig -p | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
 command -v curl > /dev/null || missing+=(curl)
 command -v openssl > /dev/null || missing+=(openssl)
 command -v prometheus > /dev/null || missing+=(prometheus)
+command -v haproxy > /dev/null || missing+=(haproxy)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]} (the tests' system packages)"
     sudo=""

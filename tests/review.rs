@@ -278,14 +278,16 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     let names = features();
     let row = record(&names, &split(0)[0].0);
     // 0.55 pays for exactly 55 MLP calls at 0.01.
-    s.costed().set_budget(
-        "tenant",
-        Budget {
-            limit: 0.55,
-            period: None,
-            on_exhausted: Exhausted::Reject,
-        },
-    );
+    s.costed()
+        .set_budget(
+            "tenant",
+            Budget {
+                limit: 0.55,
+                period: None,
+                on_exhausted: Exhausted::Reject,
+            },
+        )
+        .unwrap();
     let results: Vec<Result<keel::InferResponse, keel::Error>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..64)
             .map(|_| {
@@ -300,19 +302,21 @@ fn sixty_four_threads_never_overspend_a_budget_and_it_downgrades_exactly_at_exha
     for r in results.iter().filter_map(|r| r.as_ref().err()) {
         assert_eq!(r.kind(), ErrorKind::Budget, "{r}");
     }
-    let spend = s.costed().spend("tenant").unwrap();
+    let spend = s.costed().spend("tenant").unwrap().unwrap();
     assert!(spend.spent <= 0.55 + 1e-12 && spend.reserved == 0.0, "{spend:?}");
 
     // Downgrade: 3 MLP calls fit in 0.035; the 4th goes to the cheap model (0.001), which
     // the last 0.005 pays for 5 times; then refused.
-    s.costed().set_budget(
-        "small",
-        Budget {
-            limit: 0.035,
-            period: None,
-            on_exhausted: Exhausted::Downgrade(linear.to_string()),
-        },
-    );
+    s.costed()
+        .set_budget(
+            "small",
+            Budget {
+                limit: 0.035,
+                period: None,
+                on_exhausted: Exhausted::Downgrade(linear.to_string()),
+            },
+        )
+        .unwrap();
     let mut routes = Vec::new();
     for _ in 0..10 {
         match s

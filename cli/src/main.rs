@@ -238,7 +238,9 @@ impl From<Weights> for WeightPath {
 }
 
 /// The deployment's store: `--store`, else $KEEL_STORE, else the folder ./.keel.
-pub(crate) fn open_store(store: Option<String>) -> Result<std::sync::Arc<dyn keel::store::Store>, keel::store::Error> {
+pub(crate) fn open_store(
+    store: Option<String>,
+) -> Result<std::sync::Arc<dyn keel::store::Store>, keel::store::Error> {
     let location = store
         .or_else(|| std::env::var("KEEL_STORE").ok().filter(|v| !v.is_empty()))
         .unwrap_or_else(|| ".keel".to_string());
@@ -252,7 +254,10 @@ pub(crate) fn serving(
     store: Option<String>,
 ) -> Result<Stack, Box<dyn std::error::Error>> {
     let engine = Engine::builder().device(device).build()?;
-    Ok(Stack::builder(engine).store(open_store(store)?).all_layers().build()?)
+    Ok(Stack::builder(engine)
+        .store(open_store(store)?)
+        .all_layers()
+        .build()?)
 }
 
 /// The version layer of a serving stack: the registry, aliases, lineage.

@@ -1,6 +1,5 @@
 //! `keel serve` (the stack over HTTP) and `keel keys` (who may call it).
 
-
 use keel::DeviceKind;
 use keel_serve::{RunOptions, ServeConfig};
 use std::net::SocketAddr;

@@ -272,14 +272,18 @@ async fn replay(State(server): State<Server>, Path(id): Path<String>) -> Result<
 /// `GET /admin/cost`: what every (model, version, key) has cost in this process, and where
 /// every budget stands (fleet-wide on a shared store).
 async fn cost(State(server): State<Server>) -> Result<Response, ApiError> {
-    let costed = costed(&server)?;
-    let lines = costed.report();
-    let budgets: serde_json::Map<String, Value> = costed
-        .budgets()?
-        .into_iter()
-        .map(|(k, s)| (k, json!(s)))
-        .collect();
-    Ok(ok(json!({"lines": lines, "budgets": budgets})))
+    // Budgets may be read from the store: off the runtime's workers.
+    blocking(move || {
+        let costed = costed(&server)?;
+        let lines = costed.report();
+        let budgets: serde_json::Map<String, Value> = costed
+            .budgets()?
+            .into_iter()
+            .map(|(k, s)| (k, json!(s)))
+            .collect();
+        Ok(ok(json!({"lines": lines, "budgets": budgets})))
+    })
+    .await?
 }
 
 #[derive(Deserialize)]
@@ -309,17 +313,19 @@ async fn set_budget(
                 .ok_or_else(|| ApiError::bad_request("`period_s` must be a number of seconds > 0"))?,
         ),
     };
-    let costed = costed(&server)?;
     let on_exhausted = b.downgrade_to.map_or(Exhausted::Reject, Exhausted::Downgrade);
-    costed.set_budget(
-        &key,
-        Budget {
-            limit: b.limit,
-            period,
-            on_exhausted,
-        },
-    )?;
-    Ok(ok(json!({"key": key, "spend": costed.spend(&key)?})))
+    let budget = Budget {
+        limit: b.limit,
+        period,
+        on_exhausted,
+    };
+    // A fleet's budgets are written to the store: off the runtime's workers.
+    blocking(move || {
+        let costed = costed(&server)?;
+        costed.set_budget(&key, budget)?;
+        Ok(ok(json!({"key": key, "spend": costed.spend(&key)?})))
+    })
+    .await?
 }
 
 #[derive(Deserialize)]

@@ -22,7 +22,7 @@ pub mod wire;
 
 use axum::extract::State;
 use axum::middleware::from_fn_with_state;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use keel::stack::Stack;
@@ -373,15 +373,19 @@ async fn health() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// `GET /metrics`: the stack's metrics, Prometheus text.
-async fn metrics(State(server): State<Server>) -> impl IntoResponse {
-    (
+/// `GET /metrics`: the stack's metrics, Prometheus text. Rendered on the blocking pool: some
+/// samples are read from the store (the review queue, a fleet's budgets), whose PostgreSQL
+/// client blocks (and may not run on a runtime's worker).
+async fn metrics(State(server): State<Server>) -> Result<Response, ApiError> {
+    let text = blocking(move || server.shared.stack.metrics_text()).await?;
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        server.shared.stack.metrics_text(),
+        text,
     )
+        .into_response())
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -544,14 +544,19 @@ fn refusals_are_typed_statuses_and_the_server_goes_on() {
     assert_eq!(held.json()["error"]["code"], "held_for_review");
     // A budget: the tenant's key pays for nothing more once spent.
     let key = run.key("tenant-app", &["infer"], Some("acme"));
-    run.server.stack().costed().unwrap().set_budget(
-        "acme",
-        Budget {
-            limit: 1e-6,
-            period: None,
-            on_exhausted: Exhausted::Reject,
-        },
-    );
+    run.server
+        .stack()
+        .costed()
+        .unwrap()
+        .set_budget(
+            "acme",
+            Budget {
+                limit: 1e-6,
+                period: None,
+                on_exhausted: Exhausted::Reject,
+            },
+        )
+        .unwrap();
     let broke = post(
         &run,
         "/v1/chat/completions",

@@ -336,13 +336,20 @@ fn budgets(store: &dyn Store) {
     assert_eq!((row.limit, row.reserved, row.left()), (10, 6, 4));
     store.release_budget("k", 6, 3).unwrap();
     let row = &store.budget_rows(Some("k")).unwrap()[0];
-    assert_eq!((row.spent, row.reserved), (3, 0), "budgets: charged 3, released the rest");
+    assert_eq!(
+        (row.spent, row.reserved),
+        (3, 0),
+        "budgets: charged 3, released the rest"
+    );
     // Replaced: the new limit and downgrade apply, what was spent stays.
     store.set_budget("k", 8, Some(1000), Some("cheap"), 500).unwrap();
     let row = &store.budget_rows(Some("k")).unwrap()[0];
     assert_eq!((row.limit, row.spent, row.period_start_ms), (8, 3, 0));
     assert_eq!(row.downgrade_to.as_deref(), Some("cheap"));
-    assert!(matches!(store.reserve_budget("k", 6, 600).unwrap(), Reserved::Short(_)));
+    assert!(matches!(
+        store.reserve_budget("k", 6, 600).unwrap(),
+        Reserved::Short(_)
+    ));
     // The next period (t = 2500 is in the one starting at 2000) starts with nothing spent.
     assert_eq!(store.reserve_budget("k", 8, 2500).unwrap(), Reserved::Held);
     let row = &store.budget_rows(Some("k")).unwrap()[0];

@@ -655,6 +655,21 @@ mod tests {
         }
     }
 
+    impl crate::store::BudgetStore for Gated {
+        fn set_budget(&self, _: &str, _: i64, _: Option<i64>, _: Option<&str>, _: i64) -> StoreResult<()> {
+            Ok(())
+        }
+        fn budget_rows(&self, _: Option<&str>) -> StoreResult<Vec<crate::store::BudgetRow>> {
+            Ok(Vec::new())
+        }
+        fn reserve_budget(&self, _: &str, _: i64, _: i64) -> StoreResult<crate::store::Reserved> {
+            Ok(crate::store::Reserved::NoBudget)
+        }
+        fn release_budget(&self, _: &str, _: i64, _: i64) -> StoreResult<()> {
+            Ok(())
+        }
+    }
+
     impl crate::store::KeyStore for Gated {
         fn add_key(&self, _: &crate::store::ApiKey) -> StoreResult<std::result::Result<(), String>> {
             Ok(Ok(()))
@@ -806,7 +821,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let sender = {
             let w = w.clone();
-            std::thread::spawn(move || (1..20).for_each(|i| w.submit(pending(row(i)))))
+            std::thread::spawn(move || (1..20).for_each(|i| drop(w.submit(pending(row(i))))))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(

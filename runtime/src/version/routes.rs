@@ -151,7 +151,11 @@ impl Shared {
                 }
             })
             .map(|_| ())
-            .map_err(|e| Error::Engine(crate::Error::Internal(format!("cannot start the routes watcher: {e}"))))
+            .map_err(|e| {
+                Error::Engine(crate::Error::Internal(format!(
+                    "cannot start the routes watcher: {e}"
+                )))
+            })
     }
 
     /// Rebuilds the routes of every served name whose stored routes differ from this process's.
