@@ -227,6 +227,11 @@ typedef struct keel_engine_params {
    * share a folder. A path of bytes (need not be UTF-8 on Unix), borrowed for the duration of
    * the call. Default: NULL.
    *
+   * Or a fleet's PostgreSQL database, `postgres://USER@HOST:PORT/DB`, shared by engines on
+   * many hosts: the same tables, plus the budgets (`keel_budget_set` holds across every
+   * engine on it), and every answer returns only once its lineage record is committed
+   * (`KEEL_ERR_STORAGE` when it cannot be).
+   *
    * The version layer loads and unloads the versions it serves itself: do not also load one
    * of them through `keel_model_load` on the same engine (freeing the last handle would
    * unload it from under the layer, and a route change would unload it from under the
@@ -1718,7 +1723,8 @@ enum keel_status keel_feedback(const struct keel_engine *engine,
  * `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments, a non-UTF-8 `key`, a negative or
  * non-finite `limit`, or an empty `downgrade_to`; `KEEL_ERR_NOT_FOUND` for a `downgrade_to` the
  * engine does not have loaded now (if it is unloaded later, the downgraded requests fail with
- * `KEEL_ERR_NOT_FOUND`).
+ * `KEEL_ERR_NOT_FOUND`); `KEEL_ERR_STORAGE` when a fleet's store (a `postgres://`
+ * `storage_path`, which keeps the budgets of every host on it) cannot record it.
  *
  * # Safety
  * `key` is NULL or NUL-terminated; `downgrade_to` is NULL or NUL-terminated; `err` is NULL or
@@ -1741,7 +1747,8 @@ enum keel_status keel_budget_set(const struct keel_engine *engine,
  *
  * On success `*out_json` holds a new string owned by the caller (free it with
  * `keel_string_free`). On failure `*out_json` is NULL and `*err` (if `err` is not NULL) holds
- * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or a non-UTF-8 `key`.
+ * the error: `KEEL_ERR_INVALID_ARGUMENT` for NULL or stale arguments or a non-UTF-8 `key`;
+ * `KEEL_ERR_STORAGE` when a fleet's store (which keeps its budgets) cannot be read.
  *
  * # Safety
  * `key` is NULL or NUL-terminated; `out_json` points to a writable `keel_string *`; `err` is

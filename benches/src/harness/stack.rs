@@ -47,7 +47,14 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
         .build()?;
     let scratch = std::env::temp_dir().join(format!("keel-bench-stack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
-    let store = Arc::new(SqliteStore::open(scratch.join("store"))?);
+    // KEEL_BENCH_STORE=postgres://...: the same stack on a fleet's store, to measure what its
+    // round trips (a budget reservation, the lineage commit each answer waits for) cost.
+    let store: Arc<dyn keel::store::Store> = match std::env::var("KEEL_BENCH_STORE") {
+        Ok(location) => keel::store::open(&location)?,
+        Err(_) => Arc::new(SqliteStore::open(scratch.join("store"))?),
+    };
+    let store_location = store.location();
+    p.step(&format!("store: {store_location}"));
     let stack = Stack::builder(engine.clone()).store(store).all_layers().build()?;
     let served = stack.versioned().ok_or("no version layer")?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -213,6 +220,7 @@ pub(super) fn stack_overhead(device: &Device, models: &Path, budget: Duration, p
     drop(stack);
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(json!({
+        "store": store_location,
         "minilm_batch1": minilm_result,
         "smollm2_decode": decode,
         "tabular": tabular,

@@ -646,6 +646,10 @@ mod tests {
         closed: Mutex<bool>,
         open: Condvar,
         rows: Mutex<Vec<LineageRow>>,
+        /// A fleet's store: the writer is durable.
+        shared: bool,
+        /// Appends fail (the database is gone).
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl Gated {
@@ -689,6 +693,9 @@ mod tests {
         fn location(&self) -> String {
             "gated".into()
         }
+        fn is_shared(&self) -> bool {
+            self.shared
+        }
     }
 
     impl RegistryStore for Gated {
@@ -724,6 +731,12 @@ mod tests {
             let mut closed = self.closed.lock().unwrap();
             while *closed {
                 closed = self.open.wait(closed).unwrap();
+            }
+            if self.down.load(Relaxed) {
+                return Err(crate::store::Error::Database {
+                    path: "gated".into(),
+                    reason: "the server is gone".into(),
+                });
             }
             self.rows.lock().unwrap().extend_from_slice(rows);
             Ok(())
@@ -791,6 +804,36 @@ mod tests {
     fn writer(store: &Arc<Gated>, overflow: Overflow) -> Writer {
         let store: Arc<dyn Store> = store.clone();
         Writer::start(store, 4, overflow, Retention::default(), Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn on_a_shared_store_each_request_waits_for_its_records_commit() {
+        let store = Arc::new(Gated {
+            shared: true,
+            ..Gated::default()
+        });
+        store.set(true);
+        // Drop is not honoured: a fleet's record is never dropped.
+        let w = Arc::new(writer(&store, Overflow::Drop));
+        let waiter = {
+            let w = w.clone();
+            std::thread::spawn(move || w.submit(pending(row(0))).expect("durable").wait())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "the answer went before its record was committed"
+        );
+        store.set(false);
+        waiter.join().unwrap().unwrap();
+        assert_eq!(store.rows.lock().unwrap().len(), 1);
+        // A record the store cannot write fails its request.
+        store.down.store(true, Relaxed);
+        let e = w.submit(pending(row(1))).expect("durable").wait().unwrap_err();
+        assert!(e.to_string().contains("the server is gone"), "{e}");
+        // The embedded store's writer is not durable: nobody waits.
+        let local = Arc::new(Gated::default());
+        assert!(writer(&local, Overflow::Block).submit(pending(row(2))).is_none());
     }
 
     #[test]
