@@ -700,3 +700,73 @@ fn a_routing_key_from_c_has_its_own_budget() {
     keel_model_free(model);
     keel_engine_free(engine);
 }
+
+/// Two engines on one `postgres://` storage_path (a fleet's store, on the server of
+/// `KEEL_TEST_POSTGRES`): a version registered through one is served by the other, and a budget
+/// set through one holds across both. An unreachable server is `KEEL_ERR_STORAGE`.
+#[test]
+fn two_engines_on_one_postgres_store_share_the_registry_and_the_budgets() {
+    use keel::store::PgStore;
+    let Ok(server) = std::env::var("KEEL_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the PostgreSQL C ABI test"
+        );
+        return;
+    };
+    // The key=value string as a URL: what a host passes as storage_path.
+    let field = |key: &str| {
+        server
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .to_string()
+    };
+    let name = format!("keel_ffi_{}", std::process::id());
+    PgStore::drop_database(&server, &name).unwrap();
+    PgStore::create_database(&server, &name).unwrap();
+    let url = format!(
+        "postgres://{}@{}:{}/{name}",
+        field("user"),
+        field("host"),
+        field("port")
+    );
+    let params = |location: &CString| keel_engine_params {
+        storage_path: location.as_ptr(),
+        ..keel_engine_default_params()
+    };
+    let location = c(&url);
+    let open = || {
+        let mut engine = junk();
+        ok(|err| unsafe { keel_engine_new(&params(&location), &mut engine, err) });
+        engine
+    };
+    let (a, b) = (open(), open());
+    let version = register(a, "cancer", &mlp(), KEEL_WEIGHTS_QUANTIZED, false);
+    alias(a, "cancer", "production", &version);
+    // Two calls at 0.01 for requests without a key, set through A; one through each engine.
+    budget(a, "", 0.02, None);
+    let row = &held_out()[0];
+    assert!(classify(b, "cancer", row).is_ok(), "B serves what A registered");
+    assert!(classify(a, "cancer", row).is_ok());
+    let (code, message) = classify(b, "cancer", row).unwrap_err();
+    assert_eq!(code, KEEL_ERR_BUDGET, "{message}");
+    let seen = spend(b, "");
+    assert_eq!(
+        (seen["limit"].as_f64(), seen["left"].as_f64()),
+        (Some(0.02), Some(0.0)),
+        "{seen}"
+    );
+    keel_engine_free(a);
+    keel_engine_free(b);
+
+    let nowhere = c("postgres://keel@127.0.0.1:1/keel");
+    let message = expect(KEEL_ERR_STORAGE, |err| unsafe {
+        keel_engine_new(&params(&nowhere), &mut junk(), err)
+    });
+    assert!(message.contains("127.0.0.1"), "{message}");
+    // The engines' routes watchers end within a second of their engines, and with them the
+    // last connections to the database.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = PgStore::drop_database(&server, &name);
+}
