@@ -108,6 +108,46 @@ const TICKET_COLUMNS: &str = "id, request_id, model, version, decision, reasons,
 /// The columns of a version, in the order `read_version` reads them.
 const VERSION_COLUMNS: &str = "name, version_id, path, weights, retain_input, manifest, registered_ms";
 
+/// A pooled connection and the statements prepared on it: a statement of the request path
+/// (a budget's reservation, a lineage batch) is parsed once per connection, and then costs one
+/// round trip, not two.
+struct Conn {
+    client: Client,
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+}
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            prepared: Default::default(),
+        }
+    }
+
+    /// `sql`, prepared on this connection (once).
+    fn prepared(&mut self, sql: &'static str) -> std::result::Result<postgres::Statement, postgres::Error> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
 /// The fleet store: one PostgreSQL database shared by every host of a fleet.
 ///
 /// Each call takes an idle connection of its own small pool (or opens one), so that threads do
@@ -117,7 +157,7 @@ const VERSION_COLUMNS: &str = "name, version_id, path, weights, retain_input, ma
 pub struct PgStore {
     config: postgres::Config,
     location: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     /// The connection that waits for route changes ([`Store::wait_routes_change`]).
     listener: Mutex<Option<Client>>,
 }
@@ -181,7 +221,7 @@ impl PgStore {
         }
     }
 
-    fn idle(&self) -> MutexGuard<'_, Vec<Client>> {
+    fn idle(&self) -> MutexGuard<'_, Vec<Conn>> {
         // The vector is never left half-changed: a panic elsewhere does not spoil it.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -192,16 +232,16 @@ impl PgStore {
     /// A pooled connection may have been cut since it was last used (the server restarted):
     /// that is known only when a call on it fails, so a call that fails because its pooled
     /// connection closed is run once more, on a new connection.
-    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+    fn with<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
         let pooled = std::iter::from_fn(|| self.idle().pop()).find(|c| !c.is_closed());
         let reused = pooled.is_some();
         let mut client = match pooled {
             Some(client) => client,
-            None => self.new_connection()?,
+            None => Conn::new(self.new_connection()?),
         };
         let mut out = f(&mut client);
         if out.is_err() && reused && client.is_closed() {
-            client = self.new_connection()?;
+            client = Conn::new(self.new_connection()?);
             out = f(&mut client);
         }
         if !client.is_closed() {
@@ -607,7 +647,7 @@ impl RegistryStore for PgStore {
     }
 
     fn routes(&self, name: &str) -> Result<Routes> {
-        self.with(|c| self.read_routes(c, name))
+        self.with(|c| self.read_routes(&mut c.client, name))
     }
 
     fn update_routes(
@@ -654,7 +694,7 @@ impl RegistryStore for PgStore {
     }
 
     fn history(&self, name: &str) -> Result<Vec<AliasEvent>> {
-        self.with(|c| self.read_history(c, name))
+        self.with(|c| self.read_history(&mut c.client, name))
     }
 }
 
@@ -730,8 +770,21 @@ impl super::RouteWrites for Writes<'_, '_> {
 /// The columns of a budget, in the order `read_budget` reads them.
 const BUDGET_COLUMNS: &str = "key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved";
 
-/// Whether the budget row's period has ended as of `$3` (then it is renewed first).
-const PERIOD_ENDED: &str = "(period_ms > 0 AND $3 - period_start_ms >= period_ms)";
+/// A reservation of `$2` against the budget of key `$1` as of `$3` (see `reserve_budget`); the
+/// period has ended when `period_ms > 0 AND $3 - period_start_ms >= period_ms`.
+const RESERVE: &str = "WITH held AS (
+        UPDATE budgets SET
+            period_start_ms = CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms)
+                THEN period_start_ms + ($3 - period_start_ms) / period_ms * period_ms
+                ELSE period_start_ms END,
+            spent = CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms) THEN 0 ELSE spent END,
+            reserved = reserved + $2
+        WHERE key = $1
+          AND limit_units - reserved
+              - CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms) THEN 0 ELSE spent END >= $2
+        RETURNING key)
+     SELECT (SELECT count(*) FROM held), key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved
+     FROM budgets WHERE key = $1";
 
 impl super::BudgetStore for PgStore {
     fn set_budget(
@@ -772,22 +825,10 @@ impl super::BudgetStore for PgStore {
         // only if what is left pays for it. Concurrent updates of the row queue on its lock, and
         // each re-checks its condition on the row as the one before left it. The select reads
         // the row as it was before (for the refusal's message).
-        let sql = format!(
-            "WITH held AS (
-                UPDATE budgets SET
-                    period_start_ms = CASE WHEN {PERIOD_ENDED}
-                        THEN period_start_ms + ($3 - period_start_ms) / period_ms * period_ms
-                        ELSE period_start_ms END,
-                    spent = CASE WHEN {PERIOD_ENDED} THEN 0 ELSE spent END,
-                    reserved = reserved + $2
-                WHERE key = $1
-                  AND limit_units - reserved - CASE WHEN {PERIOD_ENDED} THEN 0 ELSE spent END >= $2
-                RETURNING key)
-             SELECT (SELECT count(*) FROM held), {BUDGET_COLUMNS} FROM budgets WHERE key = $1"
-        );
         self.with(|c| {
+            let reserve = c.prepared(RESERVE).map_err(|e| self.db_error(e))?;
             let row = c
-                .query_opt(&sql, &[&key, &amount, &now_ms])
+                .query_opt(&reserve, &[&key, &amount, &now_ms])
                 .map_err(|e| self.db_error(e))?;
             Ok(match row {
                 None => super::Reserved::NoBudget,
@@ -799,13 +840,15 @@ impl super::BudgetStore for PgStore {
 
     fn release_budget(&self, key: &str, held: i64, charged: i64) -> Result<()> {
         self.with(|c| {
-            c.execute(
-                "UPDATE budgets SET reserved = GREATEST(reserved - $2, 0), spent = spent + $3
-                 WHERE key = $1",
-                &[&key, &held, &charged.min(held)],
-            )
-            .map(|_| ())
-            .map_err(|e| self.db_error(e))
+            let release = c
+                .prepared(
+                    "UPDATE budgets SET reserved = GREATEST(reserved - $2, 0), spent = spent + $3
+                     WHERE key = $1",
+                )
+                .map_err(|e| self.db_error(e))?;
+            c.execute(&release, &[&key, &held, &charged.min(held)])
+                .map(|_| ())
+                .map_err(|e| self.db_error(e))
         })
     }
 }
@@ -910,14 +953,16 @@ impl LineageStore for PgStore {
         let records: Vec<&str> = rows.iter().map(|r| r.record.as_str()).collect();
         self.with(|c| {
             // One statement (so one round trip, and atomic), the rows numbered in their order.
-            c.execute(
-                "INSERT INTO lineage (request_id, time_ms, record)
-                 SELECT r, t, d FROM UNNEST($1::text[], $2::bigint[], $3::text[])
-                 WITH ORDINALITY AS x (r, t, d, n) ORDER BY n",
-                &[&ids, &times, &records],
-            )
-            .map(|_| ())
-            .map_err(|e| self.db_error(e))
+            let insert = c
+                .prepared(
+                    "INSERT INTO lineage (request_id, time_ms, record)
+                     SELECT r, t, d FROM UNNEST($1::text[], $2::bigint[], $3::text[])
+                     WITH ORDINALITY AS x (r, t, d, n) ORDER BY n",
+                )
+                .map_err(|e| self.db_error(e))?;
+            c.execute(&insert, &[&ids, &times, &records])
+                .map(|_| ())
+                .map_err(|e| self.db_error(e))
         })
     }
 
@@ -1137,7 +1182,7 @@ impl ReviewStore for PgStore {
 
     fn add_feedback(&self, feedback: &Feedback) -> Result<()> {
         self.with(|c| {
-            insert_feedback(c, feedback)
+            insert_feedback(&mut c.client, feedback)
                 .map(|_| ())
                 .map_err(|e| self.db_error(e))
         })
