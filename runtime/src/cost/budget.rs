@@ -121,7 +121,42 @@ enum Ledger {
     Local(Arc<Mutex<HashMap<String, Account>>>),
     /// In the store the processes share.
     #[cfg(feature = "store")]
-    Stored(Arc<dyn BudgetStore>),
+    Stored(Arc<StoredLedger>),
+}
+
+/// The store's ledger, and the releases it could not take (the database was unreachable when a
+/// request ended): they are sent again before each later call, so that a blip of the database
+/// does not leave a reservation held for good.
+#[cfg(feature = "store")]
+struct StoredLedger {
+    store: Arc<dyn BudgetStore>,
+    /// (key, held, charged) of each release the store refused.
+    unreleased: Mutex<Vec<(String, i64, i64)>>,
+}
+
+#[cfg(feature = "store")]
+impl StoredLedger {
+    fn release(&self, key: &str, held: i64, charged: i64) -> crate::Result<()> {
+        self.release_again();
+        self.store.release_budget(key, held, charged).map_err(|e| {
+            self.unreleased().push((key.to_string(), held, charged));
+            e.into()
+        })
+    }
+
+    /// Sends the releases the store refused before; keeps those it refuses again.
+    fn release_again(&self) {
+        let pending = std::mem::take(&mut *self.unreleased());
+        for (key, held, charged) in pending {
+            if self.store.release_budget(&key, held, charged).is_err() {
+                self.unreleased().push((key, held, charged));
+            }
+        }
+    }
+
+    fn unreleased(&self) -> std::sync::MutexGuard<'_, Vec<(String, i64, i64)>> {
+        self.unreleased.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The budgets of every key.
@@ -178,7 +213,10 @@ impl Budgets {
     #[cfg(feature = "store")]
     pub fn stored(store: Arc<dyn Store>) -> Self {
         Self {
-            ledger: Ledger::Stored(store),
+            ledger: Ledger::Stored(Arc::new(StoredLedger {
+                store,
+                unreleased: Mutex::default(),
+            })),
         }
     }
 
@@ -207,7 +245,8 @@ impl Budgets {
                 Ok(())
             }
             #[cfg(feature = "store")]
-            Ledger::Stored(store) => {
+            Ledger::Stored(ledger) => {
+                let store = &ledger.store;
                 let period_ms = budget.period.map(|p| p.as_millis().min(i64::MAX as u128) as i64);
                 let downgrade_to = match &budget.on_exhausted {
                     Exhausted::Reject => None,
@@ -250,9 +289,10 @@ impl Budgets {
                     .collect()
             }
             #[cfg(feature = "store")]
-            Ledger::Stored(store) => {
+            Ledger::Stored(ledger) => {
                 let now = crate::store::now_ms();
-                store
+                ledger
+                    .store
                     .budget_rows(key)?
                     .into_iter()
                     .map(|row| {
@@ -295,8 +335,12 @@ impl Budgets {
                 Ok(Ok(self.reservation(key, needed)))
             }
             #[cfg(feature = "store")]
-            Ledger::Stored(store) => {
-                match store.reserve_budget(key, needed as i64, crate::store::now_ms())? {
+            Ledger::Stored(ledger) => {
+                ledger.release_again();
+                match ledger
+                    .store
+                    .reserve_budget(key, needed as i64, crate::store::now_ms())?
+                {
                     Reserved::NoBudget => Ok(Ok(self.reservation(key, 0))),
                     Reserved::Held => Ok(Ok(self.reservation(key, needed))),
                     Reserved::Short(row) => Ok(Err(refusal(row.left() as u64, &budget_of(&row)))),
@@ -327,8 +371,9 @@ impl Reservation {
     /// Charges the actual cost (at most what was reserved) and releases the rest.
     ///
     /// # Errors
-    /// The store's, for stored budgets: then the whole reservation stays held (the budget is
-    /// never overspent; it may admit less until the store is back and the period renews).
+    /// The store's, for stored budgets: then the whole reservation stays held until the store
+    /// takes the release, sent again before each later reservation (the budget is never
+    /// overspent; it admits less meanwhile).
     pub fn settle(mut self, actual: f64) -> crate::Result<()> {
         let charged = units(actual).min(self.held);
         self.release(charged)
@@ -348,14 +393,14 @@ impl Reservation {
                 Ok(())
             }
             #[cfg(feature = "store")]
-            Ledger::Stored(store) => Ok(store.release_budget(&self.key, held as i64, charged as i64)?),
+            Ledger::Stored(ledger) => ledger.release(&self.key, held as i64, charged as i64),
         }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        // A failed request's release that the store refuses stays held: never overspent.
+        // A release the store refuses now is sent again later (`StoredLedger`).
         let _ = self.release(0);
     }
 }
@@ -392,5 +437,92 @@ mod tests {
         assert_eq!(budgets.spend("t").unwrap().unwrap().left, 0.8);
         // A key without a budget is never refused.
         assert!(budgets.reserve("other", 1e9).unwrap().is_ok());
+    }
+
+    #[cfg(feature = "store")]
+    #[test]
+    fn a_release_the_store_refused_is_sent_again_once_it_is_back() {
+        use crate::store::{BudgetRow, Error as StoreError, Reserved, Result as StoreResult};
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        /// One budget of 10, in a store that can be down.
+        struct Flaky {
+            row: Mutex<BudgetRow>,
+            down: AtomicBool,
+        }
+        impl Flaky {
+            fn up(&self) -> StoreResult<std::sync::MutexGuard<'_, BudgetRow>> {
+                match self.down.load(Relaxed) {
+                    true => Err(StoreError::Database {
+                        path: "flaky".into(),
+                        reason: "the server is gone".into(),
+                    }),
+                    false => Ok(self.row.lock().unwrap()),
+                }
+            }
+        }
+        impl BudgetStore for Flaky {
+            fn set_budget(
+                &self,
+                _: &str,
+                _: i64,
+                _: Option<i64>,
+                _: Option<&str>,
+                _: i64,
+            ) -> StoreResult<()> {
+                Ok(())
+            }
+            fn budget_rows(&self, _: Option<&str>) -> StoreResult<Vec<BudgetRow>> {
+                Ok(vec![self.up()?.clone()])
+            }
+            fn reserve_budget(&self, _: &str, amount: i64, _: i64) -> StoreResult<Reserved> {
+                let mut row = self.up()?;
+                if row.left() < amount {
+                    return Ok(Reserved::Short(row.clone()));
+                }
+                row.reserved += amount;
+                Ok(Reserved::Held)
+            }
+            fn release_budget(&self, _: &str, held: i64, charged: i64) -> StoreResult<()> {
+                let mut row = self.up()?;
+                row.reserved -= held;
+                row.spent += charged;
+                Ok(())
+            }
+        }
+        let store = Arc::new(Flaky {
+            row: Mutex::new(BudgetRow {
+                key: "k".into(),
+                limit: units(10.0) as i64,
+                period_ms: None,
+                downgrade_to: None,
+                period_start_ms: 0,
+                spent: 0,
+                reserved: 0,
+            }),
+            down: AtomicBool::new(false),
+        });
+        let budgets = Budgets {
+            ledger: Ledger::Stored(Arc::new(StoredLedger {
+                store: store.clone(),
+                unreleased: Mutex::default(),
+            })),
+        };
+        let held = budgets.reserve("k", 6.0).unwrap().unwrap();
+        store.down.store(true, Relaxed);
+        assert!(held.settle(2.0).is_err(), "the store is down");
+        assert!(budgets.reserve("k", 1.0).is_err(), "a store error, not a refusal");
+        assert_eq!(
+            store.row.lock().unwrap().reserved,
+            units(6.0) as i64,
+            "still held"
+        );
+        store.down.store(false, Relaxed);
+        // The next reservation sends the release first: 2 charged, the rest free again.
+        let r = budgets.reserve("k", 1.0).unwrap().unwrap();
+        let row = store.row.lock().unwrap().clone();
+        assert_eq!((row.spent, row.reserved), (units(2.0) as i64, units(1.0) as i64));
+        assert!(budgets.reserve("k", 7.5).unwrap().is_err(), "7 is left");
+        drop(r);
+        assert_eq!(store.row.lock().unwrap().reserved, 0);
     }
 }
