@@ -96,14 +96,14 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-/// One request (a body: POST, or PUT for `/admin/budgets`), with a key and a request id.
+/// One request (a body: POST, or PUT to set a budget or an alias), with a key and a request id.
 fn call(url: &str, key: &str, body: Option<&Value>, id: Option<&str>) -> Answer {
     let agent = agent();
     let auth = format!("Bearer {key}");
     let response = match body {
         None => agent.get(url).header("Authorization", &auth).call(),
         Some(body) => {
-            let r = if url.contains("/admin/budgets/") {
+            let r = if url.contains("/admin/budgets/") || url.contains("/aliases/") {
                 agent.put(url)
             } else {
                 agent.post(url)
@@ -336,6 +336,55 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
         seen < Duration::from_secs(1),
         "B took {seen:?} to serve A's promote"
     );
+
+    // A version no replica has loaded yet, made production through A: B loads it before its
+    // routes move, so none of the requests B answers meanwhile fails or waits on the load.
+    let registered = call(
+        &format!("{a}/admin/models"),
+        &ops,
+        Some(&json!({"name": "minilm", "path": minilm, "weights": "f32"})),
+        None,
+    );
+    assert_eq!(registered.status, 201, "{}", registered.text);
+    let v3 = registered.json()["version"].as_str().unwrap().to_string();
+    let seen: Vec<(u16, String)> = std::thread::scope(|s| {
+        let (b, ops, v3) = (&b, &ops, &v3);
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                s.spawn(move || {
+                    let mut seen = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    // Until this client has had 5 answers from the new version.
+                    while seen.iter().filter(|(_, v)| v == v3).count() < 5 && Instant::now() < deadline {
+                        let answer = embed(b, ops, &format!("swap-{c}"));
+                        seen.push((answer.status, answer.header("x-keel-version")));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let set = call(
+            &format!("{a}/admin/models/minilm/aliases/production"),
+            ops,
+            Some(&json!({"version": *v3, "reason": "fleet test: a version not loaded yet"})),
+            None,
+        );
+        assert_eq!(set.status, 200, "{}", set.text);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    });
+    let failed: Vec<_> = seen.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed while B loaded the new version: {failed:?}"
+    );
+    let on = |v: &str| seen.iter().filter(|(_, seen)| seen == v).count();
+    eprintln!(
+        "fleet: during the move to an unloaded version B answered {} on the old one, {} on the new",
+        on(&v2),
+        on(&v3)
+    );
+    assert!(on(&v2) > 0 && on(&v3) >= 20, "{seen:?}");
 
     // One budget hammered through both replicas by 16 clients: 1.0 at 0.01 a call pays for
     // exactly 100 answers, and every refusal is a 402.
