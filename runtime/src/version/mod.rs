@@ -169,6 +169,8 @@ pub(crate) struct Shared {
     store: Arc<dyn Store>,
     pool: Arc<SlotPool>,
     live: RwLock<HashMap<String, Arc<Live>>>,
+    /// Registered versions addressed by id, as read from the store (they never change).
+    by_id: RwLock<HashMap<VersionId, Arc<VersionRecord>>>,
     /// Serializes route changes in this process (the store serializes them across processes).
     changing: Mutex<()>,
     lineage: Writer,
@@ -216,6 +218,7 @@ impl Versioned {
             store,
             pool: Arc::default(),
             live: RwLock::default(),
+            by_id: RwLock::default(),
             changing: Mutex::default(),
             lineage,
             traffic: pacing.traffic.clone(),

@@ -182,6 +182,21 @@ impl Shared {
         }
     }
 
+    /// The registered version of an id. A version is immutable once registered, so each is read
+    /// from the store once (on a fleet's store, a round trip per request saved).
+    fn registered(&self, id: &VersionId) -> Result<Option<Arc<VersionRecord>>> {
+        let known = |by_id: &HashMap<VersionId, Arc<VersionRecord>>| by_id.get(id).cloned();
+        if let Some(record) = known(&self.by_id.read().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(Some(record));
+        }
+        let Some(record) = self.store.versions()?.into_iter().find(|v| v.id == *id) else {
+            return Ok(None);
+        };
+        let record = Arc::new(record);
+        let mut by_id = self.by_id.write().unwrap_or_else(|p| p.into_inner());
+        Ok(Some(by_id.entry(id.clone()).or_insert(record).clone()))
+    }
+
     /// Where a request for `addressed` (with routing key `key`) goes, and why.
     pub(super) fn decide(self: &Arc<Self>, addressed: &str, key: Option<&str>) -> Result<Decision> {
         let direct = |slot: Arc<Slot>, reason: &str| Decision {
@@ -195,8 +210,7 @@ impl Shared {
         };
         if let Some(id) = VersionId::parse(addressed) {
             // A version id: registered under some name, served as is.
-            let registered = self.store.versions()?.into_iter().find(|v| v.id == id);
-            return match registered {
+            return match self.registered(&id)? {
                 Some(record) => Ok(direct(self.slot(&record)?, "addressed by version id")),
                 None => match self.below.target(addressed) {
                     Ok(t) => Ok(direct(
