@@ -770,21 +770,25 @@ impl super::RouteWrites for Writes<'_, '_> {
 /// The columns of a budget, in the order `read_budget` reads them.
 const BUDGET_COLUMNS: &str = "key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved";
 
-/// A reservation of `$2` against the budget of key `$1` as of `$3` (see `reserve_budget`); the
-/// period has ended when `period_ms > 0 AND $3 - period_start_ms >= period_ms`.
-const RESERVE: &str = "WITH held AS (
-        UPDATE budgets SET
-            period_start_ms = CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms)
+/// A reservation of `$2` against the budget of key `$1` as of `$3` (see `reserve_budget`). The
+/// row is locked and read first (`cur`: its period renewed if it ended, as
+/// `period_ms > 0 AND $3 - period_start_ms >= period_ms` says), so that what the statement
+/// decides on and reports is the row as the reservations before it left it.
+const RESERVE: &str = "WITH cur AS (
+        SELECT key, limit_units, period_ms, downgrade_to,
+            CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms)
                 THEN period_start_ms + ($3 - period_start_ms) / period_ms * period_ms
-                ELSE period_start_ms END,
-            spent = CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms) THEN 0 ELSE spent END,
-            reserved = reserved + $2
-        WHERE key = $1
-          AND limit_units - reserved
-              - CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms) THEN 0 ELSE spent END >= $2
-        RETURNING key)
+                ELSE period_start_ms END AS period_start_ms,
+            CASE WHEN (period_ms > 0 AND $3 - period_start_ms >= period_ms) THEN 0 ELSE spent END AS spent,
+            reserved
+        FROM budgets WHERE key = $1 FOR UPDATE),
+    held AS (
+        UPDATE budgets b
+        SET period_start_ms = cur.period_start_ms, spent = cur.spent, reserved = cur.reserved + $2
+        FROM cur WHERE b.key = cur.key AND cur.limit_units - cur.spent - cur.reserved >= $2
+        RETURNING b.key)
      SELECT (SELECT count(*) FROM held), key, limit_units, period_ms, downgrade_to, period_start_ms, spent, reserved
-     FROM budgets WHERE key = $1";
+     FROM cur";
 
 impl super::BudgetStore for PgStore {
     fn set_budget(
@@ -821,10 +825,10 @@ impl super::BudgetStore for PgStore {
     }
 
     fn reserve_budget(&self, key: &str, amount: i64, now_ms: i64) -> Result<super::Reserved> {
-        // One statement, one round trip: the update renews an ended period and holds the amount
-        // only if what is left pays for it. Concurrent updates of the row queue on its lock, and
-        // each re-checks its condition on the row as the one before left it. The select reads
-        // the row as it was before (for the refusal's message).
+        // One statement, one round trip: the row is locked (concurrent reservations of the key
+        // queue on it, each reading the row as the one before left it), an ended period is
+        // renewed, and the amount is held only if what is left pays for it. A refusal reports
+        // the row it was decided on.
         self.with(|c| {
             let reserve = c.prepared(RESERVE).map_err(|e| self.db_error(e))?;
             let row = c

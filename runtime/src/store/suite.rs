@@ -368,7 +368,15 @@ fn budgets_are_never_overspent(open: &Open<'_>) {
             .map(|store| {
                 s.spawn(move || {
                     (0..40)
-                        .filter(|_| store.reserve_budget("shared", 3, 1).unwrap() == Reserved::Held)
+                        .filter(|_| match store.reserve_budget("shared", 3, 1).unwrap() {
+                            Reserved::Held => true,
+                            // A refusal reports the row it was decided on: too little left.
+                            Reserved::Short(row) => {
+                                assert!(row.left() < 3, "budgets: refused with {} left", row.left());
+                                false
+                            }
+                            Reserved::NoBudget => panic!("budgets: the budget is gone"),
+                        })
                         .count()
                 })
             })
