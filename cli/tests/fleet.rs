@@ -96,17 +96,25 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-/// One request (a body: POST, or PUT to set a budget or an alias), with a key and a request id.
+/// One request: GET without a body, POST with one; with a key and a request id.
 fn call(url: &str, key: &str, body: Option<&Value>, id: Option<&str>) -> Answer {
+    send(if body.is_some() { "POST" } else { "GET" }, url, key, body, id)
+}
+
+/// A PUT (an alias, a budget).
+fn put(url: &str, key: &str, body: &Value) -> Answer {
+    send("PUT", url, key, Some(body), None)
+}
+
+fn send(method: &str, url: &str, key: &str, body: Option<&Value>, id: Option<&str>) -> Answer {
     let agent = agent();
     let auth = format!("Bearer {key}");
     let response = match body {
         None => agent.get(url).header("Authorization", &auth).call(),
         Some(body) => {
-            let r = if url.contains("/admin/budgets/") || url.contains("/aliases/") {
-                agent.put(url)
-            } else {
-                agent.post(url)
+            let r = match method {
+                "PUT" => agent.put(url),
+                _ => agent.post(url),
             };
             let mut r = r
                 .header("Authorization", &auth)
@@ -364,11 +372,10 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
-        let set = call(
+        let set = put(
             &format!("{a}/admin/models/minilm/aliases/production"),
             ops,
-            Some(&json!({"version": *v3, "reason": "fleet test: a version not loaded yet"})),
-            None,
+            &json!({"version": *v3, "reason": "fleet test: a version not loaded yet"}),
         );
         assert_eq!(set.status, 200, "{}", set.text);
         clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
@@ -388,12 +395,7 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
 
     // One budget hammered through both replicas by 16 clients: 1.0 at 0.01 a call pays for
     // exactly 100 answers, and every refusal is a 402.
-    let set = call(
-        &format!("{a}/admin/budgets/hammer"),
-        &ops,
-        Some(&json!({"limit": 1.0})),
-        None,
-    );
+    let set = put(&format!("{a}/admin/budgets/hammer"), &ops, &json!({"limit": 1.0}));
     assert_eq!(set.status, 200, "{}", set.text);
     let statuses = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -428,11 +430,10 @@ fn two_replicas_on_one_postgres_store_behind_haproxy() {
     // 64 concurrent streams through both replicas against one budget that pays for a part of
     // them: each reserves its worst case (prompt and max_tokens), is charged what it ran, and a
     // refusal comes only when what is left cannot pay for it.
-    let set = call(
+    let set = put(
         &format!("{b}/admin/budgets/streams"),
         &ops,
-        Some(&json!({"limit": 0.8})),
-        None,
+        &json!({"limit": 0.8}),
     );
     assert_eq!(set.status, 200, "{}", set.text);
     let streams: Vec<Answer> = std::thread::scope(|s| {

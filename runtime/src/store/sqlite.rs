@@ -553,10 +553,14 @@ impl super::BudgetStore for SqliteStore {
 
     fn reserve_budget(&self, key: &str, amount: i64, now_ms: i64) -> Result<super::Reserved> {
         // One update renews an ended period and holds the amount only if what is left pays for
-        // it: SQLite runs one writer at a time, so the check and the hold are one step.
+        // it, in a write transaction with the read of a refusal's row: another process's
+        // reservation cannot come between the decision and what it reports.
         let ended = "(period_ms > 0 AND ?3 - period_start_ms >= period_ms)";
-        let conn = self.conn();
-        let held = conn
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.db_error(e))?;
+        let held = tx
             .execute(
                 &format!(
                     "UPDATE budgets SET
@@ -571,21 +575,24 @@ impl super::BudgetStore for SqliteStore {
                 params![key, amount, now_ms],
             )
             .map_err(|e| self.db_error(e))?;
-        if held > 0 {
-            return Ok(super::Reserved::Held);
-        }
-        let row = conn
-            .query_row(
-                &format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE key = ?1"),
-                [key],
-                read_budget,
-            )
-            .optional()
-            .map_err(|e| self.db_error(e))?;
-        Ok(match row {
-            None => super::Reserved::NoBudget,
-            Some(row) => super::Reserved::Short(row.rolled(now_ms)),
-        })
+        let reserved = if held > 0 {
+            super::Reserved::Held
+        } else {
+            let row = tx
+                .query_row(
+                    &format!("SELECT {BUDGET_COLUMNS} FROM budgets WHERE key = ?1"),
+                    [key],
+                    read_budget,
+                )
+                .optional()
+                .map_err(|e| self.db_error(e))?;
+            match row {
+                None => super::Reserved::NoBudget,
+                Some(row) => super::Reserved::Short(row.rolled(now_ms)),
+            }
+        };
+        tx.commit().map_err(|e| self.db_error(e))?;
+        Ok(reserved)
     }
 
     fn release_budget(&self, key: &str, held: i64, charged: i64) -> Result<()> {

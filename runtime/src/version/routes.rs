@@ -185,9 +185,8 @@ impl Shared {
     /// The registered version of an id. A version is immutable once registered, so each is read
     /// from the store once (on a fleet's store, a round trip per request saved).
     fn registered(&self, id: &VersionId) -> Result<Option<Arc<VersionRecord>>> {
-        let known = |by_id: &HashMap<VersionId, Arc<VersionRecord>>| by_id.get(id).cloned();
-        if let Some(record) = known(&self.by_id.read().unwrap_or_else(|p| p.into_inner())) {
-            return Ok(Some(record));
+        if let Some(record) = self.by_id.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(Some(record.clone()));
         }
         let Some(record) = self.store.versions()?.into_iter().find(|v| v.id == *id) else {
             return Ok(None);
